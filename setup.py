@@ -1,0 +1,58 @@
+"""Packaging for megatron-qwenimage.
+
+CPU machines (development, CI) install the pinned CPU build of torch that lies on local disk:
+
+    pip install -e '.[dev]'
+
+A GPU cluster installs its CUDA build of torch first (for example
+``pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu130``), then
+``pip install -e '.[gpu]'``; pip keeps the already-installed torch because it satisfies the pin.
+"""
+
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    "torch==2.13.0",
+    "megatron-core==0.16.1",
+    "diffusers==0.42.1",
+    "transformers>=5.0,<6",
+    "ray[data,default]==2.60.0",
+    "pyarrow>=18",
+    "zarr>=3.1,<4",
+    "safetensors>=0.4",
+    "pyyaml>=6",
+    "fsspec>=2024.1",
+    "pillow>=10",
+    "numpy>=1.26",
+    "prometheus_client>=0.20",
+    "rich>=13",
+    "tiktoken>=0.7",
+]
+
+EXTRAS_REQUIRE = {
+    # Transformer Engine brings FP8 GEMMs and fused attention on Hopper/Blackwell GPUs.
+    # apex is optional too (megatron-core falls back to torch kernels); it is not on PyPI,
+    # so a cluster builds it from source when it wants it.
+    "gpu": ["transformer-engine[pytorch]>=2.8"],
+    "dev": [
+        "pytest>=8",
+        "pytest-timeout>=2.3",
+        # Real data for tests: sample images ship inside scikit-image, the real Qwen BPE
+        # vocabulary (qwen.tiktoken) ships inside dashscope.
+        "scikit-image>=0.24",
+        "dashscope>=1.20",
+        "webdataset>=0.2",
+    ],
+}
+
+setup(
+    name="megatron-qwenimage",
+    version="0.1.0",
+    description="Producer/consumer pretraining system for the Qwen-Image 20B MMDiT on megatron-core",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_qwenimage*", "producers*", "consumers*", "launch*"]),
+    package_data={"megatron_qwenimage": ["configs/*.yaml"]},
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+    entry_points={"console_scripts": ["qwenimage=megatron_qwenimage.cli:main"]},
+)
