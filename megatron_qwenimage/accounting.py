@@ -1,0 +1,674 @@
+"""Parameter, FLOP and memory accounting for the Qwen-Image MMDiT.
+
+All numbers are analytic functions of an `MMDiTConfig` (no model is built), so they can be
+evaluated for the 20B model on a laptop and checked against a real model's ``numel()`` in tests.
+
+Conventions
+-----------
+* D = hidden size (``heads · head_dim``, 3072), F = MLP hidden size (``mlp_ratio · D``, 12288),
+  D_txt = ``joint_attention_dim`` (3584), C_in = ``in_channels`` (64), C_out = ``patch_size² ·
+  out_channels`` (64), d_h = head dim (128), T_emb = 256 (sinusoidal timestep width).
+* A FLOP is one floating-point add or multiply; a matmul of ``[n, i] @ [i, o]`` is ``2·n·i·o``.
+* **Our model differs from diffusers in the last block** (see `TensorSpec.last_block_unused`):
+  the text stream's output of block L−1 never reaches the loss, so that block computes only
+  the text K and V. The text query projection + its QK-norm, ``to_add_out``, the text MLP and
+  rows 2D..6D of ``txt_mod`` are carried as buffers (the released checkpoint round-trips) but are
+  not parameters, get no gradients and no optimizer state.
+
+Tensor-parallel layout assumed by `memory_per_gpu` (megatron-core style): q/k/v, MLP fc1 and the
+AdaLN modulation linears are column-parallel (weight and bias split over TP; DESIGN.md proposes
+sharding the modulation, which is 1/3 of all weights), the attention output projections and
+MLP fc2 are row-parallel (weight split, bias replicated), QK-norm weights and everything outside
+the blocks (embedders, timestep MLP, ``norm_out``, ``proj_out``) are replicated.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+from megatron_qwenimage.config import MMDiTConfig
+
+#: Width of the sinusoidal timestep projection (diffusers ``Timesteps(256, ...)``).
+TIMESTEP_PROJ_DIM = 256
+
+GIB = 1024**3
+
+# --------------------------------------------------------------------------------------
+# Parameter inventory
+# --------------------------------------------------------------------------------------
+
+Split = Literal["column", "row", "replicated"]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One weight tensor of the model.
+
+    Attributes:
+        name: diffusers state-dict name (relative to the block for block tensors).
+        shape: tensor shape.
+        split: tensor-parallel layout: ``column`` (split over TP, dim 0), ``row`` (split over TP,
+            dim 1; only weights) or ``replicated``.
+        component: accounting group (``img_mod``, ``attention``, ``txt_in``, ...).
+        last_block_unused: how many of its elements the last block never uses (held as a buffer
+            there, not a parameter). Always 0 outside the blocks.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    split: Split
+    component: str
+    last_block_unused: int = 0
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def numel_per_rank(self, tp: int) -> int:
+        """Elements one tensor-parallel rank holds."""
+        if self.split == "replicated":
+            return self.numel
+        dim = self.shape[0] if self.split == "column" else self.shape[1]
+        if dim % tp:
+            raise ValueError(f"{self.name}: dimension {dim} of shape {self.shape} is not divisible by tp={tp}")
+        return self.numel // tp
+
+    def unused_per_rank(self, tp: int) -> int:
+        """Last-block-unused elements one tensor-parallel rank holds (same split as the tensor)."""
+        if self.split == "replicated" or not self.last_block_unused:
+            return self.last_block_unused
+        return self.last_block_unused // tp
+
+
+def _linear(name: str, in_f: int, out_f: int, split: Split, component: str, unused_rows: int | None = None):
+    """Weight [out, in] and bias [out] of a Linear. `unused_rows`: output rows unused in the last block
+    (``None``: none; a number: that many rows; the whole layer is unused when it equals `out_f`)."""
+    bias_split: Split = "replicated" if split == "row" else split
+    rows = unused_rows or 0
+    return [
+        TensorSpec(f"{name}.weight", (out_f, in_f), split, component, rows * in_f),
+        TensorSpec(f"{name}.bias", (out_f,), bias_split, component, rows),
+    ]
+
+
+def block_tensors(config: MMDiTConfig) -> list[TensorSpec]:
+    """The weights of one ``QwenImageTransformerBlock`` (diffusers names), with last-block usage."""
+    d, f, hd = config.hidden_size, config.ffn_hidden_size, config.attention_head_dim
+    t: list[TensorSpec] = []
+    t += _linear("img_mod.1", d, 6 * d, "column", "img_mod")
+    # The last block needs only shift1/scale1 of the text stream: rows 0..2D of 6D.
+    t += _linear("txt_mod.1", d, 6 * d, "column", "txt_mod", unused_rows=4 * d)
+    for proj in ("to_q", "to_k", "to_v"):
+        t += _linear(f"attn.{proj}", d, d, "column", "attention")
+    t += _linear("attn.add_q_proj", d, d, "column", "attention", unused_rows=d)
+    t += _linear("attn.add_k_proj", d, d, "column", "attention")
+    t += _linear("attn.add_v_proj", d, d, "column", "attention")
+    t += _linear("attn.to_out.0", d, d, "row", "attention")
+    t += _linear("attn.to_add_out", d, d, "row", "attention", unused_rows=d)
+    for norm in ("norm_q", "norm_k", "norm_added_k"):
+        t.append(TensorSpec(f"attn.{norm}.weight", (hd,), "replicated", "attention"))
+    t.append(TensorSpec("attn.norm_added_q.weight", (hd,), "replicated", "attention", hd))
+    t += _linear("img_mlp.net.0.proj", d, f, "column", "img_mlp")
+    t += _linear("img_mlp.net.2", f, d, "row", "img_mlp")
+    t += _linear("txt_mlp.net.0.proj", d, f, "column", "txt_mlp", unused_rows=f)
+    t += _linear("txt_mlp.net.2", f, d, "row", "txt_mlp", unused_rows=d)
+    return t
+
+
+def first_stage_tensors(config: MMDiTConfig) -> list[TensorSpec]:
+    """Input embedders, held by the first pipeline stage."""
+    d = config.hidden_size
+    t = _linear("img_in", config.in_channels, d, "replicated", "img_in")
+    t.append(TensorSpec("txt_norm.weight", (config.joint_attention_dim,), "replicated", "txt_norm"))
+    t += _linear("txt_in", config.joint_attention_dim, d, "replicated", "txt_in")
+    return t
+
+
+def time_embed_tensors(config: MMDiTConfig) -> list[TensorSpec]:
+    """The timestep MLP (256 → D → D). Every pipeline stage needs ``temb``; we assume each stage
+    holds a copy and recomputes it (DESIGN.md), so its parameters count once per stage."""
+    d = config.hidden_size
+    return _linear(
+        "time_text_embed.timestep_embedder.linear_1", TIMESTEP_PROJ_DIM, d, "replicated", "time_embed"
+    ) + _linear("time_text_embed.timestep_embedder.linear_2", d, d, "replicated", "time_embed")
+
+
+def last_stage_tensors(config: MMDiTConfig) -> list[TensorSpec]:
+    """Output head (``norm_out`` modulation and ``proj_out``), held by the last pipeline stage."""
+    d = config.hidden_size
+    c_out = config.patch_size**2 * config.out_channels
+    return _linear("norm_out.linear", d, 2 * d, "replicated", "norm_out") + _linear(
+        "proj_out", d, c_out, "replicated", "proj_out"
+    )
+
+
+@dataclass(frozen=True)
+class ParameterCounts:
+    """Analytic parameter counts (elements).
+
+    ``block`` maps a block component to its count for one full block; ``non_block`` maps each
+    embedder/head component to its count; ``last_block_unused`` maps a block tensor name to the
+    elements the last block holds as buffers. ``total`` is the released checkpoint's size.
+    """
+
+    num_layers: int
+    block: dict[str, int]
+    non_block: dict[str, int]
+    last_block_unused: dict[str, int]
+
+    @property
+    def block_total(self) -> int:
+        return sum(self.block.values())
+
+    @property
+    def blocks_total(self) -> int:
+        return self.num_layers * self.block_total
+
+    @property
+    def non_block_total(self) -> int:
+        return sum(self.non_block.values())
+
+    @property
+    def total(self) -> int:
+        return self.blocks_total + self.non_block_total
+
+    @property
+    def unused(self) -> int:
+        return sum(self.last_block_unused.values())
+
+    @property
+    def trainable(self) -> int:
+        return self.total - self.unused
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(
+            block_total=self.block_total,
+            blocks_total=self.blocks_total,
+            non_block_total=self.non_block_total,
+            total=self.total,
+            unused=self.unused,
+            trainable=self.trainable,
+        )
+        return d
+
+
+def parameter_counts(config: MMDiTConfig) -> ParameterCounts:
+    """Count parameters per block component, per embedder/head, in total and trainable.
+
+    For ``qwen-image-20b``: block 339,831,296, total 20,430,401,088, last-block unused
+    132,154,496 (QWEN_IMAGE_SPEC.md section 1.4).
+    """
+    block: dict[str, int] = {}
+    unused: dict[str, int] = {}
+    for t in block_tensors(config):
+        block[t.component] = block.get(t.component, 0) + t.numel
+        if t.last_block_unused:
+            unused[t.name] = t.last_block_unused
+    non_block: dict[str, int] = {}
+    for t in first_stage_tensors(config) + time_embed_tensors(config) + last_stage_tensors(config):
+        non_block[t.component] = non_block.get(t.component, 0) + t.numel
+    return ParameterCounts(config.num_layers, block, non_block, unused)
+
+
+# --------------------------------------------------------------------------------------
+# FLOPs
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FlopBreakdown:
+    """Model FLOPs of one sample's forward pass, by term (see `model_flops_breakdown`)."""
+
+    img_in: int
+    txt_in: int
+    time_embed: int
+    modulation: int
+    image_linears: int
+    text_linears: int
+    attention: int
+    norm_out: int
+    proj_out: int
+    training: bool
+
+    @property
+    def forward(self) -> int:
+        return (
+            self.img_in
+            + self.txt_in
+            + self.time_embed
+            + self.modulation
+            + self.image_linears
+            + self.text_linears
+            + self.attention
+            + self.norm_out
+            + self.proj_out
+        )
+
+    @property
+    def total(self) -> int:
+        """Forward ×3 when training (backward = 2× forward: grads w.r.t. inputs and weights)."""
+        return 3 * self.forward if self.training else self.forward
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(forward=self.forward, total=self.total)
+        return d
+
+
+def _check_tokens(name: str, value: int, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name}={value!r}: expected an integer >= {minimum}")
+
+
+def model_flops_breakdown(
+    config: MMDiTConfig,
+    image_tokens: int,
+    text_tokens: int,
+    condition_image_tokens: int = 0,
+    training: bool = True,
+) -> FlopBreakdown:
+    """Model FLOPs of one sample, term by term.
+
+    Let N = ``image_tokens + condition_image_tokens`` (the image stream), T = ``text_tokens``
+    (the padded text length the model runs on), S = N + T, L = ``num_layers``. Every term is in
+    FLOPs per sample per forward pass:
+
+    * ``img_in``      = 2·N·C_in·D                          packed latents → D
+    * ``txt_in``      = 2·T·D_txt·D                         text states → D (RMSNorm not counted)
+    * ``time_embed``  = 2·(T_emb·D + D·D)                   one σ per sample
+    * ``modulation``  = L·2·D·6D (image) + (L−1)·2·D·6D + 2·D·2D (text)
+                        AdaLN linears run on one ``temb`` vector per sample; the last block needs
+                        only the text shift1/scale1 rows
+    * ``image_linears`` = L·2·N·(4·D² + 2·D·F)              q, k, v, out + MLP fc1, fc2
+    * ``text_linears``  = (L−1)·2·T·(4·D² + 2·D·F) + 2·T·2·D²
+                        the last block projects only text k, v
+    * ``attention``   = (L−1)·4·S·S·D + 4·N·S·D             QKᵀ and A·V, 2·S_q·S_kv·D each; the
+                        last block's queries are image-only
+    * ``norm_out``    = 2·D·2D                              one vector per sample
+    * ``proj_out``    = 2·N·D·C_out                         over all image-stream tokens
+
+    Not counted (element-wise, < 1 % at these widths): biases, LayerNorm/RMSNorm, RoPE,
+    modulation arithmetic, softmax, GELU, residual/gate multiplies.
+    """
+    _check_tokens("image_tokens", image_tokens, 1)
+    _check_tokens("text_tokens", text_tokens, 0)
+    _check_tokens("condition_image_tokens", condition_image_tokens, 0)
+    d, f, L = config.hidden_size, config.ffn_hidden_size, config.num_layers
+    n = image_tokens + condition_image_tokens
+    t = text_tokens
+    s = n + t
+    c_out = config.patch_size**2 * config.out_channels
+    per_token_block_linears = 2 * (4 * d * d + 2 * d * f)
+    return FlopBreakdown(
+        img_in=2 * n * config.in_channels * d,
+        txt_in=2 * t * config.joint_attention_dim * d,
+        time_embed=2 * (TIMESTEP_PROJ_DIM * d + d * d),
+        modulation=L * 2 * d * 6 * d + (L - 1) * 2 * d * 6 * d + 2 * d * 2 * d,
+        image_linears=L * n * per_token_block_linears,
+        text_linears=(L - 1) * t * per_token_block_linears + 2 * t * 2 * d * d,
+        attention=(L - 1) * 4 * s * s * d + 4 * n * s * d,
+        norm_out=2 * d * 2 * d,
+        proj_out=2 * n * d * c_out,
+        training=bool(training),
+    )
+
+
+def model_flops_per_sample(
+    config: MMDiTConfig,
+    image_tokens: int,
+    text_tokens: int,
+    condition_image_tokens: int = 0,
+    training: bool = True,
+) -> int:
+    """Model FLOPs for one sample (fwd, or fwd+bwd = 3× fwd when `training`). See
+    `model_flops_breakdown` for every term."""
+    return model_flops_breakdown(config, image_tokens, text_tokens, condition_image_tokens, training).total
+
+
+def design_formula_flops(config: MMDiTConfig, seq_len: int, batch_size: int = 1, num_layers: int | None = None) -> int:
+    """DESIGN.md's simplified training FLOPs: ``3·B·L·(2·S·D·D·4 + 2·S·D·4D·2 + 4·S·S·D)``.
+
+    It treats every block as a full joint block over S = image + text tokens (each token passes
+    one stream's q/k/v/out and MLP). `model_flops_per_sample` differs by adding the modulation
+    linears, embedders and head, and by removing the last block's text query/output/MLP work
+    and text queries; for 4 blocks at S = 4352 the net difference is a few percent.
+    """
+    _check_tokens("seq_len", seq_len, 1)
+    _check_tokens("batch_size", batch_size, 1)
+    d = config.hidden_size
+    layers = config.num_layers if num_layers is None else num_layers
+    s = seq_len
+    return 3 * batch_size * layers * (2 * s * d * d * 4 + 2 * s * d * 4 * d * 2 + 4 * s * s * d)
+
+
+# --------------------------------------------------------------------------------------
+# Peak throughput and MFU
+# --------------------------------------------------------------------------------------
+
+#: Dense (no sparsity) peak tensor-core TFLOP/s from NVIDIA's data sheets.
+PEAK_TFLOPS: dict[str, dict[str, float]] = {
+    "h100-sxm": {"bf16": 989.0, "fp8": 1979.0},
+    "h200": {"bf16": 989.0, "fp8": 1979.0},
+}
+
+
+def peak_flops(gpu: str, dtype: str = "bf16", override_tflops: float | None = None) -> float:
+    """Peak FLOP/s of one GPU: `override_tflops` ·1e12 when given, else `PEAK_TFLOPS[gpu][dtype]`."""
+    if override_tflops is not None:
+        if not override_tflops > 0:
+            raise ValueError(f"peak override_tflops={override_tflops!r}: expected a positive number")
+        return float(override_tflops) * 1e12
+    if gpu not in PEAK_TFLOPS:
+        raise ValueError(f"gpu={gpu!r}: no peak table entry; known {sorted(PEAK_TFLOPS)} (or pass a TFLOP/s override)")
+    if dtype not in PEAK_TFLOPS[gpu]:
+        raise ValueError(f"dtype={dtype!r}: expected one of {sorted(PEAK_TFLOPS[gpu])}")
+    return PEAK_TFLOPS[gpu][dtype] * 1e12
+
+
+def gpu_key_from_device_name(device_name: str) -> str | None:
+    """Map ``torch.cuda.get_device_name()`` to a `PEAK_TFLOPS` key (``None`` if unknown)."""
+    name = device_name.lower()
+    if "h200" in name:
+        return "h200"
+    if "h100" in name and "pcie" not in name:
+        return "h100-sxm"
+    return None
+
+
+def mfu(flops_per_second_per_gpu: float, peak: float) -> float:
+    """Model FLOPs utilisation: achieved model FLOP/s per GPU over peak FLOP/s (both FLOP/s)."""
+    if not flops_per_second_per_gpu >= 0:
+        raise ValueError(f"flops_per_second_per_gpu={flops_per_second_per_gpu!r}: expected >= 0")
+    if not peak > 0:
+        raise ValueError(f"peak={peak!r}: expected a positive FLOP/s value")
+    return flops_per_second_per_gpu / peak
+
+
+# --------------------------------------------------------------------------------------
+# Memory
+# --------------------------------------------------------------------------------------
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+OPTIMIZERS = ("adamw", "sgd")
+RECOMPUTE = ("none", "selective", "full")
+
+
+@dataclass(frozen=True)
+class ActivationTerm:
+    """Saved activation of one block stream: `per_token` elements per token in units of D
+    (or of D_h·heads/D for per-head terms), `sharded` over TP without sequence parallelism."""
+
+    name: str
+    per_token: float
+    sharded: bool
+    dropped_by_selective: bool = False
+
+
+def _stream_terms(ffn_ratio: float) -> list[ActivationTerm]:
+    """Tensors one stream of one block keeps for backward, per token, in units of D elements.
+
+    Attention sub-layer: LN1 input (residual), LN1 output (scale grad), modulated input (q/k/v
+    weight grad), q and k before QK-RMSNorm (norm backward), rotated q, k and v (attention
+    backward), attention output (out-proj weight grad), out-proj output (gate grad). MLP
+    sub-layer: LN2 input, LN2 output, modulated input, fc1 output (GELU backward), GELU output
+    (fc2 weight grad), fc2 output (gate grad). Attention is assumed flash/fused (no S² scores
+    kept; its fp32 log-sum-exp is counted separately); there is no dropout.
+    """
+    return [
+        ActivationTerm("ln1_input", 1, False),
+        ActivationTerm("ln1_output", 1, False, True),
+        ActivationTerm("modulated1", 1, False, True),
+        ActivationTerm("qk_pre_norm", 2, True),
+        ActivationTerm("qkv_attention_input", 3, True),
+        ActivationTerm("attention_output", 1, True),
+        ActivationTerm("out_proj_output", 1, False),
+        ActivationTerm("ln2_input", 1, False),
+        ActivationTerm("ln2_output", 1, False, True),
+        ActivationTerm("modulated2", 1, False, True),
+        ActivationTerm("fc1_output", ffn_ratio, True),
+        ActivationTerm("gelu_output", ffn_ratio, True, True),
+        ActivationTerm("fc2_output", 1, False),
+    ]
+
+
+#: The last block's text stream: LN1 + modulation and text k, v only.
+_LAST_BLOCK_TEXT_TERMS = [
+    ActivationTerm("ln1_input", 1, False),
+    ActivationTerm("ln1_output", 1, False, True),
+    ActivationTerm("modulated1", 1, False, True),
+    ActivationTerm("k_pre_norm", 1, True),
+    ActivationTerm("kv_attention_input", 2, True),
+]
+
+
+def _terms_bytes(terms, tokens: int, d: int, tp: int, sp: bool, act_bytes: int, recompute: str) -> float:
+    total = 0.0
+    for term in terms:
+        if recompute == "selective" and term.dropped_by_selective:
+            continue
+        div = tp if (term.sharded or sp) else 1
+        total += term.per_token * tokens * d * act_bytes / div
+    return total
+
+
+def block_activation_bytes(
+    config: MMDiTConfig,
+    image_tokens: int,
+    text_tokens: int,
+    *,
+    tp: int = 1,
+    sequence_parallel: bool = False,
+    act_bytes: int = 2,
+    recompute: str = "none",
+    last_block: bool = False,
+) -> float:
+    """Bytes one block keeps for backward, for one sample (multiply by micro-batch size).
+
+    In the style of Korthikanti et al. (Megatron's ``s·b·h·(34 + 5·a·s/h)``): a sum of saved
+    tensors, sharded terms divided by TP, all divided by TP with sequence parallelism. Per
+    token, a full block keeps ``14·D + 2·F`` elements (`_stream_terms`: 8·D replicated over TP
+    without SP, 6·D + 2·F sharded; 22·D = 44·D bytes in bf16 for F = 4D) plus the fp32 attention
+    log-sum-exp (4 bytes per query per head). The last block keeps that for image tokens and
+    6·D per text token (LN1, modulation, k, v). ``selective`` recompute re-runs LayerNorm +
+    modulation and GELU in backward, dropping ``4·D + F`` elements per token; ``full`` is
+    handled by `memory_per_gpu` (only block inputs kept).
+    """
+    d = config.hidden_size
+    ratio = config.ffn_hidden_size / d
+    full_terms = _stream_terms(ratio)
+    heads_per_rank = config.num_attention_heads / tp
+    if last_block:
+        b = _terms_bytes(full_terms, image_tokens, d, tp, sequence_parallel, act_bytes, recompute)
+        b += _terms_bytes(_LAST_BLOCK_TEXT_TERMS, text_tokens, d, tp, sequence_parallel, act_bytes, recompute)
+        queries = image_tokens
+    else:
+        b = _terms_bytes(full_terms, image_tokens + text_tokens, d, tp, sequence_parallel, act_bytes, recompute)
+        queries = image_tokens + text_tokens
+    return b + 4 * queries * heads_per_rank  # log-sum-exp, fp32
+
+
+@dataclass(frozen=True)
+class StageMemory:
+    """Memory of one GPU of one pipeline stage, in bytes."""
+
+    stage: int
+    num_blocks: int
+    params_bytes: float
+    grads_bytes: float
+    optimizer_bytes: float
+    activation_bytes: float
+
+    @property
+    def total_bytes(self) -> float:
+        return self.params_bytes + self.grads_bytes + self.optimizer_bytes + self.activation_bytes
+
+    def gib(self) -> dict[str, float]:
+        return {k: v / GIB for k, v in self.to_dict().items() if k.endswith("_bytes")}
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["total_bytes"] = self.total_bytes
+        return d
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    """Per-stage memory and the worst stage (what must fit on every GPU)."""
+
+    stages: tuple[StageMemory, ...]
+    layout: dict = field(default_factory=dict)
+
+    @property
+    def max_stage(self) -> StageMemory:
+        return max(self.stages, key=lambda s: s.total_bytes)
+
+    @property
+    def total_bytes(self) -> float:
+        return self.max_stage.total_bytes
+
+    @property
+    def total_gib(self) -> float:
+        return self.total_bytes / GIB
+
+    def to_dict(self) -> dict:
+        return {
+            "layout": dict(self.layout),
+            "max_stage": self.max_stage.stage,
+            "max": self.max_stage.to_dict(),
+            "max_gib": self.max_stage.gib(),
+            "stages": [s.to_dict() for s in self.stages],
+        }
+
+
+def split_layers(num_layers: int, pp: int) -> list[int]:
+    """Blocks per pipeline stage: even split, the first ``num_layers % pp`` stages get one more."""
+    base, extra = divmod(num_layers, pp)
+    return [base + (1 if i < extra else 0) for i in range(pp)]
+
+
+def _positive_int(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name}={value!r}: expected a positive integer")
+
+
+def memory_per_gpu(
+    config: MMDiTConfig,
+    tp: int,
+    pp: int,
+    dp: int,
+    micro_batch: int,
+    image_tokens: int,
+    text_tokens: int,
+    params_dtype: str = "bfloat16",
+    grad_dtype: str = "float32",
+    optimizer: str = "adamw",
+    zero1: bool = True,
+    recompute: str = "none",
+    *,
+    sequence_parallel: bool = False,
+    condition_image_tokens: int = 0,
+    num_microbatches: int | None = None,
+) -> MemoryReport:
+    """Estimate training memory of one GPU for every pipeline stage.
+
+    * parameters: the stage's parameters and last-block buffers at `params_dtype`, split over TP
+      as described in the module docstring; the first stage holds the embedders, the last stage
+      the head, every stage a copy of the timestep MLP;
+    * gradients: trainable parameters at `grad_dtype` (Megatron's fp32 main-grad buffer; not
+      sharded by ZeRO-1);
+    * optimizer: ``adamw`` = fp32 master copy (only when `params_dtype` is not float32) + two fp32
+      moments; ``sgd`` = master + one fp32 momentum; divided over DP when `zero1`;
+    * activations: `block_activation_bytes` × blocks × micro-batch × micro-batches in flight (1F1B:
+      stage i holds ``min(pp − i, num_microbatches)``; `num_microbatches` None means ≥ pp), plus
+      the embedder inputs on the first stage and head inputs on the last. With
+      ``recompute="full"`` each block keeps only its two input streams and one block's full
+      activations are live during its recompute. Activations are in `params_dtype`.
+
+    Not included: CUDA context, allocator fragmentation, communication buckets, transient
+    workspaces (attention, GEMM) and the data batch. Stage counts use `split_layers` when `pp`
+    does not divide ``num_layers``.
+    """
+    for name, value in (("tp", tp), ("pp", pp), ("dp", dp), ("micro_batch", micro_batch)):
+        _positive_int(name, value)
+    _positive_int("image_tokens", image_tokens)
+    _check_tokens("text_tokens", text_tokens, 0)
+    _check_tokens("condition_image_tokens", condition_image_tokens, 0)
+    if num_microbatches is not None:
+        _positive_int("num_microbatches", num_microbatches)
+    if config.num_attention_heads % tp:
+        raise ValueError(
+            f"tp={tp} must divide num_attention_heads={config.num_attention_heads} "
+            "(attention is sharded by whole heads)"
+        )
+    if pp > config.num_layers:
+        raise ValueError(f"pp={pp} is larger than num_layers={config.num_layers}: a stage would hold no block")
+    if params_dtype not in DTYPE_BYTES:
+        raise ValueError(f"params_dtype={params_dtype!r}: expected one of {sorted(DTYPE_BYTES)}")
+    if grad_dtype not in DTYPE_BYTES:
+        raise ValueError(f"grad_dtype={grad_dtype!r}: expected one of {sorted(DTYPE_BYTES)}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer={optimizer!r}: expected one of {OPTIMIZERS}")
+    if recompute not in RECOMPUTE:
+        raise ValueError(f"recompute={recompute!r}: expected one of {RECOMPUTE}")
+
+    p_bytes, g_bytes = DTYPE_BYTES[params_dtype], DTYPE_BYTES[grad_dtype]
+    opt_per_param = (0 if params_dtype == "float32" else 4) + (8 if optimizer == "adamw" else 4)
+    d = config.hidden_size
+    n = image_tokens + condition_image_tokens
+    t = text_tokens
+
+    blocks = block_tensors(config)
+    block_params = sum(x.numel_per_rank(tp) for x in blocks)
+    last_unused = sum(x.unused_per_rank(tp) for x in blocks)
+    first = sum(x.numel_per_rank(tp) for x in first_stage_tensors(config))
+    temb = sum(x.numel_per_rank(tp) for x in time_embed_tensors(config))
+    head = sum(x.numel_per_rank(tp) for x in last_stage_tensors(config))
+
+    act_kw = dict(tp=tp, sequence_parallel=sequence_parallel, act_bytes=p_bytes)
+    sp_div = tp if sequence_parallel else 1
+    stages = []
+    for i, nb in enumerate(split_layers(config.num_layers, pp)):
+        is_first, is_last = i == 0, i == pp - 1
+        held = nb * block_params + temb + (first if is_first else 0) + (head if is_last else 0)
+        unused = last_unused if is_last else 0
+        trainable = held - unused
+        optim = trainable * opt_per_param
+        if zero1:
+            optim = math.ceil(optim / dp)
+
+        in_flight = pp - i if num_microbatches is None else min(pp - i, num_microbatches)
+        n_full = nb - 1 if is_last else nb  # blocks that are not the trimmed last block
+        if recompute == "full":
+            per_mb = nb * (n + t) * d * p_bytes / sp_div  # saved block inputs, both streams
+            live = block_activation_bytes(config, n, t, **act_kw) * micro_batch  # one block recomputed
+        else:
+            per_mb = n_full * block_activation_bytes(config, n, t, recompute=recompute, **act_kw)
+            if is_last:
+                per_mb += block_activation_bytes(config, n, t, recompute=recompute, last_block=True, **act_kw)
+            live = 0.0
+        if is_first:  # img_in input, txt_norm input, txt_in input (replicated over TP)
+            per_mb += (n * config.in_channels + 2 * t * config.joint_attention_dim) * p_bytes
+        if is_last:  # norm_out LN input/output, proj_out input; fp32 prediction for the loss
+            per_mb += 3 * n * d * p_bytes / sp_div + n * config.patch_size**2 * config.out_channels * 4
+        activations = per_mb * micro_batch * in_flight + live
+
+        stages.append(
+            StageMemory(
+                stage=i,
+                num_blocks=nb,
+                params_bytes=float(held * p_bytes),
+                grads_bytes=float(trainable * g_bytes),
+                optimizer_bytes=float(optim),
+                activation_bytes=float(activations),
+            )
+        )
+    layout = dict(
+        tp=tp, pp=pp, dp=dp, micro_batch=micro_batch, image_tokens=image_tokens, text_tokens=text_tokens,
+        condition_image_tokens=condition_image_tokens, params_dtype=params_dtype, grad_dtype=grad_dtype,
+        optimizer=optimizer, zero1=zero1, recompute=recompute, sequence_parallel=sequence_parallel,
+        num_microbatches=num_microbatches,
+    )
+    return MemoryReport(tuple(stages), layout)
