@@ -1,0 +1,207 @@
+"""One double-stream MMDiT block (QWEN_IMAGE_SPEC.md sections 1.3, 1.5 and 3), tensor-parallel.
+
+Each stream (image, text) has its own AdaLN modulation, fused QKV projection, per-head QK RMSNorm,
+attention output projection and MLP; the two streams meet in one joint attention over the
+concatenated ``[text; image]`` sequence.
+
+Tensor parallelism (megatron-core layers):
+
+* ``*_qkv``: column-parallel ``D -> 3D``, head-sharded. The fused weight is laid out per head,
+  ``[heads, (q, k, v), head_dim]`` along its output dim, so a contiguous TP split hands each rank
+  whole heads with their q, k and v, for any TP size.
+* ``*_out``, ``*_fc2``: row-parallel (bias added after the reduction, fused into the residual).
+* ``*_fc1``: column-parallel ``D -> 4D``.
+* ``*_mod``: column-parallel ``D -> 6D`` on the per-sample ``temb`` with its ``[b, 6D]`` output
+  gathered: the big modulation weights (a third of the model) are sharded, only the small
+  per-sample result travels.
+
+The last block (``context_only=True``) is the one whose text outputs never reach the loss: it
+computes only the text keys and values (the image queries still attend to them). Its text query
+projection and QK-norm, text output projection, text MLP and the 4·D unused rows of ``txt_mod``
+are held as *buffers* (in the state dict, so a released checkpoint round-trips bit-exactly, but
+not parameters: they get no gradient, need no reduction, and no ``find_unused_parameters``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron_qwenimage.config import MMDiTConfig
+from megatron_qwenimage.model.backends import ParallelLinearFactory, make_attention
+from megatron_qwenimage.model.layers import RMSNorm, TPContext, layer_norm, modulate
+from megatron_qwenimage.model.rope import apply_rope
+
+RopeTables = tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+class StreamMLP(torch.nn.Module):
+    """``fc2(gelu_tanh(fc1(x)))``: column- then row-parallel; returns (output, fc2 bias)."""
+
+    def __init__(self, config: MMDiTConfig, linears: ParallelLinearFactory):
+        super().__init__()
+        self.fc1 = linears.column(config.hidden_size, config.ffn_hidden_size)
+        self.fc2 = linears.row(config.ffn_hidden_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h, _ = self.fc1(x)
+        return self.fc2(F.gelu(h, approximate="tanh"))
+
+
+class CarriedTextWeights(torch.nn.Module):
+    """The last block's text-stream weights that cannot influence the output, held as buffers.
+
+    Shapes are this TP rank's shards, split along the same dims as the layers they come from.
+    """
+
+    def __init__(self, config: MMDiTConfig, tp: TPContext):
+        super().__init__()
+        d, f, dt = config.hidden_size, config.ffn_hidden_size, config.torch_dtype
+        t = tp.size
+        shapes = {
+            # name: (local shape, TP partition dim)
+            "q_weight": ((d // t, d), 0),
+            "q_bias": ((d // t,), 0),
+            "q_norm_weight": ((config.attention_head_dim,), None),
+            "out_weight": ((d, d // t), 1),
+            "out_bias": ((d,), None),
+            "fc1_weight": ((f // t, d), 0),
+            "fc1_bias": ((f // t,), 0),
+            "fc2_weight": ((d, f // t), 1),
+            "fc2_bias": ((d,), None),
+            "mod_tail_weight": ((4 * d // t, d), 0),
+            "mod_tail_bias": ((4 * d // t,), 0),
+        }
+        #: TP partition dim of each buffer (None: replicated); kept here rather than as tensor
+        #: attributes because ``Module.to_empty`` / ``.to()`` replace buffer objects.
+        self.partition_dims = {name: dim for name, (_, dim) in shapes.items()}
+        for name, (shape, _) in shapes.items():
+            self.register_buffer(name, torch.empty(shape, dtype=dt))
+
+
+class MMDiTBlock(torch.nn.Module):
+    """A double-stream block.
+
+    Args:
+        config: model config. linears: factory of TP linears. tp: tensor-parallel context.
+        context_only: True for the last block, whose text stream only feeds keys/values.
+    """
+
+    def __init__(
+        self,
+        config: MMDiTConfig,
+        linears: ParallelLinearFactory,
+        tp: TPContext,
+        *,
+        context_only: bool = False,
+    ):
+        super().__init__()
+        d = config.hidden_size
+        self.config = config
+        self.tp = tp
+        self.context_only = context_only
+        self.num_local_heads = config.num_attention_heads // tp.size
+        self.head_dim = config.attention_head_dim
+        self.eps = config.norm_eps
+        dtype = config.torch_dtype
+
+        self.img_mod = linears.modulation(d, 6 * d)
+        self.img_qkv = linears.column(d, 3 * d)
+        self.img_q_norm = RMSNorm(self.head_dim, self.eps, dtype, tp)
+        self.img_k_norm = RMSNorm(self.head_dim, self.eps, dtype, tp)
+        self.img_out = linears.row(d, d)
+        self.img_mlp = StreamMLP(config, linears)
+
+        if context_only:
+            self.txt_mod = linears.modulation(d, 2 * d)  # shift1, scale1 only
+            self.txt_kv = linears.column(d, 2 * d)
+            self.txt_k_norm = RMSNorm(self.head_dim, self.eps, dtype, tp)
+            self.carried = CarriedTextWeights(config, tp)
+        else:
+            self.txt_mod = linears.modulation(d, 6 * d)
+            self.txt_qkv = linears.column(d, 3 * d)
+            self.txt_q_norm = RMSNorm(self.head_dim, self.eps, dtype, tp)
+            self.txt_k_norm = RMSNorm(self.head_dim, self.eps, dtype, tp)
+            self.txt_out = linears.row(d, d)
+            self.txt_mlp = StreamMLP(config, linears)
+        self.attention = make_attention(config, self.num_local_heads)
+
+    def _modulation(self, layer: torch.nn.Module, temb: torch.Tensor) -> list[torch.Tensor]:
+        """``[b, h]`` temb -> list of ``[1, b, h]`` (shift, scale, gate, ...) vectors."""
+        mod, _ = layer(F.silu(temb)[None])  # [1, b, k*h], gathered over TP
+        return list(self.tp.sp_replicated(mod).chunk(mod.shape[-1] // self.config.hidden_size, dim=-1))
+
+    def _heads(self, projected: torch.Tensor, parts: int) -> list[torch.Tensor]:
+        """``[s, b, heads*parts*d]`` -> `parts` tensors ``[s, b, heads, d]``."""
+        s, b, _ = projected.shape
+        return list(projected.view(s, b, self.num_local_heads, parts, self.head_dim).unbind(dim=3))
+
+    def _residual(self, x, out_and_bias, gate):
+        out, bias = out_and_bias
+        if bias is not None:
+            out = out + self.tp.sp_replicated(bias)
+        return x + gate * out
+
+    def forward(
+        self,
+        img: torch.Tensor,
+        txt: torch.Tensor,
+        temb: torch.Tensor,
+        rope: RopeTables,
+        key_mask: Optional[torch.Tensor],
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """One block.
+
+        Args:
+            img: image stream ``[n(/tp under SP), b, D]``. txt: text stream ``[t(/tp), b, D]``.
+            temb: conditioning ``[b, D]``. rope: ``((txt_cos, txt_sin), (img_cos, img_sin))`` for
+                the full (gathered) sequences. key_mask: ``[b, t + n]`` bool, True = attend, or None.
+        Returns:
+            ``(img, txt)`` in the input layouts; ``txt`` is None after a context-only block.
+        """
+        (txt_cos, txt_sin), (img_cos, img_sin) = rope
+        i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self._modulation(self.img_mod, temb)
+
+        img_qkv, _ = self.img_qkv(modulate(layer_norm(img, self.eps), i_shift1, i_scale1))
+        img_q, img_k, img_v = self._heads(img_qkv, 3)
+        img_q = apply_rope(self.img_q_norm(img_q), img_cos, img_sin)
+        img_k = apply_rope(self.img_k_norm(img_k), img_cos, img_sin)
+
+        if self.context_only:
+            t_shift1, t_scale1 = self._modulation(self.txt_mod, temb)
+            txt_kv, _ = self.txt_kv(modulate(layer_norm(txt, self.eps), t_shift1, t_scale1))
+            txt_k, txt_v = self._heads(txt_kv, 2)
+            txt_k = apply_rope(self.txt_k_norm(txt_k), txt_cos, txt_sin)
+            attn = self.attention(
+                img_q, torch.cat([txt_k, img_k]), torch.cat([txt_v, img_v]), key_mask
+            )  # [n, b, D/tp]
+            img = self._residual(img, self.img_out(attn), i_gate1)
+            img = self._residual(
+                img, self.img_mlp(modulate(layer_norm(img, self.eps), i_shift2, i_scale2)), i_gate2
+            )
+            return self._clip(img), None
+
+        t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self._modulation(self.txt_mod, temb)
+        txt_qkv, _ = self.txt_qkv(modulate(layer_norm(txt, self.eps), t_shift1, t_scale1))
+        txt_q, txt_k, txt_v = self._heads(txt_qkv, 3)
+        txt_q = apply_rope(self.txt_q_norm(txt_q), txt_cos, txt_sin)
+        txt_k = apply_rope(self.txt_k_norm(txt_k), txt_cos, txt_sin)
+
+        n_txt = txt_q.shape[0]
+        attn = self.attention(
+            torch.cat([txt_q, img_q]), torch.cat([txt_k, img_k]), torch.cat([txt_v, img_v]), key_mask
+        )  # [t + n, b, D/tp]
+        txt_attn, img_attn = attn[:n_txt], attn[n_txt:]
+
+        img = self._residual(img, self.img_out(img_attn), i_gate1)
+        txt = self._residual(txt, self.txt_out(txt_attn), t_gate1)
+        img = self._residual(img, self.img_mlp(modulate(layer_norm(img, self.eps), i_shift2, i_scale2)), i_gate2)
+        txt = self._residual(txt, self.txt_mlp(modulate(layer_norm(txt, self.eps), t_shift2, t_scale2)), t_gate2)
+        return self._clip(img), self._clip(txt)
+
+    @staticmethod
+    def _clip(x: torch.Tensor) -> torch.Tensor:
+        # The reference clamps fp16 activations after each block to stay finite.
+        return x.clip(-65504, 65504) if x.dtype == torch.float16 else x

@@ -1,0 +1,125 @@
+"""Small building blocks of the MMDiT: norms, timestep embedding, modulation and TP helpers.
+
+Layouts: sequence tensors are Megatron ``[s, b, h]``; per-sample vectors are ``[b, h]``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+
+
+class SingleRankGroup:
+    """The tensor-parallel "group" of a model that runs on one rank without torch.distributed.
+
+    megatron-core's TP layers and mappings need a group object, but only ask it for ``size()``
+    and ``rank()`` (and skip all communication when the size is 1); this answers 1 and 0.
+    """
+
+    def size(self) -> int:
+        return 1
+
+    def rank(self) -> int:
+        return 0
+
+
+class TPContext:
+    """The tensor-parallel facts a layer needs: group, size, rank, sequence parallelism.
+
+    Args:
+        group: the TP process group, or None for a single rank (a `SingleRankGroup` is used).
+        sequence_parallel: Megatron sequence parallelism requested (effective only when size > 1).
+    """
+
+    def __init__(self, group: Optional[torch.distributed.ProcessGroup], sequence_parallel: bool):
+        self.group = SingleRankGroup() if group is None else group
+        self.size = self.group.size()
+        self.rank = self.group.rank()
+        self.sequence_parallel = sequence_parallel and self.size > 1
+
+    def grad_allreduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Identity forward, all-reduce of the gradient over TP in backward.
+
+        Wraps a *replicated* tensor (a parameter or a per-sample vector) that is consumed by
+        rank-local data (head-sharded or sequence-sharded), so that each rank's partial gradient
+        is summed into the full gradient right in autograd: no separate gradient-sync pass.
+        """
+        if self.size == 1:
+            return tensor
+        return copy_to_tensor_model_parallel_region(tensor, group=self.group)
+
+    def sp_replicated(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`grad_allreduce` when the consumer is sequence-sharded (SP on), identity otherwise."""
+        return self.grad_allreduce(tensor) if self.sequence_parallel else tensor
+
+
+def tp_partition_dim(tensor: torch.Tensor) -> Optional[int]:
+    """The dim along which `tensor` is split over TP ranks, or None if it is replicated."""
+    if getattr(tensor, "tensor_model_parallel", False):
+        return int(tensor.partition_dim)
+    return None
+
+
+class RMSNorm(torch.nn.Module):
+    """RMSNorm over the last dim with a learnable weight; variance in fp32 (as the reference).
+
+    Args:
+        dim: normalised size. eps: added to the mean square.
+        tp: when the norm runs on head-sharded data (QK-norm), its replicated weight gets a
+            TP all-reduce of its gradient.
+    """
+
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype, tp: Optional[TPContext] = None):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.empty(dim, dtype=dtype))
+        self.tp = tp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
+        x = x * torch.rsqrt(variance + self.eps)
+        weight = self.weight if self.tp is None else self.tp.grad_allreduce(self.weight)
+        if weight.dtype in (torch.float16, torch.bfloat16):
+            x = x.to(weight.dtype)
+        return x * weight
+
+
+def layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm over the last dim without affine parameters."""
+    return F.layer_norm(x, (x.shape[-1],), eps=eps)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """AdaLN modulation ``x * (1 + scale) + shift``; x ``[s, b, h]``, shift/scale ``[1, b, h]``."""
+    return x * (1 + scale) + shift
+
+
+class TimestepEmbedder(torch.nn.Module):
+    """σ in [0, 1] -> conditioning vector ``temb [b, hidden]``.
+
+    A 256-d sinusoid of ``1000·σ`` (order [cos | sin], frequencies ``exp(-ln(1e4)·i/128)``), then
+    Linear(256 -> hidden) -> SiLU -> Linear(hidden -> hidden), exactly as the reference.
+    """
+
+    FREQ_DIM = 256
+
+    def __init__(self, hidden_size: int, dtype: torch.dtype):
+        super().__init__()
+        self.linear_1 = torch.nn.Linear(self.FREQ_DIM, hidden_size, dtype=dtype)
+        self.linear_2 = torch.nn.Linear(hidden_size, hidden_size, dtype=dtype)
+
+    def sinusoid(self, sigma: torch.Tensor) -> torch.Tensor:
+        half = self.FREQ_DIM // 2
+        exponent = -math.log(10000) * torch.arange(half, dtype=torch.float32, device=sigma.device) / half
+        freqs = torch.exp(exponent).to(sigma.dtype)
+        angles = 1000.0 * (sigma[:, None].float() * freqs[None, :])
+        return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+    def forward(self, sigma: torch.Tensor) -> torch.Tensor:
+        dtype = self.linear_1.weight.dtype
+        proj = self.sinusoid(sigma.to(dtype)).to(dtype)
+        return self.linear_2(F.silu(self.linear_1(proj)))

@@ -1,0 +1,387 @@
+"""The Qwen-Image MMDiT on megatron-core: tensor + sequence parallel, pipeline-stage aware.
+
+A `QwenImageMMDiT` holds a contiguous range of the double-stream blocks, and optionally the
+input embedders (``pre_process``) and the output head (``post_process``); the full model is the
+case ``pre_process = post_process = True`` with all blocks, and a pipeline stage is any other
+choice. Blocks are keyed by their *global* index (``blocks.17.img_qkv.weight``), so parameter names
+do not depend on the pipeline layout, and a TP-sharded tensor is a contiguous split of its full
+tensor along the dim megatron-core records on it (``partition_dim``): a checkpoint can be
+re-sharded for any TP/PP layout by name and dim alone.
+
+Two ways in:
+
+* `forward` takes exactly the arguments of diffusers' ``QwenImageTransformer2DModel.forward``
+  (``[B, N, 64]`` packed latents, ``[B, T, 3584]`` text states, mask, σ timestep, ``img_shapes``)
+  and returns the target image's tokens ``[B, N_target, 64]``, so it can stand in for the diffusers
+  transformer in a diffusers pipeline.
+* `embed` / `run_blocks` / `head` are the stage pieces in Megatron's ``[s, b, h]`` layout, which the
+  training loop and the pipeline schedules compose.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import zlib
+from math import prod
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.tensor_parallel.mappings import (
+    gather_from_sequence_parallel_region,
+    scatter_to_sequence_parallel_region,
+)
+
+from megatron_qwenimage.config import ConfigError, MMDiTConfig, validate_text_length
+from megatron_qwenimage.model.backends import ParallelLinearFactory
+from megatron_qwenimage.model.block import MMDiTBlock
+from megatron_qwenimage.model.layers import RMSNorm, TimestepEmbedder, TPContext, layer_norm, tp_partition_dim
+from megatron_qwenimage.model.rope import MSRoPE, normalize_img_shapes
+
+INIT_STD = 0.02
+
+
+def default_tp_group() -> Optional[torch.distributed.ProcessGroup]:
+    """megatron-core's TP group when its parallel state is initialised, else None (TP = 1)."""
+    from megatron.core import parallel_state
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and parallel_state.is_initialized():
+        return parallel_state.get_tensor_model_parallel_group()
+    return None
+
+
+class QwenImageMMDiT(torch.nn.Module):
+    """Qwen-Image MMDiT (or one pipeline stage of it).
+
+    Args:
+        config: validated `MMDiTConfig`; its ``tensor_model_parallel_size`` must equal the size of
+            `tp_group`.
+        tp_group: tensor-parallel process group; None means megatron-core's TP group when its
+            parallel state is initialised, else a single rank.
+        pre_process: hold the input embedders (``img_in``, ``txt_norm``, ``txt_in``, timestep).
+        post_process: hold the output head (``norm_out``, ``proj_out``).
+        layer_range: ``(start, end)`` global block indices held by this object (default: all).
+        init_seed: seed of `init_weights`; ignored when the model is built on the meta device.
+    """
+
+    def __init__(
+        self,
+        config: MMDiTConfig,
+        *,
+        tp_group: Optional[torch.distributed.ProcessGroup] = None,
+        pre_process: bool = True,
+        post_process: bool = True,
+        layer_range: Optional[tuple[int, int]] = None,
+        init_seed: int = 0,
+    ):
+        super().__init__()
+        if tp_group is None:
+            tp_group = default_tp_group()
+        self.tp = TPContext(tp_group, config.sequence_parallel)
+        if self.tp.size != config.tensor_model_parallel_size:
+            raise ConfigError(
+                f"MMDiTConfig.tensor_model_parallel_size={config.tensor_model_parallel_size} but the "
+                f"tensor-parallel group has {self.tp.size} ranks"
+            )
+        start, end = layer_range if layer_range is not None else (0, config.num_layers)
+        if not 0 <= start <= end <= config.num_layers:
+            raise ConfigError(
+                f"layer_range=({start}, {end}) is not a sub-range of the {config.num_layers} blocks"
+            )
+        self.config = config
+        self.pre_process = pre_process
+        self.post_process = post_process
+        self.layer_range = (start, end)
+        self.rope = MSRoPE(config.axes_dims_rope, config.rope_theta)
+
+        d, dtype = config.hidden_size, config.torch_dtype
+        linears = ParallelLinearFactory(config, self.tp.group)
+        if pre_process:
+            self.time_embedder = TimestepEmbedder(d, dtype)
+            self.txt_norm = RMSNorm(config.joint_attention_dim, config.norm_eps, dtype)
+            self.txt_in = torch.nn.Linear(config.joint_attention_dim, d, dtype=dtype)
+            self.img_in = torch.nn.Linear(config.in_channels, d, dtype=dtype)
+        self.blocks = torch.nn.ModuleDict(
+            {
+                str(i): MMDiTBlock(config, linears, self.tp, context_only=(i == config.num_layers - 1))
+                for i in range(start, end)
+            }
+        )
+        if post_process:
+            self.norm_out = linears.modulation(d, 2 * d)  # scale, shift
+            self.proj_out = torch.nn.Linear(
+                d, config.patch_size * config.patch_size * config.out_channels, dtype=dtype
+            )
+        #: Canonical tensor name -> TP partition dim (None: replicated), for params and buffers.
+        self.partition_dims = self._collect_partition_dims()
+        if next(self.parameters()).device.type != "meta":
+            self.init_weights(init_seed)
+
+    def _collect_partition_dims(self) -> dict[str, Optional[int]]:
+        dims = {name: tp_partition_dim(p) for name, p in self.named_parameters()}
+        for module_name, module in self.named_modules():
+            for buffer_name, dim in getattr(module, "partition_dims", {}).items():
+                dims[f"{module_name}.{buffer_name}"] = dim
+        return dims
+
+    # ------------------------------------------------------------------ construction helpers
+    @classmethod
+    def from_diffusers(cls, path_or_model, **overrides: Any) -> "QwenImageMMDiT":
+        """Build from a diffusers ``QwenImageTransformer2DModel`` directory or instance.
+
+        `overrides` are `MMDiTConfig` fields (e.g. ``sequence_parallel=True``,
+        ``params_dtype='bfloat16'``) and the constructor's keywords (``tp_group``, ``pre_process``,
+        ``post_process``, ``layer_range``). With megatron-core's parallel state initialised, each
+        rank reads only its own TP shard of every tensor.
+        """
+        from megatron_qwenimage.convert import load_from_diffusers
+
+        return load_from_diffusers(cls, path_or_model, **overrides)
+
+    def save_diffusers(self, directory, **kwargs) -> None:
+        """Write a diffusers-loadable directory (see `megatron_qwenimage.convert.export_to_diffusers`)."""
+        from megatron_qwenimage.convert import export_to_diffusers
+
+        export_to_diffusers(self, directory, **kwargs)
+
+    def named_model_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Parameters and carried buffers by canonical name (this rank's shards)."""
+        yield from self.named_parameters()
+        yield from ((n, b) for n, b in self.named_buffers())
+
+    def full_shape(self, name: str, tensor: torch.Tensor) -> tuple[int, ...]:
+        """Shape of the unsharded tensor behind this rank's shard `tensor` (named `name`)."""
+        shape = list(tensor.shape)
+        dim = self.partition_dims[name]
+        if dim is not None:
+            shape[dim] *= self.tp.size
+        return tuple(shape)
+
+    def num_parameters(self) -> dict[str, int]:
+        """Element counts of the *full* (unsharded) tensors this object holds.
+
+        ``trainable``: parameters; ``carried``: the last block's never-used text weights held as
+        buffers; ``total``: both, i.e. the size of the released checkpoint for the full model.
+        """
+        trainable = sum(prod(self.full_shape(n, p)) for n, p in self.named_parameters())
+        carried = sum(prod(self.full_shape(n, b)) for n, b in self.named_buffers())
+        return {"trainable": trainable, "carried": carried, "total": trainable + carried}
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> None:
+        """Initialise every tensor, identically for any TP size.
+
+        Each full tensor is drawn from a generator seeded by ``(seed, name)`` and this rank copies
+        its shard, so a TP=4 model equals a TP=1 model built with the same seed. Scheme: normal(0,
+        0.02) linears, output projections scaled by ``1/sqrt(2·num_layers)``, zero biases, unit
+        RMSNorm weights, and zero AdaLN modulation and ``proj_out`` (adaLN-Zero, as DiT), so every
+        block starts as the identity.
+        """
+        out_std = INIT_STD / math.sqrt(2 * self.config.num_layers)
+        for name, tensor in self.named_model_tensors():
+            leaf = name.rsplit(".", 1)[-1]
+            if tensor.ndim == 1:
+                fill = 1.0 if ("norm" in name and "norm_out" not in name) else 0.0
+                tensor.fill_(fill)
+                continue
+            if "_mod." in name or "norm_out." in name or "mod_tail" in leaf or name.startswith("proj_out."):
+                tensor.zero_()
+                continue
+            is_output = any(k in name for k in ("_out.", "fc2.", "out_weight", "fc2_weight"))
+            gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+            full = torch.empty(self.full_shape(name, tensor), dtype=torch.float32)
+            full.normal_(0.0, out_std if is_output else INIT_STD, generator=gen)
+            tensor.copy_(self.shard_of(name, full))
+
+    def shard_of(self, name: str, full: torch.Tensor) -> torch.Tensor:
+        """This rank's shard of the full tensor `full` of the model tensor called `name`."""
+        dim = self.partition_dims[name]
+        if dim is None:
+            return full
+        return full.chunk(self.tp.size, dim=dim)[self.tp.rank]
+
+    # ------------------------------------------------------------------ diffusers-compatible API
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @contextlib.contextmanager
+    def cache_context(self, name: str):
+        """diffusers pipelines wrap each call in ``transformer.cache_context(...)``; this model keeps
+        no step cache, so the context only marks the call."""
+        yield
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        encoder_hidden_states_mask: Optional[torch.Tensor] = None,
+        timestep: Optional[torch.Tensor] = None,
+        img_shapes=None,
+        guidance: Optional[torch.Tensor] = None,
+        attention_kwargs: Optional[dict] = None,
+        return_dict: Optional[bool] = None,
+        **unsupported: Any,
+    ):
+        """Denoise packed latents, with diffusers' argument names and layouts.
+
+        Args:
+            hidden_states: ``[B, N, in_channels]`` packed latents: the target image's tokens,
+                then the condition images' tokens (editing), row-major per image.
+            encoder_hidden_states: ``[B, T, joint_attention_dim]`` text-encoder states (T <= 1024).
+            encoder_hidden_states_mask: ``[B, T]`` 1/True for valid text tokens, or None.
+            timestep: ``[B]`` σ in [0, 1] (σ = 1 is pure noise).
+            img_shapes: per sample, a list of ``(frames, h, w)`` patch grids, target first.
+            guidance: must be None (Qwen-Image has no guidance embedding).
+            attention_kwargs: accepted for pipeline compatibility; must be empty.
+            return_dict: None -> the tensor; False -> ``(tensor,)``; True -> an object with
+                ``.sample`` (diffusers' ``Transformer2DModelOutput``).
+        Returns:
+            ``[B, N_target, patch^2 * out_channels]`` predicted velocity for the target tokens.
+        """
+        if unsupported:
+            raise TypeError(f"QwenImageMMDiT.forward got unsupported argument(s) {sorted(unsupported)}")
+        if guidance is not None:
+            raise ValueError("guidance must be None: Qwen-Image has no guidance embedding")
+        if attention_kwargs:
+            raise ValueError(f"attention_kwargs {sorted(attention_kwargs)} are not supported (LoRA scales etc.)")
+        if not (self.pre_process and self.post_process and self.layer_range == (0, self.config.num_layers)):
+            raise RuntimeError(
+                "forward() needs the whole model; this object is a pipeline stage "
+                f"(layers {self.layer_range}, pre_process={self.pre_process}, post_process={self.post_process})"
+            )
+        shapes, text_mask, n_target = self.check_inputs(
+            hidden_states, encoder_hidden_states, encoder_hidden_states_mask, timestep, img_shapes
+        )
+        img, txt, temb = self.embed(hidden_states.transpose(0, 1), encoder_hidden_states.transpose(0, 1), timestep)
+        img, _ = self.run_blocks(img, txt, temb, shapes, text_mask)
+        out = self.head(img, temb, n_target).transpose(0, 1)
+        if return_dict is None:
+            return out
+        if not return_dict:
+            return (out,)
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+        return Transformer2DModelOutput(sample=out)
+
+    def check_inputs(self, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, timestep, img_shapes):
+        """Validate diffusers-layout inputs; returns (shapes per sample, bool mask or None, N_target)."""
+        cfg = self.config
+        if hidden_states.ndim != 3 or hidden_states.shape[-1] != cfg.in_channels:
+            raise ValueError(
+                f"hidden_states has shape {tuple(hidden_states.shape)}; expected [B, N, {cfg.in_channels}] "
+                "packed latent tokens"
+            )
+        b, n, _ = hidden_states.shape
+        if (
+            encoder_hidden_states is None
+            or encoder_hidden_states.ndim != 3
+            or encoder_hidden_states.shape[0] != b
+            or encoder_hidden_states.shape[-1] != cfg.joint_attention_dim
+        ):
+            got = None if encoder_hidden_states is None else tuple(encoder_hidden_states.shape)
+            raise ValueError(
+                f"encoder_hidden_states has shape {got}; expected [{b}, T, {cfg.joint_attention_dim}]"
+            )
+        t = encoder_hidden_states.shape[1]
+        validate_text_length(t, limit=cfg.max_text_tokens, what="encoder_hidden_states")
+        if timestep is None or timestep.ndim != 1 or timestep.shape[0] != b:
+            got = None if timestep is None else tuple(timestep.shape)
+            raise ValueError(f"timestep has shape {got}; expected [{b}] (σ in [0, 1] per sample)")
+        text_mask = None
+        if encoder_hidden_states_mask is not None:
+            if tuple(encoder_hidden_states_mask.shape) != (b, t):
+                raise ValueError(
+                    f"encoder_hidden_states_mask has shape {tuple(encoder_hidden_states_mask.shape)}; "
+                    f"expected [{b}, {t}]"
+                )
+            text_mask = encoder_hidden_states_mask.to(torch.bool)
+        shapes = normalize_img_shapes(img_shapes, b)
+        for i, sample in enumerate(shapes):
+            total = sum(prod(s) for s in sample)
+            if total != n:
+                raise ValueError(
+                    f"img_shapes[{i}]={sample} describes {total} image tokens but hidden_states has {n}"
+                )
+        targets = {prod(sample[0]) for sample in shapes}
+        if len(targets) != 1:
+            raise ValueError(f"img_shapes: target images of one batch must have equal token counts, got {targets}")
+        return shapes, text_mask, targets.pop()
+
+    # ------------------------------------------------------------------ stage pieces, [s, b, h]
+    def embed(
+        self, img_tokens: torch.Tensor, text_states: torch.Tensor, timestep: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Input embedders.
+
+        Args: img_tokens ``[n, b, in_channels]``; text_states ``[t, b, joint_dim]``; timestep ``[b]`` σ.
+        Returns: ``img [n, b, D]``, ``txt [t, b, D]``, ``temb [b, D]``.
+        """
+        temb = self.time_embedder(timestep)
+        txt = self.txt_in(self.txt_norm(text_states))
+        img = self.img_in(img_tokens)
+        return img, txt, temb
+
+    def run_blocks(
+        self,
+        img: torch.Tensor,
+        txt: torch.Tensor,
+        temb: torch.Tensor,
+        shapes: list,
+        text_mask: Optional[torch.Tensor],
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Run this object's blocks on full-sequence streams ``img [n, b, D]``, ``txt [t, b, D]``.
+
+        With sequence parallelism the streams are zero-padded to a multiple of the TP size
+        (padded tokens are masked out as keys), split over the TP ranks for the blocks and gathered
+        back afterwards; the result always has the input's full sequence length. ``text_mask`` is
+        ``[b, t]`` bool (True = valid) or None. Returns ``(img, txt)``, txt None after the last block.
+        """
+        t, n, b = txt.shape[0], img.shape[0], img.shape[1]
+        (txt_cos, txt_sin), (img_cos, img_sin) = self.rope.tables(shapes, t, img.device)
+        if text_mask is not None and bool(text_mask.all()):
+            text_mask = None
+        key_mask = None
+        sp = self.tp.sequence_parallel
+        pad_t = (-t) % self.tp.size if sp else 0
+        pad_n = (-n) % self.tp.size if sp else 0
+        if text_mask is not None or pad_t or pad_n:
+            ones = lambda k: torch.ones(b, k, dtype=torch.bool, device=img.device)  # noqa: E731
+            zeros = lambda k: torch.zeros(b, k, dtype=torch.bool, device=img.device)  # noqa: E731
+            key_mask = torch.cat(
+                [text_mask if text_mask is not None else ones(t), zeros(pad_t), ones(n), zeros(pad_n)], dim=1
+            )
+        if sp:
+            txt, txt_cos, txt_sin = (_pad_seq(x, pad_t, v) for x, v in ((txt, 0.0), (txt_cos, 1.0), (txt_sin, 0.0)))
+            img, img_cos, img_sin = (_pad_seq(x, pad_n, v) for x, v in ((img, 0.0), (img_cos, 1.0), (img_sin, 0.0)))
+            txt = scatter_to_sequence_parallel_region(txt, group=self.tp.group)
+            img = scatter_to_sequence_parallel_region(img, group=self.tp.group)
+        rope = ((txt_cos, txt_sin), (img_cos, img_sin))
+        for block in self.blocks.values():
+            img, txt = block(img, txt, temb, rope, key_mask)
+        if sp:
+            img = gather_from_sequence_parallel_region(img, tensor_parallel_output_grad=False, group=self.tp.group)[:n]
+            if txt is not None:
+                txt = gather_from_sequence_parallel_region(
+                    txt, tensor_parallel_output_grad=False, group=self.tp.group
+                )[:t]
+        return img, txt
+
+    def head(self, img: torch.Tensor, temb: torch.Tensor, num_target_tokens: int) -> torch.Tensor:
+        """Output head on the target tokens: ``img [n, b, D]`` -> ``[n_target, b, patch^2·C]``."""
+        img = img[:num_target_tokens]
+        emb, _ = self.norm_out(F.silu(temb)[None])  # [1, b, 2D], gathered over TP
+        scale, shift = emb.chunk(2, dim=-1)
+        return self.proj_out(layer_norm(img, self.config.norm_eps) * (1 + scale) + shift)
+
+
+def _pad_seq(x: torch.Tensor, pad: int, value: float) -> torch.Tensor:
+    """Append `pad` rows filled with `value` along dim 0."""
+    if not pad:
+        return x
+    return torch.cat([x, x.new_full((pad, *x.shape[1:]), value)], dim=0)
