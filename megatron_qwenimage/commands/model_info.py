@@ -1,0 +1,195 @@
+"""``qwenimage model-info``: parameters, FLOPs per sample and per-GPU memory of a model config.
+
+Everything is analytic (`megatron_qwenimage.accounting`); no weights are built, so the 20B
+config answers instantly on a laptop::
+
+    qwenimage model-info --config qwen-image-20b --tp 4 --dp 8 --height 1328 --width 1328
+    qwenimage model-info --config qwen-image-20b --tp 4 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from megatron_qwenimage import accounting
+from megatron_qwenimage.config import (
+    PIXELS_PER_TOKEN_SIDE,
+    ConfigError,
+    MMDiTConfig,
+    load_config,
+    validate_image_size,
+    validate_text_length,
+)
+
+NAME = "model-info"
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the ``model-info`` subcommand to the ``qwenimage`` parser."""
+    p = subparsers.add_parser(
+        NAME,
+        help="Print parameter counts, FLOPs per sample and per-GPU memory of a model config.",
+        description=(
+            "Analytic parameter counts, model FLOPs per training sample at a resolution, and a "
+            "per-GPU memory estimate for a TP/PP/DP layout. Nothing is allocated."
+        ),
+    )
+    p.add_argument(
+        "--config", default="qwen-image-20b", metavar="NAME_OR_YAML",
+        help="named model config (qwen-image-20b, tiny, tiny-16ch, bench-cpu) or a path to a YAML file "
+        "(default: %(default)s)",
+    )
+    p.add_argument("--tp", type=int, default=None, metavar="N",
+                   help="tensor-parallel size (default: the config's tensor_model_parallel_size)")
+    p.add_argument("--pp", type=int, default=1, metavar="N", help="pipeline-parallel size (default: %(default)s)")
+    p.add_argument("--dp", type=int, default=1, metavar="N",
+                   help="data-parallel size; shards optimizer state with ZeRO-1 (default: %(default)s)")
+    p.add_argument("--micro-batch", type=int, default=1, metavar="N",
+                   help="samples per micro-batch per GPU (default: %(default)s)")
+    p.add_argument("--height", type=int, default=1024, metavar="PX",
+                   help="image height in pixels, a multiple of 16 (default: %(default)s)")
+    p.add_argument("--width", type=int, default=1024, metavar="PX",
+                   help="image width in pixels, a multiple of 16 (default: %(default)s)")
+    p.add_argument("--text-tokens", type=int, default=256, metavar="N",
+                   help="text conditioning tokens per sample after padding (default: %(default)s)")
+    p.add_argument("--recompute", choices=accounting.RECOMPUTE, default="none",
+                   help="activation recompute policy for the memory estimate (default: %(default)s)")
+    p.add_argument("--sequence-parallel", action="store_true",
+                   help="assume Megatron sequence parallelism (activations sharded over TP)")
+    p.add_argument("--no-zero1", dest="zero1", action="store_false",
+                   help="replicate optimizer state on every data-parallel rank instead of sharding it")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    p.set_defaults(func=run)
+    return p
+
+
+def model_info(
+    config: MMDiTConfig,
+    *,
+    tp: int,
+    pp: int,
+    dp: int,
+    micro_batch: int,
+    height: int,
+    width: int,
+    text_tokens: int,
+    recompute: str = "none",
+    sequence_parallel: bool = False,
+    zero1: bool = True,
+) -> dict[str, Any]:
+    """Everything ``model-info`` reports, as a JSON-serialisable dict (bytes and FLOPs as numbers)."""
+    validate_image_size(height, width)
+    if not isinstance(text_tokens, int) or text_tokens < 0:
+        raise ConfigError(f"text_tokens={text_tokens!r}: expected a non-negative integer")
+    validate_text_length(text_tokens, limit=config.max_text_tokens)
+    image_tokens = (height // PIXELS_PER_TOKEN_SIDE) * (width // PIXELS_PER_TOKEN_SIDE)
+    counts = accounting.parameter_counts(config)
+    flops = accounting.model_flops_breakdown(config, image_tokens, text_tokens, training=True)
+    mem = accounting.memory_per_gpu(
+        config, tp, pp, dp, micro_batch, image_tokens, text_tokens,
+        params_dtype="bfloat16", grad_dtype="float32", optimizer="adamw", zero1=zero1,
+        recompute=recompute, sequence_parallel=sequence_parallel,
+    )
+    worst = mem.max_stage
+    memory_bytes = {
+        "params": worst.params_bytes,
+        "grads": worst.grads_bytes,
+        "optimizer": worst.optimizer_bytes,
+        "activations": worst.activation_bytes,
+        "total": worst.total_bytes,
+    }
+    return {
+        "config": config.name,
+        "params": counts.total,
+        "trainable_params": counts.trainable,
+        "unused_last_block_params": counts.unused,
+        "params_per_block": counts.block,
+        "params_non_block": counts.non_block,
+        "height": height,
+        "width": width,
+        "image_tokens": image_tokens,
+        "text_tokens": text_tokens,
+        "flops_per_sample": flops.total,
+        "flops_breakdown_forward": {k: v for k, v in flops.to_dict().items() if k not in ("training", "forward", "total")},
+        "layout": mem.layout,
+        "memory_max_stage": worst.stage,
+        "memory_per_gpu_bytes": memory_bytes,
+        "memory_per_gpu_gib": {k: v / accounting.GIB for k, v in memory_bytes.items()},
+        "memory_stages": [s.to_dict() for s in mem.stages],
+    }
+
+
+def _fmt_flops(n: float) -> str:
+    """SI-prefixed FLOPs, e.g. ``404.070 TFLOP``."""
+    for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3f} {unit}FLOP"
+    return f"{n:.0f} FLOP"
+
+
+def render(info: dict[str, Any], console) -> None:
+    """Print `info` as rich tables."""
+    from rich.table import Table
+
+    params = Table(title=f"Parameters ({info['config']})")
+    params.add_column("component")
+    params.add_column("count", justify="right")
+    for name, n in info["params_per_block"].items():
+        params.add_row(f"block.{name} (x1)", f"{n:,}")
+    for name, n in info["params_non_block"].items():
+        params.add_row(name, f"{n:,}")
+    params.add_row("[bold]total[/bold]", f"[bold]{info['params']:,}[/bold]")
+    params.add_row("last-block buffers (not trained)", f"{info['unused_last_block_params']:,}")
+    params.add_row("trainable", f"{info['trainable_params']:,}")
+    console.print(params)
+
+    flops = Table(title=(
+        f"Model FLOPs per sample: {info['height']}x{info['width']} px = {info['image_tokens']} image tokens, "
+        f"{info['text_tokens']} text tokens"
+    ))
+    flops.add_column("term (forward)")
+    flops.add_column("FLOPs", justify="right")
+    for name, n in info["flops_breakdown_forward"].items():
+        flops.add_row(name, _fmt_flops(n))
+    flops.add_row("[bold]fwd+bwd (3x forward)[/bold]", f"[bold]{_fmt_flops(info['flops_per_sample'])}[/bold]")
+    console.print(flops)
+
+    lay = info["layout"]
+    mem = Table(
+        title=f"Memory per GPU (worst pipeline stage: {info['memory_max_stage']})",
+        caption=(
+            f"tp={lay['tp']} pp={lay['pp']} dp={lay['dp']} micro-batch={lay['micro_batch']} "
+            f"recompute={lay['recompute']}{' +SP' if lay['sequence_parallel'] else ''}; bf16 params, "
+            f"fp32 grads, AdamW{' ZeRO-1' if lay['zero1'] else ''}"
+        ),
+    )
+    mem.add_column("what")
+    mem.add_column("GiB", justify="right")
+    for name, gib in info["memory_per_gpu_gib"].items():
+        mem.add_row(name, f"{gib:.2f}")
+    console.print(mem)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``qwenimage model-info``; returns the exit status."""
+    try:
+        config = load_config(args.config)
+        tp = config.tensor_model_parallel_size if args.tp is None else args.tp
+        info = model_info(
+            config, tp=tp, pp=args.pp, dp=args.dp, micro_batch=args.micro_batch,
+            height=args.height, width=args.width, text_tokens=args.text_tokens,
+            recompute=args.recompute, sequence_parallel=args.sequence_parallel, zero1=args.zero1,
+        )
+    except (ConfigError, ValueError) as e:
+        print(f"qwenimage {NAME}: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(info))
+    else:
+        from rich.console import Console
+
+        render(info, Console())
+    return 0

@@ -1,0 +1,117 @@
+"""``qwenimage model-info``."""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from megatron_qwenimage import accounting
+from megatron_qwenimage.commands import model_info
+from megatron_qwenimage.config import load_config
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="qwenimage")
+    sp = p.add_subparsers(dest="command", required=True)
+    model_info.register(sp)
+    return p
+
+
+def _run(argv, capsys):
+    args = _parser().parse_args(["model-info", *argv])
+    rc = args.func(args)
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_json_20b_tp4(capsys):
+    rc, out, err = _run(["--config", "qwen-image-20b", "--tp", "4", "--dp", "8", "--json"], capsys)
+    assert rc == 0, err
+    info = json.loads(out)  # exactly one JSON object on stdout
+    assert info["params"] == 20_430_401_088
+    assert info["trainable_params"] == 20_430_401_088 - 132_154_496
+    assert info["image_tokens"] == 4096 and info["text_tokens"] == 256
+    config = load_config("qwen-image-20b")
+    assert info["flops_per_sample"] == accounting.model_flops_per_sample(config, 4096, 256)
+    mem = accounting.memory_per_gpu(config, 4, 1, 8, 1, 4096, 256).max_stage
+    assert info["memory_per_gpu_bytes"] == {
+        "params": mem.params_bytes,
+        "grads": mem.grads_bytes,
+        "optimizer": mem.optimizer_bytes,
+        "activations": mem.activation_bytes,
+        "total": mem.total_bytes,
+    }
+    assert info["layout"]["tp"] == 4 and info["layout"]["dp"] == 8
+
+
+def test_resolution_and_layout_flags(capsys):
+    rc, out, _ = _run(
+        ["--config", "tiny", "--height", "1328", "--width", "928", "--text-tokens", "40", "--pp", "2",
+         "--micro-batch", "2", "--recompute", "full", "--sequence-parallel", "--tp", "2", "--json"],
+        capsys,
+    )
+    assert rc == 0
+    info = json.loads(out)
+    assert info["image_tokens"] == 83 * 58
+    assert len(info["memory_stages"]) == 2
+    assert info["layout"]["recompute"] == "full" and info["layout"]["sequence_parallel"] is True
+    assert info["flops_per_sample"] == accounting.model_flops_per_sample(load_config("tiny"), 83 * 58, 40)
+
+
+def test_table_output(capsys):
+    rc, out, _ = _run(["--config", "qwen-image-20b", "--tp", "4"], capsys)
+    assert rc == 0
+    assert "20,430,401,088" in out
+    assert "Memory per GPU" in out and "Model FLOPs per sample" in out
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--height", "1000"], "height=1000"),
+        (["--width", "0"], "width=0"),
+        (["--tp", "5"], "tp=5"),
+        (["--dp", "0"], "dp=0"),
+        (["--text-tokens", "2000"], "2000 tokens"),
+        (["--config", "no-such-model"], "no-such-model"),
+    ],
+)
+def test_bad_arguments_exit_2_with_message(capsys, argv, needle):
+    rc, out, err = _run([*argv, "--json"], capsys)
+    assert rc == 2
+    assert out == ""
+    assert needle in err
+
+
+def test_every_flag_has_help():
+    p = _parser()
+    sub = p._subparsers._group_actions[0].choices["model-info"]
+    for action in sub._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help, action.option_strings
+
+
+def test_cli_main_dispatches(capsys):
+    pytest.importorskip("megatron_qwenimage.commands.convert", reason="cli.main imports every command module")
+    from megatron_qwenimage import cli
+
+    assert cli.main(["model-info", "--config", "tiny", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["params"] == accounting.parameter_counts(load_config("tiny")).total
+
+
+def test_console_script_json():
+    pytest.importorskip("megatron_qwenimage.commands.convert", reason="the qwenimage script imports every command module")
+    exe = shutil.which("qwenimage")
+    cmd = [exe] if exe else [sys.executable, "-m", "megatron_qwenimage.cli"]
+    proc = subprocess.run(
+        [*cmd, "model-info", "--config", "qwen-image-20b", "--tp", "4", "--json"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["params"] == 20430401088
+    assert set(info["memory_per_gpu_bytes"]) >= {"params", "grads", "optimizer", "activations", "total"}
