@@ -16,10 +16,10 @@ Conventions
   not parameters, get no gradients and no optimizer state.
 
 Tensor-parallel layout assumed by `memory_per_gpu` (megatron-core style): q/k/v, MLP fc1 and the
-AdaLN modulation linears are column-parallel (weight and bias split over TP; DESIGN.md proposes
-sharding the modulation, which is 1/3 of all weights), the attention output projections and
-MLP fc2 are row-parallel (weight split, bias replicated), QK-norm weights and everything outside
-the blocks (embedders, timestep MLP, ``norm_out``, ``proj_out``) are replicated.
+AdaLN modulation linears (``img_mod``, ``txt_mod``, ``norm_out``) are column-parallel (weight and
+bias split over TP; they are 1/3 of all weights), the attention output projections and MLP fc2
+are row-parallel (weight split, bias replicated), QK-norm weights, the embedders, the timestep
+MLP and ``proj_out`` are replicated. This is the layout of `megatron_qwenimage.model`.
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ def last_stage_tensors(config: MMDiTConfig) -> list[TensorSpec]:
     """Output head (``norm_out`` modulation and ``proj_out``), held by the last pipeline stage."""
     d = config.hidden_size
     c_out = config.patch_size**2 * config.out_channels
-    return _linear("norm_out.linear", d, 2 * d, "replicated", "norm_out") + _linear(
+    return _linear("norm_out.linear", d, 2 * d, "column", "norm_out") + _linear(
         "proj_out", d, c_out, "replicated", "proj_out"
     )
 
@@ -288,7 +288,8 @@ def model_flops_breakdown(
     * ``attention``   = (L−1)·4·S·S·D + 4·N·S·D             QKᵀ and A·V, 2·S_q·S_kv·D each; the
                         last block's queries are image-only
     * ``norm_out``    = 2·D·2D                              one vector per sample
-    * ``proj_out``    = 2·N·D·C_out                         over all image-stream tokens
+    * ``proj_out``    = 2·N_target·D·C_out                  the head runs on the target image's
+                        tokens only (``image_tokens``), not on condition images
 
     Not counted (element-wise, < 1 % at these widths): biases, LayerNorm/RMSNorm, RoPE,
     modulation arithmetic, softmax, GELU, residual/gate multiplies.
@@ -311,7 +312,7 @@ def model_flops_breakdown(
         text_linears=(L - 1) * t * per_token_block_linears + 2 * t * 2 * d * d,
         attention=(L - 1) * 4 * s * s * d + 4 * n * s * d,
         norm_out=2 * d * 2 * d,
-        proj_out=2 * n * d * c_out,
+        proj_out=2 * image_tokens * d * c_out,
         training=bool(training),
     )
 
@@ -651,8 +652,10 @@ def memory_per_gpu(
             live = 0.0
         if is_first:  # img_in input, txt_norm input, txt_in input (replicated over TP)
             per_mb += (n * config.in_channels + 2 * t * config.joint_attention_dim) * p_bytes
-        if is_last:  # norm_out LN input/output, proj_out input; fp32 prediction for the loss
-            per_mb += 3 * n * d * p_bytes / sp_div + n * config.patch_size**2 * config.out_channels * 4
+        if is_last:  # target tokens, gathered after the blocks: norm_out LN in/out, proj_out input,
+            # and the fp32 prediction for the loss
+            nt = image_tokens
+            per_mb += 3 * nt * d * p_bytes + nt * config.patch_size**2 * config.out_channels * 4
         activations = per_mb * micro_batch * in_flight + live
 
         stages.append(

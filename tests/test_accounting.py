@@ -133,7 +133,7 @@ def test_flops_small_case_by_hand():
     assert br.text_linears == 2 * t * (4 * 256 + 2 * 16 * 64) + 2 * t * 2 * 256
     assert br.attention == 4 * s * s * 16 + 4 * n * s * 16
     assert br.norm_out == 2 * 16 * 32
-    assert br.proj_out == 2 * n * 16 * 16
+    assert br.proj_out == 2 * 4 * 16 * 16  # head on the 4 target tokens only
     train = model_flops_breakdown(SMALL, 4, 3, 2, training=True)
     assert train.total == 3 * br.forward == 3 * br.total
 
@@ -234,7 +234,7 @@ def test_memory_tensor_parallel_split():
     p = parameter_counts(SMALL)
     d, hd, L = 16, 8, 2
     replicated_per_block = 4 * d + 4 * hd  # row-parallel biases (to_out, to_add_out, 2x fc2) + QK-norms
-    replicated = L * replicated_per_block + p.non_block_total
+    replicated = L * replicated_per_block + p.non_block_total - p.non_block["norm_out"]  # norm_out is split
     assert r2.max_stage.params_bytes == 4 * ((p.total - replicated) / 2 + replicated)
     # Activations: the sharded terms halve (6D + 2F of 14D + 2F per token), replicated ones do not.
     a1 = block_activation_bytes(SMALL, 4, 2, tp=1, act_bytes=2)
@@ -260,7 +260,7 @@ def test_memory_pipeline_stages():
     # text-query QK-norm) stay whole, the rest is split over tp=4.
     replicated_unused = 3072 + 3072 + 128
     unused_per_rank = (132_154_496 - replicated_unused) // 4 + replicated_unused
-    head = 18_880_512 + 196_672
+    head = 18_880_512 // 4 + 196_672  # norm_out column-parallel, proj_out replicated
     assert last.grads_bytes - mid.grads_bytes == 4 * (head - unused_per_rank)
     assert last.params_bytes - mid.params_bytes == 2 * head
     assert r.max_stage is first
@@ -306,3 +306,39 @@ def test_memory_argument_validation():
         memory_per_gpu(c, 1, 1, 1, 1, 4096, 256, recompute="all")
     with pytest.raises(ValueError, match="image_tokens"):
         memory_per_gpu(c, 1, 1, 1, 1, 0, 256)
+
+
+# ---------------------------------------------------------------- against our model
+
+
+@pytest.mark.parametrize("name", ["tiny", "qwen-image-20b"])
+def test_counts_and_tp_layout_match_our_model(name):
+    """Trainable / carried counts and the split-vs-replicated layout that `memory_per_gpu` assumes
+    equal what `QwenImageMMDiT` builds (20B on the meta device: no memory)."""
+    from megatron_qwenimage.accounting import first_stage_tensors, last_stage_tensors, time_embed_tensors
+    from megatron_qwenimage.model.mmdit import QwenImageMMDiT
+
+    config = load_config(name)
+    with torch.device("meta"):
+        model = QwenImageMMDiT(config)
+    counts = parameter_counts(config)
+    assert model.num_parameters() == {"trainable": counts.trainable, "carried": counts.unused, "total": counts.total}
+    # Split tensors: megatron-core column-parallel weights and biases, row-parallel weights, and
+    # the carried buffers the model marks as split. (At TP=1 megatron-core leaves the weights'
+    # partition attributes unset, so the layer types are the ground truth here.)
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    split = 0
+    for module in model.modules():
+        if isinstance(module, ColumnParallelLinear):
+            split += sum(p.numel() for p in module.parameters(recurse=False))
+        elif isinstance(module, RowParallelLinear):
+            split += module.weight.numel()
+        for buf_name, dim in getattr(module, "partition_dims", {}).items():
+            if dim is not None and isinstance(getattr(module, buf_name, None), torch.Tensor):
+                split += getattr(module, buf_name).numel()
+    model_replicated = counts.total - split
+    specs = first_stage_tensors(config) + time_embed_tensors(config) + last_stage_tensors(config)
+    ours_replicated = config.num_layers * sum(t.numel for t in block_tensors(config) if t.split == "replicated")
+    ours_replicated += sum(t.numel for t in specs if t.split == "replicated")
+    assert model_replicated == ours_replicated
