@@ -356,10 +356,9 @@ def flow_matching_loss(
             f"{tuple(prediction.shape)}"
         )
     b, n, c = prediction.shape
-    sq = (prediction.float() - target.float()).square()
+    diff = prediction.float() - target.float()
     if mask is None:
-        per_token = sq.sum(dim=2)  # [B, N]
-        counts = torch.full((b,), float(n * c), device=sq.device)
+        counts = torch.full((b,), float(n * c), device=diff.device)
     else:
         if mask.shape != (b, n):
             raise ValueError(
@@ -367,10 +366,11 @@ def flow_matching_loss(
             )
         if mask.dtype != torch.bool:
             raise ValueError(f"flow_matching_loss: mask must be a bool tensor, got dtype {mask.dtype}")
-        # where() rather than multiply: NaN/inf in padded predictions must not leak into the loss.
-        per_token = torch.where(mask, sq.sum(dim=2), torch.zeros((), device=sq.device))
+        # where() before squaring rather than a multiply: NaN/inf in padded predictions must
+        # reach neither the loss nor the gradient.
+        diff = torch.where(mask[:, :, None], diff, torch.zeros((), device=diff.device))
         counts = mask.sum(dim=1).float() * c
-    sums = per_token.sum(dim=1)  # [B]
+    sums = diff.square().sum(dim=(1, 2))  # [B]
     per_sample = sums / counts.clamp(min=1.0)
     total_sum = sums.sum()
     total_count = counts.sum()
