@@ -15,6 +15,7 @@ import sys
 COMMAND_MODULES = (
     "megatron_qwenimage.commands.model_info",
     "megatron_qwenimage.commands.convert",
+    "producers.cli",
 )
 
 

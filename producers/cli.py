@@ -1,0 +1,195 @@
+"""``qwenimage produce`` and ``qwenimage cache {verify,snapshot,sweep}``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from megatron_qwenimage.config import MAX_TEXT_TOKENS, ConfigError
+
+DEFAULT_METRICS_PORT = 9464
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "produce",
+        help="encode images and captions into a committed latent cache (Ray)",
+        description=(
+            "Read images and captions from SRC, decode/validate/bucket them, encode them with the VAE and "
+            "Qwen2.5-VL, and publish each input partition exactly once into the cache at CACHE. Rerunning the "
+            "same command resumes: committed partitions are skipped."
+        ),
+    )
+    p.add_argument("--input", required=True, metavar="SRC",
+                   help="folder of images (+ .txt sidecars or captions.jsonl/csv), .parquet/.jsonl/.csv manifest "
+                        "(image, caption[, source_image]), WebDataset .tar or folder of .tar, or synthetic:text?n=N&seed=S; "
+                        "local paths or fsspec URLs")
+    p.add_argument("--output", required=True, metavar="CACHE", help="cache directory (local path or fsspec URL)")
+    p.add_argument("--buckets", default="256", metavar="SPEC",
+                   help="target areas as sides in px ('256,640,1328': each image is encoded once per area, at the "
+                        "nearest aspect-ratio bucket), or explicit buckets 'HxW,HxW' (multiples of 16). Default 256")
+    p.add_argument("--encoders", default="tiny", metavar="DIR|tiny",
+                   help="local HF-format directory with vae/, text_encoder/, tokenizer/ (never downloaded), or 'tiny' "
+                        "for small random encoders built locally. Default tiny")
+    p.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="join a Ray cluster ('auto' or host:port); 'local' or unset starts an embedded local Ray on 127.0.0.1")
+    p.add_argument("--local-num-cpus", type=float, default=None,
+                   help="logical CPUs of the embedded local Ray (default max(4, cores), so fractional actors never starve reads)")
+    p.add_argument("--partition-size", type=int, default=64, help="inputs per partition, the exactly-once unit (default 64)")
+    p.add_argument("--min-side", type=int, default=32, help="quarantine images whose shorter side is below this many px (default 32)")
+    p.add_argument("--max-pixels", type=int, default=64_000_000, help="quarantine images with more pixels (decompression bombs)")
+    p.add_argument("--max-text-tokens", type=int, default=MAX_TEXT_TOKENS, help=f"text tokens kept per sample (<= {MAX_TEXT_TOKENS})")
+    p.add_argument("--overlong-caption", choices=("truncate", "reject"), default="truncate",
+                   help="captions over --max-text-tokens: truncate with a flag (default) or quarantine")
+    p.add_argument("--vae-actors", default="1:1", metavar="MIN:MAX", help="VAE actor pool size range (autoscaled by Ray Data)")
+    p.add_argument("--text-actors", default="1:1", metavar="MIN:MAX", help="text-encoder actor pool size range")
+    p.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs reserved per encoder actor (0 on CPU)")
+    p.add_argument("--cpus-per-actor", type=float, default=0.5, help="CPUs reserved per encoder actor (fractional; default 0.5)")
+    p.add_argument("--batch-size", type=int, default=8, help="samples per encoder batch (grouped per bucket inside)")
+    p.add_argument("--device", default=None, help="torch device for the encoders (default cuda if available, else cpu)")
+    p.add_argument("--sweep-grace", type=float, default=3600.0,
+                   help="seconds after which an uncommitted attempt counts as dead and is swept (default 3600)")
+    p.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT,
+                   help=f"Prometheus exporter port (0: any free port, -1: off; default {DEFAULT_METRICS_PORT})")
+    p.add_argument("--metrics-host", default="127.0.0.1", help="address the exporter binds to (default 127.0.0.1)")
+    p.add_argument("--json", action="store_true", help="print one JSON summary object at the end (for scripts and CI)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_produce)
+
+    c = subparsers.add_parser("cache", help="inspect a latent cache (verify, snapshot, sweep)",
+                              description="Operations on a latent cache written by `qwenimage produce`.")
+    csub = c.add_subparsers(dest="cache_command", metavar="ACTION", required=True)
+    v = csub.add_parser("verify", help="re-hash every committed shard and print counts per bucket",
+                        description="Check every committed shard against the checksums in its commit record.")
+    v.add_argument("cache", metavar="CACHE", help="cache directory or fsspec URL")
+    v.add_argument("--snapshot", type=int, default=None, help="verify this pinned snapshot version instead of everything committed")
+    v.add_argument("--json", action="store_true", help="print one JSON object")
+    v.set_defaults(func=run_verify)
+    s = csub.add_parser("snapshot", help="store a new manifest snapshot of everything committed",
+                        description="Write manifest/snapshots/vN.json listing all committed shards (no-op if unchanged).")
+    s.add_argument("cache", metavar="CACHE", help="cache directory or fsspec URL")
+    s.set_defaults(func=run_snapshot)
+    w = csub.add_parser("sweep", help="delete orphaned attempt files", description="Remove attempt directories that can never be committed.")
+    w.add_argument("cache", metavar="CACHE", help="cache directory or fsspec URL")
+    w.add_argument("--grace", type=float, default=3600.0, help="only uncommitted attempts older than this many seconds (default 3600)")
+    w.set_defaults(func=run_sweep)
+
+
+def _pool_range(text: str, flag: str) -> tuple[int, int]:
+    try:
+        lo, _, hi = text.partition(":")
+        return int(lo), int(hi or lo)
+    except ValueError as exc:
+        raise ConfigError(f"{flag} {text!r}: expected MIN:MAX actor counts, e.g. 1:4") from exc
+
+
+def config_from_args(args) -> "ProducerConfig":
+    from producers.config import PoolConfig, ProducerConfig, parse_buckets
+
+    pools = []
+    for flag, text in (("--vae-actors", args.vae_actors), ("--text-actors", args.text_actors)):
+        lo, hi = _pool_range(text, flag)
+        pools.append(PoolConfig(min_actors=lo, max_actors=hi, num_gpus=args.gpus_per_actor,
+                                num_cpus=args.cpus_per_actor, batch_size=args.batch_size))
+    return ProducerConfig(
+        buckets=parse_buckets(args.buckets), partition_size=args.partition_size, min_side_px=args.min_side,
+        max_pixels=args.max_pixels, max_text_tokens=args.max_text_tokens, overlong_caption=args.overlong_caption,
+        vae_pool=pools[0], text_pool=pools[1], sweep_grace_s=args.sweep_grace, fault=_fault_from_env(),
+    )
+
+
+def _fault_from_env():
+    """QWENIMAGE_FAULT='kill_writer_at=shard_written,kill_scope=worker,once_marker=/tmp/x' (tests)."""
+    import os
+
+    from producers.config import FaultConfig
+
+    spec = os.environ.get("QWENIMAGE_FAULT", "")
+    if not spec:
+        return FaultConfig()
+    kv = dict(part.split("=", 1) for part in spec.split(",") if part)
+    if "after_partitions" in kv:
+        kv["after_partitions"] = int(kv["after_partitions"])
+    return FaultConfig(**kv)
+
+
+def summary_dict(counts) -> dict:
+    return {
+        "inputs": counts.inputs,
+        "committed": counts.committed,
+        "duplicates": counts.duplicates,
+        "quarantined": dict(sorted(counts.quarantined.items())),
+        "buckets": dict(sorted(counts.buckets.items())),
+        "partitions": counts.partitions_total,
+        "partitions_skipped": counts.partitions_skipped,
+        "bytes_written": counts.bytes_written,
+    }
+
+
+def run_produce(args) -> int:
+    from producers.pipeline import ProduceRequest, produce
+    from producers.progress import ProducerProgress
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    try:
+        cfg = config_from_args(args)
+    except ConfigError as exc:
+        print(f"qwenimage produce: {exc}", file=sys.stderr)
+        return 2
+    req = ProduceRequest(args.input, args.output, encoders=args.encoders, config=cfg, ray_address=args.ray_address,
+                         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+                         metrics_host=args.metrics_host, device=args.device, local_num_cpus=args.local_num_cpus)
+    with ProducerProgress(enabled=not args.no_progress) as progress:
+        counts = produce(req, on_progress=progress.update)
+        progress.update(counts)
+    summary = summary_dict(counts)
+    if args.json:
+        print(json.dumps(summary, sort_keys=True))
+    else:
+        q = ", ".join(f"{k} {v}" for k, v in summary["quarantined"].items()) or "none"
+        print(f"{counts.inputs} inputs: {counts.committed} committed, {counts.duplicates} duplicates, "
+              f"{counts.quarantined_total} quarantined ({q})")
+        print("per bucket: " + ", ".join(f"{k} {v}" for k, v in summary["buckets"].items()))
+    total = counts.committed + counts.duplicates + counts.quarantined_total
+    if total != counts.inputs:
+        print(f"qwenimage produce: counts do not add up ({total} != {counts.inputs} inputs)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_verify(args) -> int:
+    from megatron_qwenimage.data import open_cache, verify_cache
+
+    report = verify_cache(open_cache(args.cache), pin=args.snapshot)
+    if args.json:
+        print(json.dumps(report.to_dict(), sort_keys=True))
+    else:
+        for bucket, n in sorted(report.buckets.items()):
+            print(f"{bucket:>12}  {n} samples")
+        print(f"{report.shards_checked} shards checked, {len(report.bad_shards)} bad; {report.inputs} inputs: "
+              f"{report.committed} committed, {report.duplicates} duplicates, {sum(report.quarantined.values())} quarantined")
+        for shard_id, err in report.bad_shards.items():
+            print(f"BAD {shard_id}: {err}", file=sys.stderr)
+    return 0 if report.ok else 1
+
+
+def run_snapshot(args) -> int:
+    from megatron_qwenimage.data import open_cache
+
+    snap = open_cache(args.cache).create_snapshot()
+    print(f"snapshot v{snap.version}: {len(snap.shards)} shards, {snap.num_samples} samples")
+    return 0
+
+
+def run_sweep(args) -> int:
+    from megatron_qwenimage.data import open_cache
+    from megatron_qwenimage.data.commit import sweep_orphans
+
+    report = sweep_orphans(open_cache(args.cache).storage, grace_s=args.grace)
+    print(f"removed {len(report.removed_attempts)} orphaned attempts, kept {len(report.kept_in_flight)} in flight")
+    return 0
+
+
+__all__ = ["register", "argparse"]

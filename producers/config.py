@@ -1,0 +1,149 @@
+"""Producer configuration: bucket table, validation limits, actor pools, partitioning, faults.
+
+Validated at construction (like `MMDiTConfig`): a bad value raises `ConfigError` naming the field.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from megatron_qwenimage.config import MAX_TEXT_TOKENS, PIXELS_PER_TOKEN_SIDE, ConfigError
+from megatron_qwenimage.data.shard_format import Bucket
+
+#: Aspect ratios (height:width) of every target area's buckets.
+ASPECT_RATIOS = ((1, 1), (4, 3), (3, 4), (3, 2), (2, 3), (16, 9), (9, 16))
+#: The Qwen-Image curriculum's target areas: 256^2 -> 640^2 -> 1328^2 (spec 6.4).
+CURRICULUM_AREAS = (256, 640, 1328)
+
+
+def buckets_for_area(side_px: int) -> list[Bucket]:
+    """Buckets of about side_px^2 pixels, one per `ASPECT_RATIOS` entry, sides multiples of 16."""
+    out = []
+    for rh, rw in ASPECT_RATIOS:
+        h = max(1, round(side_px * math.sqrt(rh / rw) / PIXELS_PER_TOKEN_SIDE)) * PIXELS_PER_TOKEN_SIDE
+        w = max(1, round(side_px * math.sqrt(rw / rh) / PIXELS_PER_TOKEN_SIDE)) * PIXELS_PER_TOKEN_SIDE
+        if Bucket(h, w) not in out:
+            out.append(Bucket(h, w))
+    return out
+
+
+def parse_buckets(spec: str) -> dict[str, list[Bucket]]:
+    """``"256,640"`` -> curriculum areas; ``"256x256,192x320"`` -> one group of explicit buckets."""
+    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    if not parts:
+        raise ConfigError(f"--buckets {spec!r}: expected areas like '256,640' or buckets like '256x256,192x320'")
+    if all("x" in p for p in parts):
+        return {"custom": [Bucket.parse(p) for p in parts]}
+    if any("x" in p for p in parts):
+        raise ConfigError(f"--buckets {spec!r}: mix of areas and explicit HxW buckets; use one kind")
+    table = {}
+    for p in parts:
+        try:
+            side = int(p)
+        except ValueError as exc:
+            raise ConfigError(f"--buckets {spec!r}: {p!r} is neither an area side in px nor HxW") from exc
+        if side < PIXELS_PER_TOKEN_SIDE:
+            raise ConfigError(f"--buckets: area side {side} px is smaller than one 16 px token")
+        table[str(side)] = buckets_for_area(side)
+    return table
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """An encoder actor pool, autoscaled by Ray Data between min_actors and max_actors.
+
+    `num_cpus` is fractional on purpose: on a 2-core machine whole-CPU reservations starve the
+    read tasks of the same pipeline.
+    """
+
+    min_actors: int = 1
+    max_actors: int = 1
+    num_gpus: float = 0.0
+    num_cpus: float = 0.5
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.min_actors < 1 or self.max_actors < self.min_actors:
+            raise ConfigError(f"PoolConfig: need 1 <= min_actors ({self.min_actors}) <= max_actors ({self.max_actors})")
+        if self.num_gpus < 0 or self.num_cpus < 0 or self.batch_size < 1:
+            raise ConfigError(f"PoolConfig: num_gpus/num_cpus must be >= 0 and batch_size >= 1, got {self}")
+
+
+@dataclass(frozen=True)
+class FaultConfig:
+    """Fault injection for tests: kill the process at a point of the write path, once.
+
+    `kill_writer_at`: "shard_written" (mid-partition, some shards written) or "before_commit".
+    `kill_scope`: "worker" kills the Ray worker writing the partition (Ray retries the task);
+    "driver" kills the whole producer after `after_partitions` commits (rerun to resume).
+    `once_marker`: a file path; the fault fires only if it can create it (so a retry succeeds).
+    """
+
+    kill_writer_at: str = ""
+    kill_scope: str = "worker"
+    after_partitions: int = 0
+    once_marker: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kill_writer_at not in ("", "shard_written", "before_commit"):
+            raise ConfigError(f"FaultConfig.kill_writer_at={self.kill_writer_at!r}: expected shard_written or before_commit")
+        if self.kill_scope not in ("worker", "driver"):
+            raise ConfigError(f"FaultConfig.kill_scope={self.kill_scope!r}: expected worker or driver")
+        if self.kill_writer_at and self.kill_scope == "worker" and not self.once_marker:
+            raise ConfigError("FaultConfig: a worker fault needs once_marker, or every retry would die too")
+
+
+@dataclass(frozen=True)
+class ProducerConfig:
+    """Everything `produce` needs besides input, output and encoders.
+
+    Attributes:
+        buckets: area name -> buckets; every valid image is encoded once per area.
+        partition_size: inputs per partition, the unit of exactly-once commitment.
+        min_side_px: shorter sides below this are quarantined as too_small.
+        max_pixels: images with more pixels are quarantined as decompression_bomb.
+        max_text_tokens: text-conditioning tokens kept after the template prefix (<= 1024).
+        overlong_caption: "truncate" (keep the first max_text_tokens, flag it) or "reject".
+        edit_vl_area_px: side of the area the edit source image is resized to for Qwen2.5-VL.
+        cpu_task_cpus: Ray CPU reservation of one decode/resize task (fractional).
+        writer_cpus: Ray CPU reservation of one shard-writer task.
+        max_inflight_partitions: bounded queue: partitions read but not yet committed.
+        sweep_grace_s: orphan attempts younger than this are left alone by the sweep.
+    """
+
+    buckets: dict[str, list[Bucket]] = field(default_factory=lambda: {"256": buckets_for_area(256)})
+    partition_size: int = 64
+    min_side_px: int = 32
+    max_pixels: int = 64_000_000
+    max_text_tokens: int = MAX_TEXT_TOKENS
+    overlong_caption: str = "truncate"
+    edit_vl_area_px: int = 384
+    vae_pool: PoolConfig = PoolConfig()
+    text_pool: PoolConfig = PoolConfig()
+    cpu_task_cpus: float = 0.25
+    writer_cpus: float = 0.25
+    max_inflight_partitions: int = 8
+    writer_max_retries: int = 3
+    sweep_grace_s: float = 3600.0
+    fault: FaultConfig = FaultConfig()
+
+    def __post_init__(self) -> None:
+        if not self.buckets or any(not b for b in self.buckets.values()):
+            raise ConfigError("ProducerConfig.buckets: need at least one area with at least one bucket")
+        for name, value in (("partition_size", self.partition_size), ("min_side_px", self.min_side_px),
+                            ("max_pixels", self.max_pixels), ("max_inflight_partitions", self.max_inflight_partitions),
+                            ("edit_vl_area_px", self.edit_vl_area_px)):
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"ProducerConfig.{name}={value!r}: expected a positive integer")
+        if not 1 <= self.max_text_tokens <= MAX_TEXT_TOKENS:
+            raise ConfigError(f"ProducerConfig.max_text_tokens={self.max_text_tokens}: expected 1..{MAX_TEXT_TOKENS}")
+        if self.overlong_caption not in ("truncate", "reject"):
+            raise ConfigError(f"ProducerConfig.overlong_caption={self.overlong_caption!r}: expected truncate or reject")
+        if self.cpu_task_cpus <= 0 or self.writer_cpus <= 0:
+            raise ConfigError("ProducerConfig: cpu_task_cpus and writer_cpus must be > 0 (fractional is fine)")
+
+    def fingerprint(self) -> str:
+        """What changes the produced samples (buckets, limits); part of partition ids."""
+        buckets = ";".join(f"{a}:{','.join(b.name for b in bs)}" for a, bs in sorted(self.buckets.items()))
+        return f"b={buckets}|min={self.min_side_px}|max={self.max_pixels}|tok={self.max_text_tokens}|{self.overlong_caption}|vl={self.edit_vl_area_px}"

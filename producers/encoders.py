@@ -1,0 +1,270 @@
+"""The two frozen encoders of Qwen-Image, loaded from a local HF-format directory.
+
+Directory layout (the same as the Qwen/Qwen-Image(-Edit) repositories)::
+
+    DIR/vae/            diffusers AutoencoderKLQwenImage (config.json + weights)
+    DIR/text_encoder/   transformers Qwen2_5_VLForConditionalGeneration
+    DIR/tokenizer/      Qwen2 tokenizer
+    DIR/processor/      Qwen2-VL image processor config (edit samples); falls back to tokenizer/
+
+Everything is loaded with ``from_pretrained(path)``, never from a hub. ``--encoders tiny`` builds
+small random-initialised encoders with `build_tiny_encoders` (a real Qwen BPE tokenizer from
+dashscope's ``qwen.tiktoken``, VAE z_dim 16 with 8x downsampling, text hidden size 32), saves
+them to such a directory, and then loads them through exactly the same code.
+
+Text conditioning follows QWEN_IMAGE_SPEC.md section 5: the last hidden state, template prefix
+(`drop_idx`, computed by tokenizing the prefix: 34 for T2I, 64 for edit with the real
+vocabulary) dropped, at most `max_text_tokens` tokens, unpadded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+T2I_TEMPLATE = (
+    "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
+    "spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
+EDIT_TEMPLATE = (
+    "<|im_start|>system\nDescribe the key features of the input image (color, shape, size, texture, objects, "
+    "background), then explain how the user's text instruction should alter or modify the image. Generate a new "
+    "image that meets the user's requirements while maintaining consistency with the original input where "
+    "appropriate.<|im_end|>\n<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{}<|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
+#: The system block and user header that are dropped from the conditioning (spec 5.4).
+T2I_PREFIX = T2I_TEMPLATE.split("{}")[0]
+EDIT_PREFIX = EDIT_TEMPLATE.split("<|vision_start|>")[0]
+IMAGE_PAD = "<|image_pad|>"
+
+#: Qwen2.5-VL special tokens in id order from 151643 (the Qwen BPE has 151643 ranks).
+QWEN_SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+]
+TINY_FORMAT_VERSION = 1
+TINY_TEXT_HIDDEN = 32
+TINY_MARKER = "tiny_encoders.json"
+
+
+class EncoderLoadError(RuntimeError):
+    """The encoder directory is missing a part or holds something else; the message names it."""
+
+
+def qwen_tiktoken_path() -> str:
+    """Path of the real Qwen BPE ranks shipped inside the dashscope wheel."""
+    try:
+        import dashscope
+    except ImportError as exc:  # pragma: no cover - dashscope is a dev dependency
+        raise EncoderLoadError("tiny encoders need the Qwen BPE vocabulary from `pip install dashscope`") from exc
+    path = os.path.join(os.path.dirname(dashscope.__file__), "resources", "qwen.tiktoken")
+    if not os.path.exists(path):
+        raise EncoderLoadError(f"{path}: qwen.tiktoken not found in the installed dashscope wheel")
+    return path
+
+
+def default_tiny_dir() -> Path:
+    base = os.environ.get("QWENIMAGE_TINY_ENCODERS_DIR")
+    if base:
+        return Path(base)
+    cache = os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
+    return Path(cache) / "megatron-qwenimage" / f"tiny-encoders-v{TINY_FORMAT_VERSION}"
+
+
+def build_tiny_encoders(directory: str | os.PathLike | None = None, seed: int = 0) -> Path:
+    """Create (once) small random-initialised encoders in HF format and return the directory.
+
+    Safe under concurrency: the directory is built privately and renamed into place; if another
+    process got there first its copy is kept.
+    """
+    from diffusers import AutoencoderKLQwenImage
+    from tokenizers import AddedToken  # noqa: F401  (transformers dependency)
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    target = Path(directory) if directory is not None else default_tiny_dir()
+    if (target / TINY_MARKER).exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        torch.manual_seed(seed)
+        # VAE: 3 stride-2 stages (8x spatial, like the real VAE), z_dim 16, narrow channels.
+        vae = AutoencoderKLQwenImage(base_dim=16, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                                     temperal_downsample=[False, True, True])
+        vae.save_pretrained(tmp / "vae")
+        text_cfg = Qwen2_5_VLConfig(
+            text_config=dict(hidden_size=TINY_TEXT_HIDDEN, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=2, num_key_value_heads=2, rope_theta=1e6, vocab_size=152064,
+                             rope_scaling={"mrope_section": [2, 3, 3], "rope_type": "default", "type": "default"}),
+            vision_config=dict(depth=2, hidden_size=32, intermediate_size=32, num_heads=2,
+                               out_hidden_size=TINY_TEXT_HIDDEN),
+            vocab_size=152064, vision_start_token_id=151652, vision_end_token_id=151653,
+            image_token_id=151655, video_token_id=151656,
+        )
+        Qwen2_5_VLForConditionalGeneration(text_cfg).eval().save_pretrained(tmp / "text_encoder")
+        ranks = qwen_tiktoken_path()
+        vocab, merges = TikTokenConverter(ranks).extract_vocab_merges_from_model(ranks)
+        tok = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=32768)
+        tok.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL_TOKENS[1:]})
+        ids = tok.convert_tokens_to_ids(QWEN_SPECIAL_TOKENS)
+        if ids != list(range(151643, 151643 + len(QWEN_SPECIAL_TOKENS))):
+            raise EncoderLoadError(f"special token ids {ids} do not follow Qwen2.5-VL's (151643...)")
+        tok.save_pretrained(tmp / "tokenizer")
+        Qwen2VLImageProcessorPil().save_pretrained(tmp / "processor")
+        (tmp / TINY_MARKER).write_text(json.dumps({"version": TINY_FORMAT_VERSION, "seed": seed}))
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / TINY_MARKER).exists():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_encoders_dir(spec: str) -> Path:
+    """``"tiny"`` -> the built tiny directory; anything else must be an existing directory."""
+    if spec == "tiny":
+        return build_tiny_encoders()
+    path = Path(spec)
+    for part in ("vae", "text_encoder", "tokenizer"):
+        if not (path / part).is_dir():
+            raise EncoderLoadError(
+                f"encoders directory {path}: missing {part}/ (expected the Qwen-Image layout "
+                "vae/, text_encoder/, tokenizer/ with HF-format weights, or 'tiny')"
+            )
+    return path
+
+
+def encoder_version(directory: str | os.PathLike) -> str:
+    """Short fingerprint of the encoders: their configs, weight file names and sizes, templates."""
+    root = Path(directory)
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        if not path.is_file() or path.name == TINY_MARKER:
+            continue
+        rel = path.relative_to(root).as_posix()
+        if path.suffix == ".json" and path.stat().st_size < (1 << 20):
+            h.update(rel.encode() + b"\0" + path.read_bytes())
+        else:
+            h.update(f"{rel}\0{path.stat().st_size}".encode())
+    h.update(T2I_TEMPLATE.encode() + EDIT_TEMPLATE.encode())
+    return h.hexdigest()[:16]
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class VaeEncoder:
+    """``AutoencoderKLQwenImage`` posterior mode, normalised with latents_mean/std, as bf16.
+
+    `encode` takes uint8 images [B, H, W, 3] (H, W multiples of 16) and returns bf16
+    [B, z_dim, H/8, W/8].
+    """
+
+    def __init__(self, directory: str | os.PathLike, device: str | None = None) -> None:
+        from diffusers import AutoencoderKLQwenImage
+
+        self.device = pick_device(device)
+        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.model = AutoencoderKLQwenImage.from_pretrained(Path(directory) / "vae", torch_dtype=self.dtype)
+        self.model.to(self.device).eval()
+        cfg = self.model.config
+        self.z_dim = int(cfg.z_dim)
+        self.mean = torch.tensor(cfg.latents_mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self.std = torch.tensor(cfg.latents_std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+
+    @torch.no_grad()
+    def encode(self, images_uint8: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(images_uint8)).to(self.device)
+        x = x.permute(0, 3, 1, 2).to(self.dtype).div_(127.5).sub_(1.0).unsqueeze(2)  # [B, 3, 1, H, W] in [-1, 1]
+        z = self.model.encode(x).latent_dist.mode()[:, :, 0].float()  # [B, z, H/8, W/8]
+        return ((z - self.mean) / self.std).to(torch.bfloat16).cpu()
+
+
+@dataclass
+class TextEncoding:
+    """Unpadded text conditioning of one sample: bf16 [L, D] and whether it was truncated."""
+
+    embedding: torch.Tensor
+    truncated: bool
+    num_tokens_before_truncation: int
+
+
+class TextEncoder:
+    """Qwen2.5-VL last hidden states with the template prefix dropped (spec section 5).
+
+    * `encode_t2i(captions)`: T2I template, `drop_idx_t2i` tokens dropped.
+    * `encode_edit(instruction, image)`: edit template with the condition image expanded to its
+      vision tokens (what ``Qwen2_5_VLProcessor`` does: grid_t*grid_h*grid_w / merge_size^2
+      ``<|image_pad|>`` tokens), `drop_idx_edit` tokens dropped.
+    """
+
+    def __init__(self, directory: str | os.PathLike, device: str | None = None, max_text_tokens: int = 1024) -> None:
+        from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+        root = Path(directory)
+        self.device = pick_device(device)
+        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
+        proc_dir = root / "processor" if (root / "processor" / "preprocessor_config.json").exists() else root / "tokenizer"
+        self.image_processor = AutoImageProcessor.from_pretrained(proc_dir)
+        self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(root / "text_encoder", torch_dtype=self.dtype)
+        self.model.to(self.device).eval()
+        self.max_text_tokens = max_text_tokens
+        self.text_dim = int(self.model.config.text_config.hidden_size)
+        self.drop_idx_t2i = len(self.tokenizer(T2I_PREFIX).input_ids)
+        self.drop_idx_edit = len(self.tokenizer(EDIT_PREFIX).input_ids)
+
+    def count_tokens(self, caption: str) -> int:
+        """Conditioning tokens a T2I caption yields before truncation (template suffix included)."""
+        return len(self.tokenizer(T2I_TEMPLATE.format(caption)).input_ids) - self.drop_idx_t2i
+
+    @torch.no_grad()
+    def encode_t2i(self, captions: list[str]) -> list[TextEncoding]:
+        texts = [T2I_TEMPLATE.format(c) for c in captions]
+        full = [len(ids) - self.drop_idx_t2i for ids in self.tokenizer(texts).input_ids]
+        enc = self.tokenizer(texts, max_length=self.max_text_tokens + self.drop_idx_t2i, truncation=True,
+                             padding=True, return_tensors="pt").to(self.device)
+        hidden = self.model(input_ids=enc.input_ids, attention_mask=enc.attention_mask,
+                            output_hidden_states=True).hidden_states[-1]
+        out = []
+        for i, n in enumerate(full):
+            valid = hidden[i][enc.attention_mask[i].bool()][self.drop_idx_t2i:]
+            out.append(TextEncoding(valid.to(torch.bfloat16).cpu(), n > valid.shape[0], n))
+        return out
+
+    @torch.no_grad()
+    def encode_edit(self, instruction: str, image_uint8: np.ndarray) -> TextEncoding:
+        from PIL import Image
+
+        vision = self.image_processor(images=[Image.fromarray(image_uint8)], return_tensors="pt")
+        grid = vision["image_grid_thw"]
+        n_pad = int(grid[0].prod()) // (self.image_processor.merge_size ** 2)
+        text = EDIT_TEMPLATE.format(instruction).replace(IMAGE_PAD, IMAGE_PAD * n_pad)
+        enc = self.tokenizer([text], return_tensors="pt").to(self.device)
+        hidden = self.model(input_ids=enc.input_ids, attention_mask=enc.attention_mask,
+                            pixel_values=vision["pixel_values"].to(self.device, self.dtype),
+                            image_grid_thw=grid.to(self.device), output_hidden_states=True).hidden_states[-1]
+        valid = hidden[0][self.drop_idx_edit:]
+        n = int(valid.shape[0])
+        valid = valid[: self.max_text_tokens]
+        return TextEncoding(valid.to(torch.bfloat16).cpu(), n > valid.shape[0], n)
+

@@ -1,0 +1,154 @@
+"""CPU stage for one image: decode, validate, orient, convert to RGB, resize + centre-crop to a bucket.
+
+Every rejection raises `Rejected` with one of the `QUARANTINE_REASONS` and a detail naming the
+input, so the caller records it in the quarantine table instead of losing it or crashing.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from megatron_qwenimage.data.shard_format import Bucket
+
+#: Every reason an input can be quarantined for.
+QUARANTINE_REASONS = (
+    "missing_file",  # the image (or edit source image) does not exist / cannot be opened
+    "zero_bytes",  # the file is empty
+    "not_an_image",  # no image format recognises the bytes
+    "corrupt_image",  # recognised, but truncated or undecodable
+    "too_small",  # shorter side below the configured minimum
+    "decompression_bomb",  # more pixels than the configured maximum
+    "missing_caption",  # no caption at all
+    "empty_caption",  # empty or whitespace-only caption
+    "undecodable_caption",  # caption bytes are not valid UTF-8
+    "caption_too_long",  # over the token limit, with overlong_caption="reject"
+    "read_error",  # the storage backend failed to read the input
+)
+
+
+class Rejected(Exception):
+    """An input cannot be used; `reason` is one of `QUARANTINE_REASONS`."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        assert reason in QUARANTINE_REASONS, reason
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class DecodedImage:
+    """An RGB image after EXIF orientation: uint8 [H, W, 3]."""
+
+    pixels: np.ndarray
+    frames: int = 1  # frames in the file (multi-page TIFF, GIF); the first is used
+
+    @property
+    def height(self) -> int:
+        return int(self.pixels.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.pixels.shape[1])
+
+
+def decode_image(data: bytes, *, uri: str, min_side_px: int, max_pixels: int) -> DecodedImage:
+    """Decode `data` into RGB uint8, or raise `Rejected`.
+
+    Any PIL mode is converted: grayscale and 16-bit (scaled to 8 bits), palette (through RGBA
+    when it has transparency), RGBA/LA (composited on white), CMYK, YCbCr. The header's pixel
+    count is checked against `max_pixels` before any pixel is decoded.
+    """
+    if len(data) == 0:
+        raise Rejected("zero_bytes", f"{uri}: file is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise Rejected("not_an_image", f"{uri}: {len(data)} bytes that no image format recognises") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise Rejected("decompression_bomb", f"{uri}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types for broken headers
+        raise Rejected("corrupt_image", f"{uri}: cannot read the image header ({exc})") from None
+    width, height = img.size
+    if width * height > max_pixels:
+        raise Rejected("decompression_bomb", f"{uri}: {width}x{height} = {width * height} pixels is over the limit of {max_pixels}")
+    frames = int(getattr(img, "n_frames", 1) or 1)
+    try:
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        rgb = to_rgb(img)
+    except Exception as exc:  # noqa: BLE001
+        raise Rejected("corrupt_image", f"{uri}: truncated or corrupt image data ({type(exc).__name__}: {exc})") from None
+    if min(rgb.shape[0], rgb.shape[1]) < min_side_px:
+        raise Rejected("too_small", f"{uri}: {rgb.shape[1]}x{rgb.shape[0]} px, the shorter side must be at least {min_side_px} px")
+    return DecodedImage(rgb, frames)
+
+
+def to_rgb(img: Image.Image) -> np.ndarray:
+    """Any PIL image -> uint8 [H, W, 3]."""
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = (0.0, 65535.0) if mode.startswith("I;16") else (float(arr.min()), float(arr.max()))
+        scaled = (arr - lo) / max(hi - lo, 1e-12) * 255.0
+        gray = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        mode = img.mode
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def nearest_bucket(height: int, width: int, buckets: Sequence[Bucket]) -> Bucket:
+    """The bucket whose aspect ratio is closest to height/width (in log space)."""
+    ratio = math.log(height / width)
+    return min(buckets, key=lambda b: (abs(math.log(b.height_px / b.width_px) - ratio), b.height_px))
+
+
+@dataclass
+class Cropped:
+    """An image resized to cover its bucket and centre-cropped: uint8 [bucket.h, bucket.w, 3]."""
+
+    pixels: np.ndarray
+    bucket: Bucket
+    crop_top: int
+    crop_left: int
+
+
+def resize_center_crop(image: np.ndarray, bucket: Bucket) -> Cropped:
+    """Scale `image` (uint8 [H, W, 3]) so it covers `bucket`, then cut the centre."""
+    h, w = image.shape[:2]
+    scale = max(bucket.height_px / h, bucket.width_px / w)
+    new_h, new_w = max(bucket.height_px, round(h * scale)), max(bucket.width_px, round(w * scale))
+    resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BICUBIC), dtype=np.uint8)
+    top, left = (new_h - bucket.height_px) // 2, (new_w - bucket.width_px) // 2
+    out = np.ascontiguousarray(resized[top : top + bucket.height_px, left : left + bucket.width_px])
+    return Cropped(out, bucket, top, left)
+
+
+def decode_caption(raw: bytes | str | None, *, uri: str) -> str:
+    """Caption bytes/str -> stripped str, or raise `Rejected` (missing, empty, undecodable)."""
+    if raw is None:
+        raise Rejected("missing_caption", f"{uri}: no caption")
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise Rejected("undecodable_caption", f"{uri}: caption is not valid UTF-8 ({exc})") from None
+    text = raw.strip().lstrip("\ufeff").strip()
+    if not text:
+        raise Rejected("empty_caption", f"{uri}: caption is empty or whitespace")
+    return text
