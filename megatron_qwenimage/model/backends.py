@@ -25,8 +25,16 @@ import torch
 import torch.nn.functional as F
 from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
 from megatron_qwenimage.config import ConfigError, MMDiTConfig
+from megatron_qwenimage.model.mappings import (
+    copy_to_tp,
+    gather_from_seq,
+    gather_last_dim,
+    reduce_from_tp,
+    reduce_scatter_to_seq,
+)
 
 
 def transformer_engine_available() -> bool:
@@ -39,32 +47,61 @@ def _no_init(_: torch.Tensor) -> None:
 
 
 class ColumnLinear(ColumnParallelLinear):
-    """megatron-core's ColumnParallelLinear, plus a plain-GEMM path on a single TP rank.
+    """megatron-core's ColumnParallelLinear with device-agnostic communication.
 
-    megatron-core 0.16.1 resolves the TP group of its mappings through
-    ``get_tensor_model_parallel_group_if_none``, which yields None whenever torch.distributed is
-    not initialised, so its layers cannot run in a plain single process (a notebook, an eval
-    script). With one TP rank there is nothing to communicate: this computes ``x W^T + b`` directly.
+    megatron-core holds the sharded weight and its TP metadata (``partition_dim``,
+    ``sharded_state_dict``); the forward does its communication with `mappings` (megatron-core
+    0.16.1's own allocate on ``torch.cuda.current_device()`` and resolve the group to None when
+    torch.distributed is not initialised, so they run neither on CPU + gloo nor in a plain single
+    process). Semantics are megatron's:
+
+    * input ``[s, b, in]`` replicated (gradient all-reduced), or ``[s/tp, b, in]`` all-gathered
+      along the sequence when `sequence_parallel` (gradient reduce-scattered);
+    * output ``[s, b, out/tp]``, or ``[s, b, out]`` gathered when `gather_output`.
     """
 
-    def forward(self, input_, weight=None, runtime_gather_output=None):
-        if self.output_size_per_partition != self.output_size:
-            return super().forward(input_, weight, runtime_gather_output)
-        weight = self.weight if weight is None else weight
-        bias = None if self.skip_bias_add else self.bias
-        return F.linear(input_, weight, bias), (self.bias if self.skip_bias_add else None)
+    def __init__(self, input_size, output_size, *, sequence_parallel: bool, gather_output: bool, **kwargs):
+        super().__init__(input_size, output_size, gather_output=False, **kwargs)
+        # megatron-core marks the weight's split only when it initialises it; we initialise later.
+        set_tensor_model_parallel_attributes(self.weight, is_parallel=True, dim=0, stride=1)
+        self.group = kwargs["tp_group"]
+        self.sequence_parallel = sequence_parallel and self.group.size() > 1
+        self.gather_output = gather_output
+
+    def forward(self, input_: torch.Tensor):
+        if self.sequence_parallel:
+            input_ = gather_from_seq(input_, self.group)
+        else:
+            input_ = copy_to_tp(input_, self.group)
+        output = F.linear(input_, self.weight, None if self.skip_bias_add else self.bias)
+        if self.gather_output:
+            output = gather_last_dim(output, self.group)
+        return output, (self.bias if self.skip_bias_add else None)
 
 
 class RowLinear(RowParallelLinear):
-    """megatron-core's RowParallelLinear, plus a plain-GEMM path on a single TP rank (see
-    `ColumnLinear`)."""
+    """megatron-core's RowParallelLinear with device-agnostic communication (see `ColumnLinear`).
 
-    def forward(self, input_):
-        if self.input_size_per_partition != self.input_size:
-            return super().forward(input_)
+    Input ``[s, b, in/tp]``; output ``[s, b, out]`` all-reduced, or ``[s/tp, b, out]``
+    reduce-scattered along the sequence when `sequence_parallel`. The bias is returned apart
+    (``skip_bias_add``) or added after the reduction, as megatron-core does.
+    """
+
+    def __init__(self, input_size, output_size, *, sequence_parallel: bool, **kwargs):
+        super().__init__(input_size, output_size, **kwargs)
+        set_tensor_model_parallel_attributes(self.weight, is_parallel=True, dim=1, stride=1)
+        self.group = kwargs["tp_group"]
+        self.sequence_parallel = sequence_parallel and self.group.size() > 1
+
+    def forward(self, input_: torch.Tensor):
+        output = F.linear(input_, self.weight)
+        if self.sequence_parallel:
+            output = reduce_scatter_to_seq(output, self.group)
+        else:
+            output = reduce_from_tp(output, self.group)
         if self.skip_bias_add:
-            return F.linear(input_, self.weight), self.bias
-        return F.linear(input_, self.weight, self.bias), None
+            return output, self.bias
+        return (output + self.bias if self.bias is not None else output), None
 
 
 @dataclass
@@ -94,7 +131,7 @@ class ParallelLinearFactory:
                 )
             from megatron.core.transformer.transformer_config import TransformerConfig
 
-            self.seq_config = TransformerConfig(
+            self.te_config = TransformerConfig(
                 num_layers=self.config.num_layers,
                 hidden_size=self.config.hidden_size,
                 num_attention_heads=self.config.num_attention_heads,
@@ -104,20 +141,21 @@ class ParallelLinearFactory:
                 tensor_model_parallel_size=self.config.tensor_model_parallel_size,
                 params_dtype=self.config.torch_dtype,
             )
-        else:
-            self.seq_config = ModelParallelConfig(sequence_parallel=self.config.sequence_parallel, **common)
-        # Modulation inputs are per-sample vectors, never sequence-sharded.
-        self.vector_config = ModelParallelConfig(sequence_parallel=False, **common)
+        # The local layers do their own (sequence-parallel aware) communication; megatron-core
+        # only builds their sharded parameters.
+        self.local_config = ModelParallelConfig(sequence_parallel=False, **common)
 
     def column(self, input_size: int, output_size: int, *, bias: bool = True) -> torch.nn.Module:
         """Column-parallel linear on sequence data ``[s(/tp under SP), b, in] -> [s, b, out/tp]``."""
         if self.config.backend == "transformer_engine":
-            from megatron.core.extensions.transformer_engine import TEColumnParallelLinear
+            from megatron.core.extensions.transformer_engine import (
+                TEColumnParallelLinear,
+            )
 
             return TEColumnParallelLinear(
                 input_size,
                 output_size,
-                config=self.seq_config,
+                config=self.te_config,
                 init_method=_no_init,
                 gather_output=False,
                 bias=bias,
@@ -129,10 +167,11 @@ class ParallelLinearFactory:
             ColumnLinear(
                 input_size,
                 output_size,
-                config=self.seq_config,
+                sequence_parallel=self.config.sequence_parallel,
+                gather_output=False,
+                config=self.local_config,
                 init_method=_no_init,
                 bias=bias,
-                gather_output=False,
                 tp_group=self.tp_group,
             )
         )
@@ -145,7 +184,7 @@ class ParallelLinearFactory:
             return TERowParallelLinear(
                 input_size,
                 output_size,
-                config=self.seq_config,
+                config=self.te_config,
                 init_method=_no_init,
                 bias=bias,
                 input_is_parallel=True,
@@ -157,7 +196,8 @@ class ParallelLinearFactory:
             RowLinear(
                 input_size,
                 output_size,
-                config=self.seq_config,
+                sequence_parallel=self.config.sequence_parallel,
+                config=self.local_config,
                 init_method=_no_init,
                 bias=bias,
                 input_is_parallel=True,
@@ -172,10 +212,11 @@ class ParallelLinearFactory:
             ColumnLinear(
                 input_size,
                 output_size,
-                config=self.vector_config,
+                sequence_parallel=False,
+                gather_output=True,
+                config=self.local_config,
                 init_method=_no_init,
                 bias=True,
-                gather_output=self.tp_group.size() > 1,
                 tp_group=self.tp_group,
             )
         )

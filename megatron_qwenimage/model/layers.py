@@ -10,7 +10,8 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+
+from megatron_qwenimage.model.mappings import copy_to_tp
 
 
 class SingleRankGroup:
@@ -50,7 +51,7 @@ class TPContext:
         """
         if self.size == 1:
             return tensor
-        return copy_to_tensor_model_parallel_region(tensor, group=self.group)
+        return copy_to_tp(tensor, self.group)
 
     def sp_replicated(self, tensor: torch.Tensor) -> torch.Tensor:
         """`grad_allreduce` when the consumer is sequence-sharded (SP on), identity otherwise."""

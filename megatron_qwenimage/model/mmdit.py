@@ -28,15 +28,18 @@ from typing import Any, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
-from megatron.core.tensor_parallel.mappings import (
-    gather_from_sequence_parallel_region,
-    scatter_to_sequence_parallel_region,
-)
 
 from megatron_qwenimage.config import ConfigError, MMDiTConfig, validate_text_length
 from megatron_qwenimage.model.backends import ParallelLinearFactory
 from megatron_qwenimage.model.block import MMDiTBlock
-from megatron_qwenimage.model.layers import RMSNorm, TimestepEmbedder, TPContext, layer_norm, tp_partition_dim
+from megatron_qwenimage.model.layers import (
+    RMSNorm,
+    TimestepEmbedder,
+    TPContext,
+    layer_norm,
+    tp_partition_dim,
+)
+from megatron_qwenimage.model.mappings import gather_from_seq, scatter_to_seq
 from megatron_qwenimage.model.rope import MSRoPE, normalize_img_shapes
 
 INIT_STD = 0.02
@@ -359,17 +362,15 @@ class QwenImageMMDiT(torch.nn.Module):
         if sp:
             txt, txt_cos, txt_sin = (_pad_seq(x, pad_t, v) for x, v in ((txt, 0.0), (txt_cos, 1.0), (txt_sin, 0.0)))
             img, img_cos, img_sin = (_pad_seq(x, pad_n, v) for x, v in ((img, 0.0), (img_cos, 1.0), (img_sin, 0.0)))
-            txt = scatter_to_sequence_parallel_region(txt, group=self.tp.group)
-            img = scatter_to_sequence_parallel_region(img, group=self.tp.group)
+            txt = scatter_to_seq(txt, self.tp.group)
+            img = scatter_to_seq(img, self.tp.group)
         rope = ((txt_cos, txt_sin), (img_cos, img_sin))
         for block in self.blocks.values():
             img, txt = block(img, txt, temb, rope, key_mask)
         if sp:
-            img = gather_from_sequence_parallel_region(img, tensor_parallel_output_grad=False, group=self.tp.group)[:n]
+            img = gather_from_seq(img, self.tp.group, tensor_parallel_output_grad=False)[:n]
             if txt is not None:
-                txt = gather_from_sequence_parallel_region(
-                    txt, tensor_parallel_output_grad=False, group=self.tp.group
-                )[:t]
+                txt = gather_from_seq(txt, self.tp.group, tensor_parallel_output_grad=False)[:t]
         return img, txt
 
     def head(self, img: torch.Tensor, temb: torch.Tensor, num_target_tokens: int) -> torch.Tensor:
