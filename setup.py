@@ -27,6 +27,8 @@ INSTALL_REQUIRES = [
     "prometheus_client>=0.20",
     "rich>=13",
     "tiktoken>=0.7",
+    # Producers: TIFFs PIL cannot decode (float / planar samples) are read with tifffile.
+    "tifffile>=2023.1",
 ]
 
 EXTRAS_REQUIRE = {

@@ -73,6 +73,8 @@ def decode_image(data: bytes, *, uri: str, min_side_px: int, max_pixels: int) ->
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
+        if data[:4] in _TIFF_MAGIC:  # float / planar / multi-sample TIFFs PIL cannot decode
+            return _decode_tiff(data, uri=uri, min_side_px=min_side_px, max_pixels=max_pixels)
         raise Rejected("not_an_image", f"{uri}: {len(data)} bytes that no image format recognises") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise Rejected("decompression_bomb", f"{uri}: {exc}") from None
@@ -91,6 +93,45 @@ def decode_image(data: bytes, *, uri: str, min_side_px: int, max_pixels: int) ->
     if min(rgb.shape[0], rgb.shape[1]) < min_side_px:
         raise Rejected("too_small", f"{uri}: {rgb.shape[1]}x{rgb.shape[0]} px, the shorter side must be at least {min_side_px} px")
     return DecodedImage(rgb, frames)
+
+
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*")
+
+
+def _decode_tiff(data: bytes, *, uri: str, min_side_px: int, max_pixels: int) -> DecodedImage:
+    """TIFFs PIL cannot read (float samples, planar RGB): first page via tifffile, scaled to 8 bits."""
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(io.BytesIO(data)) as tif:
+            page = tif.pages[0]
+            frames = len(tif.pages)
+            shape = page.shape
+            if int(np.prod(shape[-3:] if len(shape) >= 3 else shape)) > max_pixels * 4:
+                raise Rejected("decompression_bomb", f"{uri}: TIFF page of shape {shape} is over {max_pixels} pixels")
+            arr = page.asarray()
+    except Rejected:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise Rejected("corrupt_image", f"{uri}: TIFF that neither PIL nor tifffile can decode ({exc})") from None
+    arr = np.asarray(arr)
+    if arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[-1] not in (3, 4):
+        arr = np.moveaxis(arr, 0, -1)  # planar -> interleaved
+    if arr.ndim == 2:
+        arr = np.repeat(arr[:, :, None], 3, axis=2)
+    if arr.ndim != 3 or arr.shape[-1] not in (3, 4):
+        raise Rejected("corrupt_image", f"{uri}: TIFF page of shape {arr.shape} is not a gray or RGB(A) image")
+    integer_8bit = arr.dtype == np.uint8
+    arr = arr[:, :, :3].astype(np.float64)
+    if not integer_8bit:
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) / max(hi - lo, 1e-12) * 255.0
+    rgb = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+    if rgb.shape[0] * rgb.shape[1] > max_pixels:
+        raise Rejected("decompression_bomb", f"{uri}: {rgb.shape[1]}x{rgb.shape[0]} pixels is over the limit of {max_pixels}")
+    if min(rgb.shape[:2]) < min_side_px:
+        raise Rejected("too_small", f"{uri}: {rgb.shape[1]}x{rgb.shape[0]} px, the shorter side must be at least {min_side_px} px")
+    return DecodedImage(np.ascontiguousarray(rgb), frames)
 
 
 def to_rgb(img: Image.Image) -> np.ndarray:

@@ -222,7 +222,6 @@ def _build_dataset(window: list[Partition], req: ProduceRequest, cfg: ProducerCo
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.execution_options.preserve_order = False
-    ctx.log_internal_stack_trace_to_stdout = False
     rows = [{"partition_id": p.partition_id, "items_json": json.dumps([it.to_dict() for it in p.items])} for p in window]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
     ds = ds.flat_map(prepare_partition, num_cpus=cfg.cpu_task_cpus,
