@@ -9,6 +9,11 @@ Import reads, for every tensor, only this TP rank's slice of each source (``safe
 so a rank never holds another rank's weights. Export gathers the shards over TP, inverts each rule
 and writes a diffusers directory (``config.json`` + safetensors, sharded with an index when large)
 that ``QwenImageTransformer2DModel.from_pretrained`` loads.
+
+The *native* format is the same idea with our own canonical names: ``model.safetensors`` (or shards
++ ``model.safetensors.index.json``) holding every full (unsharded) tensor, and ``mmdit_config.json``
+holding the `MMDiTConfig`. Any TP/PP layout loads it by reading its slices. `convert_checkpoint`
+streams between the two formats one tensor at a time, without building the model.
 """
 
 from __future__ import annotations
@@ -18,16 +23,22 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import torch
 
-from megatron_qwenimage.config import ConfigError, MMDiTConfig
+from megatron_qwenimage.config import MMDiTConfig
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 CONFIG_NAME = "config.json"
 DIFFUSERS_VERSION = "0.42.1"
+
+NATIVE_WEIGHTS_NAME = "model.safetensors"
+NATIVE_INDEX_NAME = "model.safetensors.index.json"
+NATIVE_CONFIG_NAME = "mmdit_config.json"
+NATIVE_FORMAT = {"format": "megatron-qwenimage", "format_version": "1"}
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
 
 class CheckpointError(ValueError):
@@ -54,7 +65,10 @@ class Rule:
 
 
 def _linear(ours: str, theirs: str, dim: Optional[int], bias_dim: Optional[int]) -> list[Rule]:
-    return [Rule(f"{ours}.weight", (f"{theirs}.weight",), dim), Rule(f"{ours}.bias", (f"{theirs}.bias",), bias_dim)]
+    return [
+        Rule(f"{ours}.weight", (f"{theirs}.weight",), dim),
+        Rule(f"{ours}.bias", (f"{theirs}.bias",), bias_dim),
+    ]
 
 
 def _column(ours: str, theirs: str) -> list[Rule]:
@@ -151,7 +165,9 @@ class TensorSource(abc.ABC):
     def shape(self, name: str) -> tuple[int, ...]: ...
 
     @abc.abstractmethod
-    def read(self, name: str, dim: Optional[int] = None, start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
+    def read(
+        self, name: str, dim: Optional[int] = None, start: int = 0, stop: Optional[int] = None
+    ) -> torch.Tensor:
         """The tensor `name`, or its ``[start:stop]`` slice along `dim`."""
 
 
@@ -175,28 +191,30 @@ class StateDictSource(TensorSource):
 
 
 class SafetensorsDirSource(TensorSource):
-    """A diffusers directory: one ``diffusion_pytorch_model.safetensors`` or shards + index.
+    """A directory of one ``<weights_name>`` file or shards listed in ``<index_name>``.
 
     Slices are read with ``safe_open(...).get_slice`` so only the requested rows leave the disk.
     """
 
-    def __init__(self, directory: Union[str, os.PathLike]):
+    def __init__(
+        self,
+        directory: Union[str, os.PathLike],
+        weights_name: str = WEIGHTS_NAME,
+        index_name: str = INDEX_NAME,
+    ):
         from safetensors import safe_open
 
         self.directory = Path(directory)
-        index = self.directory / INDEX_NAME
-        single = self.directory / WEIGHTS_NAME
+        index = self.directory / index_name
+        single = self.directory / weights_name
         if index.exists():
             with open(index) as f:
                 weight_map = json.load(f)["weight_map"]
             files = sorted(set(weight_map.values()))
         elif single.exists():
-            files = [WEIGHTS_NAME]
+            files = [weights_name]
         else:
-            raise CheckpointError(
-                f"{self.directory}: no {WEIGHTS_NAME} or {INDEX_NAME}; expected a diffusers "
-                "QwenImageTransformer2DModel directory (as written by save_pretrained)"
-            )
+            raise CheckpointError(f"{self.directory}: no {weights_name} or {index_name}")
         self._handles = {}
         self._file_of: dict[str, str] = {}
         for name in files:
@@ -286,7 +304,9 @@ def check_source(source: TensorSource, config: MMDiTConfig, where: str) -> None:
     if wrong:
         problems.append(f"{len(wrong)} tensor(s) with wrong shape: {_preview(wrong)}")
     if problems:
-        raise CheckpointError(f"{where} does not match the model config ({config.name}): " + "; ".join(problems))
+        raise CheckpointError(
+            f"{where} does not match the model config ({config.name}): " + "; ".join(problems)
+        )
 
 
 def _preview(items: list[str], n: int = 8) -> str:
@@ -327,40 +347,122 @@ def split_heads(fused: torch.Tensor, parts: int, head_dim: int) -> list[torch.Te
 _MODEL_KWARGS = ("tp_group", "pre_process", "post_process", "layer_range")
 
 
+def checkpoint_format(directory: Union[str, os.PathLike]) -> str:
+    """``"diffusers"`` or ``"native"``, from the files in `directory`; raises `CheckpointError`."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise CheckpointError(f"{d}: not a directory (expected a diffusers or native checkpoint directory)")
+    if (d / NATIVE_CONFIG_NAME).exists():
+        return "native"
+    if (d / CONFIG_NAME).exists():
+        return "diffusers"
+    raise CheckpointError(
+        f"{d}: neither {CONFIG_NAME} (a diffusers QwenImageTransformer2DModel directory) nor "
+        f"{NATIVE_CONFIG_NAME} (a megatron-qwenimage native checkpoint) is there"
+    )
+
+
+def native_rules(model) -> list[Rule]:
+    """Identity rules: each of our tensors from the same-named full tensor of a native checkpoint."""
+    return [Rule(name, (name,), model.partition_dims[name]) for name, _ in model.named_model_tensors()]
+
+
+def read_native_config(directory: Union[str, os.PathLike]) -> dict[str, Any]:
+    with open(Path(directory) / NATIVE_CONFIG_NAME) as f:
+        data = json.load(f)
+    if data.get("format") != NATIVE_FORMAT["format"]:
+        raise CheckpointError(f"{directory}/{NATIVE_CONFIG_NAME}: not a megatron-qwenimage checkpoint config")
+    return data["model"]
+
+
 @torch.no_grad()
 def load_from_diffusers(cls, path_or_model, **overrides: Any):
     """`QwenImageMMDiT.from_diffusers`: build a model (this rank's TP shard) and load it."""
-    from megatron_qwenimage.model.mmdit import default_tp_group
-
-    model_kwargs = {k: overrides.pop(k) for k in _MODEL_KWARGS if k in overrides}
-    device = torch.device(overrides.pop("device", "cpu"))
     if isinstance(path_or_model, (str, os.PathLike)):
         where = str(path_or_model)
+        if checkpoint_format(path_or_model) != "diffusers":
+            raise CheckpointError(f"{where}: a native checkpoint; use QwenImageMMDiT.from_native")
         diffusers_config = read_diffusers_config(path_or_model)
         source: TensorSource = SafetensorsDirSource(path_or_model)
     else:
         where = f"{type(path_or_model).__name__} instance"
         diffusers_config = dict(path_or_model.config)
         source = StateDictSource(path_or_model.state_dict())
-    tp_group = model_kwargs.get("tp_group") or default_tp_group()
-    model_kwargs["tp_group"] = tp_group
-    tp_size = 1 if tp_group is None else torch.distributed.get_world_size(tp_group)
-    overrides.setdefault("tensor_model_parallel_size", tp_size)
-    config = MMDiTConfig.from_diffusers_config(diffusers_config, **overrides)
+    model_kwargs, device, config_overrides = _split_overrides(overrides)
+    config = MMDiTConfig.from_diffusers_config(diffusers_config, **config_overrides)
     check_source(source, config, where)
-
-    with torch.device("meta"):
-        model = cls(config, **model_kwargs)
-    model.to_empty(device=device)
-    tensors = dict(model.named_model_tensors())
+    model = _empty_model(cls, config, model_kwargs, device)
     rules = conversion_rules(
         config, pre_process=model.pre_process, post_process=model.post_process, layer_range=model.layer_range
     )
+    _load_rules(model, source, rules, where)
+    return model
+
+
+@torch.no_grad()
+def load_from_native(cls, directory: Union[str, os.PathLike], **overrides: Any):
+    """`QwenImageMMDiT.from_native`: build a model (any TP/PP piece) from a native checkpoint."""
+    where = str(directory)
+    if checkpoint_format(directory) != "native":
+        raise CheckpointError(f"{where}: a diffusers directory; use QwenImageMMDiT.from_diffusers")
+    source = SafetensorsDirSource(directory, NATIVE_WEIGHTS_NAME, NATIVE_INDEX_NAME)
+    model_kwargs, device, config_overrides = _split_overrides(overrides)
+    stored = read_native_config(directory)
+    stored.pop("tensor_model_parallel_size", None)
+    config = MMDiTConfig(**{**stored, **config_overrides})
+    model = _empty_model(cls, config, model_kwargs, device)
+    rules = native_rules(model)
+    expected = {r.ours: model.full_shape(r.ours, dict(model.named_model_tensors())[r.ours]) for r in rules}
+    missing = sorted(set(expected) - source.names())
+    wrong = [
+        f"{n}: expected {expected[n]}, found {source.shape(n)}"
+        for n in expected
+        if n in source.names() and source.shape(n) != expected[n]
+    ]
+    if missing or wrong:
+        raise CheckpointError(
+            f"{where} does not match the model: "
+            + "; ".join(
+                p
+                for p in (
+                    missing and f"{len(missing)} missing tensor(s): {_preview(missing)}",
+                    wrong and f"{len(wrong)} with wrong shape: {_preview(wrong)}",
+                )
+                if p
+            )
+        )
+    _load_rules(model, source, rules, where)
+    return model
+
+
+def _split_overrides(overrides: dict[str, Any]):
+    """(constructor kwargs incl. the TP group, device, MMDiTConfig overrides)."""
+    from megatron_qwenimage.model.mmdit import default_tp_group
+
+    overrides = dict(overrides)
+    model_kwargs = {k: overrides.pop(k) for k in _MODEL_KWARGS if k in overrides}
+    device = torch.device(overrides.pop("device", "cpu"))
+    tp_group = model_kwargs.get("tp_group") or default_tp_group()
+    model_kwargs["tp_group"] = tp_group
+    tp_size = 1 if tp_group is None else tp_group.size()
+    overrides.setdefault("tensor_model_parallel_size", tp_size)
+    return model_kwargs, device, overrides
+
+
+def _empty_model(cls, config: MMDiTConfig, model_kwargs: dict[str, Any], device: torch.device):
+    """Build on the meta device (nothing allocated, no init), then allocate this rank's shards."""
+    with torch.device("meta"):
+        model = cls(config, **model_kwargs)
+    return model.to_empty(device=device)
+
+
+def _load_rules(model, source: TensorSource, rules: list[Rule], where: str) -> None:
+    tensors = dict(model.named_model_tensors())
     covered = {r.ours for r in rules}
     if covered != set(tensors):
         raise RuntimeError(f"conversion rules do not cover the model: {sorted(set(tensors) ^ covered)}")
     for rule in rules:
-        shard = read_shard(source, rule, model.tp.rank, model.tp.size, config.attention_head_dim)
+        shard = read_shard(source, rule, model.tp.rank, model.tp.size, model.config.attention_head_dim)
         target = tensors[rule.ours]
         if tuple(shard.shape) != tuple(target.shape):
             raise CheckpointError(
@@ -368,12 +470,68 @@ def load_from_diffusers(cls, path_or_model, **overrides: Any):
                 f"expected {tuple(target.shape)}"
             )
         target.copy_(shard.to(target.dtype))
-    return model
 
 
-# ----------------------------------------------------------------------------- export
+# ----------------------------------------------------------------------------- writing
+class ShardedSafetensorsWriter:
+    """Writes tensors into ``<stem>.safetensors``, or numbered shards plus an index once the total
+    passes `max_shard_bytes` (the layout diffusers and transformers use)."""
+
+    def __init__(
+        self,
+        directory: Union[str, os.PathLike],
+        weights_name: str,
+        index_name: str,
+        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+        metadata: Optional[dict[str, str]] = None,
+    ):
+        if max_shard_bytes <= 0:
+            raise ValueError(f"max_shard_bytes={max_shard_bytes}: expected a positive byte count")
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.weights_name, self.index_name = weights_name, index_name
+        self.max_shard_bytes = max_shard_bytes
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._files: list[tuple[str, list[str]]] = []
+        self._total = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
+            self._flush()
+        self._pending[name] = tensor.detach().contiguous().cpu()
+        self._pending_bytes += nbytes
+        self._total += nbytes
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        tmp = f"part-{len(self._files) + 1:05d}.safetensors.tmp"
+        save_file(self._pending, str(self.directory / tmp), metadata=self.metadata)
+        self._files.append((tmp, list(self._pending)))
+        self._pending, self._pending_bytes = {}, 0
+
+    def close(self) -> None:
+        if self._pending or not self._files:
+            self._flush()
+        stem = self.weights_name[: -len(".safetensors")]
+        if len(self._files) == 1:
+            os.replace(self.directory / self._files[0][0], self.directory / self.weights_name)
+            return
+        weight_map = {}
+        n = len(self._files)
+        for k, (tmp, names) in enumerate(self._files, start=1):
+            final = f"{stem}-{k:05d}-of-{n:05d}.safetensors"
+            os.replace(self.directory / tmp, self.directory / final)
+            weight_map.update({name: final for name in names})
+        with open(self.directory / self.index_name, "w") as f:
+            json.dump({"metadata": {"total_size": self._total}, "weight_map": weight_map}, f, indent=2)
+
+
 def gather_full_state(model) -> dict[str, torch.Tensor]:
-    """Full (TP-gathered) tensors of `model` by canonical name, on CPU."""
+    """Full (TP-gathered) tensors of `model` by canonical name, on CPU (collective over TP)."""
     full = {}
     for name, tensor in model.named_model_tensors():
         dim = model.partition_dims[name]
@@ -386,74 +544,157 @@ def gather_full_state(model) -> dict[str, torch.Tensor]:
     return full
 
 
-def to_diffusers_state(full: dict[str, torch.Tensor], config: MMDiTConfig) -> dict[str, torch.Tensor]:
-    """Invert the rules: our full tensors -> diffusers state dict (the whole model)."""
+def diffusers_tensors(
+    get: Callable[[str], torch.Tensor], config: MMDiTConfig
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Invert the rules: yield every diffusers tensor, reading our full tensors through `get`.
+
+    Tensors are produced one diffusers name at a time (sorted), so a caller can stream them to
+    disk; a fused tensor is read once per diffusers tensor it feeds (q, k, v), which is cheap.
+    """
     shapes = expected_source_shapes(config)
-    out: dict[str, torch.Tensor] = {}
+    producers: dict[str, list[tuple[Rule, int]]] = {}
     for rule in conversion_rules(config):
-        tensor = full[rule.ours]
-        parts = (
-            split_heads(tensor, len(rule.sources), config.attention_head_dim) if rule.fuse_heads else [tensor]
-        )
-        for name, part in zip(rule.sources, parts):
+        for position, name in enumerate(rule.sources):
+            producers.setdefault(name, []).append((rule, position))
+    for name in sorted(shapes):
+        out = None
+        for rule, position in producers[name]:
+            ours = get(rule.ours)
+            part = (
+                split_heads(ours, len(rule.sources), config.attention_head_dim)[position]
+                if rule.fuse_heads
+                else ours
+            )
             if rule.rows is None:
-                out[name] = part.contiguous()
-                continue
-            if name not in out:
-                out[name] = torch.empty(shapes[name], dtype=part.dtype)
-            out[name][rule.rows[0] : rule.rows[1]] = part
-    return out
+                out = part
+            else:
+                if out is None:
+                    out = torch.empty(shapes[name], dtype=part.dtype)
+                out[rule.rows[0] : rule.rows[1]] = part
+        yield name, out.contiguous()
+
+
+def to_diffusers_state(full: dict[str, torch.Tensor], config: MMDiTConfig) -> dict[str, torch.Tensor]:
+    """Our full tensors (a dict) -> the diffusers state dict of the whole model."""
+    return dict(diffusers_tensors(full.__getitem__, config))
+
+
+def write_diffusers_config(directory: Union[str, os.PathLike], config: MMDiTConfig) -> None:
+    with open(Path(directory) / CONFIG_NAME, "w") as f:
+        json.dump(dict(config.to_diffusers_config(), _diffusers_version=DIFFUSERS_VERSION), f, indent=2)
+
+
+def write_native_config(directory: Union[str, os.PathLike], config: MMDiTConfig) -> None:
+    model = config.to_dict()
+    model.pop("tensor_model_parallel_size")
+    model.pop("sequence_parallel")
+    with open(Path(directory) / NATIVE_CONFIG_NAME, "w") as f:
+        json.dump({**NATIVE_FORMAT, "model": model}, f, indent=2)
+
+
+def _whole_model(model, what: str) -> None:
+    if not (model.pre_process and model.post_process and model.layer_range == (0, model.config.num_layers)):
+        raise ValueError(f"{what} needs the whole model, not one pipeline stage")
 
 
 def export_to_diffusers(
     model,
-    directory: Union[str, os.PathLike],
+    directory,
     *,
-    max_shard_bytes: int = 5 * 1024**3,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     dtype: Optional[torch.dtype] = None,
     write: Optional[bool] = None,
 ) -> None:
     """Write `model` as a diffusers ``QwenImageTransformer2DModel`` directory.
 
     Collective over the TP group when TP > 1 (every TP rank must call it); only TP rank 0 writes
-    unless `write` says otherwise. Tensors larger than `max_shard_bytes` in total are split into
-    ``diffusion_pytorch_model-0000k-of-0000n.safetensors`` files with an index, as diffusers does.
+    unless `write` says otherwise. Shards with an index past `max_shard_bytes`, as diffusers does.
     """
-    from safetensors.torch import save_file
-
-    if not (model.pre_process and model.post_process and model.layer_range == (0, model.config.num_layers)):
-        raise ValueError("export_to_diffusers needs the whole model (not one pipeline stage)")
+    _whole_model(model, "export_to_diffusers")
     full = gather_full_state(model)
-    if write is None:
-        write = model.tp.rank == 0
-    if not write:
+    if not (model.tp.rank == 0 if write is None else write):
         return
-    state = to_diffusers_state(full, model.config)
-    if dtype is not None:
-        state = {k: v.to(dtype) for k, v in state.items()}
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name in sorted(state):
-        nbytes = state[name].numel() * state[name].element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = state[name]
-        size += nbytes
-    metadata = {"format": "pt"}
-    if len(shards) == 1:
-        save_file(shards[0], str(directory / WEIGHTS_NAME), metadata=metadata)
+    writer = ShardedSafetensorsWriter(directory, WEIGHTS_NAME, INDEX_NAME, max_shard_bytes)
+    for name, tensor in diffusers_tensors(full.__getitem__, model.config):
+        writer.add(name, tensor if dtype is None else tensor.to(dtype))
+    writer.close()
+    write_diffusers_config(directory, model.config)
+
+
+def save_native(
+    model,
+    directory,
+    *,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    dtype: Optional[torch.dtype] = None,
+    write: Optional[bool] = None,
+) -> None:
+    """Write `model` (whole) as a native checkpoint of full canonical tensors (collective over TP)."""
+    _whole_model(model, "save_native")
+    full = gather_full_state(model)
+    if not (model.tp.rank == 0 if write is None else write):
+        return
+    writer = ShardedSafetensorsWriter(
+        directory, NATIVE_WEIGHTS_NAME, NATIVE_INDEX_NAME, max_shard_bytes, NATIVE_FORMAT
+    )
+    for name in sorted(full):
+        writer.add(name, full[name] if dtype is None else full[name].to(dtype))
+    writer.close()
+    write_native_config(directory, model.config)
+
+
+# ----------------------------------------------------------------------------- streaming conversion
+def convert_checkpoint(
+    src,
+    dst,
+    *,
+    to: Optional[str] = None,
+    dtype: Optional[torch.dtype] = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    progress: Optional[Callable[[int, int], None]] = None,
+) -> str:
+    """Convert a checkpoint directory between the diffusers and native formats, tensor by tensor.
+
+    Memory stays at one output shard plus the tensors in flight; the model is never built.
+    Returns the target format. `progress(done, total)` is called after each tensor.
+    """
+    source_format = checkpoint_format(src)
+    to = to or ("native" if source_format == "diffusers" else "diffusers")
+    if to not in ("native", "diffusers"):
+        raise ValueError(f"to={to!r}: expected 'native' or 'diffusers'")
+    if Path(dst).exists() and any(Path(dst).iterdir()):
+        raise CheckpointError(f"{dst}: exists and is not empty; refusing to overwrite a checkpoint")
+    cast = (lambda t: t) if dtype is None else (lambda t: t.to(dtype))  # noqa: E731
+    if source_format == "diffusers":
+        config = MMDiTConfig.from_diffusers_config(read_diffusers_config(src))
+        source: TensorSource = SafetensorsDirSource(src)
+        check_source(source, config, str(src))
     else:
-        weight_map = {}
-        total = sum(v.numel() * v.element_size() for v in state.values())
-        for k, shard in enumerate(shards, start=1):
-            fname = f"diffusion_pytorch_model-{k:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(directory / fname), metadata=metadata)
-            weight_map.update({name: fname for name in shard})
-        with open(directory / INDEX_NAME, "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    config = dict(model.config.to_diffusers_config(), _diffusers_version=DIFFUSERS_VERSION)
-    with open(directory / CONFIG_NAME, "w") as f:
-        json.dump(config, f, indent=2)
+        config = MMDiTConfig(**read_native_config(src))
+        source = SafetensorsDirSource(src, NATIVE_WEIGHTS_NAME, NATIVE_INDEX_NAME)
+
+    if source_format == to:
+        names = sorted(source.names())
+        items = ((n, source.read(n)) for n in names)
+    elif to == "native":
+        rules = sorted(conversion_rules(config), key=lambda r: r.ours)
+        names = [r.ours for r in rules]
+        items = ((r.ours, read_shard(source, r, 0, 1, config.attention_head_dim)) for r in rules)
+    else:
+        names = sorted(expected_source_shapes(config))
+        items = diffusers_tensors(source.read, config)
+
+    if to == "native":
+        writer = ShardedSafetensorsWriter(
+            dst, NATIVE_WEIGHTS_NAME, NATIVE_INDEX_NAME, max_shard_bytes, NATIVE_FORMAT
+        )
+    else:
+        writer = ShardedSafetensorsWriter(dst, WEIGHTS_NAME, INDEX_NAME, max_shard_bytes)
+    for done, (name, tensor) in enumerate(items, start=1):
+        writer.add(name, cast(tensor))
+        if progress is not None:
+            progress(done, len(names))
+    writer.close()
+    (write_native_config if to == "native" else write_diffusers_config)(dst, config)
+    return to

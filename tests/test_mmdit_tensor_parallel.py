@@ -31,7 +31,7 @@ def _run(model, case):
     return out.detach(), diffusers_layout_grads(model)
 
 
-def _worker(rank: int, port: int, ckpt: str, out_dir: str) -> None:
+def _worker(rank: int, port: int, ckpt: str, native: str, out_dir: str) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from megatron.core import parallel_state
 
@@ -43,6 +43,10 @@ def _worker(rank: int, port: int, ckpt: str, out_dir: str) -> None:
         assert model.tp.size == TP and model.tp.sequence_parallel == sp
         for case in TP_CASES:
             results[(sp, case)] = _run(model, case)
+    # A native checkpoint loads at TP=2 into the same shards as the diffusers directory.
+    from_native = dict(QwenImageMMDiT.from_native(native).named_model_tensors())
+    for name, tensor in model.named_model_tensors():
+        assert torch.equal(tensor, from_native[name]), name
     # TP-invariant initialisation: the gathered TP=2 init equals the TP=1 init.
     fresh = QwenImageMMDiT(load_config("tiny", tensor_model_parallel_size=TP), init_seed=3)
     results["init"] = {n: t for n, t in full_grads_like_state(fresh).items()}
@@ -65,8 +69,12 @@ def full_grads_like_state(model):
 
 
 def test_tp2_matches_tp1_with_and_without_sequence_parallel(tiny_diffusers_dir, tmp_path):
+    QwenImageMMDiT.from_diffusers(tiny_diffusers_dir).save_native(tmp_path / "native")
     mp.start_processes(
-        _worker, args=(free_port(), str(tiny_diffusers_dir), str(tmp_path)), nprocs=TP, start_method="spawn"
+        _worker,
+        args=(free_port(), str(tiny_diffusers_dir), str(tmp_path / "native"), str(tmp_path)),
+        nprocs=TP,
+        start_method="spawn",
     )
     results = torch.load(tmp_path / "tp2.pt")
     single = QwenImageMMDiT.from_diffusers(tiny_diffusers_dir)

@@ -142,11 +142,25 @@ class QwenImageMMDiT(torch.nn.Module):
 
         return load_from_diffusers(cls, path_or_model, **overrides)
 
+    @classmethod
+    def from_native(cls, directory, **overrides: Any) -> "QwenImageMMDiT":
+        """Build from a native checkpoint directory (`save_native`), for any TP/PP piece; takes
+        the same `overrides` as `from_diffusers`."""
+        from megatron_qwenimage.convert import load_from_native
+
+        return load_from_native(cls, directory, **overrides)
+
     def save_diffusers(self, directory, **kwargs) -> None:
         """Write a diffusers-loadable directory (see `megatron_qwenimage.convert.export_to_diffusers`)."""
         from megatron_qwenimage.convert import export_to_diffusers
 
         export_to_diffusers(self, directory, **kwargs)
+
+    def save_native(self, directory, **kwargs) -> None:
+        """Write a native checkpoint of full tensors (see `megatron_qwenimage.convert.save_native`)."""
+        from megatron_qwenimage.convert import save_native
+
+        save_native(self, directory, **kwargs)
 
     def named_model_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Parameters and carried buffers by canonical name (this rank's shards)."""

@@ -1,0 +1,126 @@
+"""Model construction: the 20B count on meta, stage composition, configs and input errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from mmdit_helpers import make_inputs, model_kwargs
+
+from megatron_qwenimage import ConfigError, MMDiTConfig, QwenImageMMDiT, load_config
+from megatron_qwenimage.model.backends import transformer_engine_available
+
+
+def test_qwen_image_20b_parameter_count_on_meta():
+    with torch.device("meta"):
+        model = QwenImageMMDiT(load_config("qwen-image-20b"))
+    assert all(t.device.type == "meta" for _, t in model.named_model_tensors())
+    counts = model.num_parameters()
+    assert counts["total"] == 20_430_401_088
+    # The last block's text query/QK-norm, output projection, MLP and 4D rows of txt_mod.
+    d, f = 3072, 4 * 3072
+    unused = 2 * (d * d + d) + 128 + (2 * d * f + f + d) + (4 * d * d + 4 * d)
+    assert counts["carried"] == unused == 132_154_496
+    assert counts["trainable"] == 20_430_401_088 - unused
+
+
+def test_meta_20b_at_tp4_holds_a_quarter_of_the_sharded_weights():
+    # A TP group of one rank cannot hold TP=4 shards: the size must match the group.
+    with pytest.raises(ConfigError, match="tensor-parallel group has 1 ranks"):
+        QwenImageMMDiT(load_config("qwen-image-20b", tensor_model_parallel_size=4))
+
+
+def test_pipeline_stages_compose_to_the_full_model(tiny_diffusers_dir):
+    full = QwenImageMMDiT.from_diffusers(tiny_diffusers_dir)
+    first = QwenImageMMDiT.from_diffusers(tiny_diffusers_dir, post_process=False, layer_range=(0, 2))
+    last = QwenImageMMDiT.from_diffusers(tiny_diffusers_dir, pre_process=False, layer_range=(2, 3))
+    assert set(dict(first.named_parameters())) | set(dict(last.named_parameters())) == set(
+        dict(full.named_parameters())
+    )
+    inputs = make_inputs("edit_one_condition", 16, 24)
+    shapes, mask, n_target = full.check_inputs(
+        inputs["hidden_states"], inputs["encoder_hidden_states"], inputs["encoder_hidden_states_mask"],
+        inputs["timestep"], inputs["img_shapes"],
+    )
+    with torch.no_grad():
+        img, txt, temb = first.embed(
+            inputs["hidden_states"].transpose(0, 1), inputs["encoder_hidden_states"].transpose(0, 1), inputs["timestep"]
+        )
+        img, txt = first.run_blocks(img, txt, temb, shapes, mask)
+        assert txt is not None
+        img, txt = last.run_blocks(img, txt, temb, shapes, mask)
+        assert txt is None  # the last block consumes the text stream
+        staged = last.head(img, temb, n_target).transpose(0, 1)
+        whole = full(**model_kwargs(inputs))
+    assert torch.equal(staged, whole)
+    with pytest.raises(RuntimeError, match="pipeline stage"):
+        first(**model_kwargs(inputs))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"num_attention_heads": 6, "attention_head_dim": 16, "tensor_model_parallel_size": 4}, "not divisible"),
+        ({"axes_dims_rope": (8, 4, 2)}, "sums to 14"),
+        ({"in_channels": 12}, "in_channels=12"),
+        ({"backend": "cuda"}, "backend='cuda'"),
+        ({"params_dtype": "int8"}, "params_dtype='int8'"),
+        ({"num_layers": 0}, "num_layers=0"),
+        ({"max_text_tokens": 4096}, "at most 1024"),
+    ],
+)
+def test_config_errors_name_the_field(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny", **overrides)
+
+
+def test_config_loading_errors(tmp_path):
+    with pytest.raises(ConfigError, match="unknown model config 'qwen-image-7b'"):
+        load_config("qwen-image-7b")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("num_layers: 2\nhidden: 64\n")
+    with pytest.raises(ConfigError, match=r"unknown MMDiTConfig field\(s\) \['hidden'\]"):
+        load_config(bad)
+    nested = tmp_path / "run.yaml"
+    nested.write_text("model:\n  num_layers: 2\n  num_attention_heads: 2\n  attention_head_dim: 16\n"
+                      "  joint_attention_dim: 8\n  in_channels: 16\n  out_channels: 4\n  axes_dims_rope: [8, 4, 4]\n")
+    cfg = load_config(nested)
+    assert isinstance(cfg, MMDiTConfig) and cfg.hidden_size == 32 and cfg.axes_dims_rope == (8, 4, 4)
+
+
+def test_transformer_engine_backend_needs_transformer_engine():
+    cfg = load_config("tiny", backend="transformer_engine")
+    if transformer_engine_available():
+        pytest.skip("Transformer Engine is installed here; the refusal applies to machines without it")
+    with pytest.raises(ConfigError, match="Transformer Engine is not installed"):
+        QwenImageMMDiT(cfg)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return QwenImageMMDiT(load_config("tiny"))
+
+
+def _good():
+    return make_inputs("padded_text", 16, 16)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda k: k.update(hidden_states=torch.zeros(3, 15, 12)), r"hidden_states has shape \(3, 15, 12\)"),
+        (lambda k: k.update(encoder_hidden_states=torch.zeros(2, 7, 16)), r"expected \[3, T, 16\]"),
+        (lambda k: k.update(encoder_hidden_states_mask=torch.ones(3, 6)), r"mask has shape \(3, 6\)"),
+        (lambda k: k.update(timestep=torch.zeros(3, 1)), r"timestep has shape \(3, 1\)"),
+        (lambda k: k.update(img_shapes=[[(1, 4, 4)]] * 3), r"describes 16 image tokens but hidden_states has 15"),
+        (lambda k: k.update(img_shapes=[[(1, 5, 3)]] * 2), "2 entries but the batch has 3"),
+        (lambda k: k.update(img_shapes=[[(1, 0, 3)]] * 3), "positive patch counts"),
+        (lambda k: k.update(encoder_hidden_states=torch.zeros(3, 1025, 16),
+                            encoder_hidden_states_mask=None), "1025 tokens is longer than the 1024-token"),
+        (lambda k: k.update(guidance=torch.ones(3)), "no guidance embedding"),
+    ],
+)
+def test_bad_inputs_are_named(tiny_model, edit, message):
+    kwargs = model_kwargs(_good())
+    edit(kwargs)
+    with pytest.raises(ValueError, match=message):
+        tiny_model(**kwargs)
