@@ -1,0 +1,382 @@
+"""Training-data reader: pinned cache snapshots -> per-rank micro-batches of one optimizer step.
+
+    from megatron_qwenimage.data.reader import CacheReader, ReaderConfig
+
+    reader = CacheReader(ReaderConfig.from_dict(run_config["data"]), dp_rank=rank, dp_size=world)
+    reader.load_state_dict(checkpoint["data"])          # optional: exact resume
+    for micro_batches in reader:                         # one optimizer step per item
+        for mb in micro_batches:                         # global_batch / (micro_batch * dp_size) of them
+            loss(model, mb.latents, mb.condition_latents, mb.text, mb.text_mask)
+        checkpoint["data"] = reader.state_dict()         # what was consumed so far
+    reader.close()
+
+The global order of samples is decided by `mixing.Planner` independently of dp_size; each rank
+reads only its slice. A background thread loads `prefetch_steps` steps ahead into a bounded queue;
+`state_dict` describes what the caller has *consumed*, so a resume continues exactly there.
+
+Tasks (Qwen-Image report, multi-task training):
+  * t2i: target latents, no condition image, the sample's T2I-template text embedding.
+  * edit: target latents, the edit source image's latents as the one condition image, the
+    sample's edit-template text embedding (producers encode instruction + source image).
+  * i2i: reconstruction. A t2i sample whose own target latents are also the condition image,
+    with its T2I text embedding: the model learns to copy the condition frame, which aligns
+    the condition-image pathway with the target latent space.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from megatron_qwenimage.config import ConfigError
+from megatron_qwenimage.data.manifest import Shard, ShardChecksumError
+from megatron_qwenimage.data.mixing import (
+    CacheCatalog,
+    EndOfData,
+    Planner,
+    ReaderError,
+    ReaderStopped,
+    SampleRef,
+    StepPlan,
+    TailTimeoutError,
+    stable_tag,
+)
+from megatron_qwenimage.data.reader_config import (
+    TASK_SAMPLE_KIND,
+    CacheSource,
+    ReaderConfig,
+    StageConfig,
+    ValidationConfig,
+)
+from megatron_qwenimage.data.shard_format import bits_to_bf16, open_tensors_group
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "CacheReader",
+    "CacheSource",
+    "EndOfData",
+    "MicroBatch",
+    "ReaderConfig",
+    "ReaderError",
+    "ShardChecksumError",
+    "StageConfig",
+    "StepPlan",
+    "TailTimeoutError",
+    "ValidationConfig",
+    "ValidationReader",
+]
+
+
+@dataclass
+class MicroBatch:
+    """Samples of one bucket, ready for the model (all float32 on CPU).
+
+    Attributes:
+        latents: ``[B, C, h, w]`` target image latents (normalised VAE mode, cast from bf16).
+        condition_latents: one ``[B, C, hc, wc]`` tensor per condition image; [] for t2i.
+        text: ``[B, T, D_txt]`` text-encoder states, zero-padded to T (longest or `text_length`).
+        text_mask: ``[B, T]`` bool, True for valid tokens.
+        task: "t2i" | "edit" | "i2i".
+        bucket: bucket name "<height>x<width>" in pixels.
+        sample_ids: the samples' ids (content hashes), in batch order.
+    """
+
+    latents: torch.Tensor
+    condition_latents: list[torch.Tensor]
+    text: torch.Tensor
+    text_mask: torch.Tensor
+    task: str
+    bucket: str
+    sample_ids: list[str]
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.latents.shape[0])
+
+
+@dataclass
+class _Row:
+    latents: torch.Tensor  # bf16 [C, h, w]
+    text: torch.Tensor  # bf16 [L, D]
+    condition: torch.Tensor | None  # bf16 [C, h, w]
+    sample_id: str
+    shard_id: str
+
+
+class _OpenShard:
+    """Zarr arrays and sample table columns of one open shard."""
+
+    def __init__(self, shard: Shard) -> None:
+        group = open_tensors_group(shard.storage, shard.path)
+        self.shard = shard
+        self.latents = group["latents"]
+        self.text = group["text_embeddings"]
+        self.offsets = np.asarray(group["text_offsets"][:], dtype=np.int64)
+        self.condition = group["condition_latents"] if "condition_latents" in set(group.array_keys()) else None
+        self.sample_ids = shard.samples.column("sample_id").to_pylist()
+        self.kinds = shard.samples.column("task").to_pylist()
+
+    def row(self, i: int) -> _Row:
+        lo, hi = int(self.offsets[i]), int(self.offsets[i + 1])
+        cond = None
+        if self.kinds[i] == "edit":
+            if self.condition is None:
+                raise ReaderError(f"shard {self.shard.shard_id}: edit sample {self.sample_ids[i]} has no "
+                                  "condition_latents array")
+            cond = bits_to_bf16(self.condition[i])
+        return _Row(bits_to_bf16(self.latents[i]), bits_to_bf16(self.text[lo:hi]), cond, self.sample_ids[i],
+                    self.shard.shard_id)
+
+
+class ShardPool:
+    """Opens shards on demand (verifying checksums the first time, if asked); LRU of open shards."""
+
+    def __init__(self, catalogs: dict[str, CacheCatalog], *, verify: bool, max_open: int) -> None:
+        self.catalogs = catalogs
+        self.verify = verify
+        self.max_open = max_open
+        self._open: OrderedDict[tuple[str, str], _OpenShard] = OrderedDict()
+        self._verified: set[tuple[str, str]] = set()
+
+    def _get(self, cache: str, shard_id: str) -> _OpenShard:
+        key = (cache, shard_id)
+        if key in self._open:
+            self._open.move_to_end(key)
+            return self._open[key]
+        shard = self.catalogs[cache].shard(shard_id)
+        if self.verify and key not in self._verified:
+            shard.verify()  # ShardChecksumError naming the shard
+            self._verified.add(key)
+        opened = _OpenShard(shard)
+        self._open[key] = opened
+        while len(self._open) > self.max_open:
+            self._open.popitem(last=False)
+        return opened
+
+    def read(self, cache: str, refs: tuple[SampleRef, ...]) -> list[_Row]:
+        return [self._get(cache, r.shard_id).row(r.row) for r in refs]
+
+
+def collate(rows: list[_Row], *, task: str, bucket: str, text_length: int | None = None) -> MicroBatch:
+    """Stack rows of one bucket into a `MicroBatch` for `task` (see the module docstring)."""
+    latents = torch.stack([r.latents for r in rows]).float()
+    if task == "t2i":
+        conditions = []
+    elif task == "i2i":
+        conditions = [latents.clone()]
+    elif task == "edit":
+        missing = [r.sample_id for r in rows if r.condition is None]
+        if missing:
+            raise ReaderError(f"edit micro-batch: samples {missing} have no condition latents")
+        conditions = [torch.stack([r.condition for r in rows]).float()]
+    else:
+        raise ValueError(f"unknown task {task!r}")
+    lengths = [r.text.shape[0] for r in rows]
+    t = text_length if text_length is not None else max(lengths)
+    too_long = [(r.sample_id, r.shard_id, n) for r, n in zip(rows, lengths) if n > t]
+    if too_long:
+        raise ReaderError(f"data.text_length={t}: samples (sample_id, shard, tokens) {too_long} are longer")
+    text = torch.zeros(len(rows), t, rows[0].text.shape[1], dtype=torch.float32)
+    mask = torch.zeros(len(rows), t, dtype=torch.bool)
+    for i, (r, n) in enumerate(zip(rows, lengths)):
+        text[i, :n] = r.text.float()
+        mask[i, :n] = True
+    return MicroBatch(latents, conditions, text, mask, task, bucket, [r.sample_id for r in rows])
+
+
+class _Failed:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+class CacheReader:
+    """The micro-batches of this data-parallel rank, one optimizer step at a time.
+
+    Args:
+        config: `ReaderConfig` (caches, curriculum stages, task weights, prefetch...).
+        dp_rank, dp_size: this rank and the data-parallel world size. Every stage's global batch
+            must divide into ``micro_batch * dp_size`` (`ConfigError` naming the stage otherwise).
+
+    Raises from `next_global_step`: `EndOfData` when the curriculum is done (iteration stops),
+    `ShardChecksumError` naming a corrupted shard, `TailTimeoutError` naming a cache that stopped
+    growing, `ReaderError` for data that cannot feed the config.
+    """
+
+    def __init__(self, config: ReaderConfig, *, dp_rank: int, dp_size: int) -> None:
+        config.check_dp(dp_size)
+        if not isinstance(dp_rank, int) or not 0 <= dp_rank < dp_size:
+            raise ConfigError(f"dp_rank={dp_rank!r}: expected 0 <= dp_rank < dp_size={dp_size}")
+        self.config = config
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self._catalogs = {c.name: CacheCatalog(c) for c in config.caches}
+        self._stop = threading.Event()
+        self._planner = Planner(config, self._catalogs, stop=self._stop)
+        self._pool = ShardPool(self._catalogs, verify=config.verify_checksums, max_open=config.max_open_shards)
+        self._consumed = self._planner.state_dict()
+        self._queue: queue.Queue | None = None
+        self._thread: threading.Thread | None = None
+        self._terminal: BaseException | None = None
+        #: The `StepPlan` of the step last returned (task, bucket, stage, cache, global refs).
+        self.last_step: StepPlan | None = None
+
+    # ------------------------------------------------------------------ loading
+    def _load(self) -> tuple[list[MicroBatch], StepPlan, dict]:
+        plan = self._planner.next_step()
+        batches = [
+            collate(self._pool.read(plan.cache, refs), task=plan.task, bucket=plan.bucket,
+                    text_length=self.config.text_length)
+            for refs in plan.rank_micro_batches(self.dp_rank, self.dp_size)
+        ]
+        return batches, plan, self._planner.state_dict()
+
+    def _prefetch_loop(self) -> None:
+        q = self._queue
+        try:
+            while not self._stop.is_set():
+                item = self._load()
+                while not self._stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except ReaderStopped:
+            return
+        except BaseException as exc:  # handed to the consumer, raised there
+            q.put(_Failed(exc))
+
+    def _start(self) -> None:
+        self._stop.clear()
+        self._queue = queue.Queue(maxsize=self.config.prefetch_steps)
+        self._thread = threading.Thread(target=self._prefetch_loop, name=f"data-prefetch-dp{self.dp_rank}",
+                                        daemon=True)
+        self._thread.start()
+
+    def _shutdown(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+        self._thread = self._queue = None
+        self._stop.clear()
+
+    # ------------------------------------------------------------------ public API
+    def next_global_step(self) -> list[MicroBatch]:
+        """This rank's micro-batches of the next optimizer step (all of one bucket and task)."""
+        if self._terminal is not None:
+            raise self._terminal
+        if self.config.prefetch_steps == 0:
+            try:
+                item = self._load()
+            except BaseException as exc:
+                self._terminal = exc
+                raise
+        else:
+            if self._thread is None:
+                self._start()
+            item = self._queue.get()
+            if isinstance(item, _Failed):
+                self._terminal = item.exc
+                self._shutdown()
+                raise item.exc
+        batches, self.last_step, self._consumed = item
+        return batches
+
+    def __iter__(self) -> Iterator[list[MicroBatch]]:
+        while True:
+            try:
+                yield self.next_global_step()
+            except EndOfData:
+                return
+
+    def state_dict(self) -> dict:
+        """JSON-serialisable position after the last step returned (not what was prefetched)."""
+        import copy
+
+        return copy.deepcopy(self._consumed)
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state` (a `state_dict` of a reader with the same config and seed)."""
+        self._shutdown()
+        self._planner.load_state_dict(state)
+        self._consumed = self._planner.state_dict()
+        self._terminal = None
+        self.last_step = None
+
+    def close(self) -> None:
+        """Stop the prefetch thread (also interrupts a tail wait)."""
+        self._shutdown()
+
+    def __enter__(self) -> "CacheReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class ValidationReader:
+    """Fixed held-out micro-batches: the same samples, in the same order, every time.
+
+    The global list covers, for each bucket (sorted) and task of the config, `samples_per_bucket`
+    samples chosen by `seed`, cut into micro-batches of `micro_batch` (the last may be smaller).
+    Rank r takes micro-batches r, r + dp_size, ...; ranks may get one micro-batch more or less,
+    so reduce sums (loss * elements, elements) over ranks, not per-rank means.
+
+    Args:
+        config: `ValidationConfig`.
+        dp_rank, dp_size: this rank's share.
+        verify_checksums, text_length: as in `ReaderConfig`.
+    """
+
+    def __init__(self, config: ValidationConfig, *, dp_rank: int = 0, dp_size: int = 1,
+                 verify_checksums: bool = True, text_length: int | None = None) -> None:
+        if not isinstance(dp_rank, int) or not isinstance(dp_size, int) or not 0 <= dp_rank < dp_size:
+            raise ConfigError(f"dp_rank={dp_rank!r}, dp_size={dp_size!r}: expected 0 <= dp_rank < dp_size")
+        self.config = config
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.text_length = text_length
+        source = CacheSource(config.path, name="validation", pin=config.pin, where=config.where)
+        self._catalog = CacheCatalog(source)
+        versions = self._catalog.versions()
+        self.snapshot_version = config.pin if config.pin is not None else (versions[-1] if versions else 0)
+        snap = self._catalog.snapshot(self.snapshot_version)
+        if snap is None:
+            raise ReaderError(f"validation cache {config.path} has no snapshot")
+        if config.pin is None:
+            log.info("validation: cache %s pinned to its newest snapshot v%d", config.path, self.snapshot_version)
+        present = snap.samples_per_bucket()
+        buckets = config.buckets or tuple(present)
+        for i, b in enumerate(buckets):
+            if b not in present:
+                raise ConfigError(f"{config.where}.buckets[{i}]={b!r}: snapshot v{self.snapshot_version} of "
+                                  f"{config.path} has no such bucket (it has {sorted(present)})")
+        self._pool = ShardPool({"validation": self._catalog}, verify=verify_checksums, max_open=64)
+        self.micro_batches: list[tuple[str, str, tuple[SampleRef, ...]]] = []  # (task, bucket, refs), global
+        for bucket in sorted(buckets):
+            for task in config.tasks:
+                cands = self._catalog.candidates(self.snapshot_version, None, TASK_SAMPLE_KIND[task], (bucket,), [])
+                rng = np.random.default_rng([config.seed, stable_tag(bucket), stable_tag(task)])
+                perm = rng.permutation(len(cands[bucket]))[:config.samples_per_bucket]
+                refs = [cands[bucket][j] for j in perm]
+                for i in range(0, len(refs), config.micro_batch):
+                    self.micro_batches.append((task, bucket, tuple(refs[i:i + config.micro_batch])))
+        if not self.micro_batches:
+            raise ReaderError(f"validation cache {config.path} v{self.snapshot_version}: no samples for tasks "
+                              f"{list(config.tasks)} in buckets {sorted(buckets)}")
+        self._batches: list[MicroBatch] | None = None
+
+    def batches(self) -> list[MicroBatch]:
+        """This rank's fixed validation micro-batches (loaded once, then reused)."""
+        if self._batches is None:
+            mine = self.micro_batches[self.dp_rank::self.dp_size]
+            self._batches = [collate(self._pool.read("validation", refs), task=task, bucket=bucket,
+                                     text_length=self.text_length) for task, bucket, refs in mine]
+        return self._batches
+
