@@ -1,0 +1,237 @@
+"""Process groups for training: torch.distributed + megatron-core ``parallel_state`` + a DeviceMesh.
+
+One `ParallelLayout` (TP x PP x DP, plus virtual pipeline stages) describes how the world is cut.
+`init_parallel` starts torch.distributed (gloo on CPU, nccl on GPU), asks megatron-core's
+``parallel_state`` for the TP / PP / DP groups (rank order ``tp-cp-ep-dp-pp``: TP fastest) and
+builds a DeviceMesh ``(pp, dp, tp)`` over the same ranks; the mesh only carries placement metadata
+for distributed checkpoints (DTensor), and `ParallelState` checks that its groups equal megatron's.
+
+Nothing here is global besides megatron-core's own ``parallel_state``: the returned `ParallelState`
+is passed down explicitly.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_qwenimage.config import ConfigError, MMDiTConfig
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """How the world is cut: ``world = tp * pp * dp``; ``vpp`` model chunks per pipeline rank.
+
+    Attributes:
+        tp: tensor-parallel size (heads and MLP columns are split over it).
+        pp: pipeline-parallel size (contiguous block ranges per stage).
+        dp: data-parallel size (optimizer state sharded over it).
+        vpp: virtual stages per pipeline rank (interleaved 1F1B when > 1; needs pp > 1).
+        sequence_parallel: Megatron sequence parallelism inside the TP group.
+    """
+
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    vpp: int = 1
+    sequence_parallel: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "pp", "dp", "vpp"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"parallel.{name}={value!r}: expected a positive integer")
+        if self.vpp > 1 and self.pp == 1:
+            raise ConfigError(f"parallel.vpp={self.vpp} needs pp > 1 (virtual stages interleave pipeline ranks)")
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    @property
+    def num_stages(self) -> int:
+        """Total pipeline stages (model chunks), ``pp * vpp``."""
+        return self.pp * self.vpp
+
+    @classmethod
+    def for_world(cls, world_size: int, *, tp: int = 1, pp: int = 1, vpp: int = 1, sequence_parallel: bool = False,
+                  dp: Optional[int] = None) -> "ParallelLayout":
+        """The layout with DP filling the rest of `world_size` (or checking a given `dp`)."""
+        if world_size % (tp * pp):
+            raise ConfigError(
+                f"world size {world_size} is not divisible by tp*pp = {tp}*{pp} = {tp * pp}"
+            )
+        inferred = world_size // (tp * pp)
+        if dp is not None and dp != inferred:
+            raise ConfigError(f"parallel.dp={dp} but world size {world_size} / (tp*pp={tp * pp}) = {inferred}")
+        return cls(tp=tp, pp=pp, dp=inferred, vpp=vpp, sequence_parallel=sequence_parallel)
+
+    def validate_for(self, config: MMDiTConfig, world_size: Optional[int] = None) -> None:
+        """Raise `ConfigError` unless the layout fits `config` (and `world_size` if given)."""
+        if world_size is not None and world_size != self.world_size:
+            raise ConfigError(
+                f"parallel layout tp={self.tp} x pp={self.pp} x dp={self.dp} = {self.world_size} ranks, "
+                f"but the world has {world_size}"
+            )
+        if config.num_attention_heads % self.tp:
+            raise ConfigError(
+                f"parallel.tp={self.tp} does not divide num_attention_heads={config.num_attention_heads}"
+            )
+        if config.num_layers % self.num_stages:
+            raise ConfigError(
+                f"num_layers={config.num_layers} is not divisible by pp*vpp = {self.pp}*{self.vpp} = "
+                f"{self.num_stages} pipeline stages"
+            )
+
+    def stage_layer_range(self, stage: int, num_layers: int) -> tuple[int, int]:
+        """Global block range ``[start, end)`` of pipeline stage `stage` (0 .. pp*vpp - 1)."""
+        if not 0 <= stage < self.num_stages:
+            raise ConfigError(f"stage {stage} outside 0..{self.num_stages - 1}")
+        per = num_layers // self.num_stages
+        return stage * per, (stage + 1) * per
+
+    def stages_of_rank(self, pp_rank: int) -> list[int]:
+        """Stages held by pipeline rank `pp_rank`: interleaved, stage ``s`` lives on rank ``s % pp``."""
+        return [pp_rank + v * self.pp for v in range(self.vpp)]
+
+    def model_config(self, config: MMDiTConfig) -> MMDiTConfig:
+        """`config` with this layout's TP size and sequence parallelism."""
+        return config.replace(tensor_model_parallel_size=self.tp, sequence_parallel=self.sequence_parallel)
+
+
+@dataclass
+class ParallelState:
+    """This rank's place in the layout and its process groups (passed down explicitly)."""
+
+    layout: ParallelLayout
+    rank: int
+    world_size: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+    tp_group: dist.ProcessGroup
+    pp_group: dist.ProcessGroup
+    dp_group: dist.ProcessGroup
+    mesh: "torch.distributed.device_mesh.DeviceMesh"
+    device: torch.device
+
+    @property
+    def is_first_pp(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_pp(self) -> bool:
+        return self.pp_rank == self.layout.pp - 1
+
+    @property
+    def pp_ranks(self) -> list[int]:
+        """Global ranks of this rank's pipeline group, by stage order."""
+        return dist.get_process_group_ranks(self.pp_group)
+
+    def model_mesh(self):
+        """The ``(tp, dp)`` sub-mesh of this pipeline rank (checkpoint placements)."""
+        return self.mesh["tp", "dp"]
+
+
+def default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_distributed(backend: Optional[str] = None, timeout_minutes: float = 10.0) -> None:
+    """Start torch.distributed from the torchrun/srun environment (no-op if already started).
+
+    Reads ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT`` (torchrun) or the Slurm
+    variables ``SLURM_PROCID``/``SLURM_NTASKS`` (srun; MASTER_ADDR/PORT must be exported).
+    Without any of them it starts a single-rank world on a free 127.0.0.1 port.
+    """
+    if dist.is_initialized():
+        return
+    env = os.environ
+    if "RANK" not in env and "SLURM_PROCID" in env:
+        env["RANK"] = env["SLURM_PROCID"]
+        env["WORLD_SIZE"] = env.get("SLURM_NTASKS", "1")
+        env.setdefault("LOCAL_RANK", env.get("SLURM_LOCALID", "0"))
+    if "RANK" not in env:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    for key in ("MASTER_ADDR", "MASTER_PORT"):
+        if key not in env:
+            raise RuntimeError(f"init_distributed: environment variable {key} is not set (launch with torchrun or export it for srun)")
+    backend = backend or default_backend()
+    if backend == "nccl":
+        torch.cuda.set_device(int(env.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+
+
+def init_parallel(layout: ParallelLayout, backend: Optional[str] = None) -> ParallelState:
+    """Initialise (or re-initialise) megatron-core's model-parallel groups for `layout`.
+
+    torch.distributed is started first if needed. Calling it again with another layout in the same
+    world destroys the previous megatron-core groups first (tests run several layouts in one launch).
+    """
+    from megatron.core import parallel_state as ps
+    from torch.distributed.device_mesh import init_device_mesh
+
+    init_distributed(backend)
+    world = dist.get_world_size()
+    if layout.world_size != world:
+        raise ConfigError(
+            f"parallel layout tp={layout.tp} x pp={layout.pp} x dp={layout.dp} = {layout.world_size} ranks, "
+            f"but the world has {world}"
+        )
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
+        create_gloo_process_groups=False,
+    )
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    mesh = init_device_mesh(device.type, (layout.pp, layout.dp, layout.tp), mesh_dim_names=("pp", "dp", "tp"))
+    state = ParallelState(
+        layout=layout,
+        rank=dist.get_rank(),
+        world_size=world,
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        pp_rank=ps.get_pipeline_model_parallel_rank(),
+        dp_rank=ps.get_data_parallel_rank(),
+        tp_group=ps.get_tensor_model_parallel_group(),
+        pp_group=ps.get_pipeline_model_parallel_group(),
+        dp_group=ps.get_data_parallel_group(),
+        mesh=mesh,
+        device=device,
+    )
+    _check_mesh_matches(state)
+    return state
+
+
+def _check_mesh_matches(state: ParallelState) -> None:
+    """The DeviceMesh (checkpoint metadata) must name the same ranks as megatron-core's groups."""
+    for dim, group in (("tp", state.tp_group), ("pp", state.pp_group), ("dp", state.dp_group)):
+        mesh_ranks = sorted(dist.get_process_group_ranks(state.mesh[dim].get_group()))
+        ps_ranks = sorted(dist.get_process_group_ranks(group))
+        if mesh_ranks != ps_ranks:
+            raise RuntimeError(
+                f"device mesh {dim} ranks {mesh_ranks} differ from megatron-core's {dim} group {ps_ranks}; "
+                "the rank order must be tp-cp-ep-dp-pp"
+            )
+
+
+def shutdown() -> None:
+    """Destroy megatron-core's groups and torch.distributed (end of a run)."""
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

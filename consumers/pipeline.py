@@ -1,0 +1,149 @@
+"""Model chunks per rank and pipeline-parallel execution with ``torch.distributed.pipelining``.
+
+megatron-core 0.16.1's schedules hard-code CUDA (DESIGN.md), so pipelining uses PyTorch's
+``Schedule1F1B`` (one stage per rank) and ``ScheduleInterleaved1F1B`` (``vpp`` stages per rank,
+stage ``s`` on pipeline rank ``s % pp``): one code path on gloo (CPU) and NCCL (GPU).
+
+Stage ``s`` holds blocks ``layout.stage_layer_range(s)``; stage 0 also the embedders, the last stage
+the head. Between stages travel ``img [n, b, D]``, ``txt [t, b, D]`` and ``temb [b, D]``; every stage
+gets the ``text_mask`` micro-batch as a keyword. All micro-batches of a step share one bucket and
+one padded text length, so shapes are static within a step; a schedule (and its stage buffers) is
+built per distinct shape key and cached.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from consumers.parallel import ParallelState
+from consumers.step import MMDiTStage, Precision, StepInputs, loss_sum_over_global
+from megatron_qwenimage.config import MMDiTConfig
+from megatron_qwenimage.model.mmdit import QwenImageMMDiT
+
+
+def build_model_chunks(
+    config: MMDiTConfig, pstate: ParallelState, *, init_seed: int = 0, meta: bool = False
+) -> list[QwenImageMMDiT]:
+    """This rank's model chunks (one per virtual stage), on `pstate.device`.
+
+    `config` is the architecture; its TP size and SP flag are taken from the layout.
+    """
+    layout = pstate.layout
+    cfg = layout.model_config(config)
+    layout.validate_for(cfg, pstate.world_size)
+    chunks = []
+    for stage in layout.stages_of_rank(pstate.pp_rank):
+        start, end = layout.stage_layer_range(stage, cfg.num_layers)
+        device = torch.device("meta") if meta else pstate.device
+        with device:
+            chunk = QwenImageMMDiT(
+                cfg,
+                tp_group=pstate.tp_group,
+                pre_process=(stage == 0),
+                post_process=(stage == layout.num_stages - 1),
+                layer_range=(start, end),
+                init_seed=init_seed,
+            )
+        chunks.append(chunk)
+    return chunks
+
+
+def named_trainable(chunks: Sequence[QwenImageMMDiT]):
+    """``(canonical name, param, tp partition dim)`` over all chunks of this rank."""
+    for chunk in chunks:
+        for name, p in chunk.named_parameters():
+            yield name, p, chunk.partition_dims[name]
+
+
+class PipelineRunner:
+    """Runs one step's micro-batches through the pipeline (forward + backward).
+
+    Args:
+        stages: this rank's `MMDiTStage` per virtual stage (in `layout.stages_of_rank` order).
+        pstate: parallel state (PP group, layout, device).
+        global_batch_size: samples per optimizer step over all DP ranks (loss normalisation).
+    """
+
+    def __init__(self, stages: Sequence[MMDiTStage], pstate: ParallelState, global_batch_size: int):
+        self.stages = list(stages)
+        self.pstate = pstate
+        self.global_batch_size = global_batch_size
+        self._normalizer = global_batch_size
+        self._schedules: dict[tuple, object] = {}
+
+    def _loss_fn(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return loss_sum_over_global(prediction, target, self._normalizer)
+
+    def _schedule(self, key: tuple, n_microbatches: int):
+        if key in self._schedules:
+            return self._schedules[key]
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B
+
+        layout = self.pstate.layout
+        pipe_stages = [
+            PipelineStage(stage, stage_index=idx, num_stages=layout.num_stages, device=self.pstate.device,
+                          group=self.pstate.pp_group)
+            for stage, idx in zip(self.stages, layout.stages_of_rank(self.pstate.pp_rank))
+        ]
+        if layout.vpp == 1:
+            if n_microbatches < layout.pp:
+                raise ValueError(
+                    f"1F1B needs at least pp={layout.pp} micro-batches per step, got {n_microbatches} "
+                    "(raise global_batch_size or lower micro_batch_size)"
+                )
+            sched = Schedule1F1B(pipe_stages[0], n_microbatches, loss_fn=self._loss_fn, scale_grads=False)
+        else:
+            if n_microbatches % layout.pp:
+                raise ValueError(
+                    f"interleaved 1F1B needs the micro-batch count ({n_microbatches}) to be a multiple of pp={layout.pp}"
+                )
+            sched = ScheduleInterleaved1F1B(pipe_stages, n_microbatches, loss_fn=self._loss_fn, scale_grads=False)
+        self._schedules[key] = sched
+        return sched
+
+    def run(self, inputs: Sequence[StepInputs]) -> Optional[torch.Tensor]:
+        """Forward+backward all micro-batches; returns the summed loss on the last stage, else None."""
+        self._normalizer = self.global_batch_size
+        return self._execute(inputs, train=True)
+
+    def evaluate(self, inputs: Sequence[StepInputs], num_samples: int) -> Optional[torch.Tensor]:
+        """Forward only; returns ``sum(per-sample loss) / num_samples`` on the last stage, else None."""
+        self._normalizer = num_samples
+        return self._execute(inputs, train=False)
+
+    def _execute(self, inputs: Sequence[StepInputs], train: bool) -> Optional[torch.Tensor]:
+        first = inputs[0]
+        for mb in inputs:
+            if mb.hidden_states.shape != first.hidden_states.shape or mb.text.shape != first.text.shape:
+                raise ValueError("micro-batches of one pipelined step must have equal shapes (one bucket, one text length)")
+        for stage in self.stages:
+            stage.set_shapes(first.img_shapes, first.num_target_tokens)
+        key = (tuple(first.hidden_states.shape), tuple(first.text.shape), len(inputs), first.num_target_tokens)
+        sched = self._schedule(key, len(inputs))
+        hidden = torch.cat([mb.hidden_states for mb in inputs])
+        text = torch.cat([mb.text for mb in inputs])
+        sigma = torch.cat([mb.sigma for mb in inputs])
+        mask = torch.cat([mb.text_mask for mb in inputs])
+        target = torch.cat([mb.target for mb in inputs])
+        losses: list[torch.Tensor] = []
+        is_first = self.pstate.is_first_pp
+        is_last = self.pstate.is_last_pp
+        args = (hidden, text, sigma) if is_first else ()
+        run = sched.step if train else sched.eval
+        run(*args, target=target if is_last else None, losses=losses if is_last else None, text_mask=mask)
+        if is_last:
+            return torch.stack([l.detach().float().cpu() for l in losses]).sum()
+        return None
+
+
+def broadcast_loss_from_last_stage(loss: Optional[torch.Tensor], pstate: ParallelState) -> torch.Tensor:
+    """Every rank of the pipeline group gets the last stage's loss (for logging)."""
+    buf = loss.clone() if loss is not None else torch.zeros(())
+    if pstate.layout.pp > 1:
+        buf = buf.to(pstate.device)
+        src = dist.get_global_rank(pstate.pp_group, pstate.layout.pp - 1)
+        dist.broadcast(buf, src=src, group=pstate.pp_group)
+    return buf.cpu()
