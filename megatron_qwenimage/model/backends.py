@@ -8,8 +8,9 @@ Two backends share one model code path and differ only in the modules created he
   ``TERowParallelLinear``, FP8-capable under ``te.fp8_autocast``) and TE's fused
   ``DotProductAttention``. Transformer Engine is imported only when this backend is chosen.
 
-Every linear returns ``(output, bias_or_None)`` as megatron-core's do; row-parallel layers are
-always built with ``skip_bias_add=True`` so the block can fuse the bias into its gated residual.
+Every linear returns ``(output, bias_or_None)`` as megatron-core's do. Local row-parallel layers
+add their bias themselves (returning None); TE's return it apart (``skip_bias_add``) and the block
+adds it, with the gradient all-reduce that sequence parallelism needs.
 AdaLN modulation linears run on one vector per sample (a GEMM with M = batch): they always use the
 local column-parallel layer with its small output gathered, whatever the backend.
 """
@@ -83,8 +84,10 @@ class RowLinear(RowParallelLinear):
     """megatron-core's RowParallelLinear with device-agnostic communication (see `ColumnLinear`).
 
     Input ``[s, b, in/tp]``; output ``[s, b, out]`` all-reduced, or ``[s/tp, b, out]``
-    reduce-scattered along the sequence when `sequence_parallel`. The bias is returned apart
-    (``skip_bias_add``) or added after the reduction, as megatron-core does.
+    reduce-scattered along the sequence when `sequence_parallel`. The bias is added here, once,
+    after the reduction (inside the GEMM on a single rank); under sequence parallelism its
+    gradient is all-reduced over TP in autograd since each rank adds it to its own tokens only.
+    Returns ``(output, None)``.
     """
 
     def __init__(self, input_size, output_size, *, sequence_parallel: bool, **kwargs):
@@ -94,14 +97,16 @@ class RowLinear(RowParallelLinear):
         self.sequence_parallel = sequence_parallel and self.group.size() > 1
 
     def forward(self, input_: torch.Tensor):
+        if self.group.size() == 1:
+            return F.linear(input_, self.weight, self.bias), None
         output = F.linear(input_, self.weight)
         if self.sequence_parallel:
             output = reduce_scatter_to_seq(output, self.group)
+            bias = copy_to_tp(self.bias, self.group) if self.bias is not None else None
         else:
             output = reduce_from_tp(output, self.group)
-        if self.skip_bias_add:
-            return output, self.bias
-        return (output + self.bias if self.bias is not None else output), None
+            bias = self.bias
+        return (output if bias is None else output + bias), None
 
 
 @dataclass
@@ -201,7 +206,7 @@ class ParallelLinearFactory:
                 init_method=_no_init,
                 bias=bias,
                 input_is_parallel=True,
-                skip_bias_add=True,
+                skip_bias_add=False,
                 tp_group=self.tp_group,
             )
         )

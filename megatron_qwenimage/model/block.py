@@ -34,7 +34,7 @@ from megatron_qwenimage.model.backends import ParallelLinearFactory, make_attent
 from megatron_qwenimage.model.layers import RMSNorm, TPContext, layer_norm, modulate
 from megatron_qwenimage.model.rope import apply_rope
 
-RopeTables = tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+RopeTables = tuple[torch.Tensor, torch.Tensor]
 
 
 class StreamMLP(torch.nn.Module):
@@ -139,10 +139,11 @@ class MMDiTBlock(torch.nn.Module):
         return list(projected.view(s, b, self.num_local_heads, parts, self.head_dim).unbind(dim=3))
 
     def _residual(self, x, out_and_bias, gate):
+        """Gated residual ``x + gate * (out + bias)``; gate ``[1, b, h]``."""
         out, bias = out_and_bias
         if bias is not None:
             out = out + self.tp.sp_replicated(bias)
-        return x + gate * out
+        return torch.addcmul(x, gate, out)
 
     def forward(
         self,
@@ -156,24 +157,24 @@ class MMDiTBlock(torch.nn.Module):
 
         Args:
             img: image stream ``[n(/tp under SP), b, D]``. txt: text stream ``[t(/tp), b, D]``.
-            temb: conditioning ``[b, D]``. rope: ``((txt_cos, txt_sin), (img_cos, img_sin))`` for
+            temb: conditioning ``[b, D]``. rope: ``(txt_rotations, img_rotations)`` (complex) for
                 the full (gathered) sequences. key_mask: ``[b, t + n]`` bool, True = attend, or None.
         Returns:
             ``(img, txt)`` in the input layouts; ``txt`` is None after a context-only block.
         """
-        (txt_cos, txt_sin), (img_cos, img_sin) = rope
+        txt_rot, img_rot = rope
         i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self._modulation(self.img_mod, temb)
 
         img_qkv, _ = self.img_qkv(modulate(layer_norm(img, self.eps), i_shift1, i_scale1))
         img_q, img_k, img_v = self._heads(img_qkv, 3)
-        img_q = apply_rope(self.img_q_norm(img_q), img_cos, img_sin)
-        img_k = apply_rope(self.img_k_norm(img_k), img_cos, img_sin)
+        img_q = apply_rope(self.img_q_norm(img_q), img_rot)
+        img_k = apply_rope(self.img_k_norm(img_k), img_rot)
 
         if self.context_only:
             t_shift1, t_scale1 = self._modulation(self.txt_mod, temb)
             txt_kv, _ = self.txt_kv(modulate(layer_norm(txt, self.eps), t_shift1, t_scale1))
             txt_k, txt_v = self._heads(txt_kv, 2)
-            txt_k = apply_rope(self.txt_k_norm(txt_k), txt_cos, txt_sin)
+            txt_k = apply_rope(self.txt_k_norm(txt_k), txt_rot)
             attn = self.attention(
                 img_q, torch.cat([txt_k, img_k]), torch.cat([txt_v, img_v]), key_mask
             )  # [n, b, D/tp]
@@ -186,8 +187,8 @@ class MMDiTBlock(torch.nn.Module):
         t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self._modulation(self.txt_mod, temb)
         txt_qkv, _ = self.txt_qkv(modulate(layer_norm(txt, self.eps), t_shift1, t_scale1))
         txt_q, txt_k, txt_v = self._heads(txt_qkv, 3)
-        txt_q = apply_rope(self.txt_q_norm(txt_q), txt_cos, txt_sin)
-        txt_k = apply_rope(self.txt_k_norm(txt_k), txt_cos, txt_sin)
+        txt_q = apply_rope(self.txt_q_norm(txt_q), txt_rot)
+        txt_k = apply_rope(self.txt_k_norm(txt_k), txt_rot)
 
         n_txt = txt_q.shape[0]
         attn = self.attention(

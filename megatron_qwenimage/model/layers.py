@@ -96,7 +96,7 @@ def layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """AdaLN modulation ``x * (1 + scale) + shift``; x ``[s, b, h]``, shift/scale ``[1, b, h]``."""
-    return x * (1 + scale) + shift
+    return torch.addcmul(shift, x, 1 + scale)
 
 
 class TimestepEmbedder(torch.nn.Module):

@@ -40,7 +40,7 @@ from megatron_qwenimage.model.layers import (
     tp_partition_dim,
 )
 from megatron_qwenimage.model.mappings import gather_from_seq, scatter_to_seq
-from megatron_qwenimage.model.rope import MSRoPE, normalize_img_shapes
+from megatron_qwenimage.model.rope import MSRoPE, normalize_img_shapes, pad_rotations
 
 INIT_STD = 0.02
 
@@ -360,7 +360,7 @@ class QwenImageMMDiT(torch.nn.Module):
         ``[b, t]`` bool (True = valid) or None. Returns ``(img, txt)``, txt None after the last block.
         """
         t, n, b = txt.shape[0], img.shape[0], img.shape[1]
-        (txt_cos, txt_sin), (img_cos, img_sin) = self.rope.tables(shapes, t, img.device)
+        txt_rot, img_rot = self.rope.tables(shapes, t, img.device)
         if text_mask is not None and bool(text_mask.all()):
             text_mask = None
         key_mask = None
@@ -374,13 +374,12 @@ class QwenImageMMDiT(torch.nn.Module):
                 [text_mask if text_mask is not None else ones(t), zeros(pad_t), ones(n), zeros(pad_n)], dim=1
             )
         if sp:
-            txt, txt_cos, txt_sin = (_pad_seq(x, pad_t, v) for x, v in ((txt, 0.0), (txt_cos, 1.0), (txt_sin, 0.0)))
-            img, img_cos, img_sin = (_pad_seq(x, pad_n, v) for x, v in ((img, 0.0), (img_cos, 1.0), (img_sin, 0.0)))
+            txt, txt_rot = _pad_seq(txt, pad_t), pad_rotations(txt_rot, pad_t)
+            img, img_rot = _pad_seq(img, pad_n), pad_rotations(img_rot, pad_n)
             txt = scatter_to_seq(txt, self.tp.group)
             img = scatter_to_seq(img, self.tp.group)
-        rope = ((txt_cos, txt_sin), (img_cos, img_sin))
         for block in self.blocks.values():
-            img, txt = block(img, txt, temb, rope, key_mask)
+            img, txt = block(img, txt, temb, (txt_rot, img_rot), key_mask)
         if sp:
             img = gather_from_seq(img, self.tp.group, tensor_parallel_output_grad=False)[:n]
             if txt is not None:
@@ -395,8 +394,8 @@ class QwenImageMMDiT(torch.nn.Module):
         return self.proj_out(layer_norm(img, self.config.norm_eps) * (1 + scale) + shift)
 
 
-def _pad_seq(x: torch.Tensor, pad: int, value: float) -> torch.Tensor:
-    """Append `pad` rows filled with `value` along dim 0."""
+def _pad_seq(x: torch.Tensor, pad: int) -> torch.Tensor:
+    """Append `pad` zero rows along dim 0."""
     if not pad:
         return x
-    return torch.cat([x, x.new_full((pad, *x.shape[1:]), value)], dim=0)
+    return torch.cat([x, x.new_zeros((pad, *x.shape[1:]))], dim=0)

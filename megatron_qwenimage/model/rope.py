@@ -11,9 +11,9 @@ Each axis has its own frequency spectrum ``theta^(-2j/d_axis)``; the head dimens
 ``[frame | height | width] = axes_dims_rope`` and adjacent real pairs ``(x[2j], x[2j+1])`` are
 rotated as one complex number.
 
-Tables are built per batch in fp32 as ``cos``/``sin`` of shape ``[s, b, 1, head_dim/2]`` (``b`` is
-1 when all samples share one layout) so they broadcast against Megatron-layout ``[s, b, heads,
-head_dim]`` queries and keys.
+Tables are built per batch as unit complex numbers ``exp(i·angle)`` of shape ``[s, b, 1,
+head_dim/2]`` (``b`` is 1 when all samples share one layout) so they broadcast against
+Megatron-layout ``[s, b, heads, head_dim]`` queries and keys.
 """
 
 from __future__ import annotations
@@ -108,8 +108,8 @@ class MSRoPE:
         shapes_per_sample: list[list[ImageShape]],
         num_text_tokens: int,
         device: torch.device,
-    ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-        """``((txt_cos, txt_sin), (img_cos, img_sin))``, each ``[s, b|1, 1, head_dim/2]`` fp32.
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(txt_rotations, img_rotations)``, each ``[s, b|1, 1, head_dim/2]`` complex64.
 
         ``s`` is the text length (padded length, as current diffusers does) for the text tables and
         the total image-token count of a sample (target + conditions) for the image tables.
@@ -130,16 +130,26 @@ class MSRoPE:
             txt_angles.append(self.angles(text_position_ids(shapes, num_text_tokens)))
         img = torch.stack(img_angles, dim=1)[:, :, None, :].to(device)  # [n_img, b|1, 1, d/2]
         txt = torch.stack(txt_angles, dim=1)[:, :, None, :].to(device)  # [n_txt, b|1, 1, d/2]
-        return (txt.cos(), txt.sin()), (img.cos(), img.sin())
+        return _rotations(txt), _rotations(img)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs of ``x`` ``[s, b, heads, head_dim]`` by the angles behind cos/sin.
+def _rotations(angles: torch.Tensor) -> torch.Tensor:
+    """Unit complex numbers ``exp(i·angle)`` (complex64), as the reference's ``torch.polar``."""
+    return torch.polar(torch.ones_like(angles), angles)
 
-    ``cos``/``sin`` are ``[s, b|1, 1, head_dim/2]`` fp32; the rotation runs in fp32 and the result
-    is cast back to ``x.dtype`` (as the reference's complex multiply does).
+
+def pad_rotations(rotations: torch.Tensor, pad: int) -> torch.Tensor:
+    """Append `pad` identity rotations (1 + 0i) along dim 0 (for sequence-parallel padding)."""
+    if not pad:
+        return rotations
+    return torch.cat([rotations, rotations.new_ones((pad, *rotations.shape[1:]))], dim=0)
+
+
+def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs of ``x`` ``[s, b, heads, head_dim]`` as complex numbers.
+
+    ``rotations`` is ``[s, b|1, 1, head_dim/2]`` complex64; the product runs in fp32 complex and the
+    result is cast back to ``x.dtype``, exactly as the reference does.
     """
-    xf = x.float().unflatten(-1, (-1, 2))
-    real, imag = xf[..., 0], xf[..., 1]
-    out = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
-    return out.flatten(-2).to(x.dtype)
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(xc * rotations).flatten(-2).to(x.dtype)
