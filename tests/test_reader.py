@@ -284,3 +284,40 @@ def test_validation_batches_are_fixed_and_split_over_ranks(mixed_cache):
     assert all(len(mb.condition_latents) == (mb.task == "edit") for mb in whole)
     with pytest.raises(ConfigError, match=r"data.validation.buckets\[0\]='64x64'.*has no such bucket"):
         ValidationReader(ValidationConfig(mixed_cache, buckets=("64x64",)))
+
+
+# ------------------------------------------------------------------ direct shard access
+def test_direct_shard_access_equals_zarr(tmp_path, monkeypatch):
+    import numpy as np
+    import zarr
+
+    from megatron_qwenimage.data import reader as reader_mod
+    from megatron_qwenimage.data.shard_access import ShardedArray
+
+    path = tmp_path / "direct"
+    publish(path, "p", [payload(B32, 90, prefix="d", seed=4, edit=3)])  # > 256 text rows: chunk crossings
+    (shard,) = open_cache(str(path)).snapshot().shards
+    group = zarr.open_group(str(path / shard.path / "tensors.zarr"), mode="r")
+    offsets = np.asarray(group["text_offsets"][:])
+    assert offsets[-1] > 256
+    for name in ("latents", "text_embeddings", "condition_latents", "text_offsets"):
+        direct = ShardedArray.open(shard.storage, f"{shard.path}/tensors.zarr/{name}")
+        assert direct is not None, name
+        n = group[name].shape[0]
+        spans = [(i, i + 1) for i in range(n)] + [(0, n), (250, 260)] if name == "text_embeddings" else \
+            [(i, i + 1) for i in range(n)]
+        for lo, hi in spans:
+            assert np.array_equal(direct.rows(lo, hi), np.asarray(group[name][lo:hi])), (name, lo, hi)
+        direct.close()
+
+    cfg = config({"path": str(path), "tasks": ["t2i", "edit"]}, tasks={"t2i": 1.0, "edit": 1.0},
+                 stages=[{"name": "s", "buckets": ["32x32"], "micro_batch": 3, "global_batch": 3}], prefetch_steps=0)
+    with CacheReader(cfg, dp_rank=0, dp_size=1) as r:
+        fast = take(r, 8)
+    monkeypatch.setattr(reader_mod.ShardedArray, "open", classmethod(lambda cls, *a: None))
+    with CacheReader(cfg, dp_rank=0, dp_size=1) as r:
+        slow = take(r, 8)
+    for a, b in zip(fast, slow):
+        for x, y in zip(a, b):
+            assert x.sample_ids == y.sample_ids and torch.equal(x.latents, y.latents) and torch.equal(x.text, y.text)
+            assert all(torch.equal(c, d) for c, d in zip(x.condition_latents, y.condition_latents))

@@ -55,7 +55,8 @@ from megatron_qwenimage.data.reader_config import (
     StageConfig,
     ValidationConfig,
 )
-from megatron_qwenimage.data.shard_format import bits_to_bf16, open_tensors_group
+from megatron_qwenimage.data.shard_access import ShardedArray
+from megatron_qwenimage.data.shard_format import TENSORS_DIR, open_tensors_group
 
 log = logging.getLogger(__name__)
 
@@ -104,23 +105,50 @@ class MicroBatch:
 
 @dataclass
 class _Row:
-    latents: torch.Tensor  # bf16 [C, h, w]
-    text: torch.Tensor  # bf16 [L, D]
-    condition: torch.Tensor | None  # bf16 [C, h, w]
+    """One sample as stored: bfloat16 bit patterns in uint16 arrays."""
+
+    latents: np.ndarray  # uint16 [C, h, w]
+    text: np.ndarray  # uint16 [L, D]
+    condition: np.ndarray | None  # uint16 [C, h, w]
     sample_id: str
     shard_id: str
 
 
+def bf16_bits_to_float32(bits: np.ndarray) -> torch.Tensor:
+    """uint16 bfloat16 bit patterns -> float32 tensor, exactly (bf16 is the top half of fp32)."""
+    return torch.from_numpy((bits.astype(np.uint32) << 16).view(np.float32))
+
+
+class _ZarrRows:
+    """Fallback row access through zarr-python (any layout zarr can read)."""
+
+    def __init__(self, array) -> None:
+        self.array = array
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        return np.asarray(self.array[start:stop])
+
+    def close(self) -> None:
+        pass
+
+
+def _array(shard: Shard, group, name: str):
+    """Row access to array `name` of the shard: direct (`ShardedArray`) when the layout allows."""
+    fast = ShardedArray.open(shard.storage, f"{shard.path}/{TENSORS_DIR}/{name}")
+    return fast if fast is not None else _ZarrRows(group[name])
+
+
 class _OpenShard:
-    """Zarr arrays and sample table columns of one open shard."""
+    """Row access to the arrays and sample-table columns of one open shard."""
 
     def __init__(self, shard: Shard) -> None:
         group = open_tensors_group(shard.storage, shard.path)
+        names = set(group.array_keys())
         self.shard = shard
-        self.latents = group["latents"]
-        self.text = group["text_embeddings"]
         self.offsets = np.asarray(group["text_offsets"][:], dtype=np.int64)
-        self.condition = group["condition_latents"] if "condition_latents" in set(group.array_keys()) else None
+        self.latents = _array(shard, group, "latents")
+        self.text = _array(shard, group, "text_embeddings") if self.offsets[-1] > 0 else None
+        self.condition = _array(shard, group, "condition_latents") if "condition_latents" in names else None
         self.sample_ids = shard.samples.column("sample_id").to_pylist()
         self.kinds = shard.samples.column("task").to_pylist()
 
@@ -131,9 +159,16 @@ class _OpenShard:
             if self.condition is None:
                 raise ReaderError(f"shard {self.shard.shard_id}: edit sample {self.sample_ids[i]} has no "
                                   "condition_latents array")
-            cond = bits_to_bf16(self.condition[i])
-        return _Row(bits_to_bf16(self.latents[i]), bits_to_bf16(self.text[lo:hi]), cond, self.sample_ids[i],
-                    self.shard.shard_id)
+            cond = self.condition.rows(i, i + 1)[0]
+        if hi == lo:
+            raise ReaderError(f"shard {self.shard.shard_id}: sample {self.sample_ids[i]} has no text tokens")
+        return _Row(self.latents.rows(i, i + 1)[0], self.text.rows(lo, hi), cond,
+                    self.sample_ids[i], self.shard.shard_id)
+
+    def close(self) -> None:
+        for a in (self.latents, self.text, self.condition):
+            if a is not None:
+                a.close()
 
 
 class ShardPool:
@@ -158,8 +193,12 @@ class ShardPool:
         opened = _OpenShard(shard)
         self._open[key] = opened
         while len(self._open) > self.max_open:
-            self._open.popitem(last=False)
+            self._open.popitem(last=False)[1].close()
         return opened
+
+    def close(self) -> None:
+        while self._open:
+            self._open.popitem()[1].close()
 
     def read(self, cache: str, refs: tuple[SampleRef, ...]) -> list[_Row]:
         return [self._get(cache, r.shard_id).row(r.row) for r in refs]
@@ -167,7 +206,7 @@ class ShardPool:
 
 def collate(rows: list[_Row], *, task: str, bucket: str, text_length: int | None = None) -> MicroBatch:
     """Stack rows of one bucket into a `MicroBatch` for `task` (see the module docstring)."""
-    latents = torch.stack([r.latents for r in rows]).float()
+    latents = bf16_bits_to_float32(np.stack([r.latents for r in rows]))
     if task == "t2i":
         conditions = []
     elif task == "i2i":
@@ -176,7 +215,7 @@ def collate(rows: list[_Row], *, task: str, bucket: str, text_length: int | None
         missing = [r.sample_id for r in rows if r.condition is None]
         if missing:
             raise ReaderError(f"edit micro-batch: samples {missing} have no condition latents")
-        conditions = [torch.stack([r.condition for r in rows]).float()]
+        conditions = [bf16_bits_to_float32(np.stack([r.condition for r in rows]))]
     else:
         raise ValueError(f"unknown task {task!r}")
     lengths = [r.text.shape[0] for r in rows]
@@ -184,12 +223,12 @@ def collate(rows: list[_Row], *, task: str, bucket: str, text_length: int | None
     too_long = [(r.sample_id, r.shard_id, n) for r, n in zip(rows, lengths) if n > t]
     if too_long:
         raise ReaderError(f"data.text_length={t}: samples (sample_id, shard, tokens) {too_long} are longer")
-    text = torch.zeros(len(rows), t, rows[0].text.shape[1], dtype=torch.float32)
-    mask = torch.zeros(len(rows), t, dtype=torch.bool)
+    text = np.zeros((len(rows), t, rows[0].text.shape[1]), dtype=np.uint16)  # bit pattern 0 is +0.0
     for i, (r, n) in enumerate(zip(rows, lengths)):
-        text[i, :n] = r.text.float()
-        mask[i, :n] = True
-    return MicroBatch(latents, conditions, text, mask, task, bucket, [r.sample_id for r in rows])
+        text[i, :n] = r.text
+    mask = torch.arange(t)[None, :] < torch.tensor(lengths)[:, None]
+    return MicroBatch(latents, conditions, bf16_bits_to_float32(text), mask, task, bucket,
+                      [r.sample_id for r in rows])
 
 
 class _Failed:
@@ -311,8 +350,9 @@ class CacheReader:
         self.last_step = None
 
     def close(self) -> None:
-        """Stop the prefetch thread (also interrupts a tail wait)."""
+        """Stop the prefetch thread (also interrupts a tail wait) and close open shards."""
         self._shutdown()
+        self._pool.close()
 
     def __enter__(self) -> "CacheReader":
         return self
