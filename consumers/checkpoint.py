@@ -1,0 +1,387 @@
+"""Distributed, atomic, reshardable checkpoints with ``torch.distributed.checkpoint`` (DCP).
+
+What a checkpoint holds (directory ``<root>/step_00001234``):
+
+* DCP tensors, keyed by canonical names (independent of TP/PP/DP):
+  - ``model/<name>``: every parameter and carried buffer, a DTensor on the ``(tp, dp)`` mesh of its
+    pipeline rank with placements ``[Shard(tp_dim) | Replicate, Replicate]``;
+  - ``optim/<name>/{master,exp_avg,exp_avg_sq[,ema]}``: the ZeRO-1 chunks, placements
+    ``[Shard(tp_dim) | Replicate, Shard(0)]`` (see `consumers.optimizer`).
+  DCP stores each chunk with its global offsets, so any other TP/PP/DP layout reads exactly its
+  own pieces (resharding); replicated copies are written once.
+* ``meta.json`` (rank 0): step, optimizer step count, LR schedule, reader state, run info.
+* ``rng/rank_XXXXX.pt``: torch/numpy/python RNG states per rank (restored when the world size is
+  unchanged; training randomness is seeded per step and sample, so resharding does not need them).
+* ``COMMITTED``: written last, holding the size and SHA-256 of every file.
+
+Atomicity: everything is written under ``.tmp-step_XXXXXXXX``; after all ranks finish, rank 0
+writes ``COMMITTED`` and renames the directory. A directory without a valid ``COMMITTED`` (or
+whose files do not match it) is never loaded: `CheckpointManager.load_latest` refuses it, says
+why, and falls back to the previous checkpoint. Keep-last-N prunes older committed ones.
+Async saving (``async_save``) stages the tensors, writes in the background and commits at the
+next save or at `CheckpointManager.finalize`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+from consumers.parallel import ParallelState
+from megatron_qwenimage.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+COMMITTED = "COMMITTED"
+META = "meta.json"
+STEP_RE = re.compile(r"^step_(\d{8})$")
+VERIFY_MODES = ("size", "sha256")
+
+
+class CheckpointCorrupt(RuntimeError):
+    """A checkpoint directory is partial or does not match its COMMITTED record (names the file)."""
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Where and how often to checkpoint.
+
+    Attributes:
+        dir: root directory (shared by all ranks). interval: save every N steps (0: only at the end).
+        keep_last: committed checkpoints to keep (older ones are deleted).
+        async_save: write in the background (committed at the next save or at the end).
+        verify: on load, check every file's ``size`` or ``sha256`` against COMMITTED (spread over ranks).
+        load: resume from the newest valid checkpoint in `dir` when one exists.
+    """
+
+    dir: str
+    interval: int = 100
+    keep_last: int = 3
+    async_save: bool = False
+    verify: str = "sha256"
+    load: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.dir:
+            raise ConfigError("checkpoint.dir: expected a directory path")
+        if not isinstance(self.interval, int) or self.interval < 0:
+            raise ConfigError(f"checkpoint.interval={self.interval!r}: expected an integer >= 0")
+        if not isinstance(self.keep_last, int) or self.keep_last < 1:
+            raise ConfigError(f"checkpoint.keep_last={self.keep_last!r}: expected a positive integer")
+        if self.verify not in VERIFY_MODES:
+            raise ConfigError(f"checkpoint.verify={self.verify!r}: expected one of {VERIFY_MODES}")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+# ---------------------------------------------------------------------------------------- state
+def _dtensor(local: torch.Tensor, mesh, placements, full_shape: tuple[int, ...]) -> DTensor:
+    stride = torch.empty(full_shape, device="meta").stride()
+    return DTensor.from_local(local, mesh, placements, run_check=False, shape=torch.Size(full_shape), stride=stride)
+
+
+def build_state(engine, pstate: ParallelState) -> tuple[dict[str, DTensor], list[tuple[torch.Tensor, DTensor]]]:
+    """The DCP state dict of `engine` (model + optimizer) and (live tensor, DTensor) pairs.
+
+    The DTensors wrap the live tensors (``detach()`` shares storage); the pairs let a load copy
+    back explicitly should DCP replace a local tensor instead of filling it.
+    """
+    mesh = pstate.model_mesh()
+    state: dict[str, DTensor] = {}
+    pairs: list[tuple[torch.Tensor, DTensor]] = []
+    for chunk in engine.chunks:
+        for name, tensor in chunk.named_model_tensors():
+            dim = chunk.partition_dims[name]
+            tp_place = Shard(dim) if dim is not None else Replicate()
+            local = tensor.detach()
+            dt = _dtensor(local, mesh, [tp_place, Replicate()], chunk.full_shape(name, tensor))
+            state[f"model/{name}"] = dt
+            pairs.append((local, dt))
+    opt = engine.optimizer
+    full_shapes = {
+        name: chunk.full_shape(name, p) for chunk in engine.chunks for name, p in chunk.named_parameters()
+    }
+    opt_state = opt.state_tensors()
+    for s in opt.shards:
+        tp_place = Shard(s.tp_dim) if s.tp_dim is not None else Replicate()
+        for key, local in opt_state[s.name].items():
+            dt = _dtensor(local, mesh, [tp_place, Shard(0)], full_shapes[s.name])
+            state[f"optim/{s.name}/{key}"] = dt
+            pairs.append((local, dt))
+    return state, pairs
+
+
+def _rng_state() -> dict:
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------- files
+def _file_digest(path: Path, mode: str) -> dict:
+    entry = {"bytes": path.stat().st_size}
+    if mode == "sha256":
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        entry["sha256"] = h.hexdigest()
+    return entry
+
+
+def _list_files(directory: Path) -> list[str]:
+    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file() and p.name != COMMITTED)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def verify_files(directory: Path, record: dict, mode: str, part: int = 0, parts: int = 1) -> None:
+    """Check the files of `directory` against its COMMITTED `record` (this rank's `part` of them)."""
+    listed = record.get("files", {})
+    present = set(_list_files(directory))
+    missing = sorted(set(listed) - present)
+    if missing:
+        raise CheckpointCorrupt(f"checkpoint {directory}: missing file(s) {missing[:5]}")
+    for i, rel in enumerate(sorted(listed)):
+        if i % parts != part:
+            continue
+        want = listed[rel]
+        got = _file_digest(directory / rel, "sha256" if (mode == "sha256" and "sha256" in want) else "size")
+        if got["bytes"] != want["bytes"]:
+            raise CheckpointCorrupt(
+                f"checkpoint {directory}: file {rel} has {got['bytes']} bytes, COMMITTED says {want['bytes']}"
+            )
+        if "sha256" in got and got["sha256"] != want["sha256"]:
+            raise CheckpointCorrupt(
+                f"checkpoint {directory}: file {rel} has sha256 {got['sha256'][:16]}..., "
+                f"COMMITTED says {want['sha256'][:16]}..."
+            )
+
+
+def read_committed(directory: Path) -> dict:
+    """The COMMITTED record of `directory`; raises `CheckpointCorrupt` when absent or unreadable."""
+    marker = directory / COMMITTED
+    if not marker.is_file():
+        raise CheckpointCorrupt(f"checkpoint {directory}: no {COMMITTED} marker (partial write)")
+    try:
+        return json.loads(marker.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointCorrupt(f"checkpoint {directory}: unreadable {COMMITTED} marker ({exc})") from None
+
+
+def committed_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """``(step, dir)`` of every ``step_XXXXXXXX`` directory under `root` (committed or not), newest first."""
+    if not root.is_dir():
+        return []
+    out = []
+    for p in root.iterdir():
+        m = STEP_RE.match(p.name)
+        if m and p.is_dir():
+            out.append((int(m.group(1)), p))
+    return sorted(out, reverse=True)
+
+
+# ---------------------------------------------------------------------------------------- manager
+class CheckpointManager:
+    """Save / load / prune checkpoints of a `TrainEngine` (every rank calls every method)."""
+
+    def __init__(self, config: CheckpointConfig, pstate: ParallelState):
+        self.config = config
+        self.pstate = pstate
+        self.root = Path(config.dir)
+        self._pending: Optional[tuple[Any, Path, Path, dict]] = None
+        self._cpu_group = None
+        if config.async_save and pstate.device.type != "cpu":
+            self._cpu_group = dist.new_group(backend="gloo")
+
+    # ------------------------------------------------------------------ save
+    def save(self, step: int, engine, meta: dict) -> Path:
+        """Checkpoint after `step` completed steps; `meta` (JSON-able: reader state...) goes to meta.json."""
+        self.wait_pending()
+        final = self.root / step_dir_name(step)
+        tmp = self.root / f".tmp-{step_dir_name(step)}"
+        if self.pstate.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+            (tmp / "rng").mkdir()
+        dist.barrier()
+        state, _ = build_state(engine, self.pstate)
+        torch.save(_rng_state(), tmp / "rng" / f"rank_{self.pstate.rank:05d}.pt")
+        full_meta = {
+            "step": step,
+            "optimizer_steps": engine.optimizer.num_steps,
+            "lr_schedule": engine.optimizer.schedule.state_dict(),
+            "layout": {k: getattr(self.pstate.layout, k) for k in ("tp", "pp", "dp", "vpp", "sequence_parallel")},
+            "world_size": self.pstate.world_size,
+            "model_config": engine.model_config.to_dict(),
+            **meta,
+        }
+        if self.config.async_save:
+            staged = {k: _dtensor(v.to_local().clone(), v.device_mesh, v.placements, tuple(v.shape)) for k, v in state.items()}
+            future = dcp.async_save(staged, checkpoint_id=str(tmp), process_group=self._cpu_group)
+            self._pending = (future, tmp, final, full_meta)
+        else:
+            dcp.save(state, checkpoint_id=str(tmp))
+            self._commit(tmp, final, full_meta)
+        return final
+
+    def wait_pending(self) -> None:
+        """Finish (and commit) an async save in flight."""
+        if self._pending is None:
+            return
+        future, tmp, final, meta = self._pending
+        self._pending = None
+        future.result()
+        self._commit(tmp, final, meta)
+
+    def finalize(self) -> None:
+        self.wait_pending()
+
+    def _commit(self, tmp: Path, final: Path, meta: dict) -> None:
+        dist.barrier()
+        if self.pstate.rank == 0:
+            (tmp / META).write_text(json.dumps(meta, sort_keys=True))
+            files = {rel: _file_digest(tmp / rel, self.config.verify) for rel in _list_files(tmp)}
+            record = {"step": meta["step"], "files": files}
+            marker_tmp = tmp / f"{COMMITTED}.tmp"
+            with open(marker_tmp, "w") as f:
+                json.dump(record, f, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(marker_tmp, tmp / COMMITTED)
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync_dir(self.root)
+            self._prune()
+        dist.barrier()
+
+    def _prune(self) -> None:
+        kept = 0
+        for _, path in committed_checkpoints(self.root):
+            if (path / COMMITTED).is_file():
+                kept += 1
+                if kept > self.config.keep_last:
+                    shutil.rmtree(path, ignore_errors=True)
+
+    # ------------------------------------------------------------------ load
+    def _verify_everywhere(self, directory: Path) -> Optional[str]:
+        """Every rank checks a share of the files; returns the first failure message, or None."""
+        err = ""
+        try:
+            record = read_committed(directory)
+            verify_files(directory, record, self.config.verify, self.pstate.rank, self.pstate.world_size)
+        except CheckpointCorrupt as exc:
+            err = str(exc)
+        errors: list[str] = [""] * self.pstate.world_size
+        dist.all_gather_object(errors, err)
+        bad = [e for e in errors if e]
+        return bad[0] if bad else None
+
+    def load_latest(self, engine) -> Optional[dict]:
+        """Load the newest valid checkpoint into `engine`; returns its meta.json, or None if none.
+
+        Invalid ones (no COMMITTED, files not matching it, DCP read errors) are refused with a
+        warning naming the reason, and the previous one is tried.
+        """
+        if not self.config.load:
+            return None
+        for step, directory in committed_checkpoints(self.root):
+            reason = self._verify_everywhere(directory)
+            if reason is None:
+                try:
+                    return self.load(directory, engine)
+                except (dcp.api.CheckpointException, OSError, ValueError, RuntimeError) as exc:
+                    reason = f"checkpoint {directory}: load failed ({type(exc).__name__}: {str(exc)[:300]})"
+            if self.pstate.rank == 0:
+                log.warning("refusing checkpoint step %d: %s; trying the previous one", step, reason)
+            self.refused = getattr(self, "refused", []) + [reason]
+        return None
+
+    def load(self, directory: Path, engine) -> dict:
+        """Load `directory` (already verified) into `engine`, resharding to the current layout."""
+        meta = json.loads((directory / META).read_text())
+        state, pairs = build_state(engine, self.pstate)
+        dcp.load(state, checkpoint_id=str(directory))
+        with torch.no_grad():
+            for live, dt in pairs:
+                local = dt.to_local()
+                if local.data_ptr() != live.data_ptr():
+                    live.copy_(local)
+        engine.optimizer.set_num_steps(int(meta["optimizer_steps"]))
+        engine.optimizer.load_master_into_params()
+        rng_file = directory / "rng" / f"rank_{self.pstate.rank:05d}.pt"
+        if meta.get("world_size") == self.pstate.world_size and meta.get("layout") == {
+            k: getattr(self.pstate.layout, k) for k in ("tp", "pp", "dp", "vpp", "sequence_parallel")
+        } and rng_file.is_file():
+            _set_rng_state(torch.load(rng_file, weights_only=False))
+        dist.barrier()
+        return meta
+
+
+# ---------------------------------------------------------------------------------------- export
+def export_checkpoint_to_diffusers(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
+                                   ema: bool = False, dtype: Optional[torch.dtype] = None) -> None:
+    """Write a committed checkpoint's model (or its EMA weights) as a diffusers directory.
+
+    Runs in one process (no process group): DCP assembles full tensors from the shards of any
+    layout, then `megatron_qwenimage.convert.export_to_diffusers` writes them.
+    """
+    from megatron_qwenimage.config import MMDiTConfig
+    from megatron_qwenimage.convert import export_to_diffusers
+    from megatron_qwenimage.model.mmdit import QwenImageMMDiT
+
+    directory = Path(checkpoint_dir)
+    record = read_committed(directory)
+    verify_files(directory, record, "size")
+    meta = json.loads((directory / META).read_text())
+    cfg_dict = dict(meta["model_config"])
+    cfg_dict.update(tensor_model_parallel_size=1, sequence_parallel=False)
+    config = MMDiTConfig(**cfg_dict)
+    model = QwenImageMMDiT(config, tp_group=None)
+    params = dict(model.named_parameters())
+    state = {}
+    for name, tensor in model.named_model_tensors():
+        key = f"optim/{name}/ema" if (ema and name in params) else f"model/{name}"
+        state[key] = torch.empty(tensor.shape, dtype=torch.float32 if key.startswith("optim") else tensor.dtype)
+    dcp.load(state, checkpoint_id=str(directory), no_dist=True)
+    with torch.no_grad():
+        for name, tensor in model.named_model_tensors():
+            key = f"optim/{name}/ema" if (ema and name in params) else f"model/{name}"
+            tensor.copy_(state[key])
+    export_to_diffusers(model, out_dir, dtype=dtype)
