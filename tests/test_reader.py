@@ -321,3 +321,23 @@ def test_direct_shard_access_equals_zarr(tmp_path, monkeypatch):
         for x, y in zip(a, b):
             assert x.sample_ids == y.sample_ids and torch.equal(x.latents, y.latents) and torch.equal(x.text, y.text)
             assert all(torch.equal(c, d) for c, d in zip(x.condition_latents, y.condition_latents))
+
+
+def test_benchmark_script_smoke(capsys):
+    """benchmarks/reader.py runs end to end on a tiny cache (its plumbing; no timing asserted)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    bench_path = Path(__file__).resolve().parents[1] / "benchmarks" / "reader.py"
+    spec = importlib.util.spec_from_file_location("reader_bench", bench_path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    spec.loader.exec_module(bench)
+    argv = ["--bucket", "32x32", "--task", "edit", "--partitions", "1", "--samples", "8", "--micro-batch", "2",
+            "--reader-steps", "2", "--model-steps", "1", "--json"]
+    assert bench.main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["image_tokens"] == 4 and result["task"] == "edit"
+    assert result["reader_samples_per_s"] > 0 and result["model_samples_per_s"] > 0
+    assert result["ratio"] == pytest.approx(result["reader_samples_per_s"] / result["model_samples_per_s"])
