@@ -254,6 +254,23 @@ def test_tail_waits_logs_and_times_out_naming_the_cache(tmp_path, caplog):
             r.next_global_step()
 
 
+def test_grow_repins_the_newest_snapshot_at_the_epoch_boundary(tmp_path):
+    path = tmp_path / "g"
+    publish(path, "p0", [payload(B16, 8, prefix="p0", seed=0)])  # v1: 2 steps per epoch
+    cfg = config({"path": str(path), "mode": "grow"}, stages=[{**STAGE, "buckets": ["16x16"]}], prefetch_steps=0)
+    with CacheReader(cfg, dp_rank=0, dp_size=1) as r:
+        first = take(r, 1)
+        publish(path, "p1", [payload(B16, 8, prefix="p1", seed=1)])  # v2
+        rest, pins = [], []
+        for _ in range(5):
+            rest.append(r.next_global_step())
+            pins.append(r.last_step.snapshot_version)
+    assert pins == [1, 2, 2, 2, 2]
+    epoch1, epoch2 = ids(first + rest[:1]), ids(rest[1:])
+    assert all(s.startswith("p0-") for step in epoch1 for s in step)
+    assert sorted(s for step in epoch2 for s in step) == sorted([f"p{p}-{i}" for p in (0, 1) for i in range(8)])
+
+
 # ------------------------------------------------------------------ corruption, validation
 def test_corrupted_shard_error_names_the_shard(tmp_path):
     path = tmp_path / "bad"
