@@ -159,6 +159,11 @@ class MMDiTConfig:
         return self.out_channels
 
     @property
+    def guidance_embeds(self) -> bool:
+        """diffusers pipelines read ``transformer.config.guidance_embeds``; Qwen-Image has none."""
+        return False
+
+    @property
     def torch_dtype(self):
         import torch
 

@@ -124,3 +124,16 @@ def test_bad_inputs_are_named(tiny_model, edit, message):
     edit(kwargs)
     with pytest.raises(ValueError, match=message):
         tiny_model(**kwargs)
+
+
+def test_local_backend_never_imports_transformer_engine():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from megatron_qwenimage import QwenImageMMDiT, load_config; "
+        "QwenImageMMDiT(load_config('tiny')); "
+        "print('transformer_engine' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "False"
