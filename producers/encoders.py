@@ -82,8 +82,13 @@ def default_tiny_dir() -> Path:
     return Path(cache) / "megatron-qwenimage" / f"tiny-encoders-v{TINY_FORMAT_VERSION}"
 
 
-def build_tiny_encoders(directory: str | os.PathLike | None = None, seed: int = 0) -> Path:
+def build_tiny_encoders(directory: str | os.PathLike | None = None, seed: int = 0, vae_base_dim: int = 16,
+                        full_size: bool = False) -> Path:
     """Create (once) small random-initialised encoders in HF format and return the directory.
+
+    `vae_base_dim` widens the tiny VAE (benchmarks make encoding dominate with it); `full_size`
+    builds the real architectures instead (VAE base_dim 96, Qwen2.5-VL-7B), random weights, for
+    GPU benchmarks.
 
     Safe under concurrency: the directory is built privately and renamed into place; if another
     process got there first its copy is kept.
@@ -102,8 +107,11 @@ def build_tiny_encoders(directory: str | os.PathLike | None = None, seed: int = 
     try:
         torch.manual_seed(seed)
         # VAE: 3 stride-2 stages (8x spatial, like the real VAE), z_dim 16, narrow channels.
-        vae = AutoencoderKLQwenImage(base_dim=16, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
-                                     temperal_downsample=[False, True, True])
+        if full_size:
+            vae = AutoencoderKLQwenImage()  # the released config (spec 4.2)
+        else:
+            vae = AutoencoderKLQwenImage(base_dim=vae_base_dim, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                                         temperal_downsample=[False, True, True])
         vae.save_pretrained(tmp / "vae")
         text_cfg = Qwen2_5_VLConfig(
             text_config=dict(hidden_size=TINY_TEXT_HIDDEN, intermediate_size=64, num_hidden_layers=2,
@@ -114,7 +122,19 @@ def build_tiny_encoders(directory: str | os.PathLike | None = None, seed: int = 
             vocab_size=152064, vision_start_token_id=151652, vision_end_token_id=151653,
             image_token_id=151655, video_token_id=151656,
         )
-        Qwen2_5_VLForConditionalGeneration(text_cfg).eval().save_pretrained(tmp / "text_encoder")
+        if full_size:  # Qwen2.5-VL-7B shapes (spec 5.1), random weights, bf16
+            text_cfg = Qwen2_5_VLConfig(
+                text_config=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                                 num_key_value_heads=4, rope_theta=1e6, vocab_size=152064,
+                                 rope_scaling={"mrope_section": [16, 24, 24], "rope_type": "default", "type": "default"}),
+                vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584),
+                vocab_size=152064, vision_start_token_id=151652, vision_end_token_id=151653,
+                image_token_id=151655, video_token_id=151656, torch_dtype="bfloat16",
+            )
+        with torch.device("cuda" if full_size and torch.cuda.is_available() else "cpu"):
+            text_model = Qwen2_5_VLForConditionalGeneration(text_cfg)
+        (text_model.to(torch.bfloat16) if full_size else text_model).eval().save_pretrained(tmp / "text_encoder")
+        del text_model
         ranks = qwen_tiktoken_path()
         vocab, merges = TikTokenConverter(ranks).extract_vocab_merges_from_model(ranks)
         tok = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=32768)
