@@ -20,6 +20,7 @@ CPU default: ``bench-cpu`` (hidden 512, 4 blocks), 32x32 patches (512x512 px), 6
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -55,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="parameter and activation dtype of both models (default: %(default)s)")
     p.add_argument("--backend", choices=("local", "transformer_engine"), default="local",
                    help="kernel backend of our model (default: %(default)s)")
+    p.add_argument("--fp8", choices=("delayed", "current"), default=None,
+                   help="run our model's TE linears in FP8 with this Transformer Engine recipe "
+                   "(needs --backend transformer_engine on a CUDA GPU; default: no FP8)")
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="peak dense TFLOP/s of one GPU for MFU (default: from the detected GPU and --dtype)")
@@ -98,14 +102,15 @@ def resolve_workload(args: argparse.Namespace) -> Workload:
 
 
 def make_inputs(config: MMDiTConfig, work: Workload, device, dtype, seed: int) -> dict:
-    """Diffusers-signature inputs plus a velocity target; all-valid text mask."""
+    """Diffusers-signature inputs plus a velocity target; unpadded text (no mask)."""
     g = torch.Generator().manual_seed(seed + 1)
     b, n, t = work.batch, work.image_tokens, work.text_tokens
     rand = lambda *shape: torch.randn(*shape, generator=g).to(device=device, dtype=dtype)  # noqa: E731
     return {
         "hidden_states": rand(b, n, config.in_channels),
         "encoder_hidden_states": rand(b, t, config.joint_attention_dim),
-        "encoder_hidden_states_mask": torch.ones(b, t, dtype=torch.long, device=device),
+        # No padding: diffusers' pipeline passes no mask then, so neither model pays for one.
+        "encoder_hidden_states_mask": None,
         "timestep": torch.rand(b, generator=g).to(device=device, dtype=dtype),
         "img_shapes": [[(1, work.patches_h, work.patches_w)]] * b,
         "target": rand(b, n, config.patch_size**2 * config.out_channels),
@@ -129,7 +134,8 @@ def build_models(config: MMDiTConfig, args) -> tuple[torch.nn.Module, torch.nn.M
     return ours, ref
 
 
-def make_step(model: torch.nn.Module, inputs: dict, *, returns_sample: bool, compile: bool) -> Callable[[], torch.Tensor]:
+def make_step(model: torch.nn.Module, inputs: dict, *, returns_sample: bool, compile: bool,
+              forward_context: Callable = contextlib.nullcontext) -> Callable[[], torch.Tensor]:
     """A closure running one fwd + loss + bwd + AdamW step; returns the (detached) loss."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
     fwd = torch.compile(model) if compile else model
@@ -137,7 +143,8 @@ def make_step(model: torch.nn.Module, inputs: dict, *, returns_sample: bool, com
 
     def step() -> float:
         opt.zero_grad(set_to_none=True)
-        out = fwd(**args)
+        with forward_context():
+            out = fwd(**args)
         pred = out.sample if returns_sample else out
         loss = flow_matching_loss(pred, inputs["target"]).loss
         loss.backward()
@@ -186,8 +193,15 @@ def run(args: argparse.Namespace) -> dict:
     with torch.no_grad():
         diff = (ours(**fwd_inputs).float() - ref(**fwd_inputs, return_dict=False)[0].float()).abs().max().item()
 
+    forward_context = contextlib.nullcontext
+    if args.fp8 is not None:
+        from consumers.step import Precision, PrecisionConfig
+
+        precision = Precision(PrecisionConfig(fp8=args.fp8), config, torch.device(args.device))
+        precision.apply_exclusions(ours)
+        forward_context = precision.forward_context
     steps = {
-        "ours": make_step(ours, inputs, returns_sample=False, compile=args.compile),
+        "ours": make_step(ours, inputs, returns_sample=False, compile=args.compile, forward_context=forward_context),
         "diffusers": make_step(ref, inputs, returns_sample=True, compile=args.compile),
     }
     times = time_interleaved(steps, args.warmup, args.iters, args.device)
@@ -201,6 +215,7 @@ def run(args: argparse.Namespace) -> dict:
         "dtype": args.dtype,
         "backend": args.backend,
         "compile": args.compile,
+        "fp8": args.fp8,
         "batch": work.batch,
         "image_tokens": work.image_tokens,
         "text_tokens": work.text_tokens,
@@ -238,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(
         f"{result['config']} ({result['num_layers']} blocks, hidden {result['hidden_size']}) on {result['device']}, "
-        f"{result['dtype']}, backend={result['backend']}{', compiled' if result['compile'] else ''}: "
+        f"{result['dtype']}, backend={result['backend']}{', fp8 ' + result['fp8'] if result['fp8'] else ''}"
+        f"{', compiled' if result['compile'] else ''}: "
         f"batch {result['batch']} x ({result['image_tokens']} image + {result['text_tokens']} text tokens), "
         f"median of {result['iters']} steps"
     )

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from megatron_qwenimage.config import ConfigError, MMDiTConfig, validate_text_length
 from megatron_qwenimage.model.backends import ParallelLinearFactory
-from megatron_qwenimage.model.block import MMDiTBlock
+from megatron_qwenimage.model.block import CarriedTextWeights, MMDiTBlock
 from megatron_qwenimage.model.layers import (
     RMSNorm,
     TimestepEmbedder,
@@ -124,6 +124,8 @@ class QwenImageMMDiT(torch.nn.Module):
     def _collect_partition_dims(self) -> dict[str, Optional[int]]:
         dims = {name: tp_partition_dim(p) for name, p in self.named_parameters()}
         for module_name, module in self.named_modules():
+            if not isinstance(module, CarriedTextWeights):
+                continue
             for buffer_name, dim in getattr(module, "partition_dims", {}).items():
                 dims[f"{module_name}.{buffer_name}"] = dim
         return dims
@@ -165,7 +167,8 @@ class QwenImageMMDiT(torch.nn.Module):
     def named_model_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Parameters and carried buffers by canonical name (this rank's shards)."""
         yield from self.named_parameters()
-        yield from ((n, b) for n, b in self.named_buffers())
+        # Only the carried weights: kernel libraries (TE) may keep buffers of their own.
+        yield from ((n, b) for n, b in self.named_buffers() if n in self.partition_dims)
 
     def full_shape(self, name: str, tensor: torch.Tensor) -> tuple[int, ...]:
         """Shape of the unsharded tensor behind this rank's shard `tensor` (named `name`)."""
@@ -181,8 +184,9 @@ class QwenImageMMDiT(torch.nn.Module):
         ``trainable``: parameters; ``carried``: the last block's never-used text weights held as
         buffers; ``total``: both, i.e. the size of the released checkpoint for the full model.
         """
-        trainable = sum(prod(self.full_shape(n, p)) for n, p in self.named_parameters())
-        carried = sum(prod(self.full_shape(n, b)) for n, b in self.named_buffers())
+        params = dict(self.named_parameters())
+        trainable = sum(prod(self.full_shape(n, p)) for n, p in params.items())
+        carried = sum(prod(self.full_shape(n, t)) for n, t in self.named_model_tensors() if n not in params)
         return {"trainable": trainable, "carried": carried, "total": trainable + carried}
 
     @torch.no_grad()
