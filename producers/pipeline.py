@@ -211,8 +211,8 @@ def _poll_actors(metrics: ProducerMetrics, every_s: float = 5.0) -> None:
         alive = list_actors(filters=[("state", "=", "ALIVE")], limit=10_000, timeout=2)
     except Exception:  # noqa: BLE001 - no state API on a head started without dashboard
         return
-    for pool in ("VaeStage", "TextStage"):
-        metrics.alive_actors.labels(pool).set(sum(1 for a in alive if pool in (a.class_name or "") or "MapWorker" in (a.class_name or "")))
+    for pool in ("VaeStage", "TextStage"):  # Ray Data names them MapWorker(MapBatches(<class>))
+        metrics.alive_actors.labels(pool).set(sum(1 for a in alive if pool in (a.class_name or "")))
 
 
 def _build_dataset(window: list[Partition], req: ProduceRequest, cfg: ProducerConfig, encoders_dir: str, enc_version: str):
