@@ -6,7 +6,7 @@
 # under .dev-te/ (its core wheel's parts already copied to /tmp/stash). Runs
 #   1. the TE-backend tests (TE vs local backend, FP8 recipes) and the diffusers parity tests;
 #   2. benchmarks/mmdit_step.py on a 4-block slice of the 20B model at 1024x1024 (batch 2,
-#      256 text tokens) for the local backend, TE bf16 and TE FP8, each against diffusers' eager
+#      256 text tokens) for the local backend (skipped with GPU_CHECKS=tests), TE bf16 and TE FP8, each against diffusers' eager
 #      model measured in the same process (the anchor); results as JSON lines in $OUT/mmdit.jsonl.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-checks}
@@ -15,7 +15,9 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .
 export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 source .dev-te/deps/install_te.sh || exit 1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-python3 -m pytest -q -p no:cacheprovider -x tests/test_te_backend.py tests/test_mmdit_parity.py 2>&1 | tail -15
+python3 -m pytest -q -p no:cacheprovider -rf --tb=short tests/test_te_backend.py tests/test_mmdit_parity.py 2>&1 \
+  | grep -v -i "warn" | tail -60
+[ "${GPU_CHECKS:-all}" = tests ] && exit 0
 for variant in "--backend local" "--backend transformer_engine" "--backend transformer_engine --fp8 delayed"; do
   echo "== mmdit_step $variant"
   python3 benchmarks/mmdit_step.py --device cuda --dtype bf16 --config qwen-image-20b --layers 4 \
