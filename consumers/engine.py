@@ -95,23 +95,29 @@ class TrainEngine:
             for b in microbatches
         ]
 
-    def _dp_sum(self, value: torch.Tensor) -> float:
-        buf = value.to(self.pstate.device, torch.float32)
+    def dp_sum(self, value: torch.Tensor) -> torch.Tensor:
+        """Sum of `value` over the DP group (on CPU)."""
+        buf = value.to(self.pstate.device)
         if self.pstate.layout.dp > 1:
             dist.all_reduce(buf, group=self.pstate.dp_group)
-        return float(buf)
+        return buf.cpu()
 
-    def train_step(self, step: int, microbatches: Sequence[Batch]) -> StepResult:
-        """Forward/backward of this rank's micro-batches of global step `step`, then the update."""
+    def train_step(self, step: int, microbatches: Sequence[Batch], global_batch_size: Optional[int] = None) -> StepResult:
+        """Forward/backward of this rank's micro-batches of global step `step`, then the update.
+
+        `global_batch_size` (samples of the step over all DP ranks) defaults to the engine's; a
+        curriculum stage may change it.
+        """
+        gbs = global_batch_size or self.global_batch_size
         for chunk in self.chunks:
             chunk.train()
         inputs = self._inputs(step, microbatches, self.sigma_sampler)
         self.optimizer.zero_grad()
         if self.runner is None:
-            local = run_local_microbatches(self.stages[0], inputs, self.global_batch_size)
+            local = run_local_microbatches(self.stages[0], inputs, gbs)
         else:
-            local = broadcast_loss_from_last_stage(self.runner.run(inputs), self.pstate)
-        loss = self._dp_sum(local)
+            local = broadcast_loss_from_last_stage(self.runner.run(inputs, gbs), self.pstate)
+        loss = float(self.dp_sum(local.float()))
         opt = self.optimizer.step(step)
         return StepResult(
             loss=loss,
@@ -122,25 +128,24 @@ class TrainEngine:
         )
 
     @torch.no_grad()
-    def eval_loss(self, step_key: int, microbatches: Sequence[Batch], sigma: float, num_samples: int) -> float:
-        """Mean loss over `num_samples` global samples at a fixed σ (validation).
+    def eval_local_loss(self, step_key: int, microbatches: Sequence[Batch], sigma: float, num_samples: int) -> float:
+        """``sum(per-sample loss) / num_samples`` over this DP replica's `microbatches` at a fixed σ.
 
-        Noise is seeded by ``(seed, step_key, sample index)``; σ is the constant `sigma`.
+        Not reduced over DP (callers sum with `dp_sum` once, so DP ranks may evaluate different
+        numbers of micro-batches). Under PP every stage returns the last stage's value. Noise is
+        seeded by ``(seed, step_key, sample index)``.
         """
         for chunk in self.chunks:
             chunk.eval()
-        sampler = _ConstantSigma(sigma)
-        inputs = self._inputs(step_key, microbatches, sampler)
+        inputs = self._inputs(step_key, microbatches, _ConstantSigma(sigma))
         if self.runner is None:
             total = torch.zeros(())
             for mb in inputs:
                 self.stages[0].set_shapes(mb.img_shapes, mb.num_target_tokens)
                 pred = self.stages[0](mb.hidden_states, mb.text, mb.sigma, text_mask=mb.text_mask)
                 total += loss_sum_over_global(pred, mb.target, num_samples).cpu()
-            local = total
-        else:
-            local = broadcast_loss_from_last_stage(self.runner.evaluate(inputs, num_samples), self.pstate)
-        return self._dp_sum(local)
+            return float(total)
+        return float(broadcast_loss_from_last_stage(self.runner.evaluate(inputs, num_samples), self.pstate))
 
 
 class _ConstantSigma(SigmaSampler):

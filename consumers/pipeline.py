@@ -77,7 +77,7 @@ class PipelineRunner:
     def _loss_fn(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return loss_sum_over_global(prediction, target, self._normalizer)
 
-    def _schedule(self, key: tuple, n_microbatches: int):
+    def _schedule(self, key: tuple, n_microbatches: int, train: bool):
         if key in self._schedules:
             return self._schedules[key]
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B
@@ -89,7 +89,7 @@ class PipelineRunner:
             for stage, idx in zip(self.stages, layout.stages_of_rank(self.pstate.pp_rank))
         ]
         if layout.vpp == 1:
-            if n_microbatches < layout.pp:
+            if train and n_microbatches < layout.pp:
                 raise ValueError(
                     f"1F1B needs at least pp={layout.pp} micro-batches per step, got {n_microbatches} "
                     "(raise global_batch_size or lower micro_batch_size)"
@@ -104,9 +104,9 @@ class PipelineRunner:
         self._schedules[key] = sched
         return sched
 
-    def run(self, inputs: Sequence[StepInputs]) -> Optional[torch.Tensor]:
+    def run(self, inputs: Sequence[StepInputs], global_batch_size: Optional[int] = None) -> Optional[torch.Tensor]:
         """Forward+backward all micro-batches; returns the summed loss on the last stage, else None."""
-        self._normalizer = self.global_batch_size
+        self._normalizer = global_batch_size or self.global_batch_size
         return self._execute(inputs, train=True)
 
     def evaluate(self, inputs: Sequence[StepInputs], num_samples: int) -> Optional[torch.Tensor]:
@@ -122,7 +122,7 @@ class PipelineRunner:
         for stage in self.stages:
             stage.set_shapes(first.img_shapes, first.num_target_tokens)
         key = (tuple(first.hidden_states.shape), tuple(first.text.shape), len(inputs), first.num_target_tokens)
-        sched = self._schedule(key, len(inputs))
+        sched = self._schedule(key + (train,), len(inputs), train)
         hidden = torch.cat([mb.hidden_states for mb in inputs])
         text = torch.cat([mb.text for mb in inputs])
         sigma = torch.cat([mb.sigma for mb in inputs])

@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "megatron_qwenimage.commands.model_info",
     "megatron_qwenimage.commands.convert",
     "producers.cli",
+    "consumers.cli",
 )
 
 

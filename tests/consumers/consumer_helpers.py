@@ -87,3 +87,71 @@ def to_microbatches(samples: list[dict], *, dp_rank: int, dp: int, micro_batch: 
         out.append(Batch(latents=torch.stack([samples[i]["latents"] for i in idx]), text=text, text_mask=mask,
                          sample_index=torch.tensor(idx), condition_latents=cond, task=task))
     return out
+
+
+def write_cache(path, *, samples_per_bucket: int = 8, buckets=((32, 32),), edit: int = 0, seed: int = 0,
+                partition: str = "p0", distinct: int | None = None) -> str:
+    """A small latent cache written with the producers' writer (`publish_partition`) + one snapshot.
+
+    Latents are 16-channel (tiny VAE), text 32-dim (tiny text encoder), i.e. model `tiny-16ch`.
+    `distinct`: only this many different (latent, text) contents, repeated (ids stay unique).
+    """
+    from megatron_qwenimage.data import Bucket, SampleMeta, ShardTensors, init_cache
+    from megatron_qwenimage.data.shard_format import offsets_from_lengths
+    from megatron_qwenimage.data.writer import ShardPayload, publish_partition
+
+    cache = init_cache(str(path))
+    g = torch.Generator().manual_seed(seed)
+    payloads = []
+    for bh, bw in buckets:
+        bucket = Bucket(bh, bw)
+        n = samples_per_bucket
+        lengths = [int(x) for x in torch.randint(3, 9, (n,), generator=g)]
+        latents = torch.randn(n, 16, bucket.latent_height, bucket.latent_width, generator=g)
+        cond = torch.randn(n, 16, bucket.latent_height, bucket.latent_width, generator=g) if edit else None
+        if distinct:
+            lengths = [lengths[i % distinct] for i in range(n)]
+            latents = latents[[i % distinct for i in range(n)]]
+        text = torch.randn(sum(lengths), 32, generator=g)
+        if distinct:
+            offs = offsets_from_lengths(lengths)
+            for i in range(distinct, n):
+                j = i % distinct
+                text[offs[i]:offs[i + 1]] = text[offs[j]:offs[j + 1]]
+        text = text.to(torch.bfloat16)
+        metas = [SampleMeta(f"{partition}-{bucket.name}-{i}", "edit" if i >= n - edit else "t2i", f"caption {i}",
+                            f"file://x/{i}.png", f"file://x/src{i}.png" if i >= n - edit else None, lengths[i],
+                            False, bh, bw) for i in range(n)]
+        if cond is not None:
+            cond[: n - edit] = 0
+        payloads.append(ShardPayload(bucket, ShardTensors(latents.to(torch.bfloat16), text,
+                                                          offsets_from_lengths(lengths),
+                                                          None if cond is None else cond.to(torch.bfloat16)), metas))
+    assert publish_partition(cache.storage, partition, inputs=len(buckets) * samples_per_bucket, shards=payloads).won
+    cache.create_snapshot()
+    return str(path)
+
+
+def run_config(cache: str, out: Path, *, steps: int, global_batch: int = 4, micro_batch: int = 1,
+               parallel: dict | None = None, ckpt_interval: int = 0, lr: float = 1e-3, **extra) -> dict:
+    """A run YAML mapping for `tiny-16ch` on `cache`, metrics every step."""
+    cfg = {
+        "model": {"name": "tiny-16ch", "num_layers": 2},
+        "parallel": parallel or {},
+        "optimizer": {"lr": lr, "warmup_steps": 2, "clip_grad": 1.0},
+        "flow_matching": {"kind": "uniform"},
+        "data": {"caches": [{"path": cache}], "seed": 3, "prefetch_steps": 2,
+                 "stages": [{"name": "s0", "buckets": ["32x32"], "micro_batch": micro_batch,
+                             "global_batch": global_batch}]},
+        "schedule": {"train_steps": steps, "seed": 11},
+        "logging": {"dir": str(out / "logs"), "interval": 1, "tensorboard": False},
+    }
+    if ckpt_interval:
+        cfg["checkpoint"] = {"dir": str(out / "ckpt"), "interval": ckpt_interval, "keep_last": 2}
+    for section, values in extra.items():
+        cfg[section] = {**cfg.get(section, {}), **values}
+    return cfg
+
+
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
