@@ -246,7 +246,13 @@ class SDPAttention(torch.nn.Module):
 
 
 class TEAttention(torch.nn.Module):
-    """Joint attention with Transformer Engine's fused ``DotProductAttention`` (``sbhd`` layout)."""
+    """Joint attention with Transformer Engine's ``DotProductAttention`` (``sbhd`` layout).
+
+    Unpadded batches take TE's fused kernels (``no_mask``). A text padding mask leaves invalid
+    keys in the *middle* of the joint ``[text; image]`` sequence, which TE's ``padding`` type
+    (a valid prefix per sample, turned into cu_seqlens) cannot express, so it is passed as an
+    ``arbitrary`` mask ``[b, 1, s_q, s_kv]`` (True = not allowed, TE's convention).
+    """
 
     def __init__(self, num_local_heads: int, head_dim: int):
         super().__init__()
@@ -257,7 +263,7 @@ class TEAttention(torch.nn.Module):
             kv_channels=head_dim,
             attention_dropout=0.0,
             qkv_format="sbhd",
-            attn_mask_type="padding",
+            attn_mask_type="no_mask",
             softmax_scale=1.0 / math.sqrt(head_dim),
         )
 
@@ -266,10 +272,8 @@ class TEAttention(torch.nn.Module):
         if key_mask is None:
             out = self.core(q, k, v, attn_mask_type="no_mask")
         else:
-            # TE masks are True where attention is *not* allowed; queries are never masked here.
-            q_masked = torch.zeros(b, 1, 1, s_q, dtype=torch.bool, device=q.device)
-            kv_masked = ~key_mask[:, None, None, :]
-            out = self.core(q, k, v, attention_mask=(q_masked, kv_masked), attn_mask_type="padding")
+            masked = (~key_mask)[:, None, None, :].expand(b, 1, s_q, key_mask.shape[1])
+            out = self.core(q, k, v, attention_mask=masked, attn_mask_type="arbitrary")
         return out.reshape(s_q, b, h * d)
 
 
