@@ -16,7 +16,7 @@ export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 H
 source .dev-te/deps/install_te.sh || exit 1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -m pytest -q -p no:cacheprovider -rf --tb=short tests/test_te_backend.py tests/test_mmdit_parity.py 2>&1 \
-  | grep -v -i "warn" | tail -60
+  | grep -v -E "warnings.warn|Warning:" | tail -60
 [ "${GPU_CHECKS:-all}" = tests ] && exit 0
 for variant in "--backend local" "--backend transformer_engine" "--backend transformer_engine --fp8 delayed"; do
   echo "== mmdit_step $variant"
