@@ -239,7 +239,7 @@ def train(cfg: RunConfig) -> dict:
     fault_step = int(os.environ.get(FAULT_ENV, "0") or 0)
     if val is not None and start == 0:
         metrics.emit(validate(engine, val, cfg.schedule.eval_sigmas, 0))
-    last_record, step = None, start
+    last_record, completed = None, start
     try:
         for step in range(start, cfg.schedule.train_steps):
             t0 = time.perf_counter()
@@ -267,7 +267,7 @@ def train(cfg: RunConfig) -> dict:
                                          samples=len(plan.refs), image_tokens=result.image_tokens * layout.dp,
                                          flops=flops, step_time_s=step_time, data_wait_s=t_data)
             last_record = record or last_record
-            done = step + 1
+            done = completed = step + 1
             if ckpt is not None and cfg.checkpoint.interval and done % cfg.checkpoint.interval == 0:
                 ckpt.save(done, engine, {"reader": reader.state_dict()})
             if val is not None and done % cfg.schedule.eval_interval == 0:
@@ -276,9 +276,7 @@ def train(cfg: RunConfig) -> dict:
                 if ckpt is not None:
                     ckpt.finalize()
                 os.kill(os.getpid(), signal.SIGKILL)
-        else:
-            step = cfg.schedule.train_steps - 1
-        final = min(step + 1, cfg.schedule.train_steps)
+        final = completed
         if ckpt is not None:
             if final % max(cfg.checkpoint.interval, 1) or not cfg.checkpoint.interval:
                 ckpt.save(final, engine, {"reader": reader.state_dict()})
