@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import torch
-from conftest import make_diffusers_transformer
+from mmdit_helpers import make_diffusers_transformer
 
 from megatron_qwenimage import QwenImageMMDiT
 
 
 def test_sampling_through_diffusers_pipeline_matches():
-    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+    )
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
     from producers.encoders import build_tiny_encoders
