@@ -29,10 +29,13 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F  # noqa: F401  (kept for users extending stages)
-from torch.utils.checkpoint import checkpoint
 
 from megatron_qwenimage.config import ConfigError, MMDiTConfig
-from megatron_qwenimage.flow_matching import SigmaSampler, flow_matching_loss, pack_latents
+from megatron_qwenimage.flow_matching import (
+    SigmaSampler,
+    flow_matching_loss,
+    pack_latents,
+)
 from megatron_qwenimage.model.mmdit import QwenImageMMDiT
 
 TASKS = ("t2i", "edit", "i2i")
@@ -319,27 +322,8 @@ class RecomputeConfig:
 
 
 def apply_recompute(model: QwenImageMMDiT, config: RecomputeConfig) -> list[str]:
-    """Wrap blocks (or their attention) in ``torch.utils.checkpoint``; returns the wrapped names.
-
-    The wrap replaces the module's ``forward`` attribute, so parameter names stay canonical.
-    """
-    wrapped = []
-    if config.mode == "none":
-        return wrapped
-    for idx, block in model.blocks.items():
-        target = block.attention if config.mode == "selective" else block
-        if config.mode == "full" and int(idx) % config.every_n:
-            continue
-        inner = target.forward
-
-        def forward(*args, _inner=inner, **kwargs):
-            if not torch.is_grad_enabled():
-                return _inner(*args, **kwargs)
-            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
-
-        target.forward = forward
-        wrapped.append(f"blocks.{idx}" + (".attention" if config.mode == "selective" else ""))
-    return wrapped
+    """Set the model's activation recompute policy; returns what is recomputed."""
+    return model.configure_recompute(config.mode, config.every_n)
 
 
 # ---------------------------------------------------------------------------------------- stage

@@ -137,3 +137,32 @@ def test_local_backend_never_imports_transformer_engine():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+@pytest.mark.parametrize("mode, every_n", [("none", 1), ("selective", 1), ("full", 2)])
+def test_recompute_reruns_what_it_says_and_keeps_gradients(tiny_diffusers_dir, mode, every_n):
+    model = QwenImageMMDiT.from_diffusers(tiny_diffusers_dir)
+    reference = QwenImageMMDiT.from_diffusers(tiny_diffusers_dir)
+    names = model.configure_recompute(mode, every_n)
+    calls = {}
+    for index, block in model.blocks.items():
+        for part, module in ((f"blocks.{index}", block), (f"blocks.{index}.attention", block.attention)):
+            # A pre-hook: non-reentrant checkpointing stops recomputing once it has what backward
+            # needs, so a post-forward hook would not see the rerun.
+            module.register_forward_pre_hook(lambda *_, key=part: calls.__setitem__(key, calls.get(key, 0) + 1))
+    inputs = make_inputs("padded_text", 16, 24)
+    for m in (model, reference):
+        (m(**model_kwargs(inputs)) * inputs["loss_weights"]).sum().backward()
+    rerun = sorted(k for k, v in calls.items() if v == 2)
+    # A recomputed block also reruns its attention.
+    assert rerun == sorted(set(names) | {f"{n}.attention" for n in names if not n.endswith("attention")})
+    expected = {"none": [], "selective": ["blocks.0.attention", "blocks.1.attention", "blocks.2.attention"],
+                "full": ["blocks.0", "blocks.2"]}[mode]
+    assert names == expected
+    if mode == "full":
+        assert calls["blocks.0.attention"] == 2 and calls["blocks.1.attention"] == 1
+    ref = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        assert torch.equal(p.grad, ref[name].grad), name
+    with pytest.raises(ConfigError, match="recompute mode 'some'"):
+        model.configure_recompute("some")

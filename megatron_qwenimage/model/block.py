@@ -28,6 +28,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from megatron_qwenimage.config import MMDiTConfig
 from megatron_qwenimage.model.backends import ParallelLinearFactory, make_attention
@@ -127,6 +128,14 @@ class MMDiTBlock(torch.nn.Module):
             self.txt_out = linears.row(d, d)
             self.txt_mlp = StreamMLP(config, linears)
         self.attention = make_attention(config, self.num_local_heads)
+        #: Selective activation recompute: keep only the inputs of the core attention and run it
+        #: again in backward (set by `QwenImageMMDiT.configure_recompute`).
+        self.recompute_core_attention = False
+
+    def _attend(self, q, k, v, key_mask):
+        if self.recompute_core_attention and torch.is_grad_enabled():
+            return checkpoint(self.attention, q, k, v, key_mask, use_reentrant=False)
+        return self.attention(q, k, v, key_mask)
 
     def _modulation(self, layer: torch.nn.Module, temb: torch.Tensor) -> list[torch.Tensor]:
         """``[b, h]`` temb -> list of ``[1, b, h]`` (shift, scale, gate, ...) vectors."""
@@ -175,9 +184,7 @@ class MMDiTBlock(torch.nn.Module):
             txt_kv, _ = self.txt_kv(modulate(layer_norm(txt, self.eps), t_shift1, t_scale1))
             txt_k, txt_v = self._heads(txt_kv, 2)
             txt_k = apply_rope(self.txt_k_norm(txt_k), txt_rot)
-            attn = self.attention(
-                img_q, torch.cat([txt_k, img_k]), torch.cat([txt_v, img_v]), key_mask
-            )  # [n, b, D/tp]
+            attn = self._attend(img_q, torch.cat([txt_k, img_k]), torch.cat([txt_v, img_v]), key_mask)  # [n, b, D/tp]
             img = self._residual(img, self.img_out(attn), i_gate1)
             img = self._residual(
                 img, self.img_mlp(modulate(layer_norm(img, self.eps), i_shift2, i_scale2)), i_gate2
@@ -191,7 +198,7 @@ class MMDiTBlock(torch.nn.Module):
         txt_k = apply_rope(self.txt_k_norm(txt_k), txt_rot)
 
         n_txt = txt_q.shape[0]
-        attn = self.attention(
+        attn = self._attend(
             torch.cat([txt_q, img_q]), torch.cat([txt_k, img_k]), torch.cat([txt_v, img_v]), key_mask
         )  # [t + n, b, D/tp]
         txt_attn, img_attn = attn[:n_txt], attn[n_txt:]
