@@ -290,6 +290,18 @@ def test_corrupted_shard_error_names_the_shard(tmp_path):
             r.next_global_step()
 
 
+def test_corrupted_samples_table_is_reported_by_checksum(tmp_path):
+    path = tmp_path / "bad"
+    publish(path, "evil", [payload(B16, 4, prefix="e", seed=1)])
+    bad = open_cache(str(path)).snapshot().shards[0]
+    table = path / bad.path / "samples.parquet"
+    table.write_bytes(b"not parquet" + table.read_bytes()[11:])
+    cfg = config({"path": str(path)}, stages=[{**STAGE, "buckets": ["16x16"]}])
+    with pytest.raises(ShardChecksumError, match=r"shard evil-16x16: file .*samples.parquet"):
+        with CacheReader(cfg, dp_rank=0, dp_size=1) as r:
+            take(r, 1)
+
+
 def test_validation_batches_are_fixed_and_split_over_ranks(mixed_cache):
     vcfg = ValidationConfig(mixed_cache, pin=1, tasks=("t2i", "edit"), samples_per_bucket=5, micro_batch=2)
     whole = ValidationReader(vcfg).batches()

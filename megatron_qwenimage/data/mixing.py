@@ -160,7 +160,8 @@ class CacheCatalog:
             shard = self.shard(shard_id)
             try:
                 kinds = np.asarray(shard.samples.column("task").to_pylist(), dtype=object)
-            except Exception as exc:  # unreadable table: say which shard
+            except Exception as exc:  # unreadable table: a checksum mismatch says why, else say which shard
+                shard.verify()  # ShardChecksumError naming the shard and file when the bytes changed
                 raise ReaderError(f"cache {self.name!r}: cannot read the samples table of shard {shard_id} "
                                   f"({shard.path}): {exc}") from exc
             if len(kinds) != shard.num_samples:
