@@ -593,9 +593,40 @@ def write_native_config(directory: Union[str, os.PathLike], config: MMDiTConfig)
         json.dump({**NATIVE_FORMAT, "model": model}, f, indent=2)
 
 
-def _whole_model(model, what: str) -> None:
+def _write_checkpoint(
+    fmt: str,
+    directory,
+    items: Iterable[tuple[str, torch.Tensor]],
+    config: MMDiTConfig,
+    *,
+    dtype: Optional[torch.dtype],
+    max_shard_bytes: int,
+    progress: Optional[Callable[[int], None]] = None,
+) -> None:
+    """Stream `items` into a ``fmt`` ("diffusers" | "native") directory, then write its config."""
+    if fmt == "native":
+        writer = ShardedSafetensorsWriter(directory, NATIVE_WEIGHTS_NAME, NATIVE_INDEX_NAME, max_shard_bytes, NATIVE_FORMAT)
+    else:
+        writer = ShardedSafetensorsWriter(directory, WEIGHTS_NAME, INDEX_NAME, max_shard_bytes)
+    for done, (name, tensor) in enumerate(items, start=1):
+        writer.add(name, tensor if dtype is None else tensor.to(dtype))
+        if progress is not None:
+            progress(done)
+    writer.close()
+    (write_native_config if fmt == "native" else write_diffusers_config)(directory, config)
+
+
+def _save_whole_model(model, directory, fmt: str, *, max_shard_bytes: int, dtype, write: Optional[bool]) -> None:
     if not (model.pre_process and model.post_process and model.layer_range == (0, model.config.num_layers)):
-        raise ValueError(f"{what} needs the whole model, not one pipeline stage")
+        raise ValueError(f"saving a {fmt} checkpoint needs the whole model, not one pipeline stage")
+    full = gather_full_state(model)
+    if not (model.tp.rank == 0 if write is None else write):
+        return
+    if fmt == "diffusers":
+        items = diffusers_tensors(full.__getitem__, model.config)
+    else:
+        items = ((name, full[name]) for name in sorted(full))
+    _write_checkpoint(fmt, directory, items, model.config, dtype=dtype, max_shard_bytes=max_shard_bytes)
 
 
 def export_to_diffusers(
@@ -611,15 +642,7 @@ def export_to_diffusers(
     Collective over the TP group when TP > 1 (every TP rank must call it); only TP rank 0 writes
     unless `write` says otherwise. Shards with an index past `max_shard_bytes`, as diffusers does.
     """
-    _whole_model(model, "export_to_diffusers")
-    full = gather_full_state(model)
-    if not (model.tp.rank == 0 if write is None else write):
-        return
-    writer = ShardedSafetensorsWriter(directory, WEIGHTS_NAME, INDEX_NAME, max_shard_bytes)
-    for name, tensor in diffusers_tensors(full.__getitem__, model.config):
-        writer.add(name, tensor if dtype is None else tensor.to(dtype))
-    writer.close()
-    write_diffusers_config(directory, model.config)
+    _save_whole_model(model, directory, "diffusers", max_shard_bytes=max_shard_bytes, dtype=dtype, write=write)
 
 
 def save_native(
@@ -630,18 +653,9 @@ def save_native(
     dtype: Optional[torch.dtype] = None,
     write: Optional[bool] = None,
 ) -> None:
-    """Write `model` (whole) as a native checkpoint of full canonical tensors (collective over TP)."""
-    _whole_model(model, "save_native")
-    full = gather_full_state(model)
-    if not (model.tp.rank == 0 if write is None else write):
-        return
-    writer = ShardedSafetensorsWriter(
-        directory, NATIVE_WEIGHTS_NAME, NATIVE_INDEX_NAME, max_shard_bytes, NATIVE_FORMAT
-    )
-    for name in sorted(full):
-        writer.add(name, full[name] if dtype is None else full[name].to(dtype))
-    writer.close()
-    write_native_config(directory, model.config)
+    """Write `model` (whole) as a native checkpoint of full canonical tensors (collective over TP,
+    as `export_to_diffusers`)."""
+    _save_whole_model(model, directory, "native", max_shard_bytes=max_shard_bytes, dtype=dtype, write=write)
 
 
 # ----------------------------------------------------------------------------- streaming conversion
@@ -665,7 +679,6 @@ def convert_checkpoint(
         raise ValueError(f"to={to!r}: expected 'native' or 'diffusers'")
     if Path(dst).exists() and any(Path(dst).iterdir()):
         raise CheckpointError(f"{dst}: exists and is not empty; refusing to overwrite a checkpoint")
-    cast = (lambda t: t) if dtype is None else (lambda t: t.to(dtype))  # noqa: E731
     if source_format == "diffusers":
         config = MMDiTConfig.from_diffusers_config(read_diffusers_config(src))
         source: TensorSource = SafetensorsDirSource(src)
@@ -685,16 +698,8 @@ def convert_checkpoint(
         names = sorted(expected_source_shapes(config))
         items = diffusers_tensors(source.read, config)
 
-    if to == "native":
-        writer = ShardedSafetensorsWriter(
-            dst, NATIVE_WEIGHTS_NAME, NATIVE_INDEX_NAME, max_shard_bytes, NATIVE_FORMAT
-        )
-    else:
-        writer = ShardedSafetensorsWriter(dst, WEIGHTS_NAME, INDEX_NAME, max_shard_bytes)
-    for done, (name, tensor) in enumerate(items, start=1):
-        writer.add(name, cast(tensor))
-        if progress is not None:
-            progress(done, len(names))
-    writer.close()
-    (write_native_config if to == "native" else write_diffusers_config)(dst, config)
+    _write_checkpoint(
+        to, dst, items, config, dtype=dtype, max_shard_bytes=max_shard_bytes,
+        progress=None if progress is None else (lambda done: progress(done, len(names))),
+    )
     return to
