@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from megatron_qwenimage.data.commit import CommitRecord, PartitionAttempt
+from megatron_qwenimage.data.commit import CommitRecord, PartitionAttempt, read_commit
 from megatron_qwenimage.data.shard_format import (
     Bucket,
     SampleMeta,
@@ -74,7 +74,8 @@ class DuplicateRow:
 
 @dataclass
 class PublishResult:
-    """`won`: this call's attempt made the partition visible; `record`: the commit it wrote."""
+    """`won`: this call's attempt made the partition visible; `record`: the partition's commit
+    record (this attempt's when it won, the winning attempt's otherwise)."""
 
     won: bool
     record: CommitRecord
@@ -127,8 +128,9 @@ def publish_partition(
         fault_hook: test hook called with "shard_written" after each shard and "before_commit"
             just before the exclusive create (fault injection kills the process there).
     Returns:
-        `PublishResult`; ``won`` is False when another attempt committed the partition first,
-        in which case this attempt's files are already deleted.
+        `PublishResult`; ``won`` is False when another attempt committed the partition first
+        (before or while this one wrote; its record is returned), in which case this attempt's
+        files are already deleted.
     """
     if committed is None:
         committed = len({s.sample_id for p in shards for s in p.samples})
@@ -172,16 +174,24 @@ def publish_partition(
         if fault_hook is not None:
             fault_hook("before_commit")
         won = attempt.commit(record)
-    except BaseException:
+    except BaseException as exc:
         # Leave the files for the orphan sweep if we are being killed; delete them otherwise.
         try:
             attempt.abandon()
         except Exception:
             pass
+        # Another attempt may have won while this one was writing; the sweep of a committed
+        # partition then removes this attempt's files under it. The partition is published
+        # exactly once either way: report the loss instead of failing.
+        winner = read_commit(storage, partition_id) if isinstance(exc, Exception) else None
+        if winner is not None and winner.attempt_id != attempt.attempt_id:
+            return PublishResult(False, winner)
         raise
+    if not won:
+        return PublishResult(False, read_commit(storage, partition_id) or record)
     nbytes = sum(f.bytes for e in entries for f in e.files.values())
     nbytes += record.tables["quarantine"]["bytes"] + record.tables["duplicates"]["bytes"]
-    return PublishResult(won, record, nbytes if won else 0, [e.shard_id for e in entries])
+    return PublishResult(True, record, nbytes, [e.shard_id for e in entries])
 
 
 def read_quarantine(storage: CacheStorage, record: CommitRecord) -> pa.Table:

@@ -106,6 +106,33 @@ def test_racing_attempts_publish_exactly_once(tmp_path):
     assert verify_cache(cache).ok
 
 
+def test_attempt_swept_by_the_winner_mid_write_reports_the_loss(tmp_path):
+    """Another producer commits the partition and sweeps this attempt's files while it writes, so
+    this attempt's next read fails: the partition stays published once, and this attempt reports
+    the winner's commit instead of failing the run."""
+    cache = init_cache(str(tmp_path / "c"))
+    winner = {}
+
+    def rival_wins_and_sweeps(event):
+        if event == "shard_written":
+            winner["result"] = publish_partition(cache.storage, "p0", inputs=4,
+                                                 shards=[make_payload(Bucket(32, 32), 4, seed=9)])
+            sweep_orphans(cache.storage)  # removes this in-progress attempt at once
+            raise FileNotFoundError("latents")  # what reading the swept shard back then raises
+
+    loser = publish_partition(cache.storage, "p0", inputs=4, fault_hook=rival_wins_and_sweeps,
+                              shards=[make_payload(Bucket(32, 32), 4, seed=1)])
+    assert winner["result"].won and not loser.won
+    assert loser.record.attempt_id == winner["result"].record.attempt_id
+    assert cache.storage.listdir("attempts/p0") == [loser.record.attempt_id]
+    assert verify_cache(cache).ok
+    # A failure that is not a lost race still propagates.
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        publish_partition(cache.storage, "p1", inputs=4, shards=[make_payload(Bucket(32, 32), 4, seed=3)],
+                          fault_hook=lambda event: (_ for _ in ()).throw(RuntimeError("disk on fire")))
+    assert cache.storage.listdir("attempts/p1") == []
+
+
 def test_commit_record_counts_must_add_up():
     with pytest.raises(CommitError, match="partition p: committed 2"):
         CommitRecord("p", "a", inputs=5, committed=2, duplicates=1, quarantined={"zero_bytes": 1}, shards=[], tables={})
