@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image size as a patch grid (1 patch = 16 px); default 32 32 unless --height/--width")
     p.add_argument("--text-tokens", type=int, default=64, help="text tokens per sample (default: %(default)s)")
     p.add_argument("--batch", type=int, default=1, help="samples per step (default: %(default)s)")
+    p.add_argument("--padded-text-tokens", type=int, default=0, metavar="N",
+                   help="pad the last N text tokens of every other sample (a text mask, as batches of "
+                   "captions of different lengths have; default: %(default)s, no mask)")
     p.add_argument("--iters", type=int, default=10, help="timed steps per model (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per model first (default: %(default)s)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device (default: %(default)s)")
@@ -101,16 +104,23 @@ def resolve_workload(args: argparse.Namespace) -> Workload:
     return Workload(args.batch, h, w, args.text_tokens)
 
 
-def make_inputs(config: MMDiTConfig, work: Workload, device, dtype, seed: int) -> dict:
-    """Diffusers-signature inputs plus a velocity target; unpadded text (no mask)."""
+def make_inputs(config: MMDiTConfig, work: Workload, device, dtype, seed: int, padded_text_tokens: int = 0) -> dict:
+    """Diffusers-signature inputs plus a velocity target; unpadded text (no mask) unless
+    `padded_text_tokens` > 0, which pads that many trailing text tokens of every other sample."""
     g = torch.Generator().manual_seed(seed + 1)
     b, n, t = work.batch, work.image_tokens, work.text_tokens
     rand = lambda *shape: torch.randn(*shape, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    mask = None
+    if padded_text_tokens:
+        if not 0 < padded_text_tokens < t:
+            raise SystemExit(f"error: --padded-text-tokens {padded_text_tokens} must be in 1..{t - 1}")
+        mask = torch.ones(b, t, dtype=torch.long, device=device)
+        mask[::2, t - padded_text_tokens:] = 0
     return {
         "hidden_states": rand(b, n, config.in_channels),
         "encoder_hidden_states": rand(b, t, config.joint_attention_dim),
-        # No padding: diffusers' pipeline passes no mask then, so neither model pays for one.
-        "encoder_hidden_states_mask": None,
+        # Without padding diffusers' pipeline passes no mask, so neither model pays for one.
+        "encoder_hidden_states_mask": mask,
         "timestep": torch.rand(b, generator=g).to(device=device, dtype=dtype),
         "img_shapes": [[(1, work.patches_h, work.patches_w)]] * b,
         "target": rand(b, n, config.patch_size**2 * config.out_channels),
@@ -188,7 +198,7 @@ def run(args: argparse.Namespace) -> dict:
     dtype = DTYPES[args.dtype]
 
     ours, ref = build_models(config, args)
-    inputs = make_inputs(config, work, args.device, dtype, args.seed)
+    inputs = make_inputs(config, work, args.device, dtype, args.seed, args.padded_text_tokens)
     fwd_inputs = {k: v for k, v in inputs.items() if k != "target"}
     with torch.no_grad():
         diff = (ours(**fwd_inputs).float() - ref(**fwd_inputs, return_dict=False)[0].float()).abs().max().item()
@@ -217,6 +227,7 @@ def run(args: argparse.Namespace) -> dict:
         "compile": args.compile,
         "fp8": args.fp8,
         "batch": work.batch,
+        "padded_text_tokens": args.padded_text_tokens,
         "image_tokens": work.image_tokens,
         "text_tokens": work.text_tokens,
         "iters": args.iters,
