@@ -10,6 +10,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
+
+# megatron-core announces at import that it falls back to torch kernels without TE/apex; that is
+# the expected state of a CPU machine, not something a user of the command line can act on.
+warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
 #: Modules that register subcommands, in the order they appear in ``qwenimage --help``.
 COMMAND_MODULES = (
