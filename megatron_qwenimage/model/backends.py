@@ -29,6 +29,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
 from megatron_qwenimage.config import ConfigError, MMDiTConfig
+from megatron_qwenimage.model.layers import SingleRankGroup
 from megatron_qwenimage.model.mappings import (
     copy_to_tp,
     gather_from_seq,
@@ -150,6 +151,10 @@ class ParallelLinearFactory:
         # only builds their sharded parameters.
         self.local_config = ModelParallelConfig(sequence_parallel=False, **common)
 
+    def _te_group(self):
+        # Transformer Engine hands the group to torch.distributed; one rank is "no group" there.
+        return None if isinstance(self.tp_group, SingleRankGroup) else self.tp_group
+
     def column(self, input_size: int, output_size: int, *, bias: bool = True) -> torch.nn.Module:
         """Column-parallel linear on sequence data ``[s(/tp under SP), b, in] -> [s, b, out/tp]``."""
         if self.config.backend == "transformer_engine":
@@ -166,7 +171,7 @@ class ParallelLinearFactory:
                 bias=bias,
                 skip_bias_add=False,
                 is_expert=False,
-                tp_group=self.tp_group,
+                tp_group=self._te_group(),
             )
         return (
             ColumnLinear(
@@ -195,7 +200,7 @@ class ParallelLinearFactory:
                 input_is_parallel=True,
                 skip_bias_add=True,
                 is_expert=False,
-                tp_group=self.tp_group,
+                tp_group=self._te_group(),
             )
         return (
             RowLinear(
