@@ -86,12 +86,7 @@ class CacheStorage:
         full = self.path(relpath)
         self.fs.makedirs(posixpath.dirname(full), exist_ok=True)
         if self.is_local:
-            tmp = f"{full}.tmp-{uuid.uuid4().hex}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, full)
+            os.replace(_durable_temp_copy(full, data), full)
         else:  # object stores: a single put is atomic
             with self.fs.open(full, "wb") as f:
                 f.write(data)
@@ -105,11 +100,7 @@ class CacheStorage:
         full = self.path(relpath)
         self.fs.makedirs(posixpath.dirname(full), exist_ok=True)
         if self.is_local:
-            tmp = f"{full}.tmp-{uuid.uuid4().hex}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            tmp = _durable_temp_copy(full, data)
             try:
                 os.link(tmp, full)
                 return True
@@ -169,3 +160,13 @@ class CacheStorage:
             f"{self.path(relpath)}",
             read_only=read_only,
         )
+
+
+def _durable_temp_copy(full: str, data: bytes) -> str:
+    """Write `data` to a fresh temporary file beside local path `full`, fsynced; returns its path."""
+    tmp = f"{full}.tmp-{uuid.uuid4().hex}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp
