@@ -18,6 +18,7 @@ Megatron-layout ``[s, b, heads, head_dim]`` queries and keys.
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
@@ -113,9 +114,16 @@ class MSRoPE:
 
         ``s`` is the text length (padded length, as current diffusers does) for the text tables and
         the total image-token count of a sample (target + conditions) for the image tables.
+        Tables are cached per (layout, text length, device): a training run sees a handful of
+        buckets, and every step and pipeline stage reuses them instead of rebuilding and copying.
         """
-        unique = {tuple(s) for s in map(tuple, shapes_per_sample)}
-        samples = [shapes_per_sample[0]] if len(unique) == 1 else shapes_per_sample
+        key = tuple(tuple(tuple(shape) for shape in sample) for sample in shapes_per_sample)
+        return self._cached_tables(key, int(num_text_tokens), torch.device(device))
+
+    @functools.lru_cache(maxsize=64)
+    def _cached_tables(self, shapes_per_sample, num_text_tokens: int, device: torch.device):
+        unique = set(shapes_per_sample)
+        samples = [shapes_per_sample[0]] if len(unique) == 1 else list(shapes_per_sample)
         img_angles, txt_angles = [], []
         n_img = None
         for shapes in samples:
