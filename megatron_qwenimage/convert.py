@@ -286,11 +286,18 @@ def expected_source_shapes(config: MMDiTConfig) -> dict[str, tuple[int, ...]]:
 
 
 def check_source(source: TensorSource, config: MMDiTConfig, where: str) -> None:
-    """Raise `CheckpointError` naming every missing, unexpected or mis-shaped tensor."""
-    expected = expected_source_shapes(config)
+    """Raise `CheckpointError` naming every missing, unexpected or mis-shaped diffusers tensor."""
+    check_shapes(source, expected_source_shapes(config), f"{where} does not match the model config ({config.name})")
+
+
+def check_shapes(
+    source: TensorSource, expected: dict[str, tuple[int, ...]], what: str, *, allow_unexpected: bool = False
+) -> None:
+    """Raise `CheckpointError` (prefixed by `what`) naming every missing, mis-shaped and, unless
+    `allow_unexpected`, unexpected tensor of `source` against `expected` shapes."""
     present = source.names()
     missing = sorted(set(expected) - present)
-    unexpected = sorted(present - set(expected))
+    unexpected = [] if allow_unexpected else sorted(present - set(expected))
     wrong = [
         f"{n}: expected {expected[n]}, found {source.shape(n)}"
         for n in sorted(set(expected) & present)
@@ -304,9 +311,7 @@ def check_source(source: TensorSource, config: MMDiTConfig, where: str) -> None:
     if wrong:
         problems.append(f"{len(wrong)} tensor(s) with wrong shape: {_preview(wrong)}")
     if problems:
-        raise CheckpointError(
-            f"{where} does not match the model config ({config.name}): " + "; ".join(problems)
-        )
+        raise CheckpointError(f"{what}: " + "; ".join(problems))
 
 
 def _preview(items: list[str], n: int = 8) -> str:
@@ -412,25 +417,9 @@ def load_from_native(cls, directory: Union[str, os.PathLike], **overrides: Any):
     config = MMDiTConfig(**{**stored, **config_overrides})
     model = _empty_model(cls, config, model_kwargs, device)
     rules = native_rules(model)
-    expected = {r.ours: model.full_shape(r.ours, dict(model.named_model_tensors())[r.ours]) for r in rules}
-    missing = sorted(set(expected) - source.names())
-    wrong = [
-        f"{n}: expected {expected[n]}, found {source.shape(n)}"
-        for n in expected
-        if n in source.names() and source.shape(n) != expected[n]
-    ]
-    if missing or wrong:
-        raise CheckpointError(
-            f"{where} does not match the model: "
-            + "; ".join(
-                p
-                for p in (
-                    missing and f"{len(missing)} missing tensor(s): {_preview(missing)}",
-                    wrong and f"{len(wrong)} with wrong shape: {_preview(wrong)}",
-                )
-                if p
-            )
-        )
+    # A pipeline stage loads a subset of the checkpoint: other stages' tensors are expected there.
+    expected = {name: model.full_shape(name, t) for name, t in model.named_model_tensors()}
+    check_shapes(source, expected, f"{where} does not match the model", allow_unexpected=True)
     _load_rules(model, source, rules, where)
     return model
 

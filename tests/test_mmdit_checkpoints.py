@@ -125,3 +125,26 @@ def test_checkpoint_wrong_shape_and_extra_tensor_are_named(tiny_diffusers_dir, t
 def test_not_a_checkpoint_directory(tmp_path):
     with pytest.raises(CheckpointError, match="neither config.json"):
         QwenImageMMDiT.from_diffusers(tmp_path)
+
+
+def test_native_checkpoint_errors_and_stage_loading(tiny_diffusers_dir, tmp_path):
+    from megatron_qwenimage.convert import NATIVE_WEIGHTS_NAME
+
+    model = QwenImageMMDiT.from_diffusers(tiny_diffusers_dir)
+    model.save_native(tmp_path / "native")
+    # A pipeline stage reads its own tensors out of the whole-model checkpoint.
+    stage = QwenImageMMDiT.from_native(tmp_path / "native", pre_process=False, layer_range=(1, 3))
+    whole = _model_tensors(model)
+    for name, tensor in _model_tensors(stage).items():
+        assert torch.equal(tensor, whole[name]), name
+    # A missing and a mis-shaped tensor are both named.
+    state = load_file(str(tmp_path / "native" / NATIVE_WEIGHTS_NAME))
+    state.pop("blocks.2.img_qkv.weight")
+    state["proj_out.bias"] = torch.zeros(3)
+    save_file(state, str(tmp_path / "native" / NATIVE_WEIGHTS_NAME))
+    with pytest.raises(CheckpointError) as err:
+        QwenImageMMDiT.from_native(tmp_path / "native")
+    assert "missing tensor(s): blocks.2.img_qkv.weight" in str(err.value)
+    assert "proj_out.bias: expected (16,), found (3,)" in str(err.value)
+    with pytest.raises(CheckpointError, match="a native checkpoint; use QwenImageMMDiT.from_native"):
+        QwenImageMMDiT.from_diffusers(tmp_path / "native")
