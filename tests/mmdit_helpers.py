@@ -10,13 +10,16 @@ import torch
 
 from megatron_qwenimage.convert import to_diffusers_state
 
-# name -> (batch, per-sample image shapes (target first), text length, valid text lengths or None)
+# name -> (batch, per-sample image shapes (target first), text length, valid text lengths or None);
+# a negative length -k marks the *last* k tokens valid (left padding: the valid keys of the joint
+# sequence are then not a prefix, which takes the kernels' general-mask path).
 CASES = {
     "square": (2, [(1, 4, 4)], 6, None),
     "odd_nonsquare": (2, [(1, 3, 5)], 5, [5, 5]),
     "padded_text": (3, [(1, 5, 3)], 7, [7, 4, 2]),
     "edit_one_condition": (2, [(1, 3, 4), (1, 4, 3)], 6, [6, 3]),
     "edit_two_conditions": (2, [(1, 3, 3), (1, 4, 2), (1, 2, 5)], 5, [2, 5]),
+    "left_padded_text": (2, [(1, 4, 3)], 6, [6, -3]),
 }
 
 
@@ -29,7 +32,10 @@ def make_inputs(case: str, in_channels: int, text_dim: int, seed: int = 1) -> di
     if valid is not None:
         mask = torch.zeros(batch, text_len)
         for b, n in enumerate(valid):
-            mask[b, :n] = 1
+            if n >= 0:
+                mask[b, :n] = 1
+            else:
+                mask[b, n:] = 1
     return {
         "hidden_states": torch.randn(batch, n_img, in_channels, generator=gen),
         "encoder_hidden_states": torch.randn(batch, text_len, text_dim, generator=gen),

@@ -166,3 +166,36 @@ def test_recompute_reruns_what_it_says_and_keeps_gradients(tiny_diffusers_dir, m
         assert torch.equal(p.grad, ref[name].grad), name
     with pytest.raises(ConfigError, match="recompute mode 'some'"):
         model.configure_recompute("some")
+
+
+def test_joint_keys_put_valid_keys_first():
+    from megatron_qwenimage.model.mmdit import joint_keys
+
+    right = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.bool)
+    keys = joint_keys(right, batch=2, text_tokens=4, image_tokens=3)
+    # [image (3); text (4)]: the valid keys are a prefix of n + len_i, so TE takes cu_seqlens.
+    assert keys.kv_lengths.tolist() == [7, 5]
+    assert keys.cu_seqlens_kv().tolist() == [0, 7, 12]
+    assert keys.cu_seqlens_q(7, 2, torch.device("cpu")).tolist() == [0, 7, 14]
+    assert keys.key_mask.tolist() == [[True] * 7, [True] * 5 + [False] * 2]
+
+    left = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]], dtype=torch.bool)
+    keys = joint_keys(left, batch=2, text_tokens=4, image_tokens=3)
+    assert keys.kv_lengths is None  # not a prefix: the general mask path
+    assert keys.key_mask[1].tolist() == [True] * 3 + [False, False, True, True]
+
+    assert joint_keys(torch.ones(2, 4, dtype=torch.bool), batch=2, text_tokens=4, image_tokens=3).key_mask is None
+    assert joint_keys(None, batch=2, text_tokens=4, image_tokens=3).key_mask is None
+
+    # Sequence-parallel pad rows (2 image, 1 text) trail every valid key.
+    keys = joint_keys(right, batch=2, text_tokens=4, image_tokens=3, pad_image=2, pad_text=1)
+    assert keys.kv_lengths.tolist() == [7, 5]
+    assert keys.key_mask.shape == (2, 10) and not keys.key_mask[:, 7:].any()
+    keys = joint_keys(None, batch=2, text_tokens=4, image_tokens=3, pad_image=1, pad_text=0)
+    assert keys.kv_lengths.tolist() == [7, 7] and keys.key_mask[:, :7].all() and not keys.key_mask[:, 7:].any()
+
+    # The key order the blocks use: valid image rows, the text, then the image stream's SP pad.
+    img = torch.arange(5).view(5, 1, 1, 1).float()
+    txt = 10 + torch.arange(5).view(5, 1, 1, 1).float()
+    order = keys.order(img[:4], txt).flatten().tolist()
+    assert order == [0, 1, 2, 10, 11, 12, 13, 14, 3]

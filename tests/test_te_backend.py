@@ -41,7 +41,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("dtype, tol", [("float32", 1e-2), ("bfloat16", 3e-2)])
-@pytest.mark.parametrize("case", ["padded_text", "edit_two_conditions", "square"])
+@pytest.mark.parametrize("case", ["padded_text", "left_padded_text", "edit_two_conditions", "square"])
 def test_te_matches_local(tiny_diffusers_dir, case, dtype, tol):
     local, te = _pair(tiny_diffusers_dir, dtype)
     inputs = _cuda(make_inputs(case, 16, 24), getattr(torch, dtype))

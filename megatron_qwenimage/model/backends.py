@@ -234,16 +234,72 @@ class ParallelLinearFactory:
 
 
 
+@dataclass
+class JointKeys:
+    """Which keys of the joint attention each sample may attend to.
+
+    The blocks build their joint keys/values in the order ``[image (n); text (t); sequence-parallel
+    pad rows]`` (attention is invariant to key order once RoPE and QK-norm are applied per
+    token). Text padding sits at the tail of the text (captions are right-padded), so the valid
+    keys of sample ``i`` are the *prefix* of length ``n + len_i``: Transformer Engine takes that
+    as its ``padding`` mask type with per-sample lengths (``cu_seqlens``) and stays on its fused
+    kernels, where a mask in the middle of the sequence forces its unfused ``arbitrary`` path.
+    Queries are never masked (padded text rows get ordinary outputs, as in diffusers).
+
+    Built once per forward by `QwenImageMMDiT.run_blocks` and shared by every block.
+
+    Attributes:
+        image_tokens: ``n``, the valid image rows at the head of the image stream (the rest of
+            a gathered image stream, if any, is sequence-parallel padding).
+        key_mask: ``[b, s_kv]`` bool (True = attend) in the joint key order, or None when every
+            key is valid.
+        kv_lengths: ``[b]`` int32 valid-prefix length per sample, or None when the valid keys
+            are not a prefix (a text mask with holes or left padding; TE then takes its
+            ``arbitrary`` mask) or when there is no mask.
+    """
+
+    image_tokens: int
+    key_mask: Optional[torch.Tensor] = None
+    kv_lengths: Optional[torch.Tensor] = None
+
+    def __post_init__(self) -> None:
+        self._cu_seqlens: dict[tuple[str, int], torch.Tensor] = {}
+
+    def order(self, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
+        """Joint key/value tensor ``[s_kv, b, h, d]`` from ``img [n(+pad), ...]``, ``txt [t(+pad), ...]``."""
+        n = self.image_tokens
+        if img.shape[0] == n:
+            return torch.cat([img, txt])
+        return torch.cat([img[:n], txt, img[n:]])
+
+    def cu_seqlens_q(self, s_q: int, batch: int, device: torch.device) -> torch.Tensor:
+        """``[b + 1]`` int32 cumulative query lengths: every query row is valid."""
+        key = ("q", s_q)
+        if key not in self._cu_seqlens:
+            self._cu_seqlens[key] = torch.arange(0, (batch + 1) * s_q, s_q, dtype=torch.int32, device=device)
+        return self._cu_seqlens[key]
+
+    def cu_seqlens_kv(self) -> torch.Tensor:
+        """``[b + 1]`` int32 cumulative valid-key lengths (needs `kv_lengths`)."""
+        key = ("kv", 0)
+        if key not in self._cu_seqlens:
+            lengths = self.kv_lengths
+            self._cu_seqlens[key] = torch.cat(
+                [lengths.new_zeros(1), torch.cumsum(lengths, 0, dtype=torch.int32)]
+            ).to(torch.int32)
+        return self._cu_seqlens[key]
+
+
 class SDPAttention(torch.nn.Module):
     """Joint attention with torch SDPA on Megatron-layout tensors.
 
-    Shapes: ``q [s_q, b, h, d]``, ``k, v [s_kv, b, h, d]``, ``key_mask [b, s_kv]`` bool (True = attend)
-    or None; returns ``[s_q, b, h*d]``. Softmax scale ``1/sqrt(d)``, non-causal.
+    Shapes: ``q [s_q, b, h, d]``, ``k, v [s_kv, b, h, d]`` (keys in `JointKeys` order); returns
+    ``[s_q, b, h*d]``. Softmax scale ``1/sqrt(d)``, non-causal; masked keys from ``keys.key_mask``.
     """
 
-    def forward(self, q, k, v, key_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, q, k, v, keys: JointKeys) -> torch.Tensor:
         s_q, b, h, d = q.shape
-        mask = None if key_mask is None else key_mask[:, None, None, :]
+        mask = None if keys.key_mask is None else keys.key_mask[:, None, None, :]
         out = F.scaled_dot_product_attention(
             q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3), attn_mask=mask
         )
@@ -253,10 +309,13 @@ class SDPAttention(torch.nn.Module):
 class TEAttention(torch.nn.Module):
     """Joint attention with Transformer Engine's ``DotProductAttention`` (``sbhd`` layout).
 
-    Unpadded batches take TE's fused kernels (``no_mask``). A text padding mask leaves invalid
-    keys in the *middle* of the joint ``[text; image]`` sequence, which TE's ``padding`` type
-    (a valid prefix per sample, turned into cu_seqlens) cannot express, so it is passed as an
-    ``arbitrary`` mask ``[b, 1, s_q, s_kv]`` (True = not allowed, TE's convention).
+    * no padded keys: ``no_mask`` (fused kernels);
+    * padded keys that form a suffix (`JointKeys.kv_lengths`): the ``padding`` mask type with
+      ``cu_seqlens_q`` (all queries valid) and ``cu_seqlens_kv`` (valid keys per sample), which
+      TE's fused (cuDNN) and flash kernels take. ``attention_type="cross"`` keeps the query and
+      key lengths apart (TE's "self" type would reuse the key lengths for the queries);
+    * any other mask: ``arbitrary`` ``[b, 1, s_q, s_kv]`` (True = not allowed, TE's convention),
+      which only TE's unfused kernel runs.
     """
 
     def __init__(self, num_local_heads: int, head_dim: int):
@@ -269,15 +328,27 @@ class TEAttention(torch.nn.Module):
             attention_dropout=0.0,
             qkv_format="sbhd",
             attn_mask_type="no_mask",
+            attention_type="cross",
             softmax_scale=1.0 / math.sqrt(head_dim),
         )
 
-    def forward(self, q, k, v, key_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, q, k, v, keys: JointKeys) -> torch.Tensor:
         s_q, b, h, d = q.shape
-        if key_mask is None:
+        if keys.key_mask is None:
             out = self.core(q, k, v, attn_mask_type="no_mask")
+        elif keys.kv_lengths is not None:
+            out = self.core(
+                q,
+                k,
+                v,
+                attn_mask_type="padding",
+                cu_seqlens_q=keys.cu_seqlens_q(s_q, b, q.device),
+                cu_seqlens_kv=keys.cu_seqlens_kv(),
+                max_seqlen_q=s_q,
+                max_seqlen_kv=k.shape[0],
+            )
         else:
-            masked = (~key_mask)[:, None, None, :].expand(b, 1, s_q, key_mask.shape[1])
+            masked = (~keys.key_mask)[:, None, None, :].expand(b, 1, s_q, keys.key_mask.shape[1])
             out = self.core(q, k, v, attention_mask=masked, attn_mask_type="arbitrary")
         return out.reshape(s_q, b, h * d)
 
@@ -288,4 +359,4 @@ def make_attention(config: MMDiTConfig, num_local_heads: int) -> torch.nn.Module
     return SDPAttention()
 
 
-AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, JointKeys], torch.Tensor]

@@ -2,7 +2,7 @@
 
 Each stream (image, text) has its own AdaLN modulation, fused QKV projection, per-head QK RMSNorm,
 attention output projection and MLP; the two streams meet in one joint attention over the
-concatenated ``[text; image]`` sequence.
+concatenated sequence, keys ordered ``[image; text]`` (see `JointKeys`).
 
 Tensor parallelism (megatron-core layers):
 
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from megatron_qwenimage.config import MMDiTConfig
-from megatron_qwenimage.model.backends import ParallelLinearFactory, make_attention
+from megatron_qwenimage.model.backends import JointKeys, ParallelLinearFactory, make_attention
 from megatron_qwenimage.model.layers import RMSNorm, TPContext, layer_norm, modulate
 from megatron_qwenimage.model.rope import apply_rope
 
@@ -132,10 +132,10 @@ class MMDiTBlock(torch.nn.Module):
         #: again in backward (set by `QwenImageMMDiT.configure_recompute`).
         self.recompute_core_attention = False
 
-    def _attend(self, q, k, v, key_mask):
+    def _attend(self, q, k, v, keys: JointKeys):
         if self.recompute_core_attention and torch.is_grad_enabled():
-            return checkpoint(self.attention, q, k, v, key_mask, use_reentrant=False)
-        return self.attention(q, k, v, key_mask)
+            return checkpoint(self.attention, q, k, v, keys, use_reentrant=False)
+        return self.attention(q, k, v, keys)
 
     def _modulation(self, layer: torch.nn.Module, temb: torch.Tensor) -> list[torch.Tensor]:
         """``[b, h]`` temb -> list of ``[1, b, h]`` (shift, scale, gate, ...) vectors."""
@@ -160,14 +160,14 @@ class MMDiTBlock(torch.nn.Module):
         txt: torch.Tensor,
         temb: torch.Tensor,
         rope: RopeTables,
-        key_mask: Optional[torch.Tensor],
+        keys: JointKeys,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """One block.
 
         Args:
             img: image stream ``[n(/tp under SP), b, D]``. txt: text stream ``[t(/tp), b, D]``.
             temb: conditioning ``[b, D]``. rope: ``(txt_rotations, img_rotations)`` (complex) for
-                the full (gathered) sequences. key_mask: ``[b, t + n]`` bool, True = attend, or None.
+                the full (gathered) sequences. keys: the joint key order and mask (`JointKeys`).
         Returns:
             ``(img, txt)`` in the input layouts; ``txt`` is None after a context-only block.
         """
@@ -184,7 +184,7 @@ class MMDiTBlock(torch.nn.Module):
             txt_kv, _ = self.txt_kv(modulate(layer_norm(txt, self.eps), t_shift1, t_scale1))
             txt_k, txt_v = self._heads(txt_kv, 2)
             txt_k = apply_rope(self.txt_k_norm(txt_k), txt_rot)
-            attn = self._attend(img_q, torch.cat([txt_k, img_k]), torch.cat([txt_v, img_v]), key_mask)  # [n, b, D/tp]
+            attn = self._attend(img_q, keys.order(img_k, txt_k), keys.order(img_v, txt_v), keys)  # [n, b, D/tp]
             img = self._residual(img, self.img_out(attn), i_gate1)
             img = self._residual(
                 img, self.img_mlp(modulate(layer_norm(img, self.eps), i_shift2, i_scale2)), i_gate2
@@ -197,11 +197,11 @@ class MMDiTBlock(torch.nn.Module):
         txt_q = apply_rope(self.txt_q_norm(txt_q), txt_rot)
         txt_k = apply_rope(self.txt_k_norm(txt_k), txt_rot)
 
-        n_txt = txt_q.shape[0]
+        n_img = img_q.shape[0]
         attn = self._attend(
-            torch.cat([txt_q, img_q]), torch.cat([txt_k, img_k]), torch.cat([txt_v, img_v]), key_mask
-        )  # [t + n, b, D/tp]
-        txt_attn, img_attn = attn[:n_txt], attn[n_txt:]
+            torch.cat([img_q, txt_q]), keys.order(img_k, txt_k), keys.order(img_v, txt_v), keys
+        )  # [n + t, b, D/tp], queries in [image; text] order
+        img_attn, txt_attn = attn[:n_img], attn[n_img:]
 
         img = self._residual(img, self.img_out(img_attn), i_gate1)
         txt = self._residual(txt, self.txt_out(txt_attn), t_gate1)

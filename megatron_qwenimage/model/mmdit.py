@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from megatron_qwenimage.config import ConfigError, MMDiTConfig, validate_text_length
-from megatron_qwenimage.model.backends import ParallelLinearFactory
+from megatron_qwenimage.model.backends import JointKeys, ParallelLinearFactory
 from megatron_qwenimage.model.block import CarriedTextWeights, MMDiTBlock
 from megatron_qwenimage.model.layers import (
     RMSNorm,
@@ -390,18 +390,12 @@ class QwenImageMMDiT(torch.nn.Module):
         """
         t, n, b = txt.shape[0], img.shape[0], img.shape[1]
         txt_rot, img_rot = self.rope.tables(shapes, t, img.device)
-        if text_mask is not None and bool(text_mask.all()):
-            text_mask = None
-        key_mask = None
         sp = self.tp.sequence_parallel
         pad_t = (-t) % self.tp.size if sp else 0
         pad_n = (-n) % self.tp.size if sp else 0
-        if text_mask is not None or pad_t or pad_n:
-            ones = lambda k: torch.ones(b, k, dtype=torch.bool, device=img.device)  # noqa: E731
-            zeros = lambda k: torch.zeros(b, k, dtype=torch.bool, device=img.device)  # noqa: E731
-            key_mask = torch.cat(
-                [text_mask if text_mask is not None else ones(t), zeros(pad_t), ones(n), zeros(pad_n)], dim=1
-            )
+        keys = joint_keys(
+            text_mask, batch=b, text_tokens=t, image_tokens=n, pad_image=pad_n, pad_text=pad_t, device=img.device
+        )
         if sp:
             txt, txt_rot = _pad_seq(txt, pad_t), pad_rotations(txt_rot, pad_t)
             img, img_rot = _pad_seq(img, pad_n), pad_rotations(img_rot, pad_n)
@@ -409,9 +403,9 @@ class QwenImageMMDiT(torch.nn.Module):
             img = scatter_to_seq(img, self.tp.group)
         for index, block in self.blocks.items():
             if int(index) in self.recomputed_blocks and torch.is_grad_enabled():
-                img, txt = checkpoint(block, img, txt, temb, (txt_rot, img_rot), key_mask, use_reentrant=False)
+                img, txt = checkpoint(block, img, txt, temb, (txt_rot, img_rot), keys, use_reentrant=False)
             else:
-                img, txt = block(img, txt, temb, (txt_rot, img_rot), key_mask)
+                img, txt = block(img, txt, temb, (txt_rot, img_rot), keys)
         if sp:
             img = gather_from_seq(img, self.tp.group, tensor_parallel_output_grad=False)[:n]
             if txt is not None:
@@ -424,6 +418,49 @@ class QwenImageMMDiT(torch.nn.Module):
         emb, _ = self.norm_out(F.silu(temb)[None])  # [1, b, 2D], gathered over TP
         scale, shift = emb.chunk(2, dim=-1)
         return self.proj_out(layer_norm(img, self.config.norm_eps) * (1 + scale) + shift)
+
+
+def joint_keys(
+    text_mask: Optional[torch.Tensor],
+    *,
+    batch: int,
+    text_tokens: int,
+    image_tokens: int,
+    pad_image: int = 0,
+    pad_text: int = 0,
+    device: Optional[torch.device] = None,
+) -> JointKeys:
+    """The joint key layout of one forward (`JointKeys`), shared by all blocks.
+
+    Keys are ordered ``[image (n); text (t); sequence-parallel pad rows]``.
+
+    Args:
+        text_mask: ``[b, t]`` bool (True = valid text token) or None (all valid).
+        batch, text_tokens, image_tokens: ``b``, ``t`` and ``n`` (valid image tokens per sample).
+        pad_image, pad_text: sequence-parallel zero rows appended to each stream (masked keys).
+        device: device of the mask tensors.
+
+    A text mask costs one host sync (a two-element read) that classifies it: all valid
+    (dropped), a valid prefix per sample (right padding: TE's fused ``padding`` kernels), or
+    anything else (a plain key mask).
+    """
+    kv_lengths = None
+    if text_mask is not None:
+        lengths = text_mask.sum(dim=1, dtype=torch.int32)
+        prefix = torch.arange(text_tokens, device=text_mask.device)[None, :] < lengths[:, None]
+        all_valid, is_prefix = torch.stack([(lengths == text_tokens).all(), (text_mask == prefix).all()]).tolist()
+        if all_valid:
+            text_mask = None
+        elif is_prefix:
+            kv_lengths = lengths + image_tokens
+    if text_mask is None:
+        if not (pad_image or pad_text):
+            return JointKeys(image_tokens)
+        kv_lengths = torch.full((batch,), image_tokens + text_tokens, dtype=torch.int32, device=device)
+        text_mask = torch.ones(batch, text_tokens, dtype=torch.bool, device=device)
+    pads = torch.zeros(batch, pad_image + pad_text, dtype=torch.bool, device=text_mask.device)
+    images = torch.ones(batch, image_tokens, dtype=torch.bool, device=text_mask.device)
+    return JointKeys(image_tokens, torch.cat([images, text_mask, pads], dim=1), kv_lengths)
 
 
 def _pad_seq(x: torch.Tensor, pad: int) -> torch.Tensor:
