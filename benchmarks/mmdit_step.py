@@ -208,7 +208,7 @@ def run(args: argparse.Namespace) -> dict:
         from consumers.step import Precision, PrecisionConfig
 
         precision = Precision(PrecisionConfig(fp8=args.fp8), config, torch.device(args.device))
-        precision.apply_exclusions(ours)
+        precision.prepare_model(ours)
         forward_context = precision.forward_context
     steps = {
         "ours": make_step(ours, inputs, returns_sample=False, compile=args.compile, forward_context=forward_context),

@@ -77,7 +77,7 @@ class TrainEngine:
         self.chunks = build_model_chunks(model_config, pstate, init_seed=init_seed)
         for chunk in self.chunks:
             apply_recompute(chunk, recompute)
-            self.precision.apply_exclusions(chunk)
+            self.precision.prepare_model(chunk)
         self.stages = [MMDiTStage(c, self.precision) for c in self.chunks]
         self.optimizer = DistributedOptimizer(
             named_trainable(self.chunks), optimizer, dp_group=pstate.dp_group, tp_rank=pstate.tp_rank

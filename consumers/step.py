@@ -271,11 +271,21 @@ class Precision:
             stack.enter_context(te.fp8_autocast(enabled=True, fp8_recipe=self._recipe, fp8_group=self.amax_group))
         return stack
 
-    def apply_exclusions(self, model: QwenImageMMDiT) -> list[str]:
-        """Run modules matching ``fp8_exclude`` with FP8 disabled; returns their names."""
+    #: FP8 GEMMs need row counts divisible by 16 (Transformer Engine checks the flattened input).
+    FP8_TOKEN_ALIGNMENT = 16
+
+    def prepare_model(self, model: QwenImageMMDiT) -> list[str]:
+        """Make `model` (a whole model or a stage) run in this precision.
+
+        Under FP8: the streams are padded to a multiple of 16 tokens inside the blocks (odd
+        buckets such as 1328 px = 83² patches), and modules matching ``fp8_exclude`` run with FP8
+        disabled. Returns the excluded module names.
+        """
         if self._recipe is None:
             return []
         import transformer_engine.pytorch as te
+
+        model.configure_token_alignment(self.FP8_TOKEN_ALIGNMENT)
 
         excluded = []
         for name, module in model.named_modules():

@@ -119,6 +119,9 @@ class QwenImageMMDiT(torch.nn.Module):
             )
         #: Global indices of the blocks recomputed whole in backward (`configure_recompute`).
         self.recomputed_blocks: frozenset[int] = frozenset()
+        #: Each stream's sequence is zero-padded to a multiple of this inside `run_blocks` (padded
+        #: rows are masked keys); FP8 GEMMs need row counts divisible by 16 (`configure_token_alignment`).
+        self.token_alignment = 1
         #: Canonical tensor name -> TP partition dim (None: replicated), for params and buffers.
         self.partition_dims = self._collect_partition_dims()
         if next(self.parameters()).device.type != "meta":
@@ -224,6 +227,18 @@ class QwenImageMMDiT(torch.nn.Module):
         if dim is None:
             return full
         return full.chunk(self.tp.size, dim=dim)[self.tp.rank]
+
+    def configure_token_alignment(self, multiple: int) -> None:
+        """Pad the image and text streams to a multiple of `multiple` tokens inside the blocks.
+
+        Transformer Engine's FP8 GEMMs need row counts divisible by 16, and odd buckets (1328 px
+        = 83² patches) are not; the padded rows are masked as keys and cut off afterwards, so
+        the output is unchanged. 1 (the default) pads nothing beyond what sequence parallelism
+        needs.
+        """
+        if not isinstance(multiple, int) or multiple < 1:
+            raise ConfigError(f"token alignment {multiple!r}: expected a positive integer")
+        self.token_alignment = multiple
 
     RECOMPUTE_MODES = ("none", "selective", "full")
 
@@ -383,22 +398,23 @@ class QwenImageMMDiT(torch.nn.Module):
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Run this object's blocks on full-sequence streams ``img [n, b, D]``, ``txt [t, b, D]``.
 
-        With sequence parallelism the streams are zero-padded to a multiple of the TP size
-        (padded tokens are masked out as keys), split over the TP ranks for the blocks and gathered
-        back afterwards; the result always has the input's full sequence length. ``text_mask`` is
-        ``[b, t]`` bool (True = valid) or None. Returns ``(img, txt)``, txt None after the last block.
+        The streams are zero-padded to a multiple of the TP size under sequence parallelism and
+        of `token_alignment` (padded tokens are masked out as keys), split over the TP ranks for
+        the blocks under sequence parallelism and gathered back afterwards; the result always has
+        the input's full sequence length. ``text_mask`` is ``[b, t]`` bool (True = valid) or None. Returns ``(img, txt)``, txt None after the last block.
         """
         t, n, b = txt.shape[0], img.shape[0], img.shape[1]
         txt_rot, img_rot = self.rope.tables(shapes, t, img.device)
         sp = self.tp.sequence_parallel
-        pad_t = (-t) % self.tp.size if sp else 0
-        pad_n = (-n) % self.tp.size if sp else 0
+        multiple = math.lcm(self.tp.size if sp else 1, self.token_alignment)
+        pad_t, pad_n = (-t) % multiple, (-n) % multiple
         keys = joint_keys(
             text_mask, batch=b, text_tokens=t, image_tokens=n, pad_image=pad_n, pad_text=pad_t, device=img.device
         )
-        if sp:
+        if pad_t or pad_n:
             txt, txt_rot = _pad_seq(txt, pad_t), pad_rotations(txt_rot, pad_t)
             img, img_rot = _pad_seq(img, pad_n), pad_rotations(img_rot, pad_n)
+        if sp:
             txt = scatter_to_seq(txt, self.tp.group)
             img = scatter_to_seq(img, self.tp.group)
         for index, block in self.blocks.items():
@@ -407,9 +423,11 @@ class QwenImageMMDiT(torch.nn.Module):
             else:
                 img, txt = block(img, txt, temb, (txt_rot, img_rot), keys)
         if sp:
-            img = gather_from_seq(img, self.tp.group, tensor_parallel_output_grad=False)[:n]
+            img = gather_from_seq(img, self.tp.group, tensor_parallel_output_grad=False)
             if txt is not None:
-                txt = gather_from_seq(txt, self.tp.group, tensor_parallel_output_grad=False)[:t]
+                txt = gather_from_seq(txt, self.tp.group, tensor_parallel_output_grad=False)
+        img = img[:n] if pad_n else img
+        txt = txt[:t] if (txt is not None and pad_t) else txt
         return img, txt
 
     def head(self, img: torch.Tensor, temb: torch.Tensor, num_target_tokens: int) -> torch.Tensor:
