@@ -82,6 +82,9 @@ class MMDiTConfig:
     tensor_model_parallel_size: int = 1
     sequence_parallel: bool = False
     backend: str = "local"
+    #: Compile the blocks' elementwise chains (LayerNorm+modulation, gated residuals, QK-norm +
+    #: RoPE) into fused kernels with torch.compile; GEMMs and attention keep the backend's kernels.
+    fused_elementwise: bool = False
     params_dtype: str = "float32"
     name: str = field(default="custom", compare=False)
 
@@ -139,6 +142,8 @@ class MMDiTConfig:
             )
         if self.backend not in BACKENDS:
             raise ConfigError(f"MMDiTConfig.backend={self.backend!r}: expected one of {BACKENDS}")
+        if not isinstance(self.fused_elementwise, bool):
+            raise ConfigError(f"MMDiTConfig.fused_elementwise={self.fused_elementwise!r}: expected true or false")
         if self.params_dtype not in DTYPES:
             raise ConfigError(f"MMDiTConfig.params_dtype={self.params_dtype!r}: expected one of {DTYPES}")
         if not self.norm_eps > 0:

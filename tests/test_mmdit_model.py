@@ -199,3 +199,43 @@ def test_joint_keys_put_valid_keys_first():
     txt = 10 + torch.arange(5).view(5, 1, 1, 1).float()
     order = keys.order(img[:4], txt).flatten().tolist()
     assert order == [0, 1, 2, 10, 11, 12, 13, 14, 3]
+
+
+def test_token_alignment_pads_inside_the_blocks_without_changing_outputs(tiny_diffusers_dir):
+    # FP8 GEMMs need row counts divisible by 16: odd grids (1328 px = 83² patches) are padded
+    # inside the blocks with masked rows; outputs and gradients must not change.
+    model = QwenImageMMDiT.from_diffusers(tiny_diffusers_dir)
+    inputs = make_inputs("odd_nonsquare", 16, 24)  # 15 image tokens, 5 text tokens
+    outs, grads = [], []
+    for alignment in (1, 16):
+        model.configure_token_alignment(alignment)
+        model.zero_grad(set_to_none=True)
+        out = model(**model_kwargs(inputs))
+        (out * inputs["loss_weights"]).sum().backward()
+        outs.append(out.detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert outs[0].shape == outs[1].shape
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    with pytest.raises(ConfigError, match="token alignment"):
+        model.configure_token_alignment(0)
+
+
+def test_fused_elementwise_matches_eager(tiny_diffusers_dir):
+    # The same chains compiled by torch.compile (Inductor's C++ kernels on CPU, Triton on GPU):
+    # outputs and every gradient equal the eager model's to fp32 rounding.
+    eager = QwenImageMMDiT.from_diffusers(tiny_diffusers_dir)
+    fused = QwenImageMMDiT.from_diffusers(tiny_diffusers_dir, fused_elementwise=True)
+    assert fused.blocks["0"].ops.fused and not eager.blocks["0"].ops.fused
+    inputs = make_inputs("padded_text", 16, 24)
+    outs, grads = [], []
+    for model in (eager, fused):
+        out = model(**model_kwargs(inputs))
+        (out * inputs["loss_weights"]).sum().backward()
+        outs.append(out.detach())
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    for name, g in grads[0].items():
+        assert grads[1][name] is not None, f"{name}: no gradient through the fused chains"
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")

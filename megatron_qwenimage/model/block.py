@@ -32,8 +32,8 @@ from torch.utils.checkpoint import checkpoint
 
 from megatron_qwenimage.config import MMDiTConfig
 from megatron_qwenimage.model.backends import JointKeys, ParallelLinearFactory, make_attention
-from megatron_qwenimage.model.layers import RMSNorm, TPContext, layer_norm, modulate
-from megatron_qwenimage.model.rope import apply_rope
+from megatron_qwenimage.model.elementwise import elementwise_ops
+from megatron_qwenimage.model.layers import RMSNorm, TPContext
 
 RopeTables = tuple[torch.Tensor, torch.Tensor]
 
@@ -128,6 +128,8 @@ class MMDiTBlock(torch.nn.Module):
             self.txt_out = linears.row(d, d)
             self.txt_mlp = StreamMLP(config, linears)
         self.attention = make_attention(config, self.num_local_heads)
+        #: LayerNorm+modulation, gated residuals, QK-norm+RoPE: eager or fused (config).
+        self.ops = elementwise_ops(config.fused_elementwise)
         #: Selective activation recompute: keep only the inputs of the core attention and run it
         #: again in backward (set by `QwenImageMMDiT.configure_recompute`).
         self.recompute_core_attention = False
@@ -150,9 +152,15 @@ class MMDiTBlock(torch.nn.Module):
     def _residual(self, x, out_and_bias, gate):
         """Gated residual ``x + gate * (out + bias)``; gate ``[1, b, h]``."""
         out, bias = out_and_bias
-        if bias is not None:
-            out = out + self.tp.sp_replicated(bias)
-        return torch.addcmul(x, gate, out)
+        return self.ops.gated_residual(x, out, None if bias is None else self.tp.sp_replicated(bias), gate)
+
+    def _norm_modulate(self, x, shift, scale):
+        """``LayerNorm(x) * (1 + scale) + shift``: the input of a stream's QKV or MLP."""
+        return self.ops.ln_modulate(x, shift, scale, self.eps)
+
+    def _qk(self, x, norm: RMSNorm, rotations):
+        """Per-head RMSNorm then RoPE of ``[s, b, heads, d]`` queries or keys."""
+        return self.ops.qk_norm_rope(x, norm.compute_weight(), norm.eps, rotations)
 
     def forward(
         self,
@@ -174,28 +182,26 @@ class MMDiTBlock(torch.nn.Module):
         txt_rot, img_rot = rope
         i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self._modulation(self.img_mod, temb)
 
-        img_qkv, _ = self.img_qkv(modulate(layer_norm(img, self.eps), i_shift1, i_scale1))
+        img_qkv, _ = self.img_qkv(self._norm_modulate(img, i_shift1, i_scale1))
         img_q, img_k, img_v = self._heads(img_qkv, 3)
-        img_q = apply_rope(self.img_q_norm(img_q), img_rot)
-        img_k = apply_rope(self.img_k_norm(img_k), img_rot)
+        img_q = self._qk(img_q, self.img_q_norm, img_rot)
+        img_k = self._qk(img_k, self.img_k_norm, img_rot)
 
         if self.context_only:
             t_shift1, t_scale1 = self._modulation(self.txt_mod, temb)
-            txt_kv, _ = self.txt_kv(modulate(layer_norm(txt, self.eps), t_shift1, t_scale1))
+            txt_kv, _ = self.txt_kv(self._norm_modulate(txt, t_shift1, t_scale1))
             txt_k, txt_v = self._heads(txt_kv, 2)
-            txt_k = apply_rope(self.txt_k_norm(txt_k), txt_rot)
+            txt_k = self._qk(txt_k, self.txt_k_norm, txt_rot)
             attn = self._attend(img_q, keys.order(img_k, txt_k), keys.order(img_v, txt_v), keys)  # [n, b, D/tp]
             img = self._residual(img, self.img_out(attn), i_gate1)
-            img = self._residual(
-                img, self.img_mlp(modulate(layer_norm(img, self.eps), i_shift2, i_scale2)), i_gate2
-            )
+            img = self._residual(img, self.img_mlp(self._norm_modulate(img, i_shift2, i_scale2)), i_gate2)
             return self._clip(img), None
 
         t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self._modulation(self.txt_mod, temb)
-        txt_qkv, _ = self.txt_qkv(modulate(layer_norm(txt, self.eps), t_shift1, t_scale1))
+        txt_qkv, _ = self.txt_qkv(self._norm_modulate(txt, t_shift1, t_scale1))
         txt_q, txt_k, txt_v = self._heads(txt_qkv, 3)
-        txt_q = apply_rope(self.txt_q_norm(txt_q), txt_rot)
-        txt_k = apply_rope(self.txt_k_norm(txt_k), txt_rot)
+        txt_q = self._qk(txt_q, self.txt_q_norm, txt_rot)
+        txt_k = self._qk(txt_k, self.txt_k_norm, txt_rot)
 
         n_img = img_q.shape[0]
         attn = self._attend(
@@ -205,8 +211,8 @@ class MMDiTBlock(torch.nn.Module):
 
         img = self._residual(img, self.img_out(img_attn), i_gate1)
         txt = self._residual(txt, self.txt_out(txt_attn), t_gate1)
-        img = self._residual(img, self.img_mlp(modulate(layer_norm(img, self.eps), i_shift2, i_scale2)), i_gate2)
-        txt = self._residual(txt, self.txt_mlp(modulate(layer_norm(txt, self.eps), t_shift2, t_scale2)), t_gate2)
+        img = self._residual(img, self.img_mlp(self._norm_modulate(img, i_shift2, i_scale2)), i_gate2)
+        txt = self._residual(txt, self.txt_mlp(self._norm_modulate(txt, t_shift2, t_scale2)), t_gate2)
         return self._clip(img), self._clip(txt)
 
     @staticmethod

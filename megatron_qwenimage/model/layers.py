@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from megatron_qwenimage.model.elementwise import rms_norm
 from megatron_qwenimage.model.mappings import copy_to_tp
 
 
@@ -80,23 +81,17 @@ class RMSNorm(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.empty(dim, dtype=dtype))
         self.tp = tp
 
+    def compute_weight(self) -> torch.Tensor:
+        """The weight as the computation uses it (with its TP gradient all-reduce when head-sharded)."""
+        return self.weight if self.tp is None else self.tp.grad_allreduce(self.weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
-        x = x * torch.rsqrt(variance + self.eps)
-        weight = self.weight if self.tp is None else self.tp.grad_allreduce(self.weight)
-        if weight.dtype in (torch.float16, torch.bfloat16):
-            x = x.to(weight.dtype)
-        return x * weight
+        return rms_norm(x, self.compute_weight(), self.eps)
 
 
 def layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     """LayerNorm over the last dim without affine parameters."""
     return F.layer_norm(x, (x.shape[-1],), eps=eps)
-
-
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """AdaLN modulation ``x * (1 + scale) + shift``; x ``[s, b, h]``, shift/scale ``[1, b, h]``."""
-    return torch.addcmul(shift, x, 1 + scale)
 
 
 class TimestepEmbedder(torch.nn.Module):
