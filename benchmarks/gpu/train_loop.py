@@ -1,0 +1,196 @@
+"""The real training loop on one GPU: ``qwenimage train``, FP8 (delayed) against bf16, same data.
+
+Writes a latent cache of synthetic full-size samples (1024² latents ``[16, 128, 128]`` and 3584-dim
+text embeddings, through the producers' commit protocol), then runs ``python -m consumers.train``
+on it twice with the same seeds, once per precision, and reads both runs' ``metrics.jsonl``:
+
+* the loss curves (interval means) and their largest relative difference (target: FP8 within
+  2 % of bf16);
+* the loop's model TFLOP/s and data-wait share per interval after the first (target: within 10 %
+  of `benchmarks/gpu/run.py`'s ``ours_te_fp8_delayed_dist_opt`` step, data wait under 2 %).
+
+One JSON line per run and one summary line go to ``--out``::
+
+    python3 benchmarks/gpu/train_loop.py --work /tmp/loop --out $OUT/train_loop.jsonl
+
+``--tiny`` runs the same path on CPU at toy sizes (bf16 only; FP8 is recorded as skipped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from megatron_qwenimage.data import Bucket, SampleMeta, ShardTensors, init_cache, open_cache  # noqa: E402
+from megatron_qwenimage.data.shard_format import offsets_from_lengths  # noqa: E402
+from megatron_qwenimage.data.writer import ShardPayload, publish_partition  # noqa: E402
+
+
+def write_cache(path: Path, *, res: int, samples: int, per_partition: int, text_tokens: int, text_dim: int,
+                channels: int = 16, seed: int = 0) -> str:
+    """A committed cache of `samples` synthetic t2i samples of one `res`² bucket (one snapshot)."""
+    if path.exists():
+        shutil.rmtree(path)
+    cache = init_cache(str(path))
+    bucket = Bucket(res, res)
+    g = torch.Generator().manual_seed(seed)
+    for p, start in enumerate(range(0, samples, per_partition)):
+        n = min(per_partition, samples - start)
+        latents = torch.randn(n, channels, bucket.latent_height, bucket.latent_width, generator=g)
+        lengths = [text_tokens] * n
+        text = torch.randn(sum(lengths), text_dim, generator=g).to(torch.bfloat16)
+        metas = [SampleMeta(f"p{p}-{i}", "t2i", f"synthetic {start + i}", f"synthetic://{start + i}", None,
+                            text_tokens, False, res, res) for i in range(n)]
+        payload = ShardPayload(bucket, ShardTensors(latents.to(torch.bfloat16), text, offsets_from_lengths(lengths)),
+                               metas)
+        result = publish_partition(cache.storage, f"p{p}", inputs=n, shards=[payload])
+        if not result.won:
+            raise RuntimeError(f"partition p{p} was not committed")
+    open_cache(str(path)).create_snapshot()
+    return str(path)
+
+
+def run_config(args, cache: str, precision: str, run_dir: Path) -> dict:
+    model = {"name": args.config, "num_layers": args.layers, "params_dtype": "bfloat16" if not args.tiny else "float32",
+             "backend": "transformer_engine" if precision == "fp8" or args.backend == "transformer_engine" else "local",
+             "fused_elementwise": args.fused}
+    return {
+        "model": model,
+        "parallel": {"tp": 1, "pp": 1},
+        "optimizer": {"lr": 1.0e-4, "warmup_steps": 5, "clip_grad": 1.0},
+        "precision": {"autocast": "none", "fp8": "delayed" if precision == "fp8" else None},
+        "recompute": {"mode": "none"},
+        "flow_matching": {"kind": "logit_normal", "mean": 0.0, "std": 1.0},
+        "data": {
+            "seed": 0,
+            "tasks": {"t2i": 1.0},
+            "text_length": args.text_tokens,
+            "caches": [{"path": cache, "mode": "fixed"}],
+            "stages": [{"name": "loop", "buckets": [f"{args.res}x{args.res}"], "micro_batch": args.batch,
+                        "global_batch": args.batch}],
+        },
+        "schedule": {"train_steps": args.steps, "seed": 0},
+        "logging": {"dir": str(run_dir), "interval": args.log_interval, "tensorboard": False},
+    }
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def train_once(args, cache: str, precision: str) -> dict:
+    run_dir = Path(args.work) / f"run-{precision}"
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    cfg_path = run_dir / "run.yaml"
+    cfg_path.write_text(yaml.safe_dump(run_config(args, cache, precision, run_dir)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "consumers.train", "--config", str(cfg_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=args.timeout_s)
+    wall = time.monotonic() - t0
+    records = [r for r in read_metrics(run_dir) if "loss" in r]
+    out = {"what": "train_loop", "precision": precision, "rc": proc.returncode, "wall_s": wall,
+           "steps": args.steps, "res": args.res, "batch": args.batch, "layers": args.layers}
+    if proc.returncode != 0 or not records:
+        out["error"] = (proc.stderr or proc.stdout)[-2500:]
+        return out
+    steady = records[1:] or records
+    keys = {k for r in records for k in r}
+    tflops_key = next((k for k in ("tflops_per_gpu", "model_tflops_per_gpu", "tflops") if k in keys), None)
+    wait_key = next((k for k in ("data_wait_frac", "data_wait_fraction", "data_wait") if k in keys), None)
+    out["loss_by_interval"] = [r["loss"] for r in records]
+    out["step_of_interval"] = [r.get("step") for r in records]
+    out["metric_keys"] = sorted(keys)
+    if tflops_key:
+        out["tflops_steady"] = sum(r[tflops_key] for r in steady) / len(steady)
+    if wait_key:
+        out["data_wait_steady"] = sum(r[wait_key] for r in steady) / len(steady)
+    for k in ("step_time_s", "step_time", "ms_per_step"):
+        if k in keys:
+            out[f"{k}_steady"] = sum(r[k] for r in steady) / len(steady)
+    return out
+
+
+def emit(path: Optional[str], record: dict) -> None:
+    line = json.dumps(record)
+    print(line[:3000], flush=True)
+    if path:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--work", default="/tmp/qwenimage-train-loop", help="cache and run directories (recreated)")
+    p.add_argument("--out", default=None, help="append JSON lines here")
+    p.add_argument("--tiny", action="store_true", help="toy sizes on CPU (bf16 run only)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: 50; 4 with --tiny)")
+    p.add_argument("--samples", type=int, default=None, help="samples in the cache (default: 32; 8 with --tiny)")
+    p.add_argument("--timeout-s", type=float, default=600.0, help="per training run (default: %(default)s)")
+    p.add_argument("--backend", default=None, help="backend of the bf16 run (default: transformer_engine on CUDA)")
+    p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
+                   help="MMDiTConfig.fused_elementwise (default: on with CUDA)")
+    args = p.parse_args(argv)
+    args.config = "tiny-16ch" if args.tiny else "qwen-image-20b"
+    args.layers = 2 if args.tiny else 4
+    args.res = 64 if args.tiny else 1024
+    args.batch = 2
+    args.text_tokens = 16 if args.tiny else 256
+    args.steps = args.steps or (4 if args.tiny else 50)
+    args.samples = args.samples or (8 if args.tiny else 32)
+    args.log_interval = 2 if args.tiny else 5
+    if args.fused is None:
+        args.fused = torch.cuda.is_available() and not args.tiny
+    if args.backend is None:
+        args.backend = "transformer_engine" if torch.cuda.is_available() and not args.tiny else "local"
+    from megatron_qwenimage.config import load_config
+
+    text_dim = load_config(args.config).joint_attention_dim
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    cache = write_cache(work / "cache", res=args.res, samples=args.samples, per_partition=max(1, args.samples // 4),
+                        text_tokens=args.text_tokens, text_dim=text_dim)
+    emit(args.out, {"what": "train_loop_cache", "samples": args.samples, "res": args.res,
+                    "write_s": time.monotonic() - t0})
+    runs = {}
+    for precision in ("bf16", "fp8"):
+        if precision == "fp8" and not torch.cuda.is_available():
+            emit(args.out, {"what": "train_loop", "precision": "fp8", "skipped": "needs a CUDA GPU with Transformer Engine"})
+            continue
+        runs[precision] = train_once(args, cache, precision)
+        emit(args.out, runs[precision])
+    summary = {"what": "train_loop_summary"}
+    a, b = runs.get("bf16", {}), runs.get("fp8", {})
+    if a.get("loss_by_interval") and b.get("loss_by_interval"):
+        rel = [abs(x - y) / abs(x) for x, y in zip(a["loss_by_interval"], b["loss_by_interval"])]
+        summary["fp8_vs_bf16_loss_max_rel"] = max(rel)
+        summary["fp8_vs_bf16_loss_final_rel"] = rel[-1]
+    for name, r in runs.items():
+        for k in ("tflops_steady", "data_wait_steady"):
+            if k in r:
+                summary[f"{name}_{k}"] = r[k]
+    emit(args.out, summary)
+    return 0 if all(r.get("rc") == 0 for r in runs.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
