@@ -103,15 +103,20 @@ def train_once(args, cache: str, precision: str) -> dict:
     cfg_path.write_text(yaml.safe_dump(run_config(args, cache, precision, run_dir)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "consumers.train", "--config", str(cfg_path)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=args.timeout_s)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "consumers.train", "--config", str(cfg_path)], cwd=ROOT,
+                              env=env, capture_output=True, text=True, timeout=args.timeout_s)
+    except subprocess.TimeoutExpired as exc:
+        stderr = exc.stderr.decode() if isinstance(exc.stderr, bytes) else (exc.stderr or "")
+        proc = subprocess.CompletedProcess(exc.cmd, -9, "", f"timed out after {args.timeout_s} s\n{stderr[-2000:]}")
     wall = time.monotonic() - t0
     records = [r for r in read_metrics(run_dir) if "loss" in r]
     out = {"what": "train_loop", "precision": precision, "rc": proc.returncode, "wall_s": wall,
            "steps": args.steps, "res": args.res, "batch": args.batch, "layers": args.layers}
     if proc.returncode != 0 or not records:
         out["error"] = (proc.stderr or proc.stdout)[-2500:]
-        return out
+        if not records:
+            return out
     steady = records[1:] or records
     keys = {k for r in records for k in r}
     tflops_key = next((k for k in ("tflops_per_gpu", "model_tflops_per_gpu", "tflops") if k in keys), None)
