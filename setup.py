@@ -25,6 +25,8 @@ INSTALL_REQUIRES = [
     "pillow>=10",
     "numpy>=1.26",
     "prometheus_client>=0.20",
+    # The tests list the sockets of the producer's process tree (Ray vendors its own copy).
+    "psutil>=5.9",
     "rich>=13",
     "tiktoken>=0.7",
     # Producers: TIFFs PIL cannot decode (float / planar samples) are read with tifffile.

@@ -74,22 +74,76 @@ def make_partitions(items: list[InputItem], size: int, salt: str) -> list[Partit
     return out
 
 
+#: The one address every listener of the embedded local Ray binds to.
+LOOPBACK = "127.0.0.1"
+#: Ray reads this once, when `ray` is first imported (ray/_private/ray_constants.py, ENABLE_RAY_CLUSTER).
+_RAY_CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
 def _ensure_ray(address: str | None, local_num_cpus: float | None) -> bool:
-    """Connect to Ray; returns True if this call started a local instance (to shut down later)."""
+    """Connect to Ray; returns True if this call started a local instance (to shut down later).
+
+    A cluster named by `address` (or, when it is unset, by a non-empty ``RAY_ADDRESS``) is joined
+    as it is: its bind addresses and its authentication (``RAY_AUTH_MODE`` and the token, as the
+    user's environment sets them) are the cluster's business. Otherwise ('local' or unset) this
+    starts a private local Ray whose whole process tree listens on 127.0.0.1 only.
+    """
     import ray
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     if ray.is_initialized():
         return False
+    if address is None:
+        address = os.environ.get("RAY_ADDRESS") or None
     if address and address != "local":
         ray.init(address=address, log_to_driver=False)
         return False
     # Embedded default: at least 4 logical CPUs even on a 2-core machine, so fractional actor
     # reservations never leave the read tasks without a slot (the pool would sit "pending").
-    cpus = local_num_cpus or max(4, os.cpu_count() or 1)
-    ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    _init_loopback_ray(local_num_cpus or max(4, os.cpu_count() or 1))
     return True
+
+
+def _init_loopback_ray(num_cpus: float) -> None:
+    """Start a private local Ray (new GCS, raylet, agents, workers) listening on 127.0.0.1 only.
+
+    Ray derives every bind address from the node IP: the gRPC servers of the GCS, the raylet's
+    node and object managers and each core worker (driver included) listen on loopback only when
+    the node IP is 127.0.0.1 and on all interfaces otherwise; the dashboard, runtime-env and
+    metrics agents, the dashboard and autoscaler metrics exporters do the same (`is_localhost`).
+    ``_node_ip_address="127.0.0.1"`` alone is not enough: ray.init turns a loopback node IP into
+    the machine's external address (services.resolve_ip_for_localhost) unless
+    ``ray_constants.ENABLE_RAY_CLUSTER`` is false, a constant Ray reads from
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER at import, usually before this runs. So both are set for
+    the duration of ray.init (the env var for the processes it spawns, which import ray afresh),
+    then restored; and the node IP Ray ended up with is checked, failing closed.
+
+    Authentication is left to the environment: with RAY_AUTH_MODE unset Ray 2.60 starts a new
+    local cluster with token auth (token in ~/.ray/auth_token, created if missing), which also
+    keeps other users of this machine off the loopback ports.
+    """
+    import ray
+    from ray._private import ray_constants
+
+    saved_env = os.environ.get(_RAY_CLUSTER_ENV)
+    saved_flag = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[_RAY_CLUSTER_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        # address="local": always a new instance, never a `ray start` head found on this machine.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, dashboard_host=LOOPBACK,
+                 _node_ip_address=LOOPBACK, log_to_driver=False)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(_RAY_CLUSTER_ENV, None)
+        else:
+            os.environ[_RAY_CLUSTER_ENV] = saved_env
+    node_ip = ray.util.get_node_ip_address()
+    gcs_host = ray.get_runtime_context().gcs_address.rsplit(":", 1)[0]
+    if node_ip != LOOPBACK or gcs_host != LOOPBACK:
+        ray.shutdown()
+        raise RuntimeError(f"the embedded Ray came up on {node_ip} (GCS {gcs_host}), not {LOOPBACK}: "
+                           "refusing to run with listeners beyond loopback")
 
 
 def produce(req: ProduceRequest, on_progress: Callable[[ProducerCounts], None] | None = None) -> ProducerCounts:
@@ -107,7 +161,11 @@ def produce(req: ProduceRequest, on_progress: Callable[[ProducerCounts], None] |
     counts = ProducerCounts(inputs=len(items), partitions_total=len(partitions))
     metrics = ProducerMetrics(port=req.metrics_port, host=req.metrics_host) if req.metrics_port is not None else ProducerMetrics()
     status = StatusFile(storage, run_id)
-    started_ray = _ensure_ray(req.ray_address, req.local_num_cpus)
+    try:
+        started_ray = _ensure_ray(req.ray_address, req.local_num_cpus)
+    except BaseException:
+        metrics.close()
+        raise
     writes: dict = {}  # ObjectRef -> partition id
     state = "failed"
     try:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import io
+import os
 import urllib.request
 
 import numpy as np
+import psutil
 import pytest
 from PIL import Image
 
@@ -104,8 +106,13 @@ def test_prometheus_exporter_serves_on_localhost():
         metrics.stage_latency.labels("vae").observe(0.2)
         metrics.queue_depth.labels("writes_inflight").set(3)
         body = urllib.request.urlopen(f"http://127.0.0.1:{metrics.port}/metrics", timeout=10).read().decode()
+        # A scrape of 127.0.0.1 also succeeds on a 0.0.0.0 bind: check what the socket is bound to.
+        me = psutil.Process(os.getpid())
+        conns = (me.net_connections if hasattr(me, "net_connections") else me.connections)(kind="inet")
+        bound = [c.laddr.ip for c in conns if c.status == psutil.CONN_LISTEN and c.laddr.port == metrics.port]
     finally:
         metrics.close()
+    assert bound == ["127.0.0.1"], bound
     assert 'qwenimage_producer_images_quarantined_total{reason="zero_bytes"} 2.0' in body
     assert 'qwenimage_producer_stage_seconds_count{stage="vae"} 1.0' in body
     assert 'qwenimage_producer_queue_depth{queue="writes_inflight"} 3.0' in body
