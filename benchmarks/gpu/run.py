@@ -393,6 +393,7 @@ class GPURun:
         est = 20 if not self.args.tiny else 1
 
         self.measure("diffusers_eager", shape, lambda: StepRunner(ref, batch, returns_sample=True), est)
+        self.measure("diffusers_eager", padded, lambda: StepRunner(ref, pbatch, returns_sample=True), est)
         if self.te is None or self.args.te_standin_local:
             modes = (False, True) if not self.args.skip_compile else (False,)
             for fused in modes:
@@ -408,7 +409,6 @@ class GPURun:
                 self.distributed_optimizer(ours_local, batch, shape, contextlib.nullcontext, "ours_local_dist_opt")
             del ours_local
             reset_memory(dev)
-        self.measure("diffusers_eager", padded, lambda: StepRunner(ref, pbatch, returns_sample=True), est)
         self.compiled_reference(ref, batch, shape)
         del ref
         reset_memory(dev)
@@ -420,7 +420,7 @@ class GPURun:
         blocks' elementwise chains are compiled (``MMDiTConfig.fused_elementwise``). With
         `loop_extras`, the training loop's optimizer and a profile are measured on this model."""
         suffix = "_fused" if fused else ""
-        est = (90 if fused else 20) if not self.args.tiny else 1
+        est = (60 if fused else 15) if not self.args.tiny else 1
         if self.te is None:
             ours = build_ours(ref, "transformer_engine", self.device, self.dtype_name, fused_elementwise=fused)
             fp8 = self.fp8_context(ours)
@@ -453,7 +453,7 @@ class GPURun:
             self.record(what="parity", variant=name, error=f"{type(exc).__name__}: {exc}"[:500])
 
     def compiled_reference(self, ref, batch: dict, shape: Shape) -> None:
-        est = 150 if not self.args.tiny else 60
+        est = 100 if not self.args.tiny else 60
         if self.args.skip_compile:
             return self.skip("diffusers_compile", shape, "--skip-compile")
         compiled = torch.compile(ref)
@@ -481,7 +481,7 @@ class GPURun:
                 and "transformer_blocks" in fqn and "_mod" not in fqn)
             return StepRunner(ref, batch, returns_sample=True, compiled=torch.compile(ref))
 
-        self.measure(name, shape, factory, 150)
+        self.measure(name, shape, factory, 90)
         torch._dynamo.reset()
 
     def distributed_optimizer(self, model, batch: dict, shape: Shape, fp8_context, name: str) -> None:
