@@ -12,26 +12,54 @@ parameter: its fp32 master copy, AdamW moments and (optionally) EMA. In full-ten
 chunk is the DTensor placement ``[Shard(tp_dim) | Replicate over tp, Shard(0) over dp]``, which is
 what the checkpoint writes, so a checkpoint reshards to any TP/DP layout.
 
-One step:
-1. grads (fp32: bf16 params accumulate into fp32 ``main_grad`` buffers via post-accumulate hooks)
-   are packed rank-major into ``[dp, S]`` and **reduce-scattered in fp32** (summed: the loss is
-   already normalised by the global batch);
-2. the global grad norm is the sum of squares over the DP chunks, TP shards and PP stages with
-   TP-replicated parameters counted on TP rank 0 only, all-reduced over the world;
-3. clip (``max_norm / (norm + 1e-6)``, as ``torch.nn.utils.clip_grad_norm_``), AdamW on the fp32
-   chunk, EMA update;
-4. updated chunks are **all-gathered in the parameter dtype** (bf16 when params are bf16) back
-   into the model.
+Flat buffers. Each parameter has a padded slot of ``chunk_rows * cols`` elements at ``offset`` in
+the per-rank flat shard of length ``S``; slots are ordered by (param dtype, TP-replicated,
+no-weight-decay), so each dtype, the grad-norm part and the two weight-decay groups are a few
+contiguous ranges. The fp32 master weights, ``exp_avg``, ``exp_avg_sq`` and EMA are one flat
+``[S]`` tensor each; ``master[name]`` (and the per-name chunks of `state_tensors`) are views of
+a parameter's owned rows, so checkpoint loads write straight into the flat state.
+
+Gradients live in ONE fp32 buffer laid out rank-major ``[dp, S]``: row ``r`` holds rank ``r``'s
+chunk of every parameter (the reduce-scatter input, no packing). With ``dp == 1`` a parameter's
+slot is its whole gradient, so ``main_grads[name]`` is a contiguous param-shaped view of the
+buffer and the reduce-scatter is a no-op (no copy at all). With ``dp > 1`` a parameter's rows are
+spread over the ``dp`` rows of the buffer (rows ``[r*chunk_rows, (r+1)*chunk_rows)`` at columns
+``[offset, offset+chunk_numel)`` of row ``r``), which no single param-shaped strided view can
+express, and a layout where each gradient is contiguous cannot also be rank-major for more than
+one parameter. We keep the rank-major buffer anyway and make the post-accumulate hooks add each
+micro-batch's gradient *directly* into the strided ``[q, chunk_rows, cols]`` view of its slot (q
+full chunks, plus one add for a partial last chunk): one or two kernels per hook, and no
+per-parameter main-grad buffer, packing copy or padded temporary at any ``dp`` (the alternative,
+a contiguous per-parameter ``main_grad`` copied into the packed buffer, costs a full fp32 copy of
+every gradient each step plus 4 bytes/param). At ``dp > 1`` ``main_grads[name]`` therefore
+returns an assembled param-shaped copy (a snapshot, not a live view). fp32 params use the same
+hook (their ``.grad`` is moved into the buffer and cleared); a ``.grad`` set by hand (no autograd
+hook) is folded in once at `step`.
+
+One step (no host sync except the returned ``float(grad_norm)``):
+1. the ``[dp, S]`` fp32 grad buffer is **reduce-scattered in fp32** (summed: the loss is already
+   normalised by the global batch) into a preallocated ``[S]`` shard (``dp == 1``: the buffer);
+2. the global grad norm is one ``vector_norm`` (or one ``_foreach_norm`` over a few ranges) of the
+   flat shard, TP-replicated parameters counted on TP rank 0 only, all-reduced over the world;
+3. clip (``max_norm / (norm + 1e-6)``, as ``torch.nn.utils.clip_grad_norm_``) scales the flat
+   grad once; AdamW runs as torch's fused multi-tensor kernel (foreach where fused is
+   unsupported) over the decay / no-decay ranges; EMA is one ``lerp_`` over the flat tensors;
+4. updated chunks are **all-gathered in the parameter dtype** (bf16 when params are bf16): the
+   flat master of each dtype range cast once into a preallocated send buffer, all-gathered into a
+   preallocated ``[dp, range]`` buffer, then one strided copy per parameter back into the model.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Iterable, Optional
 
 import torch
 import torch.distributed as dist
+from torch.optim.adam import adam as _adam_functional
+from torch.optim.optimizer import _get_fused_kernels_supported_devices
 
 from megatron_qwenimage.config import ConfigError
 
@@ -137,6 +165,62 @@ class ParamShard:
         """Shape of this rank's chunk in the parameter's own shape (``[row_end-row_start, ...]``)."""
         return (self.row_end - self.row_start, *self.param.shape[1:])
 
+    @property
+    def full_chunks(self) -> int:
+        """DP ranks whose chunk is ``chunk_rows`` rows long (the rest: one partial, then empty)."""
+        return self.rows // self.chunk_rows
+
+    @property
+    def tail_rows(self) -> int:
+        """Rows of the partial chunk after the full ones (0: none)."""
+        return self.rows - self.full_chunks * self.chunk_rows
+
+
+def _row_pieces(s: ParamShard, buf2d: torch.Tensor, col0: int) -> list[tuple[torch.Tensor, int, int]]:
+    """Views of parameter `s`'s rows inside a rank-major ``[dp, W]`` buffer whose column `col0` is
+    the start of its slot: ``[(view, row_lo, row_hi)]`` with ``view`` shaped like rows
+    ``[row_lo, row_hi)`` of the ``[rows, cols]`` parameter regrouped per chunk (``[q, chunk_rows,
+    cols]`` for the full chunks, ``[tail, cols]`` for a partial one)."""
+    q, tail, cr, c = s.full_chunks, s.tail_rows, s.chunk_rows, s.cols
+    pieces = [(buf2d[:q, col0 : col0 + cr * c].view(q, cr, c), 0, q * cr)]
+    if tail:
+        pieces.append((buf2d[q, col0 : col0 + tail * c].view(tail, c), q * cr, s.rows))
+    return pieces
+
+
+def _ranges(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Merge adjacent ``[a, b)`` spans (given in increasing order)."""
+    out: list[tuple[int, int]] = []
+    for a, b in spans:
+        if out and out[-1][1] == a:
+            out[-1] = (out[-1][0], b)
+        elif b > a:
+            out.append((a, b))
+    return out
+
+
+_PIECE = 1 << 28  # max elements per tensor handed to the multi-tensor AdamW kernel
+
+
+class _MainGrads(Mapping):
+    """``name -> fp32 gradient`` in the parameter's shape (read-only mapping).
+
+    ``dp == 1``: live views of the flat gradient buffer (what the hooks accumulate into).
+    ``dp > 1``: assembled copies (a parameter's rows are strided over the rank-major buffer).
+    """
+
+    def __init__(self, opt: "DistributedOptimizer"):
+        self._opt = opt
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._opt.main_grad(name)
+
+    def __iter__(self):
+        return iter(self._opt._by_name)
+
+    def __len__(self) -> int:
+        return len(self._opt._by_name)
+
 
 class DistributedOptimizer:
     """ZeRO-1 AdamW over `params` (canonical name -> this rank's TP shard).
@@ -148,6 +232,8 @@ class DistributedOptimizer:
         dp_group: data-parallel group (optimizer state is sharded over it).
         tp_rank: this rank's TP rank (TP-replicated params count in the grad norm on rank 0 only).
         norm_group: group over which the grad norm is summed: the whole world (TP x PP x DP).
+        fused: run AdamW with torch's fused kernel (None: when the device supports it, else the
+            multi-tensor foreach implementation).
     """
 
     def __init__(
@@ -158,6 +244,7 @@ class DistributedOptimizer:
         dp_group: Optional[dist.ProcessGroup],
         tp_rank: int,
         norm_group: Optional[dist.ProcessGroup] = None,
+        fused: Optional[bool] = None,
     ):
         self.config = config
         self.schedule = LRSchedule(config)
@@ -167,7 +254,6 @@ class DistributedOptimizer:
         self.tp_rank = tp_rank
         self.norm_group = norm_group
         self.shards: list[ParamShard] = []
-        offset = 0
         for name, p, tp_dim in named_params:
             if p.ndim == 0:
                 raise ConfigError(f"parameter {name} is a scalar; the distributed optimizer needs >= 1-D params")
@@ -176,135 +262,228 @@ class DistributedOptimizer:
             chunk = -(-rows // self.dp)
             start = min(self.dp_rank * chunk, rows)
             end = min(start + chunk, rows)
-            self.shards.append(ParamShard(name, p, tp_dim, rows, cols, chunk, start, end, offset))
-            offset += chunk * cols
-        self.shard_numel = offset
+            self.shards.append(ParamShard(name, p, tp_dim, rows, cols, chunk, start, end, -1))
         if not self.shards:
             raise ConfigError("DistributedOptimizer: no parameters on this rank")
         self.device = self.shards[0].param.device
+        self._by_name = {s.name: s for s in self.shards}
 
-        # fp32 master chunks (leaf tensors updated by torch's AdamW).
+        # Slots ordered by (dtype, TP-replicated, no weight decay): each is a few contiguous ranges.
+        dtypes = list(dict.fromkeys(s.param.dtype for s in self.shards))
+        key = lambda s: (dtypes.index(s.param.dtype), s.tp_dim is None, s.param.ndim < 2)  # noqa: E731
+        offset = 0
+        for s in sorted(self.shards, key=key):
+            s.offset = offset
+            offset += s.chunk_numel
+        self.shard_numel = S = offset
+        layout = sorted(self.shards, key=lambda s: s.offset)
+        span = lambda s: (s.offset, s.offset + s.chunk_numel)  # noqa: E731
+        self._decay_ranges = _ranges([span(s) for s in layout if s.param.ndim >= 2])
+        self._no_decay_ranges = _ranges([span(s) for s in layout if s.param.ndim < 2])
+        self._norm_ranges = _ranges([span(s) for s in layout if s.tp_dim is not None or tp_rank == 0])
+        self._dtype_ranges = []  # (dtype, start, end, shards)
+        for dt in dtypes:
+            group = [s for s in layout if s.param.dtype == dt]
+            self._dtype_ranges.append((dt, group[0].offset, group[-1].offset + group[-1].chunk_numel, group))
+
+        f32 = dict(dtype=torch.float32, device=self.device)
+        # fp32 master weights and AdamW moments: one flat [S] tensor each, per-name views of owned rows.
+        self._master_flat = torch.zeros(S, **f32)
+        self._exp_avg_flat = torch.zeros(S, **f32)
+        self._exp_avg_sq_flat = torch.zeros(S, **f32)
         self.master: dict[str, torch.Tensor] = {}
-        for s in self.shards:
-            rows_view = s.param.detach().view(s.rows, s.cols)[s.row_start : s.row_end]
-            self.master[s.name] = rows_view.to(torch.float32).clone().view(s.owned_shape)
-        decay = [self.master[s.name] for s in self.shards if s.param.ndim >= 2]
-        no_decay = [self.master[s.name] for s in self.shards if s.param.ndim < 2]
-        self.adam = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=config.lr,
-            betas=config.betas,
-            eps=config.eps,
-            foreach=False,
-        )
+        self._exp_avg: dict[str, torch.Tensor] = {}
+        self._exp_avg_sq: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for s in self.shards:
+                self.master[s.name] = self._owned(self._master_flat, s)
+                self._exp_avg[s.name] = self._owned(self._exp_avg_flat, s)
+                self._exp_avg_sq[s.name] = self._owned(self._exp_avg_sq_flat, s)
+                rows_view = s.param.detach().view(s.rows, s.cols)[s.row_start : s.row_end]
+                self.master[s.name].view(-1, s.cols).copy_(rows_view)
+        self._ema_flat: Optional[torch.Tensor] = None
         self.ema: Optional[dict[str, torch.Tensor]] = None
         if config.ema_decay > 0:
-            self.ema = {k: v.clone() for k, v in self.master.items()}
+            self._ema_flat = self._master_flat.clone()
+            self.ema = {s.name: self._owned(self._ema_flat, s) for s in self.shards}
         self.num_steps = 0
 
-        # bf16/fp16 params accumulate their gradients in fp32 (Megatron's main_grad).
-        self.main_grads: dict[str, torch.Tensor] = {}
+        # AdamW: fused kernel where available, else foreach; tensors of at most _PIECE elements.
+        if fused is None:
+            fused = self.device.type in _get_fused_kernels_supported_devices()
+        self.fused = bool(fused)
+        step_device = self.device if self.fused else torch.device("cpu")  # as torch.optim.AdamW keeps them
+        self._adam_groups = []  # (weight_decay, params, exp_avgs, exp_avg_sqs, steps, (start, end) pieces)
+        for wd, ranges in ((config.weight_decay, self._decay_ranges), (0.0, self._no_decay_ranges)):
+            pieces = [(a, min(a + _PIECE, hi)) for lo, hi in ranges for a in range(lo, hi, _PIECE)]
+            if not pieces:
+                continue
+            self._adam_groups.append((
+                wd,
+                [self._master_flat[a:b] for a, b in pieces],
+                [self._exp_avg_flat[a:b] for a, b in pieces],
+                [self._exp_avg_sq_flat[a:b] for a, b in pieces],
+                [torch.zeros((), dtype=torch.float32, device=step_device) for _ in pieces],
+                pieces,
+            ))
+
+        # Gradients: one rank-major [dp, S] fp32 buffer; the hooks add into per-parameter views.
+        self._grad_buf = torch.zeros(self.dp, S, **f32)
+        self._grad_shard = self._grad_buf[0] if self.dp == 1 else torch.empty(S, **f32)
+        self._grad_pieces = {s.name: _row_pieces(s, self._grad_buf, s.offset) for s in self.shards}
+        self.main_grads = _MainGrads(self)
         self._hooks = []
         for s in self.shards:
-            if s.param.dtype != torch.float32:
-                self.main_grads[s.name] = torch.zeros(s.param.shape, dtype=torch.float32, device=self.device)
-                self._hooks.append(s.param.register_post_accumulate_grad_hook(self._accumulate_hook(s.name)))
+            if s.param.requires_grad:
+                self._hooks.append(s.param.register_post_accumulate_grad_hook(self._accumulate_hook(s)))
 
-    def _accumulate_hook(self, name: str):
+        # All-gather buffers (dp > 1): per dtype range, a send [n] (fp32: the master itself) and a recv [dp, n].
+        self._gather = []  # (master range, send buffer or None, recv, [(param rows view, recv view)])
+        if self.dp > 1:
+            for dt, a, b, group in self._dtype_ranges:
+                send = None if dt == torch.float32 else torch.empty(b - a, dtype=dt, device=self.device)
+                recv = torch.empty(self.dp, b - a, dtype=dt, device=self.device)
+                copies = []
+                for s in group:
+                    p_rows = s.param.detach().view(s.rows, s.cols)
+                    for view, lo, hi in _row_pieces(s, recv, s.offset - a):
+                        copies.append((p_rows[lo:hi].view(view.shape), view))
+                self._gather.append((self._master_flat[a:b], send, recv, copies))
+
+    # ------------------------------------------------------------------ gradients
+    def _accumulate(self, s: ParamShard, grad: torch.Tensor) -> None:
+        """Add `grad` (any float dtype, the parameter's shape) into `s`'s slot of the grad buffer."""
+        if self.dp == 1:
+            self._grad_pieces[s.name][0][0].view(s.param.shape).add_(grad)
+            return
+        g = grad.reshape(s.rows, s.cols)
+        for view, lo, hi in self._grad_pieces[s.name]:
+            view.add_(g[lo:hi].view(view.shape))
+
+    def _accumulate_hook(self, s: ParamShard):
         def hook(p: torch.Tensor) -> None:
-            self.main_grads[name].add_(p.grad.float())
+            self._accumulate(s, p.grad)
             p.grad = None
 
         return hook
 
-    # ------------------------------------------------------------------ step
+    def main_grad(self, name: str) -> torch.Tensor:
+        """fp32 accumulated gradient of `name` in its shape: a live view of the flat buffer when
+        ``dp == 1``, else an assembled copy (see the module docstring)."""
+        s = self._by_name[name]
+        if self.dp == 1:
+            return self._grad_pieces[name][0][0].view(s.param.shape)
+        out = torch.empty(s.rows, s.cols, dtype=torch.float32, device=self.device)
+        for view, lo, hi in self._grad_pieces[name]:
+            out[lo:hi].view(view.shape).copy_(view)
+        return out.view(s.param.shape)
+
     def zero_grad(self) -> None:
         for s in self.shards:
             s.param.grad = None
-        for g in self.main_grads.values():
-            g.zero_()
+        self._grad_buf.zero_()
 
     def _grad_fp32(self, s: ParamShard) -> torch.Tensor:
-        if s.name in self.main_grads:
-            return self.main_grads[s.name]
-        g = s.param.grad
-        return torch.zeros_like(s.param, dtype=torch.float32) if g is None else g.float()
+        """fp32 gradient of `s` (param shape), after folding in a ``.grad`` no hook consumed."""
+        self._fold_param_grads()
+        return self.main_grad(s.name)
+
+    def _fold_param_grads(self) -> None:
+        """Move gradients assigned to ``param.grad`` by hand (autograd's hook moves its own) into the buffer."""
+        for s in self.shards:
+            g = s.param.grad
+            if g is not None:
+                self._accumulate(s, g)
+                s.param.grad = None
 
     def _reduce_scatter_grads(self) -> torch.Tensor:
-        """``[S]`` fp32: this DP rank's chunk of the DP-summed gradient of every parameter."""
-        packed = torch.zeros(self.dp, self.shard_numel, dtype=torch.float32, device=self.device)
-        for s in self.shards:
-            g = self._grad_fp32(s).reshape(s.rows, s.cols)
-            padded = torch.zeros(self.dp * s.chunk_rows, s.cols, dtype=torch.float32, device=self.device)
-            padded[: s.rows] = g
-            packed[:, s.offset : s.offset + s.chunk_numel] = padded.view(self.dp, s.chunk_numel)
-        if self.dp == 1:
-            return packed[0]
-        out = torch.empty(self.shard_numel, dtype=torch.float32, device=self.device)
-        dist.reduce_scatter_tensor(out, packed.view(-1), op=dist.ReduceOp.SUM, group=self.dp_group)
-        return out
+        """``[S]`` fp32: this DP rank's chunk of the DP-summed gradient of every parameter.
+
+        ``dp == 1``: the gradient buffer itself (no copy).
+        """
+        self._fold_param_grads()
+        if self.dp > 1:
+            dist.reduce_scatter_tensor(self._grad_shard, self._grad_buf.view(-1), op=dist.ReduceOp.SUM,
+                                       group=self.dp_group)
+        return self._grad_shard
 
     def _owned(self, flat: torch.Tensor, s: ParamShard) -> torch.Tensor:
         n = (s.row_end - s.row_start) * s.cols
         return flat[s.offset : s.offset + n].view(s.owned_shape)
 
     def grad_norm(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Global L2 norm; TP-replicated params count once (TP rank 0), DP chunks and PP stages sum."""
+        """Global L2 norm of per-name grad chunks; TP-replicated params count once (TP rank 0),
+        DP chunks and PP stages sum. (`step` uses the same rule on the flat shard.)"""
         sq = torch.zeros((), dtype=torch.float32, device=self.device)
         for s in self.shards:
             if s.tp_dim is None and self.tp_rank != 0:
                 continue
             sq += grads[s.name].square().sum()
+        return self._finish_norm(sq)
+
+    def _flat_grad_norm(self, flat: torch.Tensor) -> torch.Tensor:
+        ranges = self._norm_ranges
+        if len(ranges) == 1:
+            a, b = ranges[0]
+            sq = torch.linalg.vector_norm(flat[a:b]).square()
+        elif ranges:
+            sq = torch.stack(torch._foreach_norm([flat[a:b] for a, b in ranges])).square().sum()
+        else:
+            sq = torch.zeros((), dtype=torch.float32, device=self.device)
+        return self._finish_norm(sq)
+
+    def _finish_norm(self, sq: torch.Tensor) -> torch.Tensor:
         if dist.is_initialized():
             dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=self.norm_group)
         return sq.sqrt()
 
+    # ------------------------------------------------------------------ step
     @torch.no_grad()
     def step(self, step_index: int) -> dict[str, float]:
         """Reduce grads, clip, AdamW at ``lr = schedule(step_index)``, EMA, gather params.
 
-        Returns ``{"grad_norm", "lr"}`` (norm before clipping).
+        Returns ``{"grad_norm", "lr"}`` (norm before clipping). With ``dp == 1`` the clipped
+        gradient is written back into the grad buffer (`zero_grad` clears it).
         """
         flat = self._reduce_scatter_grads()
-        grads = {s.name: self._owned(flat, s) for s in self.shards}
-        norm = self.grad_norm(grads)
+        norm = self._flat_grad_norm(flat)
         if self.config.clip_grad > 0:
             coef = torch.clamp(self.config.clip_grad / (norm + 1e-6), max=1.0)
             flat.mul_(coef)
         lr = self.schedule(step_index)
-        for group in self.adam.param_groups:
-            group["lr"] = lr
-        for s in self.shards:
-            self.master[s.name].grad = grads[s.name]
-        self.adam.step()
-        for m in self.master.values():
-            m.grad = None
-        if self.ema is not None:
-            d = self.config.ema_decay
-            for k, e in self.ema.items():
-                e.mul_(d).add_(self.master[k], alpha=1 - d)
+        self._adamw(flat, lr)
+        if self._ema_flat is not None:
+            self._ema_flat.lerp_(self._master_flat, 1.0 - self.config.ema_decay)
         self._gather_params()
         self.num_steps += 1
         return {"grad_norm": float(norm), "lr": lr}
 
+    def _adamw(self, flat_grad: torch.Tensor, lr: float) -> None:
+        c = self.config
+        for wd, params, exp_avgs, exp_avg_sqs, steps, pieces in self._adam_groups:
+            _adam_functional(
+                params, [flat_grad[a:b] for a, b in pieces], exp_avgs, exp_avg_sqs, [], steps,
+                foreach=not self.fused, fused=self.fused, capturable=False, differentiable=False,
+                grad_scale=None, found_inf=None, has_complex=False, decoupled_weight_decay=True,
+                amsgrad=False, beta1=c.betas[0], beta2=c.betas[1], lr=lr, weight_decay=wd, eps=c.eps,
+                maximize=False,
+            )
+
     @torch.no_grad()
     def _gather_params(self) -> None:
         """All-gather the updated chunks, in the parameter dtype, into the model parameters."""
-        dtypes = {s.param.dtype for s in self.shards}
-        for dtype in dtypes:
-            group = [s for s in self.shards if s.param.dtype == dtype]
-            send = torch.zeros(self.shard_numel, dtype=dtype, device=self.device)
-            for s in group:
-                n = (s.row_end - s.row_start) * s.cols
-                send[s.offset : s.offset + n] = self.master[s.name].reshape(-1).to(dtype)
-            if self.dp == 1:
-                recv = send.view(1, -1)
+        if self.dp == 1:  # the chunk is the whole parameter: one casting copy each
+            for s in self.shards:
+                s.param.detach().copy_(self.master[s.name])
+            return
+        for master, send, recv, copies in self._gather:
+            if send is None:  # fp32 params: the master range is the send buffer
+                send = master
             else:
-                recv = torch.empty(self.dp, self.shard_numel, dtype=dtype, device=self.device)
-                dist.all_gather_into_tensor(recv.view(-1), send, group=self.dp_group)
-            for s in group:
-                rows = recv[:, s.offset : s.offset + s.chunk_numel].reshape(self.dp * s.chunk_rows, s.cols)
-                s.param.copy_(rows[: s.rows].view_as(s.param))
+                send.copy_(master)  # one cast of the whole range
+            dist.all_gather_into_tensor(recv.view(-1), send, group=self.dp_group)
+            for dst, src in copies:
+                dst.copy_(src)
 
     @torch.no_grad()
     def load_master_into_params(self) -> None:
@@ -315,17 +494,13 @@ class DistributedOptimizer:
     def state_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
         """Per canonical name, this rank's chunks: ``master``, ``exp_avg``, ``exp_avg_sq`` (+ ``ema``).
 
-        Chunk tensors are the live state (loading into them restores the optimizer in place).
+        Chunk tensors are the live state (views of the flat state: loading into them restores
+        the optimizer in place).
         """
         out: dict[str, dict[str, torch.Tensor]] = {}
         for s in self.shards:
-            m = self.master[s.name]
-            st = self.adam.state[m]
-            if not st:  # before the first step: materialise zero moments so they can be loaded into
-                st["step"] = torch.tensor(0.0)
-                st["exp_avg"] = torch.zeros_like(m)
-                st["exp_avg_sq"] = torch.zeros_like(m)
-            entry = {"master": m, "exp_avg": st["exp_avg"], "exp_avg_sq": st["exp_avg_sq"]}
+            entry = {"master": self.master[s.name], "exp_avg": self._exp_avg[s.name],
+                     "exp_avg_sq": self._exp_avg_sq[s.name]}
             if self.ema is not None:
                 entry["ema"] = self.ema[s.name]
             out[s.name] = entry
@@ -334,10 +509,9 @@ class DistributedOptimizer:
     def set_num_steps(self, n: int) -> None:
         """Restore the AdamW step counter (bias correction) after a load."""
         self.num_steps = n
-        for m in self.master.values():
-            st = self.adam.state[m]
-            if st:
-                st["step"] = torch.tensor(float(n))
+        for group in self._adam_groups:
+            for t in group[4]:
+                t.fill_(float(n))
 
     def ema_full_params(self) -> dict[str, torch.Tensor]:
         """EMA weights of this rank's TP shards, all-gathered over DP (for export); needs EMA on."""
