@@ -217,7 +217,7 @@ class QwenImageMMDiT(torch.nn.Module):
                 continue
             is_output = any(k in name for k in ("_out.", "fc2.", "out_weight", "fc2_weight"))
             gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
-            full = torch.empty(self.full_shape(name, tensor), dtype=torch.float32)
+            full = torch.empty(self.full_shape(name, tensor), dtype=torch.float32, device="cpu")
             full.normal_(0.0, out_std if is_output else INIT_STD, generator=gen)
             tensor.copy_(self.shard_of(name, full))
 
