@@ -73,6 +73,7 @@ def test_te_fp8_forward_backward(tiny_diffusers_dir, recipe):
     with torch.no_grad():
         want = local(**model_kwargs(inputs)).float()
         te_bf16 = te(**model_kwargs(inputs)).float()  # the same TE model outside fp8_autocast
+        bf16_rerun_noise = _rel(te(**model_kwargs(inputs)).float(), te_bf16)  # 0 with deterministic kernels
     for _ in range(3):  # delayed scaling needs a few steps of amax history
         with precision.forward_context():
             out = te(**model_kwargs(inputs))
@@ -82,10 +83,15 @@ def test_te_fp8_forward_backward(tiny_diffusers_dir, recipe):
     assert all(torch.isfinite(p.grad).all() for p in te.parameters())
     rel = _rel(out, want)
     assert rel <= 0.15, f"FP8 output relative error {rel:.3f}"
-    # FP8 actually ran: its quantisation error shows against the same model's bf16 output
-    # (a bf16-only run matches it to ~1e-3), and delayed scaling recorded amax history.
+    # FP8 actually ran: its quantisation error shows against the same model's bf16 output, which
+    # a bf16 rerun reproduces exactly (H200, TE 2.20: FP8 differs by ~2e-3 on this tiny model,
+    # where the blocks' updates are small against the residual stream), and delayed scaling
+    # recorded amax history.
     assert _rel(te_bf16, want) <= 3e-2
-    assert _rel(out, te_bf16) > 2e-3, "FP8 output equals the bf16 output: no FP8 GEMM ran"
+    fp8_vs_bf16 = _rel(out, te_bf16)
+    assert fp8_vs_bf16 > max(2e-4, 10 * bf16_rerun_noise), (
+        f"FP8 output matches the bf16 output ({fp8_vs_bf16:.2e}, bf16 rerun {bf16_rerun_noise:.2e}): no FP8 GEMM ran"
+    )
     if recipe == "delayed":
         histories = [
             getattr(m.fp8_meta["scaling_fwd"], "amax_history", None)

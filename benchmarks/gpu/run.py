@@ -314,7 +314,10 @@ class GPURun:
         if self.device.type == "cuda":
             info["device"] = torch.cuda.get_device_name()
             info["cuda"] = torch.version.cuda
-            info["cudnn"] = torch.backends.cudnn.version()
+            try:
+                info["cudnn"] = torch.backends.cudnn.version()
+            except RuntimeError as exc:  # a second cuDNN (e.g. one a kernel library loaded) may mismatch
+                info["cudnn"] = f"unavailable ({exc})"[:200]
         for mod in ("transformer_engine", "diffusers", "torchao", "megatron.core"):
             try:
                 m = __import__(mod, fromlist=["__version__"])
