@@ -11,6 +11,7 @@ docs/cache_format.md describes the format for readers that use plain zarr/pyarro
 from megatron_qwenimage.data.manifest import (
     Cache,
     CacheError,
+    CachePathError,
     Sample,
     Shard,
     ShardBatch,
@@ -27,6 +28,7 @@ __all__ = [
     "Bucket",
     "Cache",
     "CacheError",
+    "CachePathError",
     "Sample",
     "SampleMeta",
     "Shard",

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Iterable
 
 from megatron_qwenimage.data.shard_format import SCHEMA_VERSION, Bucket
-from megatron_qwenimage.data.storage import CacheStorage
+from megatron_qwenimage.data.storage import CacheStorage, resolve_record_path
 
 COMMITS_DIR = "commits"
 ATTEMPTS_DIR = "attempts"
@@ -126,9 +126,25 @@ class CommitRecord:
                     f"{where}: schema_version {d.get('schema_version')!r}, this reader knows {SCHEMA_VERSION}"
                 )
             d["shards"] = [ShardEntry.from_dict(s) for s in d["shards"]]
-            return cls(**d)
-        except (ValueError, KeyError, TypeError) as exc:
+            record = cls(**d)
+            record.check_paths(where)  # CachePathError naming the record and the entry
+            return record
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise CommitError(f"{where}: not a valid commit record ({exc})") from exc
+
+    def check_paths(self, where: str) -> None:
+        """Every path of the record is a relative path inside the cache (`resolve_record_path`).
+
+        Raises:
+            CachePathError: naming `where` (the record) and the offending entry.
+        """
+        for i, shard in enumerate(self.shards):
+            resolve_record_path(None, shard.path, record=where, entry=f"shards[{i}].path")
+            for rel in shard.files:
+                resolve_record_path(None, rel, record=where, entry=f"shards[{i}].files[{rel!r}]")
+        for name, table in sorted(self.tables.items()):
+            if isinstance(table, dict) and "path" in table:
+                resolve_record_path(None, table["path"], record=where, entry=f"tables.{name}.path")
 
 
 def commit_path(partition_id: str) -> str:
@@ -142,7 +158,7 @@ def read_commit(storage: CacheStorage, partition_id: str) -> CommitRecord | None
         data = storage.read_bytes(rel)
     except FileNotFoundError:
         return None
-    return CommitRecord.from_json(data, where=storage.path(rel))
+    return CommitRecord.from_json(data, where=f"commit record {storage.path(rel)}")
 
 
 def list_commits(storage: CacheStorage) -> list[CommitRecord]:

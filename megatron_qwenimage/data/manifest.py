@@ -26,7 +26,7 @@ from functools import cached_property
 import pyarrow as pa
 import torch
 
-from megatron_qwenimage.data.commit import CommitRecord, ShardEntry, list_commits
+from megatron_qwenimage.data.commit import CommitRecord, ShardEntry, commit_path, list_commits
 from megatron_qwenimage.data.shard_format import (
     SCHEMA_VERSION,
     Bucket,
@@ -34,14 +34,15 @@ from megatron_qwenimage.data.shard_format import (
     read_samples,
     read_tensors,
 )
-from megatron_qwenimage.data.storage import CacheStorage
+from megatron_qwenimage.data.storage import (  # CacheError, CachePathError: defined there, re-exported here
+    CacheError,
+    CachePathError,  # noqa: F401
+    CacheStorage,
+    resolve_record_path,
+)
 
 SNAPSHOTS_DIR = "manifest/snapshots"
 CACHE_INFO_FILE = "cache.json"
-
-
-class CacheError(RuntimeError):
-    """The cache or one of its snapshots is missing or malformed; the message names it."""
 
 
 class ShardChecksumError(CacheError):
@@ -102,11 +103,16 @@ class ShardBatch:
 
 
 class Shard:
-    """A committed shard (read-only view)."""
+    """A committed shard (read-only view).
 
-    def __init__(self, storage: CacheStorage, entry: ShardEntry) -> None:
+    Args:
+        record: names the commit record or snapshot that lists the shard (in error messages).
+    """
+
+    def __init__(self, storage: CacheStorage, entry: ShardEntry, record: str = "") -> None:
         self.storage = storage
         self.entry = entry
+        self.record = record or f"the commit record of shard {entry.shard_id}"
 
     def __repr__(self) -> str:
         return f"Shard({self.shard_id}, bucket={self.bucket.name}, num_samples={self.num_samples})"
@@ -117,7 +123,10 @@ class Shard:
 
     @property
     def path(self) -> str:
-        return self.entry.path
+        """The shard directory relative to the cache root, checked on every use to lie inside it
+        (also after resolving symbolic links); `CachePathError` naming the record otherwise."""
+        return resolve_record_path(self.storage, self.entry.path, record=self.record,
+                                   entry=f"shard {self.shard_id} path")
 
     @property
     def bucket(self) -> Bucket:
@@ -150,15 +159,18 @@ class Shard:
 
     def verify(self) -> None:
         """Re-hash every file; raise `ShardChecksumError` naming the shard on any mismatch."""
+        path = self.path
         listed = set(self.entry.files)
-        present = set(self.storage.walk_files(self.path))
+        present = set(self.storage.walk_files(path))
         if listed - present:
-            raise ShardChecksumError(f"shard {self.shard_id} ({self.path}): missing files {sorted(listed - present)}")
+            raise ShardChecksumError(f"shard {self.shard_id} ({path}): missing files {sorted(listed - present)}")
         for rel, expected in sorted(self.entry.files.items()):
-            sha, size = self.storage.sha256(f"{self.path}/{rel}")
+            file = resolve_record_path(self.storage, f"{path}/{rel}", record=self.record,
+                                       entry=f"shard {self.shard_id} file {rel!r}")
+            sha, size = self.storage.sha256(file)
             if (sha, size) != (expected.sha256, expected.bytes):
                 raise ShardChecksumError(
-                    f"shard {self.shard_id}: file {self.path}/{rel} has sha256 {sha[:16]}... "
+                    f"shard {self.shard_id}: file {path}/{rel} has sha256 {sha[:16]}... "
                     f"({size} bytes), the commit record says {expected.sha256[:16]}... ({expected.bytes} bytes)"
                 )
         n_rows = self.samples.num_rows
@@ -174,7 +186,13 @@ class Snapshot:
         self.version = version
         self.records = records
         self.created_unix = created_unix
-        self.shards = [Shard(storage, e) for rec in records for e in rec.shards]
+        self.shards = [Shard(storage, e, self.record_name(rec)) for rec in records for e in rec.shards]
+
+    def record_name(self, record: CommitRecord) -> str:
+        """Where `record` was read from, for error messages: the snapshot file or the commit record."""
+        if self.version < 0:  # live view: read from commits/
+            return f"commit record {self.storage.path(commit_path(record.partition_id))}"
+        return f"snapshot v{self.version} ({self.storage.path(snapshot_path(self.version))}) partition {record.partition_id}"
 
     def __repr__(self) -> str:
         return f"Snapshot(v{self.version}, {len(self.shards)} shards, {self.num_samples} samples)"
@@ -242,7 +260,9 @@ class Cache:
             raise CacheError(f"cache {self.url}: snapshot v{pin} does not exist (have {versions})") from exc
         if d.get("schema_version") != SCHEMA_VERSION:
             raise CacheError(f"{self.storage.path(rel)}: schema_version {d.get('schema_version')}, expected {SCHEMA_VERSION}")
-        records = [CommitRecord.from_json(json.dumps(c).encode(), where=rel) for c in d["commits"]]
+        where = f"snapshot v{pin} ({self.storage.path(rel)})"
+        records = [CommitRecord.from_json(json.dumps(c).encode(), where=f"{where} commits[{i}]")
+                   for i, c in enumerate(d["commits"])]
         return Snapshot(self.storage, d["version"], records, d["created_unix"])
 
     def live(self) -> Snapshot:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
+import re
 import uuid
 from typing import Iterator
 
@@ -29,6 +30,84 @@ _HASH_BLOCK_BYTES = 4 << 20
 
 class StorageError(RuntimeError):
     """A storage operation failed; the message names the path."""
+
+
+class CacheError(RuntimeError):
+    """The cache or one of its snapshots is missing or malformed; the message names it."""
+
+
+class CachePathError(CacheError):
+    """A path read from a commit record or snapshot does not name a location inside the cache.
+
+    The message names the record (commit record file or snapshot version), the entry (e.g.
+    ``shards[0].path``) and the offending value.
+    """
+
+
+#: ``C:``, ``file:``, ``s3:``... at the start: a drive letter or a URL scheme.
+_SCHEME_OR_DRIVE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+_EXPECTED_PATH = ("expected a relative POSIX path inside the cache root ('/'-separated, no leading '/', "
+                  "no '..', '.' or empty components, no backslashes, drive letters or URL schemes)")
+
+
+def _record_path_problem(relpath: object) -> str | None:
+    """Why `relpath` is not an acceptable cache-relative path, or None if it is."""
+    if not isinstance(relpath, str):
+        return f"is not a string ({type(relpath).__name__})"
+    if not relpath:
+        return "is empty"
+    if "\x00" in relpath:
+        return "contains a NUL character"
+    if "://" in relpath:
+        return "is a URL"
+    if "\\" in relpath:
+        return "contains a backslash"
+    if relpath.startswith("/"):
+        return "is absolute"
+    prefix = _SCHEME_OR_DRIVE.match(relpath)
+    if prefix:
+        return "starts with a drive letter" if len(prefix.group()) == 2 else "starts with a URL scheme"
+    for part in relpath.split("/"):
+        if part == "..":
+            return "has a '..' component"
+        if part in ("", "."):
+            return "has an empty or '.' component"
+    return None
+
+
+def resolve_record_path(root: "CacheStorage | None", relpath: str, *, record: str, entry: str) -> str:
+    """Check a path taken from a commit record or snapshot; returns `relpath` unchanged if it is safe.
+
+    Every path string that a record or snapshot (JSON written by producers) holds and that is
+    turned into a location goes through here: shard directories, the files listed in a shard,
+    the quarantine/duplicates tables. `relpath` must be a non-empty relative POSIX path without
+    ``..``, ``.`` or empty components, backslashes, a drive letter or a URL scheme. With `root`
+    (the cache's `CacheStorage`) it is also joined to the root, and the result must lie inside
+    it; on local disk after resolving symbolic links (``os.path.realpath``), so a shard directory
+    that is a link to somewhere else is refused. `root=None` checks the string only (parsing).
+
+    Args:
+        record: names the record, e.g. ``commit record /cache/commits/p.json``.
+        entry: names the entry in it, e.g. ``shards[0].path``.
+
+    Raises:
+        CachePathError: naming `record`, `entry` and the value, and saying what was expected.
+    """
+    problem = _record_path_problem(relpath)
+    if problem is None and root is not None:
+        full = posixpath.join(root.root, relpath)
+        if root.is_local:
+            real_root = os.path.realpath(root.root).rstrip(os.sep) + os.sep
+            real = os.path.realpath(full)
+            if not real.startswith(real_root):
+                problem = f"resolves to {real} (a symbolic link), outside the cache root {real_root.rstrip(os.sep) or os.sep}"
+        else:
+            prefix = root.root.rstrip("/")
+            if prefix and not posixpath.normpath(full).startswith(prefix + "/"):
+                problem = f"joins to {full}, outside the cache root {prefix}"
+    if problem is not None:
+        raise CachePathError(f"{record}: {entry} = {relpath!r} {problem}; {_EXPECTED_PATH}")
+    return relpath
 
 
 class CacheStorage:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
-from megatron_qwenimage.data.commit import CommitError
-from megatron_qwenimage.data.manifest import Cache, CacheError, Snapshot
+from megatron_qwenimage.data.commit import CommitError, commit_path, committed_partitions, read_commit
+from megatron_qwenimage.data.manifest import Cache, CacheError, CachePathError, Snapshot, snapshot_path
 
 
 @dataclass
@@ -14,6 +15,8 @@ class VerifyReport:
 
     The counts come from the commit records: ``inputs == committed + duplicates +
     sum(quarantined.values())``; `buckets` counts committed samples per bucket name.
+    `bad_shards` maps a shard id to its error, or the cache-relative path of a commit record or
+    snapshot that was refused as a whole (a path in it points outside the cache: `CachePathError`).
     """
 
     shards_checked: int = 0
@@ -43,9 +46,10 @@ class VerifyReport:
         }
 
 
-def verify_snapshot(snapshot: Snapshot) -> VerifyReport:
+def verify_snapshot(snapshot: Snapshot, report: VerifyReport | None = None) -> VerifyReport:
     """Verify every shard of `snapshot` (all files re-hashed); never stops at the first bad one."""
-    report = VerifyReport(snapshot_version=snapshot.version)
+    report = report if report is not None else VerifyReport()
+    report.snapshot_version = snapshot.version
     for rec in snapshot.records:
         report.inputs += rec.inputs
         report.committed += rec.committed
@@ -65,6 +69,31 @@ def verify_snapshot(snapshot: Snapshot) -> VerifyReport:
 
 
 def verify_cache(cache: Cache, pin: int | None = None, live: bool = True) -> VerifyReport:
-    """Verify a pinned snapshot (`pin`), or with `live` everything committed right now."""
-    snapshot = cache.live() if (live and pin is None) else cache.snapshot(pin)
-    return verify_snapshot(snapshot)
+    """Verify a pinned snapshot (`pin`), or with `live` everything committed right now.
+
+    A commit record or snapshot holding a path outside the cache is reported bad as a whole (keyed
+    by its own path) and none of its files is opened; the other records are still verified.
+    """
+    report = VerifyReport()
+    if live and pin is None:
+        records = []
+        for partition_id in sorted(committed_partitions(cache.storage)):
+            try:
+                record = read_commit(cache.storage, partition_id)
+            except CachePathError as exc:
+                report.bad_shards[commit_path(partition_id)] = str(exc)
+                continue
+            if record is not None:
+                records.append(record)
+        snapshot = Snapshot(cache.storage, -1, records, time.time())
+    else:
+        if pin is None:
+            versions = cache.snapshot_versions()
+            pin = versions[-1] if versions else None
+        try:
+            snapshot = cache.snapshot(pin)
+        except CachePathError as exc:
+            report.snapshot_version = pin
+            report.bad_shards[snapshot_path(pin)] = str(exc)
+            return report
+    return verify_snapshot(snapshot, report)

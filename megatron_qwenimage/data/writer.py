@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from megatron_qwenimage.data.commit import CommitRecord, PartitionAttempt, read_commit
+from megatron_qwenimage.data.commit import CommitRecord, PartitionAttempt, commit_path, read_commit
 from megatron_qwenimage.data.shard_format import (
     Bucket,
     SampleMeta,
@@ -25,7 +25,7 @@ from megatron_qwenimage.data.shard_format import (
     read_tensors,
     write_shard,
 )
-from megatron_qwenimage.data.storage import CacheStorage
+from megatron_qwenimage.data.storage import CacheStorage, resolve_record_path
 
 #: One row per quarantined input.
 QUARANTINE_SCHEMA = pa.schema(
@@ -194,10 +194,16 @@ def publish_partition(
     return PublishResult(True, record, nbytes, [e.shard_id for e in entries])
 
 
+def _read_table(storage: CacheStorage, record: CommitRecord, name: str) -> pa.Table:
+    path = resolve_record_path(storage, record.tables[name]["path"], entry=f"tables.{name}.path",
+                               record=f"commit record {storage.path(commit_path(record.partition_id))}")
+    return pq.read_table(io.BytesIO(storage.read_bytes(path)))
+
+
 def read_quarantine(storage: CacheStorage, record: CommitRecord) -> pa.Table:
     """The quarantine table of a committed partition."""
-    return pq.read_table(io.BytesIO(storage.read_bytes(record.tables["quarantine"]["path"])))
+    return _read_table(storage, record, "quarantine")
 
 
 def read_duplicates(storage: CacheStorage, record: CommitRecord) -> pa.Table:
-    return pq.read_table(io.BytesIO(storage.read_bytes(record.tables["duplicates"]["path"])))
+    return _read_table(storage, record, "duplicates")
