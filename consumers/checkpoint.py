@@ -10,8 +10,9 @@ What a checkpoint holds (directory ``<root>/step_00001234``):
   DCP stores each chunk with its global offsets, so any other TP/PP/DP layout reads exactly its
   own pieces (resharding); replicated copies are written once.
 * ``meta.json`` (rank 0): step, optimizer step count, LR schedule, reader state, run info.
-* ``rng/rank_XXXXX.pt``: torch/numpy/python RNG states per rank (restored when the world size is
-  unchanged; training randomness is seeded per step and sample, so resharding does not need them).
+* ``rng/rank_XXXXX.safetensors``: torch/CUDA/numpy/python RNG states per rank, without pickle
+  (`save_rng_state`; restored when the world size is unchanged; training randomness is seeded per
+  step and sample, so resharding does not need them). Old ``rank_XXXXX.pt`` pickles are refused.
 * ``COMMITTED``: written last, holding the size and SHA-256 of every file.
 
 Atomicity: everything is written under ``.tmp-step_XXXXXXXX``; after all ranks finish, rank 0
@@ -127,21 +128,80 @@ def build_state(engine, pstate: ParallelState) -> tuple[dict[str, DTensor], list
     return state, pairs
 
 
-def _rng_state() -> dict:
-    return {
-        "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+RNG_DIR = "rng"
+RNG_FORMAT = "qwenimage-rng-v1"
+
+
+def rng_file(directory: Path, rank: int) -> Path:
+    """The RNG state file of `rank` in checkpoint `directory`."""
+    return Path(directory) / RNG_DIR / f"rank_{rank:05d}.safetensors"
+
+
+def save_rng_state(path: Path) -> None:
+    """Write this process's torch, CUDA, numpy and python RNG states to `path`, without pickle.
+
+    A safetensors file: tensors ``torch`` and ``cuda_<i>`` (uint8 generator states) and
+    ``numpy_keys`` (uint32 MT19937 key); the header metadata holds JSON for the rest (python's
+    ``random.getstate()`` and numpy's position/gaussian cache), all plain ints and floats.
+    """
+    from safetensors.numpy import save_file
+
+    np_name, np_keys, np_pos, np_has_gauss, np_cached = np.random.get_state(legacy=True)
+    py_version, py_internal, py_gauss_next = random.getstate()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    tensors = {"torch": torch.get_rng_state().numpy(), "numpy_keys": np.ascontiguousarray(np_keys, dtype=np.uint32)}
+    tensors.update({f"cuda_{i}": state.cpu().numpy() for i, state in enumerate(cuda)})
+    metadata = {
+        "format": RNG_FORMAT,
+        "python": json.dumps([py_version, list(py_internal), py_gauss_next]),
+        "numpy": json.dumps([np_name, int(np_pos), int(np_has_gauss), float(np_cached)]),
+        "cuda_devices": str(len(cuda)),
     }
+    save_file(tensors, str(path), metadata=metadata)
 
 
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def load_rng_state(path: Path) -> None:
+    """Restore the RNG states `save_rng_state` wrote to `path` (safetensors + JSON; nothing is unpickled).
+
+    Raises:
+        CheckpointCorrupt: naming `path` if it is not such a file.
+    """
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if metadata.get("format") != RNG_FORMAT:
+            raise ValueError(f"format {metadata.get('format')!r}, expected {RNG_FORMAT!r}")
+        np_name, np_pos, np_has_gauss, np_cached = json.loads(metadata["numpy"])
+        py_version, py_internal, py_gauss_next = json.loads(metadata["python"])
+        torch_state = torch.from_numpy(tensors["torch"].copy())
+        cuda = [torch.from_numpy(tensors[f"cuda_{i}"].copy()) for i in range(int(metadata["cuda_devices"]))]
+        np_state = (np_name, tensors["numpy_keys"], np_pos, np_has_gauss, np_cached)
+        py_state = (py_version, tuple(py_internal), py_gauss_next)
+    except Exception as exc:  # safetensors' own error type, KeyError, ValueError...
+        raise CheckpointCorrupt(f"{path}: not an RNG state file of this trainer ({type(exc).__name__}: {exc})") from None
+    torch.set_rng_state(torch_state)
+    np.random.set_state(np_state)
+    random.setstate(py_state)
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def refuse_pickled_rng_files(directory: Path) -> None:
+    """Raise `CheckpointCorrupt` naming the file if `directory` holds RNG states in the old pickle format.
+
+    Checkpoints written before the safetensors format saved ``rng/rank_XXXXX.pt`` with
+    ``torch.save``; reading those means unpickling, which can run arbitrary code, so they are
+    never opened. Every rank sees the same listing, so every rank refuses alike.
+    """
+    old = sorted((Path(directory) / RNG_DIR).glob("*.pt"))
+    if old:
+        raise CheckpointCorrupt(
+            f"checkpoint {directory}: {old[0]} is an RNG state in the old pickle format (torch.save); it is not "
+            f"loaded because unpickling can run arbitrary code (RNG states are now rng/rank_XXXXX.safetensors)"
+        )
 
 
 # ---------------------------------------------------------------------------------------- files
@@ -238,10 +298,10 @@ class CheckpointManager:
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir()
-            (tmp / "rng").mkdir()
+            (tmp / RNG_DIR).mkdir()
         dist.barrier()
         state, _ = build_state(engine, self.pstate)
-        torch.save(_rng_state(), tmp / "rng" / f"rank_{self.pstate.rank:05d}.pt")
+        save_rng_state(rng_file(tmp, self.pstate.rank))
         full_meta = {
             "step": step,
             "optimizer_steps": engine.optimizer.num_steps,
@@ -335,6 +395,7 @@ class CheckpointManager:
 
     def load(self, directory: Path, engine) -> dict:
         """Load `directory` (already verified) into `engine`, resharding to the current layout."""
+        refuse_pickled_rng_files(directory)  # before any collective: every rank raises alike
         meta = json.loads((directory / META).read_text())
         state, pairs = build_state(engine, self.pstate)
         dcp.load(state, checkpoint_id=str(directory))
@@ -345,11 +406,11 @@ class CheckpointManager:
                     live.copy_(local)
         engine.optimizer.set_num_steps(int(meta["optimizer_steps"]))
         engine.optimizer.load_master_into_params()
-        rng_file = directory / "rng" / f"rank_{self.pstate.rank:05d}.pt"
+        rng = rng_file(directory, self.pstate.rank)
         if meta.get("world_size") == self.pstate.world_size and meta.get("layout") == {
             k: getattr(self.pstate.layout, k) for k in ("tp", "pp", "dp", "vpp", "sequence_parallel")
-        } and rng_file.is_file():
-            _set_rng_state(torch.load(rng_file, weights_only=False))
+        } and rng.is_file():
+            load_rng_state(rng)
         dist.barrier()
         return meta
 

@@ -80,6 +80,8 @@ class _Prometheus:
     def close(self) -> None:
         if self.server is not None:
             self.server.shutdown()
+            self.server.server_close()  # shutdown() only stops serving: this closes the listening socket
+            self.server = None
 
 
 class MetricsLogger:
