@@ -209,9 +209,42 @@ def test_static_text_length(mixed_cache):
     with CacheReader(config({"path": mixed_cache}, text_length=8, prefetch_steps=0), dp_rank=0, dp_size=1) as r:
         for mb in r.next_global_step():
             assert mb.text.shape == (2, 8, TEXT_DIM) and mb.text_mask.shape == (2, 8)
-    with CacheReader(config({"path": mixed_cache}, text_length=1, prefetch_steps=0), dp_rank=0, dp_size=1) as r:
-        with pytest.raises(ReaderError, match=r"data.text_length=1: samples .*'p\d-"):
-            take(r, 20)
+    # A sample longer than the static text length is refused when the reader is built (before
+    # step 0), naming the longest sample, not in the middle of training.
+    longest = max(s.text_len for shard in open_cache(mixed_cache).snapshot().shards for s in _metas(shard))
+    with pytest.raises(ConfigError, match=rf"data.text_length=1: cache .* holds sample p\d-\S+ \(shard .*\) "
+                                          rf"with {longest} text tokens; set data.text_length to at least {longest}"):
+        CacheReader(config({"path": mixed_cache}, text_length=1, prefetch_steps=0), dp_rank=0, dp_size=1)
+
+
+def _metas(shard):
+    from megatron_qwenimage.data import SampleMeta
+
+    table = shard.samples
+    return [SampleMeta(**{k: table.column(k)[i].as_py() for k in ("sample_id", "task", "caption", "source_uri",
+                                                                 "condition_uri", "text_len", "text_truncated",
+                                                                 "orig_height", "orig_width")})
+            for i in range(table.num_rows)]
+
+
+def test_static_text_length_checks_a_grown_snapshot_before_reading_it(tmp_path):
+    from megatron_qwenimage.data import SampleMeta, ShardTensors
+    from megatron_qwenimage.data.shard_format import offsets_from_lengths
+    from megatron_qwenimage.data.writer import ShardPayload
+
+    path = tmp_path / "g"
+    publish(path, "p0", [payload(B16, 8, prefix="p0", seed=0)])  # text lengths 1..8
+    n, long = 4, 12
+    latents = torch.randn(n, CHANNELS, 2, 2).to(torch.bfloat16)
+    text = torch.randn(n * long, TEXT_DIM).to(torch.bfloat16)
+    metas = [SampleMeta(f"long-{i}", "t2i", "c", f"file://long/{i}", None, long, False, 16, 16) for i in range(n)]
+    cfg = config({"path": str(path), "mode": "grow"}, stages=[{**STAGE, "buckets": ["16x16"]}], prefetch_steps=0,
+                 text_length=8)
+    with CacheReader(cfg, dp_rank=0, dp_size=1) as r:
+        take(r, 2)  # the first epoch of v1
+        publish(path, "p1", [ShardPayload(B16, ShardTensors(latents, text, offsets_from_lengths([long] * n)), metas)])
+        with pytest.raises(ConfigError, match=r"snapshot v2 holds sample long-\d \(shard p1-16x16\) with 12 text"):
+            take(r, 1)
 
 
 # ------------------------------------------------------------------ tailing a growing cache
@@ -304,6 +337,8 @@ def test_corrupted_samples_table_is_reported_by_checksum(tmp_path):
 
 def test_validation_batches_are_fixed_and_split_over_ranks(mixed_cache):
     vcfg = ValidationConfig(mixed_cache, pin=1, tasks=("t2i", "edit"), samples_per_bucket=5, micro_batch=2)
+    with pytest.raises(ConfigError, match=r"data.text_length=1: cache 'validation'"):
+        ValidationReader(vcfg, text_length=1)
     whole = ValidationReader(vcfg).batches()
     assert [(mb.task, mb.bucket, mb.batch_size) for mb in whole] == [
         (t, b, n) for b in ("16x16", "32x32") for t in ("t2i", "edit") for n in (2, 2, 1)]

@@ -121,6 +121,7 @@ class CacheCatalog:
         self._snapshots: dict[int, Snapshot] = {}
         self._shards: dict[str, Shard] = {}
         self._kinds: dict[str, np.ndarray] = {}
+        self._longest_text: dict[str, tuple[int, str]] = {}
 
     @property
     def name(self) -> str:
@@ -169,6 +170,46 @@ class CacheCatalog:
                                   f"its commit record {shard.num_samples}")
             self._kinds[shard_id] = kinds
         return self._kinds[shard_id]
+
+    def longest_text(self, shard_id: str) -> tuple[int, str]:
+        """``(text_len, sample_id)`` of the shard's sample with the most text tokens."""
+        if shard_id not in self._longest_text:
+            shard = self.shard(shard_id)
+            try:
+                table = shard.samples
+                lengths = np.asarray(table.column("text_len").to_pylist(), dtype=np.int64)
+                ids = table.column("sample_id").to_pylist()
+            except Exception as exc:
+                shard.verify()
+                raise ReaderError(f"cache {self.name!r}: cannot read the samples table of shard {shard_id} "
+                                  f"({shard.path}): {exc}") from exc
+            i = int(np.argmax(lengths)) if len(lengths) else 0
+            self._longest_text[shard_id] = (int(lengths[i]), str(ids[i])) if len(lengths) else (0, "")
+        return self._longest_text[shard_id]
+
+    def check_text_length(self, version: int, buckets: set[str], text_length: int | None) -> None:
+        """Refuse snapshot `version` if a sample of `buckets` has more than `text_length` text tokens.
+
+        Raises:
+            ConfigError: naming the longest such sample, its shard and token count, and the fix.
+        """
+        snap = self.snapshot(version)
+        if text_length is None or snap is None:
+            return
+        longest = (0, "", "")
+        for shard in snap.shards:
+            if shard.bucket.name in buckets:
+                n, sample_id = self.longest_text(shard.shard_id)
+                if n > longest[0]:
+                    longest = (n, sample_id, shard.shard_id)
+        if longest[0] > text_length:
+            n, sample_id, shard_id = longest
+            raise ConfigError(
+                f"data.text_length={text_length}: cache {self.name!r} ({self.source.path}) snapshot v{version} "
+                f"holds sample {sample_id} (shard {shard_id}) with {n} text tokens; set data.text_length to at "
+                f"least {n} (producers keep up to 1024), or leave it unset to pad each step to its longest "
+                "sample (schedule.text_pad_multiple bounds the number of shapes)"
+            )
 
     def bucket_of(self, shard_id: str) -> str:
         return self.shard(shard_id).bucket.name
@@ -300,6 +341,12 @@ class Planner:
         self.streams: dict[str, StreamState] = {}
         self._plans: dict[str, tuple[tuple, EpochPlan]] = {}
         self._check_buckets()
+        for c in config.caches:  # before step 0: a too-long sample would otherwise fail mid-training
+            self.catalogs[c.name].check_text_length(self.pins[c.name], self._all_buckets, config.text_length)
+
+    @property
+    def _all_buckets(self) -> set[str]:
+        return {b for stage in self.config.stages for b in stage.buckets}
 
     # ------------------------------------------------------------------ setup
     def _initial_pin(self, source: CacheSource) -> int:
@@ -364,6 +411,8 @@ class Planner:
         if memo is not None and memo[0] == stream.plan_key():
             return memo[1]
         stage = self.config.stages[stream.stage]
+        # A re-pinned snapshot (grow / tail) is checked when it enters, before any of it is read.
+        self.catalogs[source.name].check_text_length(stream.pin, self._all_buckets, self.config.text_length)
         cands = self.catalogs[source.name].candidates(stream.pin, stream.base_pin, kind, stage.buckets, stream.carried)
         rng = np.random.default_rng([self.config.seed, _PLAN_DOMAIN, stable_tag(source.name), stable_tag(kind), stream.stage,
                                      stream.epoch])

@@ -397,6 +397,7 @@ class ValidationReader:
             if b not in present:
                 raise ConfigError(f"{config.where}.buckets[{i}]={b!r}: snapshot v{self.snapshot_version} of "
                                   f"{config.path} has no such bucket (it has {sorted(present)})")
+        self._catalog.check_text_length(self.snapshot_version, set(buckets), text_length)
         self._pool = ShardPool({"validation": self._catalog}, verify=verify_checksums, max_open=64)
         self.micro_batches: list[tuple[str, str, tuple[SampleRef, ...]]] = []  # (task, bucket, refs), global
         for bucket in sorted(buckets):
