@@ -211,6 +211,34 @@ class CacheStorage:
         except FileNotFoundError:
             pass
 
+    def sync_tree(self, relpath: str) -> None:
+        """Make every file under `relpath` durable before something that names them is published.
+
+        Local disk: ``fsync`` each file, then each directory bottom-up, then the directories above
+        `relpath` up to the cache root (so the new entries survive a power loss as well as a
+        crash). Object stores: nothing to do, a completed put is durable.
+        """
+        if not self.is_local:
+            return
+        top = self.path(relpath)
+        if not os.path.isdir(top):
+            return
+        for dirpath, _dirnames, filenames in os.walk(top, topdown=False):
+            for name in filenames:
+                fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            _fsync_directory(dirpath)
+        root = os.path.realpath(self.root)
+        parent = os.path.dirname(os.path.realpath(top))
+        while parent.startswith(root) and len(parent) >= len(root):
+            _fsync_directory(parent)
+            if parent == root:
+                break
+            parent = os.path.dirname(parent)
+
     def put_dir(self, local_dir: str, relpath: str) -> None:
         """Upload a local directory tree to `relpath` (used for non-local caches)."""
         self.fs.put(local_dir.rstrip("/") + "/", self.path(relpath), recursive=True)
@@ -239,6 +267,20 @@ class CacheStorage:
             f"{self.path(relpath)}",
             read_only=read_only,
         )
+
+
+def _fsync_directory(path: str) -> None:
+    """fsync a directory (its entries); platforms that cannot open directories skip it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _durable_temp_copy(full: str, data: bytes) -> str:

@@ -171,6 +171,9 @@ def publish_partition(
             encoder_version=encoder_version,
             run_id=run_id,
         )
+        # The shard data (zarr chunks, parquet tables) must be on disk before a record names it:
+        # a commit that survives a power loss must never point at files that did not.
+        storage.sync_tree(attempt.dir)
         if fault_hook is not None:
             fault_hook("before_commit")
         won = attempt.commit(record)

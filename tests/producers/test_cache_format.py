@@ -89,6 +89,35 @@ def test_second_attempt_loses_and_leaves_nothing(tmp_path):
     assert rec.attempt_id == first.record.attempt_id
 
 
+def test_shard_files_are_fsynced_before_the_commit_record_is_published(tmp_path, monkeypatch):
+    import os
+
+    from megatron_qwenimage.data import storage as storage_mod
+
+    cache = init_cache(str(tmp_path / "c"))
+    events: list[tuple[str, str]] = []
+    real_fsync, real_exclusive = os.fsync, storage_mod.CacheStorage.write_exclusive
+
+    def fsync(fd):
+        events.append(("fsync", os.path.realpath(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def write_exclusive(self, relpath, data):
+        events.append(("publish", relpath))
+        return real_exclusive(self, relpath, data)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(storage_mod.CacheStorage, "write_exclusive", write_exclusive)
+    result = publish_partition(cache.storage, "p0", inputs=4, shards=[make_payload(Bucket(32, 32), 4, seed=1)])
+    assert result.won
+    commit_at = events.index(("publish", "commits/p0.json"))
+    synced_before = {path for kind, path in events[:commit_at] if kind == "fsync"}
+    shard_dir = os.path.realpath(cache.storage.path(result.record.shards[0].path))
+    data_files = {os.path.realpath(os.path.join(shard_dir, rel)) for rel in result.record.shards[0].files}
+    assert data_files and data_files <= synced_before, sorted(data_files - synced_before)[:5]
+    assert shard_dir in synced_before  # its directory entries too
+
+
 def test_racing_attempts_publish_exactly_once(tmp_path):
     cache = init_cache(str(tmp_path / "c"))
     results, barrier = [], threading.Barrier(4)
