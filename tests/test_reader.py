@@ -154,6 +154,27 @@ def test_resume_mid_epoch_continues_the_uninterrupted_sequence(mixed_cache, seco
             wrong_seed.load_state_dict({**state, "pins": {"c": 1}})
 
 
+def test_resume_refuses_a_changed_curriculum_unless_told_to_replan(mixed_cache):
+    base = dict(stages=[STAGE], tasks={"t2i": 1.0}, seed=3, prefetch_steps=0)
+    with CacheReader(config({"path": mixed_cache}, **base), dp_rank=0, dp_size=1) as r:
+        take(r, 3)
+        state = json.loads(json.dumps(r.state_dict()))
+    changed = dict(base, stages=[{**STAGE, "global_batch": 8, "buckets": ["16x16"]}], tasks={"t2i": 1.0, "i2i": 1.0})
+    with CacheReader(config({"path": mixed_cache}, **changed), dp_rank=0, dp_size=1) as r:
+        with pytest.raises(ReaderError, match=r"another curriculum \(data.stages\[0\].buckets: saved \['16x16', "
+                                              r"'32x32'\], now \['16x16'\]; data.stages\[0\].global_batch: saved 4, "
+                                              r"now 8; data.stages\[0\].tasks: .*data.replan_on_resume: true"):
+            r.load_state_dict(state)
+    with CacheReader(config({"path": mixed_cache}, **changed, replan_on_resume=True), dp_rank=0, dp_size=1) as r:
+        r.load_state_dict(state)
+        step = r.next_global_step()
+        assert r.last_step.step == 3 and sum(mb.batch_size for mb in step) == 8
+    # The same curriculum resumes as before (a state without the record, from older runs, too).
+    with CacheReader(config({"path": mixed_cache}, **base), dp_rank=0, dp_size=1) as r:
+        r.load_state_dict({k: v for k, v in state.items() if k != "curriculum"})
+        r.load_state_dict(state)
+
+
 # ------------------------------------------------------------------ tasks, caches, curriculum
 def _planned(cfg: ReaderConfig, n: int):
     planner = Planner(cfg, {c.name: CacheCatalog(c) for c in cfg.caches})

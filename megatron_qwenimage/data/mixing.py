@@ -495,6 +495,7 @@ class Planner:
             "step_in_stage": self.step_in_stage,
             "pins": dict(self.pins),
             "streams": {k: s.to_dict() for k, s in sorted(self.streams.items())},
+            "curriculum": curriculum(self.config),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -509,10 +510,51 @@ class Planner:
         if not 0 <= state["stage"] < len(self.config.stages):
             raise ReaderError(f"reader state is in stage {state['stage']}; the config has "
                               f"{len(self.config.stages)} stage(s)")
+        changes = curriculum_changes(state.get("curriculum"), curriculum(self.config))
+        if changes and not self.config.replan_on_resume:
+            raise ReaderError(
+                "reader state was saved with another curriculum (" + "; ".join(changes[:8])
+                + (f"; {len(changes) - 8} more" if len(changes) > 8 else "")
+                + "): resuming would not continue its sample order; restore the config, or set "
+                "data.replan_on_resume: true to rebuild the epoch plans from this config"
+            )
         self.step, self.stage, self.step_in_stage = state["step"], state["stage"], state["step_in_stage"]
         self.pins = dict(state["pins"])
-        self.streams = {k: StreamState.from_dict(v) for k, v in state["streams"].items()}
+        if changes:
+            log.warning("data: resuming with a changed curriculum (%s); epoch plans are rebuilt from the config",
+                        "; ".join(changes))
+            self.streams = {}
+        else:
+            self.streams = {k: StreamState.from_dict(v) for k, v in state["streams"].items()}
         self._plans.clear()
+
+
+def curriculum(config: ReaderConfig) -> dict:
+    """What fixes the sample order besides the seed and the snapshots (JSON-able, for `state_dict`)."""
+    return {
+        "stages": [
+            {"name": s.name, "buckets": list(s.buckets), "micro_batch": s.micro_batch, "global_batch": s.global_batch,
+             "steps": s.steps, "tasks": config.task_weights(i)}
+            for i, s in enumerate(config.stages)
+        ],
+        "caches": [{"name": c.name, "weight": c.weight, "mode": c.mode, "tasks": list(c.tasks)} for c in config.caches],
+    }
+
+
+def curriculum_changes(saved: dict | None, current: dict) -> list[str]:
+    """``data.<key>: saved X, now Y`` for each difference (none for a state saved before this check)."""
+    if saved is None:
+        return []
+    changes = []
+    for section in ("stages", "caches"):
+        old, new = saved.get(section, []), current[section]
+        if len(old) != len(new):
+            changes.append(f"data.{section}: saved {len(old)} entries, now {len(new)}")
+        for i, (a, b) in enumerate(zip(old, new)):
+            for key in sorted(set(a) | set(b)):
+                if a.get(key) != b.get(key):
+                    changes.append(f"data.{section}[{i}].{key}: saved {a.get(key)!r}, now {b.get(key)!r}")
+    return changes
 
 
 def _choose(rng: np.random.Generator, weights: list[float]) -> int:

@@ -231,6 +231,11 @@ class ReaderConfig:
         tail_timeout_s: give up waiting after this many seconds (error naming the cache).
         max_open_shards: shards kept open (zarr handles) at once per process.
         validation: the held-out set, or None.
+        replan_on_resume: accept a resumed reader state whose curriculum (stages, their buckets,
+            batch sizes, lengths and task weights; caches, weights, modes, tasks) differs from this
+            config: the step and stage counters and snapshot pins carry over, the epoch plans are
+            rebuilt from this config (samples of the interrupted epochs may repeat or be skipped).
+            False (default): such a resume is refused, naming what changed.
     """
 
     caches: tuple[CacheSource, ...]
@@ -244,6 +249,7 @@ class ReaderConfig:
     tail_timeout_s: float = 3600.0
     max_open_shards: int = 64
     validation: ValidationConfig | None = None
+    replan_on_resume: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.caches, (str, Mapping)) or not self.caches:
@@ -282,6 +288,8 @@ class ReaderConfig:
         _check_positive_number("data.tail_poll_s", self.tail_poll_s)
         _check_positive_number("data.tail_timeout_s", self.tail_timeout_s)
         _check_int("data.max_open_shards", self.max_open_shards, minimum=1)
+        if not isinstance(self.replan_on_resume, bool):
+            raise ConfigError(f"data.replan_on_resume={self.replan_on_resume!r}: expected true or false")
         if self.validation is not None and not isinstance(self.validation, ValidationConfig):
             object.__setattr__(self, "validation", _from_mapping(ValidationConfig, self.validation, "data.validation"))
 
