@@ -33,6 +33,7 @@ import numpy as np
 
 from megatron_qwenimage.config import ConfigError
 from megatron_qwenimage.data.manifest import Cache, CacheError, Shard, Snapshot, open_cache
+from megatron_qwenimage.data.agreement import RankAgreement, SingleProcess
 from megatron_qwenimage.data.reader_config import TASK_SAMPLE_KIND, CacheSource, ReaderConfig
 
 log = logging.getLogger(__name__)
@@ -329,15 +330,24 @@ class Planner:
     """
 
     def __init__(self, config: ReaderConfig, catalogs: dict[str, CacheCatalog], *,
-                 stop: threading.Event | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 stop: threading.Event | None = None, clock: Callable[[], float] = time.monotonic,
+                 agreement: RankAgreement | None = None, visibility_lag: int = 1) -> None:
         self.config = config
         self.catalogs = catalogs
         self.stop = stop or threading.Event()
         self.clock = clock
+        self.agreement = agreement or SingleProcess()
         self.step = 0
         self.stage = 0
         self.step_in_stage = 0
-        self.pins = {c.name: self._initial_pin(c) for c in config.caches}
+        # Pins are decided once, on rank 0, and shared: a snapshot published while ranks start
+        # must not put peers on different samples.
+        self.pins = self.agreement.broadcast({c.name: self._initial_pin(c) for c in config.caches})
+        #: ``grow`` re-pins: the newest snapshot versions all ranks agreed were visible, by step
+        #: (`record_visibility`); a re-pin planned at step t uses the record of step t - lag.
+        self.visibility_lag = visibility_lag
+        self._visibility: dict[int, dict[str, int]] = {-1: dict(self.pins)}
+        self._visibility_changed = threading.Condition()
         self.streams: dict[str, StreamState] = {}
         self._plans: dict[str, tuple[tuple, EpochPlan]] = {}
         self._check_buckets()
@@ -427,7 +437,7 @@ class Planner:
         if stream is None or stream.stage != self.stage:
             pin = stream.pin if stream is not None else self.pins[source.name]
             if source.mode == "grow":
-                pin = max(pin, (self.catalogs[source.name].versions() or [pin])[-1])
+                pin = max(pin, self.visible_version(source.name, self.step))
             stream = StreamState(self.stage, stream.epoch + 1 if stream is not None else 0, pin)
             self.streams[key] = stream
         plan = self._plan(source, kind, stream)
@@ -438,7 +448,7 @@ class Planner:
             self._advance_tail(source, kind, stream, plan)
         else:
             if source.mode == "grow" and not fresh:
-                stream.pin = self.catalogs[source.name].versions()[-1]
+                stream.pin = max(stream.pin, self.visible_version(source.name, self.step))
             if not fresh:
                 stream.epoch += 1
                 stream.cursor = 0
@@ -485,6 +495,39 @@ class Planner:
             if self.stop.wait(min(self.config.tail_poll_s, remaining)):
                 raise ReaderStopped()
 
+    # ------------------------------------------------------------------ rank agreement
+    @property
+    def has_growing_caches(self) -> bool:
+        return any(c.mode == "grow" for c in self.config.caches)
+
+    def newest_versions(self) -> dict[str, int]:
+        """This rank's view of each ``grow`` cache's newest snapshot version (0: none)."""
+        return {c.name: (self.catalogs[c.name].versions() or [0])[-1]
+                for c in self.config.caches if c.mode == "grow"}
+
+    def record_visibility(self, step: int, versions: dict[str, int]) -> None:
+        """Record the versions every rank agreed are visible once step `step` was consumed."""
+        with self._visibility_changed:
+            self._visibility[step] = dict(versions)
+            self._visibility_changed.notify_all()
+
+    def visible_version(self, cache: str, step: int) -> int:
+        """The newest version of ``grow`` cache `cache` that a re-pin planned at `step` may use.
+
+        It is the agreed record of step ``step - visibility_lag`` (the newest record at or
+        before it): every rank plans step `step` from the same record, however far its prefetch
+        thread runs ahead. Waits (interruptibly) while the consumer has not recorded that step yet.
+        """
+        want = step - self.visibility_lag
+        with self._visibility_changed:
+            while max(self._visibility) < want:
+                if self.stop.is_set():
+                    raise ReaderStopped()
+                self._visibility_changed.wait(timeout=0.1)
+            key = max(k for k in self._visibility if k <= want) if any(k <= want for k in self._visibility) \
+                else min(self._visibility)
+            return self._visibility[key].get(cache, self.pins.get(cache, 0))
+
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         return {
@@ -520,6 +563,8 @@ class Planner:
             )
         self.step, self.stage, self.step_in_stage = state["step"], state["stage"], state["step_in_stage"]
         self.pins = dict(state["pins"])
+        with self._visibility_changed:  # re-pins after the resume use versions agreed now
+            self._visibility = {self.step - 1: self.agreement.broadcast(self.newest_versions())}
         if changes:
             log.warning("data: resuming with a changed curriculum (%s); epoch plans are rebuilt from the config",
                         "; ".join(changes))

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from megatron_qwenimage.config import ConfigError
+from megatron_qwenimage.data.agreement import RankAgreement, SingleProcess, plan_digest
 from megatron_qwenimage.data.manifest import Shard, ShardChecksumError
 from megatron_qwenimage.data.mixing import (
     CacheCatalog,
@@ -249,15 +250,18 @@ class CacheReader:
     growing, `ReaderError` for data that cannot feed the config.
     """
 
-    def __init__(self, config: ReaderConfig, *, dp_rank: int, dp_size: int) -> None:
+    def __init__(self, config: ReaderConfig, *, dp_rank: int, dp_size: int,
+                 agreement: RankAgreement | None = None) -> None:
         config.check_dp(dp_size)
         if not isinstance(dp_rank, int) or not 0 <= dp_rank < dp_size:
             raise ConfigError(f"dp_rank={dp_rank!r}: expected 0 <= dp_rank < dp_size={dp_size}")
         self.config = config
         self.dp_rank, self.dp_size = dp_rank, dp_size
+        self._agreement = agreement or SingleProcess()
         self._catalogs = {c.name: CacheCatalog(c) for c in config.caches}
         self._stop = threading.Event()
-        self._planner = Planner(config, self._catalogs, stop=self._stop)
+        self._planner = Planner(config, self._catalogs, stop=self._stop, agreement=self._agreement,
+                                visibility_lag=config.prefetch_steps + 1)
         self._pool = ShardPool(self._catalogs, verify=config.verify_checksums, max_open=config.max_open_shards)
         self._consumed = self._planner.state_dict()
         self._queue: queue.Queue | None = None
@@ -326,7 +330,29 @@ class CacheReader:
                 self._shutdown()
                 raise item.exc
         batches, self.last_step, self._consumed = item
+        self._agree_on(self.last_step)
         return batches
+
+    def _agree_on(self, plan: StepPlan) -> None:
+        """Collectives of the consumed step: the step's samples must be the same on every rank
+        (a hash compared across the world), and the ``grow`` snapshot versions visible on every
+        rank are recorded for later re-pins (see `Planner.visible_version`)."""
+        digests = self._agreement.gather_int(plan_digest(plan))
+        if len(set(digests)) > 1:
+            groups: dict[int, list[int]] = {}
+            for rank, d in enumerate(digests):
+                groups.setdefault(d, []).append(rank)
+            self._terminal = ReaderError(
+                f"step {plan.step}: ranks disagree on the step's samples (rank groups {sorted(groups.values())}; "
+                f"this rank: cache {plan.cache!r} snapshot v{plan.snapshot_version}, bucket {plan.bucket}, task "
+                f"{plan.task}); their reader configs, states or snapshots differ: stopping before the step runs"
+            )
+            self._shutdown()
+            raise self._terminal
+        if self._planner.has_growing_caches:
+            newest = self._planner.newest_versions()
+            agreed = {name: min(self._agreement.gather_int(v)) for name, v in sorted(newest.items())}
+            self._planner.record_visibility(plan.step, agreed)
 
     def __iter__(self) -> Iterator[list[MicroBatch]]:
         while True:
@@ -376,7 +402,8 @@ class ValidationReader:
     """
 
     def __init__(self, config: ValidationConfig, *, dp_rank: int = 0, dp_size: int = 1,
-                 verify_checksums: bool = True, text_length: int | None = None) -> None:
+                 verify_checksums: bool = True, text_length: int | None = None,
+                 agreement: RankAgreement | None = None) -> None:
         if not isinstance(dp_rank, int) or not isinstance(dp_size, int) or not 0 <= dp_rank < dp_size:
             raise ConfigError(f"dp_rank={dp_rank!r}, dp_size={dp_size!r}: expected 0 <= dp_rank < dp_size")
         self.config = config
@@ -385,7 +412,8 @@ class ValidationReader:
         source = CacheSource(config.path, name="validation", pin=config.pin, where=config.where)
         self._catalog = CacheCatalog(source)
         versions = self._catalog.versions()
-        self.snapshot_version = config.pin if config.pin is not None else (versions[-1] if versions else 0)
+        newest = versions[-1] if versions else 0
+        self.snapshot_version = config.pin if config.pin is not None else (agreement or SingleProcess()).broadcast(newest)
         snap = self._catalog.snapshot(self.snapshot_version)
         if snap is None:
             raise ReaderError(f"validation cache {config.path} has no snapshot")
