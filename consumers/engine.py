@@ -7,6 +7,8 @@ grad norm and learning rate. The same engine runs TP / SP / PP / DP and their co
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -31,6 +33,41 @@ from consumers.step import (
 from megatron_qwenimage.config import MMDiTConfig
 from megatron_qwenimage.flow_matching import SigmaSampler, UniformSigmaSampler
 
+log = logging.getLogger(__name__)
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """More than ``optimizer.max_skipped_steps`` consecutive steps had a non-finite loss or grad norm.
+
+    Attributes: step (the global step that gave up), loss, grad_norm (its values), consecutive
+    (skipped steps in a row, this one included), first_step (the first of them).
+    """
+
+    def __init__(self, step: int, loss: float, grad_norm: float, consecutive: int, limit: int):
+        self.step, self.loss, self.grad_norm, self.consecutive = step, loss, grad_norm, consecutive
+        self.first_step = step - consecutive + 1
+        run = f"step {step}" if consecutive == 1 else f"steps {self.first_step}..{step}"
+        super().__init__(
+            f"training stopped at step {step}: loss {loss!r}, grad norm {grad_norm!r} is not finite; {run} "
+            f"({consecutive} in a row) {'was' if consecutive == 1 else 'were'} skipped, more than optimizer.max_skipped_steps={limit}. Parameters "
+            f"and optimizer state are those before step {self.first_step}; look for bad samples in "
+            f"{'that step' if consecutive == 1 else 'those steps'} or lower the learning rate"
+        )
+
+
+def amax_reduction_group(tp_only: bool = False) -> Optional[dist.ProcessGroup]:
+    """The group FP8 amax statistics are reduced over, as Megatron-LM does: megatron-core's
+    ``get_amax_reduction_group(with_context_parallel=True)``, the tensor x data (x context)
+    parallel group of this pipeline stage (every rank that runs the same layers on other data
+    or other shards agrees on the FP8 scales); `tp_only`: the TP group only (Megatron's
+    ``--tp-only-amax-red``). None (TE's default: no reduction) without megatron-core's groups.
+    """
+    from megatron.core import parallel_state as ps
+
+    if not (dist.is_available() and dist.is_initialized() and ps.model_parallel_is_initialized()):
+        return None
+    return ps.get_amax_reduction_group(with_context_parallel=True, tp_only_amax_red=tp_only)
+
 
 @dataclass
 class StepResult:
@@ -41,6 +78,9 @@ class StepResult:
     lr: float
     image_tokens: int  #: target image tokens processed by this DP replica
     samples: int  #: samples processed by this DP replica
+    skipped: bool = False  #: the update was skipped (non-finite loss or grad norm)
+    skipped_steps: int = 0  #: steps skipped by this engine so far (this one included)
+    consecutive_skipped: int = 0  #: skipped steps in a row ending here (0 after an update)
 
 
 class TrainEngine:
@@ -73,7 +113,7 @@ class TrainEngine:
         self.seed = seed
         self.global_batch_size = global_batch_size
         self.sigma_sampler = sigma_sampler or UniformSigmaSampler()
-        self.precision = Precision(precision, self.model_config, pstate.device, amax_group=pstate.tp_group)
+        self.precision = Precision(precision, self.model_config, pstate.device, amax_group=amax_reduction_group())
         self.chunks = build_model_chunks(model_config, pstate, init_seed=init_seed)
         for chunk in self.chunks:
             apply_recompute(chunk, recompute)
@@ -83,6 +123,10 @@ class TrainEngine:
             named_trainable(self.chunks), optimizer, dp_group=pstate.dp_group, tp_rank=pstate.tp_rank
         )
         self.runner = PipelineRunner(self.stages, pstate, global_batch_size) if pstate.layout.pp > 1 else None
+        self.max_skipped_steps = optimizer.max_skipped_steps
+        #: Steps skipped for a non-finite loss or grad norm: in total and in a row (`train_step`).
+        self.skipped_steps = 0
+        self.consecutive_skipped = 0
 
     @property
     def param_dtype(self) -> torch.dtype:
@@ -107,6 +151,10 @@ class TrainEngine:
 
         `global_batch_size` (samples of the step over all DP ranks) defaults to the engine's; a
         curriculum stage may change it.
+
+        A non-finite loss or global grad norm (both identical on every rank) skips the update
+        (`DistributedOptimizer.step`) and counts it; more than ``optimizer.max_skipped_steps``
+        skipped steps in a row raise `NonFiniteTrainingError` naming the step (on every rank).
         """
         gbs = global_batch_size or self.global_batch_size
         for chunk in self.chunks:
@@ -118,13 +166,28 @@ class TrainEngine:
         else:
             local = broadcast_loss_from_last_stage(self.runner.run(inputs, gbs), self.pstate)
         loss = float(self.dp_sum(local.float()))
-        opt = self.optimizer.step(step)
+        opt = self.optimizer.step(step, skip=not math.isfinite(loss))
+        if opt["skipped"]:
+            self.skipped_steps += 1
+            self.consecutive_skipped += 1
+            if self.pstate.rank == 0:
+                log.warning("step %d skipped: loss %r, grad norm %r not finite (%d in a row, %d in total; limit %d in a row)",
+                            step, loss, opt["grad_norm"], self.consecutive_skipped, self.skipped_steps,
+                            self.max_skipped_steps)
+            if self.consecutive_skipped > self.max_skipped_steps:
+                raise NonFiniteTrainingError(step, loss, opt["grad_norm"], self.consecutive_skipped,
+                                             self.max_skipped_steps)
+        else:
+            self.consecutive_skipped = 0
         return StepResult(
             loss=loss,
             grad_norm=opt["grad_norm"],
             lr=opt["lr"],
             image_tokens=count_image_tokens(inputs),
             samples=sum(b.size for b in microbatches),
+            skipped=opt["skipped"],
+            skipped_steps=self.skipped_steps,
+            consecutive_skipped=self.consecutive_skipped,
         )
 
     @torch.no_grad()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import resource
 import time
@@ -60,7 +61,7 @@ def memory_bytes() -> int:
 
 class _Prometheus:
     NAMES = ("step", "loss", "lr", "grad_norm", "samples_per_s", "image_tokens_per_s", "tflops_per_gpu", "mfu",
-             "data_wait_fraction", "memory_bytes", "val_loss")
+             "data_wait_fraction", "memory_bytes", "val_loss", "skipped_steps")
 
     def __init__(self, host: str, port: int):
         from prometheus_client import CollectorRegistry, Gauge, start_http_server
@@ -99,6 +100,7 @@ class MetricsLogger:
         self.peak_flops = peak_flops
         self._acc: dict[str, float] = {}
         self._n = 0
+        self._skipped_total = 0  # steps recorded with a non-finite loss or grad norm (skipped updates)
         self._jsonl = None
         self._tb = None
         self.prometheus: Optional[_Prometheus] = None
@@ -118,23 +120,39 @@ class MetricsLogger:
             log.info("prometheus metrics on http://%s:%d/metrics", config.prometheus_host, self.prometheus.port)
 
     def record_step(self, *, step: int, loss: float, lr: float, grad_norm: float, samples: int, image_tokens: int,
-                    flops: float, step_time_s: float, data_wait_s: float) -> Optional[dict]:
-        """Add one step (global `samples`, `image_tokens`, model `flops`); returns the record at interval ends."""
-        for k, v in (("loss", loss), ("grad_norm", grad_norm), ("samples", samples), ("image_tokens", image_tokens),
-                     ("flops", flops), ("time", step_time_s), ("data_wait", data_wait_s)):
+                    flops: float, step_time_s: float, data_wait_s: float,
+                    skipped_steps: Optional[int] = None) -> Optional[dict]:
+        """Add one step (global `samples`, `image_tokens`, model `flops`); returns the record at interval ends.
+
+        A step with a non-finite `loss` or `grad_norm` is a skipped update (the engine skips
+        exactly those): as Megatron, it is left out of the interval's loss and grad-norm means
+        (NaN when every step of the interval was skipped) and counted. The record's
+        ``skipped_steps`` is the run's total of skipped steps: `skipped_steps` when the caller
+        passes the engine's count (`StepResult.skipped_steps`), else this logger's own count.
+        """
+        skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+        if skipped:
+            self._skipped_total += 1
+            self._acc["skipped"] = self._acc.get("skipped", 0) + 1
+        else:
+            for k, v in (("loss", loss), ("grad_norm", grad_norm)):
+                self._acc[k] = self._acc.get(k, 0.0) + v
+        for k, v in (("samples", samples), ("image_tokens", image_tokens), ("flops", flops), ("time", step_time_s),
+                     ("data_wait", data_wait_s)):
             self._acc[k] = self._acc.get(k, 0.0) + v
         self._n += 1
         if (step + 1) % self.config.interval:
             return None
         a, n = self._acc, self._n
         self._acc, self._n = {}, 0
+        updated = n - a.get("skipped", 0)
         t = max(a["time"], 1e-9)
         tflops = a["flops"] / t / self.world_size / 1e12
         record = {
             "step": step + 1,
-            "loss": a["loss"] / n,
+            "loss": a["loss"] / updated if updated else math.nan,
             "lr": lr,
-            "grad_norm": a["grad_norm"] / n,
+            "grad_norm": a["grad_norm"] / updated if updated else math.nan,
             "samples_per_s": a["samples"] / t,
             "image_tokens_per_s": a["image_tokens"] / t,
             "tflops_per_gpu": tflops,
@@ -142,6 +160,7 @@ class MetricsLogger:
             "data_wait_fraction": a["data_wait"] / t,
             "memory_bytes": memory_bytes(),
             "step_time_s": t / n,
+            "skipped_steps": self._skipped_total if skipped_steps is None else int(skipped_steps),
             "time": time.time(),
         }
         self.emit(record)
@@ -180,4 +199,5 @@ def format_line(r: dict) -> str:
         f"samples/s: {r['samples_per_s']:.2f} | image tokens/s: {r['image_tokens_per_s']:.0f} | "
         f"TFLOP/s/GPU: {r['tflops_per_gpu']:.2f} | MFU: {mfu} | data wait: {100 * r['data_wait_fraction']:.1f}% | "
         f"mem: {r['memory_bytes'] / 2**30:.2f} GiB | step time: {r['step_time_s'] * 1000:.0f} ms"
+        + (f" | skipped steps: {r['skipped_steps']}" if r.get("skipped_steps") is not None else "")
     )

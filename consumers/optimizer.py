@@ -36,7 +36,8 @@ returns an assembled param-shaped copy (a snapshot, not a live view). fp32 param
 hook (their ``.grad`` is moved into the buffer and cleared); a ``.grad`` set by hand (no autograd
 hook) is folded in once at `step`.
 
-One step (no host sync except the returned ``float(grad_norm)``):
+One step (no host sync except ``float(grad_norm)``, read before the update to skip a step
+whose grad norm is not finite: see `DistributedOptimizer.step`):
 1. the ``[dp, S]`` fp32 grad buffer is **reduce-scattered in fp32** (summed: the loss is already
    normalised by the global batch) into a preallocated ``[S]`` shard (``dp == 1``: the buffer);
 2. the global grad norm is one ``vector_norm`` (or one ``_foreach_norm`` over a few ranges) of the
@@ -76,6 +77,10 @@ class OptimizerConfig:
         betas, eps: AdamW moments.
         clip_grad: global L2 norm clip (0 disables).
         ema_decay: EMA of the fp32 master weights (0 disables), updated after each step.
+        max_skipped_steps: a step whose loss or global grad norm is not finite (NaN/inf) is
+            skipped (no AdamW, EMA or parameter update; grads dropped); training stops with
+            `consumers.engine.NonFiniteTrainingError` when more than this many steps in a row
+            are skipped (0: at the first one).
     """
 
     lr: float = 1e-4
@@ -87,6 +92,7 @@ class OptimizerConfig:
     eps: float = 1e-8
     clip_grad: float = 1.0
     ema_decay: float = 0.0
+    max_skipped_steps: int = 10
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
@@ -108,6 +114,9 @@ class OptimizerConfig:
             raise ConfigError(f"optimizer.clip_grad={self.clip_grad!r}: expected >= 0 (0 disables)")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"optimizer.ema_decay={self.ema_decay!r}: expected 0 (off) or in (0, 1)")
+        if (not isinstance(self.max_skipped_steps, int) or isinstance(self.max_skipped_steps, bool)
+                or self.max_skipped_steps < 0):
+            raise ConfigError(f"optimizer.max_skipped_steps={self.max_skipped_steps!r}: expected an integer >= 0")
 
 
 class LRSchedule:
@@ -306,7 +315,8 @@ class DistributedOptimizer:
         if config.ema_decay > 0:
             self._ema_flat = self._master_flat.clone()
             self.ema = {s.name: self._owned(self._ema_flat, s) for s in self.shards}
-        self.num_steps = 0
+        self.num_steps = 0  #: updates applied (AdamW's bias-correction count; skipped steps excluded)
+        self.skipped_steps = 0  #: steps skipped for a non-finite loss or grad norm (this process's lifetime)
 
         # AdamW: fused kernel where available, else foreach; tensors of at most _PIECE elements.
         if fused is None:
@@ -439,24 +449,37 @@ class DistributedOptimizer:
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
-    def step(self, step_index: int) -> dict[str, float]:
+    def step(self, step_index: int, *, skip: bool = False) -> dict:
         """Reduce grads, clip, AdamW at ``lr = schedule(step_index)``, EMA, gather params.
 
-        Returns ``{"grad_norm", "lr"}`` (norm before clipping). With ``dp == 1`` the clipped
-        gradient is written back into the grad buffer (`zero_grad` clears it).
+        Returns ``{"grad_norm", "lr", "skipped"}`` (norm before clipping). With ``dp == 1`` the
+        clipped gradient is written back into the grad buffer (`zero_grad` clears it).
+
+        Non-finite gradients (Megatron's ``found_inf``): when the global grad norm is NaN or inf
+        (it is all-reduced over the world, so every rank sees the same value and decides alike),
+        or `skip` is set (the caller saw a non-finite loss; it must be set on every rank alike),
+        the update is skipped: no AdamW (moments and the step counter stay), no EMA, no
+        parameter gather (parameters and fp32 masters stay), and the accumulated gradients are
+        dropped. The reduce-scatter and norm all-reduce still run, so every rank issues the same
+        collectives. The one host sync is ``float(norm)``, now before the update.
         """
         flat = self._reduce_scatter_grads()
         norm = self._flat_grad_norm(flat)
+        norm_value = float(norm)
+        lr = self.schedule(step_index)
+        if skip or not math.isfinite(norm_value):
+            self.zero_grad()
+            self.skipped_steps += 1
+            return {"grad_norm": norm_value, "lr": lr, "skipped": True}
         if self.config.clip_grad > 0:
             coef = torch.clamp(self.config.clip_grad / (norm + 1e-6), max=1.0)
             flat.mul_(coef)
-        lr = self.schedule(step_index)
         self._adamw(flat, lr)
         if self._ema_flat is not None:
             self._ema_flat.lerp_(self._master_flat, 1.0 - self.config.ema_decay)
         self._gather_params()
         self.num_steps += 1
-        return {"grad_norm": float(norm), "lr": lr}
+        return {"grad_norm": norm_value, "lr": lr, "skipped": False}
 
     def _adamw(self, flat_grad: torch.Tensor, lr: float) -> None:
         c = self.config

@@ -9,7 +9,8 @@ The pieces:
 * `MMDiTStage`: a pipeline stage (or the whole model) as one ``nn.Module`` whose forward maps
   stage inputs to stage outputs; the same module runs under the local micro-batch loop (PP = 1)
   and under ``torch.distributed.pipelining`` (PP > 1).
-* `Precision` (bf16 autocast, FP8 via Transformer Engine or a clear refusal) and `RecomputeConfig`
+* `Precision` (bf16 autocast, FP8 via Transformer Engine or a clear refusal; first and last
+  block kept in bf16 by default) and `RecomputeConfig`
   (none / selective / full every N blocks via ``torch.utils.checkpoint``).
 * `run_local_microbatches`: gradient accumulation over micro-batches without a pipeline.
 
@@ -22,10 +23,11 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 import zlib
 from dataclasses import dataclass, field
 from math import prod
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F  # noqa: F401  (kept for users extending stages)
@@ -194,9 +196,10 @@ def loss_sum_over_global(prediction: torch.Tensor, target: torch.Tensor, global_
 
 # ---------------------------------------------------------------------------------------- precision
 FP8_RECIPES = ("delayed", "current")
-#: Modules kept out of FP8 by default: embedders, the output head and the AdaLN modulations
-#: (per-sample vectors; small GEMMs with large dynamic range), as NeMo's ``fp8_safe_only``.
-DEFAULT_FP8_EXCLUDE = ("img_in", "txt_in", "time_embedder*", "norm_out", "proj_out", "blocks.*.*_mod")
+#: `PrecisionConfig.fp8_exclude` keyword: keep the first and the last block in bf16.
+FP8_EXCLUDE_FIRST_LAST = "first_last"
+#: Default FP8 exclusion (see `PrecisionConfig`).
+DEFAULT_FP8_EXCLUDE = FP8_EXCLUDE_FIRST_LAST
 
 
 @dataclass(frozen=True)
@@ -207,19 +210,98 @@ class PrecisionConfig:
         autocast: "none" or "bf16" (torch.autocast around forward; params/master stay as built).
         fp8: None, "delayed" or "current" (Transformer Engine recipes; needs backend
             'transformer_engine', TE importable and CUDA).
-        fp8_exclude: fnmatch patterns of canonical module names run without FP8.
+        fp8_exclude: modules run with FP8 off (bf16 GEMMs) inside the FP8 forward: either
+            ``"first_last"`` (the default) or a list of fnmatch patterns over canonical module
+            names of the *full* model (``blocks.0``, ``blocks.59.img_mlp.fc2``, ``blocks.*.txt_qkv``;
+            block indices are global, so a pattern means the same under every pipeline layout).
+            ``[]`` runs every TE module in FP8.
+
+            ``"first_last"`` keeps the first and the last double-stream block whole in bf16
+            (resolved to ``blocks.0`` and ``blocks.{num_layers-1}`` from the model config). This
+            is Megatron-LM's ``--first-last-layers-bf16`` (``num_layers_at_start_in_bf16 =
+            num_layers_at_end_in_bf16 = 1``), which NeMo's FP8 recipes expose for the layers most
+            sensitive to quantisation: the first block reads the raw embeddings, the last one
+            writes the features the output head projects, and neither has later blocks to damp
+            its error. With 60 blocks the other ~97 % of the block GEMMs stay in FP8 (a model of
+            one or two blocks then runs no FP8 GEMM at all: pass explicit patterns). Nothing else needs
+            excluding: the embedders (``img_in``, ``txt_in``, ``time_embedder``), the head
+            (``norm_out``, ``proj_out``) and the AdaLN modulations (``*_mod``) are plain torch /
+            local megatron-core layers under every backend and never run in FP8; the TE modules
+            are the blocks' ``*_qkv`` / ``txt_kv`` column linears, ``*_out`` row linears,
+            ``*_mlp.fc1`` / ``fc2`` and the core attention (whose FP8 path TE's recipes leave off).
+            A pattern that matches no module of the full model is a `ConfigError`.
     """
 
     autocast: str = "none"
     fp8: Optional[str] = None
-    fp8_exclude: tuple[str, ...] = DEFAULT_FP8_EXCLUDE
+    fp8_exclude: Union[str, tuple[str, ...]] = DEFAULT_FP8_EXCLUDE
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "fp8_exclude", tuple(self.fp8_exclude))
+        exclude = self.fp8_exclude
+        if isinstance(exclude, str):
+            if exclude != FP8_EXCLUDE_FIRST_LAST:
+                raise ConfigError(
+                    f"precision.fp8_exclude={exclude!r}: expected {FP8_EXCLUDE_FIRST_LAST!r} or a list of "
+                    "module-name patterns (e.g. ['blocks.0', 'blocks.*.img_mlp.fc2']; [] for none)"
+                )
+        else:
+            if exclude is None:
+                exclude = ()
+            exclude = tuple(exclude)
+            bad = [p for p in exclude if not isinstance(p, str) or not p]
+            if bad:
+                raise ConfigError(f"precision.fp8_exclude: patterns must be non-empty strings, got {bad!r}")
+            object.__setattr__(self, "fp8_exclude", exclude)
         if self.autocast not in ("none", "bf16"):
             raise ConfigError(f"precision.autocast={self.autocast!r}: expected 'none' or 'bf16'")
         if self.fp8 is not None and self.fp8 not in FP8_RECIPES:
             raise ConfigError(f"precision.fp8={self.fp8!r}: expected null or one of {FP8_RECIPES}")
+
+
+def resolve_fp8_exclude(config: PrecisionConfig, model_config: MMDiTConfig) -> tuple[str, ...]:
+    """The exclusion patterns of `config` for this model (``"first_last"`` -> two block names)."""
+    if config.fp8_exclude == FP8_EXCLUDE_FIRST_LAST:
+        return tuple(dict.fromkeys(("blocks.0", f"blocks.{model_config.num_layers - 1}")))
+    return tuple(config.fp8_exclude)
+
+
+@functools.lru_cache(maxsize=8)
+def full_model_module_names(model_config: MMDiTConfig) -> tuple[str, ...]:
+    """Canonical module names of the *full* model (all blocks, embedders and head) for `model_config`.
+
+    Built on the meta device (nothing allocated) with one TP rank and the ``local`` backend, so the
+    names are those of the model's own modules, the same under every layout and backend (kernel
+    library internals such as TE's attention sub-modules are not listed).
+    """
+    from megatron_qwenimage.model.layers import SingleRankGroup
+
+    neutral = model_config.replace(tensor_model_parallel_size=1, sequence_parallel=False, backend="local")
+    with torch.device("meta"):
+        model = QwenImageMMDiT(neutral, tp_group=SingleRankGroup())
+    return tuple(name for name, _ in model.named_modules() if name)
+
+
+def validate_fp8_exclude(patterns: Sequence[str], model_config: MMDiTConfig) -> None:
+    """`ConfigError` naming every pattern that matches no module of the full model.
+
+    Checked against the full model (`full_model_module_names`), not the modules of one pipeline
+    stage: under PP a pattern may match blocks another stage holds only.
+    """
+    names = full_model_module_names(model_config)
+    unknown = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    if not unknown:
+        return
+    last = model_config.num_layers - 1
+    top = [n for n in names if not n.startswith("blocks")]
+    block0 = [n[len("blocks.0."):] for n in names if n.startswith("blocks.0.")]
+    only_last = [n[len(f"blocks.{last}."):] for n in names
+                 if n.startswith(f"blocks.{last}.") and n[len(f"blocks.{last}."):] not in block0]
+    raise ConfigError(
+        f"precision.fp8_exclude pattern(s) {unknown} match no module of the model; module names are "
+        f"{', '.join(top)}, blocks.0 .. blocks.{last} and, inside a block, blocks.<i>.<name> with <name> one of "
+        f"{', '.join(block0)} (the last block has {', '.join(only_last)} instead of the text query/output/MLP); "
+        f"e.g. 'blocks.0', 'blocks.{last}.img_mlp.fc2', 'blocks.*.img_qkv'"
+    )
 
 
 class FP8Unavailable(RuntimeError):
@@ -244,10 +326,21 @@ def check_fp8_available(config: PrecisionConfig, model_config: MMDiTConfig) -> N
 
 
 class Precision:
-    """Contexts for the forward pass: bf16 autocast and/or TE ``fp8_autocast``."""
+    """Contexts for the forward pass: bf16 autocast and/or TE ``fp8_autocast``.
+
+    Args:
+        config: `PrecisionConfig`; its ``fp8_exclude`` patterns are checked against the full
+            model's module names here (`ConfigError`), whether or not FP8 is on.
+        model_config: the model. device: the compute device.
+        amax_group: group over which FP8 amax statistics are reduced (``fp8_group`` of
+            ``te.fp8_autocast``); the engine passes megatron-core's amax reduction group, the
+            data-parallel x tensor-parallel group (`consumers.engine.amax_reduction_group`).
+    """
 
     def __init__(self, config: PrecisionConfig, model_config: MMDiTConfig, device: torch.device,
                  amax_group: Optional[torch.distributed.ProcessGroup] = None):
+        self.exclude_patterns = resolve_fp8_exclude(config, model_config)
+        validate_fp8_exclude(self.exclude_patterns, model_config)
         check_fp8_available(config, model_config)
         self.config = config
         self.device = device
@@ -278,32 +371,64 @@ class Precision:
         """Make `model` (a whole model or a stage) run in this precision.
 
         Under FP8: the streams are padded to a multiple of 16 tokens inside the blocks (odd
-        buckets such as 1328 px = 83² patches), and modules matching ``fp8_exclude`` run with FP8
-        disabled. Returns the excluded module names.
+        buckets such as 1328 px = 83² patches), and the outermost modules of this stage matching
+        the exclusion patterns run with FP8 disabled (`exclude_from_fp8`). Returns their names
+        (a stage may hold none of them).
         """
         if self._recipe is None:
             return []
         import transformer_engine.pytorch as te
 
         model.configure_token_alignment(self.FP8_TOKEN_ALIGNMENT)
-
-        excluded = []
-        for name, module in model.named_modules():
-            if name and any(fnmatch.fnmatch(name, pat) for pat in self.config.fp8_exclude):
-                _wrap_forward(module, lambda: te.fp8_autocast(enabled=False))
-                excluded.append(name)
-        return excluded
+        return exclude_from_fp8(model, self.exclude_patterns, lambda: te.fp8_autocast(enabled=False))
 
 
-def _wrap_forward(module: torch.nn.Module, context_factory) -> None:
-    """Run `module`'s forward inside ``context_factory()`` (instance attribute; names unchanged)."""
-    inner = module.forward
+def exclude_from_fp8(model: torch.nn.Module, patterns: Sequence[str], context_factory) -> list[str]:
+    """Run the forward of every module of `model` whose name matches a pattern inside ``context_factory()``.
 
-    def forward(*args, **kwargs):
-        with context_factory():
-            return inner(*args, **kwargs)
+    Only the outermost matches get the scope (a matching module inside an excluded one is
+    already covered). The scope is a forward pre-hook that enters the context and a forward hook
+    (``always_call=True``: also when the forward raises) that leaves it; ``module.forward`` is not
+    rebound. The entered contexts live in an ExitStack per call, kept on the module in
+    ``_fp8_off_stacks`` (a stack of them: re-entrant calls and activation recompute nest).
 
-    module.forward = forward
+    Forward-only scoping is enough for backward: Transformer Engine modules record in their
+    autograd context whether the forward ran in FP8 and the backward GEMMs follow that record
+    (not the autocast state at backward time), so an excluded module's backward is bf16 too.
+
+    Returns the names of the scoped modules (canonical, as in ``named_modules``).
+    """
+    excluded: list[str] = []
+    for name, module in model.named_modules():
+        if not name or not any(fnmatch.fnmatchcase(name, p) for p in patterns):
+            continue
+        if any(name.startswith(outer + ".") for outer in excluded):
+            continue
+        _scope_forward(module, context_factory)
+        excluded.append(name)
+    return excluded
+
+
+def _scope_forward(module: torch.nn.Module, context_factory) -> None:
+    """Hook pair running `module`'s forward inside ``context_factory()`` (idempotent per module)."""
+    for handle in getattr(module, "_fp8_off_hooks", ()):
+        handle.remove()
+    stacks: list[contextlib.ExitStack] = []
+
+    def enter(mod, args):
+        stack = contextlib.ExitStack()
+        stack.enter_context(context_factory())
+        stacks.append(stack)
+
+    def leave(mod, args, output):
+        if stacks:
+            stacks.pop().close()
+
+    module._fp8_off_stacks = stacks
+    module._fp8_off_hooks = (
+        module.register_forward_pre_hook(enter),
+        module.register_forward_hook(leave, always_call=True),
+    )
 
 
 # ---------------------------------------------------------------------------------------- recompute

@@ -65,7 +65,9 @@ def test_te_fp8_forward_backward(tiny_diffusers_dir, recipe):
     from consumers.step import Precision, PrecisionConfig
 
     local, te = _pair(tiny_diffusers_dir)
-    precision = Precision(PrecisionConfig(fp8=recipe), te.config, torch.device("cuda"))
+    # Every block in FP8 (the default keeps the first and last block in bf16, which on this tiny
+    # model leaves few or no FP8 GEMMs for the checks below).
+    precision = Precision(PrecisionConfig(fp8=recipe, fp8_exclude=()), te.config, torch.device("cuda"))
     precision.prepare_model(te)
     # 15 image + 5 text tokens per sample: FP8 GEMMs need rows divisible by 16, which the model's
     # token alignment (set by prepare_model) provides by padding inside the blocks.
@@ -101,3 +103,31 @@ def test_te_fp8_forward_backward(tiny_diffusers_dir, recipe):
         histories = [h for h in histories if h is not None]
         assert histories, "no TE module holds a delayed-scaling state"
         assert any(float(h.abs().sum()) > 0 for h in histories), "amax history never moved: FP8 did not run"
+
+
+def test_te_fp8_default_keeps_first_and_last_block_in_bf16(tiny_diffusers_dir):
+    """The default `fp8_exclude` ("first_last") scopes blocks 0 and L-1 out of FP8 with forward hooks."""
+    from consumers.step import Precision, PrecisionConfig
+
+    _, te = _pair(tiny_diffusers_dir)
+    last = te.config.num_layers - 1
+    precision = Precision(PrecisionConfig(fp8="delayed"), te.config, torch.device("cuda"))
+    assert precision.prepare_model(te) == ["blocks.0", f"blocks.{last}"]
+    assert not any("forward" in vars(m) for m in te.modules())  # hooks, no rebound forward
+    inputs = _cuda(make_inputs("odd_nonsquare", 16, 24), torch.bfloat16)
+    for _ in range(2):
+        with precision.forward_context():
+            out = te(**model_kwargs(inputs))
+        out.float().square().mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in te.parameters())
+
+    def amax_moved(prefix: str) -> bool:
+        histories = [
+            getattr(m.fp8_meta["scaling_fwd"], "amax_history", None)
+            for n, m in te.named_modules()
+            if n.startswith(prefix) and isinstance(getattr(m, "fp8_meta", None), dict) and "scaling_fwd" in m.fp8_meta
+        ]
+        return any(h is not None and float(h.abs().sum()) > 0 for h in histories)
+
+    assert amax_moved("blocks.1."), "the middle block did not run in FP8"
+    assert not amax_moved("blocks.0.") and not amax_moved(f"blocks.{last}."), "an excluded block ran in FP8"

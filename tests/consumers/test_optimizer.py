@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -274,3 +275,50 @@ def test_two_dp_ranks_match_one_rank(tmp_path):
                                        rtol=1e-6, atol=1e-7, msg=(rank, n))
             torch.testing.assert_close(torch.tensor(res["ema"][n]), torch.tensor(res["ref_ema"][n]),
                                        rtol=1e-6, atol=1e-7, msg=(rank, n))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), None])
+def test_non_finite_grad_norm_skips_the_update_and_drops_the_grads(bad):
+    """NaN/inf in one gradient (or ``skip=True``: a non-finite loss) leaves params and every piece of
+    optimizer state as they were, zeroes the grads, and the next step updates as if nothing happened."""
+    model, ref_model = Tiny(torch.bfloat16), Tiny(torch.bfloat16)
+    opt = DistributedOptimizer(_named(model), CFG, dp_group=None, tp_rank=0)
+    ref = DistributedOptimizer(_named(ref_model), CFG, dp_group=None, tp_rank=0)
+    for o, m in ((opt, model), (ref, ref_model)):
+        o.zero_grad()
+        m(_inputs(0, 0, torch.bfloat16)).backward()
+        out = o.step(0)
+        assert out["skipped"] is False and math.isfinite(out["grad_norm"]) and out["lr"] == o.schedule(0)
+    state = {k: {n: t.clone() for n, t in v.items()} for k, v in opt.state_tensors().items()}
+    params = [p.detach().clone() for p in model.parameters()]
+    steps = [t.clone() for g in opt._adam_groups for t in g[4]]
+
+    opt.zero_grad()
+    model(_inputs(1, 0, torch.bfloat16)).backward()
+    if bad is not None:
+        opt._accumulate(opt._by_name["fc2.weight"], torch.full_like(model.fc2.weight, bad))
+    out = opt.step(1, skip=bad is None)
+    assert out["skipped"] is True and out["lr"] == opt.schedule(1)
+    assert math.isfinite(out["grad_norm"]) if bad is None else not math.isfinite(out["grad_norm"])
+    assert opt.num_steps == 1 and opt.skipped_steps == 1
+    assert float(opt._grad_buf.abs().sum()) == 0.0
+    for name, entry in opt.state_tensors().items():
+        for kind, t in entry.items():
+            assert torch.equal(t, state[name][kind]), (name, kind)  # master, moments, EMA
+    assert all(torch.equal(p.detach(), q) for p, q in zip(model.parameters(), params))
+    assert all(torch.equal(t, s) for t, s in zip((t for g in opt._adam_groups for t in g[4]), steps))
+
+    for o, m in ((opt, model), (ref, ref_model)):
+        o.zero_grad()
+        m(_inputs(2, 0, torch.bfloat16)).backward()
+        assert o.step(2)["skipped"] is False
+    for (n, p), q in zip(model.named_parameters(), ref_model.parameters()):
+        assert torch.equal(p.detach(), q.detach()), n
+
+
+def test_max_skipped_steps_validation():
+    assert OptimizerConfig().max_skipped_steps == 10
+    OptimizerConfig(max_skipped_steps=0)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(Exception, match="optimizer.max_skipped_steps"):
+            OptimizerConfig(max_skipped_steps=bad)
