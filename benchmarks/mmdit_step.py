@@ -207,7 +207,8 @@ def run(args: argparse.Namespace) -> dict:
     if args.fp8 is not None:
         from consumers.step import Precision, PrecisionConfig
 
-        precision = Precision(PrecisionConfig(fp8=args.fp8), config, torch.device(args.device))
+        # Every block in FP8 (the training default keeps the first and last block in bf16).
+        precision = Precision(PrecisionConfig(fp8=args.fp8, fp8_exclude=()), config, torch.device(args.device))
         precision.prepare_model(ours)
         forward_context = precision.forward_context
     steps = {

@@ -384,7 +384,9 @@ class GPURun:
     def fp8_context(self, model, recipe: str = "delayed"):
         from consumers.step import Precision, PrecisionConfig
 
-        precision = Precision(PrecisionConfig(fp8=recipe), model.config, self.device)
+        # Every block of the slice in FP8, as 58 of the 60 blocks are under the training default
+        # (`fp8_exclude: first_last` would keep half of a 4-block slice in bf16).
+        precision = Precision(PrecisionConfig(fp8=recipe, fp8_exclude=()), model.config, self.device)
         precision.prepare_model(model)
         return precision.forward_context
 
