@@ -17,10 +17,22 @@ What a checkpoint holds (directory ``<root>/step_00001234``):
 
 Atomicity: everything is written under ``.tmp-step_XXXXXXXX``; after all ranks finish, rank 0
 writes ``COMMITTED`` and renames the directory. A directory without a valid ``COMMITTED`` (or
-whose files do not match it) is never loaded: `CheckpointManager.load_latest` refuses it, says
-why, and falls back to the previous checkpoint. Keep-last-N prunes older committed ones.
-Async saving (``async_save``) stages the tensors, writes in the background and commits at the
-next save or at `CheckpointManager.finalize`.
+whose files do not match it, or whose saved model config differs from the run's architecture) is
+never loaded: `CheckpointManager.load_latest` refuses it, says why, and falls back to the previous
+checkpoint.
+
+Resume policy (``checkpoint.resume``): a run never silently starts over. With ``auto`` it starts
+fresh only when the directory holds no committed checkpoint; when it holds some and none can be
+loaded, `ResumeRefused` names each one and why, and nothing is deleted. ``required`` needs a
+loadable checkpoint; ``never`` refuses a directory that already holds committed checkpoints.
+
+Pruning (keep-last-N) only ever deletes checkpoints this `CheckpointManager` wrote in this
+process; checkpoints of earlier runs or processes are left alone. A foreign directory in the way
+of a new checkpoint (same step) is renamed aside (``step_XXXXXXXX.replaced-<time>``), not deleted.
+
+Async saving (``async_save``) copies this rank's tensors into host memory (pinned under CUDA,
+reused across saves), writes them in the background, and commits as soon as every rank's write
+has finished: `CheckpointManager.poll` (called by the train loop after every step) checks.
 """
 
 from __future__ import annotations
@@ -32,6 +44,7 @@ import os
 import random
 import re
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -51,22 +64,48 @@ COMMITTED = "COMMITTED"
 META = "meta.json"
 STEP_RE = re.compile(r"^step_(\d{8})$")
 VERIFY_MODES = ("size", "sha256")
+RESUME_MODES = ("auto", "required", "never")
+
+#: MMDiTConfig fields that may differ between a checkpoint and the run resuming it: how the model
+#: is built (layout, kernels), not what it computes. Every other field (architecture and
+#: ``params_dtype``) must match exactly.
+RESUMABLE_BUILD_OPTIONS = frozenset({"tensor_model_parallel_size", "sequence_parallel", "backend",
+                                     "fused_elementwise", "name"})
 
 
 class CheckpointCorrupt(RuntimeError):
     """A checkpoint directory is partial or does not match its COMMITTED record (names the file)."""
 
 
+class ResumeRefused(ConfigError):
+    """The checkpoint directory and ``checkpoint.resume`` disagree: training does not start.
+
+    Raised alike on every rank (the decision rests on collective verification and shared files).
+    The message is one line naming the directory, each checkpoint with why it was refused, and
+    the way out; nothing in the directory has been deleted or changed.
+    """
+
+
 @dataclass(frozen=True)
 class CheckpointConfig:
-    """Where and how often to checkpoint.
+    """Where and how often to checkpoint, and whether to resume.
 
     Attributes:
-        dir: root directory (shared by all ranks). interval: save every N steps (0: only at the end).
-        keep_last: committed checkpoints to keep (older ones are deleted).
-        async_save: write in the background (committed at the next save or at the end).
+        dir: root directory (shared by all ranks).
+        interval: save every N steps (0: only at the end).
+        keep_last: checkpoints *written by this run* to keep; older ones of this run are deleted.
+            Checkpoints of earlier runs/processes in `dir` are never deleted.
+        async_save: stage into host memory and write in the background; committed as soon as the
+            write finishes (checked after every step), at the next save, or at the end.
         verify: on load, check every file's ``size`` or ``sha256`` against COMMITTED (spread over ranks).
-        load: resume from the newest valid checkpoint in `dir` when one exists.
+        resume: ``auto`` (default): resume from the newest loadable checkpoint; start fresh only
+            when `dir` holds no committed checkpoint, and stop with `ResumeRefused` when it holds
+            some but none loads. ``required``: a loadable checkpoint must exist, else
+            `ResumeRefused`. ``never``: do not load; refuse to start (`ResumeRefused`) if `dir`
+            already holds committed checkpoints (use a new `dir`).
+        load: deprecated spelling kept for old configs: ``load: false`` means ``resume: never``
+            (contradicting ``resume: required`` is an error); ``load: true`` changes nothing.
+            After validation ``load`` is False exactly when ``resume`` is ``never``.
     """
 
     dir: str
@@ -74,17 +113,57 @@ class CheckpointConfig:
     keep_last: int = 3
     async_save: bool = False
     verify: str = "sha256"
+    resume: str = "auto"
     load: bool = True
 
     def __post_init__(self) -> None:
-        if not self.dir:
+        if not self.dir or not isinstance(self.dir, (str, os.PathLike)):
             raise ConfigError("checkpoint.dir: expected a directory path")
-        if not isinstance(self.interval, int) or self.interval < 0:
+        if not isinstance(self.interval, int) or isinstance(self.interval, bool) or self.interval < 0:
             raise ConfigError(f"checkpoint.interval={self.interval!r}: expected an integer >= 0")
-        if not isinstance(self.keep_last, int) or self.keep_last < 1:
+        if not isinstance(self.keep_last, int) or isinstance(self.keep_last, bool) or self.keep_last < 1:
             raise ConfigError(f"checkpoint.keep_last={self.keep_last!r}: expected a positive integer")
+        if not isinstance(self.async_save, bool):
+            raise ConfigError(f"checkpoint.async_save={self.async_save!r}: expected true or false")
         if self.verify not in VERIFY_MODES:
             raise ConfigError(f"checkpoint.verify={self.verify!r}: expected one of {VERIFY_MODES}")
+        if self.resume not in RESUME_MODES:
+            raise ConfigError(f"checkpoint.resume={self.resume!r}: expected one of {RESUME_MODES}")
+        if not isinstance(self.load, bool):
+            raise ConfigError(f"checkpoint.load={self.load!r}: expected true or false (prefer checkpoint.resume)")
+        if not self.load:
+            if self.resume == "required":
+                raise ConfigError("checkpoint.load=false contradicts checkpoint.resume='required' "
+                                  "(load: false means resume: never; drop `load`)")
+            object.__setattr__(self, "resume", "never")
+        object.__setattr__(self, "load", self.resume != "never")
+
+
+def model_config_differences(saved: Any, run: dict) -> list[str]:
+    """Why a checkpoint's saved model config (meta.json ``model_config``) cannot resume `run`.
+
+    Fields in `RESUMABLE_BUILD_OPTIONS` may differ; every other field must be equal. A field the
+    checkpoint lacks (written before the field existed) counts as its `MMDiTConfig` default.
+    Returns one ``key: checkpoint <v>, run <v>`` string per difference (empty: compatible).
+    """
+    import dataclasses
+
+    from megatron_qwenimage.config import MMDiTConfig
+
+    if not isinstance(saved, dict):
+        return [f"meta.json has no model_config (got {type(saved).__name__})"]
+    defaults = {f.name: f.default for f in dataclasses.fields(MMDiTConfig)
+                if f.default is not dataclasses.MISSING}
+    out = []
+    for key in sorted(set(saved) | set(run)):
+        if key in RESUMABLE_BUILD_OPTIONS:
+            continue
+        a = saved.get(key, defaults.get(key, "<absent>"))
+        b = run.get(key, "<absent>")
+        norm = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731 (JSON gives lists)
+        if norm(a) != norm(b):
+            out.append(f"{key}: checkpoint {norm(a)!r}, run {norm(b)!r}")
+    return out
 
 
 def step_dir_name(step: int) -> str:
@@ -275,17 +354,65 @@ def committed_checkpoints(root: Path) -> list[tuple[int, Path]]:
 
 
 # ---------------------------------------------------------------------------------------- manager
+def _one_line(text: str, limit: int = 300) -> str:
+    """`text` on one line (DCP errors carry tracebacks), cut to `limit` characters."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def _is_committed(directory: Path) -> bool:
+    return (directory / COMMITTED).is_file()
+
+
+class _AlreadyStaged:
+    """A DCP ``AsyncStager`` for a state dict that is already a private host copy: returns it as is
+    (DCP's default stager would copy it to host memory a second time)."""
+
+    _synchronize_after_execute = False
+    should_synchronize_after_execute = False
+
+    def stage(self, state_dict, **kwargs):
+        return state_dict
+
+    def synchronize_staging(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _async_save_takes_stager() -> bool:
+    import inspect
+
+    try:
+        return "async_stager" in inspect.signature(dcp.async_save).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 class CheckpointManager:
-    """Save / load / prune checkpoints of a `TrainEngine` (every rank calls every method)."""
+    """Save / load / prune checkpoints of a `TrainEngine` (every rank calls every method).
+
+    Attributes:
+        refused: one line per checkpoint the last `load_latest` refused (name and reason).
+        saved_steps: steps this manager committed in this process (the only ones `_prune` may delete).
+    """
 
     def __init__(self, config: CheckpointConfig, pstate: ParallelState):
         self.config = config
         self.pstate = pstate
         self.root = Path(config.dir)
+        self.refused: list[str] = []
+        self.saved_steps: list[int] = []
         self._pending: Optional[tuple[Any, Path, Path, dict]] = None
+        self._staged: Optional[dict[str, DTensor]] = None
         self._cpu_group = None
-        if config.async_save and pstate.device.type != "cpu":
+        self._poll_group = None
+        if config.async_save:
+            # DCP's background thread runs collectives on `_cpu_group`; `poll` agrees on
+            # completion over its own group so the two never interleave on one group.
             self._cpu_group = dist.new_group(backend="gloo")
+            self._poll_group = dist.new_group(backend="gloo")
 
     # ------------------------------------------------------------------ save
     def save(self, step: int, engine, meta: dict) -> Path:
@@ -312,12 +439,58 @@ class CheckpointManager:
             **meta,
         }
         if self.config.async_save:
-            staged = {k: _dtensor(v.to_local().clone(), v.device_mesh, v.placements, tuple(v.shape)) for k, v in state.items()}
-            future = dcp.async_save(staged, checkpoint_id=str(tmp), process_group=self._cpu_group)
+            staged = self._stage_to_host(state)
+            kwargs = {"async_stager": _AlreadyStaged()} if _async_save_takes_stager() else {}
+            future = dcp.async_save(staged, checkpoint_id=str(tmp), process_group=self._cpu_group, **kwargs)
             self._pending = (future, tmp, final, full_meta)
         else:
             dcp.save(state, checkpoint_id=str(tmp))
             self._commit(tmp, final, full_meta)
+        return final
+
+    def _stage_to_host(self, state: dict[str, DTensor]) -> dict[str, DTensor]:
+        """Copy `state` into host buffers (allocated at the first save, then reused).
+
+        Under CUDA the buffers are pinned and filled with non-blocking copies, then the device is
+        synchronised once, so the training step can change the live tensors while DCP writes.
+        The previous write has finished (`save` waits) before the buffers are refilled.
+        """
+        pin = torch.cuda.is_available() and any(v.to_local().is_cuda for v in state.values())
+        if self._staged is None or set(self._staged) != set(state):
+            staged = {}
+            for key, v in state.items():
+                local = v.to_local()
+                if v.device_mesh.device_type == "cpu":
+                    host = torch.empty(local.shape, dtype=local.dtype)
+                    staged[key] = _dtensor(host, v.device_mesh, v.placements, tuple(v.shape))
+                else:
+                    # A DTensor on the device mesh holding a host local tensor: what DCP's own
+                    # stager builds (DTensor.from_local would move a host tensor to the device).
+                    dt = v.detach().to("cpu")
+                    dt._local_tensor = torch.empty(local.shape, dtype=local.dtype, pin_memory=pin)
+                    staged[key] = dt
+            self._staged = staged
+        with torch.no_grad():
+            for key, v in state.items():
+                self._staged[key].to_local().copy_(v.to_local(), non_blocking=pin)
+        if pin:
+            torch.cuda.synchronize()
+        return self._staged
+
+    def poll(self) -> Optional[Path]:
+        """Commit the async save in flight if every rank's write has finished; returns its path.
+
+        Cheap: without a pending save it does nothing (no collective); with one, one tiny
+        all-reduce on a dedicated gloo group makes every rank take the same decision.
+        """
+        if self._pending is None:
+            return None
+        future, _, final, _ = self._pending
+        done = torch.tensor([1 if future.done() else 0], dtype=torch.int32)
+        dist.all_reduce(done, op=dist.ReduceOp.MIN, group=self._poll_group)
+        if not int(done.item()):
+            return None
+        self.wait_pending()
         return final
 
     def wait_pending(self) -> None:
@@ -334,10 +507,11 @@ class CheckpointManager:
 
     def _commit(self, tmp: Path, final: Path, meta: dict) -> None:
         dist.barrier()
+        step = int(meta["step"])
         if self.pstate.rank == 0:
             (tmp / META).write_text(json.dumps(meta, sort_keys=True))
             files = {rel: _file_digest(tmp / rel, self.config.verify) for rel in _list_files(tmp)}
-            record = {"step": meta["step"], "files": files}
+            record = {"step": step, "files": files}
             marker_tmp = tmp / f"{COMMITTED}.tmp"
             with open(marker_tmp, "w") as f:
                 json.dump(record, f, sort_keys=True)
@@ -345,19 +519,32 @@ class CheckpointManager:
                 os.fsync(f.fileno())
             os.rename(marker_tmp, tmp / COMMITTED)
             if final.exists():
-                shutil.rmtree(final)
+                if step in self.saved_steps:
+                    shutil.rmtree(final)
+                else:  # not ours (an earlier run's, refused or partial): keep it, out of the way
+                    aside = final.with_name(f"{final.name}.replaced-{time.strftime('%Y%m%dT%H%M%S')}")
+                    os.rename(final, aside)
+                    log.warning("checkpoint %s was not written by this run; moved it to %s", final, aside)
             os.rename(tmp, final)
             _fsync_dir(self.root)
-            self._prune()
+        if step not in self.saved_steps:
+            self.saved_steps.append(step)
+        self._prune()
         dist.barrier()
 
     def _prune(self) -> None:
-        kept = 0
-        for _, path in committed_checkpoints(self.root):
-            if (path / COMMITTED).is_file():
-                kept += 1
-                if kept > self.config.keep_last:
+        """Delete this run's committed checkpoints beyond the newest `keep_last` (rank 0 deletes).
+
+        Only steps in `saved_steps` (committed by this manager in this process) are candidates:
+        a checkpoint of an earlier run or process is never deleted, whatever its step.
+        """
+        mine = sorted(self.saved_steps, reverse=True)
+        if self.pstate.rank == 0:
+            for step in mine[self.config.keep_last:]:
+                path = self.root / step_dir_name(step)
+                if _is_committed(path):
                     shutil.rmtree(path, ignore_errors=True)
+        self.saved_steps = sorted(mine[: self.config.keep_last])
 
     # ------------------------------------------------------------------ load
     def _verify_everywhere(self, directory: Path) -> Optional[str]:
@@ -373,25 +560,67 @@ class CheckpointManager:
         bad = [e for e in errors if e]
         return bad[0] if bad else None
 
-    def load_latest(self, engine) -> Optional[dict]:
-        """Load the newest valid checkpoint into `engine`; returns its meta.json, or None if none.
+    def _config_mismatch(self, directory: Path, engine) -> Optional[str]:
+        """Why `directory`'s saved model config cannot resume `engine` (None: compatible)."""
+        try:
+            saved = json.loads((directory / META).read_text()).get("model_config")
+        except (OSError, ValueError, AttributeError) as exc:
+            return f"checkpoint {directory}: unreadable {META} ({type(exc).__name__}: {exc})"
+        diffs = model_config_differences(saved, engine.model_config.to_dict())
+        if diffs:
+            return f"checkpoint {directory}: saved model config differs from the run's ({'; '.join(diffs)})"
+        return None
 
-        Invalid ones (no COMMITTED, files not matching it, DCP read errors) are refused with a
-        warning naming the reason, and the previous one is tried.
+    def load_latest(self, engine) -> Optional[dict]:
+        """Resume per ``checkpoint.resume``; returns the loaded checkpoint's meta.json, or None.
+
+        Candidates are tried newest first; one is refused (logged, added to `refused`) when its
+        COMMITTED record or files do not match, its saved model config differs from the run's
+        (`model_config_differences`), or DCP fails to read it; then the previous one is tried.
+
+        Raises:
+            ResumeRefused: ``auto``: the directory holds committed checkpoints and none loads;
+                ``required``: none loads (or there is none); ``never``: the directory holds
+                committed checkpoints. Nothing is deleted in any case.
         """
-        if not self.config.load:
+        mode = self.config.resume
+        candidates = committed_checkpoints(self.root)
+        committed = [d for _, d in candidates if _is_committed(d)]
+        self.refused = []
+        if mode == "never":
+            if committed:
+                names = ", ".join(d.name for d in committed)
+                raise ResumeRefused(
+                    f"checkpoint.resume=never, but checkpoint.dir={str(self.root)!r} already holds committed "
+                    f"checkpoint(s) {names}, which this run would overwrite or mix with its own; nothing was "
+                    f"deleted. Set a new checkpoint.dir to start a fresh run (or checkpoint.resume=auto to resume)"
+                )
             return None
-        for step, directory in committed_checkpoints(self.root):
+        for step, directory in candidates:
             reason = self._verify_everywhere(directory)
+            if reason is None:
+                reason = self._config_mismatch(directory, engine)
             if reason is None:
                 try:
                     return self.load(directory, engine)
-                except (dcp.api.CheckpointException, OSError, ValueError, RuntimeError) as exc:
-                    reason = f"checkpoint {directory}: load failed ({type(exc).__name__}: {str(exc)[:300]})"
+                except (dcp.api.CheckpointException, CheckpointCorrupt, OSError, ValueError, KeyError,
+                        RuntimeError) as exc:
+                    reason = f"checkpoint {directory}: load failed ({type(exc).__name__}: {exc})"
+            reason = _one_line(reason, 600)
             if self.pstate.rank == 0:
                 log.warning("refusing checkpoint step %d: %s; trying the previous one", step, reason)
-            self.refused = getattr(self, "refused", []) + [reason]
-        return None
+            self.refused.append(reason)
+        if mode == "auto" and not committed:
+            return None  # a fresh directory (at most partial writes): start from step 0
+        if not candidates:
+            detail = "it holds no checkpoint"
+        else:
+            detail = "none can be loaded: " + " | ".join(
+                f"{d.name}: {r}" for (_, d), r in zip(candidates, self.refused))
+        raise ResumeRefused(
+            f"checkpoint.resume={mode}: checkpoint.dir={str(self.root)!r} has no loadable checkpoint; {detail}. "
+            f"Nothing was deleted. Fix the cause, or set a new checkpoint.dir to start a fresh run"
+        )
 
     def load(self, directory: Path, engine) -> dict:
         """Load `directory` (already verified) into `engine`, resharding to the current layout."""
@@ -420,11 +649,15 @@ def export_checkpoint_to_diffusers(checkpoint_dir: str | os.PathLike, out_dir: s
                                    ema: bool = False, dtype: Optional[torch.dtype] = None) -> None:
     """Write a committed checkpoint's model (or its EMA weights) as a diffusers directory.
 
-    Runs in one process (no process group): DCP assembles full tensors from the shards of any
-    layout, then `megatron_qwenimage.convert.export_to_diffusers` writes them.
+    Runs in one process, with or without a process group (e.g. on rank 0 at the end of a TP/PP
+    run): the model is built whole on an explicit single-rank TP group with the ``local`` backend
+    and no fused kernels, whatever layout/backend the checkpoint was trained with; DCP assembles
+    full tensors from the shards of any layout (``no_dist``), then
+    `megatron_qwenimage.convert.export_to_diffusers` writes them.
     """
     from megatron_qwenimage.config import MMDiTConfig
     from megatron_qwenimage.convert import export_to_diffusers
+    from megatron_qwenimage.model.layers import SingleRankGroup
     from megatron_qwenimage.model.mmdit import QwenImageMMDiT
 
     directory = Path(checkpoint_dir)
@@ -432,9 +665,9 @@ def export_checkpoint_to_diffusers(checkpoint_dir: str | os.PathLike, out_dir: s
     verify_files(directory, record, "size")
     meta = json.loads((directory / META).read_text())
     cfg_dict = dict(meta["model_config"])
-    cfg_dict.update(tensor_model_parallel_size=1, sequence_parallel=False)
+    cfg_dict.update(tensor_model_parallel_size=1, sequence_parallel=False, backend="local", fused_elementwise=False)
     config = MMDiTConfig(**cfg_dict)
-    model = QwenImageMMDiT(config, tp_group=None)
+    model = QwenImageMMDiT(config, tp_group=SingleRankGroup())
     params = dict(model.named_parameters())
     state = {}
     for name, tensor in model.named_model_tensors():

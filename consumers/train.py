@@ -11,7 +11,7 @@ Run under torchrun (``torchrun --nproc-per-node N -m consumers.train --config ru
     flow_matching: {kind: logit_normal, mean: 0.0, std: 1.0}
     data: {...}                      # megatron_qwenimage.data.reader_config.ReaderConfig
     schedule: {train_steps: 1000, seed: 0, eval_interval: 100, eval_sigmas: [0.25, 0.5, 0.75]}
-    checkpoint: {dir: ckpt/, interval: 100, keep_last: 3}
+    checkpoint: {dir: ckpt/, interval: 100, keep_last: 3, resume: auto}   # auto | required | never
     logging: {dir: runs/x, interval: 10, prometheus_port: 9400}
 
 Every section is a dataclass validated at construction; an unknown key or a bad value is a
@@ -206,6 +206,7 @@ def train(cfg: RunConfig) -> dict:
     from consumers.metrics import MetricsLogger
     from consumers.parallel import init_distributed, init_parallel
     from megatron_qwenimage.accounting import model_flops_per_sample
+    from megatron_qwenimage.data.agreement import TorchDistributedAgreement
     from megatron_qwenimage.data.reader import CacheReader, EndOfData, ValidationReader
     from megatron_qwenimage.flow_matching import build_sigma_sampler
 
@@ -217,11 +218,18 @@ def train(cfg: RunConfig) -> dict:
                          recompute=cfg.recompute, sigma_sampler=build_sigma_sampler(cfg.flow_matching),
                          seed=cfg.schedule.seed, global_batch_size=cfg.data.stages[0].global_batch,
                          init_seed=cfg.schedule.init_seed)
-    reader = CacheReader(cfg.data, dp_rank=pstate.dp_rank, dp_size=layout.dp)
+    # Every rank (TP/PP peers, DP replicas) must read the same global steps: pins are decided on
+    # rank 0 and each step's samples are compared across the world (data/agreement.py).
+    agreement = TorchDistributedAgreement(device=pstate.device)
+    reader = CacheReader(cfg.data, dp_rank=pstate.dp_rank, dp_size=layout.dp, agreement=agreement)
     ckpt = CheckpointManager(cfg.checkpoint, pstate) if cfg.checkpoint else None
     start = 0
     if ckpt is not None:
-        meta = ckpt.load_latest(engine)
+        try:  # checkpoint.resume decides; ResumeRefused (every rank alike) stops the run here
+            meta = ckpt.load_latest(engine)
+        except BaseException:
+            reader.close()
+            raise
         if meta is not None:
             start = int(meta["step"])
             reader.load_state_dict(meta["reader"])
@@ -229,7 +237,7 @@ def train(cfg: RunConfig) -> dict:
                 log.info("resumed from %s/step_%08d (saved at layout %s)", cfg.checkpoint.dir, start, meta["layout"])
     val = None
     if cfg.data.validation is not None and cfg.schedule.eval_interval:
-        val = ValidationReader(cfg.data.validation, dp_rank=pstate.dp_rank, dp_size=layout.dp,
+        val = ValidationReader(cfg.data.validation, dp_rank=pstate.dp_rank, dp_size=layout.dp, agreement=agreement,
                                verify_checksums=cfg.data.verify_checksums, text_length=cfg.data.text_length)
     metrics = MetricsLogger(cfg.logging, enabled=pstate.rank == 0, world_size=pstate.world_size,
                             peak_flops=_peak_flops(cfg))
@@ -270,6 +278,8 @@ def train(cfg: RunConfig) -> dict:
             done = completed = step + 1
             if ckpt is not None and cfg.checkpoint.interval and done % cfg.checkpoint.interval == 0:
                 ckpt.save(done, engine, {"reader": reader.state_dict()})
+            if ckpt is not None:
+                ckpt.poll()  # commits an async save as soon as every rank's write has finished
             if val is not None and done % cfg.schedule.eval_interval == 0:
                 metrics.emit(validate(engine, val, cfg.schedule.eval_sigmas, done))
             if fault_step and done == fault_step:
@@ -278,7 +288,9 @@ def train(cfg: RunConfig) -> dict:
                 os.kill(os.getpid(), signal.SIGKILL)
         final = completed
         if ckpt is not None:
-            if final % max(cfg.checkpoint.interval, 1) or not cfg.checkpoint.interval:
+            # Nothing trained after resuming at `final`: its checkpoint is the one just loaded.
+            resumed_done = final == start and start > 0
+            if (final % max(cfg.checkpoint.interval, 1) or not cfg.checkpoint.interval) and not resumed_done:
                 ckpt.save(final, engine, {"reader": reader.state_dict()})
             ckpt.finalize()
             if cfg.schedule.export_diffusers and pstate.rank == 0:
@@ -341,10 +353,15 @@ def run_from_args(args) -> int:
     except ConfigError as exc:
         print(f"qwenimage train: {exc}", file=sys.stderr)
         return 2
+    from consumers.checkpoint import ResumeRefused
     from consumers.parallel import shutdown
 
     try:
         train(cfg)
+    except ResumeRefused as exc:  # raised on every rank alike; rank 0 says why, all exit 2
+        if rank == 0:
+            print(f"qwenimage train: {exc}", file=sys.stderr)
+        return 2
     finally:
         shutdown()
     return 0

@@ -69,3 +69,116 @@ def reshard_worker(rank: int, world: int, root: str) -> dict:
     meta = ckpt_a.load_latest(engine)
     return {"uninterrupted": uninterrupted, "resumed_b": resumed_b, "resumed_a": resumed_a,
             "fallback_step": meta["step"], "refused": ckpt_a.refused}
+
+
+# ------------------------------------------------------------------ resume policy / pruning / async
+def _flip_a_byte(directory: Path) -> None:
+    victim = sorted(directory.glob("*.distcp"))[0]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size: only sha256 catches it
+    victim.write_bytes(bytes(data))
+
+
+def _steps(root: Path) -> list[int]:
+    return sorted(int(p.name[5:]) for p in root.iterdir() if p.name.startswith("step_") and p.name[5:].isdigit())
+
+
+def _refusal(fn) -> str:
+    from consumers.checkpoint import ResumeRefused
+
+    try:
+        fn()
+    except ResumeRefused as exc:
+        return str(exc)
+    raise AssertionError("expected ResumeRefused")
+
+
+def resume_policy_worker(rank: int, world: int, root: str) -> dict:
+    """DP2: resume modes, refusal messages, model-config check, prune-only-own, fallback + set-aside."""
+    layout = ParallelLayout(tp=1, pp=1, dp=2)
+    pstate, engine = _engine(layout)
+    out: dict = {}
+    cfg = lambda d, **kw: CheckpointConfig(dir=f"{root}/{d}", **kw)  # noqa: E731
+    # auto on an empty (missing) dir: fresh start; required: refused; never: fine.
+    out["auto_empty"] = CheckpointManager(cfg("empty"), pstate).load_latest(engine)
+    out["required_empty"] = _refusal(lambda: CheckpointManager(cfg("empty", resume="required"), pstate)
+                                     .load_latest(engine))
+    out["never_empty"] = CheckpointManager(cfg("empty", resume="never"), pstate).load_latest(engine)
+    # Two committed checkpoints, both corrupted: auto refuses naming each, deletes nothing.
+    a = CheckpointManager(cfg("bad", keep_last=5), pstate)
+    _run(engine, pstate, [0])
+    a.save(1, engine, {})
+    a.save(2, engine, {})
+    if rank == 0:
+        _flip_a_byte(Path(root, "bad", "step_00000001"))
+        _flip_a_byte(Path(root, "bad", "step_00000002"))
+    dist.barrier()
+    out["auto_bad"] = _refusal(lambda: CheckpointManager(cfg("bad"), pstate).load_latest(engine))
+    out["required_bad"] = _refusal(lambda: CheckpointManager(cfg("bad", resume="required"), pstate)
+                                   .load_latest(engine))
+    out["never_bad"] = _refusal(lambda: CheckpointManager(cfg("bad", resume="never"), pstate).load_latest(engine))
+    out["never_bad_load_false"] = _refusal(lambda: CheckpointManager(cfg("bad", load=False), pstate)
+                                           .load_latest(engine))
+    out["bad_after"] = _steps(Path(root, "bad"))
+    # A checkpoint of another architecture is refused naming the field and both values.
+    other = TrainEngine(load_config("tiny-16ch", **{**MODEL, "num_layers": 2}), pstate, optimizer=OPT, seed=SEED,
+                        global_batch_size=GLOBAL_BATCH, init_seed=0)
+    CheckpointManager(cfg("arch"), pstate).save(1, other, {})
+    out["arch"] = _refusal(lambda: CheckpointManager(cfg("arch"), pstate).load_latest(engine))
+    # An earlier run wrote steps 1..3 and 4 (then corrupted); this run falls back to 3,
+    # saves 4 (the corrupt one is set aside, not deleted), 5, 6 with keep_last 2: only its own
+    # step 4 is pruned; the earlier run's 1, 2, 3 stay.
+    pstate, engine = _engine(layout)
+    earlier = CheckpointManager(cfg("prune", keep_last=4), pstate)
+    for s in (1, 2, 3):
+        earlier.save(s, engine, {"reader": {"step": s}})
+    earlier.save(4, engine, {"reader": {"step": 4}})
+    if rank == 0:
+        _flip_a_byte(Path(root, "prune", "step_00000004"))
+    dist.barrier()
+    out["prune_before"] = _steps(Path(root, "prune"))
+    later = CheckpointManager(cfg("prune", keep_last=2), pstate)
+    out["fallback"] = later.load_latest(engine)["step"]
+    out["fallback_refused"] = later.refused
+    for s in (4, 5, 6):
+        later.save(s, engine, {})
+    dist.barrier()
+    out["prune_after"] = _steps(Path(root, "prune"))
+    out["set_aside"] = sorted(p.name for p in Path(root, "prune").iterdir() if ".replaced-" in p.name)
+    out["later_saved"] = later.saved_steps
+    return out
+
+
+def async_poll_worker(rank: int, world: int, root: str, wait_s: float) -> dict:
+    """TP2: an async save at step 1 with interval 100 is committed by `poll` while training goes on;
+    the checkpoint holds the state at the save, not the state after the following steps."""
+    import time
+
+    import torch
+
+    pstate, engine = _engine(ParallelLayout(tp=2, pp=1, dp=1))
+    _run(engine, pstate, [0])
+    at_save = {n: t.detach().clone() for c in engine.chunks for n, t in c.named_model_tensors()}
+    mgr = CheckpointManager(CheckpointConfig(dir=root, interval=100, async_save=True), pstate)
+    final = mgr.save(1, engine, {"reader": {"step": 1}})
+    _run(engine, pstate, [1])  # changes the live tensors while the write may still be running
+    committed_by = None
+    polls = 0
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        polls += 1
+        if mgr.poll() is not None:
+            committed_by = polls
+            break
+        time.sleep(0.05)
+    flag = torch.tensor([1 if committed_by else 0])
+    dist.all_reduce(flag)
+    committed = (final / "COMMITTED").is_file()
+    pending_after = mgr._pending is not None
+    mgr.finalize()
+    pstate, fresh = _engine(ParallelLayout(tp=2, pp=1, dp=1))
+    meta = CheckpointManager(CheckpointConfig(dir=root), pstate).load_latest(fresh)
+    same = all(torch.equal(t, at_save[n]) for c in fresh.chunks for n, t in c.named_model_tensors())
+    return {"committed_by_poll": committed_by, "all_ranks": int(flag), "committed": committed,
+            "pending_after": pending_after, "loaded_step": meta["step"], "equals_state_at_save": same,
+            "staged_on_host": all(v.to_local().device.type == "cpu" for v in (mgr._staged or {}).values())}
