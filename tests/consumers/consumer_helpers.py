@@ -155,3 +155,201 @@ def run_config(cache: str, out: Path, *, steps: int, global_batch: int = 4, micr
 
 def read_jsonl(path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+# ------------------------------------------------------------------------------------------------
+# Leaving the adaLN-Zero init, gathering full training state, comparing it (layout and checkpoint
+# tests). At the adaLN-Zero init every modulation and `proj_out` is zero, so attention, MLP,
+# QK-norm, text-stream and timestep-embedder gradients are zero or negligible for the first steps:
+# a layout that dropped them would still match a reference on loss and grad norm. These helpers
+# make every tensor matter and compare *every* parameter and optimizer-state tensor by name.
+
+PERTURB_STD = 0.1
+
+
+def perturbation(name: str, shape, *, seed: int = 0, std: float = PERTURB_STD) -> torch.Tensor:
+    """The full fp32 tensor that replaces the zero-initialised tensor `name` (layout-independent:
+    drawn from a CPU generator seeded by ``(seed, name)``, like `QwenImageMMDiT.init_weights`)."""
+    import zlib
+
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode()) + 17) % 2**63)
+    return torch.randn(tuple(shape), generator=gen, dtype=torch.float32) * std
+
+
+def owned_rows(rows: int, dp: int, dp_rank: int) -> tuple[int, int]:
+    """Rows ``[start, end)`` of a (TP-shard) tensor whose optimizer state DP rank `dp_rank` owns
+    (`consumers.optimizer`: ``torch.chunk`` semantics, chunk ``ceil(rows / dp)``)."""
+    chunk = -(-rows // dp)
+    start = min(dp_rank * chunk, rows)
+    return start, min(start + chunk, rows)
+
+
+@torch.no_grad()
+def perturb_zero_init(chunks, optimizer=None, *, seed: int = 0, std: float = PERTURB_STD) -> list[str]:
+    """Replace every model tensor that is exactly zero (what adaLN-Zero `init_weights` zeroes:
+    modulation weights and biases, ``norm_out``, ``proj_out``, the zero biases, the carried
+    ``mod_tail`` buffers) with `perturbation` of its full tensor, sharded by the model's own
+    ``shard_of``; so every TP / PP layout gets the same model as a single-process one.
+
+    Call right after building the model chunks. With `optimizer` (a
+    `consumers.optimizer.DistributedOptimizer` built on them), its fp32 master copies (and EMA)
+    are overwritten with the same values through ``state_tensors()`` (the per-name live views a
+    checkpoint load writes), and ``load_master_into_params()`` is checked to leave the model
+    unchanged (collective over DP, like a checkpoint load). Returns the canonical names perturbed
+    on this rank.
+    """
+    perturbed: dict[str, torch.Tensor] = {}
+    params: dict[str, torch.Tensor] = {}
+    for chunk in chunks:
+        for name, t in chunk.named_model_tensors():
+            if isinstance(t, torch.nn.Parameter):
+                params[name] = t
+            if t.any():
+                continue
+            shard = chunk.shard_of(name, perturbation(name, chunk.full_shape(name, t), seed=seed, std=std))
+            t.copy_(shard)
+            perturbed[name] = shard
+    if optimizer is not None:
+        state = optimizer.state_tensors()
+        for name, shard in perturbed.items():
+            if name not in state:
+                continue  # a carried buffer: no optimizer state
+            start, end = owned_rows(shard.shape[0], optimizer.dp, optimizer.dp_rank)
+            for kind in ("master", "ema"):
+                if kind in state[name]:
+                    dst = state[name][kind]
+                    assert tuple(dst.shape) == tuple(shard[start:end].shape), (name, kind, dst.shape, shard.shape)
+                    dst.copy_(shard[start:end])
+        before = {n: p.detach().clone() for n, p in params.items()}
+        optimizer.load_master_into_params()
+        for n, p in params.items():
+            if not torch.equal(p.detach(), before[n]):
+                raise AssertionError(f"perturb_zero_init: master weights of {n} disagree with the model")
+    return sorted(perturbed)
+
+
+#: Parameter groups whose gradients the adaLN-Zero init hides (regex on canonical names).
+GRAD_GROUPS = {
+    "text_stream": r"^(txt_in|txt_norm)\.|\.txt_",
+    "timestep_embedder": r"^time_embedder\.",
+    "attention": r"\.(img|txt)_(qkv|kv|q_norm|k_norm|out)\.",
+    "mlp": r"_mlp\.",
+    "modulation": r"_mod\.",
+    "head": r"^(norm_out|proj_out)\.",
+}
+
+
+def group_grad_norms(named_grads) -> dict[str, float]:
+    """L2 norm of the gradients in each of `GRAD_GROUPS` and ``"total"`` (full, unsharded grads)."""
+    import re
+
+    sq = {g: 0.0 for g in GRAD_GROUPS}
+    total = 0.0
+    for name, g in named_grads:
+        s = float(g.detach().double().square().sum())
+        total += s
+        for group, pattern in GRAD_GROUPS.items():
+            if re.search(pattern, name):
+                sq[group] += s
+    return {**{g: v ** 0.5 for g, v in sq.items()}, "total": total ** 0.5}
+
+
+OPT_KINDS = ("master", "exp_avg", "exp_avg_sq", "ema")
+
+
+def gather_training_state(engine, dst: int = 0):
+    """Every trainable tensor of a `consumers.engine.TrainEngine`, unsharded, on global rank `dst`.
+
+    Returns (on `dst`; None elsewhere) ``(state, replica_diff)``: ``state[name]`` maps ``"param"``
+    and the optimizer's ``"master"``, ``"exp_avg"``, ``"exp_avg_sq"`` (and ``"ema"``) to full fp32
+    tensors (TP shards concatenated along the partition dim, DP-owned row chunks along dim 0, PP
+    stages merged by canonical name); ``replica_diff[name]`` is the largest difference between
+    copies that must be equal (a parameter on its DP replicas, a TP-replicated tensor on its TP
+    ranks). Collective over the whole world.
+    """
+    import torch.distributed as dist
+
+    from consumers.pipeline import named_trainable
+
+    ps = engine.pstate
+    opt_state = engine.optimizer.state_tensors()
+    local = {}
+    for name, p, tp_dim in named_trainable(engine.chunks):
+        entry = {"param": p.detach().float().cpu().clone(), "tp_dim": tp_dim}
+        for kind, t in opt_state[name].items():
+            entry[kind] = t.detach().float().cpu().clone()
+        local[name] = entry
+    payload = ((ps.pp_rank, ps.tp_rank, ps.dp_rank), local)
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == dst else None
+    dist.gather_object(payload, gathered, dst=dst)
+    if gathered is None:
+        return None
+    tp, dp = ps.layout.tp, ps.layout.dp
+    pieces: dict[str, dict[tuple[int, int], dict]] = {}
+    for (_, tp_rank, dp_rank), entries in gathered:
+        for name, entry in entries.items():
+            pieces.setdefault(name, {})[(tp_rank, dp_rank)] = entry
+    state, replica_diff = {}, {}
+    for name, by_coord in pieces.items():
+        if len(by_coord) != tp * dp:
+            raise AssertionError(f"{name}: held by {sorted(by_coord)}, expected every (tp, dp) of one stage")
+        tp_dim = by_coord[(0, 0)]["tp_dim"]
+        diff = 0.0
+        tp_shards: dict[str, list[torch.Tensor]] = {}
+        for t in range(tp):
+            base = by_coord[(t, 0)]["param"]
+            for d in range(dp):
+                diff = max(diff, float((by_coord[(t, d)]["param"] - base).abs().max()))
+            if tp_dim is None:
+                diff = max(diff, float((base - by_coord[(0, 0)]["param"]).abs().max()))
+            tp_shards.setdefault("param", []).append(base)
+            for kind in OPT_KINDS:
+                if kind in by_coord[(t, 0)]:
+                    tp_shards.setdefault(kind, []).append(torch.cat([by_coord[(t, d)][kind] for d in range(dp)]))
+        full = {}
+        for kind, shards in tp_shards.items():
+            if tp_dim is None:
+                for s in shards[1:]:
+                    diff = max(diff, float((s - shards[0]).abs().max()))
+                full[kind] = shards[0]
+            else:
+                full[kind] = torch.cat(shards, dim=tp_dim)
+        state[name] = full
+        replica_diff[name] = diff
+    return state, replica_diff
+
+
+def compare_states(got: dict, ref: dict, *, rtol: float = 1e-4, scale_atol: float = 1e-5, atol: float = 0.0):
+    """Compare per-name dicts of kind -> tensor (`gather_training_state`'s layout) element-wise:
+    ``|got - ref| <= atol + scale_atol * max|ref| + rtol * |ref|`` per tensor (the absolute part
+    scales with the reference tensor, so AdamW moments, ~g and ~g², are compared at their own
+    magnitude instead of vanishing under an absolute tolerance made for weights).
+
+    Returns ``(mismatches, worst)``: ``mismatches["name/kind"]`` describes each tensor out of
+    tolerance (a name or kind present on one side only counts too); ``worst[kind]`` is
+    ``(ratio, name)`` of the largest ``|got - ref| / tolerance`` seen for that kind (< 1 passes),
+    for reporting the margin.
+    """
+    mismatches: dict[str, str] = {}
+    worst: dict[str, float] = {}
+    for name in sorted(set(got) | set(ref)):
+        if name not in got or name not in ref:
+            mismatches[f"{name}/*"] = "missing in " + ("layout" if name not in got else "reference")
+            continue
+        for kind in sorted(set(got[name]) | set(ref[name])):
+            if kind not in got[name] or kind not in ref[name]:
+                mismatches[f"{name}/{kind}"] = "kind missing on one side"
+                continue
+            g, r = got[name][kind].double(), ref[name][kind].double()
+            if g.shape != r.shape:
+                mismatches[f"{name}/{kind}"] = f"shape {tuple(g.shape)} != {tuple(r.shape)}"
+                continue
+            rmax = float(r.abs().max()) if r.numel() else 0.0
+            tol_abs = max(atol + scale_atol * rmax, 1e-30)
+            ratio = float(((g - r).abs() / (tol_abs + rtol * r.abs())).max()) if r.numel() else 0.0
+            if ratio > worst.get(kind, (-1.0, ""))[0]:
+                worst[kind] = (ratio, name)
+            if not ratio <= 1.0:
+                err = float((g - r).abs().max())
+                mismatches[f"{name}/{kind}"] = f"max |diff| {err:.3g} (max |ref| {rmax:.3g}, {ratio:.3g}x tolerance)"
+    return mismatches, worst
