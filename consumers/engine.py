@@ -195,8 +195,11 @@ class TrainEngine:
         """``sum(per-sample loss) / num_samples`` over this DP replica's `microbatches` at a fixed σ.
 
         Not reduced over DP (callers sum with `dp_sum` once, so DP ranks may evaluate different
-        numbers of micro-batches). Under PP every stage returns the last stage's value. Noise is
-        seeded by ``(seed, step_key, sample index)``.
+        numbers of micro-batches). Under PP every stage returns the last stage's value; the
+        micro-batches may have different shapes: they go through the pipeline one shape group
+        (`shape_groups`) per forward-only schedule call, with as many micro-batches as the group
+        has, so every rank of the pipeline group must pass the same list (as the ranks of one DP
+        replica do). Noise is seeded by ``(seed, step_key, sample index)``.
         """
         for chunk in self.chunks:
             chunk.eval()
@@ -208,7 +211,25 @@ class TrainEngine:
                 pred = self.stages[0](mb.hidden_states, mb.text, mb.sigma, text_mask=mb.text_mask)
                 total += loss_sum_over_global(pred, mb.target, num_samples).cpu()
             return float(total)
-        return float(broadcast_loss_from_last_stage(self.runner.evaluate(inputs, num_samples), self.pstate))
+        groups = shape_groups(microbatches)
+        if not groups:  # the same on every rank of the pipeline: nothing to run or broadcast
+            return 0.0
+        total = None
+        for idx in groups:
+            loss = self.runner.evaluate([inputs[i] for i in idx], num_samples)
+            if loss is not None:  # last stage
+                total = loss if total is None else total + loss
+        return float(broadcast_loss_from_last_stage(total, self.pstate))
+
+
+def shape_groups(microbatches: Sequence[Batch]) -> list[list[int]]:
+    """Indices of `microbatches` grouped by `Batch.shape_key` (task, bucket, batch size, text
+    length, condition shapes), groups in order of first appearance, indices ascending: the
+    micro-batches of a group can share one pipeline schedule call."""
+    groups: dict[tuple, list[int]] = {}
+    for i, mb in enumerate(microbatches):
+        groups.setdefault(mb.shape_key(), []).append(i)
+    return list(groups.values())
 
 
 class _ConstantSigma(SigmaSampler):

@@ -78,9 +78,17 @@ class PipelineRunner:
         return loss_sum_over_global(prediction, target, self._normalizer)
 
     def _schedule(self, key: tuple, n_microbatches: int, train: bool):
+        """The cached schedule of `key`: 1F1B / interleaved 1F1B to train; to evaluate (forward
+        only) GPipe / looped BFS, which take any micro-batch count (`evaluate`)."""
         if key in self._schedules:
             return self._schedules[key]
-        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B
+        from torch.distributed.pipelining import (
+            PipelineStage,
+            Schedule1F1B,
+            ScheduleGPipe,
+            ScheduleInterleaved1F1B,
+            ScheduleLoopedBFS,
+        )
 
         layout = self.pstate.layout
         pipe_stages = [
@@ -88,8 +96,16 @@ class PipelineRunner:
                           group=self.pstate.pp_group)
             for stage, idx in zip(self.stages, layout.stages_of_rank(self.pstate.pp_rank))
         ]
-        if layout.vpp == 1:
-            if train and n_microbatches < layout.pp:
+        if not train:
+            # Forward only: all forwards of a stage in order, no backward to interleave, so no
+            # minimum and no multiple of pp (1F1B needs >= pp micro-batches, interleaved 1F1B a
+            # count that divides into rounds); every micro-batch is one real one.
+            if layout.vpp == 1:
+                sched = ScheduleGPipe(pipe_stages[0], n_microbatches, loss_fn=self._loss_fn, scale_grads=False)
+            else:
+                sched = ScheduleLoopedBFS(pipe_stages, n_microbatches, loss_fn=self._loss_fn, scale_grads=False)
+        elif layout.vpp == 1:
+            if n_microbatches < layout.pp:
                 raise ValueError(
                     f"1F1B needs at least pp={layout.pp} micro-batches per step, got {n_microbatches} "
                     "(raise global_batch_size or lower micro_batch_size)"
@@ -110,7 +126,15 @@ class PipelineRunner:
         return self._execute(inputs, train=True)
 
     def evaluate(self, inputs: Sequence[StepInputs], num_samples: int) -> Optional[torch.Tensor]:
-        """Forward only; returns ``sum(per-sample loss) / num_samples`` on the last stage, else None."""
+        """Forward only; returns ``sum(per-sample loss) / num_samples`` on the last stage, else None.
+
+        `inputs` must share shapes (one bucket, task and text length) and every rank of the
+        pipeline must pass the same count; any count >= 1 works (GPipe, or looped BFS under
+        interleaving: forward-only schedules have no micro-batch minimum). Communicates only
+        within the pipeline group (stage-to-stage sends, once-per-schedule shape inference) and
+        the tensor-parallel group inside the blocks, so DP replicas may evaluate different numbers
+        of micro-batches in different calls.
+        """
         self._normalizer = num_samples
         return self._execute(inputs, train=False)
 
@@ -132,8 +156,11 @@ class PipelineRunner:
         is_first = self.pstate.is_first_pp
         is_last = self.pstate.is_last_pp
         args = (hidden, text, sigma) if is_first else ()
-        run = sched.step if train else sched.eval
-        run(*args, target=target if is_last else None, losses=losses if is_last else None, text_mask=mask)
+        if train:
+            sched.step(*args, target=target if is_last else None, losses=losses if is_last else None, text_mask=mask)
+        else:  # the losses are all we need: do not keep and merge the last stage's outputs
+            sched.eval(*args, target=target if is_last else None, losses=losses if is_last else None,
+                       return_outputs=False, text_mask=mask)
         if is_last:
             return torch.stack([l.detach().float().cpu() for l in losses]).sum()
         return None

@@ -310,6 +310,11 @@ def validate(engine, val, sigmas, step: int) -> dict:
 
     The held-out micro-batches are fixed (`ValidationReader`); noise is seeded by the σ's index
     and the sample's global index, so the numbers are comparable across steps and layouts.
+    Works under every layout: each σ evaluates all of this rank's micro-batches in one
+    `TrainEngine.eval_local_loss` call, which under PP runs each group of equal shapes (task,
+    bucket, batch size, text length) through one forward-only pipeline schedule, whatever its
+    micro-batch count; the ranks of a pipeline hold the same micro-batches, so they run the same
+    calls. DP replicas evaluate their own micro-batches and meet only in the final `dp_sum`.
     """
     from consumers.step import Batch
 
@@ -325,8 +330,8 @@ def validate(engine, val, sigmas, step: int) -> dict:
               condition_latents=list(mb.condition_latents), task=mb.task)
         for mb, gi in zip(val.batches(), my_ids)
     ]
-    local = torch.tensor([sum(engine.eval_local_loss(-(i + 1), [mb], s, n_global) for mb in mine)
-                          for i, s in enumerate(sigmas)], dtype=torch.float64)
+    local = torch.tensor([engine.eval_local_loss(-(i + 1), mine, s, n_global) for i, s in enumerate(sigmas)],
+                         dtype=torch.float64)
     totals = engine.dp_sum(local)
     by_sigma = {s: float(v) for s, v in zip(sigmas, totals)}
     return {"step": step, "val_loss": sum(by_sigma.values()) / len(by_sigma), "val_loss_by_sigma": by_sigma}
