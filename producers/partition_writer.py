@@ -13,6 +13,7 @@ from megatron_qwenimage.data.shard_format import Bucket, SampleMeta, ShardTensor
 from megatron_qwenimage.data.storage import CacheStorage
 from megatron_qwenimage.data.writer import DuplicateRow, QuarantineRow, ShardPayload, publish_partition
 from producers.config import FaultConfig
+from producers.dedup import repoint_claims, resolve_duplicates
 
 
 @dataclass
@@ -102,11 +103,15 @@ def write_partition(cache_url: str, partition_id: str, rows: list[dict], *, enco
     existing = read_commit(storage, partition_id)
     if existing is not None:
         return outcome_from_record(existing, won=False)
-    payloads, quarantine, duplicates, committed = rows_to_payloads(rows)
     inputs = int(rows[0]["partition_inputs"]) if rows else 0
+    # Duplicates only of committed samples: decided again now, against the commit records.
+    rows, repoint = resolve_duplicates(storage, partition_id, rows)
+    payloads, quarantine, duplicates, committed = rows_to_payloads(rows)
     result = publish_partition(storage, partition_id, inputs=inputs, shards=payloads, quarantine=quarantine,
                                duplicates=duplicates, committed=committed, encoder_version=encoder_version,
                                run_id=run_id, fault_hook=_fault_hook(fault))
+    if result.won and repoint:
+        repoint_claims(storage, partition_id, repoint)
     record = result.record if result.won else read_commit(storage, partition_id)
     outcome = outcome_from_record(record, result.won, result.bytes_written)
     outcome.stage_seconds = {k: [float(r[k]) for r in rows if r["kind"] == "encode"] for k in ("t_read", "t_decode", "t_vae", "t_text")}

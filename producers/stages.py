@@ -5,7 +5,10 @@ every Arrow block has the same schema. A row is one of:
 
 * ``kind == "encode"``: one input at one target area (pixels of its bucket, caption...);
 * ``kind == "quarantine"``: an input rejected with a ``reason``;
-* ``kind == "duplicate"``: an input whose content another partition owns.
+* ``kind == "duplicate"``: an input whose content a committed partition holds (``duplicate_of``),
+  or an earlier input of the same partition holds (``duplicate_of`` = the partition itself);
+  see `producers.dedup` for the rule and `producers.dedup.resolve_duplicates` for the final
+  decision at write time.
 
 Every partition's rows carry ``partition_rows`` (how many rows the partition emitted) so the
 driver knows when all of them have come through the encoders.
@@ -22,11 +25,10 @@ import numpy as np
 from megatron_qwenimage.data.shard_format import Bucket
 from megatron_qwenimage.data.storage import CacheStorage
 from producers.config import ProducerConfig
+from producers.dedup import CLAIMS_DIR, CommittedContent, claim_content  # noqa: F401 (CLAIMS_DIR: re-export)
 from producers.images import Rejected, decode_caption, decode_image, nearest_bucket, resize_center_crop
 from producers.sources import InputItem, read_uri_bytes
 from producers.synthetic import URI_PREFIX, read_synthetic
-
-CLAIMS_DIR = "claims"
 
 
 def empty_row() -> dict:
@@ -65,27 +67,6 @@ def _read_caption(item: InputItem):
         return None
 
 
-def claim_content(storage: CacheStorage, content_hash: str, partition_id: str, grace_s: float) -> str:
-    """Claim `content_hash` for `partition_id`; returns the owning partition id.
-
-    Claims are exclusive creates, so two partitions holding the same content never both encode
-    it. A retry of the owner re-finds its own claim. A claim whose owner never committed and
-    is older than `grace_s` is stale (its partition no longer exists in the input) and taken over.
-    """
-    rel = f"{CLAIMS_DIR}/{content_hash[:2]}/{content_hash}.json"
-    record = json.dumps({"partition_id": partition_id, "claimed_unix": time.time()}).encode()
-    if storage.write_exclusive(rel, record):
-        return partition_id
-    owner = json.loads(storage.read_bytes(rel))
-    if owner["partition_id"] == partition_id:
-        return partition_id
-    stale = time.time() - owner["claimed_unix"] > grace_s and not storage.exists(f"commits/{owner['partition_id']}.json")
-    if stale:
-        storage.write_atomic(rel, record)
-        return partition_id
-    return owner["partition_id"]
-
-
 def _vl_size(h: int, w: int, side: int) -> tuple[int, int]:
     """(h, w) of about side^2 pixels with the aspect of (h, w), multiples of 32 (edit pipeline)."""
     scale = (side * side / (h * w)) ** 0.5
@@ -100,6 +81,7 @@ def prepare_partition(row: dict, *, cache_url: str, config: ProducerConfig, enco
     items = [InputItem(**d) for d in json.loads(row["items_json"])]
     fingerprint = (encoder_version + "|" + config.fingerprint()).encode()
     seen: dict[str, str] = {}
+    committed = CommittedContent(storage)
     out: list[dict] = []
     for item in items:
         base = empty_row() | {"partition_id": partition_id, "partition_inputs": len(items), "input_id": item.input_id,
@@ -115,9 +97,14 @@ def prepare_partition(row: dict, *, cache_url: str, config: ProducerConfig, enco
                 + hashlib.sha256(caption.encode()).digest() + fingerprint
             ).hexdigest()[:32]
             base |= {"caption": caption, "content_hash": content_hash}
-            owner = seen.get(content_hash) or claim_content(storage, content_hash, partition_id, config.sweep_grace_s)
-            if content_hash in seen or owner != partition_id:
-                out.append(base | {"kind": "duplicate", "duplicate_of": owner if owner != partition_id else seen[content_hash]})
+            if content_hash in seen:  # a copy inside this partition: committed with it or not at all
+                out.append(base | {"kind": "duplicate", "duplicate_of": partition_id})
+                continue
+            # The claim is advisory: skip only content that its claimer has COMMITTED. Content
+            # claimed by a partition that is not committed (still running, or dead) is encoded here.
+            owner = claim_content(storage, content_hash, partition_id)
+            if owner != partition_id and committed.holds(owner, content_hash):
+                out.append(base | {"kind": "duplicate", "duplicate_of": owner})
                 continue
             seen[content_hash] = item.input_id
             t1 = time.perf_counter()

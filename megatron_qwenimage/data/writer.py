@@ -36,13 +36,16 @@ QUARANTINE_SCHEMA = pa.schema(
         pa.field("detail", pa.string(), nullable=False),  # human-readable explanation
     ]
 )
-#: One row per input skipped because the same content is (or will be) committed elsewhere.
+#: One row per input skipped because the same content is committed (by another partition, or
+#: by an earlier input of the same partition).
 DUPLICATES_SCHEMA = pa.schema(
     [
         pa.field("input_id", pa.string(), nullable=False),
         pa.field("source_uri", pa.string(), nullable=False),
         pa.field("content_hash", pa.string(), nullable=False),
-        pa.field("duplicate_of", pa.string(), nullable=False),  # partition that owns the content
+        # committed partition whose shards hold a sample with content_hash (this partition itself
+        # for a copy inside the partition); never a partition that is not committed
+        pa.field("duplicate_of", pa.string(), nullable=False),
     ]
 )
 
