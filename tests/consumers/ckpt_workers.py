@@ -7,18 +7,28 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from consumer_helpers import synthetic_global_batch, to_microbatches
+from consumer_helpers import (
+    compare_states,
+    gather_training_state,
+    perturb_zero_init,
+    synthetic_global_batch,
+    to_microbatches,
+)
 from consumers.checkpoint import CheckpointConfig, CheckpointManager
 from consumers.engine import TrainEngine
 from consumers.parallel import ParallelLayout, init_parallel
-from layout_workers import GLOBAL_BATCH, MODEL, OPT, SEED, step_task
+from layout_workers import GLOBAL_BATCH, MODEL, OPT, OPT_EMA, PERTURB_SEED, RTOL, SCALE_ATOL, SEED, step_task
 from megatron_qwenimage.config import load_config
 
 
-def _engine(layout: ParallelLayout):
+def _engine(layout: ParallelLayout, *, optimizer=OPT, perturb: bool = False):
+    """A `TrainEngine` at `layout`; `perturb`: leave the adaLN-Zero init (`perturb_zero_init`,
+    model and fp32 master / EMA alike) right after building it, so every tensor gets gradients."""
     pstate = init_parallel(layout)
-    engine = TrainEngine(load_config("tiny-16ch", **MODEL), pstate, optimizer=OPT, seed=SEED,
+    engine = TrainEngine(load_config("tiny-16ch", **MODEL), pstate, optimizer=optimizer, seed=SEED,
                          global_batch_size=GLOBAL_BATCH, init_seed=0)
+    if perturb:
+        perturb_zero_init(engine.chunks, engine.optimizer, seed=PERTURB_SEED)
     return pstate, engine
 
 
@@ -32,30 +42,70 @@ def _run(engine, pstate, steps) -> list[float]:
     return out
 
 
+class _States:
+    """Full training states gathered on rank 0 (`gather_training_state`) and their comparisons."""
+
+    def __init__(self):
+        self.checks: dict[str, dict] = {}
+
+    @staticmethod
+    def gather(engine):
+        gathered = gather_training_state(engine, dst=0)
+        dist.barrier()
+        return None if gathered is None else gathered[0]
+
+    def check(self, label: str, engine, ref, *, exact: bool = False):
+        """Gather `engine`'s state and compare it with `ref` (rank 0): bit-exact for a state just
+        loaded from the checkpoint that holds `ref`, else the layout tests' fp32 tolerance."""
+        state = self.gather(engine)
+        if state is not None:
+            tol = dict(rtol=0.0, scale_atol=0.0) if exact else dict(rtol=RTOL, scale_atol=SCALE_ATOL)
+            mismatches, worst = compare_states(state, ref, **tol)
+            self.checks[label] = {"mismatches": mismatches, "worst": worst, "compared": sorted(state),
+                                  "kinds": sorted({k for v in state.values() for k in v})}
+        return state
+
+
 def reshard_worker(rank: int, world: int, root: str) -> dict:
+    """TP2·PP2 -> TP1·DP4 -> TP2·PP2 with EMA, from a perturbed (non adaLN-Zero) init.
+
+    Rank 0 gathers every parameter, fp32 master, exp_avg, exp_avg_sq and EMA by canonical name:
+    of the uninterrupted run after 2, 3 and 4 steps, and of each resumed run right after its load
+    (bit-exact against the saved state, within tolerance of the uninterrupted one) and after its
+    remaining step (within tolerance of the uninterrupted one). Comparisons are in ``checks``.
+    """
     a = ParallelLayout(tp=2, pp=2, dp=1, sequence_parallel=True)
     b = ParallelLayout(tp=1, pp=1, dp=4)
+    states = _States()
     # Uninterrupted run at TP2·PP2, checkpoint after 2 steps.
-    pstate, engine = _engine(a)
+    pstate, engine = _engine(a, optimizer=OPT_EMA, perturb=True)
     ckpt = CheckpointManager(CheckpointConfig(dir=f"{root}/a", keep_last=2), pstate)
     uninterrupted = _run(engine, pstate, [0, 1])
+    ref = {2: states.gather(engine)}
     ckpt.save(2, engine, {"reader": {"step": 2}})
-    uninterrupted += _run(engine, pstate, [2, 3])
+    uninterrupted += _run(engine, pstate, [2])
+    ref[3] = states.gather(engine)
+    uninterrupted += _run(engine, pstate, [3])
+    ref[4] = states.gather(engine)
     # Resume at TP1·DP4 from the TP2·PP2 checkpoint; checkpoint again after step 2.
-    pstate, engine = _engine(b)
+    pstate, engine = _engine(b, optimizer=OPT_EMA, perturb=True)
     meta = CheckpointManager(CheckpointConfig(dir=f"{root}/a"), pstate).load_latest(engine)
     assert meta is not None and meta["step"] == 2 and meta["reader"] == {"step": 2}
+    states.check("b_loaded", engine, ref[2], exact=True)
     resumed_b = _run(engine, pstate, [2])
+    saved_b = states.check("b_step2", engine, ref[3])
     saver = CheckpointManager(CheckpointConfig(dir=f"{root}/b", async_save=True), pstate)
     saver.save(3, engine, {})
     saver.finalize()
     # Back to TP2·PP2 (other direction) from the TP1·DP4 checkpoint.
-    pstate, engine = _engine(a)
+    pstate, engine = _engine(a, optimizer=OPT_EMA, perturb=True)
     mgr = CheckpointManager(CheckpointConfig(dir=f"{root}/b"), pstate)
     assert mgr.load_latest(engine)["step"] == 3
+    states.check("a_loaded_exact", engine, saved_b, exact=True)
+    states.check("a_loaded", engine, ref[3])
     resumed_a = _run(engine, pstate, [3])
+    states.check("a_step3", engine, ref[4])
     # A corrupted newest checkpoint and a partial one are refused; the previous one is used.
-    _engine_again = None
     if rank == 0:
         os.makedirs(f"{root}/a/step_00000009")  # partial: no COMMITTED marker
     ckpt_a = CheckpointManager(CheckpointConfig(dir=f"{root}/a", keep_last=3), pstate)
@@ -67,8 +117,9 @@ def reshard_worker(rank: int, world: int, root: str) -> dict:
         victim.write_bytes(bytes(data))
     dist.barrier()
     meta = ckpt_a.load_latest(engine)
+    states.check("fallback_loaded", engine, ref[2], exact=True)
     return {"uninterrupted": uninterrupted, "resumed_b": resumed_b, "resumed_a": resumed_a,
-            "fallback_step": meta["step"], "refused": ckpt_a.refused}
+            "fallback_step": meta["step"], "refused": ckpt_a.refused, "checks": states.checks}
 
 
 # ------------------------------------------------------------------ resume policy / pruning / async
