@@ -157,25 +157,12 @@ class Shape:
 
 
 def make_batch(config: MMDiTConfig, shape: Shape, device: torch.device, dtype: torch.dtype, seed: int = 0) -> dict:
-    """diffusers-signature inputs plus a velocity target; a right-padded text mask when asked."""
-    g = torch.Generator().manual_seed(seed + 1)
-    b, n, t = shape.batch, shape.image_tokens, shape.text
+    """diffusers-signature inputs plus a velocity target (`benchmarks/mmdit_step.py`'s), with a
+    right-padded text mask in every other sample when ``shape.padded_text``."""
+    from mmdit_step import Workload, make_inputs
 
-    def rand(*s):
-        return torch.randn(*s, generator=g).to(device=device, dtype=dtype)
-
-    mask = None
-    if shape.padded_text:
-        mask = torch.ones(b, t, dtype=torch.long, device=device)
-        mask[::2, t - shape.padded_text:] = 0
-    return {
-        "hidden_states": rand(b, n, config.in_channels),
-        "encoder_hidden_states": rand(b, t, config.joint_attention_dim),
-        "encoder_hidden_states_mask": mask,
-        "timestep": torch.rand(b, generator=g).to(device=device, dtype=dtype),
-        "img_shapes": [[(1, shape.grid, shape.grid)]] * b,
-        "target": rand(b, n, config.patch_size**2 * config.out_channels),
-    }
+    work = Workload(shape.batch, shape.grid, shape.grid, shape.text)
+    return make_inputs(config, work, device, dtype, seed, shape.padded_text)
 
 
 # ------------------------------------------------------------------------------------ models
