@@ -100,7 +100,6 @@ class MetricsLogger:
         self.peak_flops = peak_flops
         self._acc: dict[str, float] = {}
         self._n = 0
-        self._skipped_total = 0  # steps recorded with a non-finite loss or grad norm (skipped updates)
         self._jsonl = None
         self._tb = None
         self.prometheus: Optional[_Prometheus] = None
@@ -121,18 +120,15 @@ class MetricsLogger:
 
     def record_step(self, *, step: int, loss: float, lr: float, grad_norm: float, samples: int, image_tokens: int,
                     flops: float, step_time_s: float, data_wait_s: float,
-                    skipped_steps: Optional[int] = None) -> Optional[dict]:
+                    skipped: bool = False, skipped_steps: int = 0) -> Optional[dict]:
         """Add one step (global `samples`, `image_tokens`, model `flops`); returns the record at interval ends.
 
-        A step with a non-finite `loss` or `grad_norm` is a skipped update (the engine skips
-        exactly those): as Megatron, it is left out of the interval's loss and grad-norm means
-        (NaN when every step of the interval was skipped) and counted. The record's
-        ``skipped_steps`` is the run's total of skipped steps: `skipped_steps` when the caller
-        passes the engine's count (`StepResult.skipped_steps`), else this logger's own count.
+        `skipped` and `skipped_steps` are the engine's (`StepResult.skipped`, the run's total
+        `StepResult.skipped_steps`): as Megatron, a skipped update is left out of the interval's
+        loss and grad-norm means (NaN when every step of the interval was skipped), and the
+        record carries the total.
         """
-        skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
         if skipped:
-            self._skipped_total += 1
             self._acc["skipped"] = self._acc.get("skipped", 0) + 1
         else:
             for k, v in (("loss", loss), ("grad_norm", grad_norm)):
@@ -160,7 +156,7 @@ class MetricsLogger:
             "data_wait_fraction": a["data_wait"] / t,
             "memory_bytes": memory_bytes(),
             "step_time_s": t / n,
-            "skipped_steps": self._skipped_total if skipped_steps is None else int(skipped_steps),
+            "skipped_steps": int(skipped_steps),
             "time": time.time(),
         }
         self.emit(record)

@@ -273,7 +273,8 @@ def train(cfg: RunConfig) -> dict:
                 max(text_tokens, 1), cond_tokens)
             record = metrics.record_step(step=step, loss=result.loss, lr=result.lr, grad_norm=result.grad_norm,
                                          samples=len(plan.refs), image_tokens=result.image_tokens * layout.dp,
-                                         flops=flops, step_time_s=step_time, data_wait_s=t_data)
+                                         flops=flops, step_time_s=step_time, data_wait_s=t_data,
+                                         skipped=result.skipped, skipped_steps=result.skipped_steps)
             last_record = record or last_record
             done = completed = step + 1
             if ckpt is not None and cfg.checkpoint.interval and done % cfg.checkpoint.interval == 0:

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from consumer_helpers import free_port, synthetic_global_batch, to_microbatches
+from consumer_helpers import single_rank_env, synthetic_global_batch, to_microbatches
 from consumers.engine import NonFiniteTrainingError, TrainEngine
 from consumers.optimizer import OptimizerConfig
 from consumers.parallel import ParallelLayout, init_parallel, shutdown
@@ -20,10 +20,7 @@ from megatron_qwenimage.config import load_config
 
 @pytest.fixture(scope="module")
 def pstate():
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
-                         LOCAL_RANK="0").items():
-            mp.setenv(k, v)
+    with single_rank_env():
         state = init_parallel(ParallelLayout())
         try:
             yield state
@@ -112,13 +109,15 @@ def test_metrics_leave_skipped_steps_out_of_the_means_and_count_them(tmp_path):
     try:
         common = dict(lr=1e-3, samples=2, image_tokens=10, flops=1e9, step_time_s=0.1, data_wait_s=0.0)
         assert logger.record_step(step=0, loss=1.0, grad_norm=2.0, **common) is None
-        assert logger.record_step(step=1, loss=math.nan, grad_norm=math.nan, **common) is None
-        record = logger.record_step(step=2, loss=3.0, grad_norm=4.0, **common)
+        assert logger.record_step(step=1, loss=math.nan, grad_norm=math.nan, skipped=True, skipped_steps=1,
+                                  **common) is None
+        record = logger.record_step(step=2, loss=3.0, grad_norm=4.0, skipped_steps=1, **common)
         assert (record["loss"], record["grad_norm"], record["skipped_steps"]) == (2.0, 3.0, 1)
         assert "skipped steps: 1" in format_line(record)
         for step in (3, 4):
-            logger.record_step(step=step, loss=math.nan, grad_norm=math.inf, **common)
-        record = logger.record_step(step=5, loss=math.nan, grad_norm=math.nan, skipped_steps=7, **common)
+            logger.record_step(step=step, loss=math.nan, grad_norm=math.inf, skipped=True, skipped_steps=step - 1,
+                               **common)
+        record = logger.record_step(step=5, loss=math.nan, grad_norm=math.nan, skipped=True, skipped_steps=7, **common)
         assert math.isnan(record["loss"]) and math.isnan(record["grad_norm"]) and record["skipped_steps"] == 7
     finally:
         logger.close()
