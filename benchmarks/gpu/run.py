@@ -218,11 +218,8 @@ class StepRunner:
         return loss.detach()
 
     def zero_grad(self) -> None:
-        if self.opt is not None and hasattr(self.opt, "zero_grad"):
-            try:
-                self.opt.zero_grad(set_to_none=True)
-            except TypeError:
-                self.opt.zero_grad()
+        if self.opt is not None:
+            self.opt.zero_grad(set_to_none=True)
         else:
             self.model.zero_grad(set_to_none=True)
 
@@ -246,8 +243,8 @@ class _StepAt0:
     def __init__(self, optimizer):
         self.optimizer = optimizer
 
-    def zero_grad(self) -> None:
-        self.optimizer.zero_grad()
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad()  # clears the flat main-grad buffer (param grads are already None)
 
     def step(self) -> None:
         self.optimizer.step(0)

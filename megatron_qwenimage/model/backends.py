@@ -20,7 +20,7 @@ from __future__ import annotations
 import importlib.util
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -357,6 +357,3 @@ def make_attention(config: MMDiTConfig, num_local_heads: int) -> torch.nn.Module
     if config.backend == "transformer_engine":
         return TEAttention(num_local_heads, config.attention_head_dim)
     return SDPAttention()
-
-
-AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, JointKeys], torch.Tensor]

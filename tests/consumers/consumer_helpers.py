@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -18,6 +19,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def single_rank_env():
+    """The environment torchrun exports for a one-rank world (a free local port), set for the
+    duration of the block: for tests that run the consumers in the pytest process."""
+    import pytest
+
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
+                         LOCAL_RANK="0").items():
+            mp.setenv(k, v)
+        yield
 
 
 def _entry(rank: int, world: int, port: int, fn, out_dir: str, args: tuple) -> None:

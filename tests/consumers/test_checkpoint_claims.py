@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from consumer_helpers import (
-    free_port,
     perturb_zero_init,
     run_config,
+    single_rank_env,
     synthetic_global_batch,
     to_microbatches,
     write_cache,
@@ -34,10 +34,7 @@ from megatron_qwenimage.config import load_config
 @pytest.fixture(scope="module")
 def world():
     """torch.distributed with one gloo rank for this module (megatron-core groups per test)."""
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
-                         LOCAL_RANK="0").items():
-            mp.setenv(k, v)
+    with single_rank_env():
         init_distributed()
         try:
             yield

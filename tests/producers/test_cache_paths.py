@@ -144,13 +144,18 @@ def test_table_path_is_checked_at_the_join(cache, outside, opened):
     _never_outside(opened, outside)
 
 
+def _move_shard_behind_a_link(cache, target):
+    """Move the first shard's directory to `target` and leave a symlink to it in its place (the
+    records are unchanged: only the link decides where reads go)."""
+    shard_dir = cache / open_cache(str(cache)).snapshot().shards[0].entry.path
+    target.parent.mkdir()
+    shutil.move(shard_dir, target)
+    os.symlink(target, shard_dir)
+
+
 def test_shard_directory_symlinked_outside_is_refused(cache, tmp_path):
-    snap = open_cache(str(cache)).snapshot()
-    shard_dir = cache / snap.shards[0].entry.path
     moved = tmp_path / "elsewhere" / "16x16"
-    moved.parent.mkdir()
-    shutil.move(shard_dir, moved)
-    os.symlink(moved, shard_dir)  # the record is unchanged: only the link leads outside
+    _move_shard_behind_a_link(cache, moved)
 
     shard = open_cache(str(cache)).snapshot().shards[0]
     for use in (shard.read_all, lambda: shard.read_sample(0), shard.verify):
@@ -171,12 +176,8 @@ def test_shard_directory_symlinked_outside_is_refused(cache, tmp_path):
 
 
 def test_symlinks_inside_the_cache_are_fine_but_a_file_linked_outside_is_not(cache, tmp_path):
-    snap = open_cache(str(cache)).snapshot()
-    shard_dir = cache / snap.shards[0].entry.path
     inside = cache / "moved" / "16x16"
-    inside.parent.mkdir()
-    shutil.move(shard_dir, inside)
-    os.symlink(inside, shard_dir)
+    _move_shard_behind_a_link(cache, inside)
     assert verify_cache(open_cache(str(cache))).ok
 
     samples = inside / "samples.parquet"
@@ -185,8 +186,9 @@ def test_symlinks_inside_the_cache_are_fine_but_a_file_linked_outside_is_not(cac
     samples.unlink()
     os.symlink(copy, samples)  # same bytes, so only the location is wrong
     report = verify_cache(open_cache(str(cache)))
-    assert "file 'samples.parquet' = " in report.bad_shards[snap.shards[0].shard_id]
-    assert "symbolic link" in report.bad_shards[snap.shards[0].shard_id]
+    shard_id = open_cache(str(cache)).snapshot().shards[0].shard_id
+    assert "file 'samples.parquet' = " in report.bad_shards[shard_id]
+    assert "symbolic link" in report.bad_shards[shard_id]
 
 
 @pytest.mark.parametrize("relpath", ["/abs", "../x", "a/../../x", "file:///x", "s3://b/x", "file:/x", "s3:b",
