@@ -57,6 +57,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from consumers.parallel import ParallelState
 from megatron_qwenimage.config import ConfigError
+from megatron_qwenimage.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ RESUMABLE_BUILD_OPTIONS = frozenset({"tensor_model_parallel_size", "sequence_par
                                      "fused_elementwise", "name"})
 
 
-class CheckpointCorrupt(RuntimeError):
+class CheckpointCorrupt(UserError, RuntimeError):
     """A checkpoint directory is partial or does not match its COMMITTED record (names the file)."""
 
 

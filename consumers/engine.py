@@ -31,12 +31,13 @@ from consumers.step import (
     run_local_microbatches,
 )
 from megatron_qwenimage.config import MMDiTConfig
+from megatron_qwenimage.errors import UserError
 from megatron_qwenimage.flow_matching import SigmaSampler, UniformSigmaSampler
 
 log = logging.getLogger(__name__)
 
 
-class NonFiniteTrainingError(RuntimeError):
+class NonFiniteTrainingError(UserError, RuntimeError):
     """More than ``optimizer.max_skipped_steps`` consecutive steps had a non-finite loss or grad norm.
 
     Attributes: step (the global step that gave up), loss, grad_norm (its values), consecutive

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F  # noqa: F401  (kept for users extending stages)
 
 from megatron_qwenimage.config import ConfigError, MMDiTConfig
+from megatron_qwenimage.errors import UserError
 from megatron_qwenimage.flow_matching import (
     SigmaSampler,
     flow_matching_loss,
@@ -304,7 +305,7 @@ def validate_fp8_exclude(patterns: Sequence[str], model_config: MMDiTConfig) -> 
     )
 
 
-class FP8Unavailable(RuntimeError):
+class FP8Unavailable(UserError, RuntimeError):
     """FP8 was requested where it cannot run; the message names what is missing."""
 
 

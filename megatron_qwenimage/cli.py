@@ -9,8 +9,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
+import os
+import signal
 import sys
+import traceback
 import warnings
+
+from megatron_qwenimage.errors import UserError
 
 # megatron-core announces at import that it falls back to torch kernels without TE/apex; that is
 # the expected state of a CPU machine, not something a user of the command line can act on.
@@ -21,6 +27,7 @@ COMMAND_MODULES = (
     "megatron_qwenimage.commands.model_info",
     "megatron_qwenimage.commands.convert",
     "producers.cli",
+    "producers.cache_cli",
     "consumers.cli",
 )
 
@@ -33,16 +40,62 @@ def build_parser() -> argparse.ArgumentParser:
             "cache, consumers train the model from it with Megatron-style parallelism."
         ),
     )
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of a user error (bad flag, input, config, cache or checkpoint) "
+                             "instead of its one-line message")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module_name in COMMAND_MODULES:
         importlib.import_module(module_name).register(subparsers)
     return parser
 
 
+def _prints_errors() -> bool:
+    """Under torchrun/srun only global rank 0 prints a user error: every rank raises the same one."""
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+    return rank in ("", "0")
+
+
+def report_user_error(command: str, error: UserError, *, as_json: bool, debug: bool) -> None:
+    """Print `error` as one line on stderr (and an error object on stdout under ``--json``)."""
+    message = " ".join(str(error).split()) or type(error).__name__
+    if debug:
+        traceback.print_exception(error)
+    if not _prints_errors():
+        return
+    if as_json:
+        print(json.dumps({"error": message, "type": type(error).__name__, "command": command}, sort_keys=True))
+    print(f"qwenimage {command}: error: {message}", file=sys.stderr)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every ``finally`` (Ray shutdown, exporters, temp files) runs."""
+
+
+def _raise_terminated(signum, frame):  # noqa: ARG001 - signal handler signature
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one ``qwenimage`` command; returns its exit status.
+
+    A `UserError` becomes one line (``qwenimage <command>: error: ...``) and its ``exit_code``;
+    any other exception is a programming error and propagates with its traceback.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    command = " ".join(filter(None, (args.command, getattr(args, "cache_command", None))))
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt as interrupt:
+        name = "SIGTERM" if isinstance(interrupt, Terminated) else "SIGINT"
+        if _prints_errors():
+            print(f"qwenimage {command}: stopped by {name}; committed work is kept, rerun to resume", file=sys.stderr)
+        return 143 if name == "SIGTERM" else 130
+    except UserError as error:
+        report_user_error(command, error, as_json=bool(getattr(args, "json", False)), debug=args.debug)
+        return error.exit_code
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ from typing import Any, Mapping
 
 import yaml
 
+from megatron_qwenimage.errors import UserError
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 #: Pixels per side of one image token: VAE downsampling (8) times patch size (2).
@@ -30,7 +32,7 @@ BACKENDS = ("local", "transformer_engine")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration value is invalid; the message names the field and what was expected."""
 
 

@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Union
 import torch
 
 from megatron_qwenimage.config import MMDiTConfig
+from megatron_qwenimage.errors import UserError
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
@@ -41,7 +42,7 @@ NATIVE_FORMAT = {"format": "megatron-qwenimage", "format_version": "1"}
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint directory is missing tensors, has unexpected ones, or wrong shapes."""
 
 

@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megatron_qwenimage.errors import UserError
+
 T2I_TEMPLATE = (
     "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
     "spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n"
@@ -58,7 +60,7 @@ TINY_TEXT_HIDDEN = 32
 TINY_MARKER = "tiny_encoders.json"
 
 
-class EncoderLoadError(RuntimeError):
+class EncoderLoadError(UserError, RuntimeError):
     """The encoder directory is missing a part or holds something else; the message names it."""
 
 

@@ -30,10 +30,12 @@ from urllib.parse import parse_qs
 
 import fsspec
 
+from megatron_qwenimage.errors import UserError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif")
 
 
-class SourceError(ValueError):
+class SourceError(UserError, ValueError):
     """The input cannot be listed at all (not a per-sample problem); the message names it."""
 
 

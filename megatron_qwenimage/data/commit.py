@@ -18,8 +18,8 @@ died half-way is invisible, and `sweep_orphans` removes what it left.
 from __future__ import annotations
 
 import json
-import socket
 import os
+import socket
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -27,6 +27,7 @@ from typing import Iterable
 
 from megatron_qwenimage.data.shard_format import SCHEMA_VERSION, Bucket
 from megatron_qwenimage.data.storage import CacheStorage, resolve_record_path
+from megatron_qwenimage.errors import UserError
 
 COMMITS_DIR = "commits"
 ATTEMPTS_DIR = "attempts"
@@ -35,7 +36,7 @@ ATTEMPT_INFO_FILE = "attempt.json"
 DEFAULT_SWEEP_GRACE_S = 3600.0
 
 
-class CommitError(RuntimeError):
+class CommitError(UserError, RuntimeError):
     """A commit record or an attempt is malformed; the message names it."""
 
 

@@ -32,9 +32,10 @@ from typing import Callable
 import numpy as np
 
 from megatron_qwenimage.config import ConfigError
-from megatron_qwenimage.data.manifest import Cache, CacheError, Shard, Snapshot, open_cache
 from megatron_qwenimage.data.agreement import RankAgreement, SingleProcess
+from megatron_qwenimage.data.manifest import Cache, CacheError, Shard, Snapshot, open_cache
 from megatron_qwenimage.data.reader_config import TASK_SAMPLE_KIND, CacheSource, ReaderConfig
+from megatron_qwenimage.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ STATE_FORMAT = 1
 _STEP_DOMAIN, _PLAN_DOMAIN = 0x5713, 0x9A11
 
 
-class ReaderError(RuntimeError):
+class ReaderError(UserError, RuntimeError):
     """The data cannot feed the configured run (the message names the cache, stage, task)."""
 
 

@@ -34,6 +34,7 @@ import torch
 
 from megatron_qwenimage.config import PIXELS_PER_TOKEN_SIDE, validate_image_size
 from megatron_qwenimage.data.storage import CacheStorage
+from megatron_qwenimage.errors import UserError
 
 #: Bumped whenever the on-disk layout changes in a way a reader must know about.
 SCHEMA_VERSION = 1
@@ -46,7 +47,7 @@ TASKS = ("t2i", "edit")
 _TEXT_CHUNK_ROWS = 256
 
 
-class ShardFormatError(ValueError):
+class ShardFormatError(UserError, ValueError):
     """A shard's content does not follow the schema; the message names the shard."""
 
 

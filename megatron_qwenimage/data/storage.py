@@ -24,15 +24,17 @@ from typing import Iterator
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from megatron_qwenimage.errors import UserError
+
 #: Read size when hashing files.
 _HASH_BLOCK_BYTES = 4 << 20
 
 
-class StorageError(RuntimeError):
+class StorageError(UserError, RuntimeError):
     """A storage operation failed; the message names the path."""
 
 
-class CacheError(RuntimeError):
+class CacheError(UserError, RuntimeError):
     """The cache or one of its snapshots is missing or malformed; the message names it."""
 
 

@@ -1,0 +1,24 @@
+"""The one base class of errors a user can fix.
+
+Every error that a bad input, flag, config value, cache or checkpoint can cause derives from
+`UserError`. The command line (`megatron_qwenimage.cli.main`) catches it at its boundary and prints
+one line, ``qwenimage <command>: error: <message>``, with a non-zero exit status; ``--debug``
+shows the traceback. Any other exception is a programming error and keeps its traceback.
+
+A `UserError` message names the input (file, flag, config key, record) and what was expected.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A user-fixable error; its message names the input and what was expected.
+
+    `exit_code` is the process exit status the command line returns for it (2 for usage and
+    config errors, as argparse does; subclasses for data faults may use 1).
+    """
+
+    exit_code: int = 2
+
+
+__all__ = ["UserError"]
