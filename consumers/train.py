@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass, field, fields
@@ -36,9 +35,6 @@ import yaml
 from megatron_qwenimage.config import ConfigError, MMDiTConfig, load_config
 
 log = logging.getLogger("consumers.train")
-
-#: Test hook: SIGKILL this process right after the given (1-based) step completes.
-FAULT_ENV = "QWENIMAGE_FAULT_KILL_AFTER_STEP"
 
 
 @dataclass(frozen=True)
@@ -244,7 +240,6 @@ def train(cfg: RunConfig) -> dict:
     if pstate.rank == 0:
         log.info("training %s on tp=%d pp=%d vpp=%d dp=%d (sp=%s), steps %d..%d", cfg.model.name, layout.tp,
                  layout.pp, layout.vpp, layout.dp, layout.sequence_parallel, start, cfg.schedule.train_steps)
-    fault_step = int(os.environ.get(FAULT_ENV, "0") or 0)
     if val is not None and start == 0:
         metrics.emit(validate(engine, val, cfg.schedule.eval_sigmas, 0))
     last_record, completed = None, start
@@ -283,10 +278,6 @@ def train(cfg: RunConfig) -> dict:
                 ckpt.poll()  # commits an async save as soon as every rank's write has finished
             if val is not None and done % cfg.schedule.eval_interval == 0:
                 metrics.emit(validate(engine, val, cfg.schedule.eval_sigmas, done))
-            if fault_step and done == fault_step:
-                if ckpt is not None:
-                    ckpt.finalize()
-                os.kill(os.getpid(), signal.SIGKILL)
         final = completed
         if ckpt is not None:
             # Nothing trained after resuming at `final`: its checkpoint is the one just loaded.
