@@ -7,13 +7,11 @@ producers' writer, and a corrupted shard is detected by checksum and named in th
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import yaml
 
 from consumer_helpers import free_port, read_jsonl, run_config, write_cache
