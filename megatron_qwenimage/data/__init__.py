@@ -3,11 +3,13 @@
 * `shard_format`: one shard on disk (zarr v3 tensors + parquet samples table), schema version.
 * `commit`: exactly-once publication of a partition (private attempts, exclusive commit record).
 * `manifest`: `open_cache(path).snapshot(pin)` -> shards -> tensors.
-* `verify`: re-hash committed shards against their checksums.
+* `verify`: re-hash committed shards against their checksums, check snapshots against the commit
+  records; `repair_cache` moves unreadable records and snapshots to ``quarantine/``.
 
 docs/cache_format.md describes the format for readers that use plain zarr/pyarrow.
 """
 
+from megatron_qwenimage.data.commit import CommitError, CommitRecordError
 from megatron_qwenimage.data.manifest import (
     Cache,
     CacheError,
@@ -17,11 +19,12 @@ from megatron_qwenimage.data.manifest import (
     ShardBatch,
     ShardChecksumError,
     Snapshot,
+    SnapshotError,
     init_cache,
     open_cache,
 )
 from megatron_qwenimage.data.shard_format import SCHEMA_VERSION, Bucket, SampleMeta, ShardTensors
-from megatron_qwenimage.data.verify import VerifyReport, verify_cache, verify_snapshot
+from megatron_qwenimage.data.verify import RepairReport, VerifyReport, repair_cache, verify_cache, verify_snapshot
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -29,6 +32,9 @@ __all__ = [
     "Cache",
     "CacheError",
     "CachePathError",
+    "CommitError",
+    "CommitRecordError",
+    "RepairReport",
     "Sample",
     "SampleMeta",
     "Shard",
@@ -36,9 +42,11 @@ __all__ = [
     "ShardChecksumError",
     "ShardTensors",
     "Snapshot",
+    "SnapshotError",
     "VerifyReport",
     "init_cache",
     "open_cache",
+    "repair_cache",
     "verify_cache",
     "verify_snapshot",
 ]

@@ -18,7 +18,10 @@ died half-way is invisible, and `sweep_orphans` removes what it left.
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
+import re
 import socket
 import time
 import uuid
@@ -26,18 +29,44 @@ from dataclasses import asdict, dataclass, field
 from typing import Iterable
 
 from megatron_qwenimage.data.shard_format import SCHEMA_VERSION, Bucket
-from megatron_qwenimage.data.storage import CacheStorage, resolve_record_path
+from megatron_qwenimage.data.storage import CacheError, CachePathError, CacheStorage, resolve_record_path
 from megatron_qwenimage.errors import UserError
+
+log = logging.getLogger(__name__)
 
 COMMITS_DIR = "commits"
 ATTEMPTS_DIR = "attempts"
 ATTEMPT_INFO_FILE = "attempt.json"
+#: Unreadable commit records are moved here (``quarantine/commits/<partition_id>/<stamp>.json``),
+#: never deleted: by `qwenimage cache repair`, or by a producer that re-produces the partition.
+QUARANTINE_DIR = "quarantine"
+QUARANTINED_COMMITS_DIR = f"{QUARANTINE_DIR}/commits"
 #: Orphans younger than this are left alone by default: they may belong to a live producer.
 DEFAULT_SWEEP_GRACE_S = 3600.0
+#: ``attempts/<partition>/<attempt>`` inside any JSON text (a record or snapshot that cannot be parsed).
+_ATTEMPT_DIR_IN_TEXT = re.compile(rb'attempts/([^/"\\\s]+)/([^/"\\\s]+)')
 
 
 class CommitError(UserError, RuntimeError):
     """A commit record or an attempt is malformed; the message names it."""
+
+
+class CommitRecordError(CommitError):
+    """A commit record file cannot be used: not JSON, not the record schema, or not its partition's.
+
+    The partition counts as not committed (readers and producers skip the record with a warning
+    and a producer re-produces the partition); ``qwenimage cache verify`` reports it and
+    ``qwenimage cache repair`` moves it to ``quarantine/commits/``. `path` is the cache-relative
+    path of the record.
+    """
+
+    def __init__(self, message: str, path: str = "") -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class SweepError(CacheError):
+    """`sweep_orphans` cannot decide what is safe to delete (a bad argument, an unreadable snapshot)."""
 
 
 @dataclass
@@ -80,9 +109,29 @@ class ShardEntry:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ShardEntry":
+        _expect(d, dict, "a shard entry")
         d = dict(d)
-        d["files"] = {k: FileChecksum(**v) for k, v in d["files"].items()}
-        return cls(**d)
+        _expect(d.get("files"), dict, "files")
+        files = {}
+        for k, v in d["files"].items():
+            _expect(v, dict, f"files[{k!r}]")
+            files[k] = FileChecksum(**v)
+            _expect(files[k].sha256, str, f"files[{k!r}].sha256")
+            _expect(files[k].bytes, int, f"files[{k!r}].bytes")
+        d["files"] = files
+        entry = cls(**d)
+        for name in ("shard_id", "path"):
+            _expect(getattr(entry, name), str, name)
+        for name in ("height_px", "width_px", "latent_height", "latent_width", "latent_channels", "text_dim",
+                     "num_samples"):
+            _expect(getattr(entry, name), int, name)
+        return entry
+
+
+def _expect(value, kind: type, what: str) -> None:
+    """Schema check of one parsed JSON value (bool is not an int here)."""
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise TypeError(f"{what} is {type(value).__name__} {value!r:.60}, expected {kind.__name__}")
 
 
 @dataclass
@@ -119,19 +168,36 @@ class CommitRecord:
         return json.dumps(d, indent=1, sort_keys=True).encode()
 
     @classmethod
-    def from_json(cls, data: bytes, where: str = "commit record") -> "CommitRecord":
+    def from_json(cls, data: bytes, where: str = "commit record", path: str = "") -> "CommitRecord":
+        """Parse and check a record: `CommitRecordError` (naming `where`) unless it is valid JSON of
+        the record schema; `CachePathError` if a path in it leaves the cache. `path`: the record's
+        cache-relative file, kept on the error."""
         try:
             d = json.loads(data)
-            if d.get("schema_version") != SCHEMA_VERSION:
-                raise CommitError(
-                    f"{where}: schema_version {d.get('schema_version')!r}, this reader knows {SCHEMA_VERSION}"
-                )
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise CommitRecordError(f"{where}: not valid JSON ({exc}); expected a commit record object",
+                                    path) from exc
+        if not isinstance(d, dict):
+            raise CommitRecordError(f"{where}: a JSON {type(d).__name__}, expected a commit record object", path)
+        if d.get("schema_version") != SCHEMA_VERSION:
+            raise CommitRecordError(
+                f"{where}: schema_version {d.get('schema_version')!r}, this reader knows {SCHEMA_VERSION}", path)
+        try:
+            _expect(d.get("shards"), list, "shards")
             d["shards"] = [ShardEntry.from_dict(s) for s in d["shards"]]
             record = cls(**d)
-            record.check_paths(where)  # CachePathError naming the record and the entry
-            return record
+            for name in ("partition_id", "attempt_id", "encoder_version", "run_id"):
+                _expect(getattr(record, name), str, name)
+            for name in ("inputs", "committed", "duplicates"):
+                _expect(getattr(record, name), int, name)
+            _expect(record.quarantined, dict, "quarantined")
+            _expect(record.tables, dict, "tables")
+        except CommitError as exc:  # counts that do not add up
+            raise CommitRecordError(f"{where}: {exc}", path) from exc
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise CommitError(f"{where}: not a valid commit record ({exc})") from exc
+            raise CommitRecordError(f"{where}: not a valid commit record ({exc})", path) from exc
+        record.check_paths(where)  # CachePathError naming the record and the entry
+        return record
 
     def check_paths(self, where: str) -> None:
         """Every path of the record is a relative path inside the cache (`resolve_record_path`).
@@ -152,25 +218,121 @@ def commit_path(partition_id: str) -> str:
     return f"{COMMITS_DIR}/{partition_id}.json"
 
 
-def read_commit(storage: CacheStorage, partition_id: str) -> CommitRecord | None:
-    """The commit record of `partition_id`, or None if it is not committed."""
+def parse_commit(storage: CacheStorage, partition_id: str, data: bytes) -> CommitRecord:
+    """`data`, read from ``commits/<partition_id>.json``, as a record of that partition.
+
+    Raises:
+        CommitRecordError: not JSON, not the record schema, or the record of another partition.
+        CachePathError: a path in it leaves the cache.
+    """
+    rel = commit_path(partition_id)
+    where = f"commit record {storage.path(rel)}"
+    record = CommitRecord.from_json(data, where=where, path=rel)
+    if record.partition_id != partition_id:
+        raise CommitRecordError(f"{where}: names partition {record.partition_id!r}, expected {partition_id!r} "
+                                "(the file name)", rel)
+    return record
+
+
+def read_commit(storage: CacheStorage, partition_id: str, *, strict: bool = False) -> CommitRecord | None:
+    """The commit record of `partition_id`, or None if it is not committed.
+
+    A record that cannot be used (`CommitRecordError`, `CachePathError`) raises with `strict`;
+    otherwise it is logged once as a warning naming the file and the partition counts as not
+    committed: a producer re-produces it (moving the bad record to quarantine when it commits),
+    readers and snapshots leave it out, the sweep keeps every attempt of the partition.
+    """
     rel = commit_path(partition_id)
     try:
         data = storage.read_bytes(rel)
     except FileNotFoundError:
         return None
-    return CommitRecord.from_json(data, where=f"commit record {storage.path(rel)}")
+    try:
+        return parse_commit(storage, partition_id, data)
+    except (CommitRecordError, CachePathError) as exc:
+        if strict:
+            raise
+        warn_unreadable_commit(storage, rel, exc)
+        return None
 
 
-def list_commits(storage: CacheStorage) -> list[CommitRecord]:
-    """Every commit record of the cache, sorted by partition id."""
+_warned: set[str] = set()
+
+
+def warn_unreadable_commit(storage: CacheStorage, rel: str, exc: Exception) -> None:
+    """Log (once per record per process) that an unusable commit record is skipped."""
+    full = storage.path(rel)
+    if full in _warned:
+        return
+    _warned.add(full)
+    log.warning("skipping commit record %s: %s; its partition counts as not committed (it is re-produced, its "
+                "attempt files are kept); `qwenimage cache repair %s` moves the record to %s/", full,
+                " ".join(str(exc).replace(f"commit record {full}: ", "").split()), storage.url,
+                QUARANTINED_COMMITS_DIR)
+
+
+def commit_record_names(storage: CacheStorage) -> list[str]:
+    """Partition ids of every file in ``commits/`` that is a record (not an exclusive-create temp)."""
+    return sorted(name[: -len(".json")] for name in storage.listdir(COMMITS_DIR)
+                  if name.endswith(".json") and ".tmp-" not in name and not name.startswith("."))
+
+
+def list_commits(storage: CacheStorage, *, strict: bool = False) -> list[CommitRecord]:
+    """Every commit record of the cache, sorted by partition id; unusable ones are skipped with a
+    warning (raise with `strict`), see `read_commit`."""
     records = []
-    for name in storage.listdir(COMMITS_DIR):
-        if name.endswith(".json") and ".tmp-" not in name:
-            rec = read_commit(storage, name[: -len(".json")])
-            if rec is not None:
-                records.append(rec)
+    for partition_id in commit_record_names(storage):
+        rec = read_commit(storage, partition_id, strict=strict)
+        if rec is not None:
+            records.append(rec)
     return records
+
+
+def unreadable_commits(storage: CacheStorage) -> dict[str, Exception]:
+    """Partition id -> the error of every commit record that cannot be used."""
+    bad: dict[str, Exception] = {}
+    for partition_id in commit_record_names(storage):
+        try:
+            read_commit(storage, partition_id, strict=True)
+        except (CommitRecordError, CachePathError) as exc:
+            bad[partition_id] = exc
+    return bad
+
+
+def quarantine_commit(storage: CacheStorage, partition_id: str, expected: bytes | None = None,
+                      reason: str = "") -> str | None:
+    """Move ``commits/<partition_id>.json`` to ``quarantine/commits/<partition_id>/<stamp>.json``.
+
+    Nothing is deleted: the record keeps its bytes under the new name, next to a ``.why.json``
+    saying where it came from and why. With `expected`, only those bytes are moved: if the record
+    changed in between (another process quarantined the bad one and committed a good record), the
+    good one is put back by exclusive create. Returns the new cache-relative path, or None if there
+    was nothing (or something else) to move.
+    """
+    src = commit_path(partition_id)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    dst = f"{QUARANTINED_COMMITS_DIR}/{partition_id}/{stamp}-{uuid.uuid4().hex[:8]}.json"
+    try:
+        if expected is not None and storage.read_bytes(src) != expected:
+            return None
+        storage.move(src, dst)
+    except FileNotFoundError:
+        return None
+    moved = storage.read_bytes(dst)
+    if expected is not None and moved != expected:  # raced with a good commit: put it back
+        if storage.write_exclusive(src, moved):
+            storage.remove(dst)
+            return None
+        log.warning("commit record %s changed while it was being quarantined and another record took its place; "
+                    "the changed one is kept at %s", storage.path(src), storage.path(dst))
+    why = {"from": src, "moved_unix": time.time(), "reason": reason}
+    storage.write_atomic(dst[: -len(".json")] + ".why.json", json.dumps(why, indent=1).encode())
+    return dst
+
+
+def quarantined_commit_partitions(storage: CacheStorage) -> list[str]:
+    """Partitions that have records in ``quarantine/commits/`` (their attempts are never swept)."""
+    return [p for p in storage.listdir(QUARANTINED_COMMITS_DIR) if storage.listdir(f"{QUARANTINED_COMMITS_DIR}/{p}")]
 
 
 class PartitionAttempt:
@@ -253,10 +415,31 @@ class PartitionAttempt:
                 f"commit record names partition {record.partition_id}/{record.attempt_id}, "
                 f"attempt is {self.partition_id}/{self.attempt_id}"
             )
-        won = self.storage.write_exclusive(commit_path(self.partition_id), record.to_json())
+        data = record.to_json()
+        won = self.storage.write_exclusive(commit_path(self.partition_id), data)
+        if not won and self._displace_unreadable_record():
+            won = self.storage.write_exclusive(commit_path(self.partition_id), data)
         if not won:
             self.abandon()
         return won
+
+    def _displace_unreadable_record(self) -> bool:
+        """If the partition's slot holds an unusable record (which counts as not committed), move
+        it to quarantine so that this attempt can commit; True if it was moved."""
+        rel = commit_path(self.partition_id)
+        try:
+            data = self.storage.read_bytes(rel)
+            parse_commit(self.storage, self.partition_id, data)
+            return False
+        except FileNotFoundError:
+            return True  # gone in between (quarantined by another process): try again
+        except (CommitRecordError, CachePathError) as exc:
+            moved = quarantine_commit(self.storage, self.partition_id, expected=data,
+                                      reason=f"attempt {self.attempt_id} re-produced the partition: {exc}")
+            if moved is not None:
+                log.warning("partition %s re-produced: its unreadable commit record %s was moved to %s (%s)",
+                            self.partition_id, self.storage.path(rel), self.storage.path(moved), exc)
+            return True
 
     def abandon(self) -> None:
         """Delete this attempt's private files."""
@@ -265,11 +448,59 @@ class PartitionAttempt:
 
 @dataclass
 class SweepReport:
+    """What `sweep_orphans` removed and kept (cache-relative attempt directories).
+
+    `kept_in_flight`: uncommitted attempts younger than the grace period; `kept_referenced`: old or
+    losing attempts that a snapshot or quarantined record still names (or that belong to a partition
+    with an unreadable commit record), so they are kept; `warnings`: why some were kept.
+    """
+
     removed_attempts: list[str]
     kept_in_flight: list[str]
+    kept_referenced: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
-def sweep_orphans(storage: CacheStorage, grace_s: float = DEFAULT_SWEEP_GRACE_S, now: float | None = None) -> SweepReport:
+def check_grace(grace_s: object, what: str = "sweep grace_s") -> float:
+    """`grace_s` as a float; `SweepError` naming `what` unless it is a finite number >= 0."""
+    try:
+        value = float(grace_s)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        value = math.nan
+    if isinstance(grace_s, bool) or not math.isfinite(value) or value < 0:
+        raise SweepError(f"{what} = {grace_s!r}: expected a finite number of seconds >= 0 (an uncommitted "
+                         "attempt younger than this may belong to a live producer and is kept)")
+    return value
+
+
+def referenced_attempt_dirs(records: Iterable[CommitRecord]) -> set[tuple[str, ...]]:
+    """``(partition, attempt)`` of every attempt directory the records name (their own attempt and
+    every shard or table path under ``attempts/``); shorter tuples for paths that name a whole
+    partition (or all of ``attempts/``)."""
+    refs: set[tuple[str, ...]] = set()
+    for rec in records:
+        refs.add((rec.partition_id, rec.attempt_id))
+        paths = [s.path for s in rec.shards]
+        paths += [t["path"] for t in rec.tables.values() if isinstance(t, dict) and isinstance(t.get("path"), str)]
+        for path in paths:
+            parts = path.split("/")
+            if parts[0] == ATTEMPTS_DIR:
+                refs.add(tuple(parts[1:3]))
+    return refs
+
+
+def attempt_dirs_in_text(data: bytes) -> set[tuple[str, ...]]:
+    """Every ``attempts/<partition>/<attempt>`` spelled out in the bytes of an unparseable file."""
+    return {(m.group(1).decode(errors="replace"), m.group(2).decode(errors="replace"))
+            for m in _ATTEMPT_DIR_IN_TEXT.finditer(data)}
+
+
+def _is_referenced(refs: set[tuple[str, ...]], partition_id: str, attempt_id: str) -> bool:
+    return any(ref == (partition_id, attempt_id)[: len(ref)] for ref in refs)
+
+
+def sweep_orphans(storage: CacheStorage, grace_s: float = DEFAULT_SWEEP_GRACE_S, now: float | None = None,
+                  *, strict: bool = False) -> SweepReport:
     """Delete attempt directories that can never become visible.
 
     * attempts of a committed partition other than the winner: removed at once (they can
@@ -277,32 +508,73 @@ def sweep_orphans(storage: CacheStorage, grace_s: float = DEFAULT_SWEEP_GRACE_S,
     * attempts of an uncommitted partition: removed once older than `grace_s` seconds (a dead
       attempt); younger ones may belong to a live producer and are kept.
     * stray temporary files of the exclusive create in ``commits/`` older than `grace_s`.
+
+    Never removed, whatever their age: an attempt that any commit record or any snapshot
+    (``manifest/snapshots/v*.json``) names, and every attempt of a partition whose commit record
+    is unreadable or that has a record in ``quarantine/commits/`` (what such a record names is not
+    known for sure). A snapshot that cannot be read might name any attempt: with `strict` that
+    raises `SweepError` before anything is deleted; otherwise no attempt is removed (a warning).
+
+    Raises:
+        SweepError: `grace_s` is negative or not finite (before anything is deleted).
     """
+    grace_s = check_grace(grace_s)
+    from megatron_qwenimage.data.manifest import snapshot_references  # manifest imports this module
+
     now = time.time() if now is None else now
-    removed, kept = [], []
+    removed, kept, kept_referenced, warnings = [], [], [], []
+    refs, unreadable_snapshots = snapshot_references(storage)
+    keep_all = bool(unreadable_snapshots)
+    if unreadable_snapshots:
+        message = (f"cannot tell which attempts snapshot {unreadable_snapshots[0]} names, so no attempt was "
+                   "removed; `qwenimage cache verify` says what is wrong with it, `qwenimage cache repair` "
+                   "moves an unreadable snapshot to quarantine/snapshots/")
+        if strict:
+            raise SweepError(f"sweep of cache {storage.url}: {message}")
+        warnings.append(message)
+        log.warning("%s", message)
+    guarded: set[str] = set(quarantined_commit_partitions(storage))
+    for partition_id in commit_record_names(storage):
+        try:
+            refs |= referenced_attempt_dirs([read_commit(storage, partition_id, strict=True)])
+        except FileNotFoundError:
+            continue
+        except (CommitRecordError, CachePathError) as exc:
+            guarded.add(partition_id)
+            warn_unreadable_commit(storage, commit_path(partition_id), exc)
+            try:
+                refs |= attempt_dirs_in_text(storage.read_bytes(commit_path(partition_id)))
+            except FileNotFoundError:
+                pass
+    for partition_id in sorted(guarded):
+        for name in storage.listdir(f"{QUARANTINED_COMMITS_DIR}/{partition_id}"):
+            refs |= attempt_dirs_in_text(storage.read_bytes(f"{QUARANTINED_COMMITS_DIR}/{partition_id}/{name}"))
     for partition_id in storage.listdir(ATTEMPTS_DIR):
-        record = read_commit(storage, partition_id)
+        record = read_commit(storage, partition_id)  # fresh: a producer may have committed meanwhile
         for attempt_id in storage.listdir(f"{ATTEMPTS_DIR}/{partition_id}"):
             rel = f"{ATTEMPTS_DIR}/{partition_id}/{attempt_id}"
-            if record is not None:
-                if attempt_id != record.attempt_id:
-                    storage.remove(rel)
-                    removed.append(rel)
+            if record is not None and attempt_id == record.attempt_id:
                 continue
-            if now - _attempt_started(storage, rel) >= grace_s:
+            if keep_all or partition_id in guarded or _is_referenced(refs, partition_id, attempt_id):
+                kept_referenced.append(rel)
+                continue
+            if record is not None or now - _attempt_started(storage, rel) >= grace_s:
                 storage.remove(rel)
                 removed.append(rel)
             else:
                 kept.append(rel)
         if not storage.listdir(f"{ATTEMPTS_DIR}/{partition_id}"):
             storage.remove(f"{ATTEMPTS_DIR}/{partition_id}")
+    if guarded:
+        warnings.append(f"kept every attempt of partitions {sorted(guarded)}: their commit record is unreadable "
+                        f"or quarantined ({QUARANTINED_COMMITS_DIR}/)")
     for name in storage.listdir(COMMITS_DIR):
         if ".tmp-" in name:
             rel = f"{COMMITS_DIR}/{name}"
             if now - storage.fs.modified(storage.path(rel)).timestamp() >= grace_s:
                 storage.remove(rel)
                 removed.append(rel)
-    return SweepReport(removed, kept)
+    return SweepReport(removed, kept, kept_referenced, warnings)
 
 
 def _attempt_started(storage: CacheStorage, attempt_dir: str) -> float:
@@ -318,7 +590,8 @@ def _attempt_started(storage: CacheStorage, attempt_dir: str) -> float:
 
 
 def committed_partitions(storage: CacheStorage) -> set[str]:
-    return {name[: -len(".json")] for name in storage.listdir(COMMITS_DIR) if name.endswith(".json") and ".tmp-" not in name}
+    """Partition ids that have a file in ``commits/`` (readable or not)."""
+    return set(commit_record_names(storage))
 
 
 def iter_shards(records: Iterable[CommitRecord]) -> Iterable[ShardEntry]:

@@ -19,14 +19,26 @@ training pins a version so that its data does not change under it while the cach
 from __future__ import annotations
 
 import json
+import logging
+import re
 import time
+import uuid
 from dataclasses import dataclass
 from functools import cached_property
 
 import pyarrow as pa
 import torch
 
-from megatron_qwenimage.data.commit import CommitRecord, ShardEntry, commit_path, list_commits
+from megatron_qwenimage.data.commit import (
+    QUARANTINE_DIR,
+    CommitRecord,
+    CommitRecordError,
+    ShardEntry,
+    attempt_dirs_in_text,
+    commit_path,
+    list_commits,
+    referenced_attempt_dirs,
+)
 from megatron_qwenimage.data.shard_format import (
     SCHEMA_VERSION,
     Bucket,
@@ -41,8 +53,16 @@ from megatron_qwenimage.data.storage import (  # CacheError, CachePathError: def
     resolve_record_path,
 )
 
+log = logging.getLogger(__name__)
+
 SNAPSHOTS_DIR = "manifest/snapshots"
+#: Unreadable snapshots moved aside by `qwenimage cache repair` (same file names); their version
+#: numbers are never reused.
+QUARANTINED_SNAPSHOTS_DIR = f"{QUARANTINE_DIR}/snapshots"
 CACHE_INFO_FILE = "cache.json"
+#: ``format`` of ``cache.json``.
+CACHE_FORMAT = "megatron-qwenimage latent cache"
+_SNAPSHOT_NAME = re.compile(r"^v(\d{8,})\.json$")
 
 
 class ShardChecksumError(CacheError):
@@ -160,10 +180,14 @@ class Shard:
     def verify(self) -> None:
         """Re-hash every file; raise `ShardChecksumError` naming the shard on any mismatch."""
         path = self.path
+        if not self.storage.exists(path):
+            raise ShardChecksumError(f"shard {self.shard_id}: directory {self.storage.path(path)} does not exist")
         listed = set(self.entry.files)
         present = set(self.storage.walk_files(path))
-        if listed - present:
-            raise ShardChecksumError(f"shard {self.shard_id} ({path}): missing files {sorted(listed - present)}")
+        missing = sorted(listed - present)
+        if missing:
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            raise ShardChecksumError(f"shard {self.shard_id} ({path}): missing files {missing[:3]}{more}")
         for rel, expected in sorted(self.entry.files.items()):
             file = resolve_record_path(self.storage, f"{path}/{rel}", record=self.record,
                                        entry=f"shard {self.shard_id} file {rel!r}")
@@ -225,6 +249,101 @@ def snapshot_path(version: int) -> str:
     return f"{SNAPSHOTS_DIR}/v{version:08d}.json"
 
 
+def snapshot_file_versions(storage: CacheStorage, directory: str = SNAPSHOTS_DIR) -> list[int]:
+    """Versions of the snapshot files in `directory` (``vNNNNNNNN.json``; other names are ignored)."""
+    versions = []
+    for name in storage.listdir(directory):
+        m = _SNAPSHOT_NAME.match(name)
+        if m and name == f"v{int(m.group(1)):08d}.json":
+            versions.append(int(m.group(1)))
+    return sorted(versions)
+
+
+class SnapshotError(CacheError):
+    """A snapshot file exists but cannot be used (not JSON, not the snapshot schema); names it."""
+
+
+def read_snapshot(storage: CacheStorage, version: int) -> Snapshot:
+    """Snapshot `version`, checked whole.
+
+    Raises:
+        FileNotFoundError: no such snapshot file.
+        SnapshotError: naming the version and file (invalid JSON, wrong schema or version).
+        CommitRecordError, CachePathError: a record in it is invalid or names a path outside the cache.
+    """
+    rel = snapshot_path(version)
+    data = storage.read_bytes(rel)
+    where = f"snapshot v{version} ({storage.path(rel)})"
+    try:
+        d = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise SnapshotError(f"{where}: not valid JSON ({exc})") from exc
+    if not isinstance(d, dict):
+        raise SnapshotError(f"{where}: a JSON {type(d).__name__}, expected a snapshot object")
+    if d.get("schema_version") != SCHEMA_VERSION:
+        raise SnapshotError(f"{where}: schema_version {d.get('schema_version')!r}, expected {SCHEMA_VERSION}")
+    if d.get("version") != version:
+        raise SnapshotError(f"{where}: says version {d.get('version')!r}, expected {version} (its file name)")
+    commits, created = d.get("commits"), d.get("created_unix")
+    if not isinstance(commits, list) or not isinstance(created, (int, float)) or isinstance(created, bool):
+        raise SnapshotError(f"{where}: expected a 'commits' list and a 'created_unix' number")
+    records = []
+    for i, c in enumerate(commits):
+        try:
+            records.append(CommitRecord.from_json(json.dumps(c).encode(), where=f"{where} commits[{i}]"))
+        except CommitRecordError as exc:
+            raise SnapshotError(str(exc)) from exc
+    partitions = [r.partition_id for r in records]
+    if len(set(partitions)) != len(partitions):
+        raise SnapshotError(f"{where}: lists a partition twice")
+    return Snapshot(storage, version, records, float(created))
+
+
+def snapshot_references(storage: CacheStorage) -> tuple[set[tuple[str, ...]], list[str]]:
+    """Attempt directories that snapshots name, and the snapshots that could not be read.
+
+    Returns ``(refs, unreadable)``: `refs` as `commit.referenced_attempt_dirs`; `unreadable` names
+    every snapshot file that cannot be parsed (what it names is then not known for sure; the
+    attempt paths spelled out in its bytes are in `refs` anyway) and every quarantined one.
+    """
+    refs: set[tuple[str, ...]] = set()
+    unreadable: list[str] = []
+    for version in snapshot_file_versions(storage):
+        try:
+            refs |= referenced_attempt_dirs(read_snapshot(storage, version).records)
+        except FileNotFoundError:
+            continue
+        except CacheError as exc:  # SnapshotError, CachePathError
+            unreadable.append(f"v{version} ({storage.path(snapshot_path(version))}: {exc})")
+            refs |= attempt_dirs_in_text(storage.read_bytes(snapshot_path(version)))
+    for name in storage.listdir(QUARANTINED_SNAPSHOTS_DIR):
+        rel = f"{QUARANTINED_SNAPSHOTS_DIR}/{name}"
+        if name.endswith(".json") and not name.endswith(".why.json"):
+            unreadable.append(f"{storage.path(rel)} (quarantined; delete it once it is no longer needed)")
+            refs |= attempt_dirs_in_text(storage.read_bytes(rel))
+    return refs, unreadable
+
+
+def quarantine_snapshot(storage: CacheStorage, version: int, reason: str = "") -> str:
+    """Move snapshot `version` to ``quarantine/snapshots/`` (never deleted); returns the new path."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    dst = f"{QUARANTINED_SNAPSHOTS_DIR}/v{version:08d}.{stamp}-{uuid.uuid4().hex[:8]}.json"
+    storage.move(snapshot_path(version), dst)
+    why = {"from": snapshot_path(version), "moved_unix": time.time(), "reason": reason}
+    storage.write_atomic(dst[: -len(".json")] + ".why.json", json.dumps(why, indent=1).encode())
+    return dst
+
+
+def quarantined_snapshot_versions(storage: CacheStorage) -> dict[int, str]:
+    """Version -> cache-relative path of every snapshot in ``quarantine/snapshots/``."""
+    found = {}
+    for name in storage.listdir(QUARANTINED_SNAPSHOTS_DIR):
+        m = re.match(r"^v(\d{8,})\..*\.json$", name)
+        if m and not name.endswith(".why.json"):
+            found[int(m.group(1))] = f"{QUARANTINED_SNAPSHOTS_DIR}/{name}"
+    return found
+
+
 class Cache:
     """A latent cache directory (local path or fsspec URL)."""
 
@@ -232,19 +351,22 @@ class Cache:
         self.storage = CacheStorage(url)
         self.url = url
 
-    def committed(self) -> list[CommitRecord]:
-        """Live listing of every commit record (not pinned; prefer `snapshot`)."""
-        return list_commits(self.storage)
+    def committed(self, *, strict: bool = False) -> list[CommitRecord]:
+        """Live listing of every commit record (not pinned; prefer `snapshot`). An unreadable
+        record is skipped with a warning naming it (its partition counts as not committed);
+        `strict` raises instead."""
+        return list_commits(self.storage, strict=strict)
 
     def snapshot_versions(self) -> list[int]:
-        versions = []
-        for name in self.storage.listdir(SNAPSHOTS_DIR):
-            if name.startswith("v") and name.endswith(".json") and ".tmp-" not in name:
-                versions.append(int(name[1:-5]))
-        return sorted(versions)
+        return snapshot_file_versions(self.storage)
 
     def snapshot(self, pin: int | None = None) -> Snapshot:
-        """Snapshot `pin`, or the newest one. Raises `CacheError` if it does not exist."""
+        """Snapshot `pin`, or the newest one.
+
+        Raises:
+            CacheError: it does not exist (naming the version and the ones that do), or it cannot
+                be read (`SnapshotError`, `CachePathError`: naming the version, file and problem).
+        """
         versions = self.snapshot_versions()
         if pin is None:
             if not versions:
@@ -253,36 +375,43 @@ class Cache:
                     f"or run `qwenimage cache snapshot {self.url}`)"
                 )
             pin = versions[-1]
-        rel = snapshot_path(pin)
         try:
-            d = json.loads(self.storage.read_bytes(rel))
+            return read_snapshot(self.storage, pin)
         except FileNotFoundError as exc:
-            raise CacheError(f"cache {self.url}: snapshot v{pin} does not exist (have {versions})") from exc
-        if d.get("schema_version") != SCHEMA_VERSION:
-            raise CacheError(f"{self.storage.path(rel)}: schema_version {d.get('schema_version')}, expected {SCHEMA_VERSION}")
-        where = f"snapshot v{pin} ({self.storage.path(rel)})"
-        records = [CommitRecord.from_json(json.dumps(c).encode(), where=f"{where} commits[{i}]")
-                   for i, c in enumerate(d["commits"])]
-        return Snapshot(self.storage, d["version"], records, d["created_unix"])
+            moved = quarantined_snapshot_versions(self.storage).get(pin)
+            if moved is not None:
+                raise CacheError(f"cache {self.url}: snapshot v{pin} was unreadable and `qwenimage cache repair` "
+                                 f"moved it to {self.storage.path(moved)} (have {versions})") from exc
+            raise CacheError(f"cache {self.url}: snapshot v{pin} does not exist "
+                             f"({self.storage.path(snapshot_path(pin))}; have {versions})") from exc
 
-    def live(self) -> Snapshot:
-        """An unpinned view of everything committed right now (version -1, not stored)."""
-        return Snapshot(self.storage, -1, self.committed(), time.time())
+    def live(self, *, strict: bool = False) -> Snapshot:
+        """An unpinned view of everything committed right now (version -1, not stored); see `committed`."""
+        return Snapshot(self.storage, -1, self.committed(strict=strict), time.time())
 
     def create_snapshot(self) -> Snapshot:
         """Store a new snapshot of all commit records, unless the newest one already has them all.
 
         Versions are allocated by exclusive create, so concurrent producers never overwrite one
-        another's snapshot.
+        another's snapshot, and never reuse the number of a quarantined one. Unreadable commit
+        records are left out (a warning names each); if the newest snapshot cannot be read, a new
+        one is written after it (a warning names it).
         """
         records = self.committed()
         while True:
             versions = self.snapshot_versions()
             if versions:
-                newest = self.snapshot(versions[-1])
-                if set(newest.partitions) == {r.partition_id for r in records}:
-                    return newest
-            version = (versions[-1] + 1) if versions else 1
+                try:
+                    newest = read_snapshot(self.storage, versions[-1])
+                except FileNotFoundError:
+                    continue  # quarantined in between
+                except CacheError as exc:
+                    log.warning("newest snapshot cannot be read, writing a new one after it: %s", exc)
+                else:
+                    if set(newest.partitions) == {r.partition_id for r in records}:
+                        return newest
+            taken = versions + list(quarantined_snapshot_versions(self.storage))
+            version = max(taken) + 1 if taken else 1
             snap = Snapshot(self.storage, version, records, time.time())
             if self.storage.write_exclusive(snapshot_path(version), snap.to_json()):
                 return snap
@@ -291,21 +420,49 @@ class Cache:
 def init_cache(path: str) -> Cache:
     """Create the cache at `path` if needed (writes ``cache.json``) and open it."""
     cache = Cache(str(path))
+    fs, root = cache.storage.fs, cache.storage.root
+    if fs.exists(root) and not fs.isdir(root):
+        raise CacheError(f"cache {path}: is a file, expected a cache directory (or a path that does not exist yet)")
     cache.storage.makedirs("")
-    info = {"schema_version": SCHEMA_VERSION, "created_unix": time.time(), "format": "megatron-qwenimage latent cache"}
+    info = {"schema_version": SCHEMA_VERSION, "created_unix": time.time(), "format": CACHE_FORMAT}
     cache.storage.write_exclusive(CACHE_INFO_FILE, json.dumps(info).encode())
     return open_cache(path)
 
 
 def open_cache(path: str) -> Cache:
-    """Open the existing cache at `path` (local directory or fsspec URL)."""
+    """Open the existing cache at `path` (local directory or fsspec URL).
+
+    Raises:
+        CacheError: naming `path` (or its ``cache.json``) when it does not exist, is not a
+            directory, is not a latent cache, or has a ``cache.json`` that is not valid JSON, not
+            this format or another schema version.
+    """
     cache = Cache(str(path))
+    fs, root = cache.storage.fs, cache.storage.root
+    expected = f"expected the directory that `qwenimage produce --output` wrote, with a {CACHE_INFO_FILE}"
     try:
-        info = json.loads(cache.storage.read_bytes(CACHE_INFO_FILE))
+        if not fs.exists(root):
+            raise CacheError(f"{path} is not a latent cache: it does not exist; {expected}")
+        if not fs.isdir(root):
+            raise CacheError(f"{path} is not a latent cache: it is a file, not a directory; {expected}")
+        data = cache.storage.read_bytes(CACHE_INFO_FILE)
     except FileNotFoundError as exc:
-        raise CacheError(f"{path} is not a latent cache (no {CACHE_INFO_FILE})") from exc
+        raise CacheError(f"{path} is not a latent cache: it has no {CACHE_INFO_FILE}; {expected}") from exc
+    except (IsADirectoryError, PermissionError, NotADirectoryError) as exc:
+        raise CacheError(f"cache {path}: cannot read {CACHE_INFO_FILE} ({exc})") from exc
+    info_path = cache.storage.path(CACHE_INFO_FILE)
+    what = f'expected {{"schema_version": {SCHEMA_VERSION}, "format": "{CACHE_FORMAT}", ...}}'
+    try:
+        info = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CacheError(f"{info_path}: not valid JSON ({exc}); {what}") from exc
+    if not isinstance(info, dict):
+        raise CacheError(f"{info_path}: a JSON {type(info).__name__}; {what}")
+    if info.get("format", CACHE_FORMAT) != CACHE_FORMAT:
+        raise CacheError(f"{info_path}: format {info.get('format')!r}; {what}")
     if info.get("schema_version") != SCHEMA_VERSION:
         raise CacheError(
-            f"cache {path} has schema_version {info.get('schema_version')!r}; this reader knows {SCHEMA_VERSION}"
+            f"cache {path} has schema_version {info.get('schema_version')!r} ({info_path}); this reader knows "
+            f"{SCHEMA_VERSION}"
         )
     return cache

@@ -306,7 +306,19 @@ def open_tensors_group(storage: CacheStorage, relpath: str):
 
 def read_samples(storage: CacheStorage, relpath: str) -> pa.Table:
     """The ``samples.parquet`` table of the shard at `relpath`."""
-    return pq.read_table(io.BytesIO(storage.read_bytes(f"{relpath}/{SAMPLES_FILE}")))
+    return read_parquet(storage, f"{relpath}/{SAMPLES_FILE}")
+
+
+def read_parquet(storage: CacheStorage, rel: str) -> pa.Table:
+    """The parquet table at cache-relative `rel` (FileNotFoundError naming it if it is missing)."""
+    if storage.is_local:
+        # By path, not from an in-memory buffer: a table decoded from a Python buffer in a process
+        # that also imported torch makes the interpreter abort at exit now and then (pyarrow 26,
+        # "terminate called without an active exception"), failing CLI commands that succeeded.
+        if not storage.exists(rel):
+            raise FileNotFoundError(f"cache file {storage.path(rel)} does not exist")
+        return pq.read_table(storage.path(rel))
+    return pq.read_table(io.BytesIO(storage.read_bytes(rel)))
 
 
 def read_tensors(storage: CacheStorage, relpath: str, index: int | None = None) -> ShardTensors:

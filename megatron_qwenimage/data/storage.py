@@ -202,6 +202,24 @@ class CacheStorage:
                 "(POSIX O_EXCL/link or a conditional put)"
             ) from exc
 
+    def move(self, src: str, dst: str) -> None:
+        """Rename file `src` to `dst` (a new name: an existing `dst` is never replaced).
+
+        Local disk: ``link`` then ``unlink`` (FileExistsError if `dst` exists), fsyncing the
+        directories; object stores: copy then delete. FileNotFoundError if `src` is gone.
+        """
+        full_src, full_dst = self.path(src), self.path(dst)
+        self.fs.makedirs(posixpath.dirname(full_dst), exist_ok=True)
+        if self.is_local:
+            os.link(full_src, full_dst)
+            _fsync_directory(os.path.dirname(full_dst))
+            os.unlink(full_src)
+            _fsync_directory(os.path.dirname(full_src))
+            return
+        if self.fs.exists(full_dst):
+            raise FileExistsError(f"cache file {full_dst} exists")
+        self.fs.mv(full_src, full_dst)
+
     def remove(self, relpath: str) -> None:
         """Delete a file or a directory tree; missing paths are ignored."""
         full = self.path(relpath)

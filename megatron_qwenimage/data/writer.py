@@ -22,6 +22,7 @@ from megatron_qwenimage.data.shard_format import (
     SampleMeta,
     ShardFormatError,
     ShardTensors,
+    read_parquet,
     read_tensors,
     write_shard,
 )
@@ -203,7 +204,7 @@ def publish_partition(
 def _read_table(storage: CacheStorage, record: CommitRecord, name: str) -> pa.Table:
     path = resolve_record_path(storage, record.tables[name]["path"], entry=f"tables.{name}.path",
                                record=f"commit record {storage.path(commit_path(record.partition_id))}")
-    return pq.read_table(io.BytesIO(storage.read_bytes(path)))
+    return read_parquet(storage, path)
 
 
 def read_quarantine(storage: CacheStorage, record: CommitRecord) -> pa.Table:

@@ -87,12 +87,13 @@ def test_commit_record_with_outside_shard_path_is_refused(kind, cache, outside, 
     where = f"commit record {cache / RECORD}: shards[0].path = {bad!r}"
 
     with pytest.raises(CachePathError) as exc:
-        open_cache(str(cache)).live()
+        open_cache(str(cache)).live(strict=True)
     assert where in str(exc.value) and "expected a relative POSIX path inside the cache root" in str(exc.value)
+    assert open_cache(str(cache)).live().records == []  # not strict: skipped (a warning), never opened
 
     report = verify_cache(open_cache(str(cache)))
     assert not report.ok and list(report.bad_shards) == [RECORD] and where in report.bad_shards[RECORD]
-    assert report.shards_checked == 0
+    assert report.shards_checked == 1  # only snapshot v1's own copy of the shard, inside the cache
     _never_outside(opened, outside)
 
     rc, err = _cli_verify(cache)
@@ -130,7 +131,8 @@ def test_snapshot_with_outside_shard_path_is_refused(kind, cache, outside, opene
 def test_file_and_table_entries_are_checked_too(entry, change, cache, outside, opened):
     _edit(cache / RECORD, change)
     with pytest.raises(CachePathError, match=re.escape(f"commit record {cache / RECORD}: {entry} = ")):
-        open_cache(str(cache)).live()
+        open_cache(str(cache)).live(strict=True)
+    assert open_cache(str(cache)).live().records == []
     _never_outside(opened, outside)
 
 
