@@ -6,8 +6,13 @@ import argparse
 import json
 import logging
 import sys
+from typing import TYPE_CHECKING
 
 from megatron_qwenimage.config import MAX_TEXT_TOKENS, ConfigError
+from megatron_qwenimage.errors import UserError
+
+if TYPE_CHECKING:
+    from producers.config import ProducerConfig
 
 DEFAULT_METRICS_PORT = 9464
 
@@ -35,8 +40,12 @@ def register(subparsers) -> None:
                         "for small random encoders built locally. Default tiny")
     p.add_argument("--ray-address", default=None, metavar="ADDR",
                    help="join a Ray cluster ('auto' or host:port); 'local' or unset starts an embedded local Ray on 127.0.0.1")
-    p.add_argument("--local-num-cpus", type=float, default=None,
-                   help="logical CPUs of the embedded local Ray (default max(4, cores), so fractional actors never starve reads)")
+    p.add_argument("--ray-connect-timeout", type=float, default=30.0, metavar="S",
+                   help="give up joining the --ray-address cluster after this many seconds (default 30)")
+    p.add_argument("--local-num-cpus", type=float, default=None, metavar="N",
+                   help="logical CPUs (a whole number) of the embedded local Ray (default max(4, cores), so fractional "
+                        "actors never starve reads); a value too small for the actor pools plus one read task and one "
+                        "writer is refused")
     p.add_argument("--partition-size", type=int, default=64, help="inputs per partition, the exactly-once unit (default 64)")
     p.add_argument("--min-side", type=int, default=32, help="quarantine images whose shorter side is below this many px (default 32)")
     p.add_argument("--max-pixels", type=int, default=64_000_000, help="quarantine images with more pixels (decompression bombs)")
@@ -54,22 +63,49 @@ def register(subparsers) -> None:
     p.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT,
                    help=f"Prometheus exporter port (0: any free port, -1: off; default {DEFAULT_METRICS_PORT})")
     p.add_argument("--metrics-host", default="127.0.0.1", help="address the exporter binds to (default 127.0.0.1)")
-    p.add_argument("--json", action="store_true", help="print one JSON summary object at the end (for scripts and CI)")
+    p.add_argument("--allow-empty", action="store_true",
+                   help="exit 0 even when no input ends in the cache (every input quarantined); by default such a run "
+                        "prints its summary and fails with exit status 1")
+    p.add_argument("--new-settings-version", action="store_true",
+                   help="the cache records the settings that shape its samples (encoders, buckets, --min-side, "
+                        "--max-pixels, --max-text-tokens, --overlong-caption) in producer_settings.json and refuses a run "
+                        "with other values; with this flag such a run starts a new settings version instead and adds "
+                        "its samples next to the earlier ones (an image produced under two versions is two samples). "
+                        "With unchanged settings it changes nothing")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON summary object at the end (for scripts and CI); on an error, an error object")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_produce)
+
+
+class NothingCommittedError(UserError):
+    """A run over a non-empty input left nothing in the cache (every input quarantined)."""
+
+    exit_code = 1
 
 
 def _pool_range(text: str, flag: str) -> tuple[int, int]:
     try:
         lo, _, hi = text.partition(":")
-        return int(lo), int(hi or lo)
+        lo_n, hi_n = int(lo), int(hi or lo)
     except ValueError as exc:
         raise ConfigError(f"{flag} {text!r}: expected MIN:MAX actor counts, e.g. 1:4") from exc
+    if not 1 <= lo_n <= hi_n:
+        raise ConfigError(f"{flag} {text!r}: expected 1 <= MIN <= MAX actor counts, e.g. 1:4")
+    return lo_n, hi_n
 
 
 def config_from_args(args) -> "ProducerConfig":
     from producers.config import PoolConfig, ProducerConfig, parse_buckets
 
+    n = args.local_num_cpus
+    if n is not None and not (1 <= n < float("inf") and float(n).is_integer()):
+        raise ConfigError(f"--local-num-cpus {n:g}: expected a whole number of CPUs >= 1 (Ray's logical CPUs)")
+    if not (0 < args.ray_connect_timeout < float("inf")):
+        raise ConfigError(f"--ray-connect-timeout {args.ray_connect_timeout:g}: expected seconds > 0")
+    if not -1 <= args.metrics_port <= 65535:
+        raise ConfigError(f"--metrics-port {args.metrics_port}: expected a TCP port 0..65535, 0 for any free port "
+                          "or -1 for no exporter")
     pools = []
     for flag, text in (("--vae-actors", args.vae_actors), ("--text-actors", args.text_actors)):
         lo, hi = _pool_range(text, flag)
@@ -115,17 +151,30 @@ def run_produce(args) -> int:
     from producers.progress import ProducerProgress
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
-    try:
-        cfg = config_from_args(args)
-    except ConfigError as exc:
-        print(f"qwenimage produce: {exc}", file=sys.stderr)
-        return 2
+    cfg = config_from_args(args)
     req = ProduceRequest(args.input, args.output, encoders=args.encoders, config=cfg, ray_address=args.ray_address,
                          metrics_port=None if args.metrics_port < 0 else args.metrics_port,
-                         metrics_host=args.metrics_host, device=args.device, local_num_cpus=args.local_num_cpus)
-    with ProducerProgress(enabled=not args.no_progress) as progress:
-        counts = produce(req, on_progress=progress.update)
+                         metrics_host=args.metrics_host, device=args.device, local_num_cpus=args.local_num_cpus,
+                         new_settings_version=args.new_settings_version,
+                         ray_connect_timeout_s=args.ray_connect_timeout)
+    # The bar starts with the pipeline's first progress, so an up-front error stays one line on stderr.
+    progress = ProducerProgress(enabled=not args.no_progress)
+    started = False
+
+    def on_progress(counts) -> None:
+        nonlocal started
+        if not started:
+            progress.__enter__()
+            started = True
         progress.update(counts)
+
+    try:
+        counts = produce(req, on_progress=on_progress)
+        if started:
+            progress.update(counts)
+    finally:
+        if started:
+            progress.__exit__(None, None, None)
     summary = summary_dict(counts)
     if args.json:
         print(json.dumps(summary, sort_keys=True))
@@ -135,9 +184,14 @@ def run_produce(args) -> int:
               f"{counts.quarantined_total} quarantined ({q})")
         print("per bucket: " + ", ".join(f"{k} {v}" for k, v in summary["buckets"].items()))
     total = counts.committed + counts.duplicates + counts.quarantined_total
-    if total != counts.inputs:
-        print(f"qwenimage produce: counts do not add up ({total} != {counts.inputs} inputs)", file=sys.stderr)
-        return 1
+    if total != counts.inputs:  # an accounting bug, not a user error: keeps its traceback
+        raise RuntimeError(f"qwenimage produce: counts do not add up ({total} != {counts.inputs} inputs)")
+    if counts.inputs and counts.committed + counts.duplicates == 0 and not args.allow_empty:
+        reasons = ", ".join(f"{k} {v}" for k, v in summary["quarantined"].items())
+        raise NothingCommittedError(
+            f"--input {args.input}: none of its {counts.inputs} inputs is in the cache, all were quarantined "
+            f"({reasons}); each partition's quarantine.parquet in {args.output} (named by commits/*.json) has the "
+            "reason per input. Pass --allow-empty if that is expected")
     return 0
 
 

@@ -49,6 +49,18 @@ def parse_buckets(spec: str) -> dict[str, list[Bucket]]:
     return table
 
 
+#: The ``qwenimage produce`` flag of each field that has one (named in validation errors).
+FIELD_FLAGS = {
+    "buckets": "--buckets", "partition_size": "--partition-size", "min_side_px": "--min-side",
+    "max_pixels": "--max-pixels", "max_text_tokens": "--max-text-tokens", "overlong_caption": "--overlong-caption",
+    "sweep_grace_s": "--sweep-grace",
+}
+
+
+def _flag(name: str) -> str:
+    return f" ({FIELD_FLAGS[name]})" if name in FIELD_FLAGS else ""
+
+
 @dataclass(frozen=True)
 class PoolConfig:
     """An encoder actor pool, autoscaled by Ray Data between min_actors and max_actors.
@@ -65,9 +77,13 @@ class PoolConfig:
 
     def __post_init__(self) -> None:
         if self.min_actors < 1 or self.max_actors < self.min_actors:
-            raise ConfigError(f"PoolConfig: need 1 <= min_actors ({self.min_actors}) <= max_actors ({self.max_actors})")
-        if self.num_gpus < 0 or self.num_cpus < 0 or self.batch_size < 1:
-            raise ConfigError(f"PoolConfig: num_gpus/num_cpus must be >= 0 and batch_size >= 1, got {self}")
+            raise ConfigError(f"PoolConfig: need 1 <= min_actors ({self.min_actors}) <= max_actors ({self.max_actors}) "
+                              "(--vae-actors / --text-actors MIN:MAX)")
+        for name, value, flag in (("num_gpus", self.num_gpus, "--gpus-per-actor"), ("num_cpus", self.num_cpus, "--cpus-per-actor")):
+            if not value >= 0 or math.isinf(value):
+                raise ConfigError(f"PoolConfig.{name}={value!r} ({flag}): expected a finite number >= 0")
+        if self.batch_size < 1:
+            raise ConfigError(f"PoolConfig.batch_size={self.batch_size!r} (--batch-size): expected an integer >= 1")
 
 
 @dataclass(frozen=True)
@@ -130,16 +146,21 @@ class ProducerConfig:
 
     def __post_init__(self) -> None:
         if not self.buckets or any(not b for b in self.buckets.values()):
-            raise ConfigError("ProducerConfig.buckets: need at least one area with at least one bucket")
+            raise ConfigError("ProducerConfig.buckets (--buckets): need at least one area with at least one bucket")
         for name, value in (("partition_size", self.partition_size), ("min_side_px", self.min_side_px),
                             ("max_pixels", self.max_pixels), ("max_inflight_partitions", self.max_inflight_partitions),
                             ("edit_vl_area_px", self.edit_vl_area_px)):
             if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"ProducerConfig.{name}={value!r}: expected a positive integer")
+                raise ConfigError(f"ProducerConfig.{name}={value!r}{_flag(name)}: expected a positive integer")
         if not 1 <= self.max_text_tokens <= MAX_TEXT_TOKENS:
-            raise ConfigError(f"ProducerConfig.max_text_tokens={self.max_text_tokens}: expected 1..{MAX_TEXT_TOKENS}")
+            raise ConfigError(f"ProducerConfig.max_text_tokens={self.max_text_tokens} (--max-text-tokens): "
+                              f"expected 1..{MAX_TEXT_TOKENS}")
+        if not self.sweep_grace_s >= 0:  # also refuses NaN
+            raise ConfigError(f"ProducerConfig.sweep_grace_s={self.sweep_grace_s!r} (--sweep-grace): expected seconds >= 0 "
+                              "(an uncommitted attempt younger than this is left alone by the sweep)")
         if self.overlong_caption not in ("truncate", "reject"):
-            raise ConfigError(f"ProducerConfig.overlong_caption={self.overlong_caption!r}: expected truncate or reject")
+            raise ConfigError(f"ProducerConfig.overlong_caption={self.overlong_caption!r} (--overlong-caption): "
+                              "expected truncate or reject")
         if self.cpu_task_cpus <= 0 or self.writer_cpus <= 0:
             raise ConfigError("ProducerConfig: cpu_task_cpus and writer_cpus must be > 0 (fractional is fine)")
 

@@ -95,15 +95,15 @@ def build_tiny_encoders(directory: str | os.PathLike | None = None, seed: int = 
     Safe under concurrency: the directory is built privately and renamed into place; if another
     process got there first its copy is kept.
     """
+    target = Path(directory) if directory is not None else default_tiny_dir()
+    if (target / TINY_MARKER).exists():
+        return target
     from diffusers import AutoencoderKLQwenImage
     from tokenizers import AddedToken  # noqa: F401  (transformers dependency)
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
     from transformers.convert_slow_tokenizer import TikTokenConverter
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    target = Path(directory) if directory is not None else default_tiny_dir()
-    if (target / TINY_MARKER).exists():
-        return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:

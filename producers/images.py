@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Sequence
@@ -28,9 +29,18 @@ QUARANTINE_REASONS = (
     "missing_caption",  # no caption at all
     "empty_caption",  # empty or whitespace-only caption
     "undecodable_caption",  # caption bytes are not valid UTF-8
+    "caption_not_text",  # a manifest's caption value is not a string (a number, list, object...)
+    "unreadable_caption",  # the caption sidecar exists but cannot be read (a directory, permissions, I/O)
     "caption_too_long",  # over the token limit, with overlong_caption="reject"
     "read_error",  # the storage backend failed to read the input
+    "invalid_image_ref",  # a manifest's image / source_image value is empty or not a path string
+    "extra_image",  # a second image member under one WebDataset key (the key's sample uses the first)
 )
+
+#: Version of the caption clean-up rule (`clean_caption`); part of the producer settings a cache records.
+CAPTION_RULES = "strip-controls-v1"
+#: C0 control characters except tab and newline, DEL, and C1 control characters.
+_CONTROL_CHARS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
 class Rejected(Exception):
@@ -180,8 +190,18 @@ def resize_center_crop(image: np.ndarray, bucket: Bucket) -> Cropped:
     return Cropped(out, bucket, top, left)
 
 
+def clean_caption(text: str) -> str:
+    """The caption as committed: CR LF and CR become LF, control characters other than tab and
+    newline (C0, DEL, C1: NUL, escape sequences, form feeds...) are removed, a byte-order mark and
+    surrounding whitespace are stripped. Rule version: `CAPTION_RULES`."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = _CONTROL_CHARS.sub("", text)
+    return text.strip().lstrip("\ufeff").strip()
+
+
 def decode_caption(raw: bytes | str | None, *, uri: str) -> str:
-    """Caption bytes/str -> stripped str, or raise `Rejected` (missing, empty, undecodable)."""
+    """Caption bytes/str -> cleaned str (`clean_caption`), or raise `Rejected` (missing, not
+    text, undecodable, empty or nothing but control characters)."""
     if raw is None:
         raise Rejected("missing_caption", f"{uri}: no caption")
     if isinstance(raw, bytes):
@@ -189,7 +209,16 @@ def decode_caption(raw: bytes | str | None, *, uri: str) -> str:
             raw = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise Rejected("undecodable_caption", f"{uri}: caption is not valid UTF-8 ({exc})") from None
-    text = raw.strip().lstrip("\ufeff").strip()
+    if not isinstance(raw, str):
+        name = type(raw).__name__
+        raise Rejected("caption_not_text", f"{uri}: caption is {'an' if name[0] in 'aeiou' else 'a'} {name} "
+                                           f"({raw!r:.40}), expected a string")
+    text = clean_caption(raw)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate, e.g. a JSON "\ud800" escape
+        raise Rejected("undecodable_caption", f"{uri}: caption is not valid Unicode ({exc.reason} at {exc.start})") from None
     if not text:
-        raise Rejected("empty_caption", f"{uri}: caption is empty or whitespace")
+        what = "control characters and whitespace" if _CONTROL_CHARS.search(raw) else "empty or whitespace"
+        raise Rejected("empty_caption", f"{uri}: caption is {what}")
     return text

@@ -7,14 +7,20 @@ rewritten atomically every few seconds and at the end of a run.
 from __future__ import annotations
 
 import json
+import socket
 import time
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from megatron_qwenimage.data.storage import CacheStorage
+from megatron_qwenimage.errors import UserError
 
 STATUS_FILE = "status.json"
+
+
+class MetricsPortError(UserError, OSError):
+    """The Prometheus exporter cannot listen where asked; the message names the flag and the port."""
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0)
 
 
@@ -57,7 +63,18 @@ class ProducerMetrics:
         self.port = None
         self._server = None
         if port is not None:
-            self._server, _thread = start_http_server(port, addr=host, registry=r)
+            if not 0 <= port <= 65535:
+                raise MetricsPortError(f"--metrics-port {port}: expected a TCP port 0..65535 (0: any free port; "
+                                       "-1: no exporter)")
+            try:
+                self._server, _thread = start_http_server(port, addr=host, registry=r)
+            except socket.gaierror as exc:
+                raise MetricsPortError(f"--metrics-host {host}: not an address this machine can listen on "
+                                       f"({exc.strerror or exc})") from None
+            except OSError as exc:
+                raise MetricsPortError(
+                    f"--metrics-port {port}: cannot serve metrics on {host}:{port} ({exc.strerror or exc}); pass "
+                    "another --metrics-port, 0 for any free port, or -1 for no exporter") from None
             self.port = self._server.server_port
 
     def close(self) -> None:

@@ -21,18 +21,26 @@ import hashlib
 import json
 import logging
 import os
+import posixpath
+import signal
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
+import fsspec
+import psutil
+
 from megatron_qwenimage.data.commit import read_commit, sweep_orphans
-from megatron_qwenimage.data.manifest import init_cache
-from producers.config import ProducerConfig
+from megatron_qwenimage.data.manifest import CACHE_INFO_FILE, init_cache, open_cache
+from megatron_qwenimage.errors import UserError
+from producers.config import FaultConfig, ProducerConfig
 from producers.encoders import encoder_version, resolve_encoders_dir
 from producers.metrics import ProducerCounts, ProducerMetrics, StatusFile
 from producers.partition_writer import PartitionOutcome, outcome_from_record, write_partition
-from producers.sources import InputItem, open_source
+from producers.settings import check_settings, record_settings, sample_settings
+from producers.sources import InputItem, list_inputs
 from producers.stages import TextStage, VaeStage, prepare_partition
 
 log = logging.getLogger("qwenimage.produce")
@@ -42,6 +50,14 @@ WINDOW_PARTITIONS = 256
 
 @dataclass
 class ProduceRequest:
+    """One ``qwenimage produce`` run.
+
+    Attributes:
+        new_settings_version: start a new producer settings version in a cache whose recorded
+            settings differ from this run's (`producers.settings`); refused otherwise.
+        ray_connect_timeout_s: how long to wait for the cluster named by `ray_address`.
+    """
+
     input: str
     output: str
     encoders: str = "tiny"
@@ -51,6 +67,20 @@ class ProduceRequest:
     metrics_host: str = "127.0.0.1"
     device: str | None = None
     local_num_cpus: float | None = None
+    new_settings_version: bool = False
+    ray_connect_timeout_s: float = 30.0
+
+
+class OutputError(UserError):
+    """``--output`` cannot hold a cache (a file, or a directory with other content); names it."""
+
+
+class RayConnectError(UserError):
+    """The Ray cluster named by ``--ray-address`` / ``RAY_ADDRESS`` cannot be joined; names the address."""
+
+
+class ResourceError(UserError):
+    """The Ray resources cannot run the pipeline (it would wait forever); names the flags."""
 
 
 @dataclass
@@ -74,33 +104,187 @@ def make_partitions(items: list[InputItem], size: int, salt: str) -> list[Partit
     return out
 
 
+def check_output(url: str) -> bool:
+    """Refuse an ``--output`` that cannot be a cache; returns whether a cache exists there already.
+
+    Refused: an existing file (or a path below one), and an existing non-empty directory without
+    ``cache.json`` (so a typo never spreads cache files into someone's folder). Creates nothing.
+    """
+    fs, path = fsspec.core.url_to_fs(url)
+    if fs.isfile(path):
+        raise OutputError(f"--output {url}: is an existing file, not a cache directory; name a new or existing cache "
+                          "directory")
+    if fs.isdir(path):
+        if fs.exists(posixpath.join(path, CACHE_INFO_FILE)):
+            return True
+        if fs.ls(path, detail=False):
+            raise OutputError(f"--output {url}: is a non-empty directory that is not a latent cache (no "
+                              f"{CACHE_INFO_FILE}); name a new or empty directory, or an existing cache")
+        return False
+    parent = posixpath.dirname(path.rstrip("/"))
+    while parent and parent != path and not fs.exists(parent):
+        path, parent = parent, posixpath.dirname(parent.rstrip("/"))
+    if parent and fs.isfile(parent):
+        raise OutputError(f"--output {url}: {parent} is a file, so no directory can be created below it")
+    return False
+
+
 #: The one address every listener of the embedded local Ray binds to.
 LOOPBACK = "127.0.0.1"
 #: Ray reads this once, when `ray` is first imported (ray/_private/ray_constants.py, ENABLE_RAY_CLUSTER).
 _RAY_CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
-def _ensure_ray(address: str | None, local_num_cpus: float | None) -> bool:
+def embedded_num_cpus(local_num_cpus: float | None) -> float:
+    """Logical CPUs of the embedded local Ray: `local_num_cpus`, or max(4, cores)."""
+    # At least 4 logical CPUs even on a 2-core machine, so fractional actor reservations never
+    # leave the read tasks without a slot (the pool would sit "pending").
+    return local_num_cpus or max(4, os.cpu_count() or 1)
+
+
+def _ray_address(address: str | None) -> tuple[str | None, str]:
+    """(address to join or None for the embedded Ray, how the user gave it: flag or env var)."""
+    if address is None and os.environ.get("RAY_ADDRESS") not in (None, "", "local"):
+        return os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
+    if address in (None, "local"):
+        return None, "--ray-address"
+    return address, "--ray-address"
+
+
+def check_resources(cfg: ProducerConfig, cpus: float, gpus: float | None, where: str) -> None:
+    """Refuse a pipeline that could never start: the encoder pools' minimum actors plus one read
+    task and one shard writer must fit in `cpus` (and the actors' GPUs in `gpus`, when known).
+    Ray would otherwise keep the read tasks (or an actor) pending forever. `where` names the
+    resources ("--local-num-cpus 1", "the Ray cluster at ...")."""
+    vae, text = cfg.vae_pool, cfg.text_pool
+    pools = vae.min_actors * vae.num_cpus + text.min_actors * text.num_cpus
+    need = pools + cfg.cpu_task_cpus + cfg.writer_cpus
+    if need > cpus + 1e-9:
+        raise ResourceError(
+            f"{where}: {cpus:g} CPUs, but the encoder actor pools reserve {pools:g} (--vae-actors MIN {vae.min_actors} "
+            f"x {vae.num_cpus:g} + --text-actors MIN {text.min_actors} x {text.num_cpus:g}, --cpus-per-actor) and a "
+            f"read task and a shard writer need {cfg.cpu_task_cpus + cfg.writer_cpus:g} more: {need:g} CPUs in all, "
+            "or the run would wait forever. Give more CPUs (--local-num-cpus for the embedded Ray), or lower "
+            "--cpus-per-actor or the MIN of --vae-actors / --text-actors")
+    gpu_need = vae.min_actors * vae.num_gpus + text.min_actors * text.num_gpus
+    if gpus is not None and gpu_need > gpus + 1e-9:
+        raise ResourceError(
+            f"{where}: {gpus:g} GPUs, but the encoder actor pools reserve {gpu_need:g} (--gpus-per-actor "
+            f"{max(vae.num_gpus, text.num_gpus):g} x the MIN of --vae-actors / --text-actors), so no actor could start; "
+            "lower --gpus-per-actor (0 on CPU) or run where the GPUs are")
+
+
+def _ensure_ray(address: str | None, local_num_cpus: float | None, connect_timeout_s: float = 30.0) -> bool:
     """Connect to Ray; returns True if this call started a local instance (to shut down later).
 
     A cluster named by `address` (or, when it is unset, by a non-empty ``RAY_ADDRESS``) is joined
     as it is: its bind addresses and its authentication (``RAY_AUTH_MODE`` and the token, as the
-    user's environment sets them) are the cluster's business. Otherwise ('local' or unset) this
-    starts a private local Ray whose whole process tree listens on 127.0.0.1 only.
+    user's environment sets them) are the cluster's business. Joining gives up after
+    `connect_timeout_s` (Ray itself retries an unreachable address for many minutes) with
+    `RayConnectError`. Otherwise ('local' or unset) this starts a private local Ray whose whole
+    process tree listens on 127.0.0.1 only.
+
+    Either way the process's SIGTERM handler stays what it was (ray.init would replace it with
+    one that exits with status 15 or 1), so SIGTERM keeps stopping the command like Ctrl-C.
     """
     import ray
 
     if ray.is_initialized():
         return False
-    if address is None:
-        address = os.environ.get("RAY_ADDRESS") or None
-    if address and address != "local":
-        ray.init(address=address, log_to_driver=False)
+    address, given_as = _ray_address(address)
+    if address is not None:
+        _join_ray(address, given_as, connect_timeout_s)
         return False
-    # Embedded default: at least 4 logical CPUs even on a 2-core machine, so fractional actor
-    # reservations never leave the read tasks without a slot (the pool would sit "pending").
-    _init_loopback_ray(local_num_cpus or max(4, os.cpu_count() or 1))
+    from ray._private import utils as ray_utils
+
+    saved = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+    # ray.init and the Node it starts each install a SIGTERM handler (sys.exit with 15 or 1) that
+    # would make a SIGTERM during start-up exit with another status: keep the process's handler.
+    set_handler = ray_utils.set_sigterm_handler
+    ray_utils.set_sigterm_handler = lambda handler: None
+    me = psutil.Process()
+    before = {c.pid for c in me.children(recursive=True)}
+    try:
+        _init_loopback_ray(embedded_num_cpus(local_num_cpus))
+    except BaseException:
+        # Stopped (SIGTERM, Ctrl-C) or failed half way: ray.shutdown knows the node only once
+        # ray.init has finished creating it, so also stop every process the start spawned
+        # (listed now, while the raylet's agents are still its children).
+        started = [c for c in _children(me) if c.pid not in before]
+        try:
+            if ray.is_initialized():
+                ray.shutdown()
+        except Exception:  # noqa: BLE001 - the original error is the one to report
+            log.exception("ray.shutdown after a failed start")
+        _stop(started)
+        raise
+    finally:
+        ray_utils.set_sigterm_handler = set_handler
+        if saved is not None:
+            signal.signal(signal.SIGTERM, saved)
     return True
+
+
+def _children(proc: "psutil.Process") -> list:
+    try:
+        return proc.children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def _stop(procs: list, grace_s: float = 5.0) -> None:
+    """SIGTERM `procs`, SIGKILL those still alive after `grace_s`."""
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+
+
+class _DropRayThreadWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("SIGTERM handler is not set")
+
+
+def _join_ray(address: str, given_as: str, timeout_s: float) -> None:
+    """ray.init(address) on a daemon thread, waited for at most `timeout_s` (interruptible)."""
+    import ray
+
+    result: dict = {}
+
+    def connect() -> None:
+        try:
+            ray.init(address=address, log_to_driver=False)
+            result["ok"] = True
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            result["error"] = exc
+
+    ray_logger = logging.getLogger("ray._private.worker")
+    quiet = _DropRayThreadWarning()
+    ray_logger.addFilter(quiet)  # the thread is on purpose: Ray's SIGTERM handler stays out
+    try:
+        thread = threading.Thread(target=connect, name="ray-connect", daemon=True)
+        thread.start()
+        thread.join(timeout_s)
+    finally:
+        ray_logger.removeFilter(quiet)
+    if thread.is_alive():
+        raise RayConnectError(
+            f"{given_as} {address}: no Ray cluster answered within {timeout_s:g} s (--ray-connect-timeout); check "
+            "the address (the head's GCS host:port, e.g. 10.0.0.5:6379, or 'auto') and that the cluster is up, or "
+            "leave --ray-address unset for the embedded local Ray")
+    error = result.get("error")
+    if isinstance(error, (ConnectionError, TimeoutError, ValueError, OSError)):
+        raise RayConnectError(f"{given_as} {address}: cannot join the Ray cluster ({type(error).__name__}: "
+                              f"{error})") from error
+    if error is not None:
+        raise error
 
 
 def _init_loopback_ray(num_cpus: float) -> None:
@@ -147,92 +331,153 @@ def _init_loopback_ray(num_cpus: float) -> None:
 
 
 def produce(req: ProduceRequest, on_progress: Callable[[ProducerCounts], None] | None = None) -> ProducerCounts:
-    """Run the producer to completion and return the counts over the whole input."""
-    import ray
+    """Run the producer to completion and return the counts over the whole input.
 
+    Everything a user can get wrong is checked before anything is written: the output path,
+    the input (listed whole), the encoders, the cache's recorded producer settings, the
+    resources of the embedded Ray, the metrics port and the connection to a cluster. Only then
+    is the cache created (if new) and its settings recorded. A cache whose partitions are all
+    committed already needs no Ray at all (a resume with nothing left to do).
+    """
     cfg = req.config
-    cache = init_cache(req.output)
-    storage = cache.storage
+    cache_exists = check_output(req.output)
+    items = list_inputs(req.input)
     encoders_dir = str(resolve_encoders_dir(req.encoders))
     enc_version = encoder_version(encoders_dir)
     run_id = uuid.uuid4().hex[:12]
-    items = list(open_source(req.input))
+    existing = open_cache(req.output).storage if cache_exists else None
+    plan = check_settings(existing, sample_settings(cfg, enc_version), encoders=req.encoders,
+                          new_version=req.new_settings_version)
     partitions = make_partitions(items, cfg.partition_size, enc_version + "|" + cfg.fingerprint())
     counts = ProducerCounts(inputs=len(items), partitions_total=len(partitions))
+    records = {p.partition_id: read_commit(existing, p.partition_id) for p in partitions} if existing else {}
+    todo = [p for p in partitions if records.get(p.partition_id) is None]
+    needs_ray = any(_needs_encoding(p) for p in todo)
+    embedded = _ray_address(req.ray_address)[0] is None
+    if needs_ray and embedded:  # before starting it: the GPUs it would see are the ones torch sees
+        import torch
+
+        check_resources(cfg, embedded_num_cpus(req.local_num_cpus), float(torch.cuda.device_count()),
+                        f"--local-num-cpus {req.local_num_cpus:g}" if req.local_num_cpus else
+                        f"the embedded Ray (max(4, cores) = {embedded_num_cpus(None):g} CPUs)")
     metrics = ProducerMetrics(port=req.metrics_port, host=req.metrics_host) if req.metrics_port is not None else ProducerMetrics()
-    status = StatusFile(storage, run_id)
+    started_ray = False
     try:
-        started_ray = _ensure_ray(req.ray_address, req.local_num_cpus)
-    except BaseException:
-        metrics.close()
-        raise
-    writes: dict = {}  # ObjectRef -> partition id
-    state = "failed"
-    try:
-        sweep_orphans(storage, grace_s=cfg.sweep_grace_s)
-        todo = []
-        for p in partitions:
-            record = read_commit(storage, p.partition_id)
-            if record is not None:
-                _account(counts, metrics, outcome_from_record(record, won=False), skipped=True)
-            else:
-                todo.append(p)
-        log.info("run %s: %d inputs in %d partitions, %d already committed, encoders %s (%s)", run_id, len(items),
-                 len(partitions), len(partitions) - len(todo), encoders_dir, enc_version)
-        remote_write = ray.remote(write_partition).options(num_cpus=cfg.writer_cpus, max_retries=cfg.writer_max_retries)
+        if needs_ray:
+            import ray
 
-        def finish_one(block: bool) -> None:
-            ready, _ = ray.wait(list(writes), num_returns=1, timeout=None if block else 0)
-            for ref in ready:
-                writes.pop(ref)
-                outcome: PartitionOutcome = ray.get(ref)
-                _account(counts, metrics, outcome, skipped=False)
-                if cfg.fault.kill_writer_at and cfg.fault.kill_scope == "driver" and counts.partitions_done - counts.partitions_skipped >= cfg.fault.after_partitions:
-                    os._exit(137)  # fault injection: the whole producer dies; rerun resumes
-
-        for w in range(0, len(todo), WINDOW_PARTITIONS):
-            window = todo[w : w + WINDOW_PARTITIONS]
-            ds = _build_dataset(window, req, cfg, encoders_dir, enc_version)
-            pending: dict[str, list[dict]] = {}
-            for row in ds.iter_rows():
-                pid = row["partition_id"]
-                rows = pending.setdefault(pid, [])
-                rows.append(dict(row))
-                if row["kind"] == "encode":
-                    counts.encoded += 1
-                    metrics.images_encoded.inc()
-                if len(rows) == int(row["partition_rows"]):
-                    rows = pending.pop(pid)
-                    n_inputs = len({r["input_id"] for r in rows})
-                    counts.read += n_inputs
-                    metrics.images_read.inc(n_inputs)
-                    while len(writes) >= cfg.max_inflight_partitions:
-                        finish_one(block=True)
-                    writes[remote_write.remote(req.output, pid, rows, encoder_version=enc_version, run_id=run_id,
-                                               fault=cfg.fault)] = pid
-                finish_one(block=False) if writes else None
-                queues = {"partitions_assembling": len(pending), "writes_inflight": len(writes)}
-                for name, depth in queues.items():
-                    metrics.queue_depth.labels(name).set(depth)
-                _poll_actors(metrics)
-                status.update(counts, "running", queues, metrics.port)
-                if on_progress:
-                    on_progress(counts)
-            if pending:
-                raise RuntimeError(f"partitions {sorted(pending)} lost rows in the pipeline (got fewer than emitted)")
-            while writes:
-                finish_one(block=True)
-                if on_progress:
-                    on_progress(counts)
-        sweep_orphans(storage, grace_s=cfg.sweep_grace_s)
-        cache.create_snapshot()
-        state = "finished"
+            started_ray = _ensure_ray(req.ray_address, req.local_num_cpus, req.ray_connect_timeout_s)
+            total = ray.cluster_resources()
+            check_resources(cfg, float(total.get("CPU", 0.0)), float(total.get("GPU", 0.0)),
+                            "the embedded Ray" if started_ray
+                            else f"the Ray cluster at {ray.get_runtime_context().gcs_address}")
+        cache = init_cache(req.output)
+        storage = cache.storage
+        settings_version = record_settings(storage, plan, run_id=run_id,
+                                           commits_before=0 if plan.action != "create" else len(storage.listdir("commits")))
+        status = StatusFile(storage, run_id)
+        state = "failed"
+        try:
+            _run(req, cfg, partitions, todo, records, counts, metrics, status, storage, encoders_dir, enc_version,
+                 run_id, on_progress)
+            sweep_orphans(storage, grace_s=cfg.sweep_grace_s)
+            cache.create_snapshot()
+            state = "finished"
+            log.info("run %s finished (producer settings version %d)", run_id, settings_version)
+        finally:
+            status.update(counts, state, {}, metrics.port, force=True)
     finally:
-        status.update(counts, state, {}, metrics.port, force=True)
         metrics.close()
         if started_ray:
+            import ray
+
             ray.shutdown()
     return counts
+
+
+def _run(req: ProduceRequest, cfg: ProducerConfig, partitions: list[Partition], todo: list[Partition], records: dict,
+         counts: ProducerCounts, metrics: ProducerMetrics, status: StatusFile, storage, encoders_dir: str,
+         enc_version: str, run_id: str, on_progress) -> None:
+    """Skip committed partitions, run the rest through Ray Data and the writers."""
+    sweep_orphans(storage, grace_s=cfg.sweep_grace_s)
+    # Commit records read before Ray started, or committed since by another producer.
+    todo_ids = set()
+    for p in partitions:
+        record = records.get(p.partition_id) or read_commit(storage, p.partition_id)
+        if record is not None:
+            _account(counts, metrics, outcome_from_record(record, won=False), skipped=True)
+        else:
+            todo_ids.add(p.partition_id)
+    todo = [p for p in todo if p.partition_id in todo_ids]
+    log.info("run %s: %d inputs in %d partitions, %d already committed, encoders %s (%s)", run_id, counts.inputs,
+             len(partitions), len(partitions) - len(todo), encoders_dir, enc_version)
+    # Partitions whose every input was rejected while listing need no reading, no encoders and
+    # no Ray: the driver writes their quarantine tables itself.
+    for p in [p for p in todo if not _needs_encoding(p)]:
+        rows = prepare_partition(_partition_row(p), cache_url=req.output, config=cfg, encoder_version=enc_version)
+        counts.read += len(p.items)
+        metrics.images_read.inc(len(p.items))
+        _account(counts, metrics, write_partition(req.output, p.partition_id, rows, encoder_version=enc_version,
+                                                  run_id=run_id, fault=FaultConfig()), skipped=False)
+    todo = [p for p in todo if _needs_encoding(p)]
+    if not todo:
+        return
+    import ray
+
+    writes: dict = {}  # ObjectRef -> partition id
+    remote_write = ray.remote(write_partition).options(num_cpus=cfg.writer_cpus, max_retries=cfg.writer_max_retries)
+
+    def finish_one(block: bool) -> None:
+        ready, _ = ray.wait(list(writes), num_returns=1, timeout=None if block else 0)
+        for ref in ready:
+            writes.pop(ref)
+            outcome: PartitionOutcome = ray.get(ref)
+            _account(counts, metrics, outcome, skipped=False)
+            if cfg.fault.kill_writer_at and cfg.fault.kill_scope == "driver" and counts.partitions_done - counts.partitions_skipped >= cfg.fault.after_partitions:
+                os._exit(137)  # fault injection: the whole producer dies; rerun resumes
+
+    for w in range(0, len(todo), WINDOW_PARTITIONS):
+        window = todo[w : w + WINDOW_PARTITIONS]
+        ds = _build_dataset(window, req, cfg, encoders_dir, enc_version)
+        pending: dict[str, list[dict]] = {}
+        for row in ds.iter_rows():
+            pid = row["partition_id"]
+            rows = pending.setdefault(pid, [])
+            rows.append(dict(row))
+            if row["kind"] == "encode":
+                counts.encoded += 1
+                metrics.images_encoded.inc()
+            if len(rows) == int(row["partition_rows"]):
+                rows = pending.pop(pid)
+                n_inputs = len({r["input_id"] for r in rows})
+                counts.read += n_inputs
+                metrics.images_read.inc(n_inputs)
+                while len(writes) >= cfg.max_inflight_partitions:
+                    finish_one(block=True)
+                writes[remote_write.remote(req.output, pid, rows, encoder_version=enc_version, run_id=run_id,
+                                           fault=cfg.fault)] = pid
+            finish_one(block=False) if writes else None
+            queues = {"partitions_assembling": len(pending), "writes_inflight": len(writes)}
+            for name, depth in queues.items():
+                metrics.queue_depth.labels(name).set(depth)
+            _poll_actors(metrics)
+            status.update(counts, "running", queues, metrics.port)
+            if on_progress:
+                on_progress(counts)
+        if pending:
+            raise RuntimeError(f"partitions {sorted(pending)} lost rows in the pipeline (got fewer than emitted)")
+        while writes:
+            finish_one(block=True)
+            if on_progress:
+                on_progress(counts)
+
+
+def _needs_encoding(p: Partition) -> bool:
+    return any(not it.rejected for it in p.items)
+
+
+def _partition_row(p: Partition) -> dict:
+    return {"partition_id": p.partition_id, "items_json": json.dumps([it.to_dict() for it in p.items])}
 
 
 def _account(counts: ProducerCounts, metrics: ProducerMetrics, o: PartitionOutcome, skipped: bool) -> None:
@@ -280,7 +525,7 @@ def _build_dataset(window: list[Partition], req: ProduceRequest, cfg: ProducerCo
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.execution_options.preserve_order = False
-    rows = [{"partition_id": p.partition_id, "items_json": json.dumps([it.to_dict() for it in p.items])} for p in window]
+    rows = [_partition_row(p) for p in window]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
     ds = ds.flat_map(prepare_partition, num_cpus=cfg.cpu_task_cpus,
                      fn_kwargs={"cache_url": req.output, "config": cfg, "encoder_version": enc_version})

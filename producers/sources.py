@@ -15,6 +15,13 @@ Kinds, picked by `open_source` from the ``--input`` string:
 Every path goes through fsspec, so ``s3://...`` works wherever the backend is installed. Each
 input gets a stable `InputItem.input_id`, so partitions (and their commit records) are the same
 on every rerun over the same input.
+
+Faults of the source as a whole (it does not exist, a manifest without an image or caption
+column, a file that is not a readable tar / Parquet / JSONL / CSV, no inputs at all, a bad
+``synthetic:`` query) raise `SourceError` before anything is written. Faults of one input that
+show at listing time (a manifest row whose image is not a path string, a caption value that is
+not text, a second image under one WebDataset key) become an item with `InputItem.rejected`
+set, which the CPU stage records as a quarantine row with that reason.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import posixpath
 import tarfile
 from dataclasses import dataclass
@@ -33,6 +41,12 @@ import fsspec
 from megatron_qwenimage.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif")
+#: Manifest columns naming the (target) image, in order of preference; the first present is used.
+IMAGE_COLUMNS = ("image", "target_image", "path")
+#: Manifest columns holding the caption (t2i) or instruction (edit); the first present is used.
+CAPTION_COLUMNS = ("caption", "instruction")
+#: Query keys of ``synthetic:text?...``.
+SYNTHETIC_KEYS = ("n", "seed")
 
 
 class SourceError(UserError, ValueError):
@@ -46,21 +60,32 @@ class InputItem:
     Attributes:
         input_id: stable id, unique within the source.
         image_uri: fsspec URL of the (target) image, or a ``tar://`` / ``synthetic:`` locator.
-        caption: inline caption (str or raw bytes); None with `caption_uri` or when missing.
+        caption: inline caption (str); None with `caption_uri` or when missing.
         caption_uri: fsspec URL of a caption file (sidecar); a missing file = missing caption.
         task: "t2i" or "edit".
         condition_uri: edit source image; None for t2i.
         tar_member: (offset, size) of the image bytes inside `image_uri`'s tar (webdataset).
+        caption_member: (offset, size) of the caption bytes inside `caption_uri`'s tar.
+        label: what names the input in the cache (``source_uri``) and in messages when
+            `image_uri` alone does not (``shard.tar#key``, ``manifest.jsonl#row=3``); None: `image_uri`.
+        rejected: (reason, detail) when the listing already knows the input cannot be used: it
+            is quarantined with that reason without being read.
     """
 
     input_id: str
     image_uri: str
-    caption: str | bytes | None = None
+    caption: str | None = None
     caption_uri: str | None = None
     task: str = "t2i"
     condition_uri: str | None = None
     tar_member: tuple[int, int] | None = None
     caption_member: tuple[int, int] | None = None
+    label: str | None = None
+    rejected: tuple[str, str] | None = None
+
+    @property
+    def source_uri(self) -> str:
+        return self.label or self.image_uri
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -75,14 +100,18 @@ def read_uri_bytes(uri: str, member: tuple[int, int] | None = None) -> bytes:
         return f.read(member[1])
 
 
+def list_inputs(spec: str) -> list[InputItem]:
+    """Every input of `spec`, listed eagerly; `SourceError` if there are none."""
+    items = list(open_source(spec))
+    if not items:
+        raise SourceError(f"--input {spec}: no inputs found")
+    return items
+
+
 def open_source(spec: str) -> Iterator[InputItem]:
     """Items of the source named by `spec` (see the module docstring), in a stable order."""
     if spec.startswith("synthetic:"):
-        from producers.synthetic import synthetic_items
-
-        kind, _, query = spec[len("synthetic:"):].partition("?")
-        params = {k: v[-1] for k, v in parse_qs(query).items()}
-        return synthetic_items(kind or "text", n=int(params.get("n", 64)), seed=int(params.get("seed", 0)))
+        return _synthetic_source(spec)
     fs, path = fsspec.core.url_to_fs(spec)
     proto = spec.split("://")[0] + "://" if "://" in spec else ""
     if not fs.exists(path):
@@ -91,34 +120,137 @@ def open_source(spec: str) -> Iterator[InputItem]:
     if lower.endswith((".parquet", ".jsonl", ".csv")):
         return _manifest_items(fs, path, proto)
     if lower.endswith(".tar"):
-        return _webdataset_items(fs, [path], proto)
+        return _webdataset_items(fs, [path], proto, spec)
     if fs.isdir(path):
-        names = [posixpath.basename(p) for p in fs.ls(path, detail=False)]
-        if names and all(n.lower().endswith(".tar") for n in names):
-            return _webdataset_items(fs, sorted(posixpath.join(path, n) for n in names), proto)
-        return _folder_items(fs, path, proto)
+        names = [posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)]
+        if not names:
+            raise SourceError(f"--input {spec}: the folder is empty (expected images with .txt sidecars or "
+                              "captions.jsonl/csv, or WebDataset .tar shards)")
+        if all(n.lower().endswith(".tar") for n in names):
+            return _webdataset_items(fs, sorted(posixpath.join(path, n) for n in names), proto, spec)
+        return _folder_items(fs, path, proto, spec)
     raise SourceError(f"--input {spec}: expected a folder, a .parquet/.jsonl/.csv manifest, a .tar shard or synthetic:")
 
 
-def _read_table_rows(fs, path: str) -> list[dict]:
+def _synthetic_source(spec: str) -> Iterator[InputItem]:
+    from producers.synthetic import KINDS, synthetic_items
+
+    kind, _, query = spec[len("synthetic:"):].partition("?")
+    kind = kind or "text"
+    if kind not in KINDS:
+        raise SourceError(f"--input {spec}: unknown synthetic source {kind!r}; available: "
+                          + ", ".join(f"synthetic:{k}" for k in KINDS))
+    try:
+        params = parse_qs(query, keep_blank_values=True, strict_parsing=bool(query))
+    except ValueError as exc:
+        raise SourceError(f"--input {spec}: malformed query {query!r} ({exc}); expected e.g. "
+                          "synthetic:text?n=64&seed=0") from None
+    unknown = sorted(set(params) - set(SYNTHETIC_KEYS))
+    if unknown:
+        raise SourceError(f"--input {spec}: unknown query key{'s' if len(unknown) > 1 else ''} "
+                          f"{', '.join(map(repr, unknown))}; known keys: {', '.join(SYNTHETIC_KEYS)}")
+    values = {}
+    for key, default, minimum in (("n", 64, 1), ("seed", 0, None)):
+        given = params.get(key)
+        if given is None:
+            values[key] = default
+            continue
+        if len(given) > 1:
+            raise SourceError(f"--input {spec}: query key {key!r} is given {len(given)} times; give it once")
+        try:
+            values[key] = int(given[0])
+        except ValueError:
+            raise SourceError(f"--input {spec}: {key}={given[0]!r} is not an integer") from None
+        if minimum is not None and values[key] < minimum:
+            raise SourceError(f"--input {spec}: {key}={values[key]}: expected an integer >= {minimum}")
+    return synthetic_items(kind, n=values["n"], seed=values["seed"])
+
+
+# --- tables (manifests and caption indexes) ------------------------------------------------
+def _read_table(fs, path: str) -> tuple[list[dict], list[str]]:
+    """Rows and column names of a .parquet / .jsonl / .csv file; `SourceError` naming it if unreadable."""
     lower = path.lower()
-    with fs.open(path, "rb") as f:
-        data = f.read()
+    try:
+        with fs.open(path, "rb") as f:
+            data = f.read()
+    except IsADirectoryError:
+        raise SourceError(f"{path}: is a directory, expected a {posixpath.splitext(lower)[1]} table") from None
+    except OSError as exc:
+        raise SourceError(f"{path}: cannot be read ({type(exc).__name__}: {exc})") from None
     if lower.endswith(".parquet"):
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        return pq.read_table(io.BytesIO(data)).to_pylist()
-    text = data.decode("utf-8")
+        try:
+            table = pq.read_table(io.BytesIO(data))
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise SourceError(f"{path}: not a readable Parquet file ({type(exc).__name__}: {exc})") from None
+        return table.to_pylist(), list(table.column_names)
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise SourceError(f"{path}:{line}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     if lower.endswith(".jsonl"):
-        rows = []
+        rows, columns = [], {}
         for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise SourceError(f"{path}:{n}: not a JSON object ({exc})") from exc
-        return rows
-    return list(csv.DictReader(io.StringIO(text)))
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise SourceError(f"{path}:{n}: not a JSON object ({exc})") from None
+            if not isinstance(row, dict):
+                raise SourceError(f"{path}:{n}: expected a JSON object per line, got a JSON {type(row).__name__}")
+            rows.append(row)
+            columns.update(dict.fromkeys(row))
+        return rows, list(columns)
+    try:
+        reader = csv.DictReader(io.StringIO(text))
+        rows = list(reader)
+    except csv.Error as exc:
+        raise SourceError(f"{path}:{reader.line_num}: malformed CSV ({exc})") from None
+    return rows, [c for c in (reader.fieldnames or []) if c is not None]
+
+
+def printable(text: str) -> str:
+    """`text` with anything UTF-8 cannot hold (lone surrogates: file names that are not UTF-8,
+    JSON escapes like ``\\ud800``) written as backslash escapes: safe for ids, labels and Parquet."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _ref_problem(value) -> str | None:
+    """Why a manifest cell cannot name an image, or None."""
+    if _missing(value) or value == "":
+        return "is empty"
+    if not isinstance(value, str):
+        return f"is {_describe(value)}"
+    if "\x00" in value:
+        return f"contains a NUL character ({printable(value)!r})"
+    return None
+
+
+def _missing(value) -> bool:
+    """None, or a float NaN (how pandas writes a missing value into a numeric column)."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _describe(value) -> str:
+    """``an int (7)``, ``a list (['a', 'b'])``: what a cell holds, for messages."""
+    name, text = type(value).__name__, repr(value)
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name} ({text[:40] + '...' if len(text) > 40 else text})"
+
+
+def _caption_value(value, where: str) -> tuple[str | None, tuple[str, str] | None]:
+    """A caption cell -> (caption, None) or (None, (reason, detail)) when it is not text."""
+    if _missing(value) or isinstance(value, str):
+        return (None if _missing(value) else value), None
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8"), None
+        except UnicodeDecodeError as exc:
+            return None, ("undecodable_caption", f"{where}: caption is not valid UTF-8 ({exc})")
+    return None, ("caption_not_text", f"{where}: caption is {_describe(value)}, expected a string")
 
 
 def _resolve(base_dir: str, proto: str, ref: str) -> str:
@@ -128,40 +260,78 @@ def _resolve(base_dir: str, proto: str, ref: str) -> str:
 
 
 def _manifest_items(fs, path: str, proto: str) -> Iterator[InputItem]:
+    rows, columns = _read_table(fs, path)
+    image_col = next((c for c in IMAGE_COLUMNS if c in columns), None)
+    caption_col = next((c for c in CAPTION_COLUMNS if c in columns), None)
+    for what, col, names in (("image", image_col, IMAGE_COLUMNS), ("caption", caption_col, CAPTION_COLUMNS)):
+        if col is None:
+            raise SourceError(f"{proto}{path}: manifest has no {what} column (expected one of "
+                              f"{', '.join(names)}); columns found: {', '.join(columns) or 'none'}")
+    if not rows:
+        raise SourceError(f"{proto}{path}: manifest has no rows")
     base = posixpath.dirname(path)
-    for i, row in enumerate(_read_table_rows(fs, path)):
-        image = row.get("image") or row.get("target_image") or row.get("path")
-        if not image:
-            raise SourceError(f"{path}: row {i} has no 'image' column value")
-        source = row.get("source_image")
-        caption = row.get("caption", row.get("instruction"))
+    for i, row in enumerate(rows):
+        label = f"{proto}{path}#row={i}"
+        image, source = row.get(image_col), row.get("source_image")
+        problem = None
+        for col, value in ((image_col, image), ("source_image", source)):
+            if col == "source_image" and (_missing(value) or value == ""):
+                continue
+            why = _ref_problem(value)
+            if why:
+                problem = ("invalid_image_ref", f"{label}: column {col!r} {why}; expected an image path or URL string")
+                break
+        if problem:
+            name = printable(image.replace("\x00", "\\0")) if isinstance(image, str) else f"<{type(image).__name__}>"
+            yield InputItem(input_id=f"{i:09d}:{name}", image_uri=label, label=label, rejected=problem)
+            continue
+        caption, rejected = _caption_value(row.get(caption_col), f"{label} ({printable(image)})")
+        is_edit = isinstance(source, str) and source != ""
+        image_uri = _resolve(base, proto, image)
         yield InputItem(
-            input_id=f"{i:09d}:{image}",
-            image_uri=_resolve(base, proto, image),
+            input_id=printable(f"{i:09d}:{image}"),
+            image_uri=image_uri,
             caption=caption,
-            task="edit" if source else "t2i",
-            condition_uri=_resolve(base, proto, source) if source else None,
+            task="edit" if is_edit else "t2i",
+            condition_uri=_resolve(base, proto, source) if is_edit else None,
+            label=None if printable(image_uri) == image_uri else printable(image_uri),
+            rejected=rejected,
         )
 
 
-def _folder_items(fs, path: str, proto: str) -> Iterator[InputItem]:
+def _folder_items(fs, path: str, proto: str, spec: str) -> Iterator[InputItem]:
     files = sorted(fs.find(path))
-    index = {}
+    index: dict[str, object] = {}
     for name in ("captions.jsonl", "captions.csv"):
         candidate = posixpath.join(path, name)
         if fs.exists(candidate):
-            for row in _read_table_rows(fs, candidate):
+            rows, columns = _read_table(fs, candidate)
+            missing = [c for c in ("path", "caption") if c not in columns]
+            if missing:
+                raise SourceError(f"{proto}{candidate}: caption index has no {' or '.join(map(repr, missing))} "
+                                  f"column (expected path, caption); columns found: {', '.join(columns) or 'none'}")
+            for i, row in enumerate(rows):
+                if not isinstance(row.get("path"), str):
+                    raise SourceError(f"{proto}{candidate}: row {i}: column 'path' is {_describe(row.get('path'))}, "
+                                      "expected the image's path relative to the folder")
                 index[row["path"]] = row.get("caption")
             break
+    items = []
     for full in files:
         rel = posixpath.relpath(full, path)
         if not rel.lower().endswith(IMAGE_EXTENSIONS) and not _looks_like_input(rel, files):
             continue
+        label = None if printable(full) == full else printable(proto + full)  # a file name that is not UTF-8
         if index:
-            yield InputItem(rel, proto + full, caption=index.get(rel))
+            caption, rejected = _caption_value(index.get(rel), printable(proto + full))
+            items.append(InputItem(printable(rel), proto + full, caption=caption, label=label, rejected=rejected))
         else:
             stem = posixpath.splitext(full)[0]
-            yield InputItem(rel, proto + full, caption_uri=proto + stem + ".txt")
+            items.append(InputItem(printable(rel), proto + full, caption_uri=proto + stem + ".txt", label=label))
+    if not items:
+        raise SourceError(f"--input {spec}: no inputs in the folder ({len(files)} files, none an image "
+                          f"({', '.join(IMAGE_EXTENSIONS)}) or a file with a .txt caption sidecar)")
+    return iter(items)
 
 
 def _looks_like_input(rel: str, files: list[str]) -> bool:
@@ -174,9 +344,10 @@ def _looks_like_input(rel: str, files: list[str]) -> bool:
     return any(f.endswith("/" + stem + ".txt") or f == stem + ".txt" for f in files)
 
 
-def _webdataset_items(fs, tars: list[str], proto: str) -> Iterator[InputItem]:
-    for tar_path in tars:
-        groups: dict[str, dict[str, tuple[int, int]]] = {}
+def _tar_groups(fs, tar_path: str, spec: str) -> dict[str, list[tuple[str, tuple[int, int]]]]:
+    """key -> [(extension, (offset, size)), ...] in tar order; `SourceError` if not a readable tar."""
+    groups: dict[str, list[tuple[str, tuple[int, int]]]] = {}
+    try:
         with fs.open(tar_path, "rb") as f:
             with tarfile.open(fileobj=f, mode="r|") as tf:
                 for member in tf:
@@ -185,15 +356,40 @@ def _webdataset_items(fs, tars: list[str], proto: str) -> Iterator[InputItem]:
                     base = posixpath.basename(member.name)
                     key = posixpath.join(posixpath.dirname(member.name), base.split(".", 1)[0])
                     ext = "." + base.split(".", 1)[1].lower() if "." in base else ""
-                    groups.setdefault(key, {})[ext] = (member.offset_data, member.size)
+                    groups.setdefault(key, []).append((ext, (member.offset_data, member.size)))
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise SourceError(f"--input {spec}: {tar_path} is not a readable tar archive ({type(exc).__name__}: {exc}); "
+                          "repair it or move it out of the input") from None
+    return groups
+
+
+def _webdataset_items(fs, tars: list[str], proto: str, spec: str) -> Iterator[InputItem]:
+    items = []
+    for tar_path in tars:
         uri = proto + tar_path
-        for key, parts in groups.items():
-            image_ext = next((e for e in parts if e in IMAGE_EXTENSIONS), None)
-            caption_ext = next((e for e in (".txt", ".caption") if e in parts), None)
-            yield InputItem(
-                input_id=f"{posixpath.basename(tar_path)}/{key}",
-                image_uri=uri if image_ext else f"{uri}#{key}(no image member)",
-                tar_member=parts[image_ext] if image_ext else None,
-                caption_uri=uri if caption_ext else None,
-                caption_member=parts[caption_ext] if caption_ext else None,
-            )
+        tar_name = printable(posixpath.basename(tar_path))
+        for key, parts in _tar_groups(fs, tar_path, spec).items():
+            images = [(ext, member) for ext, member in parts if ext in IMAGE_EXTENSIONS]
+            caption = next(((ext, m) for want in (".txt", ".caption") for ext, m in parts if ext == want), None)
+            label = printable(f"{uri}#{key}")
+            key = printable(key)
+            if not images:
+                items.append(InputItem(
+                    input_id=f"{tar_name}/{key}", image_uri=label, label=label,
+                    rejected=("missing_file", f"{label}: no image member ({', '.join(IMAGE_EXTENSIONS)}) under this key")))
+                continue
+            (first_ext, first), extra = images[0], images[1:]
+            items.append(InputItem(
+                input_id=f"{tar_name}/{key}", image_uri=uri, tar_member=first, label=label,
+                caption_uri=uri if caption else None, caption_member=caption[1] if caption else None,
+            ))
+            for ext, member in extra:  # one sample per key: a second image is counted, not dropped
+                extra_label = printable(f"{uri}#{key}{ext}@{member[0]}")
+                items.append(InputItem(
+                    input_id=printable(f"{tar_name}/{key}{ext}@{member[0]}"), image_uri=uri, tar_member=member, label=extra_label,
+                    rejected=("extra_image", f"{extra_label}: a second image member under key {key!r} "
+                                             f"(the key's sample uses its {first_ext} member); one image per key")))
+    if not items:
+        raise SourceError(f"--input {spec}: no samples in {len(tars)} tar file{'s' if len(tars) != 1 else ''} "
+                          "(no member files)")
+    return iter(items)

@@ -27,7 +27,7 @@ from megatron_qwenimage.data.storage import CacheStorage
 from producers.config import ProducerConfig
 from producers.dedup import CLAIMS_DIR, CommittedContent, claim_content  # noqa: F401 (CLAIMS_DIR: re-export)
 from producers.images import Rejected, decode_caption, decode_image, nearest_bucket, resize_center_crop
-from producers.sources import InputItem, read_uri_bytes
+from producers.sources import InputItem, printable, read_uri_bytes
 from producers.synthetic import URI_PREFIX, read_synthetic
 
 
@@ -45,26 +45,35 @@ def empty_row() -> dict:
     }
 
 
-def _read_image_bytes(uri: str, member) -> bytes:
+def _read_image_bytes(uri: str, member, label: str | None = None) -> bytes:
+    """Bytes of an image (`member` inside a tar); `label` names it in rejections (default `uri`)."""
     if uri.startswith(URI_PREFIX):
         return read_synthetic(uri)
+    label = label or uri
     try:
         return read_uri_bytes(uri, tuple(member) if member else None)
     except FileNotFoundError:
-        raise Rejected("missing_file", f"{uri}: file not found") from None
+        raise Rejected("missing_file", f"{label}: file not found") from None
     except IsADirectoryError:
-        raise Rejected("missing_file", f"{uri}: is a directory, not an image file") from None
-    except OSError as exc:
-        raise Rejected("read_error", f"{uri}: {type(exc).__name__}: {exc}") from None
+        raise Rejected("missing_file", f"{label}: is a directory, not an image file") from None
+    except (OSError, ValueError) as exc:  # ValueError: a path the OS refuses (e.g. embedded NUL)
+        raise Rejected("read_error", printable(f"{label}: {type(exc).__name__}: {exc}")) from None
 
 
 def _read_caption(item: InputItem):
+    """The inline caption, or the sidecar's bytes; None when there is neither. A sidecar that
+    exists but cannot be read is `Rejected` (``unreadable_caption``) naming it."""
     if item.caption is not None or item.caption_uri is None:
         return item.caption
+    where = printable(f"{item.source_uri}: caption {'member of ' if item.caption_member else 'sidecar '}{item.caption_uri}")
     try:
         return read_uri_bytes(item.caption_uri, tuple(item.caption_member) if item.caption_member else None)
     except FileNotFoundError:
         return None
+    except IsADirectoryError:
+        raise Rejected("unreadable_caption", f"{where} is a directory, not a text file") from None
+    except (OSError, ValueError) as exc:  # ValueError: a path the OS refuses (e.g. embedded NUL)
+        raise Rejected("unreadable_caption", printable(f"{where} cannot be read ({type(exc).__name__}: {exc})")) from None
 
 
 def _vl_size(h: int, w: int, side: int) -> tuple[int, int]:
@@ -84,13 +93,19 @@ def prepare_partition(row: dict, *, cache_url: str, config: ProducerConfig, enco
     committed = CommittedContent(storage)
     out: list[dict] = []
     for item in items:
+        uri = item.source_uri
+        cond_label = printable(item.condition_uri or "")
         base = empty_row() | {"partition_id": partition_id, "partition_inputs": len(items), "input_id": item.input_id,
-                              "source_uri": item.image_uri, "condition_uri": item.condition_uri or "", "task": item.task}
+                              "source_uri": uri, "condition_uri": cond_label, "task": item.task}
+        if item.rejected:  # known bad at listing time (e.g. a manifest cell that is not a path)
+            reason, detail = item.rejected
+            out.append(base | {"kind": "quarantine", "reason": reason, "detail": detail})
+            continue
         t0 = time.perf_counter()
         try:
-            data = _read_image_bytes(item.image_uri, item.tar_member)
-            cond_data = _read_image_bytes(item.condition_uri, None) if item.task == "edit" else b""
-            caption = decode_caption(_read_caption(item), uri=item.image_uri)
+            data = _read_image_bytes(item.image_uri, item.tar_member, uri)
+            cond_data = _read_image_bytes(item.condition_uri, None, cond_label) if item.task == "edit" else b""
+            caption = decode_caption(_read_caption(item), uri=uri)
             t_read = time.perf_counter() - t0
             content_hash = hashlib.sha256(
                 hashlib.sha256(data).digest() + hashlib.sha256(cond_data).digest()
@@ -108,10 +123,10 @@ def prepare_partition(row: dict, *, cache_url: str, config: ProducerConfig, enco
                 continue
             seen[content_hash] = item.input_id
             t1 = time.perf_counter()
-            decoded = decode_image(data, uri=item.image_uri, min_side_px=config.min_side_px, max_pixels=config.max_pixels)
+            decoded = decode_image(data, uri=uri, min_side_px=config.min_side_px, max_pixels=config.max_pixels)
             cond = None
             if item.task == "edit":
-                cond = decode_image(cond_data, uri=item.condition_uri, min_side_px=config.min_side_px,
+                cond = decode_image(cond_data, uri=cond_label, min_side_px=config.min_side_px,
                                     max_pixels=config.max_pixels)
                 vh, vw = _vl_size(cond.height, cond.width, config.edit_vl_area_px)
                 vl = resize_center_crop(cond.pixels, _AnyBucket(vh, vw))

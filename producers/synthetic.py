@@ -19,9 +19,11 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from producers.sources import InputItem
+from producers.sources import InputItem, SourceError
 
 URI_PREFIX = "synthetic:text/"
+#: Kinds of ``synthetic:KIND?...`` inputs.
+KINDS = ("text",)
 _WORDS = ["Qwen", "Image", "render", "typography", "Megatron", "latent", "poster", "OPEN", "sale", "42", "2026",
           "café", "naïve", "Straße", "Ωmega", "data", "shard", "flow", "glyph", "kerning"]
 _CJK = ["通义千问", "图像生成", "你好世界", "文字渲染", "数据集", "日本語", "한국어"]
@@ -103,8 +105,15 @@ def render(index: int, seed: int) -> tuple[bytes, str]:
 
 
 def synthetic_items(kind: str, n: int, seed: int) -> Iterator[InputItem]:
-    if kind != "text":
-        raise ValueError(f"synthetic:{kind}: only synthetic:text is available")
+    if kind not in KINDS:
+        raise SourceError(f"synthetic:{kind}: unknown synthetic source; available: "
+                          + ", ".join(f"synthetic:{k}" for k in KINDS))
+    if n < 1:
+        raise SourceError(f"synthetic:{kind}?n={n}: expected n >= 1 inputs")
+    return _items(n, seed)
+
+
+def _items(n: int, seed: int) -> Iterator[InputItem]:
     for i in range(n):
         _, caption = render(i, seed)
         yield InputItem(input_id=f"synthetic-text-{seed}-{i:07d}", image_uri=f"{URI_PREFIX}{seed}/{i}", caption=caption)
