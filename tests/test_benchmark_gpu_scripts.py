@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -51,8 +53,134 @@ def test_gpu_run_records_every_variant_on_cpu(tmp_path):
     assert "CUDA" in skipped["diffusers_torchao_fp8_compile"]
     assert "CUDA" in skipped["ours_te_fp8_delayed"]  # the profile
     assert skipped["diffusers_compile"] == "--skip-compile"
+    # Per-block CUDA graphs need the hardware: skipped saying so, at the main shape and the buckets.
+    graph_skips = [r for r in records if r.get("variant") in ("ours_te_fp8_delayed_graphs", "ours_te_bf16_graphs")]
+    assert {(r["variant"], r["shape"]) for r in graph_skips} == {
+        ("ours_te_fp8_delayed_graphs", "64px_b2_t16"), ("ours_te_bf16_graphs", "64px_b2_t16"),
+        ("ours_te_fp8_delayed_graphs", "96px_b2_t16")}
+    assert all("CUDA GPU" in r["skipped"] and "CUDA graphs" in r["skipped"] for r in graph_skips)
+    # FP8 with its weights re-quantized every step, the graphs' eager counterpart (stand-in: no FP8 here)
+    nocache = by[("step", "ours_te_fp8_delayed_nocache", "64px_b2_t16")]
+    assert nocache["step_ms"] > 0 and nocache["fp8_weights"] == "re-quantized every step"
+    for variant in ("diffusers_eager", "ours_te_fp8_delayed", "ours_te_fp8_delayed_nocache"):
+        assert by[("step", variant, "96px_b2_t16")]["step_ms"] > 0  # a bucket
     summary = records[-1]
     assert summary["what"] == "summary" and summary["vs_diffusers_eager"]["ours_te_bf16"] > 0
+    assert summary["graphs_vs_eager"]["ours_te_bf16_graphs_vs_ours_te_bf16"] is None  # skipped, not invented
+    assert summary["buckets"]["96px_b2_t16"]["vs_diffusers_eager"]["ours_te_fp8_delayed_nocache"] > 0
+
+
+def test_gpu_run_graph_variants_code_path_on_cpu(tmp_path):
+    """``--graphs-standin``: the graph variants' whole code path (eager warm-up, recorded block
+    calls, the tensors-only wrappers installed in the model, parity, timing, release), with the
+    capture replaced by calling the blocks eagerly; and ``--skip`` / ``--buckets`` honoured."""
+    out = tmp_path / "gpu.jsonl"
+    proc = _run("run.py", "--tiny", "--skip-compile", "--te-standin-local", "--graphs-standin",
+                "--skip", "te_fp8,padded,local,dist_opt,profile", "--buckets", "96", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = _records(out)
+    assert not [r for r in records if "error" in r], [r for r in records if "error" in r]
+    env = records[0]
+    assert env["skip"] == ["dist_opt", "local", "padded", "profile", "te_fp8"] and env["buckets"] == ["96:2"]
+    steps = {(r["variant"], r["shape"]): r for r in records if r["what"] == "step"}
+    # skipped parts leave no trace; the anchors stay
+    assert not any(v in ("ours_te_fp8_delayed", "ours_local") or "+pad" in s for v, s in steps)
+    assert steps[("diffusers_eager", "64px_b2_t16")]["step_ms"] > 0
+    assert steps[("diffusers_eager", "96px_b2_t16")]["step_ms"] > 0
+    for variant, shapes in (("ours_te_fp8_delayed_graphs", ("64px_b2_t16", "96px_b2_t16")),
+                            ("ours_te_bf16_graphs", ("64px_b2_t16",))):
+        for shape in shapes:
+            step = steps[(variant, shape)]
+            assert step["step_ms"] > 0 and step["graphs"] == 2 and step["standin"] is True
+            parity = next(r for r in records if r["what"] == "parity" and r["variant"] == variant
+                          and r["shape"] == shape)
+            assert parity["standin"] and parity["finite"] and parity["grads_missing"] == 0
+            # through the wrappers, the same computation as eager: no further from it than eager
+            # from itself (both exact on CPU)
+            for key in ("out_max_abs", "grad_max_rel", "loss_abs_diff"):
+                assert parity[key] <= parity[f"{key}_eager_repeat"] + 1e-7, (key, parity)
+            assert math.isfinite(parity["loss"]) and parity["loss"] > 0
+    summary = records[-1]
+    assert summary["graphs_vs_eager"]["ours_te_bf16_graphs_vs_ours_te_bf16"] > 0
+    assert summary["graphs_vs_eager"]["ours_te_fp8_delayed_graphs_vs_ours_te_fp8_delayed_nocache"] > 0
+    assert summary["vs_diffusers_eager"]["ours_te_fp8_delayed_graphs"] > 0
+    assert summary["buckets"]["96px_b2_t16"]["graphs_vs_nocache"] > 0
+    assert summary["targets_graphs"]["ours_te_fp8_delayed_graphs_vs_diffusers_compile (>=1.5)"] is None  # no anchor
+
+
+def test_gpu_run_rejects_unknown_parts_and_buckets():
+    proc = _run("run.py", "--tiny", "--skip", "te_fp8,graphs")
+    assert proc.returncode != 0 and "unknown part(s) ['graphs']" in proc.stderr and "te_fp8_graphs" in proc.stderr
+    proc = _run("run.py", "--tiny", "--buckets", "700")
+    assert proc.returncode != 0 and "--buckets '700'" in proc.stderr
+
+
+def _run_module():
+    """benchmarks/gpu/run.py imported (its dataclasses need it registered in sys.modules)."""
+    import importlib.util
+
+    if "gpu_bench_run" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("gpu_bench_run", ROOT / "benchmarks" / "gpu" / "run.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    return sys.modules["gpu_bench_run"]
+
+
+def test_gpu_run_flags_parse():
+    run = _run_module()
+    assert run.parse_skip("te_fp8, padded,,") == {"te_fp8", "padded"}
+    assert run.parse_skip("") == frozenset()
+    with pytest.raises(SystemExit, match="te_bf16_graphs"):
+        run.parse_skip("help")
+    assert run.parse_buckets("640,1328:4, 256") == [(640, 8), (1328, 4), (256, 32)]
+    for bad in ("650", "abc", "640:0", "100:2"):
+        with pytest.raises(SystemExit):
+            run.parse_buckets(bad)
+    args = run.resolve(run.build_parser().parse_args(["--skip", "local", "--buckets", "640"]))
+    assert args.skip == {"local"} and args.buckets == [(640, 8)] and args.res == 1024
+    assert run.resolve(run.build_parser().parse_args(["--tiny"])).buckets == [(64, 2), (96, 2)]
+
+
+def test_gpu_run_summary_with_graph_records():
+    run = _run_module()
+
+    def step(variant, ms, res=1024, fwd_bwd=None, padded=0):
+        r = {"what": "step", "variant": variant, "res": res, "shape": f"{res}px", "padded_text": padded,
+             "step_ms": ms}
+        if fwd_bwd:
+            r["fwd_bwd_ms"] = fwd_bwd
+        return r
+
+    records = [
+        step("diffusers_eager", 90.0), step("diffusers_compile", 75.0, fwd_bwd=68.0),
+        step("diffusers_torchao_fp8_compile", 70.0), step("ours_te_bf16", 80.0),
+        step("ours_te_fp8_delayed", 72.0), step("ours_te_fp8_delayed_nocache", 74.0, fwd_bwd=70.0),
+        step("ours_te_bf16_graphs", 64.0), step("ours_te_fp8_delayed_graphs", 50.0, fwd_bwd=46.0),
+        {"what": "step", "variant": "ours_te_fp8_delayed_graphs", "shape": "1024px", "skipped": "x"},
+        step("diffusers_eager", 40.0, res=640), step("diffusers_compile", 30.0, res=640),
+        step("ours_te_fp8_delayed_nocache", 25.0, res=640), step("ours_te_fp8_delayed_graphs", 20.0, res=640),
+        {"what": "step", "variant": "ours_te_fp8_delayed_graphs", "res": 1328, "shape": "1328px", "error": "boom"},
+    ]
+    s = run.summarize(records)
+    g = s["targets_graphs"]
+    assert g["ours_te_fp8_delayed_graphs_vs_diffusers_compile (>=1.5)"] == pytest.approx(75 / 50)
+    assert g["ours_te_fp8_delayed_graphs_vs_torchao_fp8_compile (>=1.25)"] == pytest.approx(70 / 50)
+    assert g["ours_te_bf16_graphs_vs_diffusers_compile (>=1.15)"] == pytest.approx(75 / 64)
+    assert g["ours_te_fp8_delayed_graphs_fwd_bwd_vs_diffusers_compile"] == pytest.approx(68 / 46)
+    e = s["graphs_vs_eager"]
+    assert e["ours_te_fp8_delayed_graphs_vs_ours_te_fp8_delayed_nocache"] == pytest.approx(74 / 50)
+    assert e["ours_te_bf16_graphs_vs_ours_te_bf16"] == pytest.approx(80 / 64)
+    assert e["ours_te_fp8_delayed_graphs_fwd_bwd_vs_ours_te_fp8_delayed_nocache"] == pytest.approx(70 / 46)
+    assert s["vs_diffusers_eager"]["ours_te_fp8_delayed_graphs"] == pytest.approx(90 / 50)
+    b = s["buckets"]["640px"]
+    assert b["vs_diffusers_compile"]["ours_te_fp8_delayed_graphs"] == pytest.approx(30 / 20)
+    assert b["vs_diffusers_eager"]["diffusers_compile"] == pytest.approx(40 / 30)
+    assert b["graphs_vs_nocache"] == pytest.approx(25 / 20)
+    assert b["vs_diffusers_compile"]["ours_te_fp8_delayed"] is None
+    assert s["buckets"]["1328px"]["vs_diffusers_compile"]["ours_te_fp8_delayed_graphs"] is None  # error record
+    assert s["targets"]["ours_te_fp8_delayed_vs_diffusers_compile (>=1.5)"] == pytest.approx(75 / 72)
+    assert run.kernel_class("void cutlass_sm90_gemm") == "gemm" and run.kernel_class("Memcpy DtoD") == "memory_comm"
 
 
 def test_gpu_train_loop_runs_qwenimage_train_on_cpu(tmp_path):

@@ -131,3 +131,35 @@ def test_te_fp8_default_keeps_first_and_last_block_in_bf16(tiny_diffusers_dir):
 
     assert amax_moved("blocks.1."), "the middle block did not run in FP8"
     assert not amax_moved("blocks.0.") and not amax_moved(f"blocks.{last}."), "an excluded block ran in FP8"
+
+
+def test_fp8_weights_are_recast_after_an_update_only_when_a_step_begins(tiny_diffusers_dir):
+    """megatron-core's TE linears reuse their cached FP8 weight until ``is_first_microbatch`` is
+    set again (`consumers.step.begin_weight_update_window`, called by the engine at every step).
+    One block linear, current scaling (deterministic): after its weight is halved in place, a
+    call without a new window still returns the old output (the cache is real); after
+    the window it returns half of it (the weight was re-cast)."""
+    from consumers.step import Precision, PrecisionConfig, begin_weight_update_window
+
+    _, te = _pair(tiny_diffusers_dir)
+    precision = Precision(PrecisionConfig(fp8="current", fp8_exclude=()), te.config, torch.device("cuda"))
+    assert begin_weight_update_window([te]) > 0, "no megatron-core TE linear found"
+    linear = next(m for m in te.modules() if hasattr(m, "is_first_microbatch") and hasattr(m, "bias")
+                  and hasattr(m, "disable_parameter_transpose_cache"))
+    x = torch.randn(32, linear.weight.shape[1], device="cuda", dtype=torch.bfloat16)
+
+    def forward() -> torch.Tensor:
+        with torch.no_grad(), precision.forward_context():
+            out = linear(x)
+        out = out[0] if isinstance(out, tuple) else out  # megatron-core returns (output, bias)
+        bias = linear.bias if linear.bias is not None and linear.bias.numel() else 0
+        return (out - bias).float()  # the GEMM's part, which scales with the weight
+
+    before = forward()
+    with torch.no_grad():
+        linear.weight.mul_(0.5)  # what an optimizer step does to the weight, exaggerated
+    stale = forward()  # no new window: the first call's FP8 weight
+    begin_weight_update_window([te])
+    fresh = forward()
+    assert _rel(stale, before) <= 1e-6, f"the FP8 weight cache was not used ({_rel(stale, before):.2e})"
+    assert _rel(fresh, 0.5 * before) <= 5e-2, f"not re-cast after the update ({_rel(fresh, 0.5 * before):.2e})"

@@ -7,28 +7,53 @@ the tail, never the head):
 2. at the main shape (a 4-block full-width slice of the 20B model, 1024² = 4096 image tokens +
    256 text tokens, batch 2), each variant's fwd + bwd + optimizer step and fwd + bwd alone:
    diffusers eager (the anchor), ours TE bf16, ours TE FP8 (delayed), each again with padded
-   text (half the samples with 64 of their 256 text tokens padded), diffusers + torch.compile,
-   diffusers + torchao float8 + compile, ours local bf16. Every side of every ratio uses the same
-   optimizer: ``torch.optim.AdamW(fused=True)`` on the bf16 parameters;
+   text (half the samples with 64 of their 256 text tokens padded), ours TE FP8 with its FP8
+   weights re-quantized every step (``_nocache``: megatron-core's TE linears otherwise reuse the
+   FP8 copy of each weight made by their first forward, see
+   `megatron_qwenimage.model.cuda_graphs.disable_fp8_weight_cache`), the same with the blocks'
+   elementwise chains compiled (``_fused``), diffusers + torch.compile, diffusers + torchao
+   float8 + compile, ours local bf16. Every side of every ratio uses the same optimizer:
+   ``torch.optim.AdamW(fused=True)`` on the bf16 parameters;
 3. ours with the training loop's own optimizer (`consumers.optimizer.DistributedOptimizer`: fp32
    main grads, fp32 master + moments): step time, the optimizer's share, and peak memory against
    `megatron_qwenimage.accounting.memory_per_gpu` for the same layout;
 4. a profile of one FP8 step: GPU time by kernel class (GEMM, FP8 cast/transpose, attention,
    optimizer, other elementwise) and the top kernels;
-5. the other buckets (256², 640², 1328² at micro-batches 32, 8, 2): diffusers eager, ours TE bf16
-   and FP8.
+5. last at the main shape, per-block CUDA graphs (``ours_te_fp8_delayed_graphs``,
+   ``ours_te_bf16_graphs``): each block's forward + backward captured with Transformer Engine's
+   ``make_graphed_callables`` (`megatron_qwenimage.model.cuda_graphs`; FP8 with the same
+   delayed recipe, weights re-quantized every step), embedders and head eager; a ``parity``
+   record compares the graphed model's output, loss and gradients with the same model's eager
+   pass (and two eager passes with each other, the noise floor), then the step is timed and the
+   FP8 one profiled;
+6. the other buckets (256², 640², 1328² at micro-batches 32, 8, 2; ``--buckets``): diffusers
+   eager and diffusers + compile (the anchors), ours TE FP8 (eager, ``_nocache``, ``_fused``),
+   TE bf16 ``_fused`` and, last, ours TE FP8 with graphs.
 
 Each record has ``what``, the variant, ``step_ms`` (median of `--iters` after `--warmup`),
 ``img_tokens_per_s``, ``model_tflops`` (the project's FLOP accounting), ``mfu`` (against the
 measured bf16 GEMM peak) and ``peak_mem_gib``; ratios are computed by `summarize` from records of
-the same run. A failing variant writes ``error`` and the run goes on.
+the same run. A failing variant writes ``error`` and the run goes on; when a failure leaves CUDA
+unusable, what follows is recorded as skipped with that reason.
+
+``--skip PART,...`` leaves out parts of the run a previous run already measured (``--skip help``
+lists them): ``te_bf16``, ``te_fp8``, ``te_fp8_nocache``, ``te_bf16_fused``, ``te_fp8_fused``,
+``te_bf16_graphs``, ``te_fp8_graphs``, ``padded``, ``local``, ``dist_opt``, ``profile``,
+``buckets``. The anchors (diffusers eager, + compile, + torchao FP8 + compile) are not parts:
+every ratio the summary reports has its anchor measured in the same run (only
+``--skip-compile`` drops the compiled anchors, and with them their ratios).
 
 On the GPU machine (see benchmarks/gpu/README.md)::
 
     python3 benchmarks/gpu/run.py --out $OUT/gpu.jsonl --budget-s 420
 
-On CPU, ``--tiny`` runs every code path at toy shapes (TE and torchao variants record why they
-were skipped), which is what the test suite does.
+Per-block CUDA graphs and the 640² / 1328² buckets, nothing a previous run already has::
+
+    python3 benchmarks/gpu/run.py --out $OUT/gpu.jsonl --budget-s 300 --buckets 640,1328 \
+        --skip te_bf16_fused,te_fp8_fused,padded,local,dist_opt
+
+On CPU, ``--tiny`` runs every code path at toy shapes (TE, torchao and CUDA-graph variants record
+why they were skipped), which is what the test suite does.
 """
 
 from __future__ import annotations
@@ -38,7 +63,6 @@ import contextlib
 import gc
 import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -165,6 +189,56 @@ def make_batch(config: MMDiTConfig, shape: Shape, device: torch.device, dtype: t
     return make_inputs(config, work, device, dtype, seed, shape.padded_text)
 
 
+#: What ``--skip`` can leave out (anchors are never parts: see the module docstring).
+PARTS = {
+    "te_bf16": "ours TE bf16, eager (main shape)",
+    "te_fp8": "ours TE FP8 delayed, eager, megatron-core's FP8 weight cache (main shape, buckets)",
+    "te_fp8_nocache": "ours TE FP8 delayed, eager, FP8 weights re-quantized every step (main shape, buckets)",
+    "te_bf16_fused": "ours TE bf16 with fused_elementwise (main shape, buckets)",
+    "te_fp8_fused": "ours TE FP8 with fused_elementwise (main shape, buckets)",
+    "te_bf16_graphs": "ours TE bf16 with per-block CUDA graphs (main shape)",
+    "te_fp8_graphs": "ours TE FP8 with per-block CUDA graphs (main shape, buckets)",
+    "padded": "the padded-text repeats at the main shape",
+    "local": "ours on the local backend (and its training-loop optimizer)",
+    "dist_opt": "ours TE FP8 with the training loop's optimizer",
+    "profile": "the profiles of one FP8 step (eager and graphed)",
+    "buckets": "the other buckets (as --skip-buckets)",
+}
+
+#: Micro-batch of each curriculum bucket (``--buckets RES`` without ``:BATCH``).
+BUCKET_BATCH = {64: 2, 96: 2, 256: 32, 512: 16, 640: 8, 1024: 2, 1328: 2}
+
+
+def parse_skip(text: Optional[str]) -> frozenset[str]:
+    """``--skip`` value -> the set of parts; SystemExit naming the unknown ones."""
+    names = [n.strip() for n in (text or "").split(",") if n.strip()]
+    unknown = [n for n in names if n not in PARTS]
+    if unknown or "help" in names:
+        listing = "\n".join(f"  {k:16s} {v}" for k, v in PARTS.items())
+        head = f"error: --skip: unknown part(s) {unknown}; " if unknown and unknown != ["help"] else ""
+        raise SystemExit(f"{head}parts of the run --skip can leave out:\n{listing}")
+    return frozenset(names)
+
+
+def parse_buckets(text: str) -> list[tuple[int, int]]:
+    """``--buckets`` value ``RES[:BATCH],...`` -> ``[(res, batch)]`` (batch from `BUCKET_BATCH`)."""
+    out = []
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        res_text, _, batch_text = item.partition(":")
+        try:
+            res = int(res_text)
+            batch = int(batch_text) if batch_text else BUCKET_BATCH[res]
+        except (ValueError, KeyError):
+            raise SystemExit(f"error: --buckets {item!r}: expected RES or RES:BATCH (known RES: "
+                             f"{sorted(BUCKET_BATCH)})") from None
+        if res <= 0 or res % 16 or batch <= 0:
+            raise SystemExit(f"error: --buckets {item!r}: RES must be a positive multiple of 16, BATCH positive")
+        out.append((res, batch))
+    return out
+
+
 # ------------------------------------------------------------------------------------ models
 def build_reference(config: MMDiTConfig, device: torch.device, dtype: torch.dtype, seed: int = 0):
     """diffusers' QwenImageTransformer2DModel of `config`'s sizes, on `device` in `dtype`."""
@@ -250,6 +324,47 @@ class _StepAt0:
         self.optimizer.step(0)
 
 
+def eager_grapher(modules, sample_args, num_warmup_iters: int = 3):
+    """``make_graphed_callables`` stand-in of ``--graphs-standin``: the modules, not graphed."""
+    return modules
+
+
+def pass_difference(a: tuple, b: tuple) -> dict:
+    """How far one fwd + bwd pass is from another of the same model on the same batch.
+
+    `a`, `b`: ``(output fp32, loss fp32, [param grad or None])``. Returns ``out_max_abs``,
+    ``out_rel_l2``, ``loss``, ``loss_ref`` (b's), ``loss_abs_diff``, ``grad_max_rel`` (over the
+    parameters, the largest ``max|ga - gb| / max|gb|``), ``grad_norm_rel`` (of the global
+    gradient norms) and ``grads_missing`` (parameters with a gradient on one side only).
+    """
+    out_a, loss_a, grads_a = a
+    out_b, loss_b, grads_b = b
+    if len(grads_a) != len(grads_b):
+        raise ValueError(f"{len(grads_a)} gradients against {len(grads_b)}")
+    worst, sq_a, sq_b, missing = [], [], [], 0
+    for ga, gb in zip(grads_a, grads_b):
+        if ga is None or gb is None:
+            missing += (ga is None) != (gb is None)
+            continue
+        ga, gb = ga.float(), gb.float()
+        worst.append((ga - gb).abs().max() / gb.abs().max().clamp_min(1e-30))
+        sq_a.append(ga.pow(2).sum())
+        sq_b.append(gb.pow(2).sum())
+    zero = out_a.new_zeros(())
+    stats = torch.stack([
+        (out_a - out_b).abs().max(), (out_a - out_b).norm() / out_b.norm().clamp_min(1e-30),
+        loss_a.reshape(()), loss_b.reshape(()),
+        torch.stack(worst).max() if worst else zero,
+        torch.stack(sq_a).sum().sqrt() if sq_a else zero, torch.stack(sq_b).sum().sqrt() if sq_b else zero,
+        torch.isfinite(out_a).all().float(),
+    ]).tolist()
+    out_max_abs, out_rel, loss, loss_ref, grad_worst, norm_a, norm_b, finite = stats
+    return {"out_max_abs": out_max_abs, "out_rel_l2": out_rel, "loss": loss, "loss_ref": loss_ref,
+            "loss_abs_diff": abs(loss - loss_ref), "grad_max_rel": grad_worst,
+            "grad_norm_rel": abs(norm_a - norm_b) / norm_b if norm_b else abs(norm_a),
+            "grads_missing": missing, "finite": bool(finite) and math.isfinite(loss)}
+
+
 def flops_per_step(config: MMDiTConfig, shape: Shape) -> float:
     return float(accounting.model_flops_per_sample(config, shape.image_tokens, shape.text)) * shape.batch
 
@@ -281,6 +396,13 @@ class GPURun:
         overrides = {"params_dtype": self.dtype_name, "num_layers": args.layers}
         self.config = load_config(args.config, **overrides)
         self.te = self._te_status()
+        self.skipped_parts: frozenset[str] = args.skip
+        #: Set when a failure left CUDA unusable: every later measurement is skipped with it.
+        self.cuda_broken: Optional[str] = None
+
+    def wants(self, part: str) -> bool:
+        """Whether `part` (a `PARTS` key) is measured in this run."""
+        return part not in self.skipped_parts
 
     # -- environment -------------------------------------------------------------------------
     def _te_status(self) -> Optional[str]:
@@ -309,7 +431,8 @@ class GPURun:
             except Exception as exc:
                 info[mod] = f"unavailable ({type(exc).__name__})"
         self.record(what="environment", config=self.config.name, layers=self.config.num_layers,
-                    hidden=self.config.hidden_size, budget_s=self.args.budget_s, **info)
+                    hidden=self.config.hidden_size, budget_s=self.args.budget_s,
+                    skip=sorted(self.skipped_parts), buckets=[f"{r}:{b}" for r, b in self.args.buckets], **info)
 
     def peaks(self) -> None:
         n = 256 if self.args.tiny else 8192
@@ -327,14 +450,18 @@ class GPURun:
                 lambda: torch._scaled_mm(a8, b8, scale_a=one, scale_b=one, out_dtype=torch.bfloat16),
                 self.device, 3, 10))
             self.record(what="peak", kind="fp8_scaled_mm", n=n, tflops=2 * n**3 / s / 1e12)
-        del a, b
+        a = b = None
 
     # -- one variant -------------------------------------------------------------------------
     def measure(self, name: str, shape: Shape, runner_factory: Callable[[], StepRunner],
-                estimate_s: float, fwd_bwd: bool = True) -> Optional[dict]:
-        """Time ``runner.step`` (and ``fwd_bwd_only``) of one variant; records a line either way."""
+                estimate_s: float, fwd_bwd: bool = True, extra: Optional[dict] = None) -> Optional[dict]:
+        """Time ``runner.step`` (and ``fwd_bwd_only``) of one variant; records a line either way
+        (`extra` fields added to it)."""
         base = {"what": "step", "variant": name, "shape": shape.label(), "res": shape.res,
-                "batch": shape.batch, "text_tokens": shape.text, "padded_text": shape.padded_text}
+                "batch": shape.batch, "text_tokens": shape.text, "padded_text": shape.padded_text,
+                **(extra or {})}
+        if self.cuda_broken:
+            return self.record(**base, skipped=self.cuda_broken)
         if not self.budget.allows(estimate_s):
             return self.record(**base, skipped=f"time budget ({self.budget.left():.0f} s left, needs ~{estimate_s:.0f})")
         t0 = time.monotonic()
@@ -364,15 +491,44 @@ class GPURun:
     def skip(self, name: str, shape: Shape, why: str) -> None:
         self.record(what="step", variant=name, shape=shape.label(), skipped=why)
 
+    def check_cuda(self, after: str) -> None:
+        """After a risky measurement: if CUDA no longer works, remember why (`cuda_broken`)."""
+        if self.device.type != "cuda" or self.cuda_broken:
+            return
+        try:
+            torch.cuda.synchronize()
+            x = torch.ones(8, device=self.device)
+            float((x @ x).item())
+        except Exception as exc:
+            self.cuda_broken = f"CUDA unusable after {after}: {type(exc).__name__}: {exc}"[:400]
+            self.record(what="cuda_health", after=after, error=self.cuda_broken)
+
     # -- variants ----------------------------------------------------------------------------
-    def fp8_context(self, model, recipe: str = "delayed"):
+    def fp8_precision(self, model, recipe: str = "delayed"):
+        """`consumers.step.Precision` of the FP8 variants, `model` prepared for it."""
         from consumers.step import Precision, PrecisionConfig
 
         # Every block of the slice in FP8, as 58 of the 60 blocks are under the training default
         # (`fp8_exclude: first_last` would keep half of a 4-block slice in bf16).
         precision = Precision(PrecisionConfig(fp8=recipe, fp8_exclude=()), model.config, self.device)
         precision.prepare_model(model)
-        return precision.forward_context
+        return precision
+
+    def fp8_context(self, model, recipe: str = "delayed"):
+        return self.fp8_precision(model, recipe).forward_context
+
+    def ours_te(self, ref, fused: bool):
+        """Ours on Transformer Engine and its FP8 context; with ``--te-standin-local`` where TE
+        cannot run, the local backend and no FP8 (the same code path, meaningless numbers)."""
+        if self.te is None:
+            ours = build_ours(ref, "transformer_engine", self.device, self.dtype_name, fused_elementwise=fused)
+            return ours, self.fp8_context(ours)
+        ours = build_ours(ref, "local", self.device, self.dtype_name, fused_elementwise=fused)
+        return ours, contextlib.nullcontext
+
+    def runs_te(self) -> bool:
+        """Whether the TE variants' code path runs here (TE, or its local stand-in)."""
+        return self.te is None or self.args.te_standin_local
 
     def main_shape_variants(self, shape: Shape, padded: Shape) -> None:
         cfg, dev = self.config, self.device
@@ -382,51 +538,203 @@ class GPURun:
         est = 20 if not self.args.tiny else 1
 
         self.measure("diffusers_eager", shape, lambda: StepRunner(ref, batch, returns_sample=True), est)
-        self.measure("diffusers_eager", padded, lambda: StepRunner(ref, pbatch, returns_sample=True), est)
-        if self.te is None or self.args.te_standin_local:
-            modes = (False, True) if not self.args.skip_compile else (False,)
+        if self.wants("padded"):
+            self.measure("diffusers_eager", padded, lambda: StepRunner(ref, pbatch, returns_sample=True), est)
+        if self.runs_te():
+            modes = [fused for fused in (False, True)
+                     if any(self.wants(f"te_{kind}{'_fused' if fused else ''}") for kind in ("bf16", "fp8"))
+                     or (not fused and self.wants("te_fp8_nocache"))]
+            if self.args.skip_compile and True in modes:  # fused_elementwise compiles its chains
+                modes.remove(True)
+                for v in ("ours_te_bf16_fused", "ours_te_fp8_delayed_fused"):
+                    self.skip(v, shape, "--skip-compile")
+            # The training loop's optimizer and the profile on the last FP8 model measured.
+            extras_on = next((f for f in reversed(modes) if self.wants("te_fp8_fused" if f else "te_fp8")), None)
             for fused in modes:
-                self.te_variants(ref, batch, pbatch, shape, padded, fused=fused, loop_extras=fused == modes[-1])
+                self.te_variants(ref, batch, pbatch, shape, padded, fused=fused, loop_extras=fused == extras_on)
         else:
             for v in ("ours_te_bf16", "ours_te_fp8_delayed"):
                 self.skip(v, shape, self.te)
-        if self.args.with_local or self.te is not None:
+        if (self.args.with_local or self.te is not None) and self.wants("local"):
             ours_local = build_ours(ref, "local", dev, self.dtype_name)
             self.parity(ours_local, ref, pbatch, "ours_local")
             self.measure("ours_local", shape, lambda: StepRunner(ours_local, batch, returns_sample=False), est)
-            if self.te is not None:
+            if self.te is not None and self.wants("dist_opt"):
                 self.distributed_optimizer(ours_local, batch, shape, contextlib.nullcontext, "ours_local_dist_opt")
-            del ours_local
+            ours_local = None
             reset_memory(dev)
         self.compiled_reference(ref, batch, shape)
-        del ref
-        reset_memory(dev)
         self.torchao_reference(shape, batch)
+        # Last: a failed capture can cost nothing measured before it.
+        if self.wants("te_fp8_graphs"):
+            self.graph_variant(ref, batch, shape, fp8=True)
+        if self.wants("te_bf16_graphs"):
+            self.graph_variant(ref, batch, shape, fp8=False)
+        ref = None
+        reset_memory(dev)
 
     def te_variants(self, ref, batch: dict, pbatch: dict, shape: Shape, padded: Shape, *, fused: bool,
                     loop_extras: bool) -> None:
         """Ours on Transformer Engine, bf16 and FP8, unpadded and padded; with ``fused`` the
-        blocks' elementwise chains are compiled (``MMDiTConfig.fused_elementwise``). With
-        `loop_extras`, the training loop's optimizer and a profile are measured on this model."""
+        blocks' elementwise chains are compiled (``MMDiTConfig.fused_elementwise``). Unfused,
+        also FP8 with the weights re-quantized every step (``_nocache``). With `loop_extras`,
+        the training loop's optimizer and a profile are measured on this model."""
         suffix = "_fused" if fused else ""
         est = (60 if fused else 15) if not self.args.tiny else 1
-        if self.te is None:
-            ours = build_ours(ref, "transformer_engine", self.device, self.dtype_name, fused_elementwise=fused)
-            fp8 = self.fp8_context(ours)
-        else:  # --te-standin-local: the same code path on CPU, local kernels, no FP8
-            ours = build_ours(ref, "local", self.device, self.dtype_name, fused_elementwise=fused)
-            fp8 = contextlib.nullcontext
+        ours, fp8 = self.ours_te(ref, fused)
         bf16_name, fp8_name = f"ours_te_bf16{suffix}", f"ours_te_fp8_delayed{suffix}"
+        want_bf16, want_fp8 = self.wants(f"te_bf16{suffix}"), self.wants(f"te_fp8{suffix}")
         self.parity(ours, ref, pbatch, bf16_name)  # before any step changes the weights
-        self.measure(fp8_name, shape, lambda: StepRunner(ours, batch, returns_sample=False, forward_context=fp8), est)
-        self.measure(bf16_name, shape, lambda: StepRunner(ours, batch, returns_sample=False), est)
-        self.measure(fp8_name, padded, lambda: StepRunner(ours, pbatch, returns_sample=False, forward_context=fp8), est)
-        self.measure(bf16_name, padded, lambda: StepRunner(ours, pbatch, returns_sample=False), est)
+        if want_fp8:
+            self.measure(fp8_name, shape, lambda: StepRunner(ours, batch, returns_sample=False, forward_context=fp8),
+                         est, extra={"fp8_weights": "cached after the first forward"})
+        if want_bf16:
+            self.measure(bf16_name, shape, lambda: StepRunner(ours, batch, returns_sample=False), est)
+        if self.wants("padded"):
+            if want_fp8:
+                self.measure(fp8_name, padded,
+                             lambda: StepRunner(ours, pbatch, returns_sample=False, forward_context=fp8), est,
+                             extra={"fp8_weights": "cached after the first forward"})
+            if want_bf16:
+                self.measure(bf16_name, padded, lambda: StepRunner(ours, pbatch, returns_sample=False), est)
         if loop_extras:
-            self.distributed_optimizer(ours, batch, shape, fp8, f"{fp8_name}_dist_opt")
-            self.profile(ours, batch, shape, fp8, fp8_name)
-        del ours
+            if self.wants("dist_opt"):
+                self.distributed_optimizer(ours, batch, shape, fp8, f"{fp8_name}_dist_opt")
+            if self.wants("profile"):
+                self.profile(ours, batch, shape, fp8, fp8_name)
+        if not fused and self.wants("te_fp8_nocache"):
+            self.fp8_nocache(ours, batch, shape, fp8, est)
+        ours = None
         reset_memory(self.device)
+
+    def fp8_nocache(self, ours, batch: dict, shape: Shape, fp8, est: float, fwd_bwd: bool = True) -> None:
+        """Ours TE FP8, eager, each step quantizing the weights it just updated (what the graphed
+        FP8 variant does): `ours` is switched over for good."""
+        from megatron_qwenimage.model.cuda_graphs import disable_fp8_weight_cache
+
+        count = disable_fp8_weight_cache(ours)
+        self.measure("ours_te_fp8_delayed_nocache", shape,
+                     lambda: StepRunner(ours, batch, returns_sample=False, forward_context=fp8), est,
+                     fwd_bwd=fwd_bwd, extra={"fp8_weights": "re-quantized every step", "te_linears": count})
+
+    # -- per-block CUDA graphs --------------------------------------------------------------
+    def graphs_unavailable(self) -> Optional[str]:
+        """None when the CUDA-graph variants can run here, else why not."""
+        if self.device.type != "cuda":
+            return "needs a CUDA GPU (CUDA graphs, Transformer Engine's make_graphed_callables)"
+        if self.te is not None:
+            return self.te
+        return None
+
+    def graph_variant(self, ref, batch: dict, shape: Shape, *, fp8: bool) -> None:
+        """Ours TE (unfused) with each block's fwd + bwd replayed as a CUDA graph.
+
+        Eager passes first (TE's lazy setup, FP8 scales, the block calls to capture), two more as
+        the reference and its noise floor; capture; one graphed pass against the eager ones (the
+        ``parity`` record); then the timed steps and, for FP8, a profile. Anything failing is
+        this variant's ``error``; the graphs are released and CUDA checked in every case.
+
+        With ``--graphs-standin`` where graphs cannot run (and ``--te-standin-local``), the same
+        code path runs on the local backend with the blocks' stand-ins calling them eagerly
+        (`eager_grapher`): the harness is tested, the numbers mean nothing.
+        """
+        name = "ours_te_fp8_delayed_graphs" if fp8 else "ours_te_bf16_graphs"
+        why = self.graphs_unavailable()
+        standin = why is not None and self.args.graphs_standin and self.args.te_standin_local
+        if why is not None and not standin:
+            return self.skip(name, shape, why)
+        if self.cuda_broken:
+            return self.skip(name, shape, self.cuda_broken)
+        est = 20 if not self.args.tiny else 1  # build, 4 eager passes, capture, parity, 24 timed passes
+        if not self.budget.allows(est):
+            return self.skip(name, shape, f"time budget ({self.budget.left():.0f} s left, needs ~{est})")
+        from megatron_qwenimage.model.cuda_graphs import (
+            disable_fp8_weight_cache,
+            graph_blocks,
+            record_block_calls,
+            te_graph_kwargs,
+        )
+
+        if standin:
+            backend, grapher, fp8 = "local", eager_grapher, False
+        else:
+            import transformer_engine.pytorch as te
+
+            backend, grapher = "transformer_engine", te.make_graphed_callables
+
+        t0 = time.monotonic()
+        ours = graphs = None
+        gc_enabled = gc.isenabled()
+        reset_memory(self.device)
+        try:
+            # Unfused: the compiled elementwise chains are not captured inside TE's graphs.
+            ours = build_ours(ref, backend, self.device, self.dtype_name, fused_elementwise=False)
+            context, recipe = contextlib.nullcontext, None
+            if fp8:
+                precision = self.fp8_precision(ours)
+                context, recipe = precision.forward_context, precision._recipe
+            disable_fp8_weight_cache(ours)
+            args = {k: v for k, v in batch.items() if k != "target"}
+            params = [p for p in ours.parameters() if p.requires_grad]
+
+            def fwd_bwd():
+                ours.zero_grad(set_to_none=True)
+                with context():
+                    out = ours(**args)
+                loss = flow_matching_loss(out, batch["target"]).loss
+                loss.backward()
+                return out.detach().float(), loss.detach().float(), [
+                    None if p.grad is None else p.grad.detach().clone() for p in params]
+
+            fwd_bwd()  # TE's lazy setup and the FP8 scales, outside the recorded pass
+            calls = record_block_calls(ours, fwd_bwd)
+            eager_a = fwd_bwd()
+            eager_b = fwd_bwd()
+            floor = pass_difference(eager_a, eager_b)
+            del eager_a
+            sync(self.device)
+            t_capture = time.monotonic()
+            graphs = graph_blocks(ours, calls, grapher, **te_graph_kwargs(grapher, fp8=fp8, recipe=recipe))
+            sync(self.device)
+            capture_s = time.monotonic() - t_capture
+            del calls
+            graphed = fwd_bwd()
+            diff = pass_difference(graphed, eager_b)
+            del graphed, eager_b
+            ours.zero_grad(set_to_none=True)
+            self.record(what="parity", variant=name, shape=shape.label(), against="eager pass of the same model",
+                        standin=standin or None, capture_s=capture_s, **diff, **{f"{k}_eager_repeat": v for k, v in floor.items()})
+            extra = {"graphs": len(graphs.graphed), "capture_s": capture_s, "fused_elementwise": False,
+                     "standin": standin or None}
+            if fp8:
+                extra["fp8_weights"] = "re-quantized every step"
+            self.measure(name, shape, lambda: StepRunner(ours, batch, returns_sample=False, forward_context=context),
+                         10, extra=extra)
+            if fp8 and self.wants("profile"):
+                self.profile(ours, batch, shape, context, name)
+        except Exception as exc:
+            self.record(what="step", variant=name, shape=shape.label(), res=shape.res, batch=shape.batch,
+                        error=f"{type(exc).__name__}: {exc}"[:500], traceback=traceback.format_exc()[-2000:],
+                        wall_s=time.monotonic() - t0)
+        finally:
+            try:
+                if graphs is not None:
+                    graphs.restore()
+            except Exception as exc:
+                self.record(what="step", variant=name, shape=shape.label(),
+                            error=f"releasing the graphs: {type(exc).__name__}: {exc}"[:500])
+            ours = graphs = None
+            # TE's capture turns the garbage collector off, and marks itself capturing, and undoes
+            # both only when it succeeds.
+            if gc_enabled:
+                gc.enable()
+            if not standin:
+                from transformer_engine.pytorch import graph as te_graph
+
+                if getattr(te_graph, "is_graph_capturing", lambda: False)():
+                    te_graph.set_capture_end()
+            reset_memory(self.device)
+            self.check_cuda(name)
 
     def parity(self, ours, ref, batch: dict, name: str) -> None:
         """Forward agreement of ours and diffusers on the (padded) batch: valid image tokens."""
@@ -441,13 +749,13 @@ class GPURun:
         except Exception as exc:
             self.record(what="parity", variant=name, error=f"{type(exc).__name__}: {exc}"[:500])
 
-    def compiled_reference(self, ref, batch: dict, shape: Shape) -> None:
-        est = 100 if not self.args.tiny else 60
+    def compiled_reference(self, ref, batch: dict, shape: Shape, fwd_bwd: bool = True) -> None:
+        est = 45 if not self.args.tiny else 60  # 33 s of wall time at the main shape on an H200
         if self.args.skip_compile:
             return self.skip("diffusers_compile", shape, "--skip-compile")
         compiled = torch.compile(ref)
         self.measure("diffusers_compile", shape,
-                     lambda: StepRunner(ref, batch, returns_sample=True, compiled=compiled), est)
+                     lambda: StepRunner(ref, batch, returns_sample=True, compiled=compiled), est, fwd_bwd=fwd_bwd)
         torch._dynamo.reset()
 
     def torchao_reference(self, shape: Shape, batch: dict) -> None:
@@ -558,10 +866,14 @@ class GPURun:
             reset_memory(self.device)
 
     def buckets(self) -> None:
-        """The curriculum's other buckets at their micro-batches (text 256)."""
-        sizes = [(64, 2), (96, 2)] if self.args.tiny else [(256, 32), (640, 8), (1328, 2)]
-        for res, batch_size in sizes:
+        """The curriculum's other buckets at their micro-batches (text 256, ``--buckets``): the
+        anchors (diffusers eager and + compile), ours TE FP8 (eager, ``_nocache``, ``_fused``),
+        TE bf16 ``_fused`` and, last in each bucket, TE FP8 with per-block CUDA graphs."""
+        for res, batch_size in self.args.buckets:
             shape = Shape(res, batch_size, self.args.text_tokens)
+            if self.cuda_broken:
+                self.skip("bucket", shape, self.cuda_broken)
+                continue
             if not self.budget.allows(40):
                 self.skip("bucket", shape, f"time budget ({self.budget.left():.0f} s left)")
                 continue
@@ -569,16 +881,38 @@ class GPURun:
             batch = make_batch(self.config, shape, self.device, self.dtype)
             self.measure("diffusers_eager", shape, lambda: StepRunner(ref, batch, returns_sample=True), 15,
                          fwd_bwd=False)
-            if self.te is None:
-                ours = build_ours(ref, "transformer_engine", self.device, self.dtype_name, fused_elementwise=True)
-                fp8 = self.fp8_context(ours)
-                self.measure("ours_te_fp8_delayed_fused", shape,
-                             lambda: StepRunner(ours, batch, returns_sample=False, forward_context=fp8), 30,
-                             fwd_bwd=False)
-                self.measure("ours_te_bf16_fused", shape, lambda: StepRunner(ours, batch, returns_sample=False), 30,
-                             fwd_bwd=False)
-                del ours
-            del ref, batch
+            if self.runs_te():
+                est = 30 if not self.args.tiny else 1
+                if self.wants("te_fp8") or self.wants("te_fp8_nocache"):
+                    ours, fp8 = self.ours_te(ref, fused=False)
+                    if self.wants("te_fp8"):
+                        self.measure("ours_te_fp8_delayed", shape,
+                                     lambda: StepRunner(ours, batch, returns_sample=False, forward_context=fp8), est,
+                                     fwd_bwd=False, extra={"fp8_weights": "cached after the first forward"})
+                    if self.wants("te_fp8_nocache"):
+                        self.fp8_nocache(ours, batch, shape, fp8, est, fwd_bwd=False)
+                    ours = None
+                    reset_memory(self.device)
+                fused = [v for v in ("te_fp8_fused", "te_bf16_fused") if self.wants(v)]
+                names = {"te_fp8_fused": "ours_te_fp8_delayed_fused", "te_bf16_fused": "ours_te_bf16_fused"}
+                if fused and self.args.skip_compile:
+                    for v in fused:
+                        self.skip(names[v], shape, "--skip-compile")
+                elif fused:
+                    ours, fp8 = self.ours_te(ref, fused=True)
+                    if "te_fp8_fused" in fused:
+                        self.measure(names["te_fp8_fused"], shape,
+                                     lambda: StepRunner(ours, batch, returns_sample=False, forward_context=fp8), est,
+                                     fwd_bwd=False, extra={"fp8_weights": "cached after the first forward"})
+                    if "te_bf16_fused" in fused:
+                        self.measure(names["te_bf16_fused"], shape,
+                                     lambda: StepRunner(ours, batch, returns_sample=False), est, fwd_bwd=False)
+                    ours = None
+                    reset_memory(self.device)
+            self.compiled_reference(ref, batch, shape, fwd_bwd=False)
+            if self.wants("te_fp8_graphs"):
+                self.graph_variant(ref, batch, shape, fp8=True)
+            ref = batch = None
             reset_memory(self.device)
 
     def run(self) -> list[dict]:
@@ -589,7 +923,7 @@ class GPURun:
         shape = Shape(self.args.res, self.args.batch, t)
         padded = Shape(self.args.res, self.args.batch, t, padded_text=self.args.padded_text)
         self.main_shape_variants(shape, padded)
-        if not self.args.skip_buckets:
+        if not self.args.skip_buckets and self.wants("buckets"):
             self.buckets()
         summary = summarize(self.record.records)
         self.record(what="summary", wall_s=time.monotonic() - t0, **summary)
@@ -612,8 +946,17 @@ def kernel_class(name: str) -> str:
     return "elementwise_norm_other"
 
 
+GRAPH_VARIANTS = ("ours_te_bf16_graphs", "ours_te_fp8_delayed_graphs")
+
+
 def summarize(records: list[dict]) -> dict:
-    """Ratios of the targets, from the records of this run (None where a side is missing)."""
+    """Ratios of the targets, from the records of this run (None where a side is missing).
+
+    ``targets`` / ``targets_fused`` / ``targets_graphs``: the main shape's targets per family;
+    ``graphs_vs_eager``: what the per-block CUDA graphs gain over the same model eager;
+    ``vs_diffusers_eager`` / ``padded_vs_diffusers_eager_padded``: the main shape against the
+    eager anchor; ``buckets``: per other bucket, each of ours against that bucket's anchors.
+    """
     def ms(variant: str, shape_pred, key="step_ms"):
         for r in records:
             if r.get("what") == "step" and r.get("variant") == variant and shape_pred(r) and key in r:
@@ -639,12 +982,45 @@ def summarize(records: list[dict]) -> dict:
             f"{fp8}_padded_vs_unpadded (>=0.9)": ratio(fp8, fp8, unpadded, pred2=padded),
             f"{fp8}_fwd_bwd_vs_diffusers_compile": ratio("diffusers_compile", fp8, key="fwd_bwd_ms"),
         }
+    bf16_g, fp8_g = GRAPH_VARIANTS
+    out["targets_graphs"] = {
+        f"{bf16_g}_vs_diffusers_compile (>=1.15)": ratio("diffusers_compile", bf16_g),
+        f"{fp8_g}_vs_diffusers_compile (>=1.5)": ratio("diffusers_compile", fp8_g),
+        f"{fp8_g}_vs_torchao_fp8_compile (>=1.25)": ratio("diffusers_torchao_fp8_compile", fp8_g),
+        f"{fp8_g}_fwd_bwd_vs_diffusers_compile": ratio("diffusers_compile", fp8_g, key="fwd_bwd_ms"),
+        "ours_te_fp8_delayed_nocache_vs_diffusers_compile": ratio("diffusers_compile", "ours_te_fp8_delayed_nocache"),
+        "ours_te_fp8_delayed_nocache_vs_torchao_fp8_compile": ratio("diffusers_torchao_fp8_compile",
+                                                                    "ours_te_fp8_delayed_nocache"),
+    }
+    out["graphs_vs_eager"] = {
+        f"{bf16_g}_vs_ours_te_bf16": ratio("ours_te_bf16", bf16_g),
+        # the same FP8 weight handling on both sides: re-quantized every step
+        f"{fp8_g}_vs_ours_te_fp8_delayed_nocache": ratio("ours_te_fp8_delayed_nocache", fp8_g),
+        f"{fp8_g}_vs_ours_te_fp8_delayed (eager reuses its first FP8 weights)": ratio("ours_te_fp8_delayed", fp8_g),
+        f"{fp8_g}_fwd_bwd_vs_ours_te_fp8_delayed_nocache": ratio("ours_te_fp8_delayed_nocache", fp8_g,
+                                                                 key="fwd_bwd_ms"),
+    }
     ours = ("ours_te_bf16", "ours_te_fp8_delayed", "ours_te_bf16_fused", "ours_te_fp8_delayed_fused",
-            "ours_te_fp8_delayed_dist_opt", "ours_te_fp8_delayed_fused_dist_opt", "ours_local", "diffusers_compile", "diffusers_torchao_fp8_compile")
+            "ours_te_fp8_delayed_nocache", *GRAPH_VARIANTS,
+            "ours_te_fp8_delayed_dist_opt", "ours_te_fp8_delayed_fused_dist_opt", "ours_local", "diffusers_compile",
+            "diffusers_torchao_fp8_compile")
     out["vs_diffusers_eager"] = {v: ratio("diffusers_eager", v) for v in ours}
     out["padded_vs_diffusers_eager_padded"] = {
         v: ratio("diffusers_eager", v, padded) for v in ours[:4]
     }
+    bucket_labels = list(dict.fromkeys(
+        r["shape"] for r in records
+        if r.get("what") == "step" and "res" in r and r.get("res") != first_res and "shape" in r))
+    bucket_ours = ("ours_te_fp8_delayed", "ours_te_fp8_delayed_nocache", "ours_te_fp8_delayed_fused",
+                   "ours_te_bf16_fused", "ours_te_fp8_delayed_graphs")
+    out["buckets"] = {}
+    for label in bucket_labels:
+        at = lambda r, label=label: r.get("shape") == label  # noqa: E731
+        out["buckets"][label] = {
+            "vs_diffusers_compile": {v: ratio("diffusers_compile", v, at) for v in bucket_ours},
+            "vs_diffusers_eager": {v: ratio("diffusers_eager", v, at) for v in (*bucket_ours, "diffusers_compile")},
+            "graphs_vs_nocache": ratio("ours_te_fp8_delayed_nocache", "ours_te_fp8_delayed_graphs", at),
+        }
     return out
 
 
@@ -671,9 +1047,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=None, help="untimed iterations first (default: 3; 1 with --tiny)")
     p.add_argument("--skip-compile", action="store_true", help="skip the torch.compile anchors")
     p.add_argument("--skip-buckets", action="store_true", help="skip the other buckets")
+    p.add_argument("--skip", default="", metavar="PART,...",
+                   help="leave out these parts of the run (the anchors are never left out): "
+                   + ", ".join(PARTS) + "; 'help' lists them")
+    p.add_argument("--buckets", default=None, metavar="RES[:BATCH],...",
+                   help="the other buckets, image side in px and micro-batch (default: 256:32,640:8,1328:2; "
+                   "64,96 with --tiny); micro-batches of known sides: "
+                   + ", ".join(f"{k}:{v}" for k, v in BUCKET_BATCH.items()))
     p.add_argument("--with-local", action="store_true",
                    help="also time our local (torch) backend (always done where TE cannot run)")
     p.add_argument("--tiny", action="store_true", help="toy shapes: every code path in seconds (CPU tests)")
+    p.add_argument("--graphs-standin", action="store_true",
+                   help="with --te-standin-local where CUDA graphs cannot run, take the graph variants' code "
+                   "path with the blocks called eagerly through the same wrappers (tests the harness on CPU)")
     p.add_argument("--te-standin-local", action="store_true",
                    help="where Transformer Engine cannot run, take the TE variants' code path with the local "
                    "backend and no FP8 (tests the harness on CPU; the numbers mean nothing)")
@@ -699,6 +1085,11 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise SystemExit(f"error: --res {args.res} must be a multiple of 16")
     if not 0 < args.padded_text < args.text_tokens:
         raise SystemExit(f"error: --padded-text {args.padded_text} must be in 1..{args.text_tokens - 1}")
+    args.skip = parse_skip(args.skip) if isinstance(args.skip, str) else frozenset(args.skip)
+    if args.buckets is None:
+        args.buckets = "64,96" if tiny else "256,640,1328"
+    if isinstance(args.buckets, str):
+        args.buckets = parse_buckets(args.buckets)
     return args
 
 

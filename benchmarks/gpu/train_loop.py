@@ -63,10 +63,12 @@ def write_cache(path: Path, *, res: int, samples: int, per_partition: int, text_
     return str(path)
 
 
-def run_config(args, cache: str, precision: str, run_dir: Path) -> dict:
+def run_config(args, cache: str, run: str, run_dir: Path) -> dict:
+    """The run YAML of one `run` of ``--runs``: ``bf16`` or ``fp8``, optionally ``:nofused``."""
+    precision, _, variant = run.partition(":")
     model = {"name": args.config, "num_layers": args.layers, "params_dtype": "bfloat16" if not args.tiny else "float32",
              "backend": "transformer_engine" if precision == "fp8" or args.backend == "transformer_engine" else "local",
-             "fused_elementwise": args.fused}
+             "fused_elementwise": bool(args.fused) and variant != "nofused"}
     return {
         "model": model,
         "parallel": {"tp": 1, "pp": 1},
@@ -96,7 +98,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def train_once(args, cache: str, precision: str) -> dict:
-    run_dir = Path(args.work) / f"run-{precision}"
+    run_dir = Path(args.work) / f"run-{precision.replace(':', '-')}"
     if run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
@@ -154,6 +156,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--backend", default=None, help="backend of the bf16 run (default: transformer_engine on CUDA)")
     p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
                    help="MMDiTConfig.fused_elementwise (default: on with CUDA)")
+    p.add_argument("--runs", default="bf16,fp8", metavar="RUN,...",
+                   help="runs in order: bf16 | fp8, each optionally ':nofused' (fused_elementwise off); the "
+                        "summary compares the first bf16 and the first fp8 run (default: %(default)s)")
     args = p.parse_args(argv)
     args.config = "tiny-16ch" if args.tiny else "qwen-image-20b"
     args.layers = 2 if args.tiny else 4
@@ -178,14 +183,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     emit(args.out, {"what": "train_loop_cache", "samples": args.samples, "res": args.res,
                     "write_s": time.monotonic() - t0})
     runs = {}
-    for precision in ("bf16", "fp8"):
-        if precision == "fp8" and not torch.cuda.is_available():
-            emit(args.out, {"what": "train_loop", "precision": "fp8", "skipped": "needs a CUDA GPU with Transformer Engine"})
+    for run in args.runs.split(","):
+        if run.partition(":")[0] not in ("bf16", "fp8") or run.partition(":")[2] not in ("", "nofused"):
+            p.error(f"--runs: {run!r} is not bf16 or fp8, optionally with ':nofused'")
+        if run.startswith("fp8") and not torch.cuda.is_available():
+            emit(args.out, {"what": "train_loop", "precision": run, "skipped": "needs a CUDA GPU with Transformer Engine"})
             continue
-        runs[precision] = train_once(args, cache, precision)
-        emit(args.out, runs[precision])
+        runs[run] = train_once(args, cache, run)
+        emit(args.out, runs[run])
     summary = {"what": "train_loop_summary"}
-    a, b = runs.get("bf16", {}), runs.get("fp8", {})
+    a = next((r for k, r in runs.items() if k.startswith("bf16")), {})
+    b = next((r for k, r in runs.items() if k.startswith("fp8")), {})
     if a.get("loss_by_interval") and b.get("loss_by_interval"):
         rel = [abs(x - y) / abs(x) for x, y in zip(a["loss_by_interval"], b["loss_by_interval"])]
         summary["fp8_vs_bf16_loss_max_rel"] = max(rel)
