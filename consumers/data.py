@@ -6,13 +6,20 @@ become `consumers.step.Batch` es: each sample gets its index in the step's *glob
 seed of its σ and noise, so draws do not depend on the layout), and the text of all micro-batches
 of the step is padded to one length (static shapes per step, as pipeline schedules need), rounded
 up to `pad_multiple` tokens so that few distinct shapes (and cached schedules) occur.
+
+The ranks of one data-parallel replica (its TP x PP peers) train on the same samples, so only one
+of them reads the cache (opening and verifying each shard the first time it needs it) and
+`broadcast_micro_batches` sends the step's micro-batches to the others, as Megatron's
+``broadcast_data`` does for its TP group. Every rank still plans every step itself (pins, order,
+state) and the readers' agreement check compares those plans across the world.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
+import torch.distributed as dist
 
 from consumers.step import Batch
 from megatron_qwenimage.data.reader import MicroBatch, StepPlan
@@ -30,6 +37,58 @@ def pad_text(text: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch
     out_mask = mask.new_zeros(b, length)
     out_mask[:, :t] = mask
     return out, out_mask
+
+
+def broadcast_micro_batches(
+    micro_batches: list[MicroBatch], *, group: Optional[dist.ProcessGroup], src: int, device: torch.device
+) -> list[MicroBatch]:
+    """The source rank's micro-batches of one step, on every rank of `group` (a collective).
+
+    Args:
+        micro_batches: the step's micro-batches on global rank `src` (ignored on the others,
+            which pass ``[]``).
+        group: the ranks that train on these samples (a replica's model-parallel group); None or
+            a one-rank group returns `micro_batches` unchanged.
+        src: the global rank that read them. device: where the collective's tensors live (the
+            NCCL device on GPUs, ``cpu`` for gloo); received tensors stay there.
+
+    The header (shapes, task, bucket, sample ids) goes as one object; latents, text and
+    condition latents travel as bfloat16, which is exact: the cache stores them in bf16 and the
+    reader widens them to float32 bit by bit.
+    """
+    if group is None or dist.get_world_size(group) == 1:
+        return micro_batches
+    is_src = dist.get_rank() == src
+    header = [[
+        {"latents": tuple(mb.latents.shape), "text": tuple(mb.text.shape),
+         "conditions": [tuple(c.shape) for c in mb.condition_latents],
+         "task": mb.task, "bucket": mb.bucket, "sample_ids": list(mb.sample_ids)}
+        for mb in micro_batches
+    ] if is_src else None]
+    dist.broadcast_object_list(header, src=src, group=group, device=device if device.type != "cpu" else None)
+    out = []
+    for i, h in enumerate(header[0]):
+        def payload(shape, dtype, local=None):
+            if is_src:
+                tensor = local.to(device=device, dtype=dtype).contiguous()
+            else:
+                tensor = torch.empty(shape, dtype=dtype, device=device)
+            dist.broadcast(tensor, src=src, group=group)
+            return tensor
+
+        mine = micro_batches[i] if is_src else None
+        latents = payload(h["latents"], torch.bfloat16, mine.latents if is_src else None)
+        text = payload(h["text"], torch.bfloat16, mine.text if is_src else None)
+        mask = payload(h["text"][:2], torch.uint8, mine.text_mask if is_src else None)
+        conditions = [payload(shape, torch.bfloat16, mine.condition_latents[k] if is_src else None)
+                      for k, shape in enumerate(h["conditions"])]
+        if is_src:  # the reader's own tensors, untouched
+            out.append(mine)
+            continue
+        out.append(MicroBatch(latents=latents.float(), condition_latents=[c.float() for c in conditions],
+                              text=text.float(), text_mask=mask.bool(), task=h["task"], bucket=h["bucket"],
+                              sample_ids=list(h["sample_ids"])))
+    return out
 
 
 def step_batches(

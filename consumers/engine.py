@@ -25,6 +25,7 @@ from consumers.step import (
     PrecisionConfig,
     RecomputeConfig,
     apply_recompute,
+    begin_weight_update_window,
     count_image_tokens,
     loss_sum_over_global,
     make_inputs,
@@ -160,6 +161,7 @@ class TrainEngine:
         gbs = global_batch_size or self.global_batch_size
         for chunk in self.chunks:
             chunk.train()
+        begin_weight_update_window(self.chunks)  # FP8 weights are re-cast from this step's weights
         inputs = self._inputs(step, microbatches, self.sigma_sampler)
         self.optimizer.zero_grad()
         if self.runner is None:
@@ -204,6 +206,7 @@ class TrainEngine:
         """
         for chunk in self.chunks:
             chunk.eval()
+        begin_weight_update_window(self.chunks)
         inputs = self._inputs(step_key, microbatches, _ConstantSigma(sigma))
         if self.runner is None:
             total = torch.zeros(())

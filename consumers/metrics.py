@@ -46,9 +46,13 @@ class LoggingConfig:
     peak_tflops: Optional[float] = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.interval, int) or self.interval < 1:
+        if not isinstance(self.dir, (str, os.PathLike)) or not os.fspath(self.dir):
+            raise ConfigError(f"logging.dir={self.dir!r}: expected a directory path")
+        if not isinstance(self.interval, int) or isinstance(self.interval, bool) or self.interval < 1:
             raise ConfigError(f"logging.interval={self.interval!r}: expected a positive integer")
-        if self.prometheus_port is not None and not (isinstance(self.prometheus_port, int) and 0 <= self.prometheus_port < 65536):
+        if self.prometheus_port is not None and not (isinstance(self.prometheus_port, int)
+                                                     and not isinstance(self.prometheus_port, bool)
+                                                     and 0 <= self.prometheus_port < 65536):
             raise ConfigError(f"logging.prometheus_port={self.prometheus_port!r}: expected null or a port 0..65535")
 
 
@@ -69,7 +73,15 @@ class _Prometheus:
         self.registry = CollectorRegistry()
         self.gauges = {n: Gauge(f"qwenimage_train_{n}", f"training {n.replace('_', ' ')}", registry=self.registry)
                        for n in self.NAMES}
-        server = start_http_server(port, addr=host, registry=self.registry)
+        try:
+            server = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:  # EADDRINUSE, a host that does not resolve or is not local...
+            reason = exc.strerror or str(exc)
+            raise ConfigError(
+                f"logging.prometheus_port={port}: cannot serve metrics on {host}:{port} ({reason}; "
+                f"logging.prometheus_host={host!r}); choose another port, 0 for any free port, or null to turn "
+                "Prometheus off"
+            ) from None
         self.server = server[0] if isinstance(server, tuple) else server
         self.port = self.server.server_port if self.server is not None else port
 
@@ -105,8 +117,12 @@ class MetricsLogger:
         self.prometheus: Optional[_Prometheus] = None
         if not enabled:
             return
-        Path(config.dir).mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(Path(config.dir) / "metrics.jsonl", "a")
+        try:
+            Path(config.dir).mkdir(parents=True, exist_ok=True)
+            self._jsonl = open(Path(config.dir) / "metrics.jsonl", "a")
+        except OSError as exc:  # the directory is a file, or not writable
+            raise ConfigError(f"logging.dir={str(config.dir)!r}: cannot write metrics there "
+                              f"({exc.strerror or exc}: {exc.filename or config.dir})") from None
         if config.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -115,7 +131,11 @@ class MetricsLogger:
             except ImportError:
                 log.info("tensorboard is not installed: metrics go to %s/metrics.jsonl only", config.dir)
         if config.prometheus_port is not None:
-            self.prometheus = _Prometheus(config.prometheus_host, config.prometheus_port)
+            try:
+                self.prometheus = _Prometheus(config.prometheus_host, config.prometheus_port)
+            except BaseException:
+                self.close()  # the files opened above
+                raise
             log.info("prometheus metrics on http://%s:%d/metrics", config.prometheus_host, self.prometheus.port)
 
     def record_step(self, *, step: int, loss: float, lr: float, grad_norm: float, samples: int, image_tokens: int,

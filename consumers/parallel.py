@@ -62,9 +62,13 @@ class ParallelLayout:
     def for_world(cls, world_size: int, *, tp: int = 1, pp: int = 1, vpp: int = 1, sequence_parallel: bool = False,
                   dp: Optional[int] = None) -> "ParallelLayout":
         """The layout with DP filling the rest of `world_size` (or checking a given `dp`)."""
+        for name, value in (("tp", tp), ("pp", pp)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"parallel.{name}={value!r}: expected a positive integer")
         if world_size % (tp * pp):
             raise ConfigError(
-                f"world size {world_size} is not divisible by tp*pp = {tp}*{pp} = {tp * pp}"
+                f"world size {world_size} is not divisible by tp*pp = {tp}*{pp} = {tp * pp} (parallel.tp x "
+                f"parallel.pp); launch a multiple of {tp * pp} ranks (torchrun --nproc-per-node) or change them"
             )
         inferred = world_size // (tp * pp)
         if dp is not None and dp != inferred:
@@ -72,7 +76,12 @@ class ParallelLayout:
         return cls(tp=tp, pp=pp, dp=inferred, vpp=vpp, sequence_parallel=sequence_parallel)
 
     def validate_for(self, config: MMDiTConfig, world_size: Optional[int] = None) -> None:
-        """Raise `ConfigError` unless the layout fits `config` (and `world_size` if given)."""
+        """Raise `ConfigError` unless the layout fits `config` (and `world_size` if given).
+
+        The one check of a layout against a model: training (`RunConfig.layout`, the pipeline
+        builder) and ``qwenimage model-info`` both call it, so they refuse the same layouts with
+        the same message.
+        """
         if world_size is not None and world_size != self.world_size:
             raise ConfigError(
                 f"parallel layout tp={self.tp} x pp={self.pp} x dp={self.dp} = {self.world_size} ranks, "
@@ -87,6 +96,7 @@ class ParallelLayout:
                 f"num_layers={config.num_layers} is not divisible by pp*vpp = {self.pp}*{self.vpp} = "
                 f"{self.num_stages} pipeline stages"
             )
+        self.model_config(config)  # the model's own checks at this TP size (MMDiTConfig validation)
 
     def stage_layer_range(self, stage: int, num_layers: int) -> tuple[int, int]:
         """Global block range ``[start, end)`` of pipeline stage `stage` (0 .. pp*vpp - 1)."""
@@ -119,6 +129,21 @@ class ParallelState:
     dp_group: dist.ProcessGroup
     mesh: "torch.distributed.device_mesh.DeviceMesh"
     device: torch.device
+    #: The TP x PP ranks of this rank's data-parallel replica (megatron-core's model-parallel
+    #: group): the ranks that train on the same samples, so one of them reads and the rest receive.
+    model_parallel_group: Optional[dist.ProcessGroup] = None
+
+    @property
+    def data_source_rank(self) -> int:
+        """Global rank that reads this replica's samples from the cache: its lowest (TP 0, PP 0)."""
+        if self.model_parallel_group is None:
+            return self.rank
+        return min(dist.get_process_group_ranks(self.model_parallel_group))
+
+    @property
+    def reads_data(self) -> bool:
+        """Whether this rank reads samples (and verifies shards) itself rather than receiving them."""
+        return self.rank == self.data_source_rank
 
     @property
     def is_first_pp(self) -> bool:
@@ -210,6 +235,7 @@ def init_parallel(layout: ParallelLayout, backend: Optional[str] = None) -> Para
         dp_group=ps.get_data_parallel_group(),
         mesh=mesh,
         device=device,
+        model_parallel_group=ps.get_model_parallel_group(),
     )
     _check_mesh_matches(state)
     return state

@@ -384,6 +384,26 @@ class Precision:
         return exclude_from_fp8(model, self.exclude_patterns, lambda: te.fp8_autocast(enabled=False))
 
 
+def begin_weight_update_window(modules: Sequence[torch.nn.Module]) -> int:
+    """Mark the next forward of every megatron-core TE linear in `modules` as a step's first
+    micro-batch; returns how many were marked. Call once per optimizer step, before its forwards.
+
+    megatron-core's TE linears pass ``is_first_microbatch`` to Transformer Engine and set it to
+    False after each forward; TE casts the weight to FP8 when it is True and reuses that cached
+    FP8 copy when it is False. megatron-core's pipeline schedules set it back to True at every
+    step; a loop that does not would train on the FP8 weights of its first step forever. Here the
+    first micro-batch of each step (and of each evaluation) casts, the rest of the step reuses
+    the cast, as in Megatron. Without FP8 the flag changes nothing.
+    """
+    marked = 0
+    for root in modules:
+        for module in root.modules():
+            if hasattr(module, "is_first_microbatch") and hasattr(module, "disable_parameter_transpose_cache"):
+                module.is_first_microbatch = True
+                marked += 1
+    return marked
+
+
 def exclude_from_fp8(model: torch.nn.Module, patterns: Sequence[str], context_factory) -> list[str]:
     """Run the forward of every module of `model` whose name matches a pattern inside ``context_factory()``.
 

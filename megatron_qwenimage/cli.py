@@ -49,19 +49,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _rank() -> str:
+    """Global rank under torchrun / srun ("0" for a plain process)."""
+    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or "0"
+
+
 def _prints_errors() -> bool:
-    """Under torchrun/srun only global rank 0 prints a user error: every rank raises the same one."""
-    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
-    return rank in ("", "0")
+    """Whether this process reports a stop (Ctrl-C / SIGTERM): global rank 0 only."""
+    return _rank() == "0"
+
+
+def mark_collective(error: BaseException) -> BaseException:
+    """Mark `error` as raised alike on every rank (a config, layout or resume decision every rank
+    makes from the same inputs): only global rank 0 reports it. Returns `error`."""
+    error.collective = True
+    return error
 
 
 def report_user_error(command: str, error: UserError, *, as_json: bool, debug: bool) -> None:
-    """Print `error` as one line on stderr (and an error object on stdout under ``--json``)."""
+    """Print `error` as one line on stderr (and an error object on stdout under ``--json``).
+
+    Under torchrun / srun, global rank 0 prints every error; another rank prints one only if it
+    is not marked collective (`mark_collective`: rank 0 says the same), prefixed ``[rank N]``, so
+    a fault that one rank alone hit (a shard only it read, a file only it opened) is not lost.
+    """
     message = " ".join(str(error).split()) or type(error).__name__
     if debug:
         traceback.print_exception(error)
-    if not _prints_errors():
-        return
+    rank = _rank()
+    if rank != "0":
+        if getattr(error, "collective", False):
+            return
+        message = f"[rank {rank}] {message}"
     if as_json:
         print(json.dumps({"error": message, "type": type(error).__name__, "command": command}, sort_keys=True))
     print(f"qwenimage {command}: error: {message}", file=sys.stderr)

@@ -12,12 +12,14 @@ name or a path to a YAML file, plus keyword overrides.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import os
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
-
-import yaml
+from typing import Any, Mapping, Union
 
 from megatron_qwenimage.errors import UserError
 
@@ -34,6 +36,130 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 class ConfigError(UserError, ValueError):
     """A configuration value is invalid; the message names the field and what was expected."""
+
+
+# ----------------------------------------------------------------------------- YAML and field types
+def read_yaml(path: str | os.PathLike, *, what: str = "YAML file") -> Any:
+    """The document of the YAML file `path`; `ConfigError` naming the file (and the line of a
+    syntax error) when it is missing, unreadable or not valid YAML."""
+    import yaml
+
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{what} {str(p)!r} does not exist")
+    if not p.is_file():
+        raise ConfigError(f"{what} {str(p)!r} is not a file")
+    try:
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{what} {str(p)!r} cannot be read: {exc}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{what} {str(p)!r} is not valid YAML{where}: {' '.join(str(problem).split())}") from None
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, (list, tuple, set)):
+        return "a list"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a float"
+    return f"a {type(value).__name__}"
+
+
+def _to_int(where: str, value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    number = None
+    if isinstance(value, float):
+        number = value
+    elif isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            try:
+                number = float(value.strip())
+            except ValueError:
+                pass
+    if number is not None and math.isfinite(number) and number == int(number):
+        return int(number)
+    raise ConfigError(f"{where}={value!r}: expected an integer, got {_kind(value)}")
+
+
+def _to_float(where: str, value: Any) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value.strip())  # PyYAML reads `1e-3` (no dot) as a string
+        except ValueError:
+            pass
+    raise ConfigError(f"{where}={value!r}: expected a number, got {_kind(value)}")
+
+
+def coerce_value(where: str, value: Any, annotation: Any) -> Any:
+    """`value` made to fit a dataclass field annotated `annotation`, or `ConfigError` naming `where`.
+
+    Numeric strings become numbers where the field is an int or a float (``"1e-3"``; an integral
+    float is accepted for an int); a bool is refused where a number is expected, a list or a
+    mapping where a scalar is, a scalar where a list is. None is passed through (the dataclass
+    decides whether it is allowed). Other annotations are left to the dataclass's own checks.
+    """
+    if value is None:
+        return value
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (Union, types.UnionType):
+        options = [a for a in args if a is not type(None)]
+        return coerce_value(where, value, options[0]) if len(options) == 1 else value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}={value!r}: expected true or false, got {_kind(value)}")
+        return value
+    if annotation is int:
+        return _to_int(where, value)
+    if annotation is float:
+        return _to_float(where, value)
+    if annotation is str:
+        if isinstance(value, (Mapping, list, tuple, set)):
+            raise ConfigError(f"{where}={value!r}: expected a string, got {_kind(value)}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}={value!r}: expected a list, got {_kind(value)}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            args = (args[0],)
+        if not args:
+            return tuple(value)
+        return tuple(coerce_value(f"{where}[{i}]", v, args[min(i, len(args) - 1)]) for i, v in enumerate(value))
+    return value
+
+
+@functools.lru_cache(maxsize=None)
+def field_types(cls) -> dict[str, Any]:
+    """Resolved annotations of the dataclass `cls`'s fields (empty if they cannot be resolved)."""
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # an annotation that does not resolve: no coercion, the class checks itself
+        return {}
+    return {f.name: hints[f.name] for f in fields(cls) if f.name in hints}
+
+
+def coerce_fields(cls, data: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """`data` (keyword arguments of the dataclass `cls`) with each value `coerce_value`-d to its
+    field's annotation; errors name ``<where>.<key>``. Keys that are no field pass through."""
+    types_ = field_types(cls)
+    return {k: coerce_value(f"{where}.{k}", v, types_[k]) if k in types_ else v for k, v in data.items()}
 
 
 def validate_image_size(height_px: int, width_px: int, *, what: str = "image size") -> None:
@@ -91,8 +217,12 @@ class MMDiTConfig:
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
-        # YAML and JSON give lists; keep the dataclass hashable and comparable.
-        object.__setattr__(self, "axes_dims_rope", tuple(int(a) for a in self.axes_dims_rope))
+        # YAML gives lists and reads `1e-6` as a string: numbers become numbers (or a ConfigError
+        # names the field), lists tuples, so the dataclass stays hashable and comparable.
+        for f in fields(self):
+            if f.name != "name":
+                object.__setattr__(self, f.name, coerce_value(f"MMDiTConfig.{f.name}", getattr(self, f.name),
+                                                              field_types(MMDiTConfig)[f.name]))
         positive = (
             "num_layers",
             "num_attention_heads",
@@ -148,7 +278,7 @@ class MMDiTConfig:
             raise ConfigError(f"MMDiTConfig.fused_elementwise={self.fused_elementwise!r}: expected true or false")
         if self.params_dtype not in DTYPES:
             raise ConfigError(f"MMDiTConfig.params_dtype={self.params_dtype!r}: expected one of {DTYPES}")
-        if not self.norm_eps > 0:
+        if not (self.norm_eps > 0 and math.isfinite(self.norm_eps)):
             raise ConfigError(f"MMDiTConfig.norm_eps={self.norm_eps!r}: expected a positive float")
 
     # --- derived sizes ------------------------------------------------------------------
@@ -250,16 +380,15 @@ def load_config(name_or_path: str | os.PathLike, **overrides: Any) -> MMDiTConfi
         name = str(name_or_path)
     else:
         name = path.stem
-    if not path.exists():
-        raise ConfigError(f"model config file {str(path)!r} does not exist")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    data = read_yaml(path, what="model config file")
+    if data is None:
+        raise ConfigError(f"model config file {str(path)!r} is empty; expected a mapping of MMDiTConfig fields")
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of MMDiTConfig fields, got {type(data).__name__}")
+        raise ConfigError(f"{path}: expected a mapping of MMDiTConfig fields, got {_kind(data)}")
     if "model" in data and isinstance(data["model"], dict):
         data = data["model"]
     known = {f.name for f in fields(MMDiTConfig)}
-    unknown = set(data) - known
+    unknown = (set(data) | set(overrides)) - known
     if unknown:
         raise ConfigError(f"{path}: unknown MMDiTConfig field(s) {sorted(unknown)}; known: {sorted(known)}")
     data.setdefault("name", name)

@@ -21,13 +21,15 @@ from __future__ import annotations
 import abc
 import json
 import os
+import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import torch
 
-from megatron_qwenimage.config import MMDiTConfig
+from megatron_qwenimage.config import ConfigError, MMDiTConfig
 from megatron_qwenimage.errors import UserError
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -171,6 +173,33 @@ class TensorSource(abc.ABC):
     ) -> torch.Tensor:
         """The tensor `name`, or its ``[start:stop]`` slice along `dim`."""
 
+    @abc.abstractmethod
+    def dtype(self, name: str) -> str:
+        """The stored dtype of `name`, as torch names it without ``torch.`` (``float32``, ``int32``)."""
+
+
+#: safetensors dtype codes -> torch dtype names (messages) and whether they are floating point.
+_SAFETENSORS_DTYPES = {
+    "BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16", "I32": "int32",
+    "U32": "uint32", "I64": "int64", "U64": "uint64", "F16": "float16", "BF16": "bfloat16", "F32": "float32",
+    "F64": "float64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+}
+
+
+def check_floating(source: TensorSource, names: Iterable[str], where: str) -> None:
+    """Raise `CheckpointError` naming every tensor of `names` whose dtype is not floating point
+    (weights are never integers or booleans: such a tensor would be cast silently)."""
+    bad = []
+    for name in sorted(names):
+        dtype = source.dtype(name)
+        if not (dtype.startswith("float") or dtype.startswith("bfloat")):
+            bad.append(f"{name} ({dtype})")
+    if bad:
+        raise CheckpointError(
+            f"{where}: {len(bad)} tensor(s) with a non-floating-point dtype: {_preview(bad)}; a transformer "
+            "checkpoint holds floating-point weights only"
+        )
+
 
 class StateDictSource(TensorSource):
     """A diffusers model instance's (or any) in-memory state dict."""
@@ -183,6 +212,9 @@ class StateDictSource(TensorSource):
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.state[name].shape)
+
+    def dtype(self, name: str) -> str:
+        return str(self.state[name].dtype).removeprefix("torch.")
 
     def read(self, name, dim=None, start=0, stop=None):
         t = self.state[name].detach()
@@ -209,8 +241,9 @@ class SafetensorsDirSource(TensorSource):
         index = self.directory / index_name
         single = self.directory / weights_name
         if index.exists():
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{index}: no `weight_map` of tensor name -> file; not a safetensors index")
             files = sorted(set(weight_map.values()))
         elif single.exists():
             files = [weights_name]
@@ -222,7 +255,10 @@ class SafetensorsDirSource(TensorSource):
             path = self.directory / name
             if not path.exists():
                 raise CheckpointError(f"{self.directory}: the index names {name}, which does not exist")
-            handle = safe_open(str(path), framework="pt")
+            try:
+                handle = safe_open(str(path), framework="pt")
+            except Exception as exc:  # safetensors' own error type: a truncated or foreign file
+                raise CheckpointError(f"{path}: not a readable safetensors file ({' '.join(str(exc).split())})") from None
             self._handles[name] = handle
             for key in handle.keys():
                 self._file_of[key] = name
@@ -233,6 +269,10 @@ class SafetensorsDirSource(TensorSource):
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._handles[self._file_of[name]].get_slice(name).get_shape())
 
+    def dtype(self, name: str) -> str:
+        code = self._handles[self._file_of[name]].get_slice(name).get_dtype()
+        return _SAFETENSORS_DTYPES.get(code, code.lower())
+
     def read(self, name, dim=None, start=0, stop=None):
         sl = self._handles[self._file_of[name]].get_slice(name)
         if dim is None:
@@ -242,12 +282,45 @@ class SafetensorsDirSource(TensorSource):
         return sl[index]
 
 
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object file; `CheckpointError` naming `path` when it is unreadable or no object."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: not a readable JSON file ({exc})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def read_diffusers_config(directory: Union[str, os.PathLike]) -> dict[str, Any]:
     path = Path(directory) / CONFIG_NAME
     if not path.exists():
         raise CheckpointError(f"{directory}: no {CONFIG_NAME}; expected a diffusers transformer directory")
-    with open(path) as f:
-        return json.load(f)
+    return _read_json(path)
+
+
+def diffusers_model_config(directory: Union[str, os.PathLike], **overrides: Any) -> MMDiTConfig:
+    """The `MMDiTConfig` of a diffusers directory's ``config.json``; `CheckpointError` naming the file."""
+    data = read_diffusers_config(directory)
+    name = data.get("_class_name")
+    if name not in (None, "QwenImageTransformer2DModel"):
+        raise CheckpointError(f"{Path(directory) / CONFIG_NAME}: _class_name {name!r}, expected "
+                              "'QwenImageTransformer2DModel' (another architecture)")
+    try:
+        return MMDiTConfig.from_diffusers_config(data, **overrides)
+    except (ConfigError, TypeError) as exc:
+        raise CheckpointError(f"{Path(directory) / CONFIG_NAME}: {exc}") from None
+
+
+def native_model_config(directory: Union[str, os.PathLike], **overrides: Any) -> MMDiTConfig:
+    """The `MMDiTConfig` of a native checkpoint's ``mmdit_config.json``; `CheckpointError` naming the file."""
+    stored = read_native_config(directory)
+    stored.pop("tensor_model_parallel_size", None)
+    try:
+        return MMDiTConfig(**{**stored, **overrides})
+    except (ConfigError, TypeError) as exc:
+        raise CheckpointError(f"{Path(directory) / NATIVE_CONFIG_NAME}: {exc}") from None
 
 
 # ----------------------------------------------------------------------------- import
@@ -283,6 +356,21 @@ def expected_source_shapes(config: MMDiTConfig) -> dict[str, tuple[int, ...]]:
             shapes[f"{t}.attn.{p}.bias"] = (d,)
         for n in ("norm_q", "norm_k", "norm_added_q", "norm_added_k"):
             shapes[f"{t}.attn.{n}.weight"] = (hd,)
+    return shapes
+
+
+def expected_native_shapes(config: MMDiTConfig) -> dict[str, tuple[int, ...]]:
+    """Shapes of every (full) tensor of a native checkpoint for `config`."""
+    theirs = expected_source_shapes(config)
+    shapes = {}
+    for rule in conversion_rules(config):
+        sources = [theirs[name] for name in rule.sources]
+        if rule.rows is not None:
+            shapes[rule.ours] = (rule.rows[1] - rule.rows[0], *sources[0][1:])
+        elif rule.fuse_heads:
+            shapes[rule.ours] = (sum(s[0] for s in sources), *sources[0][1:])
+        else:
+            shapes[rule.ours] = sources[0]
     return shapes
 
 
@@ -356,6 +444,9 @@ _MODEL_KWARGS = ("tp_group", "pre_process", "post_process", "layer_range")
 def checkpoint_format(directory: Union[str, os.PathLike]) -> str:
     """``"diffusers"`` or ``"native"``, from the files in `directory`; raises `CheckpointError`."""
     d = Path(directory)
+    if not d.exists():
+        raise CheckpointError(f"{d}: not a directory, it does not exist (expected a diffusers or native checkpoint "
+                              "directory)")
     if not d.is_dir():
         raise CheckpointError(f"{d}: not a directory (expected a diffusers or native checkpoint directory)")
     if (d / NATIVE_CONFIG_NAME).exists():
@@ -374,11 +465,12 @@ def native_rules(model) -> list[Rule]:
 
 
 def read_native_config(directory: Union[str, os.PathLike]) -> dict[str, Any]:
-    with open(Path(directory) / NATIVE_CONFIG_NAME) as f:
-        data = json.load(f)
-    if data.get("format") != NATIVE_FORMAT["format"]:
-        raise CheckpointError(f"{directory}/{NATIVE_CONFIG_NAME}: not a megatron-qwenimage checkpoint config")
-    return data["model"]
+    path = Path(directory) / NATIVE_CONFIG_NAME
+    data = _read_json(path)
+    if data.get("format") != NATIVE_FORMAT["format"] or not isinstance(data.get("model"), dict):
+        raise CheckpointError(f"{path}: not a megatron-qwenimage checkpoint config (no format "
+                              f"{NATIVE_FORMAT['format']!r} and `model` mapping)")
+    return dict(data["model"])
 
 
 @torch.no_grad()
@@ -395,8 +487,12 @@ def load_from_diffusers(cls, path_or_model, **overrides: Any):
         diffusers_config = dict(path_or_model.config)
         source = StateDictSource(path_or_model.state_dict())
     model_kwargs, device, config_overrides = _split_overrides(overrides)
-    config = MMDiTConfig.from_diffusers_config(diffusers_config, **config_overrides)
+    try:
+        config = MMDiTConfig.from_diffusers_config(diffusers_config, **config_overrides)
+    except (ConfigError, TypeError) as exc:
+        raise CheckpointError(f"{where}: {exc}") from None
     check_source(source, config, where)
+    check_floating(source, expected_source_shapes(config), where)
     model = _empty_model(cls, config, model_kwargs, device)
     rules = conversion_rules(
         config, pre_process=model.pre_process, post_process=model.post_process, layer_range=model.layer_range
@@ -413,14 +509,13 @@ def load_from_native(cls, directory: Union[str, os.PathLike], **overrides: Any):
         raise CheckpointError(f"{where}: a diffusers directory; use QwenImageMMDiT.from_diffusers")
     source = SafetensorsDirSource(directory, NATIVE_WEIGHTS_NAME, NATIVE_INDEX_NAME)
     model_kwargs, device, config_overrides = _split_overrides(overrides)
-    stored = read_native_config(directory)
-    stored.pop("tensor_model_parallel_size", None)
-    config = MMDiTConfig(**{**stored, **config_overrides})
+    config = native_model_config(directory, **config_overrides)
     model = _empty_model(cls, config, model_kwargs, device)
     rules = native_rules(model)
     # A pipeline stage loads a subset of the checkpoint: other stages' tensors are expected there.
     expected = {name: model.full_shape(name, t) for name, t in model.named_model_tensors()}
     check_shapes(source, expected, f"{where} does not match the model", allow_unexpected=True)
+    check_floating(source, expected, where)
     _load_rules(model, source, rules, where)
     return model
 
@@ -667,15 +762,21 @@ def convert_checkpoint(
     to = to or ("native" if source_format == "diffusers" else "diffusers")
     if to not in ("native", "diffusers"):
         raise ValueError(f"to={to!r}: expected 'native' or 'diffusers'")
-    if Path(dst).exists() and any(Path(dst).iterdir()):
+    dst = Path(dst)
+    if dst.exists() and not dst.is_dir():
+        raise CheckpointError(f"{dst}: exists and is not a directory; refusing to overwrite it")
+    if dst.exists() and any(dst.iterdir()):
         raise CheckpointError(f"{dst}: exists and is not empty; refusing to overwrite a checkpoint")
+    # Everything about the source is checked before anything is written: names, shapes, dtypes.
     if source_format == "diffusers":
-        config = MMDiTConfig.from_diffusers_config(read_diffusers_config(src))
+        config = diffusers_model_config(src)
         source: TensorSource = SafetensorsDirSource(src)
         check_source(source, config, str(src))
     else:
-        config = MMDiTConfig(**read_native_config(src))
+        config = native_model_config(src)
         source = SafetensorsDirSource(src, NATIVE_WEIGHTS_NAME, NATIVE_INDEX_NAME)
+        check_shapes(source, expected_native_shapes(config), f"{src} does not match its {NATIVE_CONFIG_NAME}")
+    check_floating(source, source.names(), str(src))
 
     if source_format == to:
         names = sorted(source.names())
@@ -688,8 +789,18 @@ def convert_checkpoint(
         names = sorted(expected_source_shapes(config))
         items = diffusers_tensors(source.read, config)
 
-    _write_checkpoint(
-        to, dst, items, config, dtype=dtype, max_shard_bytes=max_shard_bytes,
-        progress=None if progress is None else (lambda done: progress(done, len(names))),
-    )
+    # Written next to `dst` and renamed into place at the end: an interrupted or failed conversion
+    # leaves no partial checkpoint behind (an empty `dst` is replaced by the rename).
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".tmp-{dst.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        _write_checkpoint(
+            to, tmp, items, config, dtype=dtype, max_shard_bytes=max_shard_bytes,
+            progress=None if progress is None else (lambda done: progress(done, len(names))),
+        )
+        os.replace(tmp, dst)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
     return to

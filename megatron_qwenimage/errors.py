@@ -19,6 +19,9 @@ class UserError(Exception):
     """
 
     exit_code: int = 2
+    #: True when every rank of a distributed job raises this error alike (a config, layout or
+    #: agreement decision made from the same inputs): only global rank 0 then reports it.
+    collective: bool = False
 
 
 __all__ = ["UserError"]

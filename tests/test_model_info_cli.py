@@ -22,8 +22,10 @@ def _parser():
 
 
 def _run(argv, capsys):
-    args = _parser().parse_args(["model-info", *argv])
-    rc = args.func(args)
+    """``qwenimage model-info ARGV`` in-process, through the command line's error boundary."""
+    from megatron_qwenimage import cli
+
+    rc = cli.main(["model-info", *argv])
     out = capsys.readouterr()
     return rc, out.out, out.err
 
@@ -78,13 +80,16 @@ def test_table_output(capsys):
         (["--dp", "0"], "dp=0"),
         (["--text-tokens", "2000"], "2000 tokens"),
         (["--config", "no-such-model"], "no-such-model"),
+        (["--pp", "7"], "--pp 7"),
     ],
 )
 def test_bad_arguments_exit_2_with_message(capsys, argv, needle):
     rc, out, err = _run([*argv, "--json"], capsys)
     assert rc == 2
-    assert out == ""
-    assert needle in err
+    (line,) = err.splitlines()
+    assert line.startswith("qwenimage model-info: error: ") and needle in line
+    error = json.loads(out)  # under --json, the error object is the one JSON document on stdout
+    assert error["command"] == "model-info" and needle in error["error"]
 
 
 def test_every_flag_has_help():

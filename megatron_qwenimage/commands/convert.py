@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 import torch
 
@@ -25,9 +24,12 @@ def _size(text: str) -> int:
     for unit, factor in units.items():
         if t.endswith(unit):
             try:
-                return int(float(t[: -len(unit)]) * factor)
-            except ValueError:
+                size = int(float(t[: -len(unit)]) * factor)
+            except (ValueError, OverflowError):
                 break
+            if size > 0:
+                return size
+            break
     raise argparse.ArgumentTypeError(f"--max-shard-size {text!r}: expected a size such as 5GB, 500MB or 1048576B")
 
 
@@ -59,23 +61,17 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from rich.progress import Progress
 
-    from megatron_qwenimage.convert import (
-        CheckpointError,
-        checkpoint_format,
-        convert_checkpoint,
-    )
+    from megatron_qwenimage.convert import checkpoint_format, convert_checkpoint
 
-    try:
-        source_format = checkpoint_format(args.src)
-        with Progress(transient=True, disable=args.json) as bar:
-            task = bar.add_task(f"{source_format} -> {args.to or 'other'}", total=None)
-            to = convert_checkpoint(
-                args.src, args.dst, to=args.to, dtype=DTYPES[args.dtype], max_shard_bytes=args.max_shard_size,
-                progress=lambda done, total: bar.update(task, completed=done, total=total),
-            )
-    except (CheckpointError, ValueError) as err:
-        print(f"qwenimage convert: error: {err}", file=sys.stderr)
-        return 2
+    # A bad source or destination raises `CheckpointError` naming the path or tensor, before
+    # anything is written; the command line reports it as one line (exit 2).
+    source_format = checkpoint_format(args.src)
+    with Progress(transient=True, disable=args.json) as bar:
+        task = bar.add_task(f"{source_format} -> {args.to or 'other'}", total=None)
+        to = convert_checkpoint(
+            args.src, args.dst, to=args.to, dtype=DTYPES[args.dtype], max_shard_bytes=args.max_shard_size,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )
     result = {"source": str(args.src), "source_format": source_format, "destination": str(args.dst), "format": to}
     print(json.dumps(result) if args.json else f"wrote {to} checkpoint to {args.dst} (from {source_format})")
     return 0

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Any
 
 from megatron_qwenimage import accounting
@@ -80,10 +79,17 @@ def model_info(
     sequence_parallel: bool = False,
     zero1: bool = True,
 ) -> dict[str, Any]:
-    """Everything ``model-info`` reports, as a JSON-serialisable dict (bytes and FLOPs as numbers)."""
+    """Everything ``model-info`` reports, as a JSON-serialisable dict (bytes and FLOPs as numbers).
+
+    Raises `ConfigError` for a layout that training refuses, with training's own message
+    (`consumers.parallel.ParallelLayout.validate_for`), and for a bad size or count.
+    """
+    check_layout(config, tp=tp, pp=pp, dp=dp, sequence_parallel=sequence_parallel)
     validate_image_size(height, width)
-    if not isinstance(text_tokens, int) or text_tokens < 0:
-        raise ConfigError(f"text_tokens={text_tokens!r}: expected a non-negative integer")
+    if not isinstance(micro_batch, int) or isinstance(micro_batch, bool) or micro_batch < 1:
+        raise ConfigError(f"--micro-batch={micro_batch!r}: expected a positive integer")
+    if not isinstance(text_tokens, int) or isinstance(text_tokens, bool) or text_tokens < 0:
+        raise ConfigError(f"--text-tokens={text_tokens!r}: expected a non-negative integer")
     validate_text_length(text_tokens, limit=config.max_text_tokens)
     image_tokens = (height // PIXELS_PER_TOKEN_SIDE) * (width // PIXELS_PER_TOKEN_SIDE)
     counts = accounting.parameter_counts(config)
@@ -120,6 +126,18 @@ def model_info(
         "memory_per_gpu_gib": {k: v / accounting.GIB for k, v in memory_bytes.items()},
         "memory_stages": [s.to_dict() for s in mem.stages],
     }
+
+
+def check_layout(config: MMDiTConfig, *, tp: int, pp: int, dp: int, sequence_parallel: bool = False) -> None:
+    """`ConfigError` for a TP/PP/DP layout that ``qwenimage train`` refuses for `config`: the same
+    check (`ParallelLayout` and its `validate_for`) and message, prefixed by the flags."""
+    from consumers.parallel import ParallelLayout
+
+    flags = f"--tp {tp} --pp {pp} --dp {dp}"
+    try:
+        ParallelLayout(tp=tp, pp=pp, dp=dp, sequence_parallel=sequence_parallel).validate_for(config)
+    except ConfigError as exc:
+        raise ConfigError(f"{flags}: {exc} (qwenimage train refuses this layout)") from None
 
 
 def _fmt_flops(n: float) -> str:
@@ -174,18 +192,20 @@ def render(info: dict[str, Any], console) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Entry point of ``qwenimage model-info``; returns the exit status."""
+    """Entry point of ``qwenimage model-info``; returns the exit status. A bad flag or config
+    raises `ConfigError`, which the command line reports as one line (exit 2)."""
     try:
         config = load_config(args.config)
-        tp = config.tensor_model_parallel_size if args.tp is None else args.tp
-        info = model_info(
-            config, tp=tp, pp=args.pp, dp=args.dp, micro_batch=args.micro_batch,
-            height=args.height, width=args.width, text_tokens=args.text_tokens,
-            recompute=args.recompute, sequence_parallel=args.sequence_parallel, zero1=args.zero1,
-        )
-    except (ConfigError, ValueError) as e:
-        print(f"qwenimage {NAME}: error: {e}", file=sys.stderr)
-        return 2
+    except ConfigError as exc:
+        if args.config in str(exc):
+            raise
+        raise ConfigError(f"--config {args.config}: {exc}") from None
+    tp = config.tensor_model_parallel_size if args.tp is None else args.tp
+    info = model_info(
+        config, tp=tp, pp=args.pp, dp=args.dp, micro_batch=args.micro_batch,
+        height=args.height, width=args.width, text_tokens=args.text_tokens,
+        recompute=args.recompute, sequence_parallel=args.sequence_parallel, zero1=args.zero1,
+    )
     if args.json:
         print(json.dumps(info))
     else:

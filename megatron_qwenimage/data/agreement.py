@@ -30,6 +30,9 @@ class RankAgreement(Protocol):
     def gather_int(self, value: int) -> list[int]:
         """Every rank's `value` (a signed 64-bit int), in rank order, on every rank."""
 
+    def gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's `obj` (small, picklable; used on failure paths only), in rank order."""
+
 
 class SingleProcess:
     """The agreement of a job with one rank: nothing to agree on."""
@@ -39,6 +42,9 @@ class SingleProcess:
 
     def gather_int(self, value: int) -> list[int]:
         return [int(value)]
+
+    def gather_object(self, obj: Any) -> list[Any]:
+        return [obj]
 
 
 class TorchDistributedAgreement:
@@ -70,6 +76,13 @@ class TorchDistributedAgreement:
         out = torch.empty(world, dtype=torch.int64, device=self.device)
         dist.all_gather_into_tensor(out, mine, group=self.group)
         return [int(v) for v in out.tolist()]
+
+    def gather_object(self, obj: Any) -> list[Any]:
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * dist.get_world_size(self.group)
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
 
 
 def plan_digest(plan) -> int:

@@ -244,6 +244,11 @@ class CacheReader:
         config: `ReaderConfig` (caches, curriculum stages, task weights, prefetch...).
         dp_rank, dp_size: this rank and the data-parallel world size. Every stage's global batch
             must divide into ``micro_batch * dp_size`` (`ConfigError` naming the stage otherwise).
+        agreement: collectives over the ranks that must agree on every step (`RankAgreement`).
+        read_samples: False on the ranks of a data-parallel replica that receive its samples from
+            one reading peer (Megatron's ``broadcast_data``; see ``consumers.data``). They still
+            plan every step (pins, order, agreement hash, state) but open, verify and read no
+            shard; `next_global_step` returns ``[]`` there.
 
     Raises from `next_global_step`: `EndOfData` when the curriculum is done (iteration stops),
     `ShardChecksumError` naming a corrupted shard, `TailTimeoutError` naming a cache that stopped
@@ -251,12 +256,13 @@ class CacheReader:
     """
 
     def __init__(self, config: ReaderConfig, *, dp_rank: int, dp_size: int,
-                 agreement: RankAgreement | None = None) -> None:
+                 agreement: RankAgreement | None = None, read_samples: bool = True) -> None:
         config.check_dp(dp_size)
         if not isinstance(dp_rank, int) or not 0 <= dp_rank < dp_size:
             raise ConfigError(f"dp_rank={dp_rank!r}: expected 0 <= dp_rank < dp_size={dp_size}")
         self.config = config
         self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.read_samples = read_samples
         self._agreement = agreement or SingleProcess()
         self._catalogs = {c.name: CacheCatalog(c) for c in config.caches}
         self._stop = threading.Event()
@@ -273,6 +279,8 @@ class CacheReader:
     # ------------------------------------------------------------------ loading
     def _load(self) -> tuple[list[MicroBatch], StepPlan, dict]:
         plan = self._planner.next_step()
+        if not self.read_samples:
+            return [], plan, self._planner.state_dict()
         batches = [
             collate(self._pool.read(plan.cache, refs), task=plan.task, bucket=plan.bucket,
                     text_length=self.config.text_length)
@@ -312,26 +320,58 @@ class CacheReader:
 
     # ------------------------------------------------------------------ public API
     def next_global_step(self) -> list[MicroBatch]:
-        """This rank's micro-batches of the next optimizer step (all of one bucket and task)."""
+        """This rank's micro-batches of the next optimizer step (all of one bucket and task);
+        ``[]`` when the reader was built with ``read_samples=False``.
+
+        A collective over the agreement's ranks: a step that fails to load on any rank (a
+        corrupted shard found by the one rank that reads it, a tail timeout) stops every rank
+        with that rank's message, instead of leaving the others waiting in a collective.
+        """
         if self._terminal is not None:
             raise self._terminal
-        if self.config.prefetch_steps == 0:
-            try:
-                item = self._load()
-            except BaseException as exc:
-                self._terminal = exc
-                raise
-        else:
-            if self._thread is None:
-                self._start()
-            item = self._queue.get()
-            if isinstance(item, _Failed):
-                self._terminal = item.exc
-                self._shutdown()
-                raise item.exc
+        step = int(self._consumed["step"])
+        try:
+            item, failure = self._next_item(), None
+        except Exception as exc:  # noqa: BLE001 - shared with the other ranks, then re-raised
+            item, failure = None, exc
+        self._agree_on_outcome(step, failure)
         batches, self.last_step, self._consumed = item
         self._agree_on(self.last_step)
         return batches
+
+    def _next_item(self) -> tuple[list[MicroBatch], StepPlan, dict]:
+        if self.config.prefetch_steps == 0:
+            return self._load()
+        if self._thread is None:
+            self._start()
+        item = self._queue.get()
+        if isinstance(item, _Failed):
+            self._shutdown()
+            raise item.exc
+        return item
+
+    def _agree_on_outcome(self, step: int, failure: Exception | None) -> None:
+        """Every rank learns whether every rank loaded step `step` (one small gather per step)."""
+        code = 0 if failure is None else 1 if isinstance(failure, EndOfData) else 2
+        codes = self._agreement.gather_int(code)
+        if not any(codes):
+            return
+        if set(codes) == {1}:  # the curriculum ended on every rank alike
+            self._terminal = failure
+            raise failure
+        messages = self._agreement.gather_object(
+            None if failure is None else f"{type(failure).__name__}: {' '.join(str(failure).split())}")
+        if failure is not None and code == 2:
+            self._terminal = failure
+        else:
+            first = next(r for r, c in enumerate(codes) if c)
+            self._terminal = ReaderError(
+                f"step {step}: rank {first} could not load its data "
+                f"({messages[first] if first < len(messages) else 'its message did not arrive'}); "
+                f"ranks with a load failure: {[r for r, c in enumerate(codes) if c]}")
+            self._terminal.collective = True  # said alike by every rank that loaded; rank 0 reports
+        self._shutdown()
+        raise self._terminal
 
     def _agree_on(self, plan: StepPlan) -> None:
         """Collectives of the consumed step: the step's samples must be the same on every rank
@@ -347,6 +387,7 @@ class CacheReader:
                 f"this rank: cache {plan.cache!r} snapshot v{plan.snapshot_version}, bucket {plan.bucket}, task "
                 f"{plan.task}); their reader configs, states or snapshots differ: stopping before the step runs"
             )
+            self._terminal.collective = True
             self._shutdown()
             raise self._terminal
         if self._planner.has_growing_caches:

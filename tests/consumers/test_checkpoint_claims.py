@@ -189,3 +189,27 @@ def test_autocast_setting_decides_the_block_linear_dtype(pstate, autocast, expec
     assert not result.skipped and torch.isfinite(torch.tensor(result.loss))
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert all(e["master"].dtype == torch.float32 for e in engine.optimizer.state_tensors().values())
+
+
+# ------------------------------------------------------------------------- FP8 weight cast window
+def test_each_step_and_evaluation_recasts_fp8_weights_once(pstate):
+    """megatron-core's TE linears reuse their FP8 weight copy while ``is_first_microbatch`` is
+    False and set it False after every forward. The engine must set it True before each step's
+    (and each evaluation's) first micro-batch, or FP8 training would keep its first step's
+    weights. A block linear given the flag records what each forward sees: two steps of two
+    micro-batches each, then one evaluation of two."""
+    engine = _engine(pstate)
+    linear = engine.chunks[0].blocks["0"].img_qkv
+    linear.is_first_microbatch, linear.disable_parameter_transpose_cache = True, False
+    seen: list[bool] = []
+
+    def record(module, args):
+        seen.append(module.is_first_microbatch)
+        module.is_first_microbatch = False  # what megatron-core's TELinear.forward does
+
+    linear.register_forward_pre_hook(record)
+    for step in range(2):
+        engine.train_step(step, to_microbatches(synthetic_global_batch(step, 2), dp_rank=0, dp=1, micro_batch=1))
+    engine.eval_local_loss(-1, to_microbatches(synthetic_global_batch(5, 2), dp_rank=0, dp=1, micro_batch=1),
+                           0.5, 2)
+    assert seen == [True, False, True, False, True, False]

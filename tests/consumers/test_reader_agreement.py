@@ -41,6 +41,8 @@ class _Disagreeing(SingleProcess):
         return self.pins if isinstance(obj, dict) and set(obj) == set(self.pins) else obj
 
     def gather_int(self, value):
+        if value in (0, 1, 2):  # the per-step load outcome (a digest is a 64-bit hash): both loaded
+            return [value, value]
         return [value, value ^ 1]
 
 
