@@ -1,9 +1,13 @@
 PYTHON ?= python3
 PYTEST_ARGS ?=
 
-.PHONY: install test demo
+.PHONY: install lint test demo
 install:
 	$(PYTHON) -m pip install -q -e '.[dev]'
+
+# The team's style checks (rules in pyproject.toml).
+lint: install
+	$(PYTHON) -m ruff check .
 
 # Installs the package with its test extras, then runs the whole suite on CPU.
 test: install

@@ -46,6 +46,8 @@ EXTRAS_REQUIRE = {
         "scikit-image>=0.24",
         "dashscope>=1.20",
         "webdataset>=0.2",
+        # Style checks (`make lint`, run by .ci/run before the tests; rules in pyproject.toml).
+        "ruff>=0.6",
     ],
 }
 

@@ -27,7 +27,7 @@ import json
 import math
 import statistics
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def make_params(total: int, layers: int, dtype: torch.dtype,
-                device: torch.device) -> list[tuple[str, torch.nn.Parameter, Optional[int]]]:
+                device: torch.device) -> list[tuple[str, torch.nn.Parameter, int | None]]:
     """``(name, param, tp_dim)`` of `layers` blocks of hidden size d, about `total` elements in all."""
     d = max(8, int(math.sqrt(total / (12 * layers))) // 8 * 8)
     shapes = {"qkv.weight": (3 * d, d), "qkv.bias": (3 * d,), "out.weight": (d, d), "out.bias": (d,),
@@ -205,7 +205,7 @@ def time_steps(opt, grads, iters: int, warmup: int, sync: Callable[[], None]) ->
     return times
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -28,13 +28,13 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_qwenimage.data import Bucket, SampleMeta, ShardTensors, init_cache  # noqa: E402
-from megatron_qwenimage.data.shard_format import offsets_from_lengths  # noqa: E402
-from megatron_qwenimage.data.writer import ShardPayload, publish_partition  # noqa: E402
-from producers.config import PoolConfig, ProducerConfig  # noqa: E402
-from producers.encoders import TextEncoder, VaeEncoder, build_tiny_encoders  # noqa: E402
-from producers.images import decode_image, resize_center_crop  # noqa: E402
-from producers.pipeline import ProduceRequest, produce  # noqa: E402
+from megatron_qwenimage.data import Bucket, SampleMeta, ShardTensors, init_cache
+from megatron_qwenimage.data.shard_format import offsets_from_lengths
+from megatron_qwenimage.data.writer import ShardPayload, publish_partition
+from producers.config import PoolConfig, ProducerConfig
+from producers.encoders import TextEncoder, VaeEncoder, build_tiny_encoders
+from producers.images import decode_image, resize_center_crop
+from producers.pipeline import ProduceRequest, produce
 
 
 def make_inputs(root: Path, n: int, side: int, seed: int = 0) -> list[tuple[Path, str]]:

@@ -47,7 +47,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -405,8 +405,8 @@ class CheckpointManager:
         self.root = Path(config.dir)
         self.refused: list[str] = []
         self.saved_steps: list[int] = []
-        self._pending: Optional[tuple[Any, Path, Path, dict]] = None
-        self._staged: Optional[dict[str, DTensor]] = None
+        self._pending: tuple[Any, Path, Path, dict] | None = None
+        self._staged: dict[str, DTensor] | None = None
         self._cpu_group = None
         self._poll_group = None
         if config.async_save:
@@ -478,7 +478,7 @@ class CheckpointManager:
             torch.cuda.synchronize()
         return self._staged
 
-    def poll(self) -> Optional[Path]:
+    def poll(self) -> Path | None:
         """Commit the async save in flight if every rank's write has finished; returns its path.
 
         Cheap: without a pending save it does nothing (no collective); with one, one tiny
@@ -548,7 +548,7 @@ class CheckpointManager:
         self.saved_steps = sorted(mine[: self.config.keep_last])
 
     # ------------------------------------------------------------------ load
-    def _verify_everywhere(self, directory: Path) -> Optional[str]:
+    def _verify_everywhere(self, directory: Path) -> str | None:
         """Every rank checks a share of the files; returns the first failure message, or None."""
         err = ""
         try:
@@ -561,7 +561,7 @@ class CheckpointManager:
         bad = [e for e in errors if e]
         return bad[0] if bad else None
 
-    def _config_mismatch(self, directory: Path, engine) -> Optional[str]:
+    def _config_mismatch(self, directory: Path, engine) -> str | None:
         """Why `directory`'s saved model config cannot resume `engine` (None: compatible)."""
         try:
             saved = json.loads((directory / META).read_text()).get("model_config")
@@ -572,7 +572,7 @@ class CheckpointManager:
             return f"checkpoint {directory}: saved model config differs from the run's ({'; '.join(diffs)})"
         return None
 
-    def load_latest(self, engine) -> Optional[dict]:
+    def load_latest(self, engine) -> dict | None:
         """Resume per ``checkpoint.resume``; returns the loaded checkpoint's meta.json, or None.
 
         Candidates are tried newest first; one is refused (logged, added to `refused`) when its
@@ -647,7 +647,7 @@ class CheckpointManager:
 
 # ---------------------------------------------------------------------------------------- export
 def export_checkpoint_to_diffusers(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
-                                   ema: bool = False, dtype: Optional[torch.dtype] = None) -> None:
+                                   ema: bool = False, dtype: torch.dtype | None = None) -> None:
     """Write a committed checkpoint's model (or its EMA weights) as a diffusers directory.
 
     Runs in one process, with or without a process group (e.g. on rank 0 at the end of a TP/PP

@@ -16,7 +16,7 @@ state) and the readers' agreement check compares those plans across the world.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -40,7 +40,7 @@ def pad_text(text: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch
 
 
 def broadcast_micro_batches(
-    micro_batches: list[MicroBatch], *, group: Optional[dist.ProcessGroup], src: int, device: torch.device
+    micro_batches: list[MicroBatch], *, group: dist.ProcessGroup | None, src: int, device: torch.device
 ) -> list[MicroBatch]:
     """The source rank's micro-batches of one step, on every rank of `group` (a collective).
 

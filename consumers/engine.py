@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -57,7 +57,7 @@ class NonFiniteTrainingError(UserError, RuntimeError):
         )
 
 
-def amax_reduction_group(tp_only: bool = False) -> Optional[dist.ProcessGroup]:
+def amax_reduction_group(tp_only: bool = False) -> dist.ProcessGroup | None:
     """The group FP8 amax statistics are reduced over, as Megatron-LM does: megatron-core's
     ``get_amax_reduction_group(with_context_parallel=True)``, the tensor x data (x context)
     parallel group of this pipeline stage (every rank that runs the same layers on other data
@@ -105,7 +105,7 @@ class TrainEngine:
         optimizer: OptimizerConfig,
         precision: PrecisionConfig = PrecisionConfig(),
         recompute: RecomputeConfig = RecomputeConfig(),
-        sigma_sampler: Optional[SigmaSampler] = None,
+        sigma_sampler: SigmaSampler | None = None,
         seed: int = 0,
         global_batch_size: int,
         init_seed: int = 0,
@@ -148,7 +148,7 @@ class TrainEngine:
             dist.all_reduce(buf, group=self.pstate.dp_group)
         return buf.cpu()
 
-    def train_step(self, step: int, microbatches: Sequence[Batch], global_batch_size: Optional[int] = None) -> StepResult:
+    def train_step(self, step: int, microbatches: Sequence[Batch], global_batch_size: int | None = None) -> StepResult:
         """Forward/backward of this rank's micro-batches of global step `step`, then the update.
 
         `global_batch_size` (samples of the step over all DP ranks) defaults to the engine's; a

@@ -14,7 +14,6 @@ import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -40,10 +39,10 @@ class LoggingConfig:
     dir: str = "runs/train"
     interval: int = 10
     tensorboard: bool = True
-    prometheus_port: Optional[int] = None
+    prometheus_port: int | None = None
     prometheus_host: str = "127.0.0.1"
-    gpu: Optional[str] = None
-    peak_tflops: Optional[float] = None
+    gpu: str | None = None
+    peak_tflops: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.dir, (str, os.PathLike)) or not os.fspath(self.dir):
@@ -105,7 +104,7 @@ class MetricsLogger:
         world_size: GPUs/processes (TFLOP/s are per GPU). peak_flops: per-GPU peak for MFU, or None.
     """
 
-    def __init__(self, config: LoggingConfig, *, enabled: bool, world_size: int, peak_flops: Optional[float]):
+    def __init__(self, config: LoggingConfig, *, enabled: bool, world_size: int, peak_flops: float | None):
         self.config = config
         self.enabled = enabled
         self.world_size = world_size
@@ -114,7 +113,7 @@ class MetricsLogger:
         self._n = 0
         self._jsonl = None
         self._tb = None
-        self.prometheus: Optional[_Prometheus] = None
+        self.prometheus: _Prometheus | None = None
         if not enabled:
             return
         try:
@@ -140,7 +139,7 @@ class MetricsLogger:
 
     def record_step(self, *, step: int, loss: float, lr: float, grad_norm: float, samples: int, image_tokens: int,
                     flops: float, step_time_s: float, data_wait_s: float,
-                    skipped: bool = False, skipped_steps: int = 0) -> Optional[dict]:
+                    skipped: bool = False, skipped_steps: int = 0) -> dict | None:
         """Add one step (global `samples`, `image_tokens`, model `flops`); returns the record at interval ends.
 
         `skipped` and `skipped_steps` are the engine's (`StepResult.skipped`, the run's total

@@ -53,9 +53,8 @@ whose grad norm is not finite: see `DistributedOptimizer.step`):
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from collections.abc import Mapping
-from typing import Iterable, Optional
 
 import torch
 import torch.distributed as dist
@@ -86,7 +85,7 @@ class OptimizerConfig:
     lr: float = 1e-4
     min_lr: float = 0.0
     warmup_steps: int = 0
-    decay_steps: Optional[int] = None
+    decay_steps: int | None = None
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
@@ -156,7 +155,7 @@ class ParamShard:
 
     name: str
     param: torch.nn.Parameter
-    tp_dim: Optional[int]
+    tp_dim: int | None
     rows: int
     cols: int
     chunk_rows: int
@@ -218,7 +217,7 @@ class _MainGrads(Mapping):
     ``dp > 1``: assembled copies (a parameter's rows are strided over the rank-major buffer).
     """
 
-    def __init__(self, opt: "DistributedOptimizer"):
+    def __init__(self, opt: DistributedOptimizer):
         self._opt = opt
 
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -247,13 +246,13 @@ class DistributedOptimizer:
 
     def __init__(
         self,
-        named_params: Iterable[tuple[str, torch.nn.Parameter, Optional[int]]],
+        named_params: Iterable[tuple[str, torch.nn.Parameter, int | None]],
         config: OptimizerConfig,
         *,
-        dp_group: Optional[dist.ProcessGroup],
+        dp_group: dist.ProcessGroup | None,
         tp_rank: int,
-        norm_group: Optional[dist.ProcessGroup] = None,
-        fused: Optional[bool] = None,
+        norm_group: dist.ProcessGroup | None = None,
+        fused: bool | None = None,
     ):
         self.config = config
         self.schedule = LRSchedule(config)
@@ -310,8 +309,8 @@ class DistributedOptimizer:
                 self._exp_avg_sq[s.name] = self._owned(self._exp_avg_sq_flat, s)
                 rows_view = s.param.detach().view(s.rows, s.cols)[s.row_start : s.row_end]
                 self.master[s.name].view(-1, s.cols).copy_(rows_view)
-        self._ema_flat: Optional[torch.Tensor] = None
-        self.ema: Optional[dict[str, torch.Tensor]] = None
+        self._ema_flat: torch.Tensor | None = None
+        self.ema: dict[str, torch.Tensor] | None = None
         if config.ema_decay > 0:
             self._ema_flat = self._master_flat.clone()
             self.ema = {s.name: self._owned(self._ema_flat, s) for s in self.shards}

@@ -15,7 +15,6 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -60,7 +59,7 @@ class ParallelLayout:
 
     @classmethod
     def for_world(cls, world_size: int, *, tp: int = 1, pp: int = 1, vpp: int = 1, sequence_parallel: bool = False,
-                  dp: Optional[int] = None) -> "ParallelLayout":
+                  dp: int | None = None) -> ParallelLayout:
         """The layout with DP filling the rest of `world_size` (or checking a given `dp`)."""
         for name, value in (("tp", tp), ("pp", pp)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -75,7 +74,7 @@ class ParallelLayout:
             raise ConfigError(f"parallel.dp={dp} but world size {world_size} / (tp*pp={tp * pp}) = {inferred}")
         return cls(tp=tp, pp=pp, dp=inferred, vpp=vpp, sequence_parallel=sequence_parallel)
 
-    def validate_for(self, config: MMDiTConfig, world_size: Optional[int] = None) -> None:
+    def validate_for(self, config: MMDiTConfig, world_size: int | None = None) -> None:
         """Raise `ConfigError` unless the layout fits `config` (and `world_size` if given).
 
         The one check of a layout against a model: training (`RunConfig.layout`, the pipeline
@@ -127,11 +126,11 @@ class ParallelState:
     tp_group: dist.ProcessGroup
     pp_group: dist.ProcessGroup
     dp_group: dist.ProcessGroup
-    mesh: "torch.distributed.device_mesh.DeviceMesh"
+    mesh: torch.distributed.device_mesh.DeviceMesh
     device: torch.device
     #: The TP x PP ranks of this rank's data-parallel replica (megatron-core's model-parallel
     #: group): the ranks that train on the same samples, so one of them reads and the rest receive.
-    model_parallel_group: Optional[dist.ProcessGroup] = None
+    model_parallel_group: dist.ProcessGroup | None = None
 
     @property
     def data_source_rank(self) -> int:
@@ -167,7 +166,7 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def init_distributed(backend: Optional[str] = None, timeout_minutes: float = 10.0) -> None:
+def init_distributed(backend: str | None = None, timeout_minutes: float = 10.0) -> None:
     """Start torch.distributed from the torchrun/srun environment (no-op if already started).
 
     Reads ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT`` (torchrun) or the Slurm
@@ -197,7 +196,7 @@ def init_distributed(backend: Optional[str] = None, timeout_minutes: float = 10.
     dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
 
 
-def init_parallel(layout: ParallelLayout, backend: Optional[str] = None) -> ParallelState:
+def init_parallel(layout: ParallelLayout, backend: str | None = None) -> ParallelState:
     """Initialise (or re-initialise) megatron-core's model-parallel groups for `layout`.
 
     torch.distributed is started first if needed. Calling it again with another layout in the same

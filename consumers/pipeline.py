@@ -13,13 +13,13 @@ built per distinct shape key and cached.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
 
 from consumers.parallel import ParallelState
-from consumers.step import MMDiTStage, Precision, StepInputs, loss_sum_over_global
+from consumers.step import MMDiTStage, StepInputs, loss_sum_over_global
 from megatron_qwenimage.config import MMDiTConfig
 from megatron_qwenimage.model.mmdit import QwenImageMMDiT
 
@@ -120,12 +120,12 @@ class PipelineRunner:
         self._schedules[key] = sched
         return sched
 
-    def run(self, inputs: Sequence[StepInputs], global_batch_size: Optional[int] = None) -> Optional[torch.Tensor]:
+    def run(self, inputs: Sequence[StepInputs], global_batch_size: int | None = None) -> torch.Tensor | None:
         """Forward+backward all micro-batches; returns the summed loss on the last stage, else None."""
         self._normalizer = global_batch_size or self.global_batch_size
         return self._execute(inputs, train=True)
 
-    def evaluate(self, inputs: Sequence[StepInputs], num_samples: int) -> Optional[torch.Tensor]:
+    def evaluate(self, inputs: Sequence[StepInputs], num_samples: int) -> torch.Tensor | None:
         """Forward only; returns ``sum(per-sample loss) / num_samples`` on the last stage, else None.
 
         `inputs` must share shapes (one bucket, task and text length) and every rank of the
@@ -138,7 +138,7 @@ class PipelineRunner:
         self._normalizer = num_samples
         return self._execute(inputs, train=False)
 
-    def _execute(self, inputs: Sequence[StepInputs], train: bool) -> Optional[torch.Tensor]:
+    def _execute(self, inputs: Sequence[StepInputs], train: bool) -> torch.Tensor | None:
         first = inputs[0]
         for mb in inputs:
             if mb.hidden_states.shape != first.hidden_states.shape or mb.text.shape != first.text.shape:
@@ -162,11 +162,11 @@ class PipelineRunner:
             sched.eval(*args, target=target if is_last else None, losses=losses if is_last else None,
                        return_outputs=False, text_mask=mask)
         if is_last:
-            return torch.stack([l.detach().float().cpu() for l in losses]).sum()
+            return torch.stack([loss.detach().float().cpu() for loss in losses]).sum()
         return None
 
 
-def broadcast_loss_from_last_stage(loss: Optional[torch.Tensor], pstate: ParallelState) -> torch.Tensor:
+def broadcast_loss_from_last_stage(loss: torch.Tensor | None, pstate: ParallelState) -> torch.Tensor:
     """Every rank of the pipeline group gets the last stage's loss (for logging)."""
     buf = loss.clone() if loss is not None else torch.zeros(())
     if pstate.layout.pp > 1:

@@ -25,9 +25,9 @@ import contextlib
 import fnmatch
 import functools
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from math import prod
-from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F  # noqa: F401  (kept for users extending stages)
@@ -108,21 +108,6 @@ class Batch:
         """Everything that fixes the tensor shapes of a step (for caching pipeline schedules)."""
         return (self.task, tuple(self.latents.shape), tuple(self.text.shape),
                 tuple(tuple(c.shape) for c in self.condition_latents))
-
-
-def concat_batches(batches: Sequence[Batch]) -> Batch:
-    """Concatenate micro-batches of equal shapes along the batch dim."""
-    keys = {b.shape_key()[0:1] + b.shape_key()[1][1:] + b.shape_key()[2][1:] for b in batches}
-    if len(keys) != 1:
-        raise ValueError(f"micro-batches of one step must share bucket, task and text length, got {sorted(keys)}")
-    return Batch(
-        latents=torch.cat([b.latents for b in batches]),
-        text=torch.cat([b.text for b in batches]),
-        text_mask=torch.cat([b.text_mask for b in batches]),
-        sample_index=torch.cat([b.sample_index for b in batches]),
-        condition_latents=[torch.cat(cs) for cs in zip(*[b.condition_latents for b in batches])],
-        task=batches[0].task,
-    )
 
 
 # ---------------------------------------------------------------------------------------- inputs
@@ -234,8 +219,8 @@ class PrecisionConfig:
     """
 
     autocast: str = "none"
-    fp8: Optional[str] = None
-    fp8_exclude: Union[str, tuple[str, ...]] = DEFAULT_FP8_EXCLUDE
+    fp8: str | None = None
+    fp8_exclude: str | tuple[str, ...] = DEFAULT_FP8_EXCLUDE
 
     def __post_init__(self) -> None:
         exclude = self.fp8_exclude
@@ -339,7 +324,7 @@ class Precision:
     """
 
     def __init__(self, config: PrecisionConfig, model_config: MMDiTConfig, device: torch.device,
-                 amax_group: Optional[torch.distributed.ProcessGroup] = None):
+                 amax_group: torch.distributed.ProcessGroup | None = None):
         self.exclude_patterns = resolve_fp8_exclude(config, model_config)
         validate_fp8_exclude(self.exclude_patterns, model_config)
         check_fp8_available(config, model_config)
@@ -497,8 +482,8 @@ class MMDiTStage(torch.nn.Module):
         super().__init__()
         self.model = model
         self.precision = precision
-        self._shapes: Optional[list] = None
-        self._num_target: Optional[int] = None
+        self._shapes: list | None = None
+        self._num_target: int | None = None
 
     def set_shapes(self, img_shapes: list, num_target_tokens: int) -> None:
         self._shapes = img_shapes

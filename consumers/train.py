@@ -29,16 +29,17 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any
 
 import torch
 
 from megatron_qwenimage.config import ConfigError, MMDiTConfig, coerce_fields, load_config, read_yaml
 from megatron_qwenimage.errors import UserError
 
-log = logging.getLogger("consumers.train")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ class ScheduleConfig:
     eval_interval: int = 0
     eval_sigmas: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
     text_pad_multiple: int = 8
-    export_diffusers: Optional[str] = None
+    export_diffusers: str | None = None
 
     def __post_init__(self) -> None:
         values = coerce_fields(ScheduleConfig, {f.name: getattr(self, f.name) for f in fields(self)}, "schedule")
@@ -127,7 +128,7 @@ def _model_config(data: Any) -> MMDiTConfig:
         raise ConfigError(f"model ({name}): {exc}") from None
 
 
-_PARALLEL_TYPES = {"tp": int, "pp": int, "dp": Optional[int], "vpp": int, "sequence_parallel": bool}
+_PARALLEL_TYPES = {"tp": int, "pp": int, "dp": int | None, "vpp": int, "sequence_parallel": bool}
 
 
 def _flow_matching(data: Any) -> dict:
@@ -168,7 +169,7 @@ class RunConfig:
                 "checkpoint", "logging")
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], source: str = "<dict>") -> "RunConfig":
+    def from_dict(cls, d: Mapping[str, Any], source: str = "<dict>") -> RunConfig:
         from consumers.checkpoint import CheckpointConfig
         from consumers.metrics import LoggingConfig
         from consumers.optimizer import OptimizerConfig
@@ -225,7 +226,7 @@ class RunConfig:
         )
 
     @classmethod
-    def from_yaml(cls, path: str | os.PathLike) -> "RunConfig":
+    def from_yaml(cls, path: str | os.PathLike) -> RunConfig:
         return cls.from_dict(read_yaml(path, what="--config"), source=str(path))
 
     def layout(self, world_size: int):
@@ -288,7 +289,7 @@ def _check_caches_fit_model(model: MMDiTConfig, data) -> None:
                     f"cache of a {model.joint_attention_dim}-dim text encoder")
 
 
-def preflight(cfg: "RunConfig") -> None:
+def preflight(cfg: RunConfig) -> None:
     """Checks of what the config names on disk, before torch.distributed starts (every rank
     makes them alike): the caches exist and fit the model (`_check_caches_fit_model`), and the
     checkpoint, logging and export directories are not regular files."""
@@ -323,7 +324,7 @@ def _any_rank_failed(failed: bool, device) -> bool:
     return bool(flag.item())
 
 
-def _peak_flops(cfg) -> Optional[float]:
+def _peak_flops(cfg) -> float | None:
     from megatron_qwenimage.accounting import gpu_key_from_device_name, peak_flops
 
     if cfg.logging.peak_tflops is not None:
@@ -507,7 +508,7 @@ def validate(engine, val, sigmas, step: int) -> dict:
     return {"step": step, "val_loss": sum(by_sigma.values()) / len(by_sigma), "val_loss_by_sigma": by_sigma}
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """``python -m consumers.train ARGS`` is ``qwenimage train ARGS`` (``--debug`` anywhere): the
     same one-line error report (`megatron_qwenimage.cli.main`) and exit status."""
     from megatron_qwenimage.cli import main as cli_main

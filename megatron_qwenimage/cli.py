@@ -90,7 +90,7 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C so that every ``finally`` (Ray shutdown, exporters, temp files) runs."""
 
 
-def _raise_terminated(signum, frame):  # noqa: ARG001 - signal handler signature
+def _raise_terminated(signum, frame):
     raise Terminated()
 
 

@@ -17,9 +17,10 @@ import math
 import os
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping, Union
+from typing import Any, Union
 
 from megatron_qwenimage.errors import UserError
 
@@ -306,7 +307,7 @@ class MMDiTConfig:
 
         return getattr(torch, self.params_dtype)
 
-    def replace(self, **overrides: Any) -> "MMDiTConfig":
+    def replace(self, **overrides: Any) -> MMDiTConfig:
         """A copy with `overrides` applied (validated again)."""
         unknown = set(overrides) - {f.name for f in fields(self)}
         if unknown:
@@ -330,7 +331,7 @@ class MMDiTConfig:
         }
 
     @classmethod
-    def from_diffusers_config(cls, config: Mapping[str, Any], **overrides: Any) -> "MMDiTConfig":
+    def from_diffusers_config(cls, config: Mapping[str, Any], **overrides: Any) -> MMDiTConfig:
         """Build from a diffusers ``config.json`` mapping; refuses variants this model lacks."""
         for flag in ("guidance_embeds", "zero_cond_t", "use_additional_t_cond", "use_layer3d_rope"):
             if config.get(flag):

@@ -23,9 +23,10 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional, Union
+from typing import Any
 
 import torch
 
@@ -62,12 +63,12 @@ class Rule:
 
     ours: str
     sources: tuple[str, ...]
-    dim: Optional[int]
-    rows: Optional[tuple[int, int]] = None
+    dim: int | None
+    rows: tuple[int, int] | None = None
     fuse_heads: bool = False
 
 
-def _linear(ours: str, theirs: str, dim: Optional[int], bias_dim: Optional[int]) -> list[Rule]:
+def _linear(ours: str, theirs: str, dim: int | None, bias_dim: int | None) -> list[Rule]:
     return [
         Rule(f"{ours}.weight", (f"{theirs}.weight",), dim),
         Rule(f"{ours}.bias", (f"{theirs}.bias",), bias_dim),
@@ -137,7 +138,7 @@ def conversion_rules(
     *,
     pre_process: bool = True,
     post_process: bool = True,
-    layer_range: Optional[tuple[int, int]] = None,
+    layer_range: tuple[int, int] | None = None,
 ) -> list[Rule]:
     """All rules for a model object holding the given stage pieces."""
     start, end = layer_range or (0, config.num_layers)
@@ -169,7 +170,7 @@ class TensorSource(abc.ABC):
 
     @abc.abstractmethod
     def read(
-        self, name: str, dim: Optional[int] = None, start: int = 0, stop: Optional[int] = None
+        self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None
     ) -> torch.Tensor:
         """The tensor `name`, or its ``[start:stop]`` slice along `dim`."""
 
@@ -231,7 +232,7 @@ class SafetensorsDirSource(TensorSource):
 
     def __init__(
         self,
-        directory: Union[str, os.PathLike],
+        directory: str | os.PathLike,
         weights_name: str = WEIGHTS_NAME,
         index_name: str = INDEX_NAME,
     ):
@@ -293,14 +294,14 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def read_diffusers_config(directory: Union[str, os.PathLike]) -> dict[str, Any]:
+def read_diffusers_config(directory: str | os.PathLike) -> dict[str, Any]:
     path = Path(directory) / CONFIG_NAME
     if not path.exists():
         raise CheckpointError(f"{directory}: no {CONFIG_NAME}; expected a diffusers transformer directory")
     return _read_json(path)
 
 
-def diffusers_model_config(directory: Union[str, os.PathLike], **overrides: Any) -> MMDiTConfig:
+def diffusers_model_config(directory: str | os.PathLike, **overrides: Any) -> MMDiTConfig:
     """The `MMDiTConfig` of a diffusers directory's ``config.json``; `CheckpointError` naming the file."""
     data = read_diffusers_config(directory)
     name = data.get("_class_name")
@@ -313,7 +314,7 @@ def diffusers_model_config(directory: Union[str, os.PathLike], **overrides: Any)
         raise CheckpointError(f"{Path(directory) / CONFIG_NAME}: {exc}") from None
 
 
-def native_model_config(directory: Union[str, os.PathLike], **overrides: Any) -> MMDiTConfig:
+def native_model_config(directory: str | os.PathLike, **overrides: Any) -> MMDiTConfig:
     """The `MMDiTConfig` of a native checkpoint's ``mmdit_config.json``; `CheckpointError` naming the file."""
     stored = read_native_config(directory)
     stored.pop("tensor_model_parallel_size", None)
@@ -441,7 +442,7 @@ def split_heads(fused: torch.Tensor, parts: int, head_dim: int) -> list[torch.Te
 _MODEL_KWARGS = ("tp_group", "pre_process", "post_process", "layer_range")
 
 
-def checkpoint_format(directory: Union[str, os.PathLike]) -> str:
+def checkpoint_format(directory: str | os.PathLike) -> str:
     """``"diffusers"`` or ``"native"``, from the files in `directory`; raises `CheckpointError`."""
     d = Path(directory)
     if not d.exists():
@@ -464,7 +465,7 @@ def native_rules(model) -> list[Rule]:
     return [Rule(name, (name,), model.partition_dims[name]) for name, _ in model.named_model_tensors()]
 
 
-def read_native_config(directory: Union[str, os.PathLike]) -> dict[str, Any]:
+def read_native_config(directory: str | os.PathLike) -> dict[str, Any]:
     path = Path(directory) / NATIVE_CONFIG_NAME
     data = _read_json(path)
     if data.get("format") != NATIVE_FORMAT["format"] or not isinstance(data.get("model"), dict):
@@ -502,7 +503,7 @@ def load_from_diffusers(cls, path_or_model, **overrides: Any):
 
 
 @torch.no_grad()
-def load_from_native(cls, directory: Union[str, os.PathLike], **overrides: Any):
+def load_from_native(cls, directory: str | os.PathLike, **overrides: Any):
     """`QwenImageMMDiT.from_native`: build a model (any TP/PP piece) from a native checkpoint."""
     where = str(directory)
     if checkpoint_format(directory) != "native":
@@ -564,11 +565,11 @@ class ShardedSafetensorsWriter:
 
     def __init__(
         self,
-        directory: Union[str, os.PathLike],
+        directory: str | os.PathLike,
         weights_name: str,
         index_name: str,
         max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-        metadata: Optional[dict[str, str]] = None,
+        metadata: dict[str, str] | None = None,
     ):
         if max_shard_bytes <= 0:
             raise ValueError(f"max_shard_bytes={max_shard_bytes}: expected a positive byte count")
@@ -665,12 +666,12 @@ def to_diffusers_state(full: dict[str, torch.Tensor], config: MMDiTConfig) -> di
     return dict(diffusers_tensors(full.__getitem__, config))
 
 
-def write_diffusers_config(directory: Union[str, os.PathLike], config: MMDiTConfig) -> None:
+def write_diffusers_config(directory: str | os.PathLike, config: MMDiTConfig) -> None:
     with open(Path(directory) / CONFIG_NAME, "w") as f:
         json.dump(dict(config.to_diffusers_config(), _diffusers_version=DIFFUSERS_VERSION), f, indent=2)
 
 
-def write_native_config(directory: Union[str, os.PathLike], config: MMDiTConfig) -> None:
+def write_native_config(directory: str | os.PathLike, config: MMDiTConfig) -> None:
     model = config.to_dict()
     model.pop("tensor_model_parallel_size")
     model.pop("sequence_parallel")
@@ -684,9 +685,9 @@ def _write_checkpoint(
     items: Iterable[tuple[str, torch.Tensor]],
     config: MMDiTConfig,
     *,
-    dtype: Optional[torch.dtype],
+    dtype: torch.dtype | None,
     max_shard_bytes: int,
-    progress: Optional[Callable[[int], None]] = None,
+    progress: Callable[[int], None] | None = None,
 ) -> None:
     """Stream `items` into a ``fmt`` ("diffusers" | "native") directory, then write its config."""
     if fmt == "native":
@@ -701,7 +702,7 @@ def _write_checkpoint(
     (write_native_config if fmt == "native" else write_diffusers_config)(directory, config)
 
 
-def _save_whole_model(model, directory, fmt: str, *, max_shard_bytes: int, dtype, write: Optional[bool]) -> None:
+def _save_whole_model(model, directory, fmt: str, *, max_shard_bytes: int, dtype, write: bool | None) -> None:
     if not (model.pre_process and model.post_process and model.layer_range == (0, model.config.num_layers)):
         raise ValueError(f"saving a {fmt} checkpoint needs the whole model, not one pipeline stage")
     full = gather_full_state(model)
@@ -719,8 +720,8 @@ def export_to_diffusers(
     directory,
     *,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-    dtype: Optional[torch.dtype] = None,
-    write: Optional[bool] = None,
+    dtype: torch.dtype | None = None,
+    write: bool | None = None,
 ) -> None:
     """Write `model` as a diffusers ``QwenImageTransformer2DModel`` directory.
 
@@ -735,8 +736,8 @@ def save_native(
     directory,
     *,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-    dtype: Optional[torch.dtype] = None,
-    write: Optional[bool] = None,
+    dtype: torch.dtype | None = None,
+    write: bool | None = None,
 ) -> None:
     """Write `model` (whole) as a native checkpoint of full canonical tensors (collective over TP,
     as `export_to_diffusers`)."""
@@ -748,10 +749,10 @@ def convert_checkpoint(
     src,
     dst,
     *,
-    to: Optional[str] = None,
-    dtype: Optional[torch.dtype] = None,
+    to: str | None = None,
+    dtype: torch.dtype | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-    progress: Optional[Callable[[int, int], None]] = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> str:
     """Convert a checkpoint directory between the diffusers and native formats, tensor by tensor.
 

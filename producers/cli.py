@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -95,7 +94,7 @@ def _pool_range(text: str, flag: str) -> tuple[int, int]:
     return lo_n, hi_n
 
 
-def config_from_args(args) -> "ProducerConfig":
+def config_from_args(args) -> ProducerConfig:
     from producers.config import PoolConfig, ProducerConfig, parse_buckets
 
     n = args.local_num_cpus
@@ -194,5 +193,3 @@ def run_produce(args) -> int:
             "reason per input. Pass --allow-empty if that is expected")
     return 0
 
-
-__all__ = ["register", "argparse"]

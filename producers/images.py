@@ -10,8 +10,8 @@ import io
 import math
 import re
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -88,7 +88,7 @@ def decode_image(data: bytes, *, uri: str, min_side_px: int, max_pixels: int) ->
         raise Rejected("not_an_image", f"{uri}: {len(data)} bytes that no image format recognises") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise Rejected("decompression_bomb", f"{uri}: {exc}") from None
-    except Exception as exc:  # noqa: BLE001 - PIL raises many types for broken headers
+    except Exception as exc:
         raise Rejected("corrupt_image", f"{uri}: cannot read the image header ({exc})") from None
     width, height = img.size
     if width * height > max_pixels:
@@ -98,7 +98,7 @@ def decode_image(data: bytes, *, uri: str, min_side_px: int, max_pixels: int) ->
         img.load()
         img = ImageOps.exif_transpose(img)
         rgb = to_rgb(img)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise Rejected("corrupt_image", f"{uri}: truncated or corrupt image data ({type(exc).__name__}: {exc})") from None
     if min(rgb.shape[0], rgb.shape[1]) < min_side_px:
         raise Rejected("too_small", f"{uri}: {rgb.shape[1]}x{rgb.shape[0]} px, the shorter side must be at least {min_side_px} px")
@@ -122,7 +122,7 @@ def _decode_tiff(data: bytes, *, uri: str, min_side_px: int, max_pixels: int) ->
             arr = page.asarray()
     except Rejected:
         raise
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise Rejected("corrupt_image", f"{uri}: TIFF that neither PIL nor tifffile can decode ({exc})") from None
     arr = np.asarray(arr)
     if arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[-1] not in (3, 4):

@@ -26,8 +26,8 @@ import signal
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import fsspec
 import psutil
@@ -43,7 +43,7 @@ from producers.settings import check_settings, record_settings, sample_settings
 from producers.sources import InputItem, list_inputs
 from producers.stages import TextStage, VaeStage, prepare_partition
 
-log = logging.getLogger("qwenimage.produce")
+log = logging.getLogger(__name__)
 #: Partitions per Ray Data execution (bounds driver memory for huge inputs).
 WINDOW_PARTITIONS = 256
 
@@ -214,7 +214,7 @@ def _ensure_ray(address: str | None, local_num_cpus: float | None, connect_timeo
         try:
             if ray.is_initialized():
                 ray.shutdown()
-        except Exception:  # noqa: BLE001 - the original error is the one to report
+        except Exception:
             log.exception("ray.shutdown after a failed start")
         _stop(started)
         raise
@@ -225,7 +225,7 @@ def _ensure_ray(address: str | None, local_num_cpus: float | None, connect_timeo
     return True
 
 
-def _children(proc: "psutil.Process") -> list:
+def _children(proc: psutil.Process) -> list:
     try:
         return proc.children(recursive=True)
     except psutil.Error:
@@ -262,7 +262,7 @@ def _join_ray(address: str, given_as: str, timeout_s: float) -> None:
         try:
             ray.init(address=address, log_to_driver=False)
             result["ok"] = True
-        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+        except BaseException as exc:
             result["error"] = exc
 
     ray_logger = logging.getLogger("ray._private.worker")
@@ -512,7 +512,7 @@ def _poll_actors(metrics: ProducerMetrics, every_s: float = 5.0) -> None:
         from ray.util.state import list_actors
 
         alive = list_actors(filters=[("state", "=", "ALIVE")], limit=10_000, timeout=2)
-    except Exception:  # noqa: BLE001 - no state API on a head started without dashboard
+    except Exception:
         return
     for pool in ("VaeStage", "TextStage"):  # Ray Data names them MapWorker(MapBatches(<class>))
         metrics.alive_actors.labels(pool).set(sum(1 for a in alive if pool in (a.class_name or "")))

@@ -16,7 +16,7 @@ class ProducerProgress:
         self._progress = None
         self._task = None
 
-    def __enter__(self) -> "ProducerProgress":
+    def __enter__(self) -> ProducerProgress:
         if self.enabled:
             self._progress = Progress(
                 TextColumn("[bold]produce"), BarColumn(), MofNCompleteColumn(),

@@ -57,7 +57,7 @@ SETTING_FLAGS = {
     "caption_rules": "the producer version's caption clean-up",
 }
 
-log = logging.getLogger("qwenimage.produce")
+log = logging.getLogger(__name__)
 
 
 class SettingsError(UserError):

@@ -32,8 +32,8 @@ import json
 import math
 import posixpath
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 from urllib.parse import parse_qs
 
 import fsspec

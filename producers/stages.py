@@ -22,7 +22,6 @@ import time
 
 import numpy as np
 
-from megatron_qwenimage.data.shard_format import Bucket
 from megatron_qwenimage.data.storage import CacheStorage
 from producers.config import ProducerConfig
 from producers.dedup import CLAIMS_DIR, CommittedContent, claim_content  # noqa: F401 (CLAIMS_DIR: re-export)
@@ -238,7 +237,3 @@ def _bf16_bytes(t) -> bytes:
     import torch
 
     return t.contiguous().view(torch.int16).numpy().tobytes()
-
-
-def bucket_of(row: dict) -> Bucket:
-    return Bucket(int(row["bucket_h"]), int(row["bucket_w"]))

@@ -13,8 +13,8 @@ import glob
 import io
 import os
 import random
+from collections.abc import Iterator
 from functools import lru_cache
-from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont

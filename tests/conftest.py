@@ -7,8 +7,8 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import pytest  # noqa: E402
-from mmdit_helpers import make_diffusers_transformer  # noqa: E402
+import pytest
+from mmdit_helpers import make_diffusers_transformer
 
 
 @pytest.fixture(scope="session")

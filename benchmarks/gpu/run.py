@@ -67,9 +67,9 @@ import statistics
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 
@@ -88,7 +88,7 @@ GIB = 2**30
 class Recorder:
     """Appends one JSON object per line to `path` (flushed at once) and echoes a short line."""
 
-    def __init__(self, path: Optional[str]):
+    def __init__(self, path: str | None):
         self.path = path
         self.records: list[dict] = []
         if path:
@@ -153,7 +153,7 @@ def reset_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def peak_memory_gib(device: torch.device) -> Optional[float]:
+def peak_memory_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated() / GIB if device.type == "cuda" else None
 
 
@@ -209,7 +209,7 @@ PARTS = {
 BUCKET_BATCH = {64: 2, 96: 2, 256: 32, 512: 16, 640: 8, 1024: 2, 1328: 2}
 
 
-def parse_skip(text: Optional[str]) -> frozenset[str]:
+def parse_skip(text: str | None) -> frozenset[str]:
     """``--skip`` value -> the set of parts; SystemExit naming the unknown ones."""
     names = [n.strip() for n in (text or "").split(",") if n.strip()]
     unknown = [n for n in names if n not in PARTS]
@@ -369,7 +369,7 @@ def flops_per_step(config: MMDiTConfig, shape: Shape) -> float:
     return float(accounting.model_flops_per_sample(config, shape.image_tokens, shape.text)) * shape.batch
 
 
-def perf_fields(config: MMDiTConfig, shape: Shape, seconds: list[float], peak: Optional[float]) -> dict:
+def perf_fields(config: MMDiTConfig, shape: Shape, seconds: list[float], peak: float | None) -> dict:
     med = statistics.median(seconds)
     flops = flops_per_step(config, shape) / med
     return {
@@ -392,20 +392,20 @@ class GPURun:
         self.dtype_name = "bfloat16" if args.dtype == "bf16" else "float32"
         self.record = Recorder(args.out)
         self.budget = Budget(args.budget_s)
-        self.peak_bf16: Optional[float] = None
+        self.peak_bf16: float | None = None
         overrides = {"params_dtype": self.dtype_name, "num_layers": args.layers}
         self.config = load_config(args.config, **overrides)
         self.te = self._te_status()
         self.skipped_parts: frozenset[str] = args.skip
         #: Set when a failure left CUDA unusable: every later measurement is skipped with it.
-        self.cuda_broken: Optional[str] = None
+        self.cuda_broken: str | None = None
 
     def wants(self, part: str) -> bool:
         """Whether `part` (a `PARTS` key) is measured in this run."""
         return part not in self.skipped_parts
 
     # -- environment -------------------------------------------------------------------------
-    def _te_status(self) -> Optional[str]:
+    def _te_status(self) -> str | None:
         """None when Transformer Engine can run here, else why not."""
         if self.device.type != "cuda":
             return "needs a CUDA GPU"
@@ -454,7 +454,7 @@ class GPURun:
 
     # -- one variant -------------------------------------------------------------------------
     def measure(self, name: str, shape: Shape, runner_factory: Callable[[], StepRunner],
-                estimate_s: float, fwd_bwd: bool = True, extra: Optional[dict] = None) -> Optional[dict]:
+                estimate_s: float, fwd_bwd: bool = True, extra: dict | None = None) -> dict | None:
         """Time ``runner.step`` (and ``fwd_bwd_only``) of one variant; records a line either way
         (`extra` fields added to it)."""
         base = {"what": "step", "variant": name, "shape": shape.label(), "res": shape.res,
@@ -618,7 +618,7 @@ class GPURun:
                      fwd_bwd=fwd_bwd, extra={"fp8_weights": "re-quantized every step", "te_linears": count})
 
     # -- per-block CUDA graphs --------------------------------------------------------------
-    def graphs_unavailable(self) -> Optional[str]:
+    def graphs_unavailable(self) -> str | None:
         """None when the CUDA-graph variants can run here, else why not."""
         if self.device.type != "cuda":
             return "needs a CUDA GPU (CUDA graphs, Transformer Engine's make_graphed_callables)"
@@ -1093,7 +1093,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = resolve(build_parser().parse_args(argv))
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but CUDA is not available")

@@ -26,7 +26,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 import yaml
@@ -137,7 +136,7 @@ def train_once(args, cache: str, precision: str) -> dict:
     return out
 
 
-def emit(path: Optional[str], record: dict) -> None:
+def emit(path: str | None, record: dict) -> None:
     line = json.dumps(record)
     print(line[:3000], flush=True)
     if path:
@@ -145,7 +144,7 @@ def emit(path: Optional[str], record: dict) -> None:
             f.write(line + "\n")
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", default="/tmp/qwenimage-train-loop", help="cache and run directories (recreated)")
     p.add_argument("--out", default=None, help="append JSON lines here")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Optional, Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -55,7 +55,7 @@ class TorchDistributedAgreement:
         device: where the small tensors of `gather_int` live (``cuda`` for NCCL, ``cpu`` for gloo).
     """
 
-    def __init__(self, group: Optional[torch.distributed.ProcessGroup] = None,
+    def __init__(self, group: torch.distributed.ProcessGroup | None = None,
                  device: torch.device | str = "cpu") -> None:
         self.group = group
         self.device = torch.device(device)

@@ -25,8 +25,8 @@ import re
 import socket
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Iterable
 
 from megatron_qwenimage.data.shard_format import SCHEMA_VERSION, Bucket
 from megatron_qwenimage.data.storage import CacheError, CachePathError, CacheStorage, resolve_record_path
@@ -108,7 +108,7 @@ class ShardEntry:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ShardEntry":
+    def from_dict(cls, d: dict) -> ShardEntry:
         _expect(d, dict, "a shard entry")
         d = dict(d)
         _expect(d.get("files"), dict, "files")
@@ -168,7 +168,7 @@ class CommitRecord:
         return json.dumps(d, indent=1, sort_keys=True).encode()
 
     @classmethod
-    def from_json(cls, data: bytes, where: str = "commit record", path: str = "") -> "CommitRecord":
+    def from_json(cls, data: bytes, where: str = "commit record", path: str = "") -> CommitRecord:
         """Parse and check a record: `CommitRecordError` (naming `where`) unless it is valid JSON of
         the record schema; `CachePathError` if a path in it leaves the cache. `path`: the record's
         cache-relative file, kept on the error."""
@@ -352,7 +352,7 @@ class PartitionAttempt:
         self.attempt_id = attempt_id
 
     @classmethod
-    def start(cls, storage: CacheStorage, partition_id: str, run_id: str = "") -> "PartitionAttempt":
+    def start(cls, storage: CacheStorage, partition_id: str, run_id: str = "") -> PartitionAttempt:
         attempt = cls(storage, partition_id, uuid.uuid4().hex[:16])
         info = {
             "partition_id": partition_id,

@@ -26,8 +26,8 @@ import logging
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
@@ -312,7 +312,7 @@ class StreamState:
                 "carried": [[r.shard_id, r.row] for r in self.carried], "cursor": self.cursor}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "StreamState":
+    def from_dict(cls, d: dict) -> StreamState:
         return cls(d["stage"], d["epoch"], d["pin"], d["base_pin"], [SampleRef(s, r) for s, r in d["carried"]],
                    d["cursor"])
 

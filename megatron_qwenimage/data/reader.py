@@ -29,8 +29,8 @@ import logging
 import queue
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -332,7 +332,7 @@ class CacheReader:
         step = int(self._consumed["step"])
         try:
             item, failure = self._next_item(), None
-        except Exception as exc:  # noqa: BLE001 - shared with the other ranks, then re-raised
+        except Exception as exc:
             item, failure = None, exc
         self._agree_on_outcome(step, failure)
         batches, self.last_step, self._consumed = item
@@ -421,7 +421,7 @@ class CacheReader:
         self._shutdown()
         self._pool.close()
 
-    def __enter__(self) -> "CacheReader":
+    def __enter__(self) -> CacheReader:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -25,8 +25,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping
+from typing import Any
 
 from megatron_qwenimage.config import ConfigError
 from megatron_qwenimage.data.shard_format import Bucket
@@ -310,12 +311,12 @@ class ReaderConfig:
                 )
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "ReaderConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> ReaderConfig:
         """Build from the ``data:`` mapping of a run config (unknown keys are errors)."""
         return _from_mapping(cls, d, "data")
 
     @classmethod
-    def from_yaml(cls, path: str | os.PathLike) -> "ReaderConfig":
+    def from_yaml(cls, path: str | os.PathLike) -> ReaderConfig:
         """Read the ``data:`` section of a run's YAML file."""
         import yaml
 

@@ -45,7 +45,7 @@ class ShardedArray:
         self._index = np.frombuffer(self._file.read(index_bytes), dtype="<u8").reshape(n_chunks, 2)
 
     @classmethod
-    def open(cls, storage: CacheStorage, relpath: str) -> "ShardedArray | None":
+    def open(cls, storage: CacheStorage, relpath: str) -> ShardedArray | None:
         """The array at `relpath` (a zarr array directory), or None if its layout is not the one
         `shard_format` writes (then read it with zarr)."""
         meta = json.loads(storage.read_bytes(f"{relpath}/zarr.json"))

@@ -24,8 +24,8 @@ from __future__ import annotations
 import io
 import json
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -83,7 +83,7 @@ class Bucket:
         return f"{self.height_px}x{self.width_px}"
 
     @classmethod
-    def parse(cls, name: str) -> "Bucket":
+    def parse(cls, name: str) -> Bucket:
         """Inverse of `name`: ``"640x480"`` -> Bucket(640, 480)."""
         try:
             h, w = (int(part) for part in name.lower().split("x"))

@@ -19,7 +19,7 @@ import os
 import posixpath
 import re
 import uuid
-from typing import Iterator
+from collections.abc import Iterator
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -77,7 +77,7 @@ def _record_path_problem(relpath: object) -> str | None:
     return None
 
 
-def resolve_record_path(root: "CacheStorage | None", relpath: str, *, record: str, entry: str) -> str:
+def resolve_record_path(root: CacheStorage | None, relpath: str, *, record: str, entry: str) -> str:
     """Check a path taken from a commit record or snapshot; returns `relpath` unchanged if it is safe.
 
     Every path string that a record or snapshot (JSON written by producers) holds and that is

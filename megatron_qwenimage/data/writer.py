@@ -9,8 +9,8 @@ Ray, so tests and tools can build small caches with it too.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq

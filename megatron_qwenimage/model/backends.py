@@ -20,7 +20,7 @@ from __future__ import annotations
 import importlib.util
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -259,8 +259,8 @@ class JointKeys:
     """
 
     image_tokens: int
-    key_mask: Optional[torch.Tensor] = None
-    kv_lengths: Optional[torch.Tensor] = None
+    key_mask: torch.Tensor | None = None
+    kv_lengths: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self._cu_seqlens: dict[tuple[str, int], torch.Tensor] = {}

@@ -24,8 +24,6 @@ not parameters: they get no gradient, need no reduction, and no ``find_unused_pa
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -169,7 +167,7 @@ class MMDiTBlock(torch.nn.Module):
         temb: torch.Tensor,
         rope: RopeTables,
         keys: JointKeys,
-    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One block.
 
         Args:

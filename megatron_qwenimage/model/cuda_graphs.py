@@ -32,8 +32,9 @@ the same recipe's ``fp8_autocast`` as the capture.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import torch
 
@@ -60,7 +61,7 @@ class BlockCallSignature:
     devices: tuple[str, ...]
     image_tokens: int
 
-    def mismatch(self, other: "BlockCallSignature") -> Optional[str]:
+    def mismatch(self, other: BlockCallSignature) -> str | None:
         """None when `other` equals this signature, else what differs (for error messages)."""
         if self == other:
             return None
@@ -139,7 +140,7 @@ class CallOrder:
 
     def __init__(self, count: int):
         self.count = count
-        self.last: Optional[int] = None
+        self.last: int | None = None
 
     def check(self, position: int) -> None:
         if position != 0 and self.last != position - 1:

@@ -17,8 +17,6 @@ rotations ``[s, b|1, 1, d/2]`` complex64.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import functools
 
 import torch
@@ -32,7 +30,7 @@ def ln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: 
     return torch.addcmul(shift, F.layer_norm(x, (x.shape[-1],), eps=eps), 1 + scale)
 
 
-def gated_residual(x: torch.Tensor, out: torch.Tensor, bias: Optional[torch.Tensor], gate: torch.Tensor) -> torch.Tensor:
+def gated_residual(x: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None, gate: torch.Tensor) -> torch.Tensor:
     """``x + gate * (out + bias)``; bias ``[h]`` or None, gate ``[1, b, h]``."""
     if bias is not None:
         out = out + bias

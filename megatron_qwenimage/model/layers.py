@@ -6,7 +6,6 @@ Layouts: sequence tensors are Megatron ``[s, b, h]``; per-sample vectors are ``[
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +36,7 @@ class TPContext:
         sequence_parallel: Megatron sequence parallelism requested (effective only when size > 1).
     """
 
-    def __init__(self, group: Optional[torch.distributed.ProcessGroup], sequence_parallel: bool):
+    def __init__(self, group: torch.distributed.ProcessGroup | None, sequence_parallel: bool):
         self.group = SingleRankGroup() if group is None else group
         self.size = self.group.size()
         self.rank = self.group.rank()
@@ -59,7 +58,7 @@ class TPContext:
         return self.grad_allreduce(tensor) if self.sequence_parallel else tensor
 
 
-def tp_partition_dim(tensor: torch.Tensor) -> Optional[int]:
+def tp_partition_dim(tensor: torch.Tensor) -> int | None:
     """The dim along which `tensor` is split over TP ranks, or None if it is replicated."""
     if getattr(tensor, "tensor_model_parallel", False):
         return int(tensor.partition_dim)
@@ -75,7 +74,7 @@ class RMSNorm(torch.nn.Module):
             TP all-reduce of its gradient.
     """
 
-    def __init__(self, dim: int, eps: float, dtype: torch.dtype, tp: Optional[TPContext] = None):
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype, tp: TPContext | None = None):
         super().__init__()
         self.eps = eps
         self.weight = torch.nn.Parameter(torch.empty(dim, dtype=dtype))

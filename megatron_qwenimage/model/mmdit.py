@@ -23,8 +23,9 @@ from __future__ import annotations
 import contextlib
 import math
 import zlib
+from collections.abc import Iterator
 from math import prod
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +47,7 @@ from megatron_qwenimage.model.rope import MSRoPE, normalize_img_shapes, pad_rota
 INIT_STD = 0.02
 
 
-def default_tp_group() -> Optional[torch.distributed.ProcessGroup]:
+def default_tp_group() -> torch.distributed.ProcessGroup | None:
     """megatron-core's TP group when its parallel state is initialised, else None (TP = 1)."""
     from megatron.core import parallel_state
 
@@ -73,10 +74,10 @@ class QwenImageMMDiT(torch.nn.Module):
         self,
         config: MMDiTConfig,
         *,
-        tp_group: Optional[torch.distributed.ProcessGroup] = None,
+        tp_group: torch.distributed.ProcessGroup | None = None,
         pre_process: bool = True,
         post_process: bool = True,
-        layer_range: Optional[tuple[int, int]] = None,
+        layer_range: tuple[int, int] | None = None,
         init_seed: int = 0,
     ):
         super().__init__()
@@ -127,7 +128,7 @@ class QwenImageMMDiT(torch.nn.Module):
         if next(self.parameters()).device.type != "meta":
             self.init_weights(init_seed)
 
-    def _collect_partition_dims(self) -> dict[str, Optional[int]]:
+    def _collect_partition_dims(self) -> dict[str, int | None]:
         dims = {name: tp_partition_dim(p) for name, p in self.named_parameters()}
         for module_name, module in self.named_modules():
             if not isinstance(module, CarriedTextWeights):
@@ -138,7 +139,7 @@ class QwenImageMMDiT(torch.nn.Module):
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod
-    def from_diffusers(cls, path_or_model, **overrides: Any) -> "QwenImageMMDiT":
+    def from_diffusers(cls, path_or_model, **overrides: Any) -> QwenImageMMDiT:
         """Build from a diffusers ``QwenImageTransformer2DModel`` directory or instance.
 
         `overrides` are `MMDiTConfig` fields (e.g. ``sequence_parallel=True``,
@@ -151,7 +152,7 @@ class QwenImageMMDiT(torch.nn.Module):
         return load_from_diffusers(cls, path_or_model, **overrides)
 
     @classmethod
-    def from_native(cls, directory, **overrides: Any) -> "QwenImageMMDiT":
+    def from_native(cls, directory, **overrides: Any) -> QwenImageMMDiT:
         """Build from a native checkpoint directory (`save_native`), for any TP/PP piece; takes
         the same `overrides` as `from_diffusers`."""
         from megatron_qwenimage.convert import load_from_native
@@ -281,12 +282,12 @@ class QwenImageMMDiT(torch.nn.Module):
         self,
         hidden_states: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
-        encoder_hidden_states_mask: Optional[torch.Tensor] = None,
-        timestep: Optional[torch.Tensor] = None,
+        encoder_hidden_states_mask: torch.Tensor | None = None,
+        timestep: torch.Tensor | None = None,
         img_shapes=None,
-        guidance: Optional[torch.Tensor] = None,
-        attention_kwargs: Optional[dict] = None,
-        return_dict: Optional[bool] = None,
+        guidance: torch.Tensor | None = None,
+        attention_kwargs: dict | None = None,
+        return_dict: bool | None = None,
         **unsupported: Any,
     ):
         """Denoise packed latents, with diffusers' argument names and layouts.
@@ -394,8 +395,8 @@ class QwenImageMMDiT(torch.nn.Module):
         txt: torch.Tensor,
         temb: torch.Tensor,
         shapes: list,
-        text_mask: Optional[torch.Tensor],
-    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        text_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run this object's blocks on full-sequence streams ``img [n, b, D]``, ``txt [t, b, D]``.
 
         The streams are zero-padded to a multiple of the TP size under sequence parallelism and
@@ -439,14 +440,14 @@ class QwenImageMMDiT(torch.nn.Module):
 
 
 def joint_keys(
-    text_mask: Optional[torch.Tensor],
+    text_mask: torch.Tensor | None,
     *,
     batch: int,
     text_tokens: int,
     image_tokens: int,
     pad_image: int = 0,
     pad_text: int = 0,
-    device: Optional[torch.device] = None,
+    device: torch.device | None = None,
 ) -> JointKeys:
     """The joint key layout of one forward (`JointKeys`), shared by all blocks.
 

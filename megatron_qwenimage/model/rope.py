@@ -19,7 +19,7 @@ Megatron-layout ``[s, b, heads, head_dim]`` queries and keys.
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

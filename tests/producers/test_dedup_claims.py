@@ -182,7 +182,7 @@ def test_concurrent_writers_never_lose_content(world):
     def run(pid):
         try:
             write(cache, pid, rows[pid])
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=run, args=(pid,)) for pid in rows]
