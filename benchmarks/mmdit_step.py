@@ -205,7 +205,7 @@ def run(args: argparse.Namespace) -> dict:
 
     forward_context = contextlib.nullcontext
     if args.fp8 is not None:
-        from consumers.step import Precision, PrecisionConfig
+        from consumers.precision import Precision, PrecisionConfig
 
         # Every block in FP8 (the training default keeps the first and last block in bf16).
         precision = Precision(PrecisionConfig(fp8=args.fp8, fp8_exclude=()), config, torch.device(args.device))

@@ -45,6 +45,7 @@ import random
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -397,6 +398,11 @@ class CheckpointManager:
     Attributes:
         refused: one line per checkpoint the last `load_latest` refused (name and reason).
         saved_steps: steps this manager committed in this process (the only ones `_prune` may delete).
+        resumed_step: the step of the checkpoint `load_latest` loaded (None: none was loaded).
+
+    It owns the save policy too (`should_save`): the train loop calls
+    ``save(step, engine, meta, last_step=...)`` after every step and once at the end, and the
+    manager decides whether that step is due (``checkpoint.interval``, and the final-save rule).
     """
 
     def __init__(self, config: CheckpointConfig, pstate: ParallelState):
@@ -405,6 +411,7 @@ class CheckpointManager:
         self.root = Path(config.dir)
         self.refused: list[str] = []
         self.saved_steps: list[int] = []
+        self.resumed_step: int | None = None
         self._pending: tuple[Any, Path, Path, dict] | None = None
         self._staged: dict[str, DTensor] | None = None
         self._cpu_group = None
@@ -416,8 +423,35 @@ class CheckpointManager:
             self._poll_group = dist.new_group(backend="gloo")
 
     # ------------------------------------------------------------------ save
-    def save(self, step: int, engine, meta: dict) -> Path:
-        """Checkpoint after `step` completed steps; `meta` (JSON-able: reader state...) goes to meta.json."""
+    def should_save(self, step: int, *, last_step: bool = False) -> bool:
+        """Whether a checkpoint is due after `step` completed steps.
+
+        During training (``last_step=False``) every ``checkpoint.interval``-th step is due (none
+        when the interval is 0). When training has ended after `step` steps (``last_step=True``:
+        the last step, or the data ran out) a final checkpoint is due unless the interval rule has
+        just saved `step`, or nothing was trained after resuming at `step` (its checkpoint is the
+        one `load_latest` loaded).
+        """
+        interval = self.config.interval
+        due = bool(interval) and step % interval == 0
+        if not last_step:
+            return due
+        nothing_trained = self.resumed_step is not None and self.resumed_step > 0 and step == self.resumed_step
+        return not due and not nothing_trained
+
+    def save(self, step: int, engine, meta: dict | Callable[[], dict], *,
+             last_step: bool | None = None) -> Path | None:
+        """Checkpoint after `step` completed steps; `meta` (JSON-able: reader state...) goes to meta.json.
+
+        With `last_step` given (the train loop: False after each step, True once at the end) the
+        save happens only when `should_save` says it is due; otherwise None is returned and `meta`
+        is not evaluated (it may be a zero-argument callable returning the mapping). Without
+        `last_step` the checkpoint is written unconditionally. Returns the checkpoint directory.
+        """
+        if last_step is not None and not self.should_save(step, last_step=last_step):
+            return None
+        if callable(meta):
+            meta = meta()
         self.wait_pending()
         final = self.root / step_dir_name(step)
         tmp = self.root / f".tmp-{step_dir_name(step)}"
@@ -603,10 +637,13 @@ class CheckpointManager:
                 reason = self._config_mismatch(directory, engine)
             if reason is None:
                 try:
-                    return self.load(directory, engine)
+                    meta = self.load(directory, engine)
                 except (dcp.api.CheckpointException, CheckpointCorrupt, OSError, ValueError, KeyError,
                         RuntimeError) as exc:
                     reason = f"checkpoint {directory}: load failed ({type(exc).__name__}: {exc})"
+                else:
+                    self.resumed_step = int(meta["step"])
+                    return meta
             reason = _one_line(reason, 600)
             if self.pstate.rank == 0:
                 log.warning("refusing checkpoint step %d: %s; trying the previous one", step, reason)

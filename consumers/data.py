@@ -2,7 +2,7 @@
 
 The reader (another module's job) decides the global sample order, buckets, tasks, curriculum,
 cache mixing, tailing and prefetch, and hands this DP rank its micro-batches of a step. Here they
-become `consumers.step.Batch` es: each sample gets its index in the step's *global* batch (the
+become `consumers.batch.Batch` es: each sample gets its index in the step's *global* batch (the
 seed of its σ and noise, so draws do not depend on the layout), and the text of all micro-batches
 of the step is padded to one length (static shapes per step, as pipeline schedules need), rounded
 up to `pad_multiple` tokens so that few distinct shapes (and cached schedules) occur.
@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from consumers.step import Batch
+from consumers.batch import Batch
 from megatron_qwenimage.data.reader import MicroBatch, StepPlan
 
 

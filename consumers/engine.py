@@ -15,22 +15,19 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from consumers.batch import Batch, count_image_tokens, loss_sum_over_global, make_inputs
 from consumers.optimizer import DistributedOptimizer, OptimizerConfig
 from consumers.parallel import ParallelState
-from consumers.pipeline import PipelineRunner, broadcast_loss_from_last_stage, build_model_chunks, named_trainable
-from consumers.step import (
-    Batch,
-    MMDiTStage,
-    Precision,
-    PrecisionConfig,
-    RecomputeConfig,
-    apply_recompute,
-    begin_weight_update_window,
-    count_image_tokens,
-    loss_sum_over_global,
-    make_inputs,
+from consumers.pipeline import (
+    PipelineRunner,
+    broadcast_loss_from_last_stage,
+    build_model_chunks,
+    named_trainable,
     run_local_microbatches,
 )
+from consumers.precision import Precision, PrecisionConfig, begin_weight_update_window
+from consumers.recompute import RecomputeConfig, apply_recompute
+from consumers.stage import MMDiTStage
 from megatron_qwenimage.config import MMDiTConfig
 from megatron_qwenimage.errors import UserError
 from megatron_qwenimage.flow_matching import SigmaSampler, UniformSigmaSampler

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.distributed as dist
@@ -111,6 +111,51 @@ class ParallelLayout:
     def model_config(self, config: MMDiTConfig) -> MMDiTConfig:
         """`config` with this layout's TP size and sequence parallelism."""
         return config.replace(tensor_model_parallel_size=self.tp, sequence_parallel=self.sequence_parallel)
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """The run YAML's ``parallel`` section: the spec of a `ParallelLayout` before the world size is known.
+
+    Not a `ParallelLayout` itself: ``dp`` may be left out (DP fills the rest of the world), and
+    the sizes are checked against the world and the model only when the world is known
+    (`layout`, called by `RunConfig.layout`), so a bad size is reported at the same point as
+    before, with the same ``parallel.<key>`` message.
+    """
+
+    tp: int = 1
+    """Tensor-parallel size: attention heads and MLP columns are split over this many ranks."""
+
+    pp: int = 1
+    """Pipeline-parallel size: contiguous block ranges per pipeline rank."""
+
+    dp: int | None = None
+    """Data-parallel size; None (default): ``world / (tp * pp)``; when given it must equal that."""
+
+    vpp: int = 1
+    """Virtual stages per pipeline rank (interleaved 1F1B when > 1; needs pp > 1)."""
+
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism inside the TP group."""
+
+    def __post_init__(self) -> None:
+        # Numeric strings become numbers (PyYAML reads `2e0` as a string); errors name parallel.<key>.
+        from megatron_qwenimage.config import coerce_fields
+
+        values = coerce_fields(ParallelConfig, {f.name: getattr(self, f.name) for f in fields(self)}, "parallel")
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+
+    def __getitem__(self, key: str):
+        """``section["tp"]``: the field, as when the section was a plain mapping."""
+        if key not in {f.name for f in fields(self)}:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def layout(self, world_size: int) -> ParallelLayout:
+        """The `ParallelLayout` of this spec on `world_size` ranks (`ParallelLayout.for_world`)."""
+        return ParallelLayout.for_world(world_size, tp=self.tp, pp=self.pp, vpp=self.vpp,
+                                        sequence_parallel=self.sequence_parallel, dp=self.dp)
 
 
 @dataclass

@@ -1,6 +1,7 @@
-"""Model chunks per rank and pipeline-parallel execution with ``torch.distributed.pipelining``.
+"""Model chunks per rank and the micro-batch schedules: ``torch.distributed.pipelining`` (PP > 1,
+`PipelineRunner`) and plain gradient accumulation (PP = 1, `run_local_microbatches`).
 
-megatron-core 0.16.1's schedules hard-code CUDA (DESIGN.md), so pipelining uses PyTorch's
+megatron-core 0.16.1's schedules hard-code CUDA (docs/spec.md §9), so pipelining uses PyTorch's
 ``Schedule1F1B`` (one stage per rank) and ``ScheduleInterleaved1F1B`` (``vpp`` stages per rank,
 stage ``s`` on pipeline rank ``s % pp``): one code path on gloo (CPU) and NCCL (GPU).
 
@@ -18,8 +19,9 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
+from consumers.batch import StepInputs, loss_sum_over_global
 from consumers.parallel import ParallelState
-from consumers.step import MMDiTStage, StepInputs, loss_sum_over_global
+from consumers.stage import MMDiTStage
 from megatron_qwenimage.config import MMDiTConfig
 from megatron_qwenimage.model.mmdit import QwenImageMMDiT
 
@@ -164,6 +166,27 @@ class PipelineRunner:
         if is_last:
             return torch.stack([loss.detach().float().cpu() for loss in losses]).sum()
         return None
+
+
+def run_local_microbatches(
+    stage: MMDiTStage, inputs: Sequence[StepInputs], global_batch_size: int
+) -> torch.Tensor:
+    """Forward + backward of every micro-batch on a whole-model stage; returns the summed loss.
+
+    The schedule without a pipeline (PP = 1; megatron-core's ``forward_backward_no_pipelining``),
+    the counterpart of `PipelineRunner.run`. Each micro-batch's loss is
+    ``sum(per-sample loss) / global_batch_size``; gradients accumulate.
+    """
+    if not (stage.model.pre_process and stage.model.post_process):
+        raise RuntimeError("run_local_microbatches needs the whole model (PP = 1)")
+    total = torch.zeros((), dtype=torch.float32)
+    for mb in inputs:
+        stage.set_shapes(mb.img_shapes, mb.num_target_tokens)
+        pred = stage(mb.hidden_states, mb.text, mb.sigma, text_mask=mb.text_mask)
+        loss = loss_sum_over_global(pred, mb.target, global_batch_size)
+        loss.backward()
+        total += loss.detach().cpu()
+    return total
 
 
 def broadcast_loss_from_last_stage(loss: torch.Tensor | None, pstate: ParallelState) -> torch.Tensor:

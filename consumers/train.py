@@ -14,11 +14,14 @@ Run under torchrun (``torchrun --nproc-per-node N -m consumers.train --config ru
     checkpoint: {dir: ckpt/, interval: 100, keep_last: 3, resume: auto}   # auto | required | never
     logging: {dir: runs/x, interval: 10, prometheus_port: 9400}
 
-Every section is a dataclass validated at construction; an unknown key or a bad value is a
-`ConfigError` naming ``section.key``. Numeric strings (PyYAML reads ``1e-3`` as one) become
+Every section is a typed dataclass validated at construction (`RunConfig` lists them); an
+unknown key or a bad value is a `ConfigError` naming ``section.key``. Numeric strings (PyYAML reads ``1e-3`` as one) become
 numbers where the field is numeric. Before step 0 (before torch.distributed starts) `preflight`
 checks what the config names on disk: the caches exist, their latents and text embeddings fit the
 model, and the checkpoint / logging / export paths are not regular files.
+
+This module holds the config (`RunConfig`, `preflight`) and the CLI glue (`add_arguments`,
+`run_from_args`, `main`); `train` builds a `consumers.trainer.Trainer`, which runs the loop.
 """
 
 from __future__ import annotations
@@ -28,16 +31,26 @@ import contextlib
 import logging
 import os
 import sys
-import time
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from consumers.parallel import ParallelConfig
+from consumers.validate import validate as validate  # re-exported: ``consumers.train.validate``
 from megatron_qwenimage.config import ConfigError, MMDiTConfig, coerce_fields, load_config, read_yaml
 from megatron_qwenimage.errors import UserError
+from megatron_qwenimage.flow_matching import ResolutionShift
+
+if TYPE_CHECKING:
+    from consumers.checkpoint import CheckpointConfig
+    from consumers.metrics import LoggingConfig
+    from consumers.optimizer import OptimizerConfig
+    from consumers.precision import PrecisionConfig
+    from consumers.recompute import RecomputeConfig
+    from megatron_qwenimage.data.reader_config import ReaderConfig
 
 log = logging.getLogger(__name__)
 
@@ -128,9 +141,6 @@ def _model_config(data: Any) -> MMDiTConfig:
         raise ConfigError(f"model ({name}): {exc}") from None
 
 
-_PARALLEL_TYPES = {"tp": int, "pp": int, "dp": int | None, "vpp": int, "sequence_parallel": bool}
-
-
 def _flow_matching(data: Any) -> dict:
     """The ``flow_matching`` mapping with numeric strings made numbers (keys named on error)."""
     from megatron_qwenimage.config import coerce_value
@@ -149,33 +159,129 @@ def _flow_matching(data: Any) -> dict:
     return fm
 
 
+@dataclass(frozen=True)
+class FlowMatchingConfig:
+    """The ``flow_matching`` section: the σ sampler of training (`build_sigma_sampler`'s keys).
+
+    A field left None was not given (the sampler's default applies); giving a field of the other
+    kind (``mean`` with ``kind: uniform``) is an error. An absent or empty section is
+    ``{kind: logit_normal, mean: 0.0, std: 1.0}``.
+    """
+
+    kind: str = "logit_normal"
+    """``uniform`` (σ ~ U(low, high)) or ``logit_normal`` (σ = sigmoid(mean + std·z), z ~ N(0, 1))."""
+
+    low: float | None = None
+    """``uniform``: lower bound of σ (default 0.0)."""
+
+    high: float | None = None
+    """``uniform``: upper bound of σ (default 1.0)."""
+
+    mean: float | None = None
+    """``logit_normal``: mean of the normal before the sigmoid (default 0.0)."""
+
+    std: float | None = None
+    """``logit_normal``: standard deviation of the normal before the sigmoid (default 1.0)."""
+
+    resolution_shift: bool | ResolutionShift | None = None
+    """Shift σ by the image's token count (spec 6.3): ``true`` for the released scheduler's
+    defaults, or a mapping of `ResolutionShift` fields; None or false: no shift."""
+
+    def __post_init__(self) -> None:
+        _check_flow_matching(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: Any) -> FlowMatchingConfig:
+        """The section from its YAML mapping (numeric strings made numbers; errors name the key)."""
+        fm = _flow_matching(data)
+        _check_flow_matching(fm)
+        shift = fm.get("resolution_shift")
+        if isinstance(shift, Mapping):
+            fm["resolution_shift"] = ResolutionShift(**shift)
+        return cls(**fm)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The `build_sigma_sampler` mapping: the given keys only."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        if isinstance(self.resolution_shift, ResolutionShift):
+            out["resolution_shift"] = {f.name: getattr(self.resolution_shift, f.name)
+                                       for f in fields(self.resolution_shift)}
+        return out
+
+    def build_sampler(self):
+        """The `SigmaSampler` of this section."""
+        from megatron_qwenimage.flow_matching import build_sigma_sampler
+
+        return build_sigma_sampler(self.to_dict())
+
+
+def _check_flow_matching(fm: Mapping[str, Any]) -> None:
+    """`ConfigError` (``flow_matching: ...``) unless `build_sigma_sampler` takes `fm`."""
+    from megatron_qwenimage.flow_matching import build_sigma_sampler
+
+    try:
+        build_sigma_sampler(fm)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"flow_matching: {exc}") from None
+
+
 @dataclass
 class RunConfig:
-    """A whole training run (see the module docstring for the YAML)."""
+    """A whole training run (see the module docstring for the YAML): one typed section per field."""
 
     model: MMDiTConfig
-    parallel: Any
-    optimizer: Any
-    precision: Any
-    recompute: Any
-    flow_matching: dict
-    data: Any
+    """The model: a named config (``tiny-16ch``) or ``{name: ..., <MMDiTConfig overrides>}``."""
+
+    parallel: ParallelConfig
+    """TP / PP / VPP / DP sizes and sequence parallelism (DP fills the rest of the world)."""
+
+    optimizer: OptimizerConfig
+    """AdamW with ZeRO-1 master weights, LR schedule, clipping, EMA (`consumers.optimizer`)."""
+
+    precision: PrecisionConfig
+    """Autocast dtype and FP8 settings."""
+
+    recompute: RecomputeConfig
+    """Activation recomputation."""
+
+    flow_matching: FlowMatchingConfig
+    """The σ sampler of training."""
+
+    data: ReaderConfig
+    """Caches, curriculum stages, batch sizes and the validation set (`ReaderConfig`)."""
+
     schedule: ScheduleConfig
-    checkpoint: Any
-    logging: Any
+    """Steps, seeds, validation interval and σ grid, text padding, diffusers export."""
+
+    checkpoint: CheckpointConfig | None
+    """Checkpoint directory, interval, retention and resume policy; None: no checkpoints."""
+
+    logging: LoggingConfig
+    """Metrics files, TensorBoard, Prometheus and MFU settings."""
+
     source: str = field(default="<dict>")
+    """Where the config came from (the YAML path), for error messages."""
 
     SECTIONS = ("model", "parallel", "optimizer", "precision", "recompute", "flow_matching", "data", "schedule",
                 "checkpoint", "logging")
+
+    def __post_init__(self) -> None:
+        # A RunConfig built directly may pass these two sections as their mappings.
+        if isinstance(self.parallel, Mapping):
+            self.parallel = _section(ParallelConfig, self.parallel, "parallel")
+        if isinstance(self.flow_matching, Mapping):
+            self.flow_matching = FlowMatchingConfig.from_dict(self.flow_matching)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], source: str = "<dict>") -> RunConfig:
         from consumers.checkpoint import CheckpointConfig
         from consumers.metrics import LoggingConfig
         from consumers.optimizer import OptimizerConfig
-        from consumers.step import PrecisionConfig, RecomputeConfig
+        from consumers.precision import PrecisionConfig
+        from consumers.recompute import RecomputeConfig
         from megatron_qwenimage.data.reader_config import ReaderConfig
-        from megatron_qwenimage.flow_matching import build_sigma_sampler
 
         if d is None:
             raise ConfigError(f"{source}: the run config is empty; expected a mapping of sections {list(cls.SECTIONS)}")
@@ -187,21 +293,8 @@ class RunConfig:
         for required in ("model", "data", "schedule"):
             if required not in d:
                 raise ConfigError(f"{source}: missing section `{required}`")
-        from megatron_qwenimage.config import coerce_value
-
-        parallel = _mapping(d.get("parallel"), "parallel")
-        allowed = set(_PARALLEL_TYPES)
-        if set(parallel) - allowed:
-            raise ConfigError(f"parallel: unknown key(s) {sorted(set(parallel) - allowed, key=str)}; "
-                              f"expected some of {sorted(allowed)}")
-        parallel = {k: coerce_value(f"parallel.{k}", v, _PARALLEL_TYPES[k]) for k, v in parallel.items()}
-        fm = _flow_matching(d.get("flow_matching"))
-        try:
-            build_sigma_sampler(fm)
-        except ConfigError:
-            raise
-        except (ValueError, TypeError) as exc:
-            raise ConfigError(f"flow_matching: {exc}") from None
+        parallel = _section(ParallelConfig, d.get("parallel"), "parallel")
+        fm = FlowMatchingConfig.from_dict(d.get("flow_matching"))
         if not isinstance(d["data"], Mapping):
             raise ConfigError(f"data: expected a mapping of keys, got {d['data']!r}")
         try:
@@ -230,11 +323,8 @@ class RunConfig:
         return cls.from_dict(read_yaml(path, what="--config"), source=str(path))
 
     def layout(self, world_size: int):
-        from consumers.parallel import ParallelLayout
-
-        p = self.parallel
-        layout = ParallelLayout.for_world(world_size, tp=p.get("tp", 1), pp=p.get("pp", 1), vpp=p.get("vpp", 1),
-                                          sequence_parallel=p.get("sequence_parallel", False), dp=p.get("dp"))
+        """The `ParallelLayout` of this run on `world_size` ranks, checked against the model."""
+        layout = self.parallel.layout(world_size)
         layout.validate_for(self.model, world_size)
         return layout
 
@@ -315,15 +405,6 @@ def _collective():
         raise
 
 
-def _any_rank_failed(failed: bool, device) -> bool:
-    """One all-reduce over the world: whether `failed` is true on some rank."""
-    import torch.distributed as dist
-
-    flag = torch.tensor([1 if failed else 0], dtype=torch.int32, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
-
-
 def _peak_flops(cfg) -> float | None:
     from megatron_qwenimage.accounting import gpu_key_from_device_name, peak_flops
 
@@ -344,168 +425,11 @@ def _peak_flops(cfg) -> float | None:
 
 
 def train(cfg: RunConfig) -> dict:
-    """Run (or resume) training; returns a summary (final step, last logged record)."""
-    import torch.distributed as dist
+    """Run (or resume) training; returns a summary ``{"final_step", "last_record"}`` (the last
+    logged metrics record). The loop is `consumers.trainer.Trainer`."""
+    from consumers.trainer import Trainer
 
-    from consumers.checkpoint import CheckpointManager, ResumeRefused
-    from consumers.data import broadcast_micro_batches, step_batches
-    from consumers.engine import NonFiniteTrainingError, TrainEngine
-    from consumers.metrics import MetricsLogger
-    from consumers.parallel import init_distributed, init_parallel
-    from megatron_qwenimage.accounting import model_flops_per_sample
-    from megatron_qwenimage.cli import mark_collective
-    from megatron_qwenimage.data.agreement import TorchDistributedAgreement
-    from megatron_qwenimage.data.reader import CacheReader, EndOfData, ValidationReader
-    from megatron_qwenimage.flow_matching import build_sigma_sampler
-
-    with _collective():  # config and files only: every rank fails alike, before any collective
-        preflight(cfg)
-    init_distributed()
-    with _collective():
-        layout = cfg.layout(dist.get_world_size())
-        cfg.data.check_dp(layout.dp)
-    pstate = init_parallel(layout)
-    torch.manual_seed(cfg.schedule.seed)
-    with _collective():  # the model, precision and recompute settings are checked alike everywhere
-        engine = TrainEngine(cfg.model, pstate, optimizer=cfg.optimizer, precision=cfg.precision,
-                             recompute=cfg.recompute, sigma_sampler=build_sigma_sampler(cfg.flow_matching),
-                             seed=cfg.schedule.seed, global_batch_size=cfg.data.stages[0].global_batch,
-                             init_seed=cfg.schedule.init_seed)
-    # Every rank (TP/PP peers, DP replicas) must read the same global steps: pins are decided on
-    # rank 0 and each step's samples are compared across the world (data/agreement.py).
-    # On a gloo group: the per-step agreement then never waits for the GPU to drain its queue
-    # (the previous step's optimizer kernels), which an NCCL collective read back on the host does.
-    agreement = TorchDistributedAgreement(group=dist.new_group(backend="gloo"), device="cpu")
-    # One rank per data-parallel replica reads (and verifies) the cache; its TP/PP peers receive.
-    reader = CacheReader(cfg.data, dp_rank=pstate.dp_rank, dp_size=layout.dp, agreement=agreement,
-                         read_samples=pstate.reads_data)
-    ckpt = CheckpointManager(cfg.checkpoint, pstate) if cfg.checkpoint else None
-    start = 0
-    if ckpt is not None:
-        try:  # checkpoint.resume decides; ResumeRefused (every rank alike) stops the run here
-            meta = ckpt.load_latest(engine)
-        except BaseException as exc:
-            reader.close()
-            if isinstance(exc, ResumeRefused):
-                mark_collective(exc)
-            raise
-        if meta is not None:
-            start = int(meta["step"])
-            reader.load_state_dict(meta["reader"])
-            if pstate.rank == 0:
-                log.info("resumed from %s/step_%08d (saved at layout %s)", cfg.checkpoint.dir, start, meta["layout"])
-    val = None
-    if cfg.data.validation is not None and cfg.schedule.eval_interval:
-        val = ValidationReader(cfg.data.validation, dp_rank=pstate.dp_rank, dp_size=layout.dp, agreement=agreement,
-                               verify_checksums=cfg.data.verify_checksums, text_length=cfg.data.text_length)
-    # Rank 0 opens the metrics files and the Prometheus port; if it cannot (port in use...), the
-    # others must not wait for it in the first step's collectives: all learn it and stop alike.
-    metrics_error = None
-    try:
-        metrics = MetricsLogger(cfg.logging, enabled=pstate.rank == 0, world_size=pstate.world_size,
-                                peak_flops=_peak_flops(cfg))
-    except UserError as exc:
-        metrics_error = exc
-    if _any_rank_failed(metrics_error is not None, pstate.device):
-        reader.close()
-        if metrics_error is not None:
-            raise metrics_error
-        raise mark_collective(ConfigError("logging: rank 0 could not start the metrics logger (its error says why)"))
-    if pstate.rank == 0:
-        log.info("training %s on tp=%d pp=%d vpp=%d dp=%d (sp=%s), steps %d..%d", cfg.model.name, layout.tp,
-                 layout.pp, layout.vpp, layout.dp, layout.sequence_parallel, start, cfg.schedule.train_steps)
-    if val is not None and start == 0:
-        metrics.emit(validate(engine, val, cfg.schedule.eval_sigmas, 0))
-    last_record, completed = None, start
-    try:
-        for step in range(start, cfg.schedule.train_steps):
-            t0 = time.perf_counter()
-            try:
-                micro = reader.next_global_step()
-            except EndOfData:
-                if pstate.rank == 0:
-                    log.info("data: the curriculum is complete after %d steps", step)
-                break
-            micro = broadcast_micro_batches(micro, group=pstate.model_parallel_group, src=pstate.data_source_rank,
-                                            device=pstate.device)
-            plan = reader.last_step
-            if plan.step != step:
-                raise RuntimeError(f"reader is at step {plan.step} but training at step {step} (reader state mismatch)")
-            batches = step_batches(micro, plan, dp_rank=pstate.dp_rank, dp_size=layout.dp,
-                                   pad_multiple=cfg.schedule.text_pad_multiple)
-            t_data = time.perf_counter() - t0
-            result = engine.train_step(step, batches, global_batch_size=len(plan.refs))
-            step_time = time.perf_counter() - t0
-            b0 = batches[0]
-            cond_tokens = sum(c.shape[-2] * c.shape[-1] // cfg.model.patch_size**2 for c in b0.condition_latents)
-            text_tokens = int(b0.text_mask.sum()) // max(b0.size, 1)
-            flops = len(plan.refs) * model_flops_per_sample(
-                cfg.model, b0.latents.shape[-2] * b0.latents.shape[-1] // cfg.model.patch_size**2,
-                max(text_tokens, 1), cond_tokens)
-            record = metrics.record_step(step=step, loss=result.loss, lr=result.lr, grad_norm=result.grad_norm,
-                                         samples=len(plan.refs), image_tokens=result.image_tokens * layout.dp,
-                                         flops=flops, step_time_s=step_time, data_wait_s=t_data,
-                                         skipped=result.skipped, skipped_steps=result.skipped_steps)
-            last_record = record or last_record
-            done = completed = step + 1
-            if ckpt is not None and cfg.checkpoint.interval and done % cfg.checkpoint.interval == 0:
-                ckpt.save(done, engine, {"reader": reader.state_dict()})
-            if ckpt is not None:
-                ckpt.poll()  # commits an async save as soon as every rank's write has finished
-            if val is not None and done % cfg.schedule.eval_interval == 0:
-                metrics.emit(validate(engine, val, cfg.schedule.eval_sigmas, done))
-        final = completed
-        if ckpt is not None:
-            # Nothing trained after resuming at `final`: its checkpoint is the one just loaded.
-            resumed_done = final == start and start > 0
-            if (final % max(cfg.checkpoint.interval, 1) or not cfg.checkpoint.interval) and not resumed_done:
-                ckpt.save(final, engine, {"reader": reader.state_dict()})
-            ckpt.finalize()
-            if cfg.schedule.export_diffusers and pstate.rank == 0:
-                from consumers.checkpoint import export_checkpoint_to_diffusers, step_dir_name
-
-                export_checkpoint_to_diffusers(Path(cfg.checkpoint.dir) / step_dir_name(final),
-                                               cfg.schedule.export_diffusers)
-            dist.barrier()
-    except NonFiniteTrainingError as exc:  # raised on every rank alike (world-reduced loss and grad norm)
-        mark_collective(exc)
-        raise
-    finally:
-        reader.close()
-        metrics.close()
-    return {"final_step": final, "last_record": last_record}
-
-
-def validate(engine, val, sigmas, step: int) -> dict:
-    """Mean validation loss at each σ of the fixed grid.
-
-    The held-out micro-batches are fixed (`ValidationReader`); noise is seeded by the σ's index
-    and the sample's global index, so the numbers are comparable across steps and layouts.
-    Works under every layout: each σ evaluates all of this rank's micro-batches in one
-    `TrainEngine.eval_local_loss` call, which under PP runs each group of equal shapes (task,
-    bucket, batch size, text length) through one forward-only pipeline schedule, whatever its
-    micro-batch count; the ranks of a pipeline hold the same micro-batches, so they run the same
-    calls. DP replicas evaluate their own micro-batches and meet only in the final `dp_sum`.
-    """
-    from consumers.step import Batch
-
-    offsets, acc = [], 0
-    for _, _, refs in val.micro_batches:
-        offsets.append(acc)
-        acc += len(refs)
-    n_global = acc
-    my_ids = range(val.dp_rank, len(val.micro_batches), val.dp_size)
-    mine = [
-        Batch(latents=mb.latents, text=mb.text, text_mask=mb.text_mask,
-              sample_index=torch.arange(offsets[gi], offsets[gi] + mb.batch_size),
-              condition_latents=list(mb.condition_latents), task=mb.task)
-        for mb, gi in zip(val.batches(), my_ids)
-    ]
-    local = torch.tensor([engine.eval_local_loss(-(i + 1), mine, s, n_global) for i, s in enumerate(sigmas)],
-                         dtype=torch.float64)
-    totals = engine.dp_sum(local)
-    by_sigma = {s: float(v) for s, v in zip(sigmas, totals)}
-    return {"step": step, "val_loss": sum(by_sigma.values()) / len(by_sigma), "val_loss_by_sigma": by_sigma}
+    return Trainer(cfg).train()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,6 +25,7 @@ MLP and ``proj_out`` are replicated. This is the layout of `megatron_qwenimage.m
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -128,7 +129,7 @@ def first_stage_tensors(config: MMDiTConfig) -> list[TensorSpec]:
 
 def time_embed_tensors(config: MMDiTConfig) -> list[TensorSpec]:
     """The timestep MLP (256 → D → D). Every pipeline stage needs ``temb``; we assume each stage
-    holds a copy and recomputes it (DESIGN.md), so its parameters count once per stage."""
+    holds a copy and recomputes it (docs/spec.md §7.1), so its parameters count once per stage."""
     d = config.hidden_size
     return _linear(
         "time_text_embed.timestep_embedder.linear_1", TIMESTEP_PROJ_DIM, d, "replicated", "time_embed"
@@ -199,7 +200,7 @@ def parameter_counts(config: MMDiTConfig) -> ParameterCounts:
     """Count parameters per block component, per embedder/head, in total and trainable.
 
     For ``qwen-image-20b``: block 339,831,296, total 20,430,401,088, last-block unused
-    132,154,496 (QWEN_IMAGE_SPEC.md section 1.4).
+    132,154,496 (docs/spec.md §1.4).
     """
     block: dict[str, int] = {}
     unused: dict[str, int] = {}
@@ -329,8 +330,38 @@ def model_flops_per_sample(
     return model_flops_breakdown(config, image_tokens, text_tokens, condition_image_tokens, training).total
 
 
+def step_model_flops(
+    config: MMDiTConfig,
+    samples: int,
+    latent_shape: Sequence[int],
+    text_tokens: int,
+    micro_batch_size: int,
+    condition_shapes: Sequence[Sequence[int]] = (),
+    training: bool = True,
+) -> int:
+    """Model FLOPs of one optimizer step of `samples` samples, from one micro-batch's shapes.
+
+    Args:
+        latent_shape: shape of the micro-batch's target latents, ``(..., H, W)`` in latent
+            pixels; ``H·W / patch_size²`` image tokens per sample.
+        text_tokens: valid (unpadded) text tokens in the whole micro-batch (its mask's sum);
+            each sample counts the micro-batch mean, at least 1.
+        micro_batch_size: samples in that micro-batch.
+        condition_shapes: shapes ``(..., H, W)`` of its condition latents (edit tasks), each
+            adding ``H·W / patch_size²`` image tokens per sample.
+
+    Every sample of the step is counted with this micro-batch's token counts (a step's
+    micro-batches share a resolution bucket), via `model_flops_per_sample`.
+    """
+    patch_area = config.patch_size**2
+    condition_tokens = sum(s[-2] * s[-1] // patch_area for s in condition_shapes)
+    per_sample_text = text_tokens // max(micro_batch_size, 1)
+    image_tokens = latent_shape[-2] * latent_shape[-1] // patch_area
+    return samples * model_flops_per_sample(config, image_tokens, max(per_sample_text, 1), condition_tokens, training)
+
+
 def design_formula_flops(config: MMDiTConfig, seq_len: int, batch_size: int = 1, num_layers: int | None = None) -> int:
-    """DESIGN.md's simplified training FLOPs: ``3·B·L·(2·S·D·D·4 + 2·S·D·4D·2 + 4·S·S·D)``.
+    """The simplified training FLOPs of docs/spec.md §7.3: ``3·B·L·(2·S·D·D·4 + 2·S·D·4D·2 + 4·S·S·D)``.
 
     It treats every block as a full joint block over S = image + text tokens (each token passes
     one stream's q/k/v/out and MLP). `model_flops_per_sample` differs by adding the modulation

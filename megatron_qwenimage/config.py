@@ -1,6 +1,6 @@
 """Model configuration for the Qwen-Image MMDiT.
 
-`MMDiTConfig` holds the architecture (the numbers of QWEN_IMAGE_SPEC.md section 1.1) together with
+`MMDiTConfig` holds the architecture (the numbers of docs/spec.md §1.1) together with
 the few runtime choices that change how the model is *built*: tensor-parallel size, sequence
 parallelism, kernel backend and parameter dtype. Like megatron-core's ``TransformerConfig`` it is
 validated when it is constructed, so a bad value fails before any weight is allocated.

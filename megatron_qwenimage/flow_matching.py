@@ -1,6 +1,6 @@
 """Rectified-flow (flow-matching) objective of Qwen-Image, in the diffusers convention.
 
-QWEN_IMAGE_SPEC.md section 6.1: with σ ∈ [0, 1] where **σ = 1 is pure noise**,
+docs/spec.md §6.1: with σ ∈ [0, 1] where **σ = 1 is pure noise**,
 
     x_σ = (1 − σ)·x₀ + σ·ε,        ε ~ N(0, I)
     v   = ε − x₀                   (the network's regression target)

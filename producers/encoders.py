@@ -12,7 +12,7 @@ small random-initialised encoders with `build_tiny_encoders` (a real Qwen BPE to
 dashscope's ``qwen.tiktoken``, VAE z_dim 16 with 8x downsampling, text hidden size 32), saves
 them to such a directory, and then loads them through exactly the same code.
 
-Text conditioning follows QWEN_IMAGE_SPEC.md section 5: the last hidden state, template prefix
+Text conditioning follows docs/spec.md §5: the last hidden state, template prefix
 (`drop_idx`, computed by tokenizing the prefix: 34 for T2I, 64 for edit with the real
 vocabulary) dropped, at most `max_text_tokens` tokens, unpadded.
 """

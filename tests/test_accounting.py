@@ -139,7 +139,7 @@ def test_flops_small_case_by_hand():
 
 
 def test_design_formula_cross_check_4_block_slice():
-    """DESIGN.md's anchor formula vs ours on the 4-block full-width slice at 1024² + 256 text.
+    """The anchor formula of docs/spec.md §7.3 vs ours on the 4-block full-width slice at 1024² + 256 text.
 
     They differ because ours adds the AdaLN modulation linears (2·D·6D per stream per block per
     sample), the embedders and head, and drops the last block's text query/output/MLP and text
@@ -342,3 +342,17 @@ def test_counts_and_tp_layout_match_our_model(name):
     ours_replicated = config.num_layers * sum(t.numel for t in block_tensors(config) if t.split == "replicated")
     ours_replicated += sum(t.numel for t in specs if t.split == "replicated")
     assert model_replicated == ours_replicated
+
+
+def test_step_model_flops_from_batch_shapes():
+    """A step's model FLOPs: samples x per-sample FLOPs at the micro-batch's token counts."""
+    from megatron_qwenimage.accounting import step_model_flops
+
+    c = load_config("tiny")
+    p2 = c.patch_size**2
+    # 2 samples of 8x12 latents (+ one 4x4 condition image), 10 valid text tokens in total
+    got = step_model_flops(c, samples=6, latent_shape=(2, c.out_channels, 8, 12), text_tokens=10,
+                           micro_batch_size=2, condition_shapes=[(2, c.out_channels, 4, 4)])
+    assert got == 6 * model_flops_per_sample(c, 8 * 12 // p2, 5, 4 * 4 // p2)
+    # an all-padding text mask still counts one text token per sample
+    assert step_model_flops(c, 1, (1, 16, 8, 8), 0, 1) == model_flops_per_sample(c, 8 * 8 // p2, 1)

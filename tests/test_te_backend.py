@@ -62,7 +62,7 @@ def test_te_matches_local(tiny_diffusers_dir, case, dtype, tol):
 
 @pytest.mark.parametrize("recipe", ["delayed", "current"])
 def test_te_fp8_forward_backward(tiny_diffusers_dir, recipe):
-    from consumers.step import Precision, PrecisionConfig
+    from consumers.precision import Precision, PrecisionConfig
 
     local, te = _pair(tiny_diffusers_dir)
     # Every block in FP8 (the default keeps the first and last block in bf16, which on this tiny
@@ -107,7 +107,7 @@ def test_te_fp8_forward_backward(tiny_diffusers_dir, recipe):
 
 def test_te_fp8_default_keeps_first_and_last_block_in_bf16(tiny_diffusers_dir):
     """The default `fp8_exclude` ("first_last") scopes blocks 0 and L-1 out of FP8 with forward hooks."""
-    from consumers.step import Precision, PrecisionConfig
+    from consumers.precision import Precision, PrecisionConfig
 
     _, te = _pair(tiny_diffusers_dir)
     last = te.config.num_layers - 1
@@ -135,11 +135,11 @@ def test_te_fp8_default_keeps_first_and_last_block_in_bf16(tiny_diffusers_dir):
 
 def test_fp8_weights_are_recast_after_an_update_only_when_a_step_begins(tiny_diffusers_dir):
     """megatron-core's TE linears reuse their cached FP8 weight until ``is_first_microbatch`` is
-    set again (`consumers.step.begin_weight_update_window`, called by the engine at every step).
+    set again (`consumers.precision.begin_weight_update_window`, called by the engine at every step).
     One block linear, current scaling (deterministic): after its weight is halved in place, a
     call without a new window still returns the old output (the cache is real); after
     the window it returns half of it (the weight was re-cast)."""
-    from consumers.step import Precision, PrecisionConfig, begin_weight_update_window
+    from consumers.precision import Precision, PrecisionConfig, begin_weight_update_window
 
     _, te = _pair(tiny_diffusers_dir)
     precision = Precision(PrecisionConfig(fp8="current", fp8_exclude=()), te.config, torch.device("cuda"))

@@ -505,8 +505,8 @@ class GPURun:
 
     # -- variants ----------------------------------------------------------------------------
     def fp8_precision(self, model, recipe: str = "delayed"):
-        """`consumers.step.Precision` of the FP8 variants, `model` prepared for it."""
-        from consumers.step import Precision, PrecisionConfig
+        """`consumers.precision.Precision` of the FP8 variants, `model` prepared for it."""
+        from consumers.precision import Precision, PrecisionConfig
 
         # Every block of the slice in FP8, as 58 of the 60 blocks are under the training default
         # (`fp8_exclude: first_last` would keep half of a 4-block slice in bf16).

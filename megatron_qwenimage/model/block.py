@@ -1,4 +1,4 @@
-"""One double-stream MMDiT block (QWEN_IMAGE_SPEC.md sections 1.3, 1.5 and 3), tensor-parallel.
+"""One double-stream MMDiT block (docs/spec.md §1.3, §1.5 and §3), tensor-parallel.
 
 Each stream (image, text) has its own AdaLN modulation, fused QKV projection, per-head QK RMSNorm,
 attention output projection and MLP; the two streams meet in one joint attention over the

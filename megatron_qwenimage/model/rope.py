@@ -1,4 +1,4 @@
-"""MSRoPE: Qwen-Image's multimodal scalable rotary position embedding (QWEN_IMAGE_SPEC.md section 2).
+"""MSRoPE: Qwen-Image's multimodal scalable rotary position embedding (docs/spec.md §2).
 
 Every token carries a 3-D position (frame, height, width):
 

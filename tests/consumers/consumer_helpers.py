@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from consumers.step import Batch
+from consumers.batch import Batch
 
 
 def free_port() -> int:

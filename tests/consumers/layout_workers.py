@@ -27,7 +27,7 @@ from consumer_helpers import (
 from consumers.engine import TrainEngine
 from consumers.optimizer import LRSchedule, OptimizerConfig
 from consumers.parallel import ParallelLayout, init_parallel
-from consumers.step import loss_sum_over_global, make_inputs
+from consumers.batch import loss_sum_over_global, make_inputs
 from megatron_qwenimage.config import load_config
 from megatron_qwenimage.flow_matching import UniformSigmaSampler
 
@@ -125,7 +125,7 @@ class _DropGrad(torch.autograd.Function):
 def broken_boundary(which: str):
     """Within the block, every non-first pipeline stage drops the gradient of the received
     ``which`` stream ("txt" or "temb"): the bug of a boundary that detaches it between stages."""
-    from consumers.step import MMDiTStage
+    from consumers.stage import MMDiTStage
 
     index = {"img": 0, "txt": 1, "temb": 2}[which]
     original = MMDiTStage.forward

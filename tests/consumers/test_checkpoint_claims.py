@@ -27,7 +27,7 @@ from consumer_helpers import (
 from consumers.engine import TrainEngine
 from consumers.optimizer import OptimizerConfig
 from consumers.parallel import ParallelLayout, init_distributed, init_parallel, shutdown
-from consumers.step import PrecisionConfig
+from consumers.precision import PrecisionConfig
 from megatron_qwenimage.config import load_config
 
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from consumer_helpers import spawn
-from consumers.step import (
+from consumers.precision import (
     DEFAULT_FP8_EXCLUDE,
     Precision,
     PrecisionConfig,

@@ -10,18 +10,10 @@ import torch
 from consumer_helpers import synthetic_global_batch, to_microbatches
 from consumers.optimizer import LRSchedule, OptimizerConfig
 from consumers.parallel import ParallelLayout
-from consumers.step import (
-    Batch,
-    FP8Unavailable,
-    MMDiTStage,
-    Precision,
-    PrecisionConfig,
-    RecomputeConfig,
-    apply_recompute,
-    check_fp8_available,
-    loss_sum_over_global,
-    make_inputs,
-)
+from consumers.batch import Batch, loss_sum_over_global, make_inputs
+from consumers.precision import FP8Unavailable, Precision, PrecisionConfig, check_fp8_available
+from consumers.recompute import RecomputeConfig, apply_recompute
+from consumers.stage import MMDiTStage
 from megatron_qwenimage.config import ConfigError, load_config
 from megatron_qwenimage.flow_matching import UniformSigmaSampler
 from megatron_qwenimage.model.mmdit import QwenImageMMDiT

@@ -16,7 +16,7 @@ from consumer_helpers import perturb_zero_init
 from consumers.engine import TrainEngine, _ConstantSigma, shape_groups
 from consumers.optimizer import OptimizerConfig
 from consumers.parallel import ParallelLayout, init_parallel
-from consumers.step import Batch, loss_sum_over_global, make_inputs
+from consumers.batch import Batch, loss_sum_over_global, make_inputs
 from consumers.train import validate
 from megatron_qwenimage.config import load_config
 from megatron_qwenimage.data.reader import ValidationConfig, ValidationReader

@@ -1,22 +1,11 @@
-"""One training step: batch -> packed noisy latents -> model -> flow-matching loss -> grads.
+"""Compute precision of the forward pass: bf16 autocast and FP8 via Transformer Engine.
 
-The pieces:
-
-* `Batch`: one micro-batch of one bucket (target latents, condition latents, padded text + mask).
-* `FlowMatchingStepInputs` / `make_inputs`: pack latents, draw σ and noise per *sample* from a
-  generator seeded by ``(seed, step, global sample index)``: the draws do not depend on the
-  parallel layout, the micro-batch split or the rank that holds the sample.
-* `MMDiTStage`: a pipeline stage (or the whole model) as one ``nn.Module`` whose forward maps
-  stage inputs to stage outputs; the same module runs under the local micro-batch loop (PP = 1)
-  and under ``torch.distributed.pipelining`` (PP > 1).
-* `Precision` (bf16 autocast, FP8 via Transformer Engine or a clear refusal; first and last
-  block kept in bf16 by default) and `RecomputeConfig`
-  (none / selective / full every N blocks via ``torch.utils.checkpoint``).
-* `run_local_microbatches`: gradient accumulation over micro-batches without a pipeline.
-
-Loss convention: each micro-batch contributes ``sum(per-sample loss) / global_batch_size`` and
-backward runs on that, so after accumulation (and the DP *sum* in the optimizer) the gradient is
-the gradient of the mean per-sample loss over the global batch, for any layout.
+* `PrecisionConfig`: autocast, FP8 recipe and the modules kept out of FP8 (first and last block
+  by default; `resolve_fp8_exclude`, `validate_fp8_exclude` against `full_model_module_names`).
+* `check_fp8_available` / `FP8Unavailable`: a clear refusal naming what FP8 is missing.
+* `Precision`: the forward contexts and `Precision.prepare_model` (token alignment,
+  `exclude_from_fp8`).
+* `begin_weight_update_window`: FP8 weights are re-cast at the first micro-batch of every step.
 """
 
 from __future__ import annotations
@@ -24,163 +13,15 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import functools
-import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from math import prod
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F  # noqa: F401  (kept for users extending stages)
 
 from megatron_qwenimage.config import ConfigError, MMDiTConfig
 from megatron_qwenimage.errors import UserError
-from megatron_qwenimage.flow_matching import (
-    SigmaSampler,
-    flow_matching_loss,
-    pack_latents,
-)
 from megatron_qwenimage.model.mmdit import QwenImageMMDiT
 
-TASKS = ("t2i", "edit", "i2i")
-
-
-# ---------------------------------------------------------------------------------------- batch
-@dataclass
-class Batch:
-    """One micro-batch; every sample has the same bucket (static shapes).
-
-    Attributes:
-        latents: ``[b, C, h, w]`` target latents (normalised VAE latents, any float dtype).
-        text: ``[b, T, D_txt]`` text embeddings, zero-padded to the step's text length T.
-        text_mask: ``[b, T]`` bool, True for real text tokens.
-        sample_index: ``[b]`` int64 index of each sample in the step's *global* batch (seeds σ/noise).
-        condition_latents: per condition image, ``[b, C, hc, wc]`` clean latents (edit: the
-            source image; i2i reconstruction: the target itself); empty for t2i.
-        task: "t2i", "edit" or "i2i".
-    """
-
-    latents: torch.Tensor
-    text: torch.Tensor
-    text_mask: torch.Tensor
-    sample_index: torch.Tensor
-    condition_latents: list[torch.Tensor] = field(default_factory=list)
-    task: str = "t2i"
-
-    def __post_init__(self) -> None:
-        if self.latents.dim() != 4:
-            raise ValueError(f"Batch.latents must be [b, C, h, w], got shape {tuple(self.latents.shape)}")
-        b = self.latents.shape[0]
-        if self.text.dim() != 3 or self.text.shape[0] != b:
-            raise ValueError(f"Batch.text must be [{b}, T, D_txt], got shape {tuple(self.text.shape)}")
-        if tuple(self.text_mask.shape) != tuple(self.text.shape[:2]) or self.text_mask.dtype != torch.bool:
-            raise ValueError(
-                f"Batch.text_mask must be bool [{b}, {self.text.shape[1]}], got {self.text_mask.dtype} "
-                f"{tuple(self.text_mask.shape)}"
-            )
-        if tuple(self.sample_index.shape) != (b,):
-            raise ValueError(f"Batch.sample_index must be [{b}], got shape {tuple(self.sample_index.shape)}")
-        if self.task not in TASKS:
-            raise ValueError(f"Batch.task={self.task!r}: expected one of {TASKS}")
-        if self.task == "t2i" and self.condition_latents:
-            raise ValueError("Batch.task='t2i' must not carry condition_latents")
-        if self.task != "t2i" and not self.condition_latents:
-            raise ValueError(f"Batch.task={self.task!r} needs condition_latents")
-        for i, c in enumerate(self.condition_latents):
-            if c.dim() != 4 or c.shape[:2] != self.latents.shape[:2]:
-                raise ValueError(
-                    f"Batch.condition_latents[{i}] must be [{b}, {self.latents.shape[1]}, hc, wc], "
-                    f"got shape {tuple(c.shape)}"
-                )
-
-    @property
-    def size(self) -> int:
-        return int(self.latents.shape[0])
-
-    def patch_grids(self, patch_size: int) -> list[tuple[int, int, int]]:
-        """``(frames, h, w)`` patch grids of one sample: target first, then the conditions."""
-        grids = []
-        for lat in [self.latents, *self.condition_latents]:
-            h, w = lat.shape[-2:]
-            grids.append((1, h // patch_size, w // patch_size))
-        return grids
-
-    def shape_key(self) -> tuple:
-        """Everything that fixes the tensor shapes of a step (for caching pipeline schedules)."""
-        return (self.task, tuple(self.latents.shape), tuple(self.text.shape),
-                tuple(tuple(c.shape) for c in self.condition_latents))
-
-
-# ---------------------------------------------------------------------------------------- inputs
-@dataclass
-class StepInputs:
-    """Model inputs and loss target of a micro-batch (diffusers layout, batch first).
-
-    Attributes:
-        hidden_states: ``[b, N_target + N_cond, 4C]`` noisy target tokens, then clean condition tokens.
-        text: ``[b, T, D_txt]``. text_mask: ``[b, T]`` bool. sigma: ``[b]`` fp32 σ.
-        target: ``[b, N_target, 4C]`` fp32 velocity target ε − x₀.
-        img_shapes: per sample, the patch grids (target first).
-    """
-
-    hidden_states: torch.Tensor
-    text: torch.Tensor
-    text_mask: torch.Tensor
-    sigma: torch.Tensor
-    target: torch.Tensor
-    img_shapes: list
-
-    @property
-    def num_target_tokens(self) -> int:
-        return int(self.target.shape[1])
-
-
-def sample_generator(seed: int, step: int, sample_index: int) -> torch.Generator:
-    """CPU generator for one sample of one step, independent of the layout."""
-    key = zlib.crc32(f"{seed}/{step}/{sample_index}".encode())
-    return torch.Generator().manual_seed((seed * 1_000_003 + key) % 2**63)
-
-
-def make_inputs(
-    batch: Batch,
-    *,
-    step: int,
-    seed: int,
-    sigma_sampler: SigmaSampler,
-    patch_size: int,
-    dtype: torch.dtype,
-    device: torch.device,
-) -> StepInputs:
-    """Pack latents and draw σ and ε per sample; noise is fp32 then cast to `dtype`."""
-    x0 = pack_latents(batch.latents.float())  # [b, N, 4C]
-    n_tokens = x0.shape[1]
-    sigmas, noises = [], []
-    for i in batch.sample_index.tolist():
-        gen = sample_generator(seed, step, int(i))
-        sigmas.append(sigma_sampler.sample(1, generator=gen, image_tokens=n_tokens)[0].float())
-        noises.append(torch.randn(x0.shape[1:], generator=gen, dtype=torch.float32))
-    sigma = torch.stack(sigmas)
-    noise = torch.stack(noises)
-    s = sigma.view(-1, 1, 1)
-    noisy = (1.0 - s) * x0 + s * noise
-    cond = [pack_latents(c.float()) for c in batch.condition_latents]
-    hidden = torch.cat([noisy, *cond], dim=1)
-    grids = batch.patch_grids(patch_size)
-    return StepInputs(
-        hidden_states=hidden.to(device=device, dtype=dtype),
-        text=batch.text.to(device=device, dtype=dtype),
-        text_mask=batch.text_mask.to(device),
-        sigma=sigma.to(device),
-        target=(noise - x0).to(device),
-        img_shapes=[list(grids)] * batch.size,
-    )
-
-
-def loss_sum_over_global(prediction: torch.Tensor, target: torch.Tensor, global_batch_size: int) -> torch.Tensor:
-    """``sum(per-sample masked MSE) / global_batch_size`` (fp32 scalar); prediction ``[b, n, c]``."""
-    return flow_matching_loss(prediction, target).per_sample.sum() / global_batch_size
-
-
-# ---------------------------------------------------------------------------------------- precision
 FP8_RECIPES = ("delayed", "current")
 #: `PrecisionConfig.fp8_exclude` keyword: keep the first and the last block in bf16.
 FP8_EXCLUDE_FIRST_LAST = "first_last"
@@ -436,96 +277,3 @@ def _scope_forward(module: torch.nn.Module, context_factory) -> None:
         module.register_forward_hook(leave, always_call=True),
     )
 
-
-# ---------------------------------------------------------------------------------------- recompute
-RECOMPUTE_MODES = ("none", "selective", "full")
-
-
-@dataclass(frozen=True)
-class RecomputeConfig:
-    """Activation recompute.
-
-    Attributes:
-        mode: "none" (the report's choice); "selective": recompute the core attention of every
-            block (Megatron's selective recompute); "full": recompute whole blocks.
-        every_n: with "full", blocks whose global index is a multiple of `every_n` are recomputed
-            (1 = every block).
-    """
-
-    mode: str = "none"
-    every_n: int = 1
-
-    def __post_init__(self) -> None:
-        if self.mode not in RECOMPUTE_MODES:
-            raise ConfigError(f"recompute.mode={self.mode!r}: expected one of {RECOMPUTE_MODES}")
-        if not isinstance(self.every_n, int) or self.every_n < 1:
-            raise ConfigError(f"recompute.every_n={self.every_n!r}: expected a positive integer")
-
-
-def apply_recompute(model: QwenImageMMDiT, config: RecomputeConfig) -> list[str]:
-    """Set the model's activation recompute policy; returns what is recomputed."""
-    return model.configure_recompute(config.mode, config.every_n)
-
-
-# ---------------------------------------------------------------------------------------- stage
-class MMDiTStage(torch.nn.Module):
-    """One pipeline stage (or the whole model) with stage-to-stage tensors as plain args.
-
-    First stage inputs: ``hidden_states [b, N, 4C]``, ``text [b, T, D_txt]``, ``sigma [b]``;
-    other stages: ``img [n, b, D]``, ``txt [t, b, D]``, ``temb [b, D]`` from the previous stage.
-    Every stage gets ``text_mask [b, T]`` as a keyword. The last stage returns the prediction
-    ``[b, N_target, 4C]``; others return ``(img, txt, temb)``. Patch grids and the target token
-    count are static per step and set with `set_shapes`.
-    """
-
-    def __init__(self, model: QwenImageMMDiT, precision: Precision):
-        super().__init__()
-        self.model = model
-        self.precision = precision
-        self._shapes: list | None = None
-        self._num_target: int | None = None
-
-    def set_shapes(self, img_shapes: list, num_target_tokens: int) -> None:
-        self._shapes = img_shapes
-        self._num_target = num_target_tokens
-
-    def forward(self, *inputs: torch.Tensor, text_mask: torch.Tensor):
-        if self._shapes is None:
-            raise RuntimeError("MMDiTStage.set_shapes must be called before forward")
-        m = self.model
-        b = text_mask.shape[0]
-        shapes = self._shapes[:1] * b
-        with self.precision.forward_context():
-            if m.pre_process:
-                hidden, text, sigma = inputs
-                img, txt, temb = m.embed(hidden.transpose(0, 1), text.transpose(0, 1), sigma)
-            else:
-                img, txt, temb = inputs
-            img, txt = m.run_blocks(img, txt, temb, shapes, text_mask)
-            if m.post_process:
-                return m.head(img, temb, self._num_target).transpose(0, 1).float()
-        return img, txt, temb
-
-
-def run_local_microbatches(
-    stage: MMDiTStage, inputs: Sequence[StepInputs], global_batch_size: int
-) -> torch.Tensor:
-    """Forward + backward of every micro-batch on a whole-model stage; returns the summed loss.
-
-    Each micro-batch's loss is ``sum(per-sample loss) / global_batch_size``; gradients accumulate.
-    """
-    if not (stage.model.pre_process and stage.model.post_process):
-        raise RuntimeError("run_local_microbatches needs the whole model (PP = 1)")
-    total = torch.zeros((), dtype=torch.float32)
-    for mb in inputs:
-        stage.set_shapes(mb.img_shapes, mb.num_target_tokens)
-        pred = stage(mb.hidden_states, mb.text, mb.sigma, text_mask=mb.text_mask)
-        loss = loss_sum_over_global(pred, mb.target, global_batch_size)
-        loss.backward()
-        total += loss.detach().cpu()
-    return total
-
-
-def count_image_tokens(inputs: Sequence[StepInputs]) -> int:
-    """Target image tokens in `inputs` (what "image tokens/s" counts)."""
-    return sum(int(prod(mb.target.shape[:2])) for mb in inputs)

@@ -1,0 +1,224 @@
+"""The training loop: `Trainer`, in the shape of torchtitan's ``Trainer``.
+
+Construction does everything before step 0: the config's checks on disk (`preflight`),
+torch.distributed and the process groups, the `TrainEngine` (model, optimizer, precision,
+recompute, σ sampler), the cache reader, the checkpoint manager and the resume
+(`CheckpointManager.load_latest`), the validator and the metrics logger. `Trainer.train` is a
+loop of `Trainer.train_step`, the `Validator` and ``checkpointer.save(step, ..., last_step=...)``
+(the manager decides whether a step is due: `CheckpointManager.should_save`), then the final
+save and the optional diffusers export. ``consumers.train.train(cfg)`` builds one and runs it.
+
+Errors that every rank raises alike (config, shared files, world-agreed values) are marked
+collective (`megatron_qwenimage.cli.mark_collective`) so that only rank 0 reports them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from consumers.train import RunConfig, _collective, _peak_flops, preflight
+from megatron_qwenimage.config import ConfigError
+from megatron_qwenimage.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def _any_rank_failed(failed: bool, device) -> bool:
+    """One all-reduce over the world: whether `failed` is true on some rank."""
+    flag = torch.tensor([1 if failed else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+class Trainer:
+    """One training run (or its resume) of a `RunConfig`; every rank builds one and calls `train`.
+
+    Attributes:
+        cfg: the run config.
+        layout, pstate: the parallel layout and this rank's process groups.
+        engine: the `TrainEngine` (model chunks, optimizer, step functions).
+        reader: the training `CacheReader` (its state is checkpointed with the model).
+        checkpointer: the `CheckpointManager` (None without a ``checkpoint`` section).
+        validator: the `Validator` (None without ``data.validation`` or ``schedule.eval_interval``).
+        metrics: the `MetricsLogger` (writes on rank 0 only).
+        step: steps completed (the resumed step right after construction).
+        start_step: the step training started (or resumed) at.
+        last_record: the last metrics record logged.
+    """
+
+    def __init__(self, cfg: RunConfig):
+        from consumers.checkpoint import CheckpointManager
+        from consumers.engine import TrainEngine
+        from consumers.parallel import init_distributed, init_parallel
+        from consumers.validate import Validator
+        from megatron_qwenimage.data.agreement import TorchDistributedAgreement
+        from megatron_qwenimage.data.reader import CacheReader, ValidationReader
+
+        self.cfg = cfg
+        with _collective():  # config and files only: every rank fails alike, before any collective
+            preflight(cfg)
+        init_distributed()
+        with _collective():
+            self.layout = layout = cfg.layout(dist.get_world_size())
+            cfg.data.check_dp(layout.dp)
+        self.pstate = pstate = init_parallel(layout)
+        torch.manual_seed(cfg.schedule.seed)
+        with _collective():  # the model, precision and recompute settings are checked alike everywhere
+            self.engine = TrainEngine(cfg.model, pstate, optimizer=cfg.optimizer, precision=cfg.precision,
+                                      recompute=cfg.recompute, sigma_sampler=cfg.flow_matching.build_sampler(),
+                                      seed=cfg.schedule.seed, global_batch_size=cfg.data.stages[0].global_batch,
+                                      init_seed=cfg.schedule.init_seed)
+        # Every rank (TP/PP peers, DP replicas) must read the same global steps: pins are decided on
+        # rank 0 and each step's samples are compared across the world (data/agreement.py).
+        # On a gloo group: the per-step agreement then never waits for the GPU to drain its queue
+        # (the previous step's optimizer kernels), which an NCCL collective read back on the host does.
+        agreement = TorchDistributedAgreement(group=dist.new_group(backend="gloo"), device="cpu")
+        # One rank per data-parallel replica reads (and verifies) the cache; its TP/PP peers receive.
+        self.reader = CacheReader(cfg.data, dp_rank=pstate.dp_rank, dp_size=layout.dp, agreement=agreement,
+                                  read_samples=pstate.reads_data)
+        self.checkpointer = CheckpointManager(cfg.checkpoint, pstate) if cfg.checkpoint else None
+        self.step = 0
+        self._resume()
+        self.start_step = self.step
+        self.validator = None
+        if cfg.data.validation is not None and cfg.schedule.eval_interval:
+            val = ValidationReader(cfg.data.validation, dp_rank=pstate.dp_rank, dp_size=layout.dp,
+                                   agreement=agreement, verify_checksums=cfg.data.verify_checksums,
+                                   text_length=cfg.data.text_length)
+            self.validator = Validator(val, cfg.schedule.eval_sigmas, cfg.schedule.eval_interval)
+        self.metrics = self._start_metrics()
+        self.last_record: dict | None = None
+        if pstate.rank == 0:
+            log.info("training %s on tp=%d pp=%d vpp=%d dp=%d (sp=%s), steps %d..%d", cfg.model.name, layout.tp,
+                     layout.pp, layout.vpp, layout.dp, layout.sequence_parallel, self.step,
+                     cfg.schedule.train_steps)
+
+    def _resume(self) -> None:
+        """Load the newest loadable checkpoint per ``checkpoint.resume`` (model, optimizer, reader)."""
+        from consumers.checkpoint import ResumeRefused
+        from megatron_qwenimage.cli import mark_collective
+
+        if self.checkpointer is None:
+            return
+        try:  # checkpoint.resume decides; ResumeRefused (every rank alike) stops the run here
+            meta = self.checkpointer.load_latest(self.engine)
+        except BaseException as exc:
+            self.reader.close()
+            if isinstance(exc, ResumeRefused):
+                mark_collective(exc)
+            raise
+        if meta is not None:
+            self.step = int(meta["step"])
+            self.reader.load_state_dict(meta["reader"])
+            if self.pstate.rank == 0:
+                log.info("resumed from %s/step_%08d (saved at layout %s)", self.cfg.checkpoint.dir, self.step,
+                         meta["layout"])
+
+    def _start_metrics(self):
+        """The metrics logger. Rank 0 opens the metrics files and the Prometheus port; if it cannot
+        (port in use...), the others must not wait for it in the first step's collectives: all
+        learn it and stop alike."""
+        from consumers.metrics import MetricsLogger
+        from megatron_qwenimage.cli import mark_collective
+
+        cfg, pstate = self.cfg, self.pstate
+        metrics_error = None
+        try:
+            metrics = MetricsLogger(cfg.logging, enabled=pstate.rank == 0, world_size=pstate.world_size,
+                                    peak_flops=_peak_flops(cfg))
+        except UserError as exc:
+            metrics_error = exc
+        if _any_rank_failed(metrics_error is not None, pstate.device):
+            self.reader.close()
+            if metrics_error is not None:
+                raise metrics_error
+            raise mark_collective(ConfigError("logging: rank 0 could not start the metrics logger "
+                                              "(its error says why)"))
+        return metrics
+
+    def _checkpoint_meta(self) -> dict[str, Any]:
+        """What a checkpoint holds besides model and optimizer: the reader's position."""
+        return {"reader": self.reader.state_dict()}
+
+    def train_step(self, step: int) -> bool:
+        """Read global step `step`, train it and log its metrics; False when the data has run out."""
+        from consumers.data import broadcast_micro_batches, step_batches
+        from megatron_qwenimage.accounting import step_model_flops
+        from megatron_qwenimage.data.reader import EndOfData
+
+        cfg, pstate, reader = self.cfg, self.pstate, self.reader
+        t0 = time.perf_counter()
+        try:
+            micro = reader.next_global_step()
+        except EndOfData:
+            if pstate.rank == 0:
+                log.info("data: the curriculum is complete after %d steps", step)
+            return False
+        micro = broadcast_micro_batches(micro, group=pstate.model_parallel_group, src=pstate.data_source_rank,
+                                        device=pstate.device)
+        plan = reader.last_step
+        if plan.step != step:
+            raise RuntimeError(f"reader is at step {plan.step} but training at step {step} (reader state mismatch)")
+        batches = step_batches(micro, plan, dp_rank=pstate.dp_rank, dp_size=self.layout.dp,
+                               pad_multiple=cfg.schedule.text_pad_multiple)
+        t_data = time.perf_counter() - t0
+        result = self.engine.train_step(step, batches, global_batch_size=len(plan.refs))
+        step_time = time.perf_counter() - t0
+        b0 = batches[0]
+        flops = step_model_flops(cfg.model, len(plan.refs), b0.latents.shape, int(b0.text_mask.sum()), b0.size,
+                                 [c.shape for c in b0.condition_latents])
+        record = self.metrics.record_step(step=step, loss=result.loss, lr=result.lr, grad_norm=result.grad_norm,
+                                          samples=len(plan.refs), image_tokens=result.image_tokens * self.layout.dp,
+                                          flops=flops, step_time_s=step_time, data_wait_s=t_data,
+                                          skipped=result.skipped, skipped_steps=result.skipped_steps)
+        self.last_record = record or self.last_record
+        return True
+
+    def train(self) -> dict:
+        """Train from `step` up to ``schedule.train_steps`` (or until the data runs out), then save
+        the final checkpoint and export; returns ``{"final_step", "last_record"}``."""
+        from consumers.engine import NonFiniteTrainingError
+        from megatron_qwenimage.cli import mark_collective
+
+        if self.validator is not None and self.step == 0:
+            self.metrics.emit(self.validator.validate(self.engine, 0))
+        try:
+            for step in range(self.step, self.cfg.schedule.train_steps):
+                if not self.train_step(step):
+                    break
+                self.step = step + 1
+                if self.checkpointer is not None:
+                    self.checkpointer.save(self.step, self.engine, self._checkpoint_meta, last_step=False)
+                    self.checkpointer.poll()  # commits an async save as soon as every rank's write has finished
+                if self.validator is not None and self.validator.should_validate(self.step):
+                    self.metrics.emit(self.validator.validate(self.engine, self.step))
+            if self.checkpointer is not None:
+                self.checkpointer.save(self.step, self.engine, self._checkpoint_meta, last_step=True)
+                self.checkpointer.finalize()
+                self._export()
+                dist.barrier()
+        except NonFiniteTrainingError as exc:  # raised on every rank alike (world-reduced loss and grad norm)
+            mark_collective(exc)
+            raise
+        finally:
+            self.close()
+        return {"final_step": self.step, "last_record": self.last_record}
+
+    def _export(self) -> None:
+        """Rank 0 writes the final checkpoint as a diffusers directory (``schedule.export_diffusers``)."""
+        if self.cfg.schedule.export_diffusers and self.pstate.rank == 0:
+            from consumers.checkpoint import export_checkpoint_to_diffusers, step_dir_name
+
+            export_checkpoint_to_diffusers(Path(self.cfg.checkpoint.dir) / step_dir_name(self.step),
+                                           self.cfg.schedule.export_diffusers)
+
+    def close(self) -> None:
+        """Close the reader and the metrics logger."""
+        self.reader.close()
+        self.metrics.close()
