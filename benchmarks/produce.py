@@ -28,9 +28,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_qwenimage.data import Bucket, SampleMeta, ShardTensors, init_cache
-from megatron_qwenimage.data.shard_format import offsets_from_lengths
-from megatron_qwenimage.data.writer import ShardPayload, publish_partition
+from megatron_qwenimage.cache import Bucket, SampleMeta, ShardTensors, init_cache
+from megatron_qwenimage.cache.shard_format import offsets_from_lengths
+from megatron_qwenimage.cache.writer import ShardPayload, publish_partition
 from producers.config import PoolConfig, ProducerConfig
 from producers.encoders import TextEncoder, VaeEncoder, build_tiny_encoders
 from producers.images import decode_image, resize_center_crop

@@ -27,18 +27,19 @@ import time
 
 import torch
 
+from megatron_qwenimage.cache import Bucket, SampleMeta, ShardTensors, init_cache
+from megatron_qwenimage.cache.shard_format import offsets_from_lengths
+from megatron_qwenimage.cache.writer import ShardPayload, publish_partition
 from megatron_qwenimage.config import load_config
-from megatron_qwenimage.data import Bucket, SampleMeta, ShardTensors, init_cache
 from megatron_qwenimage.data.reader import CacheReader, MicroBatch, ReaderConfig
-from megatron_qwenimage.data.shard_format import offsets_from_lengths
-from megatron_qwenimage.data.writer import ShardPayload, publish_partition
+from megatron_qwenimage.data.reader_config import TASKS
 from megatron_qwenimage.flow_matching import flow_matching_inputs, flow_matching_loss, pack_latents
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--bucket", default="256x256", help="pixel bucket of every sample (default: %(default)s)")
-    p.add_argument("--task", choices=("t2i", "edit", "i2i"), default="t2i", help="task (default: %(default)s)")
+    p.add_argument("--task", choices=TASKS, default="t2i", help="task (default: %(default)s)")
     p.add_argument("--text-tokens", type=int, default=64, help="max text tokens per sample (default: %(default)s)")
     p.add_argument("--micro-batch", type=int, default=8, help="samples per micro-batch (default: %(default)s)")
     p.add_argument("--partitions", type=int, default=8, help="cache partitions (default: %(default)s)")

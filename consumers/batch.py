@@ -21,14 +21,13 @@ from math import prod
 
 import torch
 
+from megatron_qwenimage.data.reader_config import TASKS
 from megatron_qwenimage.flow_matching import (
     SigmaSampler,
     flow_matching_inputs,
     flow_matching_loss,
     pack_latents,
 )
-
-TASKS = ("t2i", "edit", "i2i")
 
 
 # ---------------------------------------------------------------------------------------- batch

@@ -347,7 +347,7 @@ def _check_caches_fit_model(model: MMDiTConfig, data) -> None:
     and text embeddings fit `model`: latent channels ``model.out_channels`` (``model.in_channels``
     = patch_size² x latent channels, one packed token per patch), text width
     ``model.joint_attention_dim``. Reads only the snapshot the reader will start from (metadata)."""
-    from megatron_qwenimage.data import open_cache
+    from megatron_qwenimage.cache import open_cache
 
     sources = [(f"data.caches[{i}]", c.name, c.path, c.pin) for i, c in enumerate(data.caches)]
     if data.validation is not None:

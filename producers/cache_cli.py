@@ -16,7 +16,7 @@ import sys
 from megatron_qwenimage.errors import UserError
 
 #: The logger of the cache code (warnings about skipped records, unreadable snapshots).
-_DATA_LOGGER = "megatron_qwenimage.data"
+_CACHE_LOGGER = "megatron_qwenimage.cache"
 
 
 class CacheFlagError(UserError):
@@ -59,7 +59,7 @@ def register(subparsers) -> None:
 @contextlib.contextmanager
 def _warnings_as_lines(action: str):
     """Warnings of the cache code as ``qwenimage cache <action>: warning: ...`` lines on stderr."""
-    logger = logging.getLogger(_DATA_LOGGER)
+    logger = logging.getLogger(_CACHE_LOGGER)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(f"qwenimage cache {action}: warning: %(message)s"))
     propagate = logger.propagate
@@ -96,7 +96,7 @@ def _grace_flag(value: str) -> float:
 
 
 def run_verify(args) -> int:
-    from megatron_qwenimage.data import open_cache, verify_cache
+    from megatron_qwenimage.cache import open_cache, verify_cache
 
     pin = _snapshot_flag(args.snapshot)
     with _warnings_as_lines("verify"):
@@ -118,7 +118,7 @@ def run_verify(args) -> int:
 
 
 def run_snapshot(args) -> int:
-    from megatron_qwenimage.data import open_cache
+    from megatron_qwenimage.cache import open_cache
 
     with _warnings_as_lines("snapshot"):
         snap = open_cache(args.cache).create_snapshot()
@@ -127,23 +127,23 @@ def run_snapshot(args) -> int:
 
 
 def run_sweep(args) -> int:
-    from megatron_qwenimage.data import open_cache
-    from megatron_qwenimage.data.commit import sweep_orphans
+    from megatron_qwenimage.cache import open_cache
+    from megatron_qwenimage.cache.commit import sweep_orphans
 
     grace = _grace_flag(args.grace)
     with _warnings_as_lines("sweep"):
         cache = open_cache(args.cache)
         report = sweep_orphans(cache.storage, grace_s=grace, strict=True)
         for warning in report.warnings:
-            logging.getLogger(_DATA_LOGGER).warning("%s", warning)
+            logging.getLogger(_CACHE_LOGGER).warning("%s", warning)
     print(f"removed {len(report.removed_attempts)} orphaned attempts, kept {len(report.kept_in_flight)} in flight, "
           f"kept {len(report.kept_referenced)} named by a snapshot or an unreadable/quarantined record")
     return 0
 
 
 def run_repair(args) -> int:
-    from megatron_qwenimage.data import open_cache
-    from megatron_qwenimage.data.verify import repair_cache
+    from megatron_qwenimage.cache import open_cache
+    from megatron_qwenimage.cache.verify import repair_cache
 
     with _warnings_as_lines("repair"):
         report = repair_cache(open_cache(args.cache), dry_run=args.dry_run)

@@ -8,8 +8,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from megatron_qwenimage.cache.shard_format import Bucket
 from megatron_qwenimage.config import MAX_TEXT_TOKENS, PIXELS_PER_TOKEN_SIDE, ConfigError
-from megatron_qwenimage.data.shard_format import Bucket
 
 #: Aspect ratios (height:width) of every target area's buckets.
 ASPECT_RATIOS = ((1, 1), (4, 3), (3, 4), (3, 2), (2, 3), (16, 9), (9, 16))

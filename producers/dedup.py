@@ -27,9 +27,10 @@ from __future__ import annotations
 import json
 import time
 
-from megatron_qwenimage.data.commit import CommitError, read_commit
-from megatron_qwenimage.data.shard_format import read_samples
-from megatron_qwenimage.data.storage import CacheError, CacheStorage
+from megatron_qwenimage.cache.commit import CommitError, read_commit
+from megatron_qwenimage.cache.shard_format import read_samples
+from megatron_qwenimage.cache.storage import CacheError, CacheStorage
+from producers.row import ProducerRow
 
 CLAIMS_DIR = "claims"
 
@@ -90,7 +91,7 @@ class CommittedContent:
         return content_hash in self.hashes(partition_id)
 
 
-def resolve_duplicates(storage: CacheStorage, partition_id: str, rows: list[dict]) -> tuple[list[dict], set[str]]:
+def resolve_duplicates(storage: CacheStorage, partition_id: str, rows: list[ProducerRow]) -> tuple[list[ProducerRow], set[str]]:
     """Final dedup decision of one partition's rows, just before it is written.
 
     * an encoded input whose content is claimed by another partition that has committed it
@@ -103,7 +104,7 @@ def resolve_duplicates(storage: CacheStorage, partition_id: str, rows: list[dict
     Returns the new rows and the content hashes this partition will commit although a claim
     names another partition (or none): `repoint_claims` points those claims here after the commit.
     """
-    by_input: dict[str, list[dict]] = {}
+    by_input: dict[str, list[ProducerRow]] = {}
     for r in rows:
         by_input.setdefault(r["input_id"], []).append(r)
     state: dict[str, str] = {}
@@ -137,7 +138,7 @@ def resolve_duplicates(storage: CacheStorage, partition_id: str, rows: list[dict
         else:
             repoint.add(h)
 
-    out: list[dict] = []
+    out: list[ProducerRow] = []
     for input_id, group in by_input.items():
         first = group[0]
         h = first["content_hash"]
@@ -162,7 +163,7 @@ def resolve_duplicates(storage: CacheStorage, partition_id: str, rows: list[dict
     return out, repoint
 
 
-def _as_duplicate(row: dict, owner: str) -> dict:
+def _as_duplicate(row: ProducerRow, owner: str) -> ProducerRow:
     return row | {"kind": "duplicate", "duplicate_of": owner, "reason": "", "detail": "", "area": "",
                   "latents": b"", "cond_latents": b"", "text": b"", "pixels": b"", "cond_pixels": b"",
                   "vl_pixels": b""}

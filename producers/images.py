@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from megatron_qwenimage.data.shard_format import Bucket
+from megatron_qwenimage.cache.shard_format import Bucket
 
 #: Every reason an input can be quarantined for.
 QUARANTINE_REASONS = (

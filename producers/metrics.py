@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from megatron_qwenimage.data.storage import CacheStorage
+from megatron_qwenimage.cache.storage import CacheStorage
 from megatron_qwenimage.errors import UserError
 
 STATUS_FILE = "status.json"

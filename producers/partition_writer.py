@@ -5,15 +5,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
-from megatron_qwenimage.data.commit import read_commit
-from megatron_qwenimage.data.shard_format import Bucket, SampleMeta, ShardTensors, bits_to_bf16, offsets_from_lengths
-from megatron_qwenimage.data.storage import CacheStorage
-from megatron_qwenimage.data.writer import DuplicateRow, QuarantineRow, ShardPayload, publish_partition
+from megatron_qwenimage.cache.commit import read_commit
+from megatron_qwenimage.cache.shard_format import Bucket, SampleMeta, ShardTensors, bytes_to_bf16, offsets_from_lengths
+from megatron_qwenimage.cache.storage import CacheStorage
+from megatron_qwenimage.cache.writer import DuplicateRow, QuarantineRow, ShardPayload, publish_partition
 from producers.config import FaultConfig
 from producers.dedup import repoint_claims, resolve_duplicates
+from producers.row import ProducerRow
 
 
 @dataclass
@@ -56,10 +56,10 @@ def _fault_hook(fault: FaultConfig):
     return hook
 
 
-def rows_to_payloads(rows: list[dict]) -> tuple[list[ShardPayload], list[QuarantineRow], list[DuplicateRow], int]:
+def rows_to_payloads(rows: list[ProducerRow]) -> tuple[list[ShardPayload], list[QuarantineRow], list[DuplicateRow], int]:
     """Group a partition's rows per input: quarantined if any of its rows is, duplicate, or
     encoded (one sample per area, grouped into one payload per bucket)."""
-    by_input: dict[str, list[dict]] = {}
+    by_input: dict[str, list[ProducerRow]] = {}
     for r in rows:
         by_input.setdefault(r["input_id"], []).append(r)
     quarantine, duplicates, encoded = [], [], []
@@ -72,20 +72,20 @@ def rows_to_payloads(rows: list[dict]) -> tuple[list[ShardPayload], list[Quarant
             duplicates.append(DuplicateRow(input_id, r["source_uri"], r["content_hash"], r["duplicate_of"]))
         else:
             encoded.extend(group)
-    per_bucket: dict[Bucket, list[dict]] = {}
+    per_bucket: dict[Bucket, list[ProducerRow]] = {}
     for r in sorted(encoded, key=lambda r: r["input_id"]):
         per_bucket.setdefault(Bucket(int(r["bucket_h"]), int(r["bucket_w"])), []).append(r)
     payloads = []
     for bucket, members in sorted(per_bucket.items()):
         c = int(members[0]["latent_c"])
         shape = (c, bucket.latent_height, bucket.latent_width)
-        latents = torch.stack([bits_to_bf16(np.frombuffer(r["latents"], dtype=np.uint16).reshape(shape)) for r in members])
-        text = torch.cat([bits_to_bf16(np.frombuffer(r["text"], dtype=np.uint16).reshape(int(r["text_len"]), int(r["text_dim"])))
+        latents = torch.stack([bytes_to_bf16(r["latents"], shape) for r in members])
+        text = torch.cat([bytes_to_bf16(r["text"], (int(r["text_len"]), int(r["text_dim"])))
                           for r in members])
         cond = None
         if any(r["task"] == "edit" for r in members):
             cond = torch.stack([
-                bits_to_bf16(np.frombuffer(r["cond_latents"], dtype=np.uint16).reshape(shape)) if r["task"] == "edit"
+                bytes_to_bf16(r["cond_latents"], shape) if r["task"] == "edit"
                 else torch.zeros(shape, dtype=torch.bfloat16) for r in members])
         samples = [SampleMeta(r["content_hash"], r["task"], r["caption"], r["source_uri"], r["condition_uri"] or None,
                               int(r["text_len"]), bool(r["text_truncated"]), int(r["orig_h"]), int(r["orig_w"]),
@@ -96,7 +96,7 @@ def rows_to_payloads(rows: list[dict]) -> tuple[list[ShardPayload], list[Quarant
     return payloads, quarantine, duplicates, committed
 
 
-def write_partition(cache_url: str, partition_id: str, rows: list[dict], *, encoder_version: str, run_id: str,
+def write_partition(cache_url: str, partition_id: str, rows: list[ProducerRow], *, encoder_version: str, run_id: str,
                     fault: FaultConfig) -> PartitionOutcome:
     """Publish one partition; if another attempt already committed it, report that commit."""
     storage = CacheStorage(cache_url)

@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 import fsspec
 import psutil
 
-from megatron_qwenimage.data.commit import read_commit, sweep_orphans
-from megatron_qwenimage.data.manifest import CACHE_INFO_FILE, init_cache, open_cache
+from megatron_qwenimage.cache.commit import read_commit, sweep_orphans
+from megatron_qwenimage.cache.manifest import CACHE_INFO_FILE, init_cache, open_cache
 from megatron_qwenimage.errors import UserError
 from producers.config import FaultConfig, ProducerConfig
 from producers.encoders import encoder_version, resolve_encoders_dir

@@ -38,7 +38,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from megatron_qwenimage.data.storage import CacheStorage
+from megatron_qwenimage.cache.storage import CacheStorage
 from megatron_qwenimage.errors import UserError
 from producers.config import ProducerConfig
 from producers.images import CAPTION_RULES

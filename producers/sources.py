@@ -62,7 +62,7 @@ class InputItem:
         image_uri: fsspec URL of the (target) image, or a ``tar://`` / ``synthetic:`` locator.
         caption: inline caption (str); None with `caption_uri` or when missing.
         caption_uri: fsspec URL of a caption file (sidecar); a missing file = missing caption.
-        task: "t2i" or "edit".
+        task: the cached sample kind (`megatron_qwenimage.cache.SAMPLE_KINDS`): "t2i" or "edit".
         condition_uri: edit source image; None for t2i.
         tar_member: (offset, size) of the image bytes inside `image_uri`'s tar (webdataset).
         caption_member: (offset, size) of the caption bytes inside `caption_uri`'s tar.

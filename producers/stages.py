@@ -1,7 +1,7 @@
 """The pipeline's stages as plain functions/classes that Ray Data runs.
 
-Rows flowing between stages are flat dicts with a fixed set of typed columns (`empty_row`), so
-every Arrow block has the same schema. A row is one of:
+Rows flowing between stages are flat dicts with a fixed set of typed columns (`producers.row.ProducerRow`,
+defaults in `producers.row.empty_row`), so every Arrow block has the same schema. A row is one of:
 
 * ``kind == "encode"``: one input at one target area (pixels of its bucket, caption...);
 * ``kind == "quarantine"``: an input rejected with a ``reason``;
@@ -22,26 +22,14 @@ import time
 
 import numpy as np
 
-from megatron_qwenimage.data.storage import CacheStorage
+from megatron_qwenimage.cache.shard_format import bf16_to_bytes
+from megatron_qwenimage.cache.storage import CacheStorage
 from producers.config import ProducerConfig
 from producers.dedup import CLAIMS_DIR, CommittedContent, claim_content  # noqa: F401 (CLAIMS_DIR: re-export)
 from producers.images import Rejected, decode_caption, decode_image, nearest_bucket, resize_center_crop
+from producers.row import ProducerRow, empty_row
 from producers.sources import InputItem, printable, read_uri_bytes
 from producers.synthetic import URI_PREFIX, read_synthetic
-
-
-def empty_row() -> dict:
-    return {
-        "partition_id": "", "partition_rows": 0, "partition_inputs": 0,
-        "kind": "", "reason": "", "detail": "", "duplicate_of": "",
-        "input_id": "", "source_uri": "", "condition_uri": "", "task": "t2i", "caption": "", "content_hash": "",
-        "area": "", "bucket_h": 0, "bucket_w": 0, "pixels": b"", "cond_pixels": b"",
-        "vl_pixels": b"", "vl_h": 0, "vl_w": 0,
-        "orig_h": 0, "orig_w": 0, "crop_top": 0, "crop_left": 0,
-        "latents": b"", "cond_latents": b"", "latent_c": 0,
-        "text": b"", "text_len": 0, "text_dim": 0, "text_truncated": False,
-        "t_read": 0.0, "t_decode": 0.0, "t_vae": 0.0, "t_text": 0.0,
-    }
 
 
 def _read_image_bytes(uri: str, member, label: str | None = None) -> bytes:
@@ -81,7 +69,7 @@ def _vl_size(h: int, w: int, side: int) -> tuple[int, int]:
     return max(32, round(h * scale / 32) * 32), max(32, round(w * scale / 32) * 32)
 
 
-def prepare_partition(row: dict, *, cache_url: str, config: ProducerConfig, encoder_version: str) -> list[dict]:
+def prepare_partition(row: dict, *, cache_url: str, config: ProducerConfig, encoder_version: str) -> list[ProducerRow]:
     """CPU stage for a whole partition: read, validate, dedup, decode, bucket. Never raises for
     a bad input: it becomes a quarantine row."""
     storage = CacheStorage(cache_url)
@@ -90,7 +78,7 @@ def prepare_partition(row: dict, *, cache_url: str, config: ProducerConfig, enco
     fingerprint = (encoder_version + "|" + config.fingerprint()).encode()
     seen: dict[str, str] = {}
     committed = CommittedContent(storage)
-    out: list[dict] = []
+    out: list[ProducerRow] = []
     for item in items:
         uri = item.source_uri
         cond_label = printable(item.condition_uri or "")
@@ -155,7 +143,7 @@ class _AnyBucket:
         self.height_px, self.width_px = h, w
 
 
-def _pixels(row: dict, key: str = "pixels", h: str = "bucket_h", w: str = "bucket_w") -> np.ndarray:
+def _pixels(row: ProducerRow, key: str = "pixels", h: str = "bucket_h", w: str = "bucket_w") -> np.ndarray:
     return np.frombuffer(row[key], dtype=np.uint8).reshape(int(row[h]), int(row[w]), 3)
 
 
@@ -171,7 +159,7 @@ class VaeStage:
         import pandas as pd
 
         rows = batch.to_dict("records")
-        groups: dict[tuple[int, int], list[dict]] = {}
+        groups: dict[tuple[int, int], list[ProducerRow]] = {}
         for r in rows:
             if r["kind"] == "encode":
                 groups.setdefault((int(r["bucket_h"]), int(r["bucket_w"])), []).append(r)
@@ -183,10 +171,10 @@ class VaeStage:
             cond = self.encoder.encode(np.stack([_pixels(members[i], "cond_pixels") for i in edits])) if edits else None
             dt = (time.perf_counter() - t0) / len(members)
             for i, r in enumerate(members):
-                r["latents"] = _bf16_bytes(latents[i])
+                r["latents"] = bf16_to_bytes(latents[i])
                 r["latent_c"] = int(latents.shape[1])
                 if r["task"] == "edit":
-                    r["cond_latents"] = _bf16_bytes(cond[edits.index(i)])
+                    r["cond_latents"] = bf16_to_bytes(cond[edits.index(i)])
                 r["pixels"] = b""  # not needed downstream: keep the object store small
                 r["cond_pixels"] = b""
                 r["t_vae"] = dt
@@ -224,16 +212,10 @@ class TextStage:
                          detail=f"{r['source_uri']}: caption is {enc.num_tokens_before_truncation} tokens, "
                                 f"over the limit of {self.encoder.max_text_tokens}")
                 continue
-            r["text"] = _bf16_bytes(enc.embedding)
+            r["text"] = bf16_to_bytes(enc.embedding)
             r["text_len"] = int(enc.embedding.shape[0])
             r["text_dim"] = int(enc.embedding.shape[1])
             r["text_truncated"] = bool(enc.truncated)
             r["vl_pixels"] = b""
             r["t_text"] = dt
         return pd.DataFrame(rows)
-
-
-def _bf16_bytes(t) -> bytes:
-    import torch
-
-    return t.contiguous().view(torch.int16).numpy().tobytes()

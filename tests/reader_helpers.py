@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from megatron_qwenimage.data import Bucket, SampleMeta, ShardTensors, init_cache, open_cache
-from megatron_qwenimage.data.shard_format import offsets_from_lengths
-from megatron_qwenimage.data.writer import ShardPayload, publish_partition
+from megatron_qwenimage.cache import Bucket, SampleMeta, ShardTensors, init_cache, open_cache
+from megatron_qwenimage.cache.shard_format import offsets_from_lengths
+from megatron_qwenimage.cache.writer import ShardPayload, publish_partition
 
 CHANNELS = 16
 TEXT_DIM = 32

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from megatron_qwenimage.config import ConfigError
-from megatron_qwenimage.data import CacheError, open_cache
+from megatron_qwenimage.cache import CacheError, open_cache
 from megatron_qwenimage.data.mixing import CacheCatalog, Planner
 from megatron_qwenimage.data.reader import (
     CacheReader,
@@ -239,7 +239,7 @@ def test_static_text_length(mixed_cache):
 
 
 def _metas(shard):
-    from megatron_qwenimage.data import SampleMeta
+    from megatron_qwenimage.cache import SampleMeta
 
     table = shard.samples
     return [SampleMeta(**{k: table.column(k)[i].as_py() for k in ("sample_id", "task", "caption", "source_uri",
@@ -249,9 +249,9 @@ def _metas(shard):
 
 
 def test_static_text_length_checks_a_grown_snapshot_before_reading_it(tmp_path):
-    from megatron_qwenimage.data import SampleMeta, ShardTensors
-    from megatron_qwenimage.data.shard_format import offsets_from_lengths
-    from megatron_qwenimage.data.writer import ShardPayload
+    from megatron_qwenimage.cache import SampleMeta, ShardTensors
+    from megatron_qwenimage.cache.shard_format import offsets_from_lengths
+    from megatron_qwenimage.cache.writer import ShardPayload
 
     path = tmp_path / "g"
     publish(path, "p0", [payload(B16, 8, prefix="p0", seed=0)])  # text lengths 1..8
@@ -378,7 +378,7 @@ def test_direct_shard_access_equals_zarr(tmp_path, monkeypatch):
     import zarr
 
     from megatron_qwenimage.data import reader as reader_mod
-    from megatron_qwenimage.data.shard_access import ShardedArray
+    from megatron_qwenimage.cache.shard_access import ShardedArray
 
     path = tmp_path / "direct"
     publish(path, "p", [payload(B32, 90, prefix="d", seed=4, edit=3)])  # > 256 text rows: chunk crossings

@@ -33,9 +33,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from megatron_qwenimage.data import Bucket, SampleMeta, ShardTensors, init_cache, open_cache  # noqa: E402
-from megatron_qwenimage.data.shard_format import offsets_from_lengths  # noqa: E402
-from megatron_qwenimage.data.writer import ShardPayload, publish_partition  # noqa: E402
+from megatron_qwenimage.cache import Bucket, SampleMeta, ShardTensors, init_cache, open_cache  # noqa: E402
+from megatron_qwenimage.cache.shard_format import offsets_from_lengths  # noqa: E402
+from megatron_qwenimage.cache.writer import ShardPayload, publish_partition  # noqa: E402
 
 
 def write_cache(path: Path, *, res: int, samples: int, per_partition: int, text_tokens: int, text_dim: int,

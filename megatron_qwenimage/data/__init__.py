@@ -1,52 +1,41 @@
-"""The latent-cache data contract shared by producers and consumers (no Ray needed).
+"""The training-data reader: cache snapshots -> per-rank micro-batches (consumers only).
 
-* `shard_format`: one shard on disk (zarr v3 tensors + parquet samples table), schema version.
-* `commit`: exactly-once publication of a partition (private attempts, exclusive commit record).
-* `manifest`: `open_cache(path).snapshot(pin)` -> shards -> tensors.
-* `verify`: re-hash committed shards against their checksums, check snapshots against the commit
-  records; `repair_cache` moves unreadable records and snapshots to ``quarantine/``.
+* `reader_config`: the ``data:`` section of a run's YAML (`ReaderConfig`), the training `TASKS`.
+* `mixing`: `Planner`, the global sample order (curriculum stages, task/cache weights, epochs).
+* `agreement`: ranks agreeing on snapshots and plans (`TorchDistributedAgreement`).
+* `reader`: `CacheReader` / `ValidationReader`, loading and collating what the planner chose.
 
-docs/cache_format.md describes the format for readers that use plain zarr/pyarrow.
+It reads caches through the contract in `megatron_qwenimage.cache` (docs/cache_format.md);
+docs/training_data.md describes the reader.
 """
 
-from megatron_qwenimage.data.commit import CommitError, CommitRecordError
-from megatron_qwenimage.data.manifest import (
-    Cache,
-    CacheError,
-    CachePathError,
-    Sample,
-    Shard,
-    ShardBatch,
-    ShardChecksumError,
-    Snapshot,
-    SnapshotError,
-    init_cache,
-    open_cache,
+from megatron_qwenimage.data.agreement import RankAgreement, SingleProcess, TorchDistributedAgreement
+from megatron_qwenimage.data.mixing import EndOfData, ReaderError, StepPlan, TailTimeoutError
+from megatron_qwenimage.data.reader import CacheReader, MicroBatch, ValidationReader
+from megatron_qwenimage.data.reader_config import (
+    TASK_SAMPLE_KIND,
+    TASKS,
+    CacheSource,
+    ReaderConfig,
+    StageConfig,
+    ValidationConfig,
 )
-from megatron_qwenimage.data.shard_format import SCHEMA_VERSION, Bucket, SampleMeta, ShardTensors
-from megatron_qwenimage.data.verify import RepairReport, VerifyReport, repair_cache, verify_cache, verify_snapshot
 
 __all__ = [
-    "SCHEMA_VERSION",
-    "Bucket",
-    "Cache",
-    "CacheError",
-    "CachePathError",
-    "CommitError",
-    "CommitRecordError",
-    "RepairReport",
-    "Sample",
-    "SampleMeta",
-    "Shard",
-    "ShardBatch",
-    "ShardChecksumError",
-    "ShardTensors",
-    "Snapshot",
-    "SnapshotError",
-    "VerifyReport",
-    "init_cache",
-    "open_cache",
-    "repair_cache",
-    "verify_cache",
-    "verify_snapshot",
+    "TASKS",
+    "TASK_SAMPLE_KIND",
+    "CacheReader",
+    "CacheSource",
+    "EndOfData",
+    "MicroBatch",
+    "RankAgreement",
+    "ReaderConfig",
+    "ReaderError",
+    "SingleProcess",
+    "StageConfig",
+    "StepPlan",
+    "TailTimeoutError",
+    "TorchDistributedAgreement",
+    "ValidationConfig",
+    "ValidationReader",
 ]

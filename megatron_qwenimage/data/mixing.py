@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from megatron_qwenimage.cache.manifest import Cache, CacheError, Shard, Snapshot, open_cache
 from megatron_qwenimage.config import ConfigError
 from megatron_qwenimage.data.agreement import RankAgreement, SingleProcess
-from megatron_qwenimage.data.manifest import Cache, CacheError, Shard, Snapshot, open_cache
 from megatron_qwenimage.data.reader_config import TASK_SAMPLE_KIND, CacheSource, ReaderConfig
 from megatron_qwenimage.errors import UserError
 

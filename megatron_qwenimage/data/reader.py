@@ -35,9 +35,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from megatron_qwenimage.cache.manifest import Shard, ShardChecksumError
+from megatron_qwenimage.cache.shard_access import ShardedArray
+from megatron_qwenimage.cache.shard_format import TENSORS_DIR, bf16_bits_to_float32, open_tensors_group
 from megatron_qwenimage.config import ConfigError
 from megatron_qwenimage.data.agreement import RankAgreement, SingleProcess, plan_digest
-from megatron_qwenimage.data.manifest import Shard, ShardChecksumError
 from megatron_qwenimage.data.mixing import (
     CacheCatalog,
     EndOfData,
@@ -56,8 +58,6 @@ from megatron_qwenimage.data.reader_config import (
     StageConfig,
     ValidationConfig,
 )
-from megatron_qwenimage.data.shard_access import ShardedArray
-from megatron_qwenimage.data.shard_format import TENSORS_DIR, open_tensors_group
 
 log = logging.getLogger(__name__)
 
@@ -113,11 +113,6 @@ class _Row:
     condition: np.ndarray | None  # uint16 [C, h, w]
     sample_id: str
     shard_id: str
-
-
-def bf16_bits_to_float32(bits: np.ndarray) -> torch.Tensor:
-    """uint16 bfloat16 bit patterns -> float32 tensor, exactly (bf16 is the top half of fp32)."""
-    return torch.from_numpy((bits.astype(np.uint32) << 16).view(np.float32))
 
 
 class _ZarrRows:

@@ -29,13 +29,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from megatron_qwenimage.cache.shard_format import SAMPLE_KINDS, Bucket
 from megatron_qwenimage.config import ConfigError
-from megatron_qwenimage.data.shard_format import Bucket
 
 #: Training tasks. "i2i" (reconstruction) reuses t2i samples with the target as condition image.
 TASKS = ("t2i", "edit", "i2i")
-#: The kind of cached sample each task consumes (the ``task`` column of ``samples.parquet``).
+#: The kind of cached sample each task consumes (the ``task`` column of ``samples.parquet``, one of
+#: the contract's `SAMPLE_KINDS`).
 TASK_SAMPLE_KIND = {"t2i": "t2i", "i2i": "t2i", "edit": "edit"}
+assert set(TASK_SAMPLE_KIND) == set(TASKS) and set(TASK_SAMPLE_KIND.values()) <= set(SAMPLE_KINDS)
 #: How a cache's snapshot pin moves while training (see `CacheSource`).
 CACHE_MODES = ("fixed", "grow", "tail")
 

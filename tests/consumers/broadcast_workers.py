@@ -9,7 +9,7 @@ import torch
 
 from consumers.data import broadcast_micro_batches
 from consumers.parallel import ParallelLayout, init_distributed, init_parallel
-from megatron_qwenimage.data import manifest
+from megatron_qwenimage.cache import manifest
 from megatron_qwenimage.data.agreement import TorchDistributedAgreement
 from megatron_qwenimage.data.reader import CacheReader, ReaderConfig, _OpenShard
 from megatron_qwenimage.errors import UserError

@@ -110,9 +110,9 @@ def write_cache(path, *, samples_per_bucket: int = 8, buckets=((32, 32),), edit:
     Latents are 16-channel (tiny VAE), text 32-dim (tiny text encoder), i.e. model `tiny-16ch`.
     `distinct`: only this many different (latent, text) contents, repeated (ids stay unique).
     """
-    from megatron_qwenimage.data import Bucket, SampleMeta, ShardTensors, init_cache
-    from megatron_qwenimage.data.shard_format import offsets_from_lengths
-    from megatron_qwenimage.data.writer import ShardPayload, publish_partition
+    from megatron_qwenimage.cache import Bucket, SampleMeta, ShardTensors, init_cache
+    from megatron_qwenimage.cache.shard_format import offsets_from_lengths
+    from megatron_qwenimage.cache.writer import ShardPayload, publish_partition
 
     cache = init_cache(str(path))
     g = torch.Generator().manual_seed(seed)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from broadcast_workers import broadcast_worker
 from consumer_helpers import spawn
-from megatron_qwenimage.data import open_cache
+from megatron_qwenimage.cache import open_cache
 from reader_helpers import B16, B32, make_cache
 
 STEPS = 6

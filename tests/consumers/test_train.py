@@ -67,7 +67,7 @@ def test_tiny_model_learns_and_exports(tmp_path):
 
 def test_corrupted_shard_is_named(tmp_path):
     cache = write_cache(tmp_path / "cache", samples_per_bucket=8)
-    from megatron_qwenimage.data import open_cache
+    from megatron_qwenimage.cache import open_cache
 
     shard = open_cache(cache).snapshot().shards[0]
     # a latent chunk (a corrupted samples.parquet fails earlier, in the planner, also naming the shard)

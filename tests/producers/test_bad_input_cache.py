@@ -22,10 +22,10 @@ from producer_helpers import run_cli
 from reader_helpers import B16, make_cache, payload
 
 from megatron_qwenimage.cli import main
-from megatron_qwenimage.data import open_cache, verify_cache
-from megatron_qwenimage.data.commit import PartitionAttempt, read_commit, sweep_orphans
-from megatron_qwenimage.data.storage import CacheStorage
-from megatron_qwenimage.data.writer import publish_partition
+from megatron_qwenimage.cache import open_cache, verify_cache
+from megatron_qwenimage.cache.commit import PartitionAttempt, read_commit, sweep_orphans
+from megatron_qwenimage.cache.storage import CacheStorage
+from megatron_qwenimage.cache.writer import publish_partition
 
 SNAP1 = "manifest/snapshots/v00000001.json"
 

@@ -31,8 +31,8 @@ import pyarrow.parquet as pq
 import pytest
 from producer_helpers import SKIMAGE_DATA, run_cli
 
-from megatron_qwenimage.data import open_cache, verify_cache
-from megatron_qwenimage.data.writer import read_quarantine
+from megatron_qwenimage.cache import open_cache, verify_cache
+from megatron_qwenimage.cache.writer import read_quarantine
 
 PREFIX = "qwenimage produce: error: "
 #: The shared base cache: 4 synthetic inputs in 2 partitions, 64 px buckets.

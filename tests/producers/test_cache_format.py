@@ -1,4 +1,4 @@
-"""The cache contract in megatron_qwenimage.data: shard format, exclusive commit, snapshots, verify."""
+"""The cache contract in megatron_qwenimage.cache: shard format, exclusive commit, snapshots, verify."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ import torch
 import zarr
 
 from megatron_qwenimage.config import ConfigError
-from megatron_qwenimage.data import Bucket, SampleMeta, ShardChecksumError, ShardTensors, init_cache, open_cache
-from megatron_qwenimage.data.commit import CommitError, CommitRecord, PartitionAttempt, list_commits, sweep_orphans
-from megatron_qwenimage.data.manifest import CacheError
-from megatron_qwenimage.data.shard_format import offsets_from_lengths
-from megatron_qwenimage.data.verify import verify_cache
-from megatron_qwenimage.data.writer import QuarantineRow, ShardPayload, publish_partition, read_quarantine
+from megatron_qwenimage.cache import Bucket, SampleMeta, ShardChecksumError, ShardTensors, init_cache, open_cache
+from megatron_qwenimage.cache.commit import CommitError, CommitRecord, PartitionAttempt, list_commits, sweep_orphans
+from megatron_qwenimage.cache.manifest import CacheError
+from megatron_qwenimage.cache.shard_format import offsets_from_lengths
+from megatron_qwenimage.cache.verify import verify_cache
+from megatron_qwenimage.cache.writer import QuarantineRow, ShardPayload, publish_partition, read_quarantine
 
 
 def make_payload(bucket: Bucket, n: int, *, seed: int, text_dim: int = 32, edit_every: int = 0, prefix: str = "s") -> ShardPayload:
@@ -92,7 +92,7 @@ def test_second_attempt_loses_and_leaves_nothing(tmp_path):
 def test_shard_files_are_fsynced_before_the_commit_record_is_published(tmp_path, monkeypatch):
     import os
 
-    from megatron_qwenimage.data import storage as storage_mod
+    from megatron_qwenimage.cache import storage as storage_mod
 
     cache = init_cache(str(tmp_path / "c"))
     events: list[tuple[str, str]] = []

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from megatron_qwenimage.data import CachePathError, open_cache, verify_cache
-from megatron_qwenimage.data.commit import read_commit
+from megatron_qwenimage.cache import CachePathError, open_cache, verify_cache
+from megatron_qwenimage.cache.commit import read_commit
 from megatron_qwenimage.data.reader import CacheReader, ReaderConfig
-from megatron_qwenimage.data.storage import CacheStorage, resolve_record_path
-from megatron_qwenimage.data.writer import read_quarantine
+from megatron_qwenimage.cache.storage import CacheStorage, resolve_record_path
+from megatron_qwenimage.cache.writer import read_quarantine
 from producer_helpers import run_cli
 from reader_helpers import B16, make_cache
 

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from megatron_qwenimage.data.commit import list_commits, read_commit
-from megatron_qwenimage.data.shard_format import read_samples
-from megatron_qwenimage.data.storage import CacheStorage
-from megatron_qwenimage.data.writer import read_duplicates, read_quarantine
+from megatron_qwenimage.cache.commit import list_commits, read_commit
+from megatron_qwenimage.cache.shard_format import read_samples
+from megatron_qwenimage.cache.storage import CacheStorage
+from megatron_qwenimage.cache.writer import read_duplicates, read_quarantine
 from producers.config import FaultConfig, ProducerConfig, buckets_for_area
 from producers.partition_writer import write_partition
 from producers.sources import InputItem

@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from megatron_qwenimage.data import open_cache, verify_cache
-from megatron_qwenimage.data.writer import read_duplicates, read_quarantine
+from megatron_qwenimage.cache import open_cache, verify_cache
+from megatron_qwenimage.cache.writer import read_duplicates, read_quarantine
 from producers.config import FaultConfig, ProducerConfig, buckets_for_area
 from producers.encoders import TextEncoder, VaeEncoder, default_tiny_dir
 from producers.images import decode_image, nearest_bucket, resize_center_crop

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from megatron_qwenimage.config import ConfigError
-from megatron_qwenimage.data.shard_format import Bucket
+from megatron_qwenimage.cache.shard_format import Bucket
 from producers.config import FaultConfig, PoolConfig, ProducerConfig, buckets_for_area, parse_buckets
 from producers.encoders import TextEncoder, default_tiny_dir
 from producers.images import Rejected, decode_caption, decode_image, nearest_bucket, resize_center_crop

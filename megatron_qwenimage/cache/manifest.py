@@ -2,7 +2,7 @@
 
 Consumers import this module without Ray::
 
-    from megatron_qwenimage.data import open_cache
+    from megatron_qwenimage.cache import open_cache
 
     cache = open_cache("/data/cache")
     snap = cache.snapshot()            # newest snapshot; cache.snapshot(pin=3) pins version 3
@@ -29,7 +29,7 @@ from functools import cached_property
 import pyarrow as pa
 import torch
 
-from megatron_qwenimage.data.commit import (
+from megatron_qwenimage.cache.commit import (
     QUARANTINE_DIR,
     CommitRecord,
     CommitRecordError,
@@ -39,14 +39,14 @@ from megatron_qwenimage.data.commit import (
     list_commits,
     referenced_attempt_dirs,
 )
-from megatron_qwenimage.data.shard_format import (
+from megatron_qwenimage.cache.shard_format import (
     SCHEMA_VERSION,
     Bucket,
     ShardTensors,
     read_samples,
     read_tensors,
 )
-from megatron_qwenimage.data.storage import (  # CacheError, CachePathError: defined there, re-exported here
+from megatron_qwenimage.cache.storage import (  # CacheError, CachePathError: defined there, re-exported here
     CacheError,
     CachePathError,  # noqa: F401
     CacheStorage,

@@ -28,8 +28,8 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
-from megatron_qwenimage.data.shard_format import SCHEMA_VERSION, Bucket
-from megatron_qwenimage.data.storage import CacheError, CachePathError, CacheStorage, resolve_record_path
+from megatron_qwenimage.cache.shard_format import SCHEMA_VERSION, Bucket
+from megatron_qwenimage.cache.storage import CacheError, CachePathError, CacheStorage, resolve_record_path
 from megatron_qwenimage.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -215,6 +215,8 @@ class CommitRecord:
 
 
 def commit_path(partition_id: str) -> str:
+    """Cache-relative path of `partition_id`'s commit record, ``commits/<partition_id>.json``: the one
+    place that builds it (readers, writers, verify and repair all call this)."""
     return f"{COMMITS_DIR}/{partition_id}.json"
 
 
@@ -519,7 +521,7 @@ def sweep_orphans(storage: CacheStorage, grace_s: float = DEFAULT_SWEEP_GRACE_S,
         SweepError: `grace_s` is negative or not finite (before anything is deleted).
     """
     grace_s = check_grace(grace_s)
-    from megatron_qwenimage.data.manifest import snapshot_references  # manifest imports this module
+    from megatron_qwenimage.cache.manifest import snapshot_references  # manifest imports this module
 
     now = time.time() if now is None else now
     removed, kept, kept_referenced, warnings = [], [], [], []

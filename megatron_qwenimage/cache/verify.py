@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from megatron_qwenimage.data.commit import (
+from megatron_qwenimage.cache.commit import (
     QUARANTINED_COMMITS_DIR,
     CommitError,
     CommitRecord,
@@ -17,7 +17,7 @@ from megatron_qwenimage.data.commit import (
     quarantined_commit_partitions,
     read_commit,
 )
-from megatron_qwenimage.data.manifest import (
+from megatron_qwenimage.cache.manifest import (
     QUARANTINED_SNAPSHOTS_DIR,
     Cache,
     CacheError,

@@ -12,7 +12,8 @@ latent in it has the same shape. On disk a shard is a directory::
 
 bfloat16 has no numpy or parquet type, so tensors are stored as their raw 16-bit patterns in
 uint16 arrays, with ``attributes["dtype"] == "bfloat16"``; ``torch.from_numpy(a.view(np.int16))
-.view(torch.bfloat16)`` restores them bit-exactly. Each shard is written once, whole, by one
+.view(torch.bfloat16)`` restores them bit-exactly (`bf16_to_bits` / `bits_to_bf16` and their bytes
+and float32 variants below are the one implementation of that packing). Each shard is written once, whole, by one
 writer into a private attempt directory (see `commit`), so zarr's sharding codec (one file per
 array, one inner chunk per sample) is used only in the single-writer way it is safe for.
 
@@ -32,8 +33,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from megatron_qwenimage.cache.storage import CacheStorage
 from megatron_qwenimage.config import PIXELS_PER_TOKEN_SIDE, validate_image_size
-from megatron_qwenimage.data.storage import CacheStorage
 from megatron_qwenimage.errors import UserError
 
 #: Bumped whenever the on-disk layout changes in a way a reader must know about.
@@ -42,7 +43,10 @@ SCHEMA_VERSION = 1
 VAE_SPATIAL_FACTOR = 8
 TENSORS_DIR = "tensors.zarr"
 SAMPLES_FILE = "samples.parquet"
-TASKS = ("t2i", "edit")
+#: Sample kinds a cache stores (the samples table's ``task`` column): "t2i" (target image + caption)
+#: and "edit" (target image + edit source image + instruction). Training tasks built on them are
+#: the reader's business (`megatron_qwenimage.data.reader_config.TASKS`).
+SAMPLE_KINDS = ("t2i", "edit")
 #: Text-embedding rows per zarr inner chunk.
 _TEXT_CHUNK_ROWS = 256
 
@@ -179,6 +183,21 @@ def bits_to_bf16(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
 
 
+def bf16_to_bytes(t: torch.Tensor) -> bytes:
+    """bf16 tensor -> its bit patterns as raw native-endian uint16 bytes (C order)."""
+    return bf16_to_bits(t).tobytes()
+
+
+def bytes_to_bf16(data: bytes, shape: Sequence[int]) -> torch.Tensor:
+    """Inverse of `bf16_to_bytes`: raw uint16 bit patterns -> bf16 tensor of `shape` (bit-exact)."""
+    return bits_to_bf16(np.frombuffer(data, dtype=np.uint16).reshape(shape))
+
+
+def bf16_bits_to_float32(bits: np.ndarray) -> torch.Tensor:
+    """uint16 bfloat16 bit patterns -> float32 tensor, exactly (bf16 is the top half of fp32)."""
+    return torch.from_numpy((bits.astype(np.uint32) << 16).view(np.float32))
+
+
 def _validate(bucket: Bucket, tensors: ShardTensors, samples: Sequence[SampleMeta], where: str) -> None:
     n = len(samples)
     lat = tensors.latents
@@ -199,8 +218,8 @@ def _validate(bucket: Bucket, tensors: ShardTensors, samples: Sequence[SampleMet
             f"the samples' text_len sum to {int(expected[-1])}"
         )
     for s in samples:
-        if s.task not in TASKS:
-            raise ShardFormatError(f"{where}: sample {s.sample_id} has task {s.task!r}, expected one of {TASKS}")
+        if s.task not in SAMPLE_KINDS:
+            raise ShardFormatError(f"{where}: sample {s.sample_id} has task {s.task!r}, expected one of {SAMPLE_KINDS}")
     any_edit = any(s.task == "edit" for s in samples)
     if any_edit and (tensors.condition_latents is None or tensors.condition_latents.shape != lat.shape):
         raise ShardFormatError(f"{where}: edit samples need condition_latents shaped like latents {tuple(lat.shape)}")

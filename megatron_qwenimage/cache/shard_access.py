@@ -19,7 +19,7 @@ import math
 
 import numpy as np
 
-from megatron_qwenimage.data.storage import CacheStorage
+from megatron_qwenimage.cache.storage import CacheStorage
 
 _MISSING = np.uint64(2**64 - 1)
 _DTYPES = {"uint16": np.dtype("<u2"), "int64": np.dtype("<i8")}

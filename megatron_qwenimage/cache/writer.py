@@ -16,8 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from megatron_qwenimage.data.commit import CommitRecord, PartitionAttempt, commit_path, read_commit
-from megatron_qwenimage.data.shard_format import (
+from megatron_qwenimage.cache.commit import CommitRecord, PartitionAttempt, commit_path, read_commit
+from megatron_qwenimage.cache.shard_format import (
     Bucket,
     SampleMeta,
     ShardFormatError,
@@ -26,7 +26,7 @@ from megatron_qwenimage.data.shard_format import (
     read_tensors,
     write_shard,
 )
-from megatron_qwenimage.data.storage import CacheStorage, resolve_record_path
+from megatron_qwenimage.cache.storage import CacheStorage, resolve_record_path
 
 #: One row per quarantined input.
 QUARANTINE_SCHEMA = pa.schema(
