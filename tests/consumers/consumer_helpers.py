@@ -367,3 +367,18 @@ def compare_states(got: dict, ref: dict, *, rtol: float = 1e-4, scale_atol: floa
                 err = float((g - r).abs().max())
                 mismatches[f"{name}/{kind}"] = f"max |diff| {err:.3g} (max |ref| {rmax:.3g}, {ratio:.3g}x tolerance)"
     return mismatches, worst
+
+
+def corrupt_latent_chunk(cache: str):
+    """Flip the last byte of one latent chunk of the first shard of `cache`'s snapshot (same size,
+    wrong sha256); returns that shard. A corrupted samples.parquet would fail earlier, in the
+    planner; a latent chunk fails where the shard is opened and verified."""
+    from megatron_qwenimage.cache import open_cache
+
+    shard = open_cache(cache).snapshot().shards[0]
+    victim = sorted(p for p in Path(cache, shard.path, "tensors.zarr", "latents").rglob("*")
+                    if p.is_file() and p.name != "zarr.json")[0]
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    return shard

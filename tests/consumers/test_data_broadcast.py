@@ -8,11 +8,9 @@ message instead of leaving it waiting in the broadcast.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from broadcast_workers import broadcast_worker
-from consumer_helpers import spawn
-from megatron_qwenimage.cache import open_cache
+from consumer_helpers import corrupt_latent_chunk, spawn
 from reader_helpers import B16, B32, make_cache
 
 STEPS = 6
@@ -33,12 +31,7 @@ def test_peer_receives_exactly_what_it_would_read_and_opens_nothing(tmp_path):
 
 def test_a_corrupted_shard_stops_the_peer_with_the_readers_message(tmp_path):
     cache = make_cache(tmp_path / "cache", partitions=1, per_bucket={B16: 8, B32: 8}, edit=4)
-    shard = open_cache(cache).snapshot().shards[0]
-    victim = sorted(p for p in Path(cache, shard.path, "tensors.zarr", "latents").rglob("*")
-                    if p.is_file() and p.name != "zarr.json")[0]
-    data = bytearray(victim.read_bytes())
-    data[-1] ^= 0xFF
-    victim.write_bytes(bytes(data))
+    shard = corrupt_latent_chunk(cache)
     results = spawn(broadcast_worker, 2, tmp_path / "out", cache, 2)
     assert results[0]["error"] is not None and shard.shard_id in results[0]["error"], results[0]
     peer_error = results[1]["error"]

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import yaml
-from consumer_helpers import free_port, read_jsonl, run_config, write_cache
+from consumer_helpers import corrupt_latent_chunk, free_port, read_jsonl, run_config, write_cache
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -67,15 +67,7 @@ def test_tiny_model_learns_and_exports(tmp_path):
 
 def test_corrupted_shard_is_named(tmp_path):
     cache = write_cache(tmp_path / "cache", samples_per_bucket=8)
-    from megatron_qwenimage.cache import open_cache
-
-    shard = open_cache(cache).snapshot().shards[0]
-    # a latent chunk (a corrupted samples.parquet fails earlier, in the planner, also naming the shard)
-    victim = sorted(p for p in Path(cache, shard.path, "tensors.zarr", "latents").rglob("*")
-                    if p.is_file() and p.name != "zarr.json")[0]
-    data = bytearray(victim.read_bytes())
-    data[-1] ^= 0xFF
-    victim.write_bytes(bytes(data))
+    shard = corrupt_latent_chunk(cache)
     r = _train(_write(run_config(cache, tmp_path, steps=2), tmp_path / "run.yaml"))
     assert r.returncode != 0
     # One line at the command line's boundary, naming the shard and what is wrong with it.
