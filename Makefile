@@ -8,6 +8,7 @@ install:
 # The team's style checks (rules in pyproject.toml).
 lint: install
 	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
 
 # Installs the package with its test extras, then runs the whole suite on CPU.
 test: install

@@ -39,32 +39,65 @@ PARAMS_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--config", default="bench-cpu", help="model config name or YAML path (default: %(default)s)")
-    p.add_argument("--layers", type=int, default=None,
-                   help="override num_layers, e.g. 4 for a slice of the 20B model (default: the config's)")
+    p.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help="override num_layers, e.g. 4 for a slice of the 20B model (default: the config's)",
+    )
     p.add_argument("--height", type=int, default=None, help="image height in px, a multiple of 16")
     p.add_argument("--width", type=int, default=None, help="image width in px, a multiple of 16")
-    p.add_argument("--patches", type=int, nargs=2, default=None, metavar=("H", "W"),
-                   help="image size as a patch grid (1 patch = 16 px); default 32 32 unless --height/--width")
+    p.add_argument(
+        "--patches",
+        type=int,
+        nargs=2,
+        default=None,
+        metavar=("H", "W"),
+        help="image size as a patch grid (1 patch = 16 px); default 32 32 unless --height/--width",
+    )
     p.add_argument("--text-tokens", type=int, default=64, help="text tokens per sample (default: %(default)s)")
     p.add_argument("--batch", type=int, default=1, help="samples per step (default: %(default)s)")
-    p.add_argument("--padded-text-tokens", type=int, default=0, metavar="N",
-                   help="pad the last N text tokens of every other sample (a text mask, as batches of "
-                   "captions of different lengths have; default: %(default)s, no mask)")
+    p.add_argument(
+        "--padded-text-tokens",
+        type=int,
+        default=0,
+        metavar="N",
+        help="pad the last N text tokens of every other sample (a text mask, as batches of "
+        "captions of different lengths have; default: %(default)s, no mask)",
+    )
     p.add_argument("--iters", type=int, default=10, help="timed steps per model (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per model first (default: %(default)s)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device (default: %(default)s)")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
-                   help="parameter and activation dtype of both models (default: %(default)s)")
-    p.add_argument("--backend", choices=("local", "transformer_engine"), default="local",
-                   help="kernel backend of our model (default: %(default)s)")
-    p.add_argument("--fp8", choices=("delayed", "current"), default=None,
-                   help="run our model's TE linears in FP8 with this Transformer Engine recipe "
-                   "(needs --backend transformer_engine on a CUDA GPU; default: no FP8)")
+    p.add_argument(
+        "--dtype",
+        choices=tuple(DTYPES),
+        default="fp32",
+        help="parameter and activation dtype of both models (default: %(default)s)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=("local", "transformer_engine"),
+        default="local",
+        help="kernel backend of our model (default: %(default)s)",
+    )
+    p.add_argument(
+        "--fp8",
+        choices=("delayed", "current"),
+        default=None,
+        help="run our model's TE linears in FP8 with this Transformer Engine recipe "
+        "(needs --backend transformer_engine on a CUDA GPU; default: no FP8)",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
-    p.add_argument("--peak-tflops", type=float, default=None,
-                   help="peak dense TFLOP/s of one GPU for MFU (default: from the detected GPU and --dtype)")
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="peak dense TFLOP/s of one GPU for MFU (default: from the detected GPU and --dtype)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of weights and inputs (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     return p
@@ -95,8 +128,13 @@ def resolve_workload(args: argparse.Namespace) -> Workload:
         h, w = args.height // PIXELS_PER_TOKEN_SIDE, args.width // PIXELS_PER_TOKEN_SIDE
     else:
         h, w = args.patches or (32, 32)
-    for name, value in (("patch rows", h), ("patch cols", w), ("--batch", args.batch),
-                        ("--iters", args.iters), ("--text-tokens", args.text_tokens)):
+    for name, value in (
+        ("patch rows", h),
+        ("patch cols", w),
+        ("--batch", args.batch),
+        ("--iters", args.iters),
+        ("--text-tokens", args.text_tokens),
+    ):
         if value <= 0:
             raise SystemExit(f"error: {name}={value} must be positive")
     if args.warmup < 0:
@@ -115,7 +153,7 @@ def make_inputs(config: MMDiTConfig, work: Workload, device, dtype, seed: int, p
         if not 0 < padded_text_tokens < t:
             raise SystemExit(f"error: --padded-text-tokens {padded_text_tokens} must be in 1..{t - 1}")
         mask = torch.ones(b, t, dtype=torch.long, device=device)
-        mask[::2, t - padded_text_tokens:] = 0
+        mask[::2, t - padded_text_tokens :] = 0
     return {
         "hidden_states": rand(b, n, config.in_channels),
         "encoder_hidden_states": rand(b, t, config.joint_attention_dim),
@@ -144,8 +182,14 @@ def build_models(config: MMDiTConfig, args) -> tuple[torch.nn.Module, torch.nn.M
     return ours, ref
 
 
-def make_step(model: torch.nn.Module, inputs: dict, *, returns_sample: bool, compile: bool,
-              forward_context: Callable = contextlib.nullcontext) -> Callable[[], torch.Tensor]:
+def make_step(
+    model: torch.nn.Module,
+    inputs: dict,
+    *,
+    returns_sample: bool,
+    compile: bool,
+    forward_context: Callable = contextlib.nullcontext,
+) -> Callable[[], torch.Tensor]:
     """A closure running one fwd + loss + bwd + AdamW step; returns the (detached) loss."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
     fwd = torch.compile(model) if compile else model

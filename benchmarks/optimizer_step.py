@@ -34,13 +34,13 @@ import torch
 from consumers.optimizer import DistributedOptimizer, LRSchedule, OptimizerConfig
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-CONFIG = OptimizerConfig(lr=1e-4, warmup_steps=10, decay_steps=1000, weight_decay=0.1, clip_grad=1e-3,
-                         ema_decay=0.999)
+CONFIG = OptimizerConfig(lr=1e-4, warmup_steps=10, decay_steps=1000, weight_decay=0.1, clip_grad=1e-3, ema_decay=0.999)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--params", type=int, default=50_000_000, help="total parameter elements (default: %(default)s)")
     p.add_argument("--layers", type=int, default=16, help="transformer blocks (10 tensors each; default: %(default)s)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="bf16", help="parameter dtype (default: %(default)s)")
@@ -51,13 +51,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def make_params(total: int, layers: int, dtype: torch.dtype,
-                device: torch.device) -> list[tuple[str, torch.nn.Parameter, int | None]]:
+def make_params(
+    total: int, layers: int, dtype: torch.dtype, device: torch.device
+) -> list[tuple[str, torch.nn.Parameter, int | None]]:
     """``(name, param, tp_dim)`` of `layers` blocks of hidden size d, about `total` elements in all."""
     d = max(8, int(math.sqrt(total / (12 * layers))) // 8 * 8)
-    shapes = {"qkv.weight": (3 * d, d), "qkv.bias": (3 * d,), "out.weight": (d, d), "out.bias": (d,),
-              "fc1.weight": (4 * d, d), "fc1.bias": (4 * d,), "fc2.weight": (d, 4 * d), "fc2.bias": (d,),
-              "norm1.weight": (d,), "norm2.weight": (d,)}
+    shapes = {
+        "qkv.weight": (3 * d, d),
+        "qkv.bias": (3 * d,),
+        "out.weight": (d, d),
+        "out.bias": (d,),
+        "fc1.weight": (4 * d, d),
+        "fc1.bias": (4 * d,),
+        "fc2.weight": (d, 4 * d),
+        "fc2.bias": (d,),
+        "norm1.weight": (d,),
+        "norm2.weight": (d,),
+    }
     g = torch.Generator(device=device).manual_seed(0)
     out = []
     for i in range(layers):
@@ -96,23 +106,41 @@ class NaiveOptimizer:
             chunk = -(-rows // self.dp)
             start = min(self.dp_rank * chunk, rows)
             end = min(start + chunk, rows)
-            self.shards.append(dict(name=name, param=p, tp_dim=tp_dim, rows=rows, cols=cols, chunk_rows=chunk,
-                                    row_start=start, row_end=end, offset=offset))
+            self.shards.append(
+                dict(
+                    name=name,
+                    param=p,
+                    tp_dim=tp_dim,
+                    rows=rows,
+                    cols=cols,
+                    chunk_rows=chunk,
+                    row_start=start,
+                    row_end=end,
+                    offset=offset,
+                )
+            )
             offset += chunk * cols
         self.shard_numel = offset
         self.device = self.shards[0]["param"].device
         self.master = {}
         for s in self.shards:
-            rows_view = s["param"].detach().view(s["rows"], s["cols"])[s["row_start"]: s["row_end"]]
+            rows_view = s["param"].detach().view(s["rows"], s["cols"])[s["row_start"] : s["row_end"]]
             self.master[s["name"]] = rows_view.to(torch.float32).clone().view(self._owned_shape(s))
         decay = [self.master[s["name"]] for s in self.shards if s["param"].ndim >= 2]
         no_decay = [self.master[s["name"]] for s in self.shards if s["param"].ndim < 2]
         self.adam = torch.optim.AdamW(
             [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=config.lr, betas=config.betas, eps=config.eps, foreach=False)
+            lr=config.lr,
+            betas=config.betas,
+            eps=config.eps,
+            foreach=False,
+        )
         self.ema = {k: v.clone() for k, v in self.master.items()} if config.ema_decay > 0 else None
-        self.main_grads = {s["name"]: torch.zeros(s["param"].shape, dtype=torch.float32, device=self.device)
-                           for s in self.shards if s["param"].dtype != torch.float32}
+        self.main_grads = {
+            s["name"]: torch.zeros(s["param"].shape, dtype=torch.float32, device=self.device)
+            for s in self.shards
+            if s["param"].dtype != torch.float32
+        }
 
     @staticmethod
     def _owned_shape(s):
@@ -130,7 +158,7 @@ class NaiveOptimizer:
             g = self._grad_fp32(s).reshape(s["rows"], s["cols"])
             padded = torch.zeros(self.dp * s["chunk_rows"], s["cols"], dtype=torch.float32, device=self.device)
             padded[: s["rows"]] = g
-            packed[:, s["offset"]: s["offset"] + s["chunk_rows"] * s["cols"]] = padded.view(self.dp, -1)
+            packed[:, s["offset"] : s["offset"] + s["chunk_rows"] * s["cols"]] = padded.view(self.dp, -1)
         if self.dp == 1:
             return packed[0]
         out = torch.empty(self.shard_numel, dtype=torch.float32, device=self.device)
@@ -139,7 +167,7 @@ class NaiveOptimizer:
 
     def _owned(self, flat, s):
         n = (s["row_end"] - s["row_start"]) * s["cols"]
-        return flat[s["offset"]: s["offset"] + n].view(self._owned_shape(s))
+        return flat[s["offset"] : s["offset"] + n].view(self._owned_shape(s))
 
     @torch.no_grad()
     def step(self, step_index: int) -> dict:
@@ -170,10 +198,10 @@ class NaiveOptimizer:
             send = torch.zeros(self.shard_numel, dtype=dtype, device=self.device)
             for s in group:
                 n = (s["row_end"] - s["row_start"]) * s["cols"]
-                send[s["offset"]: s["offset"] + n] = self.master[s["name"]].reshape(-1).to(dtype)
+                send[s["offset"] : s["offset"] + n] = self.master[s["name"]].reshape(-1).to(dtype)
             recv = send.view(1, -1)
             for s in group:
-                rows = recv[:, s["offset"]: s["offset"] + s["chunk_rows"] * s["cols"]].reshape(-1, s["cols"])
+                rows = recv[:, s["offset"] : s["offset"] + s["chunk_rows"] * s["cols"]].reshape(-1, s["cols"])
                 s["param"].copy_(rows[: s["rows"]].view_as(s["param"]))
         return {"grad_norm": float(norm), "lr": lr}
 
@@ -213,8 +241,13 @@ def main(argv: list[str] | None = None) -> int:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     named = make_params(args.params, args.layers, DTYPES[args.dtype], device)
     grads = grads_for(named)
-    result = {"device": args.device, "dtype": args.dtype, "params": sum(p.numel() for _, p, _ in named),
-              "tensors": len(named), "iters": args.iters}
+    result = {
+        "device": args.device,
+        "dtype": args.dtype,
+        "params": sum(p.numel() for _, p, _ in named),
+        "tensors": len(named),
+        "iters": args.iters,
+    }
     initial = [p.detach().clone() for _, p, _ in named]
     runs = {"new": lambda: DistributedOptimizer(named, CONFIG, dp_group=None, tp_rank=0)}
     if not args.skip_naive:

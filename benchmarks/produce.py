@@ -54,8 +54,12 @@ def make_inputs(root: Path, n: int, side: int, seed: int = 0) -> list[tuple[Path
 
 def bare_loop(enc_dir: str, inputs, bucket: Bucket, batch: int, device: str | None) -> float:
     vae, text = VaeEncoder(enc_dir, device=device), TextEncoder(enc_dir, device=device)
-    decoded = [resize_center_crop(decode_image(p.read_bytes(), uri=str(p), min_side_px=8, max_pixels=10**9).pixels, bucket).pixels
-               for p, _ in inputs]
+    decoded = [
+        resize_center_crop(
+            decode_image(p.read_bytes(), uri=str(p), min_side_px=8, max_pixels=10**9).pixels, bucket
+        ).pixels
+        for p, _ in inputs
+    ]
     captions = [c for _, c in inputs]
     vae.encode(np.stack(decoded[:1]))
     text.encode_t2i(captions[:1])  # warm-up
@@ -83,8 +87,11 @@ def bare_vae_rate(enc_dir: str, side: int, batch: int, device: str | None, steps
 def shard_write_mb_s(tmp: Path, bucket: Bucket, n: int, text_dim: int) -> float:
     cache = init_cache(str(tmp / "write-bench"))
     lengths = [200] * n
-    tensors = ShardTensors(torch.randn(n, 16, bucket.latent_height, bucket.latent_width).to(torch.bfloat16),
-                           torch.randn(sum(lengths), text_dim).to(torch.bfloat16), offsets_from_lengths(lengths))
+    tensors = ShardTensors(
+        torch.randn(n, 16, bucket.latent_height, bucket.latent_width).to(torch.bfloat16),
+        torch.randn(sum(lengths), text_dim).to(torch.bfloat16),
+        offsets_from_lengths(lengths),
+    )
     samples = [SampleMeta(f"s{i}", "t2i", "c", f"u{i}", None, 200, False, 1, 1) for i in range(n)]
     t0 = time.perf_counter()
     result = publish_partition(cache.storage, "bench", inputs=n, shards=[ShardPayload(bucket, tensors, samples)])
@@ -103,27 +110,44 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tmp = Path(args.workdir or tempfile.mkdtemp(prefix="qwenimage-bench-"))
-    enc_dir = str(build_tiny_encoders(tmp / ("enc-full" if args.full else f"enc-vae{args.vae_base_dim}"),
-                                      vae_base_dim=args.vae_base_dim, full_size=args.full))
+    enc_dir = str(
+        build_tiny_encoders(
+            tmp / ("enc-full" if args.full else f"enc-vae{args.vae_base_dim}"),
+            vae_base_dim=args.vae_base_dim,
+            full_size=args.full,
+        )
+    )
     bucket = Bucket(args.side, args.side)
     inputs = make_inputs(tmp / "inputs", args.n, args.side)
     bare = bare_loop(enc_dir, inputs, bucket, args.batch, args.device)
     gpus = 1.0 if torch.cuda.is_available() else 0.0
-    pool = PoolConfig(min_actors=1, max_actors=1, num_gpus=gpus / 2 if gpus else 0.0, num_cpus=0.5, batch_size=args.batch)
+    pool = PoolConfig(
+        min_actors=1, max_actors=1, num_gpus=gpus / 2 if gpus else 0.0, num_cpus=0.5, batch_size=args.batch
+    )
     cfg = ProducerConfig(buckets={"custom": [bucket]}, partition_size=16, vae_pool=pool, text_pool=pool, min_side_px=8)
     import ray
 
-    ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    ray.init(
+        num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False
+    )
     # Warm the actor start-up path once (model load is not throughput), then time a fresh cache.
-    produce(ProduceRequest(str(tmp / "inputs"), str(tmp / "cache-warm"), encoders=enc_dir, config=cfg, device=args.device))
+    produce(
+        ProduceRequest(str(tmp / "inputs"), str(tmp / "cache-warm"), encoders=enc_dir, config=cfg, device=args.device)
+    )
     t0 = time.perf_counter()
-    counts = produce(ProduceRequest(str(tmp / "inputs"), str(tmp / "cache"), encoders=enc_dir, config=cfg, device=args.device))
+    counts = produce(
+        ProduceRequest(str(tmp / "inputs"), str(tmp / "cache"), encoders=enc_dir, config=cfg, device=args.device)
+    )
     pipeline = counts.committed / (time.perf_counter() - t0)
     ray.shutdown()
     result = {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "images": args.n, "side": args.side, "pipeline_img_s": round(pipeline, 2), "bare_img_s": round(bare, 2),
-        "ratio": round(pipeline / bare, 3), "shard_write_MB_s": round(shard_write_mb_s(tmp, bucket, 32, 3584 if args.full else 32), 1),
+        "images": args.n,
+        "side": args.side,
+        "pipeline_img_s": round(pipeline, 2),
+        "bare_img_s": round(bare, 2),
+        "ratio": round(pipeline / bare, 3),
+        "shard_write_MB_s": round(shard_write_mb_s(tmp, bucket, 32, 3584 if args.full else 32), 1),
     }
     if args.full:
         result["bare_vae_img_s"] = round(bare_vae_rate(enc_dir, args.side, args.batch, args.device), 2)

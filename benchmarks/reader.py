@@ -51,8 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def write_cache(path: str, bucket: Bucket, *, partitions: int, samples: int, text_tokens: int, text_dim: int,
-                edit: bool) -> None:
+def write_cache(
+    path: str, bucket: Bucket, *, partitions: int, samples: int, text_tokens: int, text_dim: int, edit: bool
+) -> None:
     """`partitions` committed partitions of random bf16 latents/texts, then one snapshot."""
     cache = init_cache(path)
     g = torch.Generator().manual_seed(0)
@@ -66,8 +67,20 @@ def write_cache(path: str, bucket: Bucket, *, partitions: int, samples: int, tex
             torch.randn(shape, generator=g).to(torch.bfloat16) if edit else None,
         )
         task = "edit" if edit else "t2i"
-        metas = [SampleMeta(f"p{p}-{i}", task, "caption", f"file://{p}/{i}", f"file://{p}/c{i}" if edit else None,
-                            n, False, bucket.height_px, bucket.width_px) for i, n in enumerate(lengths)]
+        metas = [
+            SampleMeta(
+                f"p{p}-{i}",
+                task,
+                "caption",
+                f"file://{p}/{i}",
+                f"file://{p}/c{i}" if edit else None,
+                n,
+                False,
+                bucket.height_px,
+                bucket.width_px,
+            )
+            for i, n in enumerate(lengths)
+        ]
         publish_partition(cache.storage, f"p{p}", inputs=samples, shards=[ShardPayload(bucket, tensors, metas)])
     cache.create_snapshot()
 
@@ -96,15 +109,30 @@ def run(args: argparse.Namespace) -> dict:
     if args.partitions * args.samples < args.micro_batch * 2:
         raise SystemExit(f"--partitions * --samples must hold at least two micro-batches of {args.micro_batch}")
     with tempfile.TemporaryDirectory(prefix="reader-bench-") as tmp:
-        write_cache(f"{tmp}/cache", bucket, partitions=args.partitions, samples=args.samples,
-                    text_tokens=args.text_tokens, text_dim=model_cfg.joint_attention_dim, edit=args.task == "edit")
-        config = ReaderConfig.from_dict({
-            "caches": [{"path": f"{tmp}/cache", "tasks": [args.task]}],
-            "tasks": {args.task: 1.0},
-            "stages": [{"name": "bench", "buckets": [bucket.name], "micro_batch": args.micro_batch,
-                        "global_batch": args.micro_batch}],
-            "prefetch_steps": 0,
-        })
+        write_cache(
+            f"{tmp}/cache",
+            bucket,
+            partitions=args.partitions,
+            samples=args.samples,
+            text_tokens=args.text_tokens,
+            text_dim=model_cfg.joint_attention_dim,
+            edit=args.task == "edit",
+        )
+        config = ReaderConfig.from_dict(
+            {
+                "caches": [{"path": f"{tmp}/cache", "tasks": [args.task]}],
+                "tasks": {args.task: 1.0},
+                "stages": [
+                    {
+                        "name": "bench",
+                        "buckets": [bucket.name],
+                        "micro_batch": args.micro_batch,
+                        "global_batch": args.micro_batch,
+                    }
+                ],
+                "prefetch_steps": 0,
+            }
+        )
         with CacheReader(config, dp_rank=0, dp_size=1) as reader:
             reader.next_global_step()  # warm-up: opens the first shards
             t0 = time.perf_counter()
@@ -144,8 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(r))
     else:
-        print(f"bucket {r['bucket']} ({r['image_tokens']} image tokens), task {r['task']}, "
-              f"micro-batch {r['micro_batch']}, {r['torch_threads']} torch threads")
+        print(
+            f"bucket {r['bucket']} ({r['image_tokens']} image tokens), task {r['task']}, "
+            f"micro-batch {r['micro_batch']}, {r['torch_threads']} torch threads"
+        )
         print(f"reader (inline, 1 process):          {r['reader_samples_per_s']:10.1f} samples/s")
         print(f"tiny-16ch fwd+bwd+AdamW (same batch): {r['model_samples_per_s']:10.1f} samples/s")
         print(f"ratio reader / training:              {r['ratio']:10.1f}x  (target >= {r['target_ratio']:.0f}x)")

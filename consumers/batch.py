@@ -92,8 +92,12 @@ class Batch:
 
     def shape_key(self) -> tuple:
         """Everything that fixes the tensor shapes of a step (for caching pipeline schedules)."""
-        return (self.task, tuple(self.latents.shape), tuple(self.text.shape),
-                tuple(tuple(c.shape) for c in self.condition_latents))
+        return (
+            self.task,
+            tuple(self.latents.shape),
+            tuple(self.text.shape),
+            tuple(tuple(c.shape) for c in self.condition_latents),
+        )
 
 
 # ---------------------------------------------------------------------------------------- inputs

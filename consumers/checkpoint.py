@@ -71,8 +71,9 @@ RESUME_MODES = ("auto", "required", "never")
 #: MMDiTConfig fields that may differ between a checkpoint and the run resuming it: how the model
 #: is built (layout, kernels), not what it computes. Every other field (architecture and
 #: ``params_dtype``) must match exactly.
-RESUMABLE_BUILD_OPTIONS = frozenset({"tensor_model_parallel_size", "sequence_parallel", "backend",
-                                     "fused_elementwise", "name"})
+RESUMABLE_BUILD_OPTIONS = frozenset(
+    {"tensor_model_parallel_size", "sequence_parallel", "backend", "fused_elementwise", "name"}
+)
 
 
 class CheckpointCorrupt(UserError, RuntimeError):
@@ -135,8 +136,10 @@ class CheckpointConfig:
             raise ConfigError(f"checkpoint.load={self.load!r}: expected true or false (prefer checkpoint.resume)")
         if not self.load:
             if self.resume == "required":
-                raise ConfigError("checkpoint.load=false contradicts checkpoint.resume='required' "
-                                  "(load: false means resume: never; drop `load`)")
+                raise ConfigError(
+                    "checkpoint.load=false contradicts checkpoint.resume='required' "
+                    "(load: false means resume: never; drop `load`)"
+                )
             object.__setattr__(self, "resume", "never")
         object.__setattr__(self, "load", self.resume != "never")
 
@@ -154,8 +157,7 @@ def model_config_differences(saved: Any, run: dict) -> list[str]:
 
     if not isinstance(saved, dict):
         return [f"meta.json has no model_config (got {type(saved).__name__})"]
-    defaults = {f.name: f.default for f in dataclasses.fields(MMDiTConfig)
-                if f.default is not dataclasses.MISSING}
+    defaults = {f.name: f.default for f in dataclasses.fields(MMDiTConfig) if f.default is not dataclasses.MISSING}
     out = []
     for key in sorted(set(saved) | set(run)):
         if key in RESUMABLE_BUILD_OPTIONS:
@@ -196,9 +198,7 @@ def build_state(engine, pstate: ParallelState) -> tuple[dict[str, DTensor], list
             state[f"model/{name}"] = dt
             pairs.append((local, dt))
     opt = engine.optimizer
-    full_shapes = {
-        name: chunk.full_shape(name, p) for chunk in engine.chunks for name, p in chunk.named_parameters()
-    }
+    full_shapes = {name: chunk.full_shape(name, p) for chunk in engine.chunks for name, p in chunk.named_parameters()}
     opt_state = opt.state_tensors()
     for s in opt.shards:
         tp_place = Shard(s.tp_dim) if s.tp_dim is not None else Replicate()
@@ -262,7 +262,9 @@ def load_rng_state(path: Path) -> None:
         np_state = (np_name, tensors["numpy_keys"], np_pos, np_has_gauss, np_cached)
         py_state = (py_version, tuple(py_internal), py_gauss_next)
     except Exception as exc:  # safetensors' own error type, KeyError, ValueError...
-        raise CheckpointCorrupt(f"{path}: not an RNG state file of this trainer ({type(exc).__name__}: {exc})") from None
+        raise CheckpointCorrupt(
+            f"{path}: not an RNG state file of this trainer ({type(exc).__name__}: {exc})"
+        ) from None
     torch.set_rng_state(torch_state)
     np.random.set_state(np_state)
     random.setstate(py_state)
@@ -439,8 +441,7 @@ class CheckpointManager:
         nothing_trained = self.resumed_step is not None and self.resumed_step > 0 and step == self.resumed_step
         return not due and not nothing_trained
 
-    def save(self, step: int, engine, meta: dict | Callable[[], dict], *,
-             last_step: bool | None = None) -> Path | None:
+    def save(self, step: int, engine, meta: dict | Callable[[], dict], *, last_step: bool | None = None) -> Path | None:
         """Checkpoint after `step` completed steps; `meta` (JSON-able: reader state...) goes to meta.json.
 
         With `last_step` given (the train loop: False after each step, True once at the end) the
@@ -575,7 +576,7 @@ class CheckpointManager:
         """
         mine = sorted(self.saved_steps, reverse=True)
         if self.pstate.rank == 0:
-            for step in mine[self.config.keep_last:]:
+            for step in mine[self.config.keep_last :]:
                 path = self.root / step_dir_name(step)
                 if _is_committed(path):
                     shutil.rmtree(path, ignore_errors=True)
@@ -638,8 +639,14 @@ class CheckpointManager:
             if reason is None:
                 try:
                     meta = self.load(directory, engine)
-                except (dcp.api.CheckpointException, CheckpointCorrupt, OSError, ValueError, KeyError,
-                        RuntimeError) as exc:
+                except (
+                    dcp.api.CheckpointException,
+                    CheckpointCorrupt,
+                    OSError,
+                    ValueError,
+                    KeyError,
+                    RuntimeError,
+                ) as exc:
                     reason = f"checkpoint {directory}: load failed ({type(exc).__name__}: {exc})"
                 else:
                     self.resumed_step = int(meta["step"])
@@ -654,7 +661,8 @@ class CheckpointManager:
             detail = "it holds no checkpoint"
         else:
             detail = "none can be loaded: " + " | ".join(
-                f"{d.name}: {r}" for (_, d), r in zip(candidates, self.refused))
+                f"{d.name}: {r}" for (_, d), r in zip(candidates, self.refused)
+            )
         raise ResumeRefused(
             f"checkpoint.resume={mode}: checkpoint.dir={str(self.root)!r} has no loadable checkpoint; {detail}. "
             f"Nothing was deleted. Fix the cause, or set a new checkpoint.dir to start a fresh run"
@@ -674,17 +682,25 @@ class CheckpointManager:
         engine.optimizer.set_num_steps(int(meta["optimizer_steps"]))
         engine.optimizer.load_master_into_params()
         rng = rng_file(directory, self.pstate.rank)
-        if meta.get("world_size") == self.pstate.world_size and meta.get("layout") == {
-            k: getattr(self.pstate.layout, k) for k in ("tp", "pp", "dp", "vpp", "sequence_parallel")
-        } and rng.is_file():
+        if (
+            meta.get("world_size") == self.pstate.world_size
+            and meta.get("layout")
+            == {k: getattr(self.pstate.layout, k) for k in ("tp", "pp", "dp", "vpp", "sequence_parallel")}
+            and rng.is_file()
+        ):
             load_rng_state(rng)
         dist.barrier()
         return meta
 
 
 # ---------------------------------------------------------------------------------------- export
-def export_checkpoint_to_diffusers(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
-                                   ema: bool = False, dtype: torch.dtype | None = None) -> None:
+def export_checkpoint_to_diffusers(
+    checkpoint_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    ema: bool = False,
+    dtype: torch.dtype | None = None,
+) -> None:
     """Write a committed checkpoint's model (or its EMA weights) as a diffusers directory.
 
     Runs in one process, with or without a process group (e.g. on rank 0 at the end of a TP/PP

@@ -59,15 +59,25 @@ def broadcast_micro_batches(
     if group is None or dist.get_world_size(group) == 1:
         return micro_batches
     is_src = dist.get_rank() == src
-    header = [[
-        {"latents": tuple(mb.latents.shape), "text": tuple(mb.text.shape),
-         "conditions": [tuple(c.shape) for c in mb.condition_latents],
-         "task": mb.task, "bucket": mb.bucket, "sample_ids": list(mb.sample_ids)}
-        for mb in micro_batches
-    ] if is_src else None]
+    header = [
+        [
+            {
+                "latents": tuple(mb.latents.shape),
+                "text": tuple(mb.text.shape),
+                "conditions": [tuple(c.shape) for c in mb.condition_latents],
+                "task": mb.task,
+                "bucket": mb.bucket,
+                "sample_ids": list(mb.sample_ids),
+            }
+            for mb in micro_batches
+        ]
+        if is_src
+        else None
+    ]
     dist.broadcast_object_list(header, src=src, group=group, device=device if device.type != "cpu" else None)
     out = []
     for i, h in enumerate(header[0]):
+
         def payload(shape, dtype, local=None):
             if is_src:
                 tensor = local.to(device=device, dtype=dtype).contiguous()
@@ -80,14 +90,24 @@ def broadcast_micro_batches(
         latents = payload(h["latents"], torch.bfloat16, mine.latents if is_src else None)
         text = payload(h["text"], torch.bfloat16, mine.text if is_src else None)
         mask = payload(h["text"][:2], torch.uint8, mine.text_mask if is_src else None)
-        conditions = [payload(shape, torch.bfloat16, mine.condition_latents[k] if is_src else None)
-                      for k, shape in enumerate(h["conditions"])]
+        conditions = [
+            payload(shape, torch.bfloat16, mine.condition_latents[k] if is_src else None)
+            for k, shape in enumerate(h["conditions"])
+        ]
         if is_src:  # the reader's own tensors, untouched
             out.append(mine)
             continue
-        out.append(MicroBatch(latents=latents.float(), condition_latents=[c.float() for c in conditions],
-                              text=text.float(), text_mask=mask.bool(), task=h["task"], bucket=h["bucket"],
-                              sample_ids=list(h["sample_ids"])))
+        out.append(
+            MicroBatch(
+                latents=latents.float(),
+                condition_latents=[c.float() for c in conditions],
+                text=text.float(),
+                text_mask=mask.bool(),
+                task=h["task"],
+                bucket=h["bucket"],
+                sample_ids=list(h["sample_ids"]),
+            )
+        )
     return out
 
 
@@ -105,6 +125,14 @@ def step_batches(
         text, mask = pad_text(mb.text, mb.text_mask, length)
         idx = torch.arange(start, start + mb.batch_size, dtype=torch.int64)
         start += mb.batch_size
-        out.append(Batch(latents=mb.latents, text=text, text_mask=mask, sample_index=idx,
-                         condition_latents=list(mb.condition_latents), task=mb.task))
+        out.append(
+            Batch(
+                latents=mb.latents,
+                text=text,
+                text_mask=mask,
+                sample_index=idx,
+                condition_latents=list(mb.condition_latents),
+                task=mb.task,
+            )
+        )
     return out

@@ -133,8 +133,15 @@ class TrainEngine:
 
     def _inputs(self, step: int, microbatches: Sequence[Batch], sampler: SigmaSampler):
         return [
-            make_inputs(b, step=step, seed=self.seed, sigma_sampler=sampler, patch_size=self.model_config.patch_size,
-                        dtype=self.param_dtype, device=self.pstate.device)
+            make_inputs(
+                b,
+                step=step,
+                seed=self.seed,
+                sigma_sampler=sampler,
+                patch_size=self.model_config.patch_size,
+                dtype=self.param_dtype,
+                device=self.pstate.device,
+            )
             for b in microbatches
         ]
 
@@ -171,12 +178,19 @@ class TrainEngine:
             self.skipped_steps += 1
             self.consecutive_skipped += 1
             if self.pstate.rank == 0:
-                log.warning("step %d skipped: loss %r, grad norm %r not finite (%d in a row, %d in total; limit %d in a row)",
-                            step, loss, opt["grad_norm"], self.consecutive_skipped, self.skipped_steps,
-                            self.max_skipped_steps)
+                log.warning(
+                    "step %d skipped: loss %r, grad norm %r not finite (%d in a row, %d in total; limit %d in a row)",
+                    step,
+                    loss,
+                    opt["grad_norm"],
+                    self.consecutive_skipped,
+                    self.skipped_steps,
+                    self.max_skipped_steps,
+                )
             if self.consecutive_skipped > self.max_skipped_steps:
-                raise NonFiniteTrainingError(step, loss, opt["grad_norm"], self.consecutive_skipped,
-                                             self.max_skipped_steps)
+                raise NonFiniteTrainingError(
+                    step, loss, opt["grad_norm"], self.consecutive_skipped, self.max_skipped_steps
+                )
         else:
             self.consecutive_skipped = 0
         return StepResult(

@@ -49,9 +49,11 @@ class LoggingConfig:
             raise ConfigError(f"logging.dir={self.dir!r}: expected a directory path")
         if not isinstance(self.interval, int) or isinstance(self.interval, bool) or self.interval < 1:
             raise ConfigError(f"logging.interval={self.interval!r}: expected a positive integer")
-        if self.prometheus_port is not None and not (isinstance(self.prometheus_port, int)
-                                                     and not isinstance(self.prometheus_port, bool)
-                                                     and 0 <= self.prometheus_port < 65536):
+        if self.prometheus_port is not None and not (
+            isinstance(self.prometheus_port, int)
+            and not isinstance(self.prometheus_port, bool)
+            and 0 <= self.prometheus_port < 65536
+        ):
             raise ConfigError(f"logging.prometheus_port={self.prometheus_port!r}: expected null or a port 0..65535")
 
 
@@ -63,15 +65,29 @@ def memory_bytes() -> int:
 
 
 class _Prometheus:
-    NAMES = ("step", "loss", "lr", "grad_norm", "samples_per_s", "image_tokens_per_s", "tflops_per_gpu", "mfu",
-             "data_wait_fraction", "memory_bytes", "val_loss", "skipped_steps")
+    NAMES = (
+        "step",
+        "loss",
+        "lr",
+        "grad_norm",
+        "samples_per_s",
+        "image_tokens_per_s",
+        "tflops_per_gpu",
+        "mfu",
+        "data_wait_fraction",
+        "memory_bytes",
+        "val_loss",
+        "skipped_steps",
+    )
 
     def __init__(self, host: str, port: int):
         from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
         self.registry = CollectorRegistry()
-        self.gauges = {n: Gauge(f"qwenimage_train_{n}", f"training {n.replace('_', ' ')}", registry=self.registry)
-                       for n in self.NAMES}
+        self.gauges = {
+            n: Gauge(f"qwenimage_train_{n}", f"training {n.replace('_', ' ')}", registry=self.registry)
+            for n in self.NAMES
+        }
         try:
             server = start_http_server(port, addr=host, registry=self.registry)
         except OSError as exc:  # EADDRINUSE, a host that does not resolve or is not local...
@@ -120,8 +136,10 @@ class MetricsLogger:
             Path(config.dir).mkdir(parents=True, exist_ok=True)
             self._jsonl = open(Path(config.dir) / "metrics.jsonl", "a")
         except OSError as exc:  # the directory is a file, or not writable
-            raise ConfigError(f"logging.dir={str(config.dir)!r}: cannot write metrics there "
-                              f"({exc.strerror or exc}: {exc.filename or config.dir})") from None
+            raise ConfigError(
+                f"logging.dir={str(config.dir)!r}: cannot write metrics there "
+                f"({exc.strerror or exc}: {exc.filename or config.dir})"
+            ) from None
         if config.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -137,9 +155,21 @@ class MetricsLogger:
                 raise
             log.info("prometheus metrics on http://%s:%d/metrics", config.prometheus_host, self.prometheus.port)
 
-    def record_step(self, *, step: int, loss: float, lr: float, grad_norm: float, samples: int, image_tokens: int,
-                    flops: float, step_time_s: float, data_wait_s: float,
-                    skipped: bool = False, skipped_steps: int = 0) -> dict | None:
+    def record_step(
+        self,
+        *,
+        step: int,
+        loss: float,
+        lr: float,
+        grad_norm: float,
+        samples: int,
+        image_tokens: int,
+        flops: float,
+        step_time_s: float,
+        data_wait_s: float,
+        skipped: bool = False,
+        skipped_steps: int = 0,
+    ) -> dict | None:
         """Add one step (global `samples`, `image_tokens`, model `flops`); returns the record at interval ends.
 
         `skipped` and `skipped_steps` are the engine's (`StepResult.skipped`, the run's total
@@ -152,8 +182,13 @@ class MetricsLogger:
         else:
             for k, v in (("loss", loss), ("grad_norm", grad_norm)):
                 self._acc[k] = self._acc.get(k, 0.0) + v
-        for k, v in (("samples", samples), ("image_tokens", image_tokens), ("flops", flops), ("time", step_time_s),
-                     ("data_wait", data_wait_s)):
+        for k, v in (
+            ("samples", samples),
+            ("image_tokens", image_tokens),
+            ("flops", flops),
+            ("time", step_time_s),
+            ("data_wait", data_wait_s),
+        ):
             self._acc[k] = self._acc.get(k, 0.0) + v
         self._n += 1
         if (step + 1) % self.config.interval:

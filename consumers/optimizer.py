@@ -113,8 +113,11 @@ class OptimizerConfig:
             raise ConfigError(f"optimizer.clip_grad={self.clip_grad!r}: expected >= 0 (0 disables)")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"optimizer.ema_decay={self.ema_decay!r}: expected 0 (off) or in (0, 1)")
-        if (not isinstance(self.max_skipped_steps, int) or isinstance(self.max_skipped_steps, bool)
-                or self.max_skipped_steps < 0):
+        if (
+            not isinstance(self.max_skipped_steps, int)
+            or isinstance(self.max_skipped_steps, bool)
+            or self.max_skipped_steps < 0
+        ):
             raise ConfigError(f"optimizer.max_skipped_steps={self.max_skipped_steps!r}: expected an integer >= 0")
 
 
@@ -139,7 +142,10 @@ class LRSchedule:
         return c.min_lr + (c.lr - c.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     def state_dict(self) -> dict:
-        return {"kind": "warmup_cosine", **{k: getattr(self.config, k) for k in ("lr", "min_lr", "warmup_steps", "decay_steps")}}
+        return {
+            "kind": "warmup_cosine",
+            **{k: getattr(self.config, k) for k in ("lr", "min_lr", "warmup_steps", "decay_steps")},
+        }
 
 
 @dataclass
@@ -327,14 +333,16 @@ class DistributedOptimizer:
             pieces = [(a, min(a + _PIECE, hi)) for lo, hi in ranges for a in range(lo, hi, _PIECE)]
             if not pieces:
                 continue
-            self._adam_groups.append((
-                wd,
-                [self._master_flat[a:b] for a, b in pieces],
-                [self._exp_avg_flat[a:b] for a, b in pieces],
-                [self._exp_avg_sq_flat[a:b] for a, b in pieces],
-                [torch.zeros((), dtype=torch.float32, device=step_device) for _ in pieces],
-                pieces,
-            ))
+            self._adam_groups.append(
+                (
+                    wd,
+                    [self._master_flat[a:b] for a, b in pieces],
+                    [self._exp_avg_flat[a:b] for a, b in pieces],
+                    [self._exp_avg_sq_flat[a:b] for a, b in pieces],
+                    [torch.zeros((), dtype=torch.float32, device=step_device) for _ in pieces],
+                    pieces,
+                )
+            )
 
         # Gradients: one rank-major [dp, S] fp32 buffer; the hooks add into per-parameter views.
         self._grad_buf = torch.zeros(self.dp, S, **f32)
@@ -412,8 +420,9 @@ class DistributedOptimizer:
         """
         self._fold_param_grads()
         if self.dp > 1:
-            dist.reduce_scatter_tensor(self._grad_shard, self._grad_buf.view(-1), op=dist.ReduceOp.SUM,
-                                       group=self.dp_group)
+            dist.reduce_scatter_tensor(
+                self._grad_shard, self._grad_buf.view(-1), op=dist.ReduceOp.SUM, group=self.dp_group
+            )
         return self._grad_shard
 
     def _owned(self, flat: torch.Tensor, s: ParamShard) -> torch.Tensor:
@@ -484,10 +493,26 @@ class DistributedOptimizer:
         c = self.config
         for wd, params, exp_avgs, exp_avg_sqs, steps, pieces in self._adam_groups:
             _adam_functional(
-                params, [flat_grad[a:b] for a, b in pieces], exp_avgs, exp_avg_sqs, [], steps,
-                foreach=not self.fused, fused=self.fused, capturable=False, differentiable=False,
-                grad_scale=None, found_inf=None, has_complex=False, decoupled_weight_decay=True,
-                amsgrad=False, beta1=c.betas[0], beta2=c.betas[1], lr=lr, weight_decay=wd, eps=c.eps,
+                params,
+                [flat_grad[a:b] for a, b in pieces],
+                exp_avgs,
+                exp_avg_sqs,
+                [],
+                steps,
+                foreach=not self.fused,
+                fused=self.fused,
+                capturable=False,
+                differentiable=False,
+                grad_scale=None,
+                found_inf=None,
+                has_complex=False,
+                decoupled_weight_decay=True,
+                amsgrad=False,
+                beta1=c.betas[0],
+                beta2=c.betas[1],
+                lr=lr,
+                weight_decay=wd,
+                eps=c.eps,
                 maximize=False,
             )
 
@@ -521,8 +546,11 @@ class DistributedOptimizer:
         """
         out: dict[str, dict[str, torch.Tensor]] = {}
         for s in self.shards:
-            entry = {"master": self.master[s.name], "exp_avg": self._exp_avg[s.name],
-                     "exp_avg_sq": self._exp_avg_sq[s.name]}
+            entry = {
+                "master": self.master[s.name],
+                "exp_avg": self._exp_avg[s.name],
+                "exp_avg_sq": self._exp_avg_sq[s.name],
+            }
             if self.ema is not None:
                 entry["ema"] = self.ema[s.name]
             out[s.name] = entry

@@ -58,8 +58,16 @@ class ParallelLayout:
         return self.pp * self.vpp
 
     @classmethod
-    def for_world(cls, world_size: int, *, tp: int = 1, pp: int = 1, vpp: int = 1, sequence_parallel: bool = False,
-                  dp: int | None = None) -> ParallelLayout:
+    def for_world(
+        cls,
+        world_size: int,
+        *,
+        tp: int = 1,
+        pp: int = 1,
+        vpp: int = 1,
+        sequence_parallel: bool = False,
+        dp: int | None = None,
+    ) -> ParallelLayout:
         """The layout with DP filling the rest of `world_size` (or checking a given `dp`)."""
         for name, value in (("tp", tp), ("pp", pp)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -87,9 +95,7 @@ class ParallelLayout:
                 f"but the world has {world_size}"
             )
         if config.num_attention_heads % self.tp:
-            raise ConfigError(
-                f"parallel.tp={self.tp} does not divide num_attention_heads={config.num_attention_heads}"
-            )
+            raise ConfigError(f"parallel.tp={self.tp} does not divide num_attention_heads={config.num_attention_heads}")
         if config.num_layers % self.num_stages:
             raise ConfigError(
                 f"num_layers={config.num_layers} is not divisible by pp*vpp = {self.pp}*{self.vpp} = "
@@ -154,8 +160,9 @@ class ParallelConfig:
 
     def layout(self, world_size: int) -> ParallelLayout:
         """The `ParallelLayout` of this spec on `world_size` ranks (`ParallelLayout.for_world`)."""
-        return ParallelLayout.for_world(world_size, tp=self.tp, pp=self.pp, vpp=self.vpp,
-                                        sequence_parallel=self.sequence_parallel, dp=self.dp)
+        return ParallelLayout.for_world(
+            world_size, tp=self.tp, pp=self.pp, vpp=self.vpp, sequence_parallel=self.sequence_parallel, dp=self.dp
+        )
 
 
 @dataclass
@@ -234,7 +241,9 @@ def init_distributed(backend: str | None = None, timeout_minutes: float = 10.0) 
         env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     for key in ("MASTER_ADDR", "MASTER_PORT"):
         if key not in env:
-            raise RuntimeError(f"init_distributed: environment variable {key} is not set (launch with torchrun or export it for srun)")
+            raise RuntimeError(
+                f"init_distributed: environment variable {key} is not set (launch with torchrun or export it for srun)"
+            )
     backend = backend or default_backend()
     if backend == "nccl":
         torch.cuda.set_device(int(env.get("LOCAL_RANK", "0")))

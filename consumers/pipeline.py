@@ -94,8 +94,13 @@ class PipelineRunner:
 
         layout = self.pstate.layout
         pipe_stages = [
-            PipelineStage(stage, stage_index=idx, num_stages=layout.num_stages, device=self.pstate.device,
-                          group=self.pstate.pp_group)
+            PipelineStage(
+                stage,
+                stage_index=idx,
+                num_stages=layout.num_stages,
+                device=self.pstate.device,
+                group=self.pstate.pp_group,
+            )
             for stage, idx in zip(self.stages, layout.stages_of_rank(self.pstate.pp_rank))
         ]
         if not train:
@@ -144,7 +149,9 @@ class PipelineRunner:
         first = inputs[0]
         for mb in inputs:
             if mb.hidden_states.shape != first.hidden_states.shape or mb.text.shape != first.text.shape:
-                raise ValueError("micro-batches of one pipelined step must have equal shapes (one bucket, one text length)")
+                raise ValueError(
+                    "micro-batches of one pipelined step must have equal shapes (one bucket, one text length)"
+                )
         for stage in self.stages:
             stage.set_shapes(first.img_shapes, first.num_target_tokens)
         key = (tuple(first.hidden_states.shape), tuple(first.text.shape), len(inputs), first.num_target_tokens)
@@ -161,16 +168,19 @@ class PipelineRunner:
         if train:
             sched.step(*args, target=target if is_last else None, losses=losses if is_last else None, text_mask=mask)
         else:  # the losses are all we need: do not keep and merge the last stage's outputs
-            sched.eval(*args, target=target if is_last else None, losses=losses if is_last else None,
-                       return_outputs=False, text_mask=mask)
+            sched.eval(
+                *args,
+                target=target if is_last else None,
+                losses=losses if is_last else None,
+                return_outputs=False,
+                text_mask=mask,
+            )
         if is_last:
             return torch.stack([loss.detach().float().cpu() for loss in losses]).sum()
         return None
 
 
-def run_local_microbatches(
-    stage: MMDiTStage, inputs: Sequence[StepInputs], global_batch_size: int
-) -> torch.Tensor:
+def run_local_microbatches(stage: MMDiTStage, inputs: Sequence[StepInputs], global_batch_size: int) -> torch.Tensor:
     """Forward + backward of every micro-batch on a whole-model stage; returns the summed loss.
 
     The schedule without a pipeline (PP = 1; megatron-core's ``forward_backward_no_pipelining``),

@@ -120,9 +120,12 @@ def validate_fp8_exclude(patterns: Sequence[str], model_config: MMDiTConfig) -> 
         return
     last = model_config.num_layers - 1
     top = [n for n in names if not n.startswith("blocks")]
-    block0 = [n[len("blocks.0."):] for n in names if n.startswith("blocks.0.")]
-    only_last = [n[len(f"blocks.{last}."):] for n in names
-                 if n.startswith(f"blocks.{last}.") and n[len(f"blocks.{last}."):] not in block0]
+    block0 = [n[len("blocks.0.") :] for n in names if n.startswith("blocks.0.")]
+    only_last = [
+        n[len(f"blocks.{last}.") :]
+        for n in names
+        if n.startswith(f"blocks.{last}.") and n[len(f"blocks.{last}.") :] not in block0
+    ]
     raise ConfigError(
         f"precision.fp8_exclude pattern(s) {unknown} match no module of the model; module names are "
         f"{', '.join(top)}, blocks.0 .. blocks.{last} and, inside a block, blocks.<i>.<name> with <name> one of "
@@ -164,8 +167,13 @@ class Precision:
             data-parallel x tensor-parallel group (`consumers.engine.amax_reduction_group`).
     """
 
-    def __init__(self, config: PrecisionConfig, model_config: MMDiTConfig, device: torch.device,
-                 amax_group: torch.distributed.ProcessGroup | None = None):
+    def __init__(
+        self,
+        config: PrecisionConfig,
+        model_config: MMDiTConfig,
+        device: torch.device,
+        amax_group: torch.distributed.ProcessGroup | None = None,
+    ):
         self.exclude_patterns = resolve_fp8_exclude(config, model_config)
         validate_fp8_exclude(self.exclude_patterns, model_config)
         check_fp8_available(config, model_config)
@@ -276,4 +284,3 @@ def _scope_forward(module: torch.nn.Module, context_factory) -> None:
         module.register_forward_pre_hook(enter),
         module.register_forward_hook(leave, always_call=True),
     )
-

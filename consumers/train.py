@@ -108,8 +108,15 @@ def _section(cls, data: Any, where: str, **extra):
     unknown = sorted(set(data) - names, key=str)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(names)}")
-    missing = [f.name for f in fields(cls) if f.init and f.default is MISSING and f.default_factory is MISSING
-               and f.name not in data and f.name not in extra]
+    missing = [
+        f.name
+        for f in fields(cls)
+        if f.init
+        and f.default is MISSING
+        and f.default_factory is MISSING
+        and f.name not in data
+        and f.name not in extra
+    ]
     if missing:
         raise ConfigError(f"{where}.{missing[0]}: required key missing")
     try:
@@ -149,8 +156,11 @@ def _flow_matching(data: Any) -> dict:
     fm = _mapping(data, "flow_matching") or {"kind": "logit_normal", "mean": 0.0, "std": 1.0}
     sampler = {"uniform": UniformSigmaSampler, "logit_normal": LogitNormalSigmaSampler}.get(fm.get("kind"))
     if sampler is not None:
-        fm.update(coerce_fields(sampler, {k: v for k, v in fm.items() if k not in ("kind", "resolution_shift")},
-                                "flow_matching"))
+        fm.update(
+            coerce_fields(
+                sampler, {k: v for k, v in fm.items() if k not in ("kind", "resolution_shift")}, "flow_matching"
+            )
+        )
     shift = fm.get("resolution_shift")
     if isinstance(shift, Mapping):
         fm["resolution_shift"] = coerce_fields(ResolutionShift, shift, "flow_matching.resolution_shift")
@@ -204,8 +214,9 @@ class FlowMatchingConfig:
         """The `build_sigma_sampler` mapping: the given keys only."""
         out = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
         if isinstance(self.resolution_shift, ResolutionShift):
-            out["resolution_shift"] = {f.name: getattr(self.resolution_shift, f.name)
-                                       for f in fields(self.resolution_shift)}
+            out["resolution_shift"] = {
+                f.name: getattr(self.resolution_shift, f.name) for f in fields(self.resolution_shift)
+            }
         return out
 
     def build_sampler(self):
@@ -264,8 +275,18 @@ class RunConfig:
     source: str = field(default="<dict>")
     """Where the config came from (the YAML path), for error messages."""
 
-    SECTIONS = ("model", "parallel", "optimizer", "precision", "recompute", "flow_matching", "data", "schedule",
-                "checkpoint", "logging")
+    SECTIONS = (
+        "model",
+        "parallel",
+        "optimizer",
+        "precision",
+        "recompute",
+        "flow_matching",
+        "data",
+        "schedule",
+        "checkpoint",
+        "logging",
+    )
 
     def __post_init__(self) -> None:
         # A RunConfig built directly may pass these two sections as their mappings.
@@ -371,12 +392,14 @@ def _check_caches_fit_model(model: MMDiTConfig, data) -> None:
                     f"{model.out_channels}-channel latents (model.out_channels={model.out_channels}), but {where} "
                     f"holds {channels}-channel latents (shard {shard.shard_id}); use a model config with "
                     f"out_channels={channels} and in_channels={p * p * channels}, or a cache of a "
-                    f"{model.out_channels}-channel VAE")
+                    f"{model.out_channels}-channel VAE"
+                )
             if text_dim != model.joint_attention_dim:
                 raise ConfigError(
                     f"model.joint_attention_dim={model.joint_attention_dim}, but {where} holds {text_dim}-dim "
                     f"text embeddings (shard {shard.shard_id}); set model.joint_attention_dim={text_dim} or use a "
-                    f"cache of a {model.joint_attention_dim}-dim text encoder")
+                    f"cache of a {model.joint_attention_dim}-dim text encoder"
+                )
 
 
 def preflight(cfg: RunConfig) -> None:
@@ -443,10 +466,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="run YAML (sections: model, parallel, optimizer, "
-                        "precision, recompute, flow_matching, data, schedule, checkpoint, logging)")
-    parser.add_argument("--log-level", default="INFO", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"),
-                        help="python logging level of rank 0 (others log warnings; default: %(default)s)")
+    parser.add_argument(
+        "--config",
+        required=True,
+        help="run YAML (sections: model, parallel, optimizer, "
+        "precision, recompute, flow_matching, data, schedule, checkpoint, logging)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        help="python logging level of rank 0 (others log warnings; default: %(default)s)",
+    )
 
 
 def run_from_args(args) -> int:
@@ -454,8 +486,11 @@ def run_from_args(args) -> int:
     `megatron_qwenimage.cli.main` reports as one line (rank 0 only when it is raised alike on
     every rank) with its exit status."""
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or 0)
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()) if rank == 0 else logging.WARNING,
-                        format="[%(asctime)s] %(message)s", stream=sys.stdout)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()) if rank == 0 else logging.WARNING,
+        format="[%(asctime)s] %(message)s",
+        stream=sys.stdout,
+    )
     with _collective():  # every rank reads the same file
         cfg = RunConfig.from_yaml(args.config)
     from consumers.parallel import shutdown

@@ -70,34 +70,55 @@ class Trainer:
         self.pstate = pstate = init_parallel(layout)
         torch.manual_seed(cfg.schedule.seed)
         with _collective():  # the model, precision and recompute settings are checked alike everywhere
-            self.engine = TrainEngine(cfg.model, pstate, optimizer=cfg.optimizer, precision=cfg.precision,
-                                      recompute=cfg.recompute, sigma_sampler=cfg.flow_matching.build_sampler(),
-                                      seed=cfg.schedule.seed, global_batch_size=cfg.data.stages[0].global_batch,
-                                      init_seed=cfg.schedule.init_seed)
+            self.engine = TrainEngine(
+                cfg.model,
+                pstate,
+                optimizer=cfg.optimizer,
+                precision=cfg.precision,
+                recompute=cfg.recompute,
+                sigma_sampler=cfg.flow_matching.build_sampler(),
+                seed=cfg.schedule.seed,
+                global_batch_size=cfg.data.stages[0].global_batch,
+                init_seed=cfg.schedule.init_seed,
+            )
         # Every rank (TP/PP peers, DP replicas) must read the same global steps: pins are decided on
         # rank 0 and each step's samples are compared across the world (data/agreement.py).
         # On a gloo group: the per-step agreement then never waits for the GPU to drain its queue
         # (the previous step's optimizer kernels), which an NCCL collective read back on the host does.
         agreement = TorchDistributedAgreement(group=dist.new_group(backend="gloo"), device="cpu")
         # One rank per data-parallel replica reads (and verifies) the cache; its TP/PP peers receive.
-        self.reader = CacheReader(cfg.data, dp_rank=pstate.dp_rank, dp_size=layout.dp, agreement=agreement,
-                                  read_samples=pstate.reads_data)
+        self.reader = CacheReader(
+            cfg.data, dp_rank=pstate.dp_rank, dp_size=layout.dp, agreement=agreement, read_samples=pstate.reads_data
+        )
         self.checkpointer = CheckpointManager(cfg.checkpoint, pstate) if cfg.checkpoint else None
         self.step = 0
         self._resume()
         self.start_step = self.step
         self.validator = None
         if cfg.data.validation is not None and cfg.schedule.eval_interval:
-            val = ValidationReader(cfg.data.validation, dp_rank=pstate.dp_rank, dp_size=layout.dp,
-                                   agreement=agreement, verify_checksums=cfg.data.verify_checksums,
-                                   text_length=cfg.data.text_length)
+            val = ValidationReader(
+                cfg.data.validation,
+                dp_rank=pstate.dp_rank,
+                dp_size=layout.dp,
+                agreement=agreement,
+                verify_checksums=cfg.data.verify_checksums,
+                text_length=cfg.data.text_length,
+            )
             self.validator = Validator(val, cfg.schedule.eval_sigmas, cfg.schedule.eval_interval)
         self.metrics = self._start_metrics()
         self.last_record: dict | None = None
         if pstate.rank == 0:
-            log.info("training %s on tp=%d pp=%d vpp=%d dp=%d (sp=%s), steps %d..%d", cfg.model.name, layout.tp,
-                     layout.pp, layout.vpp, layout.dp, layout.sequence_parallel, self.step,
-                     cfg.schedule.train_steps)
+            log.info(
+                "training %s on tp=%d pp=%d vpp=%d dp=%d (sp=%s), steps %d..%d",
+                cfg.model.name,
+                layout.tp,
+                layout.pp,
+                layout.vpp,
+                layout.dp,
+                layout.sequence_parallel,
+                self.step,
+                cfg.schedule.train_steps,
+            )
 
     def _resume(self) -> None:
         """Load the newest loadable checkpoint per ``checkpoint.resume`` (model, optimizer, reader)."""
@@ -117,8 +138,9 @@ class Trainer:
             self.step = int(meta["step"])
             self.reader.load_state_dict(meta["reader"])
             if self.pstate.rank == 0:
-                log.info("resumed from %s/step_%08d (saved at layout %s)", self.cfg.checkpoint.dir, self.step,
-                         meta["layout"])
+                log.info(
+                    "resumed from %s/step_%08d (saved at layout %s)", self.cfg.checkpoint.dir, self.step, meta["layout"]
+                )
 
     def _start_metrics(self):
         """The metrics logger. Rank 0 opens the metrics files and the Prometheus port; if it cannot
@@ -130,16 +152,18 @@ class Trainer:
         cfg, pstate = self.cfg, self.pstate
         metrics_error = None
         try:
-            metrics = MetricsLogger(cfg.logging, enabled=pstate.rank == 0, world_size=pstate.world_size,
-                                    peak_flops=_peak_flops(cfg))
+            metrics = MetricsLogger(
+                cfg.logging, enabled=pstate.rank == 0, world_size=pstate.world_size, peak_flops=_peak_flops(cfg)
+            )
         except UserError as exc:
             metrics_error = exc
         if _any_rank_failed(metrics_error is not None, pstate.device):
             self.reader.close()
             if metrics_error is not None:
                 raise metrics_error
-            raise mark_collective(ConfigError("logging: rank 0 could not start the metrics logger "
-                                              "(its error says why)"))
+            raise mark_collective(
+                ConfigError("logging: rank 0 could not start the metrics logger (its error says why)")
+            )
         return metrics
 
     def _checkpoint_meta(self) -> dict[str, Any]:
@@ -160,23 +184,40 @@ class Trainer:
             if pstate.rank == 0:
                 log.info("data: the curriculum is complete after %d steps", step)
             return False
-        micro = broadcast_micro_batches(micro, group=pstate.model_parallel_group, src=pstate.data_source_rank,
-                                        device=pstate.device)
+        micro = broadcast_micro_batches(
+            micro, group=pstate.model_parallel_group, src=pstate.data_source_rank, device=pstate.device
+        )
         plan = reader.last_step
         if plan.step != step:
             raise RuntimeError(f"reader is at step {plan.step} but training at step {step} (reader state mismatch)")
-        batches = step_batches(micro, plan, dp_rank=pstate.dp_rank, dp_size=self.layout.dp,
-                               pad_multiple=cfg.schedule.text_pad_multiple)
+        batches = step_batches(
+            micro, plan, dp_rank=pstate.dp_rank, dp_size=self.layout.dp, pad_multiple=cfg.schedule.text_pad_multiple
+        )
         t_data = time.perf_counter() - t0
         result = self.engine.train_step(step, batches, global_batch_size=len(plan.refs))
         step_time = time.perf_counter() - t0
         b0 = batches[0]
-        flops = step_model_flops(cfg.model, len(plan.refs), b0.latents.shape, int(b0.text_mask.sum()), b0.size,
-                                 [c.shape for c in b0.condition_latents])
-        record = self.metrics.record_step(step=step, loss=result.loss, lr=result.lr, grad_norm=result.grad_norm,
-                                          samples=len(plan.refs), image_tokens=result.image_tokens * self.layout.dp,
-                                          flops=flops, step_time_s=step_time, data_wait_s=t_data,
-                                          skipped=result.skipped, skipped_steps=result.skipped_steps)
+        flops = step_model_flops(
+            cfg.model,
+            len(plan.refs),
+            b0.latents.shape,
+            int(b0.text_mask.sum()),
+            b0.size,
+            [c.shape for c in b0.condition_latents],
+        )
+        record = self.metrics.record_step(
+            step=step,
+            loss=result.loss,
+            lr=result.lr,
+            grad_norm=result.grad_norm,
+            samples=len(plan.refs),
+            image_tokens=result.image_tokens * self.layout.dp,
+            flops=flops,
+            step_time_s=step_time,
+            data_wait_s=t_data,
+            skipped=result.skipped,
+            skipped_steps=result.skipped_steps,
+        )
         self.last_record = record or self.last_record
         return True
 
@@ -215,8 +256,9 @@ class Trainer:
         if self.cfg.schedule.export_diffusers and self.pstate.rank == 0:
             from consumers.checkpoint import export_checkpoint_to_diffusers, step_dir_name
 
-            export_checkpoint_to_diffusers(Path(self.cfg.checkpoint.dir) / step_dir_name(self.step),
-                                           self.cfg.schedule.export_diffusers)
+            export_checkpoint_to_diffusers(
+                Path(self.cfg.checkpoint.dir) / step_dir_name(self.step), self.cfg.schedule.export_diffusers
+            )
 
     def close(self) -> None:
         """Close the reader and the metrics logger."""

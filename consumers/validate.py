@@ -56,13 +56,19 @@ def validate(engine, val, sigmas, step: int) -> dict:
     n_global = acc
     my_ids = range(val.dp_rank, len(val.micro_batches), val.dp_size)
     mine = [
-        Batch(latents=mb.latents, text=mb.text, text_mask=mb.text_mask,
-              sample_index=torch.arange(offsets[gi], offsets[gi] + mb.batch_size),
-              condition_latents=list(mb.condition_latents), task=mb.task)
+        Batch(
+            latents=mb.latents,
+            text=mb.text,
+            text_mask=mb.text_mask,
+            sample_index=torch.arange(offsets[gi], offsets[gi] + mb.batch_size),
+            condition_latents=list(mb.condition_latents),
+            task=mb.task,
+        )
         for mb, gi in zip(val.batches(), my_ids)
     ]
-    local = torch.tensor([engine.eval_local_loss(-(i + 1), mine, s, n_global) for i, s in enumerate(sigmas)],
-                         dtype=torch.float64)
+    local = torch.tensor(
+        [engine.eval_local_loss(-(i + 1), mine, s, n_global) for i, s in enumerate(sigmas)], dtype=torch.float64
+    )
     totals = engine.dp_sum(local)
     by_sigma = {s: float(v) for s, v in zip(sigmas, totals)}
     return {"step": step, "val_loss": sum(by_sigma.values()) / len(by_sigma), "val_loss_by_sigma": by_sigma}

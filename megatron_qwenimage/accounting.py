@@ -700,9 +700,19 @@ def memory_per_gpu(
             )
         )
     layout = dict(
-        tp=tp, pp=pp, dp=dp, micro_batch=micro_batch, image_tokens=image_tokens, text_tokens=text_tokens,
-        condition_image_tokens=condition_image_tokens, params_dtype=params_dtype, grad_dtype=grad_dtype,
-        optimizer=optimizer, zero1=zero1, recompute=recompute, sequence_parallel=sequence_parallel,
+        tp=tp,
+        pp=pp,
+        dp=dp,
+        micro_batch=micro_batch,
+        image_tokens=image_tokens,
+        text_tokens=text_tokens,
+        condition_image_tokens=condition_image_tokens,
+        params_dtype=params_dtype,
+        grad_dtype=grad_dtype,
+        optimizer=optimizer,
+        zero1=zero1,
+        recompute=recompute,
+        sequence_parallel=sequence_parallel,
         num_microbatches=num_microbatches,
     )
     return MemoryReport(tuple(stages), layout)

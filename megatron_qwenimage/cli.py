@@ -40,9 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
             "cache, consumers train the model from it with Megatron-style parallelism."
         ),
     )
-    parser.add_argument("--debug", action="store_true",
-                        help="show the full traceback of a user error (bad flag, input, config, cache or checkpoint) "
-                             "instead of its one-line message")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the full traceback of a user error (bad flag, input, config, cache or checkpoint) "
+        "instead of its one-line message",
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module_name in COMMAND_MODULES:
         importlib.import_module(module_name).register(subparsers)

@@ -222,8 +222,11 @@ class MMDiTConfig:
         # names the field), lists tuples, so the dataclass stays hashable and comparable.
         for f in fields(self):
             if f.name != "name":
-                object.__setattr__(self, f.name, coerce_value(f"MMDiTConfig.{f.name}", getattr(self, f.name),
-                                                              field_types(MMDiTConfig)[f.name]))
+                object.__setattr__(
+                    self,
+                    f.name,
+                    coerce_value(f"MMDiTConfig.{f.name}", getattr(self, f.name), field_types(MMDiTConfig)[f.name]),
+                )
         positive = (
             "num_layers",
             "num_attention_heads",
@@ -241,17 +244,13 @@ class MMDiTConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"MMDiTConfig.{name}={value!r}: expected a positive integer")
         if self.attention_head_dim % 2:
-            raise ConfigError(
-                f"MMDiTConfig.attention_head_dim={self.attention_head_dim}: RoPE needs an even head dim"
-            )
+            raise ConfigError(f"MMDiTConfig.attention_head_dim={self.attention_head_dim}: RoPE needs an even head dim")
         if len(self.axes_dims_rope) != 3:
             raise ConfigError(
                 f"MMDiTConfig.axes_dims_rope={self.axes_dims_rope}: expected 3 entries (frame, height, width)"
             )
         if any(a <= 0 or a % 2 for a in self.axes_dims_rope):
-            raise ConfigError(
-                f"MMDiTConfig.axes_dims_rope={self.axes_dims_rope}: each axis needs a positive even size"
-            )
+            raise ConfigError(f"MMDiTConfig.axes_dims_rope={self.axes_dims_rope}: each axis needs a positive even size")
         if sum(self.axes_dims_rope) != self.attention_head_dim:
             raise ConfigError(
                 f"MMDiTConfig.axes_dims_rope={self.axes_dims_rope} sums to {sum(self.axes_dims_rope)}, "
@@ -264,9 +263,7 @@ class MMDiTConfig:
                 f"patch_size^2 * out_channels = {out_tokens} values; the two must agree"
             )
         if self.max_text_tokens > MAX_TEXT_TOKENS:
-            raise ConfigError(
-                f"MMDiTConfig.max_text_tokens={self.max_text_tokens}: at most {MAX_TEXT_TOKENS}"
-            )
+            raise ConfigError(f"MMDiTConfig.max_text_tokens={self.max_text_tokens}: at most {MAX_TEXT_TOKENS}")
         if self.num_attention_heads % self.tensor_model_parallel_size:
             raise ConfigError(
                 f"MMDiTConfig: num_attention_heads={self.num_attention_heads} is not divisible by "

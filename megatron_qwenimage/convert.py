@@ -169,9 +169,7 @@ class TensorSource(abc.ABC):
     def shape(self, name: str) -> tuple[int, ...]: ...
 
     @abc.abstractmethod
-    def read(
-        self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None
-    ) -> torch.Tensor:
+    def read(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """The tensor `name`, or its ``[start:stop]`` slice along `dim`."""
 
     @abc.abstractmethod
@@ -181,9 +179,21 @@ class TensorSource(abc.ABC):
 
 #: safetensors dtype codes -> torch dtype names (messages) and whether they are floating point.
 _SAFETENSORS_DTYPES = {
-    "BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16", "I32": "int32",
-    "U32": "uint32", "I64": "int64", "U64": "uint64", "F16": "float16", "BF16": "bfloat16", "F32": "float32",
-    "F64": "float64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+    "BOOL": "bool",
+    "U8": "uint8",
+    "I8": "int8",
+    "I16": "int16",
+    "U16": "uint16",
+    "I32": "int32",
+    "U32": "uint32",
+    "I64": "int64",
+    "U64": "uint64",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F32": "float32",
+    "F64": "float64",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
 }
 
 
@@ -259,7 +269,9 @@ class SafetensorsDirSource(TensorSource):
             try:
                 handle = safe_open(str(path), framework="pt")
             except Exception as exc:  # safetensors' own error type: a truncated or foreign file
-                raise CheckpointError(f"{path}: not a readable safetensors file ({' '.join(str(exc).split())})") from None
+                raise CheckpointError(
+                    f"{path}: not a readable safetensors file ({' '.join(str(exc).split())})"
+                ) from None
             self._handles[name] = handle
             for key in handle.keys():
                 self._file_of[key] = name
@@ -306,8 +318,10 @@ def diffusers_model_config(directory: str | os.PathLike, **overrides: Any) -> MM
     data = read_diffusers_config(directory)
     name = data.get("_class_name")
     if name not in (None, "QwenImageTransformer2DModel"):
-        raise CheckpointError(f"{Path(directory) / CONFIG_NAME}: _class_name {name!r}, expected "
-                              "'QwenImageTransformer2DModel' (another architecture)")
+        raise CheckpointError(
+            f"{Path(directory) / CONFIG_NAME}: _class_name {name!r}, expected "
+            "'QwenImageTransformer2DModel' (another architecture)"
+        )
     try:
         return MMDiTConfig.from_diffusers_config(data, **overrides)
     except (ConfigError, TypeError) as exc:
@@ -446,8 +460,9 @@ def checkpoint_format(directory: str | os.PathLike) -> str:
     """``"diffusers"`` or ``"native"``, from the files in `directory`; raises `CheckpointError`."""
     d = Path(directory)
     if not d.exists():
-        raise CheckpointError(f"{d}: not a directory, it does not exist (expected a diffusers or native checkpoint "
-                              "directory)")
+        raise CheckpointError(
+            f"{d}: not a directory, it does not exist (expected a diffusers or native checkpoint directory)"
+        )
     if not d.is_dir():
         raise CheckpointError(f"{d}: not a directory (expected a diffusers or native checkpoint directory)")
     if (d / NATIVE_CONFIG_NAME).exists():
@@ -469,8 +484,10 @@ def read_native_config(directory: str | os.PathLike) -> dict[str, Any]:
     path = Path(directory) / NATIVE_CONFIG_NAME
     data = _read_json(path)
     if data.get("format") != NATIVE_FORMAT["format"] or not isinstance(data.get("model"), dict):
-        raise CheckpointError(f"{path}: not a megatron-qwenimage checkpoint config (no format "
-                              f"{NATIVE_FORMAT['format']!r} and `model` mapping)")
+        raise CheckpointError(
+            f"{path}: not a megatron-qwenimage checkpoint config (no format "
+            f"{NATIVE_FORMAT['format']!r} and `model` mapping)"
+        )
     return dict(data["model"])
 
 
@@ -630,9 +647,7 @@ def gather_full_state(model) -> dict[str, torch.Tensor]:
     return full
 
 
-def diffusers_tensors(
-    get: Callable[[str], torch.Tensor], config: MMDiTConfig
-) -> Iterator[tuple[str, torch.Tensor]]:
+def diffusers_tensors(get: Callable[[str], torch.Tensor], config: MMDiTConfig) -> Iterator[tuple[str, torch.Tensor]]:
     """Invert the rules: yield every diffusers tensor, reading our full tensors through `get`.
 
     Tensors are produced one diffusers name at a time (sorted), so a caller can stream them to
@@ -648,9 +663,7 @@ def diffusers_tensors(
         for rule, position in producers[name]:
             ours = get(rule.ours)
             part = (
-                split_heads(ours, len(rule.sources), config.attention_head_dim)[position]
-                if rule.fuse_heads
-                else ours
+                split_heads(ours, len(rule.sources), config.attention_head_dim)[position] if rule.fuse_heads else ours
             )
             if rule.rows is None:
                 out = part
@@ -691,7 +704,9 @@ def _write_checkpoint(
 ) -> None:
     """Stream `items` into a ``fmt`` ("diffusers" | "native") directory, then write its config."""
     if fmt == "native":
-        writer = ShardedSafetensorsWriter(directory, NATIVE_WEIGHTS_NAME, NATIVE_INDEX_NAME, max_shard_bytes, NATIVE_FORMAT)
+        writer = ShardedSafetensorsWriter(
+            directory, NATIVE_WEIGHTS_NAME, NATIVE_INDEX_NAME, max_shard_bytes, NATIVE_FORMAT
+        )
     else:
         writer = ShardedSafetensorsWriter(directory, WEIGHTS_NAME, INDEX_NAME, max_shard_bytes)
     for done, (name, tensor) in enumerate(items, start=1):
@@ -797,7 +812,12 @@ def convert_checkpoint(
     tmp.mkdir()
     try:
         _write_checkpoint(
-            to, tmp, items, config, dtype=dtype, max_shard_bytes=max_shard_bytes,
+            to,
+            tmp,
+            items,
+            config,
+            dtype=dtype,
+            max_shard_bytes=max_shard_bytes,
             progress=None if progress is None else (lambda done: progress(done, len(names))),
         )
         os.replace(tmp, dst)

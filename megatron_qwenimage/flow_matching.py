@@ -49,9 +49,7 @@ def pack_latents(latents: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"pack_latents: latents must be [B, C, H', W'], got shape {tuple(latents.shape)}")
     b, c, h, w = latents.shape
     if h % 2 or w % 2:
-        raise ValueError(
-            f"pack_latents: latent height={h} and width={w} must both be even (2x2 patches)"
-        )
+        raise ValueError(f"pack_latents: latent height={h} and width={w} must both be even (2x2 patches)")
     x = latents.reshape(b, c, h // 2, 2, w // 2, 2)
     x = x.permute(0, 2, 4, 1, 3, 5)  # [B, H'/2, W'/2, C, dy, dx]
     return x.reshape(b, (h // 2) * (w // 2), c * 4)
@@ -113,8 +111,7 @@ class ResolutionShift:
                 raise ValueError(f"ResolutionShift.{name}={value!r}: expected a positive integer")
         if self.max_seq_len <= self.base_seq_len:
             raise ValueError(
-                f"ResolutionShift.max_seq_len={self.max_seq_len} must be greater than "
-                f"base_seq_len={self.base_seq_len}"
+                f"ResolutionShift.max_seq_len={self.max_seq_len} must be greater than base_seq_len={self.base_seq_len}"
             )
         for name in ("base_shift", "max_shift"):
             value = getattr(self, name)
@@ -227,9 +224,7 @@ class ShiftedSigmaSampler(SigmaSampler):
 
     def __post_init__(self) -> None:
         if not isinstance(self.base, SigmaSampler) or isinstance(self.base, ShiftedSigmaSampler):
-            raise ValueError(
-                f"ShiftedSigmaSampler: base={self.base!r} must be an unshifted SigmaSampler"
-            )
+            raise ValueError(f"ShiftedSigmaSampler: base={self.base!r} must be an unshifted SigmaSampler")
         if not isinstance(self.shift, ResolutionShift):
             raise ValueError(f"ShiftedSigmaSampler: shift={self.shift!r} must be a ResolutionShift")
 
@@ -271,7 +266,9 @@ def build_sigma_sampler(config: Mapping[str, Any]) -> SigmaSampler:
         raise ValueError(f"sigma sampler config: kind={kind!r}, expected one of {SAMPLER_KINDS}")
     unknown = set(cfg) - allowed
     if unknown:
-        raise ValueError(f"sigma sampler config: unknown key(s) {sorted(unknown)} for kind={kind!r}; allowed {sorted(allowed)}")
+        raise ValueError(
+            f"sigma sampler config: unknown key(s) {sorted(unknown)} for kind={kind!r}; allowed {sorted(allowed)}"
+        )
     base = cls(**cfg)
     if shift_cfg is None or shift_cfg is False:
         return base
@@ -314,9 +311,7 @@ def flow_matching_inputs(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Ten
     if noise.dtype != x0.dtype:
         raise ValueError(f"flow_matching_inputs: noise dtype {noise.dtype} must equal x0 dtype {x0.dtype}")
     if sigma.shape != (x0.shape[0],):
-        raise ValueError(
-            f"flow_matching_inputs: sigma must be [B]=({x0.shape[0]},), got shape {tuple(sigma.shape)}"
-        )
+        raise ValueError(f"flow_matching_inputs: sigma must be [B]=({x0.shape[0]},), got shape {tuple(sigma.shape)}")
     s = sigma.to(x0.dtype).view(-1, 1, 1)
     noisy = (1.0 - s) * x0 + s * noise
     return FlowMatchingInputs(noisy=noisy, target=noise - x0, sigma=sigma)
@@ -348,9 +343,7 @@ def flow_matching_loss(
         with no valid token has ``per_sample`` 0 rather than NaN.
     """
     if prediction.dim() != 3:
-        raise ValueError(
-            f"flow_matching_loss: prediction must be [B, N, C], got shape {tuple(prediction.shape)}"
-        )
+        raise ValueError(f"flow_matching_loss: prediction must be [B, N, C], got shape {tuple(prediction.shape)}")
     if target.shape != prediction.shape:
         raise ValueError(
             f"flow_matching_loss: target shape {tuple(target.shape)} must equal prediction shape "
@@ -362,9 +355,7 @@ def flow_matching_loss(
         counts = torch.full((b,), float(n * c), device=diff.device)
     else:
         if mask.shape != (b, n):
-            raise ValueError(
-                f"flow_matching_loss: mask must be [B, N]=({b}, {n}), got shape {tuple(mask.shape)}"
-            )
+            raise ValueError(f"flow_matching_loss: mask must be [B, N]=({b}, {n}), got shape {tuple(mask.shape)}")
         if mask.dtype != torch.bool:
             raise ValueError(f"flow_matching_loss: mask must be a bool tensor, got dtype {mask.dtype}")
         # where() before squaring rather than a multiply: NaN/inf in padded predictions must

@@ -24,33 +24,56 @@ class CacheFlagError(UserError):
 
 
 def register(subparsers) -> None:
-    c = subparsers.add_parser("cache", help="inspect a latent cache (verify, snapshot, sweep, repair)",
-                              description="Operations on a latent cache written by `qwenimage produce`.")
+    c = subparsers.add_parser(
+        "cache",
+        help="inspect a latent cache (verify, snapshot, sweep, repair)",
+        description="Operations on a latent cache written by `qwenimage produce`.",
+    )
     csub = c.add_subparsers(dest="cache_command", metavar="ACTION", required=True)
-    v = csub.add_parser("verify", help="re-hash every committed shard, check snapshots, print counts per bucket",
-                        description="Check every committed shard against the checksums in its commit record and "
-                                    "every snapshot against the commit records; exit 1 if anything is bad.")
+    v = csub.add_parser(
+        "verify",
+        help="re-hash every committed shard, check snapshots, print counts per bucket",
+        description="Check every committed shard against the checksums in its commit record and "
+        "every snapshot against the commit records; exit 1 if anything is bad.",
+    )
     v.add_argument("cache", metavar="CACHE", help="cache directory or fsspec URL")
-    v.add_argument("--snapshot", metavar="N", default=None,
-                   help="verify this pinned snapshot version (an integer >= 1) instead of everything committed")
+    v.add_argument(
+        "--snapshot",
+        metavar="N",
+        default=None,
+        help="verify this pinned snapshot version (an integer >= 1) instead of everything committed",
+    )
     v.add_argument("--json", action="store_true", help="print one JSON object")
     v.set_defaults(func=run_verify)
-    s = csub.add_parser("snapshot", help="store a new manifest snapshot of everything committed",
-                        description="Write manifest/snapshots/vN.json listing all committed shards (no-op if "
-                                    "unchanged); unreadable commit records are left out with a warning.")
+    s = csub.add_parser(
+        "snapshot",
+        help="store a new manifest snapshot of everything committed",
+        description="Write manifest/snapshots/vN.json listing all committed shards (no-op if "
+        "unchanged); unreadable commit records are left out with a warning.",
+    )
     s.add_argument("cache", metavar="CACHE", help="cache directory or fsspec URL")
     s.set_defaults(func=run_snapshot)
-    w = csub.add_parser("sweep", help="delete orphaned attempt files",
-                        description="Remove attempt directories that can never be committed; never one that a "
-                                    "commit record or snapshot names.")
+    w = csub.add_parser(
+        "sweep",
+        help="delete orphaned attempt files",
+        description="Remove attempt directories that can never be committed; never one that a "
+        "commit record or snapshot names.",
+    )
     w.add_argument("cache", metavar="CACHE", help="cache directory or fsspec URL")
-    w.add_argument("--grace", metavar="SECONDS", default="3600",
-                   help="only uncommitted attempts older than this many seconds, a number >= 0 (default 3600)")
+    w.add_argument(
+        "--grace",
+        metavar="SECONDS",
+        default="3600",
+        help="only uncommitted attempts older than this many seconds, a number >= 0 (default 3600)",
+    )
     w.set_defaults(func=run_sweep)
-    r = csub.add_parser("repair", help="move unreadable commit records and snapshots to quarantine/",
-                        description="Move every commit record and snapshot that cannot be read into the cache's "
-                                    "quarantine/ folder (nothing is deleted), so that later runs are clean; the "
-                                    "partitions of quarantined records are re-produced by the next producer run.")
+    r = csub.add_parser(
+        "repair",
+        help="move unreadable commit records and snapshots to quarantine/",
+        description="Move every commit record and snapshot that cannot be read into the cache's "
+        "quarantine/ folder (nothing is deleted), so that later runs are clean; the "
+        "partitions of quarantined records are re-produced by the next producer run.",
+    )
     r.add_argument("cache", metavar="CACHE", help="cache directory or fsspec URL")
     r.add_argument("--dry-run", action="store_true", help="only list what would be moved")
     r.set_defaults(func=run_repair)
@@ -90,8 +113,10 @@ def _grace_flag(value: str) -> float:
     except ValueError:
         grace = math.nan
     if not math.isfinite(grace) or grace < 0:
-        raise CacheFlagError(f"--grace {value!r}: expected a finite number of seconds >= 0 (uncommitted attempts "
-                             "younger than this may belong to a live producer and are kept)")
+        raise CacheFlagError(
+            f"--grace {value!r}: expected a finite number of seconds >= 0 (uncommitted attempts "
+            "younger than this may belong to a live producer and are kept)"
+        )
     return grace
 
 
@@ -106,11 +131,18 @@ def run_verify(args) -> int:
     else:
         for bucket, n in sorted(report.buckets.items()):
             print(f"{bucket:>12}  {n} samples")
-        print(f"{report.shards_checked} shards checked, {len(report.bad_shards)} bad; {report.inputs} inputs: "
-              f"{report.committed} committed, {report.duplicates} duplicates, {sum(report.quarantined.values())} quarantined")
+        print(
+            f"{report.shards_checked} shards checked, {len(report.bad_shards)} bad; {report.inputs} inputs: "
+            f"{report.committed} committed, {report.duplicates} duplicates, {sum(report.quarantined.values())} quarantined"
+        )
         versions = report.snapshots_checked
-        checked = ("no snapshot" if not versions else f"snapshot v{versions[0]}" if len(versions) == 1
-                   else f"{len(versions)} snapshots (v{versions[0]}..v{versions[-1]})")
+        checked = (
+            "no snapshot"
+            if not versions
+            else f"snapshot v{versions[0]}"
+            if len(versions) == 1
+            else f"{len(versions)} snapshots (v{versions[0]}..v{versions[-1]})"
+        )
         print(f"{checked} checked against {report.commit_records} commit records")
     for what, err in report.bad_shards.items():
         print(f"BAD {what}: {' '.join(err.split())}", file=sys.stderr)
@@ -136,8 +168,10 @@ def run_sweep(args) -> int:
         report = sweep_orphans(cache.storage, grace_s=grace, strict=True)
         for warning in report.warnings:
             logging.getLogger(_CACHE_LOGGER).warning("%s", warning)
-    print(f"removed {len(report.removed_attempts)} orphaned attempts, kept {len(report.kept_in_flight)} in flight, "
-          f"kept {len(report.kept_referenced)} named by a snapshot or an unreadable/quarantined record")
+    print(
+        f"removed {len(report.removed_attempts)} orphaned attempts, kept {len(report.kept_in_flight)} in flight, "
+        f"kept {len(report.kept_referenced)} named by a snapshot or an unreadable/quarantined record"
+    )
     return 0
 
 
@@ -153,9 +187,11 @@ def run_repair(args) -> int:
     for rel, source in report.restored.items():
         print(f"{restore} {rel} from {source}")
     if report.moved or report.restored:
-        print(f"{verb} {len(report.moved)} unreadable files to quarantine/, {restore} {len(report.restored)} commit "
-              "records from snapshots (nothing deleted)" + ("; run without --dry-run to do it" if report.dry_run else
-                                                           "; the next producer run re-produces the rest"))
+        print(
+            f"{verb} {len(report.moved)} unreadable files to quarantine/, {restore} {len(report.restored)} commit "
+            "records from snapshots (nothing deleted)"
+            + ("; run without --dry-run to do it" if report.dry_run else "; the next producer run re-produces the rest")
+        )
     else:
         print("nothing to repair: every commit record and snapshot is readable and complete")
     return 0

@@ -26,53 +26,118 @@ def register(subparsers) -> None:
             "same command resumes: committed partitions are skipped."
         ),
     )
-    p.add_argument("--input", required=True, metavar="SRC",
-                   help="folder of images (+ .txt sidecars or captions.jsonl/csv), .parquet/.jsonl/.csv manifest "
-                        "(image, caption[, source_image]), WebDataset .tar or folder of .tar, or synthetic:text?n=N&seed=S; "
-                        "local paths or fsspec URLs")
+    p.add_argument(
+        "--input",
+        required=True,
+        metavar="SRC",
+        help="folder of images (+ .txt sidecars or captions.jsonl/csv), .parquet/.jsonl/.csv manifest "
+        "(image, caption[, source_image]), WebDataset .tar or folder of .tar, or synthetic:text?n=N&seed=S; "
+        "local paths or fsspec URLs",
+    )
     p.add_argument("--output", required=True, metavar="CACHE", help="cache directory (local path or fsspec URL)")
-    p.add_argument("--buckets", default="256", metavar="SPEC",
-                   help="target areas as sides in px ('256,640,1328': each image is encoded once per area, at the "
-                        "nearest aspect-ratio bucket), or explicit buckets 'HxW,HxW' (multiples of 16). Default 256")
-    p.add_argument("--encoders", default="tiny", metavar="DIR|tiny",
-                   help="local HF-format directory with vae/, text_encoder/, tokenizer/ (never downloaded), or 'tiny' "
-                        "for small random encoders built locally. Default tiny")
-    p.add_argument("--ray-address", default=None, metavar="ADDR",
-                   help="join a Ray cluster ('auto' or host:port); 'local' or unset starts an embedded local Ray on 127.0.0.1")
-    p.add_argument("--ray-connect-timeout", type=float, default=30.0, metavar="S",
-                   help="give up joining the --ray-address cluster after this many seconds (default 30)")
-    p.add_argument("--local-num-cpus", type=float, default=None, metavar="N",
-                   help="logical CPUs (a whole number) of the embedded local Ray (default max(4, cores), so fractional "
-                        "actors never starve reads); a value too small for the actor pools plus one read task and one "
-                        "writer is refused")
-    p.add_argument("--partition-size", type=int, default=64, help="inputs per partition, the exactly-once unit (default 64)")
-    p.add_argument("--min-side", type=int, default=32, help="quarantine images whose shorter side is below this many px (default 32)")
-    p.add_argument("--max-pixels", type=int, default=64_000_000, help="quarantine images with more pixels (decompression bombs)")
-    p.add_argument("--max-text-tokens", type=int, default=MAX_TEXT_TOKENS, help=f"text tokens kept per sample (<= {MAX_TEXT_TOKENS})")
-    p.add_argument("--overlong-caption", choices=("truncate", "reject"), default="truncate",
-                   help="captions over --max-text-tokens: truncate with a flag (default) or quarantine")
-    p.add_argument("--vae-actors", default="1:1", metavar="MIN:MAX", help="VAE actor pool size range (autoscaled by Ray Data)")
+    p.add_argument(
+        "--buckets",
+        default="256",
+        metavar="SPEC",
+        help="target areas as sides in px ('256,640,1328': each image is encoded once per area, at the "
+        "nearest aspect-ratio bucket), or explicit buckets 'HxW,HxW' (multiples of 16). Default 256",
+    )
+    p.add_argument(
+        "--encoders",
+        default="tiny",
+        metavar="DIR|tiny",
+        help="local HF-format directory with vae/, text_encoder/, tokenizer/ (never downloaded), or 'tiny' "
+        "for small random encoders built locally. Default tiny",
+    )
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="ADDR",
+        help="join a Ray cluster ('auto' or host:port); 'local' or unset starts an embedded local Ray on 127.0.0.1",
+    )
+    p.add_argument(
+        "--ray-connect-timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="give up joining the --ray-address cluster after this many seconds (default 30)",
+    )
+    p.add_argument(
+        "--local-num-cpus",
+        type=float,
+        default=None,
+        metavar="N",
+        help="logical CPUs (a whole number) of the embedded local Ray (default max(4, cores), so fractional "
+        "actors never starve reads); a value too small for the actor pools plus one read task and one "
+        "writer is refused",
+    )
+    p.add_argument(
+        "--partition-size", type=int, default=64, help="inputs per partition, the exactly-once unit (default 64)"
+    )
+    p.add_argument(
+        "--min-side",
+        type=int,
+        default=32,
+        help="quarantine images whose shorter side is below this many px (default 32)",
+    )
+    p.add_argument(
+        "--max-pixels", type=int, default=64_000_000, help="quarantine images with more pixels (decompression bombs)"
+    )
+    p.add_argument(
+        "--max-text-tokens",
+        type=int,
+        default=MAX_TEXT_TOKENS,
+        help=f"text tokens kept per sample (<= {MAX_TEXT_TOKENS})",
+    )
+    p.add_argument(
+        "--overlong-caption",
+        choices=("truncate", "reject"),
+        default="truncate",
+        help="captions over --max-text-tokens: truncate with a flag (default) or quarantine",
+    )
+    p.add_argument(
+        "--vae-actors", default="1:1", metavar="MIN:MAX", help="VAE actor pool size range (autoscaled by Ray Data)"
+    )
     p.add_argument("--text-actors", default="1:1", metavar="MIN:MAX", help="text-encoder actor pool size range")
     p.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs reserved per encoder actor (0 on CPU)")
-    p.add_argument("--cpus-per-actor", type=float, default=0.5, help="CPUs reserved per encoder actor (fractional; default 0.5)")
+    p.add_argument(
+        "--cpus-per-actor", type=float, default=0.5, help="CPUs reserved per encoder actor (fractional; default 0.5)"
+    )
     p.add_argument("--batch-size", type=int, default=8, help="samples per encoder batch (grouped per bucket inside)")
     p.add_argument("--device", default=None, help="torch device for the encoders (default cuda if available, else cpu)")
-    p.add_argument("--sweep-grace", type=float, default=3600.0,
-                   help="seconds after which an uncommitted attempt counts as dead and is swept (default 3600)")
-    p.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT,
-                   help=f"Prometheus exporter port (0: any free port, -1: off; default {DEFAULT_METRICS_PORT})")
+    p.add_argument(
+        "--sweep-grace",
+        type=float,
+        default=3600.0,
+        help="seconds after which an uncommitted attempt counts as dead and is swept (default 3600)",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=DEFAULT_METRICS_PORT,
+        help=f"Prometheus exporter port (0: any free port, -1: off; default {DEFAULT_METRICS_PORT})",
+    )
     p.add_argument("--metrics-host", default="127.0.0.1", help="address the exporter binds to (default 127.0.0.1)")
-    p.add_argument("--allow-empty", action="store_true",
-                   help="exit 0 even when no input ends in the cache (every input quarantined); by default such a run "
-                        "prints its summary and fails with exit status 1")
-    p.add_argument("--new-settings-version", action="store_true",
-                   help="the cache records the settings that shape its samples (encoders, buckets, --min-side, "
-                        "--max-pixels, --max-text-tokens, --overlong-caption) in producer_settings.json and refuses a run "
-                        "with other values; with this flag such a run starts a new settings version instead and adds "
-                        "its samples next to the earlier ones (an image produced under two versions is two samples). "
-                        "With unchanged settings it changes nothing")
-    p.add_argument("--json", action="store_true",
-                   help="print one JSON summary object at the end (for scripts and CI); on an error, an error object")
+    p.add_argument(
+        "--allow-empty",
+        action="store_true",
+        help="exit 0 even when no input ends in the cache (every input quarantined); by default such a run "
+        "prints its summary and fails with exit status 1",
+    )
+    p.add_argument(
+        "--new-settings-version",
+        action="store_true",
+        help="the cache records the settings that shape its samples (encoders, buckets, --min-side, "
+        "--max-pixels, --max-text-tokens, --overlong-caption) in producer_settings.json and refuses a run "
+        "with other values; with this flag such a run starts a new settings version instead and adds "
+        "its samples next to the earlier ones (an image produced under two versions is two samples). "
+        "With unchanged settings it changes nothing",
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON summary object at the end (for scripts and CI); on an error, an error object",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_produce)
 
@@ -103,17 +168,33 @@ def config_from_args(args) -> ProducerConfig:
     if not (0 < args.ray_connect_timeout < float("inf")):
         raise ConfigError(f"--ray-connect-timeout {args.ray_connect_timeout:g}: expected seconds > 0")
     if not -1 <= args.metrics_port <= 65535:
-        raise ConfigError(f"--metrics-port {args.metrics_port}: expected a TCP port 0..65535, 0 for any free port "
-                          "or -1 for no exporter")
+        raise ConfigError(
+            f"--metrics-port {args.metrics_port}: expected a TCP port 0..65535, 0 for any free port "
+            "or -1 for no exporter"
+        )
     pools = []
     for flag, text in (("--vae-actors", args.vae_actors), ("--text-actors", args.text_actors)):
         lo, hi = _pool_range(text, flag)
-        pools.append(PoolConfig(min_actors=lo, max_actors=hi, num_gpus=args.gpus_per_actor,
-                                num_cpus=args.cpus_per_actor, batch_size=args.batch_size))
+        pools.append(
+            PoolConfig(
+                min_actors=lo,
+                max_actors=hi,
+                num_gpus=args.gpus_per_actor,
+                num_cpus=args.cpus_per_actor,
+                batch_size=args.batch_size,
+            )
+        )
     return ProducerConfig(
-        buckets=parse_buckets(args.buckets), partition_size=args.partition_size, min_side_px=args.min_side,
-        max_pixels=args.max_pixels, max_text_tokens=args.max_text_tokens, overlong_caption=args.overlong_caption,
-        vae_pool=pools[0], text_pool=pools[1], sweep_grace_s=args.sweep_grace, fault=_fault_from_env(),
+        buckets=parse_buckets(args.buckets),
+        partition_size=args.partition_size,
+        min_side_px=args.min_side,
+        max_pixels=args.max_pixels,
+        max_text_tokens=args.max_text_tokens,
+        overlong_caption=args.overlong_caption,
+        vae_pool=pools[0],
+        text_pool=pools[1],
+        sweep_grace_s=args.sweep_grace,
+        fault=_fault_from_env(),
     )
 
 
@@ -151,11 +232,19 @@ def run_produce(args) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     cfg = config_from_args(args)
-    req = ProduceRequest(args.input, args.output, encoders=args.encoders, config=cfg, ray_address=args.ray_address,
-                         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
-                         metrics_host=args.metrics_host, device=args.device, local_num_cpus=args.local_num_cpus,
-                         new_settings_version=args.new_settings_version,
-                         ray_connect_timeout_s=args.ray_connect_timeout)
+    req = ProduceRequest(
+        args.input,
+        args.output,
+        encoders=args.encoders,
+        config=cfg,
+        ray_address=args.ray_address,
+        metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+        metrics_host=args.metrics_host,
+        device=args.device,
+        local_num_cpus=args.local_num_cpus,
+        new_settings_version=args.new_settings_version,
+        ray_connect_timeout_s=args.ray_connect_timeout,
+    )
     # The bar starts with the pipeline's first progress, so an up-front error stays one line on stderr.
     progress = ProducerProgress(enabled=not args.no_progress)
     started = False
@@ -179,8 +268,10 @@ def run_produce(args) -> int:
         print(json.dumps(summary, sort_keys=True))
     else:
         q = ", ".join(f"{k} {v}" for k, v in summary["quarantined"].items()) or "none"
-        print(f"{counts.inputs} inputs: {counts.committed} committed, {counts.duplicates} duplicates, "
-              f"{counts.quarantined_total} quarantined ({q})")
+        print(
+            f"{counts.inputs} inputs: {counts.committed} committed, {counts.duplicates} duplicates, "
+            f"{counts.quarantined_total} quarantined ({q})"
+        )
         print("per bucket: " + ", ".join(f"{k} {v}" for k, v in summary["buckets"].items()))
     total = counts.committed + counts.duplicates + counts.quarantined_total
     if total != counts.inputs:  # an accounting bug, not a user error: keeps its traceback
@@ -190,6 +281,6 @@ def run_produce(args) -> int:
         raise NothingCommittedError(
             f"--input {args.input}: none of its {counts.inputs} inputs is in the cache, all were quarantined "
             f"({reasons}); each partition's quarantine.parquet in {args.output} (named by commits/*.json) has the "
-            "reason per input. Pass --allow-empty if that is expected")
+            "reason per input. Pass --allow-empty if that is expected"
+        )
     return 0
-

@@ -51,8 +51,12 @@ def parse_buckets(spec: str) -> dict[str, list[Bucket]]:
 
 #: The ``qwenimage produce`` flag of each field that has one (named in validation errors).
 FIELD_FLAGS = {
-    "buckets": "--buckets", "partition_size": "--partition-size", "min_side_px": "--min-side",
-    "max_pixels": "--max-pixels", "max_text_tokens": "--max-text-tokens", "overlong_caption": "--overlong-caption",
+    "buckets": "--buckets",
+    "partition_size": "--partition-size",
+    "min_side_px": "--min-side",
+    "max_pixels": "--max-pixels",
+    "max_text_tokens": "--max-text-tokens",
+    "overlong_caption": "--overlong-caption",
     "sweep_grace_s": "--sweep-grace",
 }
 
@@ -77,9 +81,14 @@ class PoolConfig:
 
     def __post_init__(self) -> None:
         if self.min_actors < 1 or self.max_actors < self.min_actors:
-            raise ConfigError(f"PoolConfig: need 1 <= min_actors ({self.min_actors}) <= max_actors ({self.max_actors}) "
-                              "(--vae-actors / --text-actors MIN:MAX)")
-        for name, value, flag in (("num_gpus", self.num_gpus, "--gpus-per-actor"), ("num_cpus", self.num_cpus, "--cpus-per-actor")):
+            raise ConfigError(
+                f"PoolConfig: need 1 <= min_actors ({self.min_actors}) <= max_actors ({self.max_actors}) "
+                "(--vae-actors / --text-actors MIN:MAX)"
+            )
+        for name, value, flag in (
+            ("num_gpus", self.num_gpus, "--gpus-per-actor"),
+            ("num_cpus", self.num_cpus, "--cpus-per-actor"),
+        ):
             if not value >= 0 or math.isinf(value):
                 raise ConfigError(f"PoolConfig.{name}={value!r} ({flag}): expected a finite number >= 0")
         if self.batch_size < 1:
@@ -103,7 +112,9 @@ class FaultConfig:
 
     def __post_init__(self) -> None:
         if self.kill_writer_at not in ("", "shard_written", "before_commit"):
-            raise ConfigError(f"FaultConfig.kill_writer_at={self.kill_writer_at!r}: expected shard_written or before_commit")
+            raise ConfigError(
+                f"FaultConfig.kill_writer_at={self.kill_writer_at!r}: expected shard_written or before_commit"
+            )
         if self.kill_scope not in ("worker", "driver"):
             raise ConfigError(f"FaultConfig.kill_scope={self.kill_scope!r}: expected worker or driver")
         if self.kill_writer_at and self.kill_scope == "worker" and not self.once_marker:
@@ -147,20 +158,30 @@ class ProducerConfig:
     def __post_init__(self) -> None:
         if not self.buckets or any(not b for b in self.buckets.values()):
             raise ConfigError("ProducerConfig.buckets (--buckets): need at least one area with at least one bucket")
-        for name, value in (("partition_size", self.partition_size), ("min_side_px", self.min_side_px),
-                            ("max_pixels", self.max_pixels), ("max_inflight_partitions", self.max_inflight_partitions),
-                            ("edit_vl_area_px", self.edit_vl_area_px)):
+        for name, value in (
+            ("partition_size", self.partition_size),
+            ("min_side_px", self.min_side_px),
+            ("max_pixels", self.max_pixels),
+            ("max_inflight_partitions", self.max_inflight_partitions),
+            ("edit_vl_area_px", self.edit_vl_area_px),
+        ):
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"ProducerConfig.{name}={value!r}{_flag(name)}: expected a positive integer")
         if not 1 <= self.max_text_tokens <= MAX_TEXT_TOKENS:
-            raise ConfigError(f"ProducerConfig.max_text_tokens={self.max_text_tokens} (--max-text-tokens): "
-                              f"expected 1..{MAX_TEXT_TOKENS}")
+            raise ConfigError(
+                f"ProducerConfig.max_text_tokens={self.max_text_tokens} (--max-text-tokens): "
+                f"expected 1..{MAX_TEXT_TOKENS}"
+            )
         if not self.sweep_grace_s >= 0:  # also refuses NaN
-            raise ConfigError(f"ProducerConfig.sweep_grace_s={self.sweep_grace_s!r} (--sweep-grace): expected seconds >= 0 "
-                              "(an uncommitted attempt younger than this is left alone by the sweep)")
+            raise ConfigError(
+                f"ProducerConfig.sweep_grace_s={self.sweep_grace_s!r} (--sweep-grace): expected seconds >= 0 "
+                "(an uncommitted attempt younger than this is left alone by the sweep)"
+            )
         if self.overlong_caption not in ("truncate", "reject"):
-            raise ConfigError(f"ProducerConfig.overlong_caption={self.overlong_caption!r} (--overlong-caption): "
-                              "expected truncate or reject")
+            raise ConfigError(
+                f"ProducerConfig.overlong_caption={self.overlong_caption!r} (--overlong-caption): "
+                "expected truncate or reject"
+            )
         if self.cpu_task_cpus <= 0 or self.writer_cpus <= 0:
             raise ConfigError("ProducerConfig: cpu_task_cpus and writer_cpus must be > 0 (fractional is fine)")
 

@@ -91,7 +91,9 @@ class CommittedContent:
         return content_hash in self.hashes(partition_id)
 
 
-def resolve_duplicates(storage: CacheStorage, partition_id: str, rows: list[ProducerRow]) -> tuple[list[ProducerRow], set[str]]:
+def resolve_duplicates(
+    storage: CacheStorage, partition_id: str, rows: list[ProducerRow]
+) -> tuple[list[ProducerRow], set[str]]:
     """Final dedup decision of one partition's rows, just before it is written.
 
     * an encoded input whose content is claimed by another partition that has committed it
@@ -152,21 +154,39 @@ def resolve_duplicates(storage: CacheStorage, partition_id: str, rows: list[Prod
                 out.append(first)
             elif src is not None:
                 bad = next(r for r in by_input[src] if r["kind"] == "quarantine")
-                out.append(first | {"kind": "quarantine", "reason": bad["reason"], "duplicate_of": "",
-                                    "detail": f"{first['source_uri']}: same content as input {src}, "
-                                              f"quarantined: {bad['detail']}"})
+                out.append(
+                    first
+                    | {
+                        "kind": "quarantine",
+                        "reason": bad["reason"],
+                        "duplicate_of": "",
+                        "detail": f"{first['source_uri']}: same content as input {src}, quarantined: {bad['detail']}",
+                    }
+                )
             else:
-                raise RuntimeError(f"partition {partition_id}: input {input_id} is a duplicate of content "
-                                   f"{h} that no input of the partition holds")
+                raise RuntimeError(
+                    f"partition {partition_id}: input {input_id} is a duplicate of content "
+                    f"{h} that no input of the partition holds"
+                )
         else:
             out.extend(group)
     return out, repoint
 
 
 def _as_duplicate(row: ProducerRow, owner: str) -> ProducerRow:
-    return row | {"kind": "duplicate", "duplicate_of": owner, "reason": "", "detail": "", "area": "",
-                  "latents": b"", "cond_latents": b"", "text": b"", "pixels": b"", "cond_pixels": b"",
-                  "vl_pixels": b""}
+    return row | {
+        "kind": "duplicate",
+        "duplicate_of": owner,
+        "reason": "",
+        "detail": "",
+        "area": "",
+        "latents": b"",
+        "cond_latents": b"",
+        "text": b"",
+        "pixels": b"",
+        "cond_pixels": b"",
+        "vl_pixels": b"",
+    }
 
 
 def repoint_claims(storage: CacheStorage, partition_id: str, content_hashes: set[str]) -> None:

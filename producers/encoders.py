@@ -51,9 +51,20 @@ IMAGE_PAD = "<|image_pad|>"
 
 #: Qwen2.5-VL special tokens in id order from 151643 (the Qwen BPE has 151643 ranks).
 QWEN_SPECIAL_TOKENS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
 ]
 TINY_FORMAT_VERSION = 1
 TINY_TEXT_HIDDEN = 32
@@ -84,8 +95,9 @@ def default_tiny_dir() -> Path:
     return Path(cache) / "megatron-qwenimage" / f"tiny-encoders-v{TINY_FORMAT_VERSION}"
 
 
-def build_tiny_encoders(directory: str | os.PathLike | None = None, seed: int = 0, vae_base_dim: int = 16,
-                        full_size: bool = False) -> Path:
+def build_tiny_encoders(
+    directory: str | os.PathLike | None = None, seed: int = 0, vae_base_dim: int = 16, full_size: bool = False
+) -> Path:
     """Create (once) small random-initialised encoders in HF format and return the directory.
 
     `vae_base_dim` widens the tiny VAE (benchmarks make encoding dominate with it); `full_size`
@@ -112,26 +124,55 @@ def build_tiny_encoders(directory: str | os.PathLike | None = None, seed: int = 
         if full_size:
             vae = AutoencoderKLQwenImage()  # the released config (spec 4.2)
         else:
-            vae = AutoencoderKLQwenImage(base_dim=vae_base_dim, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
-                                         temperal_downsample=[False, True, True])
+            vae = AutoencoderKLQwenImage(
+                base_dim=vae_base_dim,
+                z_dim=16,
+                dim_mult=[1, 2, 2, 2],
+                num_res_blocks=1,
+                temperal_downsample=[False, True, True],
+            )
         vae.save_pretrained(tmp / "vae")
         text_cfg = Qwen2_5_VLConfig(
-            text_config=dict(hidden_size=TINY_TEXT_HIDDEN, intermediate_size=64, num_hidden_layers=2,
-                             num_attention_heads=2, num_key_value_heads=2, rope_theta=1e6, vocab_size=152064,
-                             rope_scaling={"mrope_section": [2, 3, 3], "rope_type": "default", "type": "default"}),
-            vision_config=dict(depth=2, hidden_size=32, intermediate_size=32, num_heads=2,
-                               out_hidden_size=TINY_TEXT_HIDDEN),
-            vocab_size=152064, vision_start_token_id=151652, vision_end_token_id=151653,
-            image_token_id=151655, video_token_id=151656,
+            text_config=dict(
+                hidden_size=TINY_TEXT_HIDDEN,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                num_key_value_heads=2,
+                rope_theta=1e6,
+                vocab_size=152064,
+                rope_scaling={"mrope_section": [2, 3, 3], "rope_type": "default", "type": "default"},
+            ),
+            vision_config=dict(
+                depth=2, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=TINY_TEXT_HIDDEN
+            ),
+            vocab_size=152064,
+            vision_start_token_id=151652,
+            vision_end_token_id=151653,
+            image_token_id=151655,
+            video_token_id=151656,
         )
         if full_size:  # Qwen2.5-VL-7B shapes (spec 5.1), random weights, bf16
             text_cfg = Qwen2_5_VLConfig(
-                text_config=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                                 num_key_value_heads=4, rope_theta=1e6, vocab_size=152064,
-                                 rope_scaling={"mrope_section": [16, 24, 24], "rope_type": "default", "type": "default"}),
-                vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584),
-                vocab_size=152064, vision_start_token_id=151652, vision_end_token_id=151653,
-                image_token_id=151655, video_token_id=151656, torch_dtype="bfloat16",
+                text_config=dict(
+                    hidden_size=3584,
+                    intermediate_size=18944,
+                    num_hidden_layers=28,
+                    num_attention_heads=28,
+                    num_key_value_heads=4,
+                    rope_theta=1e6,
+                    vocab_size=152064,
+                    rope_scaling={"mrope_section": [16, 24, 24], "rope_type": "default", "type": "default"},
+                ),
+                vision_config=dict(
+                    depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584
+                ),
+                vocab_size=152064,
+                vision_start_token_id=151652,
+                vision_end_token_id=151653,
+                image_token_id=151655,
+                video_token_id=151656,
+                torch_dtype="bfloat16",
             )
         with torch.device("cuda" if full_size and torch.cuda.is_available() else "cpu"):
             text_model = Qwen2_5_VLForConditionalGeneration(text_cfg)
@@ -246,7 +287,9 @@ class TextEncoder:
         self.device = pick_device(device)
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
-        proc_dir = root / "processor" if (root / "processor" / "preprocessor_config.json").exists() else root / "tokenizer"
+        proc_dir = (
+            root / "processor" if (root / "processor" / "preprocessor_config.json").exists() else root / "tokenizer"
+        )
         self.image_processor = AutoImageProcessor.from_pretrained(proc_dir)
         self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(root / "text_encoder", torch_dtype=self.dtype)
         self.model.to(self.device).eval()
@@ -263,13 +306,19 @@ class TextEncoder:
     def encode_t2i(self, captions: list[str]) -> list[TextEncoding]:
         texts = [T2I_TEMPLATE.format(c) for c in captions]
         full = [len(ids) - self.drop_idx_t2i for ids in self.tokenizer(texts).input_ids]
-        enc = self.tokenizer(texts, max_length=self.max_text_tokens + self.drop_idx_t2i, truncation=True,
-                             padding=True, return_tensors="pt").to(self.device)
-        hidden = self.model(input_ids=enc.input_ids, attention_mask=enc.attention_mask,
-                            output_hidden_states=True).hidden_states[-1]
+        enc = self.tokenizer(
+            texts,
+            max_length=self.max_text_tokens + self.drop_idx_t2i,
+            truncation=True,
+            padding=True,
+            return_tensors="pt",
+        ).to(self.device)
+        hidden = self.model(
+            input_ids=enc.input_ids, attention_mask=enc.attention_mask, output_hidden_states=True
+        ).hidden_states[-1]
         out = []
         for i, n in enumerate(full):
-            valid = hidden[i][enc.attention_mask[i].bool()][self.drop_idx_t2i:]
+            valid = hidden[i][enc.attention_mask[i].bool()][self.drop_idx_t2i :]
             out.append(TextEncoding(valid.to(torch.bfloat16).cpu(), n > valid.shape[0], n))
         return out
 
@@ -279,14 +328,17 @@ class TextEncoder:
 
         vision = self.image_processor(images=[Image.fromarray(image_uint8)], return_tensors="pt")
         grid = vision["image_grid_thw"]
-        n_pad = int(grid[0].prod()) // (self.image_processor.merge_size ** 2)
+        n_pad = int(grid[0].prod()) // (self.image_processor.merge_size**2)
         text = EDIT_TEMPLATE.format(instruction).replace(IMAGE_PAD, IMAGE_PAD * n_pad)
         enc = self.tokenizer([text], return_tensors="pt").to(self.device)
-        hidden = self.model(input_ids=enc.input_ids, attention_mask=enc.attention_mask,
-                            pixel_values=vision["pixel_values"].to(self.device, self.dtype),
-                            image_grid_thw=grid.to(self.device), output_hidden_states=True).hidden_states[-1]
-        valid = hidden[0][self.drop_idx_edit:]
+        hidden = self.model(
+            input_ids=enc.input_ids,
+            attention_mask=enc.attention_mask,
+            pixel_values=vision["pixel_values"].to(self.device, self.dtype),
+            image_grid_thw=grid.to(self.device),
+            output_hidden_states=True,
+        ).hidden_states[-1]
+        valid = hidden[0][self.drop_idx_edit :]
         n = int(valid.shape[0])
         valid = valid[: self.max_text_tokens]
         return TextEncoding(valid.to(torch.bfloat16).cpu(), n > valid.shape[0], n)
-

@@ -92,16 +92,22 @@ def decode_image(data: bytes, *, uri: str, min_side_px: int, max_pixels: int) ->
         raise Rejected("corrupt_image", f"{uri}: cannot read the image header ({exc})") from None
     width, height = img.size
     if width * height > max_pixels:
-        raise Rejected("decompression_bomb", f"{uri}: {width}x{height} = {width * height} pixels is over the limit of {max_pixels}")
+        raise Rejected(
+            "decompression_bomb", f"{uri}: {width}x{height} = {width * height} pixels is over the limit of {max_pixels}"
+        )
     frames = int(getattr(img, "n_frames", 1) or 1)
     try:
         img.load()
         img = ImageOps.exif_transpose(img)
         rgb = to_rgb(img)
     except Exception as exc:
-        raise Rejected("corrupt_image", f"{uri}: truncated or corrupt image data ({type(exc).__name__}: {exc})") from None
+        raise Rejected(
+            "corrupt_image", f"{uri}: truncated or corrupt image data ({type(exc).__name__}: {exc})"
+        ) from None
     if min(rgb.shape[0], rgb.shape[1]) < min_side_px:
-        raise Rejected("too_small", f"{uri}: {rgb.shape[1]}x{rgb.shape[0]} px, the shorter side must be at least {min_side_px} px")
+        raise Rejected(
+            "too_small", f"{uri}: {rgb.shape[1]}x{rgb.shape[0]} px, the shorter side must be at least {min_side_px} px"
+        )
     return DecodedImage(rgb, frames)
 
 
@@ -138,9 +144,13 @@ def _decode_tiff(data: bytes, *, uri: str, min_side_px: int, max_pixels: int) ->
         arr = (arr - lo) / max(hi - lo, 1e-12) * 255.0
     rgb = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
     if rgb.shape[0] * rgb.shape[1] > max_pixels:
-        raise Rejected("decompression_bomb", f"{uri}: {rgb.shape[1]}x{rgb.shape[0]} pixels is over the limit of {max_pixels}")
+        raise Rejected(
+            "decompression_bomb", f"{uri}: {rgb.shape[1]}x{rgb.shape[0]} pixels is over the limit of {max_pixels}"
+        )
     if min(rgb.shape[:2]) < min_side_px:
-        raise Rejected("too_small", f"{uri}: {rgb.shape[1]}x{rgb.shape[0]} px, the shorter side must be at least {min_side_px} px")
+        raise Rejected(
+            "too_small", f"{uri}: {rgb.shape[1]}x{rgb.shape[0]} px, the shorter side must be at least {min_side_px} px"
+        )
     return DecodedImage(np.ascontiguousarray(rgb), frames)
 
 
@@ -211,13 +221,17 @@ def decode_caption(raw: bytes | str | None, *, uri: str) -> str:
             raise Rejected("undecodable_caption", f"{uri}: caption is not valid UTF-8 ({exc})") from None
     if not isinstance(raw, str):
         name = type(raw).__name__
-        raise Rejected("caption_not_text", f"{uri}: caption is {'an' if name[0] in 'aeiou' else 'a'} {name} "
-                                           f"({raw!r:.40}), expected a string")
+        raise Rejected(
+            "caption_not_text",
+            f"{uri}: caption is {'an' if name[0] in 'aeiou' else 'a'} {name} ({raw!r:.40}), expected a string",
+        )
     text = clean_caption(raw)
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:  # a lone surrogate, e.g. a JSON "\ud800" escape
-        raise Rejected("undecodable_caption", f"{uri}: caption is not valid Unicode ({exc.reason} at {exc.start})") from None
+        raise Rejected(
+            "undecodable_caption", f"{uri}: caption is not valid Unicode ({exc.reason} at {exc.start})"
+        ) from None
     if not text:
         what = "control characters and whitespace" if _CONTROL_CHARS.search(raw) else "empty or whitespace"
         raise Rejected("empty_caption", f"{uri}: caption is {what}")

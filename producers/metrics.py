@@ -21,6 +21,8 @@ STATUS_FILE = "status.json"
 
 class MetricsPortError(UserError, OSError):
     """The Prometheus exporter cannot listen where asked; the message names the flag and the port."""
+
+
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0)
 
 
@@ -52,29 +54,42 @@ class ProducerMetrics:
         self.images_read = Counter("qwenimage_producer_images_read", "Inputs through the CPU stage", registry=r)
         self.images_encoded = Counter("qwenimage_producer_images_encoded", "Samples through both encoders", registry=r)
         self.images_committed = Counter("qwenimage_producer_images_committed", "Inputs committed", registry=r)
-        self.images_duplicate = Counter("qwenimage_producer_images_duplicate", "Inputs skipped as duplicates", registry=r)
-        self.images_quarantined = Counter("qwenimage_producer_images_quarantined", "Inputs quarantined", ["reason"], registry=r)
+        self.images_duplicate = Counter(
+            "qwenimage_producer_images_duplicate", "Inputs skipped as duplicates", registry=r
+        )
+        self.images_quarantined = Counter(
+            "qwenimage_producer_images_quarantined", "Inputs quarantined", ["reason"], registry=r
+        )
         self.bytes_written = Counter("qwenimage_producer_bytes_written", "Bytes of committed shard files", registry=r)
-        self.stage_latency = Histogram("qwenimage_producer_stage_seconds", "Per-sample latency of a stage",
-                                       ["stage"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.queue_depth = Gauge("qwenimage_producer_queue_depth", "Items waiting at a point of the pipeline",
-                                 ["queue"], registry=r)
+        self.stage_latency = Histogram(
+            "qwenimage_producer_stage_seconds",
+            "Per-sample latency of a stage",
+            ["stage"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "qwenimage_producer_queue_depth", "Items waiting at a point of the pipeline", ["queue"], registry=r
+        )
         self.alive_actors = Gauge("qwenimage_producer_alive_actors", "Alive encoder actors", ["pool"], registry=r)
         self.port = None
         self._server = None
         if port is not None:
             if not 0 <= port <= 65535:
-                raise MetricsPortError(f"--metrics-port {port}: expected a TCP port 0..65535 (0: any free port; "
-                                       "-1: no exporter)")
+                raise MetricsPortError(
+                    f"--metrics-port {port}: expected a TCP port 0..65535 (0: any free port; -1: no exporter)"
+                )
             try:
                 self._server, _thread = start_http_server(port, addr=host, registry=r)
             except socket.gaierror as exc:
-                raise MetricsPortError(f"--metrics-host {host}: not an address this machine can listen on "
-                                       f"({exc.strerror or exc})") from None
+                raise MetricsPortError(
+                    f"--metrics-host {host}: not an address this machine can listen on ({exc.strerror or exc})"
+                ) from None
             except OSError as exc:
                 raise MetricsPortError(
                     f"--metrics-port {port}: cannot serve metrics on {host}:{port} ({exc.strerror or exc}); pass "
-                    "another --metrics-port, 0 for any free port, or -1 for no exporter") from None
+                    "another --metrics-port, 0 for any free port, or -1 for no exporter"
+                ) from None
             self.port = self._server.server_port
 
     def close(self) -> None:
@@ -94,8 +109,9 @@ class StatusFile:
         self.started = time.time()
         self._last = 0.0
 
-    def update(self, counts: ProducerCounts, state: str, queues: dict[str, int], metrics_port: int | None,
-               force: bool = False) -> None:
+    def update(
+        self, counts: ProducerCounts, state: str, queues: dict[str, int], metrics_port: int | None, force: bool = False
+    ) -> None:
         now = time.time()
         if not force and now - self._last < self.interval_s:
             return
@@ -113,8 +129,11 @@ class StatusFile:
             "duplicates": counts.duplicates,
             "quarantined": counts.quarantined,
             "buckets": counts.buckets,
-            "partitions": {"total": counts.partitions_total, "done": counts.partitions_done,
-                           "skipped": counts.partitions_skipped},
+            "partitions": {
+                "total": counts.partitions_total,
+                "done": counts.partitions_done,
+                "skipped": counts.partitions_skipped,
+            },
             "bytes_written": counts.bytes_written,
             "committed_per_s": counts.committed / elapsed,
             "queues": queues,

@@ -35,8 +35,16 @@ def outcome_from_record(record, won: bool, bytes_written: int = 0) -> PartitionO
     buckets: dict[str, int] = {}
     for e in record.shards:
         buckets[e.bucket.name] = buckets.get(e.bucket.name, 0) + e.num_samples
-    return PartitionOutcome(record.partition_id, won, record.inputs, record.committed, record.duplicates,
-                            dict(record.quarantined), buckets, bytes_written)
+    return PartitionOutcome(
+        record.partition_id,
+        won,
+        record.inputs,
+        record.committed,
+        record.duplicates,
+        dict(record.quarantined),
+        buckets,
+        bytes_written,
+    )
 
 
 def _fault_hook(fault: FaultConfig):
@@ -56,7 +64,9 @@ def _fault_hook(fault: FaultConfig):
     return hook
 
 
-def rows_to_payloads(rows: list[ProducerRow]) -> tuple[list[ShardPayload], list[QuarantineRow], list[DuplicateRow], int]:
+def rows_to_payloads(
+    rows: list[ProducerRow],
+) -> tuple[list[ShardPayload], list[QuarantineRow], list[DuplicateRow], int]:
     """Group a partition's rows per input: quarantined if any of its rows is, duplicate, or
     encoded (one sample per area, grouped into one payload per bucket)."""
     by_input: dict[str, list[ProducerRow]] = {}
@@ -80,24 +90,42 @@ def rows_to_payloads(rows: list[ProducerRow]) -> tuple[list[ShardPayload], list[
         c = int(members[0]["latent_c"])
         shape = (c, bucket.latent_height, bucket.latent_width)
         latents = torch.stack([bytes_to_bf16(r["latents"], shape) for r in members])
-        text = torch.cat([bytes_to_bf16(r["text"], (int(r["text_len"]), int(r["text_dim"])))
-                          for r in members])
+        text = torch.cat([bytes_to_bf16(r["text"], (int(r["text_len"]), int(r["text_dim"]))) for r in members])
         cond = None
         if any(r["task"] == "edit" for r in members):
-            cond = torch.stack([
-                bytes_to_bf16(r["cond_latents"], shape) if r["task"] == "edit"
-                else torch.zeros(shape, dtype=torch.bfloat16) for r in members])
-        samples = [SampleMeta(r["content_hash"], r["task"], r["caption"], r["source_uri"], r["condition_uri"] or None,
-                              int(r["text_len"]), bool(r["text_truncated"]), int(r["orig_h"]), int(r["orig_w"]),
-                              int(r["crop_top"]), int(r["crop_left"])) for r in members]
+            cond = torch.stack(
+                [
+                    bytes_to_bf16(r["cond_latents"], shape)
+                    if r["task"] == "edit"
+                    else torch.zeros(shape, dtype=torch.bfloat16)
+                    for r in members
+                ]
+            )
+        samples = [
+            SampleMeta(
+                r["content_hash"],
+                r["task"],
+                r["caption"],
+                r["source_uri"],
+                r["condition_uri"] or None,
+                int(r["text_len"]),
+                bool(r["text_truncated"]),
+                int(r["orig_h"]),
+                int(r["orig_w"]),
+                int(r["crop_top"]),
+                int(r["crop_left"]),
+            )
+            for r in members
+        ]
         tensors = ShardTensors(latents, text, offsets_from_lengths([s.text_len for s in samples]), cond)
         payloads.append(ShardPayload(bucket, tensors, samples))
     committed = len({r["input_id"] for r in encoded})
     return payloads, quarantine, duplicates, committed
 
 
-def write_partition(cache_url: str, partition_id: str, rows: list[ProducerRow], *, encoder_version: str, run_id: str,
-                    fault: FaultConfig) -> PartitionOutcome:
+def write_partition(
+    cache_url: str, partition_id: str, rows: list[ProducerRow], *, encoder_version: str, run_id: str, fault: FaultConfig
+) -> PartitionOutcome:
     """Publish one partition; if another attempt already committed it, report that commit."""
     storage = CacheStorage(cache_url)
     existing = read_commit(storage, partition_id)
@@ -107,12 +135,23 @@ def write_partition(cache_url: str, partition_id: str, rows: list[ProducerRow], 
     # Duplicates only of committed samples: decided again now, against the commit records.
     rows, repoint = resolve_duplicates(storage, partition_id, rows)
     payloads, quarantine, duplicates, committed = rows_to_payloads(rows)
-    result = publish_partition(storage, partition_id, inputs=inputs, shards=payloads, quarantine=quarantine,
-                               duplicates=duplicates, committed=committed, encoder_version=encoder_version,
-                               run_id=run_id, fault_hook=_fault_hook(fault))
+    result = publish_partition(
+        storage,
+        partition_id,
+        inputs=inputs,
+        shards=payloads,
+        quarantine=quarantine,
+        duplicates=duplicates,
+        committed=committed,
+        encoder_version=encoder_version,
+        run_id=run_id,
+        fault_hook=_fault_hook(fault),
+    )
     if result.won and repoint:
         repoint_claims(storage, partition_id, repoint)
     record = result.record if result.won else read_commit(storage, partition_id)
     outcome = outcome_from_record(record, result.won, result.bytes_written)
-    outcome.stage_seconds = {k: [float(r[k]) for r in rows if r["kind"] == "encode"] for k in ("t_read", "t_decode", "t_vae", "t_text")}
+    outcome.stage_seconds = {
+        k: [float(r[k]) for r in rows if r["kind"] == "encode"] for k in ("t_read", "t_decode", "t_vae", "t_text")
+    }
     return outcome

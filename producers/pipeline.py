@@ -112,14 +112,17 @@ def check_output(url: str) -> bool:
     """
     fs, path = fsspec.core.url_to_fs(url)
     if fs.isfile(path):
-        raise OutputError(f"--output {url}: is an existing file, not a cache directory; name a new or existing cache "
-                          "directory")
+        raise OutputError(
+            f"--output {url}: is an existing file, not a cache directory; name a new or existing cache directory"
+        )
     if fs.isdir(path):
         if fs.exists(posixpath.join(path, CACHE_INFO_FILE)):
             return True
         if fs.ls(path, detail=False):
-            raise OutputError(f"--output {url}: is a non-empty directory that is not a latent cache (no "
-                              f"{CACHE_INFO_FILE}); name a new or empty directory, or an existing cache")
+            raise OutputError(
+                f"--output {url}: is a non-empty directory that is not a latent cache (no "
+                f"{CACHE_INFO_FILE}); name a new or empty directory, or an existing cache"
+            )
         return False
     parent = posixpath.dirname(path.rstrip("/"))
     while parent and parent != path and not fs.exists(parent):
@@ -165,13 +168,15 @@ def check_resources(cfg: ProducerConfig, cpus: float, gpus: float | None, where:
             f"x {vae.num_cpus:g} + --text-actors MIN {text.min_actors} x {text.num_cpus:g}, --cpus-per-actor) and a "
             f"read task and a shard writer need {cfg.cpu_task_cpus + cfg.writer_cpus:g} more: {need:g} CPUs in all, "
             "or the run would wait forever. Give more CPUs (--local-num-cpus for the embedded Ray), or lower "
-            "--cpus-per-actor or the MIN of --vae-actors / --text-actors")
+            "--cpus-per-actor or the MIN of --vae-actors / --text-actors"
+        )
     gpu_need = vae.min_actors * vae.num_gpus + text.min_actors * text.num_gpus
     if gpus is not None and gpu_need > gpus + 1e-9:
         raise ResourceError(
             f"{where}: {gpus:g} GPUs, but the encoder actor pools reserve {gpu_need:g} (--gpus-per-actor "
             f"{max(vae.num_gpus, text.num_gpus):g} x the MIN of --vae-actors / --text-actors), so no actor could start; "
-            "lower --gpus-per-actor (0 on CPU) or run where the GPUs are")
+            "lower --gpus-per-actor (0 on CPU) or run where the GPUs are"
+        )
 
 
 def _ensure_ray(address: str | None, local_num_cpus: float | None, connect_timeout_s: float = 30.0) -> bool:
@@ -278,11 +283,13 @@ def _join_ray(address: str, given_as: str, timeout_s: float) -> None:
         raise RayConnectError(
             f"{given_as} {address}: no Ray cluster answered within {timeout_s:g} s (--ray-connect-timeout); check "
             "the address (the head's GCS host:port, e.g. 10.0.0.5:6379, or 'auto') and that the cluster is up, or "
-            "leave --ray-address unset for the embedded local Ray")
+            "leave --ray-address unset for the embedded local Ray"
+        )
     error = result.get("error")
     if isinstance(error, (ConnectionError, TimeoutError, ValueError, OSError)):
-        raise RayConnectError(f"{given_as} {address}: cannot join the Ray cluster ({type(error).__name__}: "
-                              f"{error})") from error
+        raise RayConnectError(
+            f"{given_as} {address}: cannot join the Ray cluster ({type(error).__name__}: {error})"
+        ) from error
     if error is not None:
         raise error
 
@@ -314,8 +321,14 @@ def _init_loopback_ray(num_cpus: float) -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
         # address="local": always a new instance, never a `ray start` head found on this machine.
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, dashboard_host=LOOPBACK,
-                 _node_ip_address=LOOPBACK, log_to_driver=False)
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            dashboard_host=LOOPBACK,
+            _node_ip_address=LOOPBACK,
+            log_to_driver=False,
+        )
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = saved_flag
         if saved_env is None:
@@ -326,8 +339,10 @@ def _init_loopback_ray(num_cpus: float) -> None:
     gcs_host = ray.get_runtime_context().gcs_address.rsplit(":", 1)[0]
     if node_ip != LOOPBACK or gcs_host != LOOPBACK:
         ray.shutdown()
-        raise RuntimeError(f"the embedded Ray came up on {node_ip} (GCS {gcs_host}), not {LOOPBACK}: "
-                           "refusing to run with listeners beyond loopback")
+        raise RuntimeError(
+            f"the embedded Ray came up on {node_ip} (GCS {gcs_host}), not {LOOPBACK}: "
+            "refusing to run with listeners beyond loopback"
+        )
 
 
 def produce(req: ProduceRequest, on_progress: Callable[[ProducerCounts], None] | None = None) -> ProducerCounts:
@@ -346,8 +361,9 @@ def produce(req: ProduceRequest, on_progress: Callable[[ProducerCounts], None] |
     enc_version = encoder_version(encoders_dir)
     run_id = uuid.uuid4().hex[:12]
     existing = open_cache(req.output).storage if cache_exists else None
-    plan = check_settings(existing, sample_settings(cfg, enc_version), encoders=req.encoders,
-                          new_version=req.new_settings_version)
+    plan = check_settings(
+        existing, sample_settings(cfg, enc_version), encoders=req.encoders, new_version=req.new_settings_version
+    )
     partitions = make_partitions(items, cfg.partition_size, enc_version + "|" + cfg.fingerprint())
     counts = ProducerCounts(inputs=len(items), partitions_total=len(partitions))
     records = {p.partition_id: read_commit(existing, p.partition_id) for p in partitions} if existing else {}
@@ -357,10 +373,19 @@ def produce(req: ProduceRequest, on_progress: Callable[[ProducerCounts], None] |
     if needs_ray and embedded:  # before starting it: the GPUs it would see are the ones torch sees
         import torch
 
-        check_resources(cfg, embedded_num_cpus(req.local_num_cpus), float(torch.cuda.device_count()),
-                        f"--local-num-cpus {req.local_num_cpus:g}" if req.local_num_cpus else
-                        f"the embedded Ray (max(4, cores) = {embedded_num_cpus(None):g} CPUs)")
-    metrics = ProducerMetrics(port=req.metrics_port, host=req.metrics_host) if req.metrics_port is not None else ProducerMetrics()
+        check_resources(
+            cfg,
+            embedded_num_cpus(req.local_num_cpus),
+            float(torch.cuda.device_count()),
+            f"--local-num-cpus {req.local_num_cpus:g}"
+            if req.local_num_cpus
+            else f"the embedded Ray (max(4, cores) = {embedded_num_cpus(None):g} CPUs)",
+        )
+    metrics = (
+        ProducerMetrics(port=req.metrics_port, host=req.metrics_host)
+        if req.metrics_port is not None
+        else ProducerMetrics()
+    )
     started_ray = False
     try:
         if needs_ray:
@@ -368,18 +393,38 @@ def produce(req: ProduceRequest, on_progress: Callable[[ProducerCounts], None] |
 
             started_ray = _ensure_ray(req.ray_address, req.local_num_cpus, req.ray_connect_timeout_s)
             total = ray.cluster_resources()
-            check_resources(cfg, float(total.get("CPU", 0.0)), float(total.get("GPU", 0.0)),
-                            "the embedded Ray" if started_ray
-                            else f"the Ray cluster at {ray.get_runtime_context().gcs_address}")
+            check_resources(
+                cfg,
+                float(total.get("CPU", 0.0)),
+                float(total.get("GPU", 0.0)),
+                "the embedded Ray" if started_ray else f"the Ray cluster at {ray.get_runtime_context().gcs_address}",
+            )
         cache = init_cache(req.output)
         storage = cache.storage
-        settings_version = record_settings(storage, plan, run_id=run_id,
-                                           commits_before=0 if plan.action != "create" else len(storage.listdir("commits")))
+        settings_version = record_settings(
+            storage,
+            plan,
+            run_id=run_id,
+            commits_before=0 if plan.action != "create" else len(storage.listdir("commits")),
+        )
         status = StatusFile(storage, run_id)
         state = "failed"
         try:
-            _run(req, cfg, partitions, todo, records, counts, metrics, status, storage, encoders_dir, enc_version,
-                 run_id, on_progress)
+            _run(
+                req,
+                cfg,
+                partitions,
+                todo,
+                records,
+                counts,
+                metrics,
+                status,
+                storage,
+                encoders_dir,
+                enc_version,
+                run_id,
+                on_progress,
+            )
             sweep_orphans(storage, grace_s=cfg.sweep_grace_s)
             cache.create_snapshot()
             state = "finished"
@@ -395,9 +440,21 @@ def produce(req: ProduceRequest, on_progress: Callable[[ProducerCounts], None] |
     return counts
 
 
-def _run(req: ProduceRequest, cfg: ProducerConfig, partitions: list[Partition], todo: list[Partition], records: dict,
-         counts: ProducerCounts, metrics: ProducerMetrics, status: StatusFile, storage, encoders_dir: str,
-         enc_version: str, run_id: str, on_progress) -> None:
+def _run(
+    req: ProduceRequest,
+    cfg: ProducerConfig,
+    partitions: list[Partition],
+    todo: list[Partition],
+    records: dict,
+    counts: ProducerCounts,
+    metrics: ProducerMetrics,
+    status: StatusFile,
+    storage,
+    encoders_dir: str,
+    enc_version: str,
+    run_id: str,
+    on_progress,
+) -> None:
     """Skip committed partitions, run the rest through Ray Data and the writers."""
     sweep_orphans(storage, grace_s=cfg.sweep_grace_s)
     # Commit records read before Ray started, or committed since by another producer.
@@ -409,16 +466,29 @@ def _run(req: ProduceRequest, cfg: ProducerConfig, partitions: list[Partition], 
         else:
             todo_ids.add(p.partition_id)
     todo = [p for p in todo if p.partition_id in todo_ids]
-    log.info("run %s: %d inputs in %d partitions, %d already committed, encoders %s (%s)", run_id, counts.inputs,
-             len(partitions), len(partitions) - len(todo), encoders_dir, enc_version)
+    log.info(
+        "run %s: %d inputs in %d partitions, %d already committed, encoders %s (%s)",
+        run_id,
+        counts.inputs,
+        len(partitions),
+        len(partitions) - len(todo),
+        encoders_dir,
+        enc_version,
+    )
     # Partitions whose every input was rejected while listing need no reading, no encoders and
     # no Ray: the driver writes their quarantine tables itself.
     for p in [p for p in todo if not _needs_encoding(p)]:
         rows = prepare_partition(_partition_row(p), cache_url=req.output, config=cfg, encoder_version=enc_version)
         counts.read += len(p.items)
         metrics.images_read.inc(len(p.items))
-        _account(counts, metrics, write_partition(req.output, p.partition_id, rows, encoder_version=enc_version,
-                                                  run_id=run_id, fault=FaultConfig()), skipped=False)
+        _account(
+            counts,
+            metrics,
+            write_partition(
+                req.output, p.partition_id, rows, encoder_version=enc_version, run_id=run_id, fault=FaultConfig()
+            ),
+            skipped=False,
+        )
     todo = [p for p in todo if _needs_encoding(p)]
     if not todo:
         return
@@ -433,7 +503,11 @@ def _run(req: ProduceRequest, cfg: ProducerConfig, partitions: list[Partition], 
             writes.pop(ref)
             outcome: PartitionOutcome = ray.get(ref)
             _account(counts, metrics, outcome, skipped=False)
-            if cfg.fault.kill_writer_at and cfg.fault.kill_scope == "driver" and counts.partitions_done - counts.partitions_skipped >= cfg.fault.after_partitions:
+            if (
+                cfg.fault.kill_writer_at
+                and cfg.fault.kill_scope == "driver"
+                and counts.partitions_done - counts.partitions_skipped >= cfg.fault.after_partitions
+            ):
                 os._exit(137)  # fault injection: the whole producer dies; rerun resumes
 
     for w in range(0, len(todo), WINDOW_PARTITIONS):
@@ -454,8 +528,11 @@ def _run(req: ProduceRequest, cfg: ProducerConfig, partitions: list[Partition], 
                 metrics.images_read.inc(n_inputs)
                 while len(writes) >= cfg.max_inflight_partitions:
                     finish_one(block=True)
-                writes[remote_write.remote(req.output, pid, rows, encoder_version=enc_version, run_id=run_id,
-                                           fault=cfg.fault)] = pid
+                writes[
+                    remote_write.remote(
+                        req.output, pid, rows, encoder_version=enc_version, run_id=run_id, fault=cfg.fault
+                    )
+                ] = pid
             finish_one(block=False) if writes else None
             queues = {"partitions_assembling": len(pending), "writes_inflight": len(writes)}
             for name, depth in queues.items():
@@ -518,7 +595,9 @@ def _poll_actors(metrics: ProducerMetrics, every_s: float = 5.0) -> None:
         metrics.alive_actors.labels(pool).set(sum(1 for a in alive if pool in (a.class_name or "")))
 
 
-def _build_dataset(window: list[Partition], req: ProduceRequest, cfg: ProducerConfig, encoders_dir: str, enc_version: str):
+def _build_dataset(
+    window: list[Partition], req: ProduceRequest, cfg: ProducerConfig, encoders_dir: str, enc_version: str
+):
     import ray
     import ray.data
 
@@ -527,12 +606,23 @@ def _build_dataset(window: list[Partition], req: ProduceRequest, cfg: ProducerCo
     ctx.execution_options.preserve_order = False
     rows = [_partition_row(p) for p in window]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
-    ds = ds.flat_map(prepare_partition, num_cpus=cfg.cpu_task_cpus,
-                     fn_kwargs={"cache_url": req.output, "config": cfg, "encoder_version": enc_version})
+    ds = ds.flat_map(
+        prepare_partition,
+        num_cpus=cfg.cpu_task_cpus,
+        fn_kwargs={"cache_url": req.output, "config": cfg, "encoder_version": enc_version},
+    )
     for stage, pool, kwargs in (
         (VaeStage, cfg.vae_pool, {"encoders_dir": encoders_dir, "device": req.device}),
-        (TextStage, cfg.text_pool, {"encoders_dir": encoders_dir, "device": req.device,
-                                    "max_text_tokens": cfg.max_text_tokens, "overlong_caption": cfg.overlong_caption}),
+        (
+            TextStage,
+            cfg.text_pool,
+            {
+                "encoders_dir": encoders_dir,
+                "device": req.device,
+                "max_text_tokens": cfg.max_text_tokens,
+                "overlong_caption": cfg.overlong_caption,
+            },
+        ),
     ):
         ds = ds.map_batches(
             stage,

@@ -131,8 +131,7 @@ class SettingsPlan:
     encoders: str
 
 
-def check_settings(storage: CacheStorage | None, settings: dict, *, encoders: str,
-                   new_version: bool) -> SettingsPlan:
+def check_settings(storage: CacheStorage | None, settings: dict, *, encoders: str, new_version: bool) -> SettingsPlan:
     """Compare `settings` with the cache's current version, writing nothing.
 
     `storage` is None when the cache does not exist yet. Raises `SettingsError` (naming the keys
@@ -162,14 +161,24 @@ def record_settings(storage: CacheStorage, plan: SettingsPlan, *, run_id: str, c
 
     A producer that raced another one to create the file re-checks against the winner's settings.
     """
-    entry = {"version": plan.version, "created_unix": time.time(), "run_id": run_id, "encoders": plan.encoders,
-             "commits_before": commits_before, "settings": plan.settings}
+    entry = {
+        "version": plan.version,
+        "created_unix": time.time(),
+        "run_id": run_id,
+        "encoders": plan.encoders,
+        "commits_before": commits_before,
+        "settings": plan.settings,
+    }
     if plan.action == "match":
         return plan.version
     if plan.action == "create":
         if commits_before:
-            log.warning("cache %s holds %d commits made before producer settings were recorded; recording this "
-                        "run's settings as version 1", storage.url, commits_before)
+            log.warning(
+                "cache %s holds %d commits made before producer settings were recorded; recording this "
+                "run's settings as version 1",
+                storage.url,
+                commits_before,
+            )
         doc = {"format": FORMAT, "current": 1, "versions": [entry]}
         if storage.write_exclusive(SETTINGS_FILE, json.dumps(doc, indent=1, sort_keys=True).encode()):
             return 1
@@ -187,5 +196,13 @@ def record_settings(storage: CacheStorage, plan: SettingsPlan, *, run_id: str, c
     return entry["version"]
 
 
-__all__ = ["SETTINGS_FILE", "SettingsError", "SettingsPlan", "check_settings", "read_settings", "record_settings",
-           "sample_settings", "settings_diff"]
+__all__ = [
+    "SETTINGS_FILE",
+    "SettingsError",
+    "SettingsPlan",
+    "check_settings",
+    "read_settings",
+    "record_settings",
+    "sample_settings",
+    "settings_diff",
+]

@@ -124,8 +124,10 @@ def open_source(spec: str) -> Iterator[InputItem]:
     if fs.isdir(path):
         names = [posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)]
         if not names:
-            raise SourceError(f"--input {spec}: the folder is empty (expected images with .txt sidecars or "
-                              "captions.jsonl/csv, or WebDataset .tar shards)")
+            raise SourceError(
+                f"--input {spec}: the folder is empty (expected images with .txt sidecars or "
+                "captions.jsonl/csv, or WebDataset .tar shards)"
+            )
         if all(n.lower().endswith(".tar") for n in names):
             return _webdataset_items(fs, sorted(posixpath.join(path, n) for n in names), proto, spec)
         return _folder_items(fs, path, proto, spec)
@@ -135,20 +137,25 @@ def open_source(spec: str) -> Iterator[InputItem]:
 def _synthetic_source(spec: str) -> Iterator[InputItem]:
     from producers.synthetic import KINDS, synthetic_items
 
-    kind, _, query = spec[len("synthetic:"):].partition("?")
+    kind, _, query = spec[len("synthetic:") :].partition("?")
     kind = kind or "text"
     if kind not in KINDS:
-        raise SourceError(f"--input {spec}: unknown synthetic source {kind!r}; available: "
-                          + ", ".join(f"synthetic:{k}" for k in KINDS))
+        raise SourceError(
+            f"--input {spec}: unknown synthetic source {kind!r}; available: "
+            + ", ".join(f"synthetic:{k}" for k in KINDS)
+        )
     try:
         params = parse_qs(query, keep_blank_values=True, strict_parsing=bool(query))
     except ValueError as exc:
-        raise SourceError(f"--input {spec}: malformed query {query!r} ({exc}); expected e.g. "
-                          "synthetic:text?n=64&seed=0") from None
+        raise SourceError(
+            f"--input {spec}: malformed query {query!r} ({exc}); expected e.g. synthetic:text?n=64&seed=0"
+        ) from None
     unknown = sorted(set(params) - set(SYNTHETIC_KEYS))
     if unknown:
-        raise SourceError(f"--input {spec}: unknown query key{'s' if len(unknown) > 1 else ''} "
-                          f"{', '.join(map(repr, unknown))}; known keys: {', '.join(SYNTHETIC_KEYS)}")
+        raise SourceError(
+            f"--input {spec}: unknown query key{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(map(repr, unknown))}; known keys: {', '.join(SYNTHETIC_KEYS)}"
+        )
     values = {}
     for key, default, minimum in (("n", 64, 1), ("seed", 0, None)):
         given = params.get(key)
@@ -265,8 +272,10 @@ def _manifest_items(fs, path: str, proto: str) -> Iterator[InputItem]:
     caption_col = next((c for c in CAPTION_COLUMNS if c in columns), None)
     for what, col, names in (("image", image_col, IMAGE_COLUMNS), ("caption", caption_col, CAPTION_COLUMNS)):
         if col is None:
-            raise SourceError(f"{proto}{path}: manifest has no {what} column (expected one of "
-                              f"{', '.join(names)}); columns found: {', '.join(columns) or 'none'}")
+            raise SourceError(
+                f"{proto}{path}: manifest has no {what} column (expected one of "
+                f"{', '.join(names)}); columns found: {', '.join(columns) or 'none'}"
+            )
     if not rows:
         raise SourceError(f"{proto}{path}: manifest has no rows")
     base = posixpath.dirname(path)
@@ -308,12 +317,16 @@ def _folder_items(fs, path: str, proto: str, spec: str) -> Iterator[InputItem]:
             rows, columns = _read_table(fs, candidate)
             missing = [c for c in ("path", "caption") if c not in columns]
             if missing:
-                raise SourceError(f"{proto}{candidate}: caption index has no {' or '.join(map(repr, missing))} "
-                                  f"column (expected path, caption); columns found: {', '.join(columns) or 'none'}")
+                raise SourceError(
+                    f"{proto}{candidate}: caption index has no {' or '.join(map(repr, missing))} "
+                    f"column (expected path, caption); columns found: {', '.join(columns) or 'none'}"
+                )
             for i, row in enumerate(rows):
                 if not isinstance(row.get("path"), str):
-                    raise SourceError(f"{proto}{candidate}: row {i}: column 'path' is {_describe(row.get('path'))}, "
-                                      "expected the image's path relative to the folder")
+                    raise SourceError(
+                        f"{proto}{candidate}: row {i}: column 'path' is {_describe(row.get('path'))}, "
+                        "expected the image's path relative to the folder"
+                    )
                 index[row["path"]] = row.get("caption")
             break
     items = []
@@ -329,8 +342,10 @@ def _folder_items(fs, path: str, proto: str, spec: str) -> Iterator[InputItem]:
             stem = posixpath.splitext(full)[0]
             items.append(InputItem(printable(rel), proto + full, caption_uri=proto + stem + ".txt", label=label))
     if not items:
-        raise SourceError(f"--input {spec}: no inputs in the folder ({len(files)} files, none an image "
-                          f"({', '.join(IMAGE_EXTENSIONS)}) or a file with a .txt caption sidecar)")
+        raise SourceError(
+            f"--input {spec}: no inputs in the folder ({len(files)} files, none an image "
+            f"({', '.join(IMAGE_EXTENSIONS)}) or a file with a .txt caption sidecar)"
+        )
     return iter(items)
 
 
@@ -358,8 +373,10 @@ def _tar_groups(fs, tar_path: str, spec: str) -> dict[str, list[tuple[str, tuple
                     ext = "." + base.split(".", 1)[1].lower() if "." in base else ""
                     groups.setdefault(key, []).append((ext, (member.offset_data, member.size)))
     except (tarfile.TarError, EOFError, OSError) as exc:
-        raise SourceError(f"--input {spec}: {tar_path} is not a readable tar archive ({type(exc).__name__}: {exc}); "
-                          "repair it or move it out of the input") from None
+        raise SourceError(
+            f"--input {spec}: {tar_path} is not a readable tar archive ({type(exc).__name__}: {exc}); "
+            "repair it or move it out of the input"
+        ) from None
     return groups
 
 
@@ -374,22 +391,46 @@ def _webdataset_items(fs, tars: list[str], proto: str, spec: str) -> Iterator[In
             label = printable(f"{uri}#{key}")
             key = printable(key)
             if not images:
-                items.append(InputItem(
-                    input_id=f"{tar_name}/{key}", image_uri=label, label=label,
-                    rejected=("missing_file", f"{label}: no image member ({', '.join(IMAGE_EXTENSIONS)}) under this key")))
+                items.append(
+                    InputItem(
+                        input_id=f"{tar_name}/{key}",
+                        image_uri=label,
+                        label=label,
+                        rejected=(
+                            "missing_file",
+                            f"{label}: no image member ({', '.join(IMAGE_EXTENSIONS)}) under this key",
+                        ),
+                    )
+                )
                 continue
             (first_ext, first), extra = images[0], images[1:]
-            items.append(InputItem(
-                input_id=f"{tar_name}/{key}", image_uri=uri, tar_member=first, label=label,
-                caption_uri=uri if caption else None, caption_member=caption[1] if caption else None,
-            ))
+            items.append(
+                InputItem(
+                    input_id=f"{tar_name}/{key}",
+                    image_uri=uri,
+                    tar_member=first,
+                    label=label,
+                    caption_uri=uri if caption else None,
+                    caption_member=caption[1] if caption else None,
+                )
+            )
             for ext, member in extra:  # one sample per key: a second image is counted, not dropped
                 extra_label = printable(f"{uri}#{key}{ext}@{member[0]}")
-                items.append(InputItem(
-                    input_id=printable(f"{tar_name}/{key}{ext}@{member[0]}"), image_uri=uri, tar_member=member, label=extra_label,
-                    rejected=("extra_image", f"{extra_label}: a second image member under key {key!r} "
-                                             f"(the key's sample uses its {first_ext} member); one image per key")))
+                items.append(
+                    InputItem(
+                        input_id=printable(f"{tar_name}/{key}{ext}@{member[0]}"),
+                        image_uri=uri,
+                        tar_member=member,
+                        label=extra_label,
+                        rejected=(
+                            "extra_image",
+                            f"{extra_label}: a second image member under key {key!r} "
+                            f"(the key's sample uses its {first_ext} member); one image per key",
+                        ),
+                    )
+                )
     if not items:
-        raise SourceError(f"--input {spec}: no samples in {len(tars)} tar file{'s' if len(tars) != 1 else ''} "
-                          "(no member files)")
+        raise SourceError(
+            f"--input {spec}: no samples in {len(tars)} tar file{'s' if len(tars) != 1 else ''} (no member files)"
+        )
     return iter(items)

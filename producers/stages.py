@@ -52,7 +52,9 @@ def _read_caption(item: InputItem):
     exists but cannot be read is `Rejected` (``unreadable_caption``) naming it."""
     if item.caption is not None or item.caption_uri is None:
         return item.caption
-    where = printable(f"{item.source_uri}: caption {'member of ' if item.caption_member else 'sidecar '}{item.caption_uri}")
+    where = printable(
+        f"{item.source_uri}: caption {'member of ' if item.caption_member else 'sidecar '}{item.caption_uri}"
+    )
     try:
         return read_uri_bytes(item.caption_uri, tuple(item.caption_member) if item.caption_member else None)
     except FileNotFoundError:
@@ -60,7 +62,9 @@ def _read_caption(item: InputItem):
     except IsADirectoryError:
         raise Rejected("unreadable_caption", f"{where} is a directory, not a text file") from None
     except (OSError, ValueError) as exc:  # ValueError: a path the OS refuses (e.g. embedded NUL)
-        raise Rejected("unreadable_caption", printable(f"{where} cannot be read ({type(exc).__name__}: {exc})")) from None
+        raise Rejected(
+            "unreadable_caption", printable(f"{where} cannot be read ({type(exc).__name__}: {exc})")
+        ) from None
 
 
 def _vl_size(h: int, w: int, side: int) -> tuple[int, int]:
@@ -82,8 +86,14 @@ def prepare_partition(row: dict, *, cache_url: str, config: ProducerConfig, enco
     for item in items:
         uri = item.source_uri
         cond_label = printable(item.condition_uri or "")
-        base = empty_row() | {"partition_id": partition_id, "partition_inputs": len(items), "input_id": item.input_id,
-                              "source_uri": uri, "condition_uri": cond_label, "task": item.task}
+        base = empty_row() | {
+            "partition_id": partition_id,
+            "partition_inputs": len(items),
+            "input_id": item.input_id,
+            "source_uri": uri,
+            "condition_uri": cond_label,
+            "task": item.task,
+        }
         if item.rejected:  # known bad at listing time (e.g. a manifest cell that is not a path)
             reason, detail = item.rejected
             out.append(base | {"kind": "quarantine", "reason": reason, "detail": detail})
@@ -95,8 +105,10 @@ def prepare_partition(row: dict, *, cache_url: str, config: ProducerConfig, enco
             caption = decode_caption(_read_caption(item), uri=uri)
             t_read = time.perf_counter() - t0
             content_hash = hashlib.sha256(
-                hashlib.sha256(data).digest() + hashlib.sha256(cond_data).digest()
-                + hashlib.sha256(caption.encode()).digest() + fingerprint
+                hashlib.sha256(data).digest()
+                + hashlib.sha256(cond_data).digest()
+                + hashlib.sha256(caption.encode()).digest()
+                + fingerprint
             ).hexdigest()[:32]
             base |= {"caption": caption, "content_hash": content_hash}
             if content_hash in seen:  # a copy inside this partition: committed with it or not at all
@@ -113,8 +125,9 @@ def prepare_partition(row: dict, *, cache_url: str, config: ProducerConfig, enco
             decoded = decode_image(data, uri=uri, min_side_px=config.min_side_px, max_pixels=config.max_pixels)
             cond = None
             if item.task == "edit":
-                cond = decode_image(cond_data, uri=cond_label, min_side_px=config.min_side_px,
-                                    max_pixels=config.max_pixels)
+                cond = decode_image(
+                    cond_data, uri=cond_label, min_side_px=config.min_side_px, max_pixels=config.max_pixels
+                )
                 vh, vw = _vl_size(cond.height, cond.width, config.edit_vl_area_px)
                 vl = resize_center_crop(cond.pixels, _AnyBucket(vh, vw))
                 base |= {"vl_pixels": vl.pixels.tobytes(), "vl_h": vh, "vl_w": vw}
@@ -122,13 +135,23 @@ def prepare_partition(row: dict, *, cache_url: str, config: ProducerConfig, enco
                 bucket = nearest_bucket(decoded.height, decoded.width, buckets)
                 crop = resize_center_crop(decoded.pixels, bucket)
                 cond_pixels = resize_center_crop(cond.pixels, bucket).pixels.tobytes() if cond is not None else b""
-                out.append(base | {
-                    "kind": "encode", "area": area, "bucket_h": bucket.height_px, "bucket_w": bucket.width_px,
-                    "pixels": crop.pixels.tobytes(), "cond_pixels": cond_pixels,
-                    "orig_h": decoded.height, "orig_w": decoded.width,
-                    "crop_top": crop.crop_top, "crop_left": crop.crop_left,
-                    "t_read": t_read, "t_decode": time.perf_counter() - t1,
-                })
+                out.append(
+                    base
+                    | {
+                        "kind": "encode",
+                        "area": area,
+                        "bucket_h": bucket.height_px,
+                        "bucket_w": bucket.width_px,
+                        "pixels": crop.pixels.tobytes(),
+                        "cond_pixels": cond_pixels,
+                        "orig_h": decoded.height,
+                        "orig_w": decoded.width,
+                        "crop_top": crop.crop_top,
+                        "crop_left": crop.crop_left,
+                        "t_read": t_read,
+                        "t_decode": time.perf_counter() - t1,
+                    }
+                )
         except Rejected as rej:
             out.append(base | {"kind": "quarantine", "reason": rej.reason, "detail": rej.detail})
     for r in out:
@@ -184,7 +207,9 @@ class VaeStage:
 class TextStage:
     """Ray Data actor: Qwen2.5-VL text conditioning for the ``encode`` rows of a batch."""
 
-    def __init__(self, encoders_dir: str, max_text_tokens: int, overlong_caption: str, device: str | None = None) -> None:
+    def __init__(
+        self, encoders_dir: str, max_text_tokens: int, overlong_caption: str, device: str | None = None
+    ) -> None:
         from producers.encoders import TextEncoder
 
         self.encoder = TextEncoder(encoders_dir, device=device, max_text_tokens=max_text_tokens)
@@ -208,9 +233,14 @@ class TextStage:
         for r in todo:
             enc = results[r["input_id"]]
             if enc.truncated and self.overlong_caption == "reject":
-                r.update(kind="quarantine", reason="caption_too_long", latents=b"", cond_latents=b"",
-                         detail=f"{r['source_uri']}: caption is {enc.num_tokens_before_truncation} tokens, "
-                                f"over the limit of {self.encoder.max_text_tokens}")
+                r.update(
+                    kind="quarantine",
+                    reason="caption_too_long",
+                    latents=b"",
+                    cond_latents=b"",
+                    detail=f"{r['source_uri']}: caption is {enc.num_tokens_before_truncation} tokens, "
+                    f"over the limit of {self.encoder.max_text_tokens}",
+                )
                 continue
             r["text"] = bf16_to_bytes(enc.embedding)
             r["text_len"] = int(enc.embedding.shape[0])

@@ -24,11 +24,35 @@ from producers.sources import InputItem, SourceError
 URI_PREFIX = "synthetic:text/"
 #: Kinds of ``synthetic:KIND?...`` inputs.
 KINDS = ("text",)
-_WORDS = ["Qwen", "Image", "render", "typography", "Megatron", "latent", "poster", "OPEN", "sale", "42", "2026",
-          "café", "naïve", "Straße", "Ωmega", "data", "shard", "flow", "glyph", "kerning"]
+_WORDS = [
+    "Qwen",
+    "Image",
+    "render",
+    "typography",
+    "Megatron",
+    "latent",
+    "poster",
+    "OPEN",
+    "sale",
+    "42",
+    "2026",
+    "café",
+    "naïve",
+    "Straße",
+    "Ωmega",
+    "data",
+    "shard",
+    "flow",
+    "glyph",
+    "kerning",
+]
 _CJK = ["通义千问", "图像生成", "你好世界", "文字渲染", "数据集", "日本語", "한국어"]
-_CJK_FONT_GLOBS = ["/usr/share/fonts/**/*CJK*.tt[cf]", "/usr/share/fonts/**/*cjk*.tt[cf]", "/usr/share/fonts/**/wqy*.tt[cf]",
-                   "/usr/share/fonts/**/*Han*.otf"]
+_CJK_FONT_GLOBS = [
+    "/usr/share/fonts/**/*CJK*.tt[cf]",
+    "/usr/share/fonts/**/*cjk*.tt[cf]",
+    "/usr/share/fonts/**/wqy*.tt[cf]",
+    "/usr/share/fonts/**/*Han*.otf",
+]
 _LATIN_FONT_GLOBS = ["/usr/share/fonts/**/DejaVuSans.ttf"]
 
 
@@ -42,7 +66,11 @@ def cjk_font_path() -> str | None:
 
 
 def _font(size: int, cjk: bool) -> ImageFont.FreeTypeFont:
-    path = cjk_font_path() if cjk else next((p for g in _LATIN_FONT_GLOBS for p in sorted(glob.glob(g, recursive=True))), None)
+    path = (
+        cjk_font_path()
+        if cjk
+        else next((p for g in _LATIN_FONT_GLOBS for p in sorted(glob.glob(g, recursive=True))), None)
+    )
     if path:
         return ImageFont.truetype(path, size)
     return ImageFont.load_default(size)  # Pillow's bundled FreeType font
@@ -106,8 +134,9 @@ def render(index: int, seed: int) -> tuple[bytes, str]:
 
 def synthetic_items(kind: str, n: int, seed: int) -> Iterator[InputItem]:
     if kind not in KINDS:
-        raise SourceError(f"synthetic:{kind}: unknown synthetic source; available: "
-                          + ", ".join(f"synthetic:{k}" for k in KINDS))
+        raise SourceError(
+            f"synthetic:{kind}: unknown synthetic source; available: " + ", ".join(f"synthetic:{k}" for k in KINDS)
+        )
     if n < 1:
         raise SourceError(f"synthetic:{kind}?n={n}: expected n >= 1 inputs")
     return _items(n, seed)
@@ -120,5 +149,5 @@ def _items(n: int, seed: int) -> Iterator[InputItem]:
 
 
 def read_synthetic(uri: str) -> bytes:
-    seed, index = uri[len(URI_PREFIX):].split("/")
+    seed, index = uri[len(URI_PREFIX) :].split("/")
     return render(int(index), int(seed))[0]

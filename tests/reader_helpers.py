@@ -32,11 +32,21 @@ def payload(bucket: Bucket, n: int, *, prefix: str, seed: int, edit: int = 0) ->
         if is_edit:
             cond[i] = torch.randn(latents.shape[1:], generator=g) - 100.0
         samples.append(
-            SampleMeta(f"{prefix}-{i}", "edit" if is_edit else "t2i", f"caption {i}", f"file://{prefix}/{i}.png",
-                       f"file://{prefix}/src{i}.png" if is_edit else None, lengths[i], False, 64, 64)
+            SampleMeta(
+                f"{prefix}-{i}",
+                "edit" if is_edit else "t2i",
+                f"caption {i}",
+                f"file://{prefix}/{i}.png",
+                f"file://{prefix}/src{i}.png" if is_edit else None,
+                lengths[i],
+                False,
+                64,
+                64,
+            )
         )
-    tensors = ShardTensors(latents.to(torch.bfloat16), text, offsets_from_lengths(lengths),
-                           cond.to(torch.bfloat16) if edit else None)
+    tensors = ShardTensors(
+        latents.to(torch.bfloat16), text, offsets_from_lengths(lengths), cond.to(torch.bfloat16) if edit else None
+    )
     return ShardPayload(bucket, tensors, samples)
 
 
@@ -48,13 +58,16 @@ def publish(cache_path, partition: str, payloads: list[ShardPayload], *, snapsho
     return cache.create_snapshot().version if snapshot else None
 
 
-def make_cache(cache_path, *, partitions: int = 3, per_bucket: dict[Bucket, int] | None = None, edit: int = 0,
-               tag: str = "") -> str:
+def make_cache(
+    cache_path, *, partitions: int = 3, per_bucket: dict[Bucket, int] | None = None, edit: int = 0, tag: str = ""
+) -> str:
     """A cache of `partitions` partitions, each with `per_bucket[b]` samples per bucket (one snapshot)."""
     per_bucket = per_bucket or {B16: 8, B32: 8}
     for p in range(partitions):
-        payloads = [payload(b, n, prefix=f"{tag}p{p}-{b.name}", seed=100 * p + i, edit=edit)
-                    for i, (b, n) in enumerate(sorted(per_bucket.items()))]
+        payloads = [
+            payload(b, n, prefix=f"{tag}p{p}-{b.name}", seed=100 * p + i, edit=edit)
+            for i, (b, n) in enumerate(sorted(per_bucket.items()))
+        ]
         publish(cache_path, f"{tag}p{p}", payloads, snapshot=False)
     open_cache(str(cache_path)).create_snapshot()
     return str(cache_path)

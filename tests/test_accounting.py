@@ -83,7 +83,13 @@ def test_counts_equal_diffusers_numel(name):
     p = parameter_counts(config)
     assert p.total == sum(t.numel() for t in model.parameters())
     block = dict(model.transformer_blocks[0].named_parameters())
-    prefixes = {"img_mod": "img_mod.", "txt_mod": "txt_mod.", "attention": "attn.", "img_mlp": "img_mlp.", "txt_mlp": "txt_mlp."}
+    prefixes = {
+        "img_mod": "img_mod.",
+        "txt_mod": "txt_mod.",
+        "attention": "attn.",
+        "img_mlp": "img_mlp.",
+        "txt_mlp": "txt_mlp.",
+    }
     for comp, prefix in prefixes.items():
         assert p.block[comp] == sum(v.numel() for k, v in block.items() if k.startswith(prefix)), comp
     # Every block tensor we list exists in diffusers with the same shape.
@@ -210,7 +216,9 @@ def test_memory_small_case_by_hand():
     head = 3 * 4 * 16 * 4 + 4 * 16 * 4  # norm_out LN in/out, proj_out in; fp32 prediction
     assert full_block == 8496 and last_block == 6432
     assert st.activation_bytes == full_block + last_block + embed + head
-    assert r.total_bytes == st.total_bytes == st.params_bytes + st.grads_bytes + st.optimizer_bytes + st.activation_bytes
+    assert (
+        r.total_bytes == st.total_bytes == st.params_bytes + st.grads_bytes + st.optimizer_bytes + st.activation_bytes
+    )
     assert st.gib()["total_bytes"] == pytest.approx(st.total_bytes / 2**30)
 
 
@@ -351,8 +359,14 @@ def test_step_model_flops_from_batch_shapes():
     c = load_config("tiny")
     p2 = c.patch_size**2
     # 2 samples of 8x12 latents (+ one 4x4 condition image), 10 valid text tokens in total
-    got = step_model_flops(c, samples=6, latent_shape=(2, c.out_channels, 8, 12), text_tokens=10,
-                           micro_batch_size=2, condition_shapes=[(2, c.out_channels, 4, 4)])
+    got = step_model_flops(
+        c,
+        samples=6,
+        latent_shape=(2, c.out_channels, 8, 12),
+        text_tokens=10,
+        micro_batch_size=2,
+        condition_shapes=[(2, c.out_channels, 4, 4)],
+    )
     assert got == 6 * model_flops_per_sample(c, 8 * 12 // p2, 5, 4 * 4 // p2)
     # an all-padding text mask still counts one text token per sample
     assert step_model_flops(c, 1, (1, 16, 8, 8), 0, 1) == model_flops_per_sample(c, 8 * 8 // p2, 1)

@@ -41,6 +41,7 @@ def _yaml_file(text: str):
         path = tmp_path / "model.yaml"
         path.write_text(text)
         return str(path)
+
     return make
 
 
@@ -83,9 +84,18 @@ def test_model_info_refuses_exactly_what_training_refuses(capsys, tp, pp, dp):
     """The layout check is training's own (`RunConfig.layout`): same verdict, same message."""
     from consumers.train import RunConfig
 
-    run = RunConfig(model=load_config("qwen-image-20b"), parallel={"tp": tp, "pp": pp}, optimizer=None,
-                    precision=None, recompute=None, flow_matching={}, data=None, schedule=None, checkpoint=None,
-                    logging=None)
+    run = RunConfig(
+        model=load_config("qwen-image-20b"),
+        parallel={"tp": tp, "pp": pp},
+        optimizer=None,
+        precision=None,
+        recompute=None,
+        flow_matching={},
+        data=None,
+        schedule=None,
+        checkpoint=None,
+        logging=None,
+    )
     try:
         run.layout(tp * pp * dp)
         train_error = None
@@ -100,8 +110,11 @@ def test_model_info_refuses_exactly_what_training_refuses(capsys, tp, pp, dp):
 
 # ------------------------------------------------------------------------------------ convert
 def _digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -116,30 +129,35 @@ def _edit_weights(weights: str, edit):
         state = load_file(str(src / weights))
         edit(state)
         save_file(state, str(src / weights))
+
     return make
 
 
 def _int32(name: str):
     def edit(state):
         state[name] = state[name].to(torch.int32)
+
     return edit
 
 
 def _wrong_shape(name: str):
     def edit(state):
         state[name] = torch.zeros(state[name].shape[0], state[name].shape[-1] + 1)
+
     return edit
 
 
 def _write(rel: str, data: bytes):
     def make(src: Path):
         (src / rel).write_bytes(data)
+
     return make
 
 
 def _remove(rel: str):
     def make(src: Path):
         (src / rel).unlink()
+
     return make
 
 
@@ -148,37 +166,75 @@ def _edit_json(rel: str, **fields):
         data = json.loads((src / rel).read_text())
         data.update(fields)
         (src / rel).write_text(json.dumps(data))
+
     return make
 
 
 #: (id, source format, edit of a copy of the source, substrings; "{src}" is the source directory)
 CONVERT_CASES = [
-    ("int32-weight", "diffusers", _edit_weights(WEIGHTS_NAME, _int32("transformer_blocks.0.attn.to_q.weight")),
-     ["transformer_blocks.0.attn.to_q.weight (int32)", "floating-point"]),
-    ("int64-native", "native", _edit_weights(NATIVE_WEIGHTS_NAME, lambda s: s.update(
-        {"proj_out.bias": s["proj_out.bias"].to(torch.int64)})), ["proj_out.bias (int64)"]),
-    ("wrong-shape", "diffusers", _edit_weights(WEIGHTS_NAME, _wrong_shape("img_in.weight")),
-     ["img_in.weight: expected (64, 16), found (64, 17)"]),
-    ("wrong-shape-native", "native", _edit_weights(NATIVE_WEIGHTS_NAME, _wrong_shape("txt_in.weight")),
-     ["{src}", "txt_in.weight: expected"]),
+    (
+        "int32-weight",
+        "diffusers",
+        _edit_weights(WEIGHTS_NAME, _int32("transformer_blocks.0.attn.to_q.weight")),
+        ["transformer_blocks.0.attn.to_q.weight (int32)", "floating-point"],
+    ),
+    (
+        "int64-native",
+        "native",
+        _edit_weights(NATIVE_WEIGHTS_NAME, lambda s: s.update({"proj_out.bias": s["proj_out.bias"].to(torch.int64)})),
+        ["proj_out.bias (int64)"],
+    ),
+    (
+        "wrong-shape",
+        "diffusers",
+        _edit_weights(WEIGHTS_NAME, _wrong_shape("img_in.weight")),
+        ["img_in.weight: expected (64, 16), found (64, 17)"],
+    ),
+    (
+        "wrong-shape-native",
+        "native",
+        _edit_weights(NATIVE_WEIGHTS_NAME, _wrong_shape("txt_in.weight")),
+        ["{src}", "txt_in.weight: expected"],
+    ),
     ("no-weights", "diffusers", _remove(WEIGHTS_NAME), ["{src}", f"no {WEIGHTS_NAME}"]),
-    ("not-safetensors", "diffusers", _write(WEIGHTS_NAME, b"this is not a safetensors file"),
-     ["{src}/" + WEIGHTS_NAME, "not a readable safetensors file"]),
+    (
+        "not-safetensors",
+        "diffusers",
+        _write(WEIGHTS_NAME, b"this is not a safetensors file"),
+        ["{src}/" + WEIGHTS_NAME, "not a readable safetensors file"],
+    ),
     ("config-not-json", "diffusers", _write(CONFIG_NAME, b"{not json"), ["{src}/" + CONFIG_NAME, "JSON"]),
-    ("other-architecture", "diffusers", _edit_json(CONFIG_NAME, _class_name="FluxTransformer2DModel"),
-     ["{src}/" + CONFIG_NAME, "FluxTransformer2DModel"]),
-    ("bad-config-value", "diffusers", _edit_json(CONFIG_NAME, num_layers="many"),
-     ["{src}/" + CONFIG_NAME, "num_layers='many'"]),
-    ("native-config-foreign", "native", _edit_json(NATIVE_CONFIG_NAME, format="something-else"),
-     ["{src}/" + NATIVE_CONFIG_NAME, "not a megatron-qwenimage checkpoint config"]),
-    ("not-a-checkpoint", "diffusers", lambda src: [p.unlink() for p in list(src.iterdir())],
-     ["{src}", "neither config.json"]),
+    (
+        "other-architecture",
+        "diffusers",
+        _edit_json(CONFIG_NAME, _class_name="FluxTransformer2DModel"),
+        ["{src}/" + CONFIG_NAME, "FluxTransformer2DModel"],
+    ),
+    (
+        "bad-config-value",
+        "diffusers",
+        _edit_json(CONFIG_NAME, num_layers="many"),
+        ["{src}/" + CONFIG_NAME, "num_layers='many'"],
+    ),
+    (
+        "native-config-foreign",
+        "native",
+        _edit_json(NATIVE_CONFIG_NAME, format="something-else"),
+        ["{src}/" + NATIVE_CONFIG_NAME, "not a megatron-qwenimage checkpoint config"],
+    ),
+    (
+        "not-a-checkpoint",
+        "diffusers",
+        lambda src: [p.unlink() for p in list(src.iterdir())],
+        ["{src}", "neither config.json"],
+    ),
 ]
 
 
 @pytest.mark.parametrize("fmt,edit,needles", [c[1:] for c in CONVERT_CASES], ids=[c[0] for c in CONVERT_CASES])
-def test_convert_bad_source_is_one_line_and_writes_nothing(tiny_diffusers_dir, native_dir, tmp_path, capsys,
-                                                           fmt, edit, needles):
+def test_convert_bad_source_is_one_line_and_writes_nothing(
+    tiny_diffusers_dir, native_dir, tmp_path, capsys, fmt, edit, needles
+):
     src = tmp_path / "src"
     shutil.copytree(tiny_diffusers_dir if fmt == "diffusers" else native_dir, src)
     edit(src)

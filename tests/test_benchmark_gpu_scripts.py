@@ -19,8 +19,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu" / script), *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu" / script), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _records(path: Path) -> list[dict]:
@@ -56,8 +61,10 @@ def test_gpu_run_records_every_variant_on_cpu(tmp_path):
     # Per-block CUDA graphs need the hardware: skipped saying so, at the main shape and the buckets.
     graph_skips = [r for r in records if r.get("variant") in ("ours_te_fp8_delayed_graphs", "ours_te_bf16_graphs")]
     assert {(r["variant"], r["shape"]) for r in graph_skips} == {
-        ("ours_te_fp8_delayed_graphs", "64px_b2_t16"), ("ours_te_bf16_graphs", "64px_b2_t16"),
-        ("ours_te_fp8_delayed_graphs", "96px_b2_t16")}
+        ("ours_te_fp8_delayed_graphs", "64px_b2_t16"),
+        ("ours_te_bf16_graphs", "64px_b2_t16"),
+        ("ours_te_fp8_delayed_graphs", "96px_b2_t16"),
+    }
     assert all("CUDA GPU" in r["skipped"] and "CUDA graphs" in r["skipped"] for r in graph_skips)
     # FP8 with its weights re-quantized every step, the graphs' eager counterpart (stand-in: no FP8 here)
     nocache = by[("step", "ours_te_fp8_delayed_nocache", "64px_b2_t16")]
@@ -75,8 +82,19 @@ def test_gpu_run_graph_variants_code_path_on_cpu(tmp_path):
     calls, the tensors-only wrappers installed in the model, parity, timing, release), with the
     capture replaced by calling the blocks eagerly; and ``--skip`` / ``--buckets`` honoured."""
     out = tmp_path / "gpu.jsonl"
-    proc = _run("run.py", "--tiny", "--skip-compile", "--te-standin-local", "--graphs-standin",
-                "--skip", "te_fp8,padded,local,dist_opt,profile", "--buckets", "96", "--out", str(out))
+    proc = _run(
+        "run.py",
+        "--tiny",
+        "--skip-compile",
+        "--te-standin-local",
+        "--graphs-standin",
+        "--skip",
+        "te_fp8,padded,local,dist_opt,profile",
+        "--buckets",
+        "96",
+        "--out",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = _records(out)
     assert not [r for r in records if "error" in r], [r for r in records if "error" in r]
@@ -87,13 +105,16 @@ def test_gpu_run_graph_variants_code_path_on_cpu(tmp_path):
     assert not any(v in ("ours_te_fp8_delayed", "ours_local") or "+pad" in s for v, s in steps)
     assert steps[("diffusers_eager", "64px_b2_t16")]["step_ms"] > 0
     assert steps[("diffusers_eager", "96px_b2_t16")]["step_ms"] > 0
-    for variant, shapes in (("ours_te_fp8_delayed_graphs", ("64px_b2_t16", "96px_b2_t16")),
-                            ("ours_te_bf16_graphs", ("64px_b2_t16",))):
+    for variant, shapes in (
+        ("ours_te_fp8_delayed_graphs", ("64px_b2_t16", "96px_b2_t16")),
+        ("ours_te_bf16_graphs", ("64px_b2_t16",)),
+    ):
         for shape in shapes:
             step = steps[(variant, shape)]
             assert step["step_ms"] > 0 and step["graphs"] == 2 and step["standin"] is True
-            parity = next(r for r in records if r["what"] == "parity" and r["variant"] == variant
-                          and r["shape"] == shape)
+            parity = next(
+                r for r in records if r["what"] == "parity" and r["variant"] == variant and r["shape"] == shape
+            )
             assert parity["standin"] and parity["finite"] and parity["grads_missing"] == 0
             # through the wrappers, the same computation as eager: no further from it than eager
             # from itself (both exact on CPU)
@@ -146,20 +167,25 @@ def test_gpu_run_summary_with_graph_records():
     run = _run_module()
 
     def step(variant, ms, res=1024, fwd_bwd=None, padded=0):
-        r = {"what": "step", "variant": variant, "res": res, "shape": f"{res}px", "padded_text": padded,
-             "step_ms": ms}
+        r = {"what": "step", "variant": variant, "res": res, "shape": f"{res}px", "padded_text": padded, "step_ms": ms}
         if fwd_bwd:
             r["fwd_bwd_ms"] = fwd_bwd
         return r
 
     records = [
-        step("diffusers_eager", 90.0), step("diffusers_compile", 75.0, fwd_bwd=68.0),
-        step("diffusers_torchao_fp8_compile", 70.0), step("ours_te_bf16", 80.0),
-        step("ours_te_fp8_delayed", 72.0), step("ours_te_fp8_delayed_nocache", 74.0, fwd_bwd=70.0),
-        step("ours_te_bf16_graphs", 64.0), step("ours_te_fp8_delayed_graphs", 50.0, fwd_bwd=46.0),
+        step("diffusers_eager", 90.0),
+        step("diffusers_compile", 75.0, fwd_bwd=68.0),
+        step("diffusers_torchao_fp8_compile", 70.0),
+        step("ours_te_bf16", 80.0),
+        step("ours_te_fp8_delayed", 72.0),
+        step("ours_te_fp8_delayed_nocache", 74.0, fwd_bwd=70.0),
+        step("ours_te_bf16_graphs", 64.0),
+        step("ours_te_fp8_delayed_graphs", 50.0, fwd_bwd=46.0),
         {"what": "step", "variant": "ours_te_fp8_delayed_graphs", "shape": "1024px", "skipped": "x"},
-        step("diffusers_eager", 40.0, res=640), step("diffusers_compile", 30.0, res=640),
-        step("ours_te_fp8_delayed_nocache", 25.0, res=640), step("ours_te_fp8_delayed_graphs", 20.0, res=640),
+        step("diffusers_eager", 40.0, res=640),
+        step("diffusers_compile", 30.0, res=640),
+        step("ours_te_fp8_delayed_nocache", 25.0, res=640),
+        step("ours_te_fp8_delayed_graphs", 20.0, res=640),
         {"what": "step", "variant": "ours_te_fp8_delayed_graphs", "res": 1328, "shape": "1328px", "error": "boom"},
     ]
     s = run.summarize(records)

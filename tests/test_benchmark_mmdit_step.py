@@ -20,8 +20,24 @@ def _load():
 
 def test_benchmark_json_smoke(capsys):
     bench = _load()
-    argv = ["--config", "tiny-16ch", "--patches", "4", "6", "--text-tokens", "8", "--batch", "2",
-            "--iters", "1", "--warmup", "0", "--peak-tflops", "1", "--json"]
+    argv = [
+        "--config",
+        "tiny-16ch",
+        "--patches",
+        "4",
+        "6",
+        "--text-tokens",
+        "8",
+        "--batch",
+        "2",
+        "--iters",
+        "1",
+        "--warmup",
+        "0",
+        "--peak-tflops",
+        "1",
+        "--json",
+    ]
     assert bench.main(argv) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["ratio"] > 0

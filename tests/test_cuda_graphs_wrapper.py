@@ -100,7 +100,7 @@ def test_graphed_blocks_match_eager_outputs_and_grads(case):
     assert [k for k, _ in calls] == list(model.blocks.keys())
     grapher = IdentityGrapher()
     graphs = graph_blocks(model, calls, grapher, num_warmup_iters=2)
-    (modules, sample_args, kwargs), = grapher.calls
+    ((modules, sample_args, kwargs),) = grapher.calls
     assert kwargs == {"num_warmup_iters": 2}
     assert all(isinstance(m, TensorBlock) for m in modules)
     assert modules[-1].block.context_only and not modules[0].block.context_only
@@ -145,7 +145,11 @@ def test_graphed_block_refuses_another_layout_and_out_of_order_calls():
     blocks = list(model.blocks.values())
     cfg = model.config
     n, t, b = 16, 6, 2
-    img, txt, temb = torch.randn(n, b, cfg.hidden_size), torch.randn(t, b, cfg.hidden_size), torch.randn(b, cfg.hidden_size)
+    img, txt, temb = (
+        torch.randn(n, b, cfg.hidden_size),
+        torch.randn(t, b, cfg.hidden_size),
+        torch.randn(b, cfg.hidden_size),
+    )
     rope = model.rope.tables([[(1, 4, 4)]] * b, t, img.device)
     # the full pass above ended with the last block: the next call must be block 0
     with pytest.raises(RuntimeError, match="out of the captured order"):
@@ -226,19 +230,35 @@ def test_disable_fp8_weight_cache_flags_megatron_te_linears_only():
 
 
 def test_te_graph_kwargs_follow_the_installed_signature():
-    def new_api(modules, sample_args, num_warmup_iters=3, enabled=None, recipe=None, cache_quantized_params=None,
-                fp8_enabled=None, fp8_recipe=None, fp8_weight_caching=None):
+    def new_api(
+        modules,
+        sample_args,
+        num_warmup_iters=3,
+        enabled=None,
+        recipe=None,
+        cache_quantized_params=None,
+        fp8_enabled=None,
+        fp8_recipe=None,
+        fp8_weight_caching=None,
+    ):
         pass
 
-    def old_api(modules, sample_args, num_warmup_iters=3, fp8_enabled=False, fp8_recipe=None,
-                fp8_weight_caching=False):
+    def old_api(modules, sample_args, num_warmup_iters=3, fp8_enabled=False, fp8_recipe=None, fp8_weight_caching=False):
         pass
 
     recipe = object()
     assert te_graph_kwargs(new_api, fp8=True, recipe=recipe, num_warmup_iters=2) == {
-        "num_warmup_iters": 2, "enabled": True, "recipe": recipe, "cache_quantized_params": False}
+        "num_warmup_iters": 2,
+        "enabled": True,
+        "recipe": recipe,
+        "cache_quantized_params": False,
+    }
     assert te_graph_kwargs(old_api, fp8=True, recipe=recipe) == {
-        "num_warmup_iters": 3, "fp8_enabled": True, "fp8_recipe": recipe, "fp8_weight_caching": False}
+        "num_warmup_iters": 3,
+        "fp8_enabled": True,
+        "fp8_recipe": recipe,
+        "fp8_weight_caching": False,
+    }
     assert te_graph_kwargs(new_api, fp8=False)["enabled"] is False
     with pytest.raises(ValueError, match="recipe"):
         te_graph_kwargs(new_api, fp8=True)

@@ -225,9 +225,7 @@ def test_shifted_sampler_applies_exponential_shift():
     torch.testing.assert_close(out.double(), expected, atol=1e-6, rtol=0)
     assert (out >= raw).all()  # μ > 0 pushes toward noise
     # Per-sample token counts as a tensor.
-    per = shifted.sample(
-        2, generator=torch.Generator().manual_seed(9), image_tokens=torch.tensor([256, 6889])
-    )
+    per = shifted.sample(2, generator=torch.Generator().manual_seed(9), image_tokens=torch.tensor([256, 6889]))
     raw2 = base.sample(2, generator=torch.Generator().manual_seed(9))
     torch.testing.assert_close(per[0], exponential_time_shift(0.5, raw2[:1])[0])
 
@@ -264,7 +262,9 @@ def test_build_sigma_sampler_from_config():
     assert build_sigma_sampler({"kind": "logit_normal", "mean": 0.5, "std": 0.8}) == LogitNormalSigmaSampler(0.5, 0.8)
     s = build_sigma_sampler({"kind": "logit_normal", "resolution_shift": {"max_shift": 1.15, "max_seq_len": 4096}})
     assert isinstance(s, ShiftedSigmaSampler) and s.shift.max_shift == 1.15
-    assert build_sigma_sampler({"kind": "uniform", "resolution_shift": True}) == ShiftedSigmaSampler(UniformSigmaSampler())
+    assert build_sigma_sampler({"kind": "uniform", "resolution_shift": True}) == ShiftedSigmaSampler(
+        UniformSigmaSampler()
+    )
     with pytest.raises(ValueError, match="kind='beta'"):
         build_sigma_sampler({"kind": "beta"})
     with pytest.raises(ValueError, match="unknown key.*'mean'"):

@@ -38,8 +38,11 @@ def test_pipeline_stages_compose_to_the_full_model(tiny_diffusers_dir):
     )
     inputs = make_inputs("edit_one_condition", 16, 24)
     shapes, mask, n_target = full.check_inputs(
-        inputs["hidden_states"], inputs["encoder_hidden_states"], inputs["encoder_hidden_states_mask"],
-        inputs["timestep"], inputs["img_shapes"],
+        inputs["hidden_states"],
+        inputs["encoder_hidden_states"],
+        inputs["encoder_hidden_states_mask"],
+        inputs["timestep"],
+        inputs["img_shapes"],
     )
     with torch.no_grad():
         img, txt, temb = first.embed(
@@ -81,8 +84,10 @@ def test_config_loading_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown MMDiTConfig field\(s\) \['hidden'\]"):
         load_config(bad)
     nested = tmp_path / "run.yaml"
-    nested.write_text("model:\n  num_layers: 2\n  num_attention_heads: 2\n  attention_head_dim: 16\n"
-                      "  joint_attention_dim: 8\n  in_channels: 16\n  out_channels: 4\n  axes_dims_rope: [8, 4, 4]\n")
+    nested.write_text(
+        "model:\n  num_layers: 2\n  num_attention_heads: 2\n  attention_head_dim: 16\n"
+        "  joint_attention_dim: 8\n  in_channels: 16\n  out_channels: 4\n  axes_dims_rope: [8, 4, 4]\n"
+    )
     cfg = load_config(nested)
     assert isinstance(cfg, MMDiTConfig) and cfg.hidden_size == 32 and cfg.axes_dims_rope == (8, 4, 4)
 
@@ -114,8 +119,10 @@ def _good():
         (lambda k: k.update(img_shapes=[[(1, 4, 4)]] * 3), r"describes 16 image tokens but hidden_states has 15"),
         (lambda k: k.update(img_shapes=[[(1, 5, 3)]] * 2), "2 entries but the batch has 3"),
         (lambda k: k.update(img_shapes=[[(1, 0, 3)]] * 3), "positive patch counts"),
-        (lambda k: k.update(encoder_hidden_states=torch.zeros(3, 1025, 16),
-                            encoder_hidden_states_mask=None), "1025 tokens is longer than the 1024-token"),
+        (
+            lambda k: k.update(encoder_hidden_states=torch.zeros(3, 1025, 16), encoder_hidden_states_mask=None),
+            "1025 tokens is longer than the 1024-token",
+        ),
         (lambda k: k.update(guidance=torch.ones(3)), "no guidance embedding"),
     ],
 )
@@ -156,8 +163,11 @@ def test_recompute_reruns_what_it_says_and_keeps_gradients(tiny_diffusers_dir, m
     rerun = sorted(k for k, v in calls.items() if v == 2)
     # A recomputed block also reruns its attention.
     assert rerun == sorted(set(names) | {f"{n}.attention" for n in names if not n.endswith("attention")})
-    expected = {"none": [], "selective": ["blocks.0.attention", "blocks.1.attention", "blocks.2.attention"],
-                "full": ["blocks.0", "blocks.2"]}[mode]
+    expected = {
+        "none": [],
+        "selective": ["blocks.0.attention", "blocks.1.attention", "blocks.2.attention"],
+        "full": ["blocks.0", "blocks.2"],
+    }[mode]
     assert names == expected
     if mode == "full":
         assert calls["blocks.0.attention"] == 2 and calls["blocks.1.attention"] == 1

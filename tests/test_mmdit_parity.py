@@ -60,8 +60,17 @@ def test_last_block_unused_text_weights_are_buffers(models):
     assert missing == []
     last = ours.blocks[str(ours.config.num_layers - 1)]
     assert set(dict(last.carried.named_buffers())) == {
-        "q_weight", "q_bias", "q_norm_weight", "out_weight", "out_bias", "fc1_weight", "fc1_bias",
-        "fc2_weight", "fc2_bias", "mod_tail_weight", "mod_tail_bias",
+        "q_weight",
+        "q_bias",
+        "q_norm_weight",
+        "out_weight",
+        "out_bias",
+        "fc1_weight",
+        "fc1_bias",
+        "fc2_weight",
+        "fc2_bias",
+        "mod_tail_weight",
+        "mod_tail_bias",
     }
     counts = ours.num_parameters()
     assert counts["total"] == sum(p.numel() for p in reference.parameters())
@@ -80,7 +89,9 @@ def test_per_sample_layouts_in_one_batch(models):
         both = ours(hidden_states=x, encoder_hidden_states=txt, timestep=sigma, img_shapes=shapes)
         for b in range(2):
             one = ours(
-                hidden_states=x[b : b + 1], encoder_hidden_states=txt[b : b + 1], timestep=sigma[b : b + 1],
+                hidden_states=x[b : b + 1],
+                encoder_hidden_states=txt[b : b + 1],
+                timestep=sigma[b : b + 1],
                 img_shapes=[shapes[b]],
             )
             assert (both[b] - one[0]).abs().max().item() <= 1e-5

@@ -24,8 +24,15 @@ def test_sampling_through_diffusers_pipeline_matches():
     )
     ours = QwenImageMMDiT.from_diffusers(reference)
     scheduler = FlowMatchEulerDiscreteScheduler(  # the Qwen-Image scheduler config (spec 6.3)
-        num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
-        base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential",
+        num_train_timesteps=1000,
+        shift=1.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=0.9,
+        base_image_seq_len=256,
+        max_image_seq_len=8192,
+        shift_terminal=0.02,
+        time_shift_type="exponential",
     )
     components = dict(
         scheduler=scheduler,

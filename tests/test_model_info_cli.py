@@ -52,8 +52,26 @@ def test_json_20b_tp4(capsys):
 
 def test_resolution_and_layout_flags(capsys):
     rc, out, _ = _run(
-        ["--config", "tiny", "--height", "1328", "--width", "928", "--text-tokens", "40", "--pp", "2",
-         "--micro-batch", "2", "--recompute", "full", "--sequence-parallel", "--tp", "2", "--json"],
+        [
+            "--config",
+            "tiny",
+            "--height",
+            "1328",
+            "--width",
+            "928",
+            "--text-tokens",
+            "40",
+            "--pp",
+            "2",
+            "--micro-batch",
+            "2",
+            "--recompute",
+            "full",
+            "--sequence-parallel",
+            "--tp",
+            "2",
+            "--json",
+        ],
         capsys,
     )
     assert rc == 0
@@ -112,7 +130,10 @@ def test_console_script_json():
     cmd = [exe] if exe else [sys.executable, "-m", "megatron_qwenimage.cli"]
     proc = subprocess.run(
         [*cmd, "model-info", "--config", "qwen-image-20b", "--tp", "4", "--json"],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "200"},
     )
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout)

@@ -52,24 +52,30 @@ def second_cache(tmp_path_factory):
 
 
 # ------------------------------------------------------------------ config validation
-@pytest.mark.parametrize("change, match", [
-    ({"stages": [{**STAGE, "buckets": ["17x16"]}]}, r"data.stages\[0\].buckets\[0\]='17x16'.*multiple of 16"),
-    ({"stages": [{**STAGE, "buckets": ["big"]}]}, r"data.stages\[0\].buckets\[0\]='big'"),
-    ({"stages": [{**STAGE, "global_batch": 5}]}, r"data.stages\[0\].global_batch=5 is not divisible by micro_batch=2"),
-    ({"stages": [{**STAGE, "micro_batch": 0}]}, r"data.stages\[0\].micro_batch=0"),
-    ({"stages": [{**STAGE, "steps": None}, STAGE]}, r"data.stages\[0\].steps: only the last stage"),
-    ({"stages": [{**STAGE, "bogus": 1}]}, r"data.stages\[0\]: unknown key\(s\) \['bogus'\]"),
-    ({"caches": [{"path": "/x", "weight": 0}]}, r"data.caches\[0\].weight=0: expected a positive"),
-    ({"caches": [{"path": "/x", "weight": -1.0}]}, r"data.caches\[0\].weight=-1.0"),
-    ({"caches": [{"path": "/x", "mode": "stream"}]}, r"data.caches\[0\].mode='stream'"),
-    ({"caches": [{"path": "/a/x"}, {"path": "/b/x"}]}, r"name\(s\) \['x'\] used twice"),
-    ({"tasks": {"t2i": 1.0, "edit": 0.0}}, r"data.tasks.edit=0.0: expected a positive"),
-    ({"tasks": {"video": 1.0}}, r"data.tasks: unknown task 'video'"),
-    ({"tasks": {"edit": 1.0}}, r"data.tasks: task 'edit' has a weight but no cache lists it"),
-    ({"prefetch_steps": -1}, r"data.prefetch_steps=-1"),
-    ({"validation": {"path": "/v", "buckets": ["1x1"]}}, r"data.validation.buckets\[0\]='1x1'"),
-    ({"colour": "red"}, r"data: unknown key\(s\) \['colour'\]"),
-])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"stages": [{**STAGE, "buckets": ["17x16"]}]}, r"data.stages\[0\].buckets\[0\]='17x16'.*multiple of 16"),
+        ({"stages": [{**STAGE, "buckets": ["big"]}]}, r"data.stages\[0\].buckets\[0\]='big'"),
+        (
+            {"stages": [{**STAGE, "global_batch": 5}]},
+            r"data.stages\[0\].global_batch=5 is not divisible by micro_batch=2",
+        ),
+        ({"stages": [{**STAGE, "micro_batch": 0}]}, r"data.stages\[0\].micro_batch=0"),
+        ({"stages": [{**STAGE, "steps": None}, STAGE]}, r"data.stages\[0\].steps: only the last stage"),
+        ({"stages": [{**STAGE, "bogus": 1}]}, r"data.stages\[0\]: unknown key\(s\) \['bogus'\]"),
+        ({"caches": [{"path": "/x", "weight": 0}]}, r"data.caches\[0\].weight=0: expected a positive"),
+        ({"caches": [{"path": "/x", "weight": -1.0}]}, r"data.caches\[0\].weight=-1.0"),
+        ({"caches": [{"path": "/x", "mode": "stream"}]}, r"data.caches\[0\].mode='stream'"),
+        ({"caches": [{"path": "/a/x"}, {"path": "/b/x"}]}, r"name\(s\) \['x'\] used twice"),
+        ({"tasks": {"t2i": 1.0, "edit": 0.0}}, r"data.tasks.edit=0.0: expected a positive"),
+        ({"tasks": {"video": 1.0}}, r"data.tasks: unknown task 'video'"),
+        ({"tasks": {"edit": 1.0}}, r"data.tasks: task 'edit' has a weight but no cache lists it"),
+        ({"prefetch_steps": -1}, r"data.prefetch_steps=-1"),
+        ({"validation": {"path": "/v", "buckets": ["1x1"]}}, r"data.validation.buckets\[0\]='1x1'"),
+        ({"colour": "red"}, r"data: unknown key\(s\) \['colour'\]"),
+    ],
+)
 def test_config_errors_name_the_field(change, match):
     d = {"caches": [{"path": "/x"}], "stages": [STAGE], **change}
     with pytest.raises(ConfigError, match=match):
@@ -78,17 +84,23 @@ def test_config_errors_name_the_field(change, match):
 
 def test_config_dp_divisibility_bucket_presence_and_yaml(mixed_cache, tmp_path):
     cfg = config({"path": mixed_cache})
-    with pytest.raises(ConfigError, match=r"data.stages\[0\].global_batch=4 is not divisible by micro_batch \* dp_size = 2 \* 4"):
+    with pytest.raises(
+        ConfigError, match=r"data.stages\[0\].global_batch=4 is not divisible by micro_batch \* dp_size = 2 \* 4"
+    ):
         CacheReader(cfg, dp_rank=0, dp_size=4)
     with pytest.raises(ConfigError, match=r"dp_rank=2"):
         CacheReader(cfg, dp_rank=2, dp_size=2)
     with pytest.raises(ConfigError, match=r"data.stages\[0\].buckets\[1\]='64x64': no cache has this bucket"):
-        CacheReader(config({"path": mixed_cache}, stages=[{**STAGE, "buckets": ["16x16", "64x64"]}]), dp_rank=0, dp_size=1)
+        CacheReader(
+            config({"path": mixed_cache}, stages=[{**STAGE, "buckets": ["16x16", "64x64"]}]), dp_rank=0, dp_size=1
+        )
     with pytest.raises(CacheError, match=r"cache 'nope'.*not a latent cache"):
         CacheReader(config({"path": str(tmp_path / "nope")}), dp_rank=0, dp_size=1)
     run = tmp_path / "run.yaml"
-    run.write_text(f"model: tiny\ndata:\n  seed: 3\n  caches: [{{path: {mixed_cache}}}]\n"
-                   "  stages: [{name: s, buckets: [16x16], micro_batch: 1, global_batch: 2}]\n")
+    run.write_text(
+        f"model: tiny\ndata:\n  seed: 3\n  caches: [{{path: {mixed_cache}}}]\n"
+        "  stages: [{name: s, buckets: [16x16], micro_batch: 1, global_batch: 2}]\n"
+    )
     loaded = ReaderConfig.from_yaml(run)
     assert loaded.seed == 3 and loaded.stages[0].buckets == ("16x16",)
     assert ReaderConfig.from_dict(loaded.to_dict()) == loaded
@@ -105,8 +117,10 @@ def test_global_order_is_deterministic_and_independent_of_dp_size(mixed_cache):
     with CacheReader(other, dp_rank=0, dp_size=1) as r_other:
         assert ids(take(r_other, 10)) != ids(dp1)
 
-    ranks = [CacheReader(cfg.__class__.from_dict({**cfg.to_dict(), "prefetch_steps": 2}), dp_rank=k, dp_size=2)
-             for k in range(2)]
+    ranks = [
+        CacheReader(cfg.__class__.from_dict({**cfg.to_dict(), "prefetch_steps": 2}), dp_rank=k, dp_size=2)
+        for k in range(2)
+    ]
     dp2 = [take(r, 10) for r in ranks]
     for r in ranks:
         r.close()
@@ -137,8 +151,13 @@ def test_micro_batch_contents_match_the_cache(mixed_cache):
 
 # ------------------------------------------------------------------ resume
 def test_resume_mid_epoch_continues_the_uninterrupted_sequence(mixed_cache, second_cache):
-    cfg = config({"path": mixed_cache, "tasks": ["t2i", "edit", "i2i"]}, {"path": second_cache, "weight": 2.0},
-                 tasks={"t2i": 2.0, "edit": 1.0, "i2i": 1.0}, seed=11, prefetch_steps=3)
+    cfg = config(
+        {"path": mixed_cache, "tasks": ["t2i", "edit", "i2i"]},
+        {"path": second_cache, "weight": 2.0},
+        tasks={"t2i": 2.0, "edit": 1.0, "i2i": 1.0},
+        seed=11,
+        prefetch_steps=3,
+    )
     with CacheReader(cfg, dp_rank=1, dp_size=2) as r:
         take(r, 5)
         state = json.loads(json.dumps(r.state_dict()))  # as a checkpoint stores it
@@ -161,9 +180,12 @@ def test_resume_refuses_a_changed_curriculum_unless_told_to_replan(mixed_cache):
         state = json.loads(json.dumps(r.state_dict()))
     changed = dict(base, stages=[{**STAGE, "global_batch": 8, "buckets": ["16x16"]}], tasks={"t2i": 1.0, "i2i": 1.0})
     with CacheReader(config({"path": mixed_cache}, **changed), dp_rank=0, dp_size=1) as r:
-        with pytest.raises(ReaderError, match=r"another curriculum \(data.stages\[0\].buckets: saved \['16x16', "
-                                              r"'32x32'\], now \['16x16'\]; data.stages\[0\].global_batch: saved 4, "
-                                              r"now 8; data.stages\[0\].tasks: .*data.replan_on_resume: true"):
+        with pytest.raises(
+            ReaderError,
+            match=r"another curriculum \(data.stages\[0\].buckets: saved \['16x16', "
+            r"'32x32'\], now \['16x16'\]; data.stages\[0\].global_batch: saved 4, "
+            r"now 8; data.stages\[0\].tasks: .*data.replan_on_resume: true",
+        ):
             r.load_state_dict(state)
     with CacheReader(config({"path": mixed_cache}, **changed, replan_on_resume=True), dp_rank=0, dp_size=1) as r:
         r.load_state_dict(state)
@@ -182,8 +204,12 @@ def _planned(cfg: ReaderConfig, n: int):
 
 
 def test_task_mixing_weights_and_shapes(mixed_cache):
-    cfg = config({"path": mixed_cache, "tasks": ["t2i", "edit", "i2i"]}, tasks={"t2i": 3.0, "edit": 1.0, "i2i": 1.0},
-                 prefetch_steps=0, seed=5)
+    cfg = config(
+        {"path": mixed_cache, "tasks": ["t2i", "edit", "i2i"]},
+        tasks={"t2i": 3.0, "edit": 1.0, "i2i": 1.0},
+        prefetch_steps=0,
+        seed=5,
+    )
     plans = _planned(cfg, 400)
     share = {t: c / 400 for t, c in Counter(p.task for p in plans).items()}
     assert share == pytest.approx({"t2i": 0.6, "edit": 0.2, "i2i": 0.2}, abs=0.06)
@@ -215,15 +241,19 @@ def test_multi_cache_weights(mixed_cache, second_cache):
 
 
 def test_curriculum_stages_switch_buckets_and_batch_sizes_then_end(mixed_cache):
-    stages = [{"name": "low", "buckets": ["16x16"], "micro_batch": 2, "global_batch": 4, "steps": 3},
-              {"name": "high", "buckets": ["32x32"], "micro_batch": 1, "global_batch": 2, "steps": 2}]
+    stages = [
+        {"name": "low", "buckets": ["16x16"], "micro_batch": 2, "global_batch": 4, "steps": 3},
+        {"name": "high", "buckets": ["32x32"], "micro_batch": 1, "global_batch": 2, "steps": 2},
+    ]
     with CacheReader(config({"path": mixed_cache}, stages=stages), dp_rank=0, dp_size=1) as r:
         steps, names = [], []
         for step in r:
             steps.append(step)
             names.append(r.last_step.stage_name)
     assert names == ["low"] * 3 + ["high"] * 2
-    assert [[tuple(mb.latents.shape) for mb in s] for s in steps] == [[(2, 16, 2, 2)] * 2] * 3 + [[(1, 16, 4, 4)] * 2] * 2
+    assert [[tuple(mb.latents.shape) for mb in s] for s in steps] == [[(2, 16, 2, 2)] * 2] * 3 + [
+        [(1, 16, 4, 4)] * 2
+    ] * 2
 
 
 def test_static_text_length(mixed_cache):
@@ -233,8 +263,11 @@ def test_static_text_length(mixed_cache):
     # A sample longer than the static text length is refused when the reader is built (before
     # step 0), naming the longest sample, not in the middle of training.
     longest = max(s.text_len for shard in open_cache(mixed_cache).snapshot().shards for s in _metas(shard))
-    with pytest.raises(ConfigError, match=rf"data.text_length=1: cache .* holds sample p\d-\S+ \(shard .*\) "
-                                          rf"with {longest} text tokens; set data.text_length to at least {longest}"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"data.text_length=1: cache .* holds sample p\d-\S+ \(shard .*\) "
+        rf"with {longest} text tokens; set data.text_length to at least {longest}",
+    ):
         CacheReader(config({"path": mixed_cache}, text_length=1, prefetch_steps=0), dp_rank=0, dp_size=1)
 
 
@@ -242,10 +275,25 @@ def _metas(shard):
     from megatron_qwenimage.cache import SampleMeta
 
     table = shard.samples
-    return [SampleMeta(**{k: table.column(k)[i].as_py() for k in ("sample_id", "task", "caption", "source_uri",
-                                                                 "condition_uri", "text_len", "text_truncated",
-                                                                 "orig_height", "orig_width")})
-            for i in range(table.num_rows)]
+    return [
+        SampleMeta(
+            **{
+                k: table.column(k)[i].as_py()
+                for k in (
+                    "sample_id",
+                    "task",
+                    "caption",
+                    "source_uri",
+                    "condition_uri",
+                    "text_len",
+                    "text_truncated",
+                    "orig_height",
+                    "orig_width",
+                )
+            }
+        )
+        for i in range(table.num_rows)
+    ]
 
 
 def test_static_text_length_checks_a_grown_snapshot_before_reading_it(tmp_path):
@@ -259,8 +307,9 @@ def test_static_text_length_checks_a_grown_snapshot_before_reading_it(tmp_path):
     latents = torch.randn(n, CHANNELS, 2, 2).to(torch.bfloat16)
     text = torch.randn(n * long, TEXT_DIM).to(torch.bfloat16)
     metas = [SampleMeta(f"long-{i}", "t2i", "c", f"file://long/{i}", None, long, False, 16, 16) for i in range(n)]
-    cfg = config({"path": str(path), "mode": "grow"}, stages=[{**STAGE, "buckets": ["16x16"]}], prefetch_steps=0,
-                 text_length=8)
+    cfg = config(
+        {"path": str(path), "mode": "grow"}, stages=[{**STAGE, "buckets": ["16x16"]}], prefetch_steps=0, text_length=8
+    )
     with CacheReader(cfg, dp_rank=0, dp_size=1) as r:
         take(r, 2)  # the first epoch of v1
         publish(path, "p1", [ShardPayload(B16, ShardTensors(latents, text, offsets_from_lengths([long] * n)), metas)])
@@ -332,8 +381,9 @@ def test_corrupted_shard_error_names_the_shard(tmp_path):
     publish(path, "good", [payload(B16, 4, prefix="g", seed=0)], snapshot=False)
     publish(path, "evil", [payload(B16, 4, prefix="e", seed=1)])
     bad = next(s for s in open_cache(str(path)).snapshot().shards if s.shard_id.startswith("evil"))
-    victim = next(p for p in (path / bad.path / "tensors.zarr" / "latents").rglob("*")
-                  if p.is_file() and p.name != "zarr.json")
+    victim = next(
+        p for p in (path / bad.path / "tensors.zarr" / "latents").rglob("*") if p.is_file() and p.name != "zarr.json"
+    )
     data = bytearray(victim.read_bytes())
     data[3] ^= 0xFF
     victim.write_bytes(bytes(data))
@@ -363,7 +413,8 @@ def test_validation_batches_are_fixed_and_split_over_ranks(mixed_cache):
         ValidationReader(vcfg, text_length=1)
     whole = ValidationReader(vcfg).batches()
     assert [(mb.task, mb.bucket, mb.batch_size) for mb in whole] == [
-        (t, b, n) for b in ("16x16", "32x32") for t in ("t2i", "edit") for n in (2, 2, 1)]
+        (t, b, n) for b in ("16x16", "32x32") for t in ("t2i", "edit") for n in (2, 2, 1)
+    ]
     assert ids([ValidationReader(vcfg).batches()]) == ids([whole])
     halves = [ValidationReader(vcfg, dp_rank=k, dp_size=2).batches() for k in range(2)]
     assert sorted(ids([halves[0] + halves[1]])[0]) == sorted(ids([whole])[0])
@@ -390,14 +441,21 @@ def test_direct_shard_access_equals_zarr(tmp_path, monkeypatch):
         direct = ShardedArray.open(shard.storage, f"{shard.path}/tensors.zarr/{name}")
         assert direct is not None, name
         n = group[name].shape[0]
-        spans = [(i, i + 1) for i in range(n)] + [(0, n), (250, 260)] if name == "text_embeddings" else \
-            [(i, i + 1) for i in range(n)]
+        spans = (
+            [(i, i + 1) for i in range(n)] + [(0, n), (250, 260)]
+            if name == "text_embeddings"
+            else [(i, i + 1) for i in range(n)]
+        )
         for lo, hi in spans:
             assert np.array_equal(direct.rows(lo, hi), np.asarray(group[name][lo:hi])), (name, lo, hi)
         direct.close()
 
-    cfg = config({"path": str(path), "tasks": ["t2i", "edit"]}, tasks={"t2i": 1.0, "edit": 1.0},
-                 stages=[{"name": "s", "buckets": ["32x32"], "micro_batch": 3, "global_batch": 3}], prefetch_steps=0)
+    cfg = config(
+        {"path": str(path), "tasks": ["t2i", "edit"]},
+        tasks={"t2i": 1.0, "edit": 1.0},
+        stages=[{"name": "s", "buckets": ["32x32"], "micro_batch": 3, "global_batch": 3}],
+        prefetch_steps=0,
+    )
     with CacheReader(cfg, dp_rank=0, dp_size=1) as r:
         fast = take(r, 8)
     monkeypatch.setattr(reader_mod.ShardedArray, "open", classmethod(lambda cls, *a: None))
@@ -420,8 +478,23 @@ def test_benchmark_script_smoke(capsys):
     bench = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = bench
     spec.loader.exec_module(bench)
-    argv = ["--bucket", "32x32", "--task", "edit", "--partitions", "1", "--samples", "8", "--micro-batch", "2",
-            "--reader-steps", "2", "--model-steps", "1", "--json"]
+    argv = [
+        "--bucket",
+        "32x32",
+        "--task",
+        "edit",
+        "--partitions",
+        "1",
+        "--samples",
+        "8",
+        "--micro-batch",
+        "2",
+        "--reader-steps",
+        "2",
+        "--model-steps",
+        "1",
+        "--json",
+    ]
     assert bench.main(argv) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["image_tokens"] == 4 and result["task"] == "edit"

@@ -29,8 +29,11 @@ def _pair(tiny_diffusers_dir, dtype="bfloat16"):
 
 def _cuda(inputs, dtype):
     return {
-        k: (v.to("cuda", dtype if v.is_floating_point() and k != "encoder_hidden_states_mask" else v.dtype)
-            if torch.is_tensor(v) else v)
+        k: (
+            v.to("cuda", dtype if v.is_floating_point() and k != "encoder_hidden_states_mask" else v.dtype)
+            if torch.is_tensor(v)
+            else v
+        )
         for k, v in inputs.items()
     }
 
@@ -144,8 +147,11 @@ def test_fp8_weights_are_recast_after_an_update_only_when_a_step_begins(tiny_dif
     _, te = _pair(tiny_diffusers_dir)
     precision = Precision(PrecisionConfig(fp8="current", fp8_exclude=()), te.config, torch.device("cuda"))
     assert begin_weight_update_window([te]) > 0, "no megatron-core TE linear found"
-    linear = next(m for m in te.modules() if hasattr(m, "is_first_microbatch") and hasattr(m, "bias")
-                  and hasattr(m, "disable_parameter_transpose_cache"))
+    linear = next(
+        m
+        for m in te.modules()
+        if hasattr(m, "is_first_microbatch") and hasattr(m, "bias") and hasattr(m, "disable_parameter_transpose_cache")
+    )
     x = torch.randn(32, linear.weight.shape[1], device="cuda", dtype=torch.bfloat16)
 
     def forward() -> torch.Tensor:

@@ -101,8 +101,11 @@ class Recorder:
         if self.path:
             with open(self.path, "a") as f:
                 f.write(line + "\n")
-        short = {k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in record.items()
-                 if k not in ("top_kernels", "traceback")}
+        short = {
+            k: (float(f"{v:.4g}") if isinstance(v, float) else v)
+            for k, v in record.items()
+            if k not in ("top_kernels", "traceback")
+        }
         print(json.dumps(short), flush=True)
         return record
 
@@ -231,8 +234,9 @@ def parse_buckets(text: str) -> list[tuple[int, int]]:
             res = int(res_text)
             batch = int(batch_text) if batch_text else BUCKET_BATCH[res]
         except (ValueError, KeyError):
-            raise SystemExit(f"error: --buckets {item!r}: expected RES or RES:BATCH (known RES: "
-                             f"{sorted(BUCKET_BATCH)})") from None
+            raise SystemExit(
+                f"error: --buckets {item!r}: expected RES or RES:BATCH (known RES: {sorted(BUCKET_BATCH)})"
+            ) from None
         if res <= 0 or res % 16 or batch <= 0:
             raise SystemExit(f"error: --buckets {item!r}: RES must be a positive multiple of 16, BATCH positive")
         out.append((res, batch))
@@ -254,8 +258,7 @@ def build_reference(config: MMDiTConfig, device: torch.device, dtype: torch.dtyp
 def build_ours(ref, backend: str, device: torch.device, dtype_name: str, **overrides):
     from megatron_qwenimage.model.mmdit import QwenImageMMDiT
 
-    return QwenImageMMDiT.from_diffusers(ref, device=str(device), params_dtype=dtype_name, backend=backend,
-                                         **overrides)
+    return QwenImageMMDiT.from_diffusers(ref, device=str(device), params_dtype=dtype_name, backend=backend, **overrides)
 
 
 class StepRunner:
@@ -268,8 +271,16 @@ class StepRunner:
         forward_context: context factory around the forward (FP8 autocast).
     """
 
-    def __init__(self, model, batch: dict, *, returns_sample: bool, optimizer="fused_adamw",
-                 forward_context: Callable = contextlib.nullcontext, compiled=None):
+    def __init__(
+        self,
+        model,
+        batch: dict,
+        *,
+        returns_sample: bool,
+        optimizer="fused_adamw",
+        forward_context: Callable = contextlib.nullcontext,
+        compiled=None,
+    ):
         self.model = model
         self.fwd = compiled if compiled is not None else model
         self.batch = batch
@@ -351,18 +362,30 @@ def pass_difference(a: tuple, b: tuple) -> dict:
         sq_a.append(ga.pow(2).sum())
         sq_b.append(gb.pow(2).sum())
     zero = out_a.new_zeros(())
-    stats = torch.stack([
-        (out_a - out_b).abs().max(), (out_a - out_b).norm() / out_b.norm().clamp_min(1e-30),
-        loss_a.reshape(()), loss_b.reshape(()),
-        torch.stack(worst).max() if worst else zero,
-        torch.stack(sq_a).sum().sqrt() if sq_a else zero, torch.stack(sq_b).sum().sqrt() if sq_b else zero,
-        torch.isfinite(out_a).all().float(),
-    ]).tolist()
+    stats = torch.stack(
+        [
+            (out_a - out_b).abs().max(),
+            (out_a - out_b).norm() / out_b.norm().clamp_min(1e-30),
+            loss_a.reshape(()),
+            loss_b.reshape(()),
+            torch.stack(worst).max() if worst else zero,
+            torch.stack(sq_a).sum().sqrt() if sq_a else zero,
+            torch.stack(sq_b).sum().sqrt() if sq_b else zero,
+            torch.isfinite(out_a).all().float(),
+        ]
+    ).tolist()
     out_max_abs, out_rel, loss, loss_ref, grad_worst, norm_a, norm_b, finite = stats
-    return {"out_max_abs": out_max_abs, "out_rel_l2": out_rel, "loss": loss, "loss_ref": loss_ref,
-            "loss_abs_diff": abs(loss - loss_ref), "grad_max_rel": grad_worst,
-            "grad_norm_rel": abs(norm_a - norm_b) / norm_b if norm_b else abs(norm_a),
-            "grads_missing": missing, "finite": bool(finite) and math.isfinite(loss)}
+    return {
+        "out_max_abs": out_max_abs,
+        "out_rel_l2": out_rel,
+        "loss": loss,
+        "loss_ref": loss_ref,
+        "loss_abs_diff": abs(loss - loss_ref),
+        "grad_max_rel": grad_worst,
+        "grad_norm_rel": abs(norm_a - norm_b) / norm_b if norm_b else abs(norm_a),
+        "grads_missing": missing,
+        "finite": bool(finite) and math.isfinite(loss),
+    }
 
 
 def flops_per_step(config: MMDiTConfig, shape: Shape) -> float:
@@ -430,9 +453,16 @@ class GPURun:
                 info[mod] = getattr(m, "__version__", "?")
             except Exception as exc:
                 info[mod] = f"unavailable ({type(exc).__name__})"
-        self.record(what="environment", config=self.config.name, layers=self.config.num_layers,
-                    hidden=self.config.hidden_size, budget_s=self.args.budget_s,
-                    skip=sorted(self.skipped_parts), buckets=[f"{r}:{b}" for r, b in self.args.buckets], **info)
+        self.record(
+            what="environment",
+            config=self.config.name,
+            layers=self.config.num_layers,
+            hidden=self.config.hidden_size,
+            budget_s=self.args.budget_s,
+            skip=sorted(self.skipped_parts),
+            buckets=[f"{r}:{b}" for r, b in self.args.buckets],
+            **info,
+        )
 
     def peaks(self) -> None:
         n = 256 if self.args.tiny else 8192
@@ -446,24 +476,45 @@ class GPURun:
             a8 = a.to(torch.float8_e4m3fn)
             b8 = b.t().contiguous().to(torch.float8_e4m3fn).t()
             one = torch.ones((), device=self.device)
-            s = statistics.median(time_fn(
-                lambda: torch._scaled_mm(a8, b8, scale_a=one, scale_b=one, out_dtype=torch.bfloat16),
-                self.device, 3, 10))
+            s = statistics.median(
+                time_fn(
+                    lambda: torch._scaled_mm(a8, b8, scale_a=one, scale_b=one, out_dtype=torch.bfloat16),
+                    self.device,
+                    3,
+                    10,
+                )
+            )
             self.record(what="peak", kind="fp8_scaled_mm", n=n, tflops=2 * n**3 / s / 1e12)
         a = b = None
 
     # -- one variant -------------------------------------------------------------------------
-    def measure(self, name: str, shape: Shape, runner_factory: Callable[[], StepRunner],
-                estimate_s: float, fwd_bwd: bool = True, extra: dict | None = None) -> dict | None:
+    def measure(
+        self,
+        name: str,
+        shape: Shape,
+        runner_factory: Callable[[], StepRunner],
+        estimate_s: float,
+        fwd_bwd: bool = True,
+        extra: dict | None = None,
+    ) -> dict | None:
         """Time ``runner.step`` (and ``fwd_bwd_only``) of one variant; records a line either way
         (`extra` fields added to it)."""
-        base = {"what": "step", "variant": name, "shape": shape.label(), "res": shape.res,
-                "batch": shape.batch, "text_tokens": shape.text, "padded_text": shape.padded_text,
-                **(extra or {})}
+        base = {
+            "what": "step",
+            "variant": name,
+            "shape": shape.label(),
+            "res": shape.res,
+            "batch": shape.batch,
+            "text_tokens": shape.text,
+            "padded_text": shape.padded_text,
+            **(extra or {}),
+        }
         if self.cuda_broken:
             return self.record(**base, skipped=self.cuda_broken)
         if not self.budget.allows(estimate_s):
-            return self.record(**base, skipped=f"time budget ({self.budget.left():.0f} s left, needs ~{estimate_s:.0f})")
+            return self.record(
+                **base, skipped=f"time budget ({self.budget.left():.0f} s left, needs ~{estimate_s:.0f})"
+            )
         t0 = time.monotonic()
         reset_memory(self.device)
         runner = None
@@ -482,8 +533,12 @@ class GPURun:
             out["wall_s"] = time.monotonic() - t0
             return self.record(**out)
         except Exception as exc:
-            return self.record(**base, error=f"{type(exc).__name__}: {exc}"[:500],
-                               traceback=traceback.format_exc()[-2000:], wall_s=time.monotonic() - t0)
+            return self.record(
+                **base,
+                error=f"{type(exc).__name__}: {exc}"[:500],
+                traceback=traceback.format_exc()[-2000:],
+                wall_s=time.monotonic() - t0,
+            )
         finally:
             del runner
             reset_memory(self.device)
@@ -541,9 +596,12 @@ class GPURun:
         if self.wants("padded"):
             self.measure("diffusers_eager", padded, lambda: StepRunner(ref, pbatch, returns_sample=True), est)
         if self.runs_te():
-            modes = [fused for fused in (False, True)
-                     if any(self.wants(f"te_{kind}{'_fused' if fused else ''}") for kind in ("bf16", "fp8"))
-                     or (not fused and self.wants("te_fp8_nocache"))]
+            modes = [
+                fused
+                for fused in (False, True)
+                if any(self.wants(f"te_{kind}{'_fused' if fused else ''}") for kind in ("bf16", "fp8"))
+                or (not fused and self.wants("te_fp8_nocache"))
+            ]
             if self.args.skip_compile and True in modes:  # fused_elementwise compiles its chains
                 modes.remove(True)
                 for v in ("ours_te_bf16_fused", "ours_te_fp8_delayed_fused"):
@@ -573,8 +631,9 @@ class GPURun:
         ref = None
         reset_memory(dev)
 
-    def te_variants(self, ref, batch: dict, pbatch: dict, shape: Shape, padded: Shape, *, fused: bool,
-                    loop_extras: bool) -> None:
+    def te_variants(
+        self, ref, batch: dict, pbatch: dict, shape: Shape, padded: Shape, *, fused: bool, loop_extras: bool
+    ) -> None:
         """Ours on Transformer Engine, bf16 and FP8, unpadded and padded; with ``fused`` the
         blocks' elementwise chains are compiled (``MMDiTConfig.fused_elementwise``). Unfused,
         also FP8 with the weights re-quantized every step (``_nocache``). With `loop_extras`,
@@ -586,15 +645,24 @@ class GPURun:
         want_bf16, want_fp8 = self.wants(f"te_bf16{suffix}"), self.wants(f"te_fp8{suffix}")
         self.parity(ours, ref, pbatch, bf16_name)  # before any step changes the weights
         if want_fp8:
-            self.measure(fp8_name, shape, lambda: StepRunner(ours, batch, returns_sample=False, forward_context=fp8),
-                         est, extra={"fp8_weights": "cached after the first forward"})
+            self.measure(
+                fp8_name,
+                shape,
+                lambda: StepRunner(ours, batch, returns_sample=False, forward_context=fp8),
+                est,
+                extra={"fp8_weights": "cached after the first forward"},
+            )
         if want_bf16:
             self.measure(bf16_name, shape, lambda: StepRunner(ours, batch, returns_sample=False), est)
         if self.wants("padded"):
             if want_fp8:
-                self.measure(fp8_name, padded,
-                             lambda: StepRunner(ours, pbatch, returns_sample=False, forward_context=fp8), est,
-                             extra={"fp8_weights": "cached after the first forward"})
+                self.measure(
+                    fp8_name,
+                    padded,
+                    lambda: StepRunner(ours, pbatch, returns_sample=False, forward_context=fp8),
+                    est,
+                    extra={"fp8_weights": "cached after the first forward"},
+                )
             if want_bf16:
                 self.measure(bf16_name, padded, lambda: StepRunner(ours, pbatch, returns_sample=False), est)
         if loop_extras:
@@ -613,9 +681,14 @@ class GPURun:
         from megatron_qwenimage.model.cuda_graphs import disable_fp8_weight_cache
 
         count = disable_fp8_weight_cache(ours)
-        self.measure("ours_te_fp8_delayed_nocache", shape,
-                     lambda: StepRunner(ours, batch, returns_sample=False, forward_context=fp8), est,
-                     fwd_bwd=fwd_bwd, extra={"fp8_weights": "re-quantized every step", "te_linears": count})
+        self.measure(
+            "ours_te_fp8_delayed_nocache",
+            shape,
+            lambda: StepRunner(ours, batch, returns_sample=False, forward_context=fp8),
+            est,
+            fwd_bwd=fwd_bwd,
+            extra={"fp8_weights": "re-quantized every step", "te_linears": count},
+        )
 
     # -- per-block CUDA graphs --------------------------------------------------------------
     def graphs_unavailable(self) -> str | None:
@@ -683,8 +756,11 @@ class GPURun:
                     out = ours(**args)
                 loss = flow_matching_loss(out, batch["target"]).loss
                 loss.backward()
-                return out.detach().float(), loss.detach().float(), [
-                    None if p.grad is None else p.grad.detach().clone() for p in params]
+                return (
+                    out.detach().float(),
+                    loss.detach().float(),
+                    [None if p.grad is None else p.grad.detach().clone() for p in params],
+                )
 
             fwd_bwd()  # TE's lazy setup and the FP8 scales, outside the recorded pass
             calls = record_block_calls(ours, fwd_bwd)
@@ -702,27 +778,55 @@ class GPURun:
             diff = pass_difference(graphed, eager_b)
             del graphed, eager_b
             ours.zero_grad(set_to_none=True)
-            self.record(what="parity", variant=name, shape=shape.label(), against="eager pass of the same model",
-                        standin=standin or None, capture_s=capture_s, **diff, **{f"{k}_eager_repeat": v for k, v in floor.items()})
-            extra = {"graphs": len(graphs.graphed), "capture_s": capture_s, "fused_elementwise": False,
-                     "standin": standin or None}
+            self.record(
+                what="parity",
+                variant=name,
+                shape=shape.label(),
+                against="eager pass of the same model",
+                standin=standin or None,
+                capture_s=capture_s,
+                **diff,
+                **{f"{k}_eager_repeat": v for k, v in floor.items()},
+            )
+            extra = {
+                "graphs": len(graphs.graphed),
+                "capture_s": capture_s,
+                "fused_elementwise": False,
+                "standin": standin or None,
+            }
             if fp8:
                 extra["fp8_weights"] = "re-quantized every step"
-            self.measure(name, shape, lambda: StepRunner(ours, batch, returns_sample=False, forward_context=context),
-                         10, extra=extra)
+            self.measure(
+                name,
+                shape,
+                lambda: StepRunner(ours, batch, returns_sample=False, forward_context=context),
+                10,
+                extra=extra,
+            )
             if fp8 and self.wants("profile"):
                 self.profile(ours, batch, shape, context, name)
         except Exception as exc:
-            self.record(what="step", variant=name, shape=shape.label(), res=shape.res, batch=shape.batch,
-                        error=f"{type(exc).__name__}: {exc}"[:500], traceback=traceback.format_exc()[-2000:],
-                        wall_s=time.monotonic() - t0)
+            self.record(
+                what="step",
+                variant=name,
+                shape=shape.label(),
+                res=shape.res,
+                batch=shape.batch,
+                error=f"{type(exc).__name__}: {exc}"[:500],
+                traceback=traceback.format_exc()[-2000:],
+                wall_s=time.monotonic() - t0,
+            )
         finally:
             try:
                 if graphs is not None:
                     graphs.restore()
             except Exception as exc:
-                self.record(what="step", variant=name, shape=shape.label(),
-                            error=f"releasing the graphs: {type(exc).__name__}: {exc}"[:500])
+                self.record(
+                    what="step",
+                    variant=name,
+                    shape=shape.label(),
+                    error=f"releasing the graphs: {type(exc).__name__}: {exc}"[:500],
+                )
             ours = graphs = None
             # TE's capture turns the garbage collector off, and marks itself capturing, and undoes
             # both only when it succeeds.
@@ -744,8 +848,14 @@ class GPURun:
                 a = ours(**args).float()
                 b = ref(**args, return_dict=False)[0].float()
             rel = ((a - b).norm() / b.norm()).item()
-            self.record(what="parity", variant=name, shape=f"{batch['hidden_states'].shape}",
-                        rel_l2=rel, max_abs=(a - b).abs().max().item(), finite=bool(torch.isfinite(a).all()))
+            self.record(
+                what="parity",
+                variant=name,
+                shape=f"{batch['hidden_states'].shape}",
+                rel_l2=rel,
+                max_abs=(a - b).abs().max().item(),
+                finite=bool(torch.isfinite(a).all()),
+            )
         except Exception as exc:
             self.record(what="parity", variant=name, error=f"{type(exc).__name__}: {exc}"[:500])
 
@@ -754,8 +864,13 @@ class GPURun:
         if self.args.skip_compile:
             return self.skip("diffusers_compile", shape, "--skip-compile")
         compiled = torch.compile(ref)
-        self.measure("diffusers_compile", shape,
-                     lambda: StepRunner(ref, batch, returns_sample=True, compiled=compiled), est, fwd_bwd=fwd_bwd)
+        self.measure(
+            "diffusers_compile",
+            shape,
+            lambda: StepRunner(ref, batch, returns_sample=True, compiled=compiled),
+            est,
+            fwd_bwd=fwd_bwd,
+        )
         torch._dynamo.reset()
 
     def torchao_reference(self, shape: Shape, batch: dict) -> None:
@@ -773,9 +888,15 @@ class GPURun:
             ref = build_reference(self.config, self.device, self.dtype)
             # The linears of the blocks with 16-divisible sizes, modulation excluded (as ours).
             convert_to_float8_training(
-                ref, module_filter_fn=lambda mod, fqn: isinstance(mod, torch.nn.Linear)
-                and mod.in_features % 16 == 0 and mod.out_features % 16 == 0
-                and "transformer_blocks" in fqn and "_mod" not in fqn)
+                ref,
+                module_filter_fn=lambda mod, fqn: (
+                    isinstance(mod, torch.nn.Linear)
+                    and mod.in_features % 16 == 0
+                    and mod.out_features % 16 == 0
+                    and "transformer_blocks" in fqn
+                    and "_mod" not in fqn
+                ),
+            )
             return StepRunner(ref, batch, returns_sample=True, compiled=torch.compile(ref))
 
         self.measure(name, shape, factory, 90)
@@ -789,8 +910,7 @@ class GPURun:
             named = [(n, p, model.partition_dims.get(n)) for n, p in model.named_parameters() if p.requires_grad]
             opt = DistributedOptimizer(named, OptimizerConfig(lr=1e-6, clip_grad=1.0), dp_group=None, tp_rank=0)
             self._dist_opt = opt
-            return StepRunner(model, batch, returns_sample=False, optimizer=_StepAt0(opt),
-                              forward_context=fp8_context)
+            return StepRunner(model, batch, returns_sample=False, optimizer=_StepAt0(opt), forward_context=fp8_context)
 
         rec = self.measure(name, shape, factory, 30)
         opt = getattr(self, "_dist_opt", None)
@@ -798,22 +918,34 @@ class GPURun:
             return
         try:
             # The optimizer alone, after one fwd + bwd left gradients in the main-grad buffers.
-            runner = StepRunner(model, batch, returns_sample=False, optimizer=_StepAt0(opt),
-                                forward_context=fp8_context)
+            runner = StepRunner(
+                model, batch, returns_sample=False, optimizer=_StepAt0(opt), forward_context=fp8_context
+            )
             runner.fwd_bwd_only()
             opt_s = statistics.median(time_fn(lambda: opt.step(0), self.device, 1, 5))
             cfg = self.config
-            report = accounting.memory_per_gpu(cfg, 1, 1, 1, shape.batch, shape.image_tokens, shape.text,
-                                               params_dtype=self.dtype_name)
+            report = accounting.memory_per_gpu(
+                cfg, 1, 1, 1, shape.batch, shape.image_tokens, shape.text, params_dtype=self.dtype_name
+            )
             predicted = report.total_gib
-            self.record(what="optimizer", variant=name, shape=shape.label(),
-                        optimizer_ms=opt_s * 1e3, step_ms=rec["step_ms"],
-                        optimizer_share=opt_s * 1e3 / rec["step_ms"],
-                        peak_mem_gib=rec.get("peak_mem_gib"), predicted_mem_gib=predicted,
-                        mem_ratio=(rec["peak_mem_gib"] / predicted) if rec.get("peak_mem_gib") else None)
+            self.record(
+                what="optimizer",
+                variant=name,
+                shape=shape.label(),
+                optimizer_ms=opt_s * 1e3,
+                step_ms=rec["step_ms"],
+                optimizer_share=opt_s * 1e3 / rec["step_ms"],
+                peak_mem_gib=rec.get("peak_mem_gib"),
+                predicted_mem_gib=predicted,
+                mem_ratio=(rec["peak_mem_gib"] / predicted) if rec.get("peak_mem_gib") else None,
+            )
         except Exception as exc:
-            self.record(what="optimizer", variant=name, error=f"{type(exc).__name__}: {exc}"[:500],
-                        traceback=traceback.format_exc()[-1500:])
+            self.record(
+                what="optimizer",
+                variant=name,
+                error=f"{type(exc).__name__}: {exc}"[:500],
+                traceback=traceback.format_exc()[-1500:],
+            )
         finally:
             for h in getattr(opt, "_hooks", []):
                 h.remove()
@@ -853,14 +985,21 @@ class GPURun:
                 classes[cls] = classes.get(cls, 0.0) + dev_us / 3 / 1e3
             busy = sum(classes.values())
             top = sorted(kernels.items(), key=lambda kv: -kv[1])[:20]
-            self.record(what="profile", variant=name, shape=shape.label(),
-                        wall_ms=wall * 1e3, gpu_busy_ms=busy, idle_share=max(0.0, 1 - busy / (wall * 1e3)),
-                        ms_by_class={k: round(v, 3) for k, v in sorted(classes.items(), key=lambda kv: -kv[1])},
-                        top_kernels=[[k[:120], round(v, 3)] for k, v in top])
+            self.record(
+                what="profile",
+                variant=name,
+                shape=shape.label(),
+                wall_ms=wall * 1e3,
+                gpu_busy_ms=busy,
+                idle_share=max(0.0, 1 - busy / (wall * 1e3)),
+                ms_by_class={k: round(v, 3) for k, v in sorted(classes.items(), key=lambda kv: -kv[1])},
+                top_kernels=[[k[:120], round(v, 3)] for k, v in top],
+            )
             del runner
         except Exception as exc:
-            self.record(what="profile", error=f"{type(exc).__name__}: {exc}"[:500],
-                        traceback=traceback.format_exc()[-1500:])
+            self.record(
+                what="profile", error=f"{type(exc).__name__}: {exc}"[:500], traceback=traceback.format_exc()[-1500:]
+            )
         finally:
             model.zero_grad(set_to_none=True)
             reset_memory(self.device)
@@ -879,16 +1018,22 @@ class GPURun:
                 continue
             ref = build_reference(self.config, self.device, self.dtype)
             batch = make_batch(self.config, shape, self.device, self.dtype)
-            self.measure("diffusers_eager", shape, lambda: StepRunner(ref, batch, returns_sample=True), 15,
-                         fwd_bwd=False)
+            self.measure(
+                "diffusers_eager", shape, lambda: StepRunner(ref, batch, returns_sample=True), 15, fwd_bwd=False
+            )
             if self.runs_te():
                 est = 30 if not self.args.tiny else 1
                 if self.wants("te_fp8") or self.wants("te_fp8_nocache"):
                     ours, fp8 = self.ours_te(ref, fused=False)
                     if self.wants("te_fp8"):
-                        self.measure("ours_te_fp8_delayed", shape,
-                                     lambda: StepRunner(ours, batch, returns_sample=False, forward_context=fp8), est,
-                                     fwd_bwd=False, extra={"fp8_weights": "cached after the first forward"})
+                        self.measure(
+                            "ours_te_fp8_delayed",
+                            shape,
+                            lambda: StepRunner(ours, batch, returns_sample=False, forward_context=fp8),
+                            est,
+                            fwd_bwd=False,
+                            extra={"fp8_weights": "cached after the first forward"},
+                        )
                     if self.wants("te_fp8_nocache"):
                         self.fp8_nocache(ours, batch, shape, fp8, est, fwd_bwd=False)
                     ours = None
@@ -901,12 +1046,22 @@ class GPURun:
                 elif fused:
                     ours, fp8 = self.ours_te(ref, fused=True)
                     if "te_fp8_fused" in fused:
-                        self.measure(names["te_fp8_fused"], shape,
-                                     lambda: StepRunner(ours, batch, returns_sample=False, forward_context=fp8), est,
-                                     fwd_bwd=False, extra={"fp8_weights": "cached after the first forward"})
+                        self.measure(
+                            names["te_fp8_fused"],
+                            shape,
+                            lambda: StepRunner(ours, batch, returns_sample=False, forward_context=fp8),
+                            est,
+                            fwd_bwd=False,
+                            extra={"fp8_weights": "cached after the first forward"},
+                        )
                     if "te_bf16_fused" in fused:
-                        self.measure(names["te_bf16_fused"], shape,
-                                     lambda: StepRunner(ours, batch, returns_sample=False), est, fwd_bwd=False)
+                        self.measure(
+                            names["te_bf16_fused"],
+                            shape,
+                            lambda: StepRunner(ours, batch, returns_sample=False),
+                            est,
+                            fwd_bwd=False,
+                        )
                     ours = None
                     reset_memory(self.device)
             self.compiled_reference(ref, batch, shape, fwd_bwd=False)
@@ -957,6 +1112,7 @@ def summarize(records: list[dict]) -> dict:
     ``vs_diffusers_eager`` / ``padded_vs_diffusers_eager_padded``: the main shape against the
     eager anchor; ``buckets``: per other bucket, each of ours against that bucket's anchors.
     """
+
     def ms(variant: str, shape_pred, key="step_ms"):
         for r in records:
             if r.get("what") == "step" and r.get("variant") == variant and shape_pred(r) and key in r:
@@ -989,30 +1145,48 @@ def summarize(records: list[dict]) -> dict:
         f"{fp8_g}_vs_torchao_fp8_compile (>=1.25)": ratio("diffusers_torchao_fp8_compile", fp8_g),
         f"{fp8_g}_fwd_bwd_vs_diffusers_compile": ratio("diffusers_compile", fp8_g, key="fwd_bwd_ms"),
         "ours_te_fp8_delayed_nocache_vs_diffusers_compile": ratio("diffusers_compile", "ours_te_fp8_delayed_nocache"),
-        "ours_te_fp8_delayed_nocache_vs_torchao_fp8_compile": ratio("diffusers_torchao_fp8_compile",
-                                                                    "ours_te_fp8_delayed_nocache"),
+        "ours_te_fp8_delayed_nocache_vs_torchao_fp8_compile": ratio(
+            "diffusers_torchao_fp8_compile", "ours_te_fp8_delayed_nocache"
+        ),
     }
     out["graphs_vs_eager"] = {
         f"{bf16_g}_vs_ours_te_bf16": ratio("ours_te_bf16", bf16_g),
         # the same FP8 weight handling on both sides: re-quantized every step
         f"{fp8_g}_vs_ours_te_fp8_delayed_nocache": ratio("ours_te_fp8_delayed_nocache", fp8_g),
         f"{fp8_g}_vs_ours_te_fp8_delayed (eager reuses its first FP8 weights)": ratio("ours_te_fp8_delayed", fp8_g),
-        f"{fp8_g}_fwd_bwd_vs_ours_te_fp8_delayed_nocache": ratio("ours_te_fp8_delayed_nocache", fp8_g,
-                                                                 key="fwd_bwd_ms"),
+        f"{fp8_g}_fwd_bwd_vs_ours_te_fp8_delayed_nocache": ratio(
+            "ours_te_fp8_delayed_nocache", fp8_g, key="fwd_bwd_ms"
+        ),
     }
-    ours = ("ours_te_bf16", "ours_te_fp8_delayed", "ours_te_bf16_fused", "ours_te_fp8_delayed_fused",
-            "ours_te_fp8_delayed_nocache", *GRAPH_VARIANTS,
-            "ours_te_fp8_delayed_dist_opt", "ours_te_fp8_delayed_fused_dist_opt", "ours_local", "diffusers_compile",
-            "diffusers_torchao_fp8_compile")
+    ours = (
+        "ours_te_bf16",
+        "ours_te_fp8_delayed",
+        "ours_te_bf16_fused",
+        "ours_te_fp8_delayed_fused",
+        "ours_te_fp8_delayed_nocache",
+        *GRAPH_VARIANTS,
+        "ours_te_fp8_delayed_dist_opt",
+        "ours_te_fp8_delayed_fused_dist_opt",
+        "ours_local",
+        "diffusers_compile",
+        "diffusers_torchao_fp8_compile",
+    )
     out["vs_diffusers_eager"] = {v: ratio("diffusers_eager", v) for v in ours}
-    out["padded_vs_diffusers_eager_padded"] = {
-        v: ratio("diffusers_eager", v, padded) for v in ours[:4]
-    }
-    bucket_labels = list(dict.fromkeys(
-        r["shape"] for r in records
-        if r.get("what") == "step" and "res" in r and r.get("res") != first_res and "shape" in r))
-    bucket_ours = ("ours_te_fp8_delayed", "ours_te_fp8_delayed_nocache", "ours_te_fp8_delayed_fused",
-                   "ours_te_bf16_fused", "ours_te_fp8_delayed_graphs")
+    out["padded_vs_diffusers_eager_padded"] = {v: ratio("diffusers_eager", v, padded) for v in ours[:4]}
+    bucket_labels = list(
+        dict.fromkeys(
+            r["shape"]
+            for r in records
+            if r.get("what") == "step" and "res" in r and r.get("res") != first_res and "shape" in r
+        )
+    )
+    bucket_ours = (
+        "ours_te_fp8_delayed",
+        "ours_te_fp8_delayed_nocache",
+        "ours_te_fp8_delayed_fused",
+        "ours_te_bf16_fused",
+        "ours_te_fp8_delayed_graphs",
+    )
     out["buckets"] = {}
     for label in bucket_labels:
         at = lambda r, label=label: r.get("shape") == label  # noqa: E731
@@ -1025,44 +1199,78 @@ def summarize(records: list[dict]) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", default=None, help="append JSON lines to this file (default: stdout only)")
-    p.add_argument("--budget-s", type=float, default=420.0,
-                   help="wall-clock budget; measurements that would not fit are recorded as skipped "
-                   "(default: %(default)s)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   choices=("cpu", "cuda"), help="device (default: cuda when available)")
-    p.add_argument("--dtype", choices=("bf16", "fp32"), default=None,
-                   help="parameter/activation dtype (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=420.0,
+        help="wall-clock budget; measurements that would not fit are recorded as skipped (default: %(default)s)",
+    )
+    p.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        choices=("cpu", "cuda"),
+        help="device (default: cuda when available)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("bf16", "fp32"),
+        default=None,
+        help="parameter/activation dtype (default: bf16 on CUDA, fp32 on CPU)",
+    )
     p.add_argument("--config", default=None, help="model config (default: qwen-image-20b; tiny with --tiny)")
     p.add_argument("--layers", type=int, default=None, help="blocks in the slice (default: 4; 2 with --tiny)")
-    p.add_argument("--res", type=int, default=None, help="main shape's image side in px (default: 1024; 64 with --tiny)")
+    p.add_argument(
+        "--res", type=int, default=None, help="main shape's image side in px (default: 1024; 64 with --tiny)"
+    )
     p.add_argument("--batch", type=int, default=2, help="main shape's batch (default: %(default)s)")
     p.add_argument("--text-tokens", type=int, default=None, help="text tokens (default: 256; 16 with --tiny)")
-    p.add_argument("--padded-text", type=int, default=None,
-                   help="padded trailing text tokens in every other sample of the padded variant "
-                   "(default: 64; 4 with --tiny)")
+    p.add_argument(
+        "--padded-text",
+        type=int,
+        default=None,
+        help="padded trailing text tokens in every other sample of the padded variant (default: 64; 4 with --tiny)",
+    )
     p.add_argument("--iters", type=int, default=None, help="timed iterations (default: 10; 2 with --tiny)")
     p.add_argument("--warmup", type=int, default=None, help="untimed iterations first (default: 3; 1 with --tiny)")
     p.add_argument("--skip-compile", action="store_true", help="skip the torch.compile anchors")
     p.add_argument("--skip-buckets", action="store_true", help="skip the other buckets")
-    p.add_argument("--skip", default="", metavar="PART,...",
-                   help="leave out these parts of the run (the anchors are never left out): "
-                   + ", ".join(PARTS) + "; 'help' lists them")
-    p.add_argument("--buckets", default=None, metavar="RES[:BATCH],...",
-                   help="the other buckets, image side in px and micro-batch (default: 256:32,640:8,1328:2; "
-                   "64,96 with --tiny); micro-batches of known sides: "
-                   + ", ".join(f"{k}:{v}" for k, v in BUCKET_BATCH.items()))
-    p.add_argument("--with-local", action="store_true",
-                   help="also time our local (torch) backend (always done where TE cannot run)")
+    p.add_argument(
+        "--skip",
+        default="",
+        metavar="PART,...",
+        help="leave out these parts of the run (the anchors are never left out): "
+        + ", ".join(PARTS)
+        + "; 'help' lists them",
+    )
+    p.add_argument(
+        "--buckets",
+        default=None,
+        metavar="RES[:BATCH],...",
+        help="the other buckets, image side in px and micro-batch (default: 256:32,640:8,1328:2; "
+        "64,96 with --tiny); micro-batches of known sides: " + ", ".join(f"{k}:{v}" for k, v in BUCKET_BATCH.items()),
+    )
+    p.add_argument(
+        "--with-local",
+        action="store_true",
+        help="also time our local (torch) backend (always done where TE cannot run)",
+    )
     p.add_argument("--tiny", action="store_true", help="toy shapes: every code path in seconds (CPU tests)")
-    p.add_argument("--graphs-standin", action="store_true",
-                   help="with --te-standin-local where CUDA graphs cannot run, take the graph variants' code "
-                   "path with the blocks called eagerly through the same wrappers (tests the harness on CPU)")
-    p.add_argument("--te-standin-local", action="store_true",
-                   help="where Transformer Engine cannot run, take the TE variants' code path with the local "
-                   "backend and no FP8 (tests the harness on CPU; the numbers mean nothing)")
+    p.add_argument(
+        "--graphs-standin",
+        action="store_true",
+        help="with --te-standin-local where CUDA graphs cannot run, take the graph variants' code "
+        "path with the blocks called eagerly through the same wrappers (tests the harness on CPU)",
+    )
+    p.add_argument(
+        "--te-standin-local",
+        action="store_true",
+        help="where Transformer Engine cannot run, take the TE variants' code path with the local "
+        "backend and no FP8 (tests the harness on CPU; the numbers mean nothing)",
+    )
     return p
 
 

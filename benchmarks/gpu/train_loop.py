@@ -38,8 +38,17 @@ from megatron_qwenimage.cache.shard_format import offsets_from_lengths  # noqa: 
 from megatron_qwenimage.cache.writer import ShardPayload, publish_partition  # noqa: E402
 
 
-def write_cache(path: Path, *, res: int, samples: int, per_partition: int, text_tokens: int, text_dim: int,
-                channels: int = 16, seed: int = 0) -> str:
+def write_cache(
+    path: Path,
+    *,
+    res: int,
+    samples: int,
+    per_partition: int,
+    text_tokens: int,
+    text_dim: int,
+    channels: int = 16,
+    seed: int = 0,
+) -> str:
     """A committed cache of `samples` synthetic t2i samples of one `res`² bucket (one snapshot)."""
     if path.exists():
         shutil.rmtree(path)
@@ -51,10 +60,23 @@ def write_cache(path: Path, *, res: int, samples: int, per_partition: int, text_
         latents = torch.randn(n, channels, bucket.latent_height, bucket.latent_width, generator=g)
         lengths = [text_tokens] * n
         text = torch.randn(sum(lengths), text_dim, generator=g).to(torch.bfloat16)
-        metas = [SampleMeta(f"p{p}-{i}", "t2i", f"synthetic {start + i}", f"synthetic://{start + i}", None,
-                            text_tokens, False, res, res) for i in range(n)]
-        payload = ShardPayload(bucket, ShardTensors(latents.to(torch.bfloat16), text, offsets_from_lengths(lengths)),
-                               metas)
+        metas = [
+            SampleMeta(
+                f"p{p}-{i}",
+                "t2i",
+                f"synthetic {start + i}",
+                f"synthetic://{start + i}",
+                None,
+                text_tokens,
+                False,
+                res,
+                res,
+            )
+            for i in range(n)
+        ]
+        payload = ShardPayload(
+            bucket, ShardTensors(latents.to(torch.bfloat16), text, offsets_from_lengths(lengths)), metas
+        )
         result = publish_partition(cache.storage, f"p{p}", inputs=n, shards=[payload])
         if not result.won:
             raise RuntimeError(f"partition p{p} was not committed")
@@ -65,9 +87,13 @@ def write_cache(path: Path, *, res: int, samples: int, per_partition: int, text_
 def run_config(args, cache: str, run: str, run_dir: Path) -> dict:
     """The run YAML of one `run` of ``--runs``: ``bf16`` or ``fp8``, optionally ``:nofused``."""
     precision, _, variant = run.partition(":")
-    model = {"name": args.config, "num_layers": args.layers, "params_dtype": "bfloat16" if not args.tiny else "float32",
-             "backend": "transformer_engine" if precision == "fp8" or args.backend == "transformer_engine" else "local",
-             "fused_elementwise": bool(args.fused) and variant != "nofused"}
+    model = {
+        "name": args.config,
+        "num_layers": args.layers,
+        "params_dtype": "bfloat16" if not args.tiny else "float32",
+        "backend": "transformer_engine" if precision == "fp8" or args.backend == "transformer_engine" else "local",
+        "fused_elementwise": bool(args.fused) and variant != "nofused",
+    }
     return {
         "model": model,
         "parallel": {"tp": 1, "pp": 1},
@@ -81,8 +107,14 @@ def run_config(args, cache: str, run: str, run_dir: Path) -> dict:
             "tasks": {"t2i": 1.0},
             "text_length": args.text_tokens,
             "caches": [{"path": cache, "mode": "fixed"}],
-            "stages": [{"name": "loop", "buckets": [f"{args.res}x{args.res}"], "micro_batch": args.batch,
-                        "global_batch": args.batch}],
+            "stages": [
+                {
+                    "name": "loop",
+                    "buckets": [f"{args.res}x{args.res}"],
+                    "micro_batch": args.batch,
+                    "global_batch": args.batch,
+                }
+            ],
         },
         "schedule": {"train_steps": args.steps, "seed": 0},
         "logging": {"dir": str(run_dir), "interval": args.log_interval, "tensorboard": False},
@@ -106,15 +138,29 @@ def train_once(args, cache: str, precision: str) -> dict:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     t0 = time.monotonic()
     try:
-        proc = subprocess.run([sys.executable, "-m", "consumers.train", "--config", str(cfg_path)], cwd=ROOT,
-                              env=env, capture_output=True, text=True, timeout=args.timeout_s)
+        proc = subprocess.run(
+            [sys.executable, "-m", "consumers.train", "--config", str(cfg_path)],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=args.timeout_s,
+        )
     except subprocess.TimeoutExpired as exc:
         stderr = exc.stderr.decode() if isinstance(exc.stderr, bytes) else (exc.stderr or "")
         proc = subprocess.CompletedProcess(exc.cmd, -9, "", f"timed out after {args.timeout_s} s\n{stderr[-2000:]}")
     wall = time.monotonic() - t0
     records = [r for r in read_metrics(run_dir) if "loss" in r]
-    out = {"what": "train_loop", "precision": precision, "rc": proc.returncode, "wall_s": wall,
-           "steps": args.steps, "res": args.res, "batch": args.batch, "layers": args.layers}
+    out = {
+        "what": "train_loop",
+        "precision": precision,
+        "rc": proc.returncode,
+        "wall_s": wall,
+        "steps": args.steps,
+        "res": args.res,
+        "batch": args.batch,
+        "layers": args.layers,
+    }
     if proc.returncode != 0 or not records:
         out["error"] = (proc.stderr or proc.stdout)[-2500:]
         if not records:
@@ -153,11 +199,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=None, help="samples in the cache (default: 32; 8 with --tiny)")
     p.add_argument("--timeout-s", type=float, default=600.0, help="per training run (default: %(default)s)")
     p.add_argument("--backend", default=None, help="backend of the bf16 run (default: transformer_engine on CUDA)")
-    p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
-                   help="MMDiTConfig.fused_elementwise (default: on with CUDA)")
-    p.add_argument("--runs", default="bf16,fp8", metavar="RUN,...",
-                   help="runs in order: bf16 | fp8, each optionally ':nofused' (fused_elementwise off); the "
-                        "summary compares the first bf16 and the first fp8 run (default: %(default)s)")
+    p.add_argument(
+        "--fused",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="MMDiTConfig.fused_elementwise (default: on with CUDA)",
+    )
+    p.add_argument(
+        "--runs",
+        default="bf16,fp8",
+        metavar="RUN,...",
+        help="runs in order: bf16 | fp8, each optionally ':nofused' (fused_elementwise off); the "
+        "summary compares the first bf16 and the first fp8 run (default: %(default)s)",
+    )
     args = p.parse_args(argv)
     args.config = "tiny-16ch" if args.tiny else "qwen-image-20b"
     args.layers = 2 if args.tiny else 4
@@ -177,16 +231,27 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    cache = write_cache(work / "cache", res=args.res, samples=args.samples, per_partition=max(1, args.samples // 4),
-                        text_tokens=args.text_tokens, text_dim=text_dim)
-    emit(args.out, {"what": "train_loop_cache", "samples": args.samples, "res": args.res,
-                    "write_s": time.monotonic() - t0})
+    cache = write_cache(
+        work / "cache",
+        res=args.res,
+        samples=args.samples,
+        per_partition=max(1, args.samples // 4),
+        text_tokens=args.text_tokens,
+        text_dim=text_dim,
+    )
+    emit(
+        args.out,
+        {"what": "train_loop_cache", "samples": args.samples, "res": args.res, "write_s": time.monotonic() - t0},
+    )
     runs = {}
     for run in args.runs.split(","):
         if run.partition(":")[0] not in ("bf16", "fp8") or run.partition(":")[2] not in ("", "nofused"):
             p.error(f"--runs: {run!r} is not bf16 or fp8, optionally with ':nofused'")
         if run.startswith("fp8") and not torch.cuda.is_available():
-            emit(args.out, {"what": "train_loop", "precision": run, "skipped": "needs a CUDA GPU with Transformer Engine"})
+            emit(
+                args.out,
+                {"what": "train_loop", "precision": run, "skipped": "needs a CUDA GPU with Transformer Engine"},
+            )
             continue
         runs[run] = train_once(args, cache, run)
         emit(args.out, runs[run])

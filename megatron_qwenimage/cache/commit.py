@@ -122,8 +122,15 @@ class ShardEntry:
         entry = cls(**d)
         for name in ("shard_id", "path"):
             _expect(getattr(entry, name), str, name)
-        for name in ("height_px", "width_px", "latent_height", "latent_width", "latent_channels", "text_dim",
-                     "num_samples"):
+        for name in (
+            "height_px",
+            "width_px",
+            "latent_height",
+            "latent_width",
+            "latent_channels",
+            "text_dim",
+            "num_samples",
+        ):
             _expect(getattr(entry, name), int, name)
         return entry
 
@@ -175,13 +182,13 @@ class CommitRecord:
         try:
             d = json.loads(data)
         except (ValueError, UnicodeDecodeError) as exc:
-            raise CommitRecordError(f"{where}: not valid JSON ({exc}); expected a commit record object",
-                                    path) from exc
+            raise CommitRecordError(f"{where}: not valid JSON ({exc}); expected a commit record object", path) from exc
         if not isinstance(d, dict):
             raise CommitRecordError(f"{where}: a JSON {type(d).__name__}, expected a commit record object", path)
         if d.get("schema_version") != SCHEMA_VERSION:
             raise CommitRecordError(
-                f"{where}: schema_version {d.get('schema_version')!r}, this reader knows {SCHEMA_VERSION}", path)
+                f"{where}: schema_version {d.get('schema_version')!r}, this reader knows {SCHEMA_VERSION}", path
+            )
         try:
             _expect(d.get("shards"), list, "shards")
             d["shards"] = [ShardEntry.from_dict(s) for s in d["shards"]]
@@ -231,8 +238,9 @@ def parse_commit(storage: CacheStorage, partition_id: str, data: bytes) -> Commi
     where = f"commit record {storage.path(rel)}"
     record = CommitRecord.from_json(data, where=where, path=rel)
     if record.partition_id != partition_id:
-        raise CommitRecordError(f"{where}: names partition {record.partition_id!r}, expected {partition_id!r} "
-                                "(the file name)", rel)
+        raise CommitRecordError(
+            f"{where}: names partition {record.partition_id!r}, expected {partition_id!r} (the file name)", rel
+        )
     return record
 
 
@@ -267,16 +275,23 @@ def warn_unreadable_commit(storage: CacheStorage, rel: str, exc: Exception) -> N
     if full in _warned:
         return
     _warned.add(full)
-    log.warning("skipping commit record %s: %s; its partition counts as not committed (it is re-produced, its "
-                "attempt files are kept); `qwenimage cache repair %s` moves the record to %s/", full,
-                " ".join(str(exc).replace(f"commit record {full}: ", "").split()), storage.url,
-                QUARANTINED_COMMITS_DIR)
+    log.warning(
+        "skipping commit record %s: %s; its partition counts as not committed (it is re-produced, its "
+        "attempt files are kept); `qwenimage cache repair %s` moves the record to %s/",
+        full,
+        " ".join(str(exc).replace(f"commit record {full}: ", "").split()),
+        storage.url,
+        QUARANTINED_COMMITS_DIR,
+    )
 
 
 def commit_record_names(storage: CacheStorage) -> list[str]:
     """Partition ids of every file in ``commits/`` that is a record (not an exclusive-create temp)."""
-    return sorted(name[: -len(".json")] for name in storage.listdir(COMMITS_DIR)
-                  if name.endswith(".json") and ".tmp-" not in name and not name.startswith("."))
+    return sorted(
+        name[: -len(".json")]
+        for name in storage.listdir(COMMITS_DIR)
+        if name.endswith(".json") and ".tmp-" not in name and not name.startswith(".")
+    )
 
 
 def list_commits(storage: CacheStorage, *, strict: bool = False) -> list[CommitRecord]:
@@ -301,8 +316,9 @@ def unreadable_commits(storage: CacheStorage) -> dict[str, Exception]:
     return bad
 
 
-def quarantine_commit(storage: CacheStorage, partition_id: str, expected: bytes | None = None,
-                      reason: str = "") -> str | None:
+def quarantine_commit(
+    storage: CacheStorage, partition_id: str, expected: bytes | None = None, reason: str = ""
+) -> str | None:
     """Move ``commits/<partition_id>.json`` to ``quarantine/commits/<partition_id>/<stamp>.json``.
 
     Nothing is deleted: the record keeps its bytes under the new name, next to a ``.why.json``
@@ -325,8 +341,12 @@ def quarantine_commit(storage: CacheStorage, partition_id: str, expected: bytes 
         if storage.write_exclusive(src, moved):
             storage.remove(dst)
             return None
-        log.warning("commit record %s changed while it was being quarantined and another record took its place; "
-                    "the changed one is kept at %s", storage.path(src), storage.path(dst))
+        log.warning(
+            "commit record %s changed while it was being quarantined and another record took its place; "
+            "the changed one is kept at %s",
+            storage.path(src),
+            storage.path(dst),
+        )
     why = {"from": src, "moved_unix": time.time(), "reason": reason}
     storage.write_atomic(dst[: -len(".json")] + ".why.json", json.dumps(why, indent=1).encode())
     return dst
@@ -436,11 +456,20 @@ class PartitionAttempt:
         except FileNotFoundError:
             return True  # gone in between (quarantined by another process): try again
         except (CommitRecordError, CachePathError) as exc:
-            moved = quarantine_commit(self.storage, self.partition_id, expected=data,
-                                      reason=f"attempt {self.attempt_id} re-produced the partition: {exc}")
+            moved = quarantine_commit(
+                self.storage,
+                self.partition_id,
+                expected=data,
+                reason=f"attempt {self.attempt_id} re-produced the partition: {exc}",
+            )
             if moved is not None:
-                log.warning("partition %s re-produced: its unreadable commit record %s was moved to %s (%s)",
-                            self.partition_id, self.storage.path(rel), self.storage.path(moved), exc)
+                log.warning(
+                    "partition %s re-produced: its unreadable commit record %s was moved to %s (%s)",
+                    self.partition_id,
+                    self.storage.path(rel),
+                    self.storage.path(moved),
+                    exc,
+                )
             return True
 
     def abandon(self) -> None:
@@ -470,8 +499,10 @@ def check_grace(grace_s: object, what: str = "sweep grace_s") -> float:
     except (TypeError, ValueError):
         value = math.nan
     if isinstance(grace_s, bool) or not math.isfinite(value) or value < 0:
-        raise SweepError(f"{what} = {grace_s!r}: expected a finite number of seconds >= 0 (an uncommitted "
-                         "attempt younger than this may belong to a live producer and is kept)")
+        raise SweepError(
+            f"{what} = {grace_s!r}: expected a finite number of seconds >= 0 (an uncommitted "
+            "attempt younger than this may belong to a live producer and is kept)"
+        )
     return value
 
 
@@ -493,16 +524,19 @@ def referenced_attempt_dirs(records: Iterable[CommitRecord]) -> set[tuple[str, .
 
 def attempt_dirs_in_text(data: bytes) -> set[tuple[str, ...]]:
     """Every ``attempts/<partition>/<attempt>`` spelled out in the bytes of an unparseable file."""
-    return {(m.group(1).decode(errors="replace"), m.group(2).decode(errors="replace"))
-            for m in _ATTEMPT_DIR_IN_TEXT.finditer(data)}
+    return {
+        (m.group(1).decode(errors="replace"), m.group(2).decode(errors="replace"))
+        for m in _ATTEMPT_DIR_IN_TEXT.finditer(data)
+    }
 
 
 def _is_referenced(refs: set[tuple[str, ...]], partition_id: str, attempt_id: str) -> bool:
     return any(ref == (partition_id, attempt_id)[: len(ref)] for ref in refs)
 
 
-def sweep_orphans(storage: CacheStorage, grace_s: float = DEFAULT_SWEEP_GRACE_S, now: float | None = None,
-                  *, strict: bool = False) -> SweepReport:
+def sweep_orphans(
+    storage: CacheStorage, grace_s: float = DEFAULT_SWEEP_GRACE_S, now: float | None = None, *, strict: bool = False
+) -> SweepReport:
     """Delete attempt directories that can never become visible.
 
     * attempts of a committed partition other than the winner: removed at once (they can
@@ -528,9 +562,11 @@ def sweep_orphans(storage: CacheStorage, grace_s: float = DEFAULT_SWEEP_GRACE_S,
     refs, unreadable_snapshots = snapshot_references(storage)
     keep_all = bool(unreadable_snapshots)
     if unreadable_snapshots:
-        message = (f"cannot tell which attempts snapshot {unreadable_snapshots[0]} names, so no attempt was "
-                   "removed; `qwenimage cache verify` says what is wrong with it, `qwenimage cache repair` "
-                   "moves an unreadable snapshot to quarantine/snapshots/")
+        message = (
+            f"cannot tell which attempts snapshot {unreadable_snapshots[0]} names, so no attempt was "
+            "removed; `qwenimage cache verify` says what is wrong with it, `qwenimage cache repair` "
+            "moves an unreadable snapshot to quarantine/snapshots/"
+        )
         if strict:
             raise SweepError(f"sweep of cache {storage.url}: {message}")
         warnings.append(message)
@@ -568,8 +604,10 @@ def sweep_orphans(storage: CacheStorage, grace_s: float = DEFAULT_SWEEP_GRACE_S,
         if not storage.listdir(f"{ATTEMPTS_DIR}/{partition_id}"):
             storage.remove(f"{ATTEMPTS_DIR}/{partition_id}")
     if guarded:
-        warnings.append(f"kept every attempt of partitions {sorted(guarded)}: their commit record is unreadable "
-                        f"or quarantined ({QUARANTINED_COMMITS_DIR}/)")
+        warnings.append(
+            f"kept every attempt of partitions {sorted(guarded)}: their commit record is unreadable "
+            f"or quarantined ({QUARANTINED_COMMITS_DIR}/)"
+        )
     for name in storage.listdir(COMMITS_DIR):
         if ".tmp-" in name:
             rel = f"{COMMITS_DIR}/{name}"

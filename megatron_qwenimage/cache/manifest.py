@@ -145,8 +145,9 @@ class Shard:
     def path(self) -> str:
         """The shard directory relative to the cache root, checked on every use to lie inside it
         (also after resolving symbolic links); `CachePathError` naming the record otherwise."""
-        return resolve_record_path(self.storage, self.entry.path, record=self.record,
-                                   entry=f"shard {self.shard_id} path")
+        return resolve_record_path(
+            self.storage, self.entry.path, record=self.record, entry=f"shard {self.shard_id} path"
+        )
 
     @property
     def bucket(self) -> Bucket:
@@ -189,8 +190,9 @@ class Shard:
             more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
             raise ShardChecksumError(f"shard {self.shard_id} ({path}): missing files {missing[:3]}{more}")
         for rel, expected in sorted(self.entry.files.items()):
-            file = resolve_record_path(self.storage, f"{path}/{rel}", record=self.record,
-                                       entry=f"shard {self.shard_id} file {rel!r}")
+            file = resolve_record_path(
+                self.storage, f"{path}/{rel}", record=self.record, entry=f"shard {self.shard_id} file {rel!r}"
+            )
             sha, size = self.storage.sha256(file)
             if (sha, size) != (expected.sha256, expected.bytes):
                 raise ShardChecksumError(
@@ -199,7 +201,9 @@ class Shard:
                 )
         n_rows = self.samples.num_rows
         if n_rows != self.num_samples:
-            raise ShardChecksumError(f"shard {self.shard_id}: samples.parquet has {n_rows} rows, expected {self.num_samples}")
+            raise ShardChecksumError(
+                f"shard {self.shard_id}: samples.parquet has {n_rows} rows, expected {self.num_samples}"
+            )
 
 
 class Snapshot:
@@ -380,10 +384,14 @@ class Cache:
         except FileNotFoundError as exc:
             moved = quarantined_snapshot_versions(self.storage).get(pin)
             if moved is not None:
-                raise CacheError(f"cache {self.url}: snapshot v{pin} was unreadable and `qwenimage cache repair` "
-                                 f"moved it to {self.storage.path(moved)} (have {versions})") from exc
-            raise CacheError(f"cache {self.url}: snapshot v{pin} does not exist "
-                             f"({self.storage.path(snapshot_path(pin))}; have {versions})") from exc
+                raise CacheError(
+                    f"cache {self.url}: snapshot v{pin} was unreadable and `qwenimage cache repair` "
+                    f"moved it to {self.storage.path(moved)} (have {versions})"
+                ) from exc
+            raise CacheError(
+                f"cache {self.url}: snapshot v{pin} does not exist "
+                f"({self.storage.path(snapshot_path(pin))}; have {versions})"
+            ) from exc
 
     def live(self, *, strict: bool = False) -> Snapshot:
         """An unpinned view of everything committed right now (version -1, not stored); see `committed`."""

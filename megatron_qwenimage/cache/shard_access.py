@@ -32,8 +32,15 @@ class ShardedArray:
         shape: the array shape; rows: ``shape[0]``; chunk_rows: rows per inner chunk.
     """
 
-    def __init__(self, storage: CacheStorage, relpath: str, shape: tuple[int, ...], dtype: np.dtype,
-                 chunk_rows: int, fill_value: int) -> None:
+    def __init__(
+        self,
+        storage: CacheStorage,
+        relpath: str,
+        shape: tuple[int, ...],
+        dtype: np.dtype,
+        chunk_rows: int,
+        fill_value: int,
+    ) -> None:
         self.storage, self.relpath = storage, relpath
         self.shape, self.dtype, self.chunk_rows, self.fill_value = shape, dtype, chunk_rows, fill_value
         self.row_shape = shape[1:]
@@ -51,18 +58,33 @@ class ShardedArray:
         meta = json.loads(storage.read_bytes(f"{relpath}/zarr.json"))
         shape = tuple(meta.get("shape", ()))
         codecs = meta.get("codecs", [])
-        if (meta.get("zarr_format") != 3 or meta.get("node_type") != "array" or not shape or 0 in shape
-                or meta.get("data_type") not in _DTYPES or meta.get("storage_transformers")
-                or meta.get("chunk_key_encoding") != {"name": "default", "configuration": {"separator": "/"}}
-                or len(codecs) != 1 or codecs[0].get("name") != "sharding_indexed"):
+        if (
+            meta.get("zarr_format") != 3
+            or meta.get("node_type") != "array"
+            or not shape
+            or 0 in shape
+            or meta.get("data_type") not in _DTYPES
+            or meta.get("storage_transformers")
+            or meta.get("chunk_key_encoding") != {"name": "default", "configuration": {"separator": "/"}}
+            or len(codecs) != 1
+            or codecs[0].get("name") != "sharding_indexed"
+        ):
             return None
         cfg = codecs[0].get("configuration", {})
         outer = tuple(meta.get("chunk_grid", {}).get("configuration", {}).get("chunk_shape", ()))
         inner = tuple(cfg.get("chunk_shape", ()))
         little = {"name": "bytes", "configuration": {"endian": "little"}}
-        if (cfg.get("codecs") != [little] or cfg.get("index_codecs") != [little, {"name": "crc32c"}]
-                or cfg.get("index_location", "end") != "end" or len(outer) != len(shape) or len(inner) != len(shape)
-                or outer[0] < shape[0] or outer[1:] != shape[1:] or inner[1:] != shape[1:] or outer[0] % inner[0]):
+        if (
+            cfg.get("codecs") != [little]
+            or cfg.get("index_codecs") != [little, {"name": "crc32c"}]
+            or cfg.get("index_location", "end") != "end"
+            or len(outer) != len(shape)
+            or len(inner) != len(shape)
+            or outer[0] < shape[0]
+            or outer[1:] != shape[1:]
+            or inner[1:] != shape[1:]
+            or outer[0] % inner[0]
+        ):
             return None  # not one shard, or chunks split more than axis 0
         dtype = _DTYPES[meta["data_type"]]
         return cls(storage, relpath, shape, dtype, inner[0], int(meta.get("fill_value", 0)))
@@ -75,7 +97,8 @@ class ShardedArray:
             raise ValueError(f"{self.relpath}: inner chunk {k} has {int(nbytes)} bytes, expected {self.chunk_bytes}")
         self._file.seek(int(offset))
         return np.frombuffer(self._file.read(self.chunk_bytes), dtype=self.dtype).reshape(
-            self.chunk_rows, *self.row_shape)
+            self.chunk_rows, *self.row_shape
+        )
 
     def rows(self, start: int, stop: int) -> np.ndarray:
         """Rows ``start:stop`` (a copy), like ``zarr_array[start:stop]``."""
@@ -87,7 +110,7 @@ class ShardedArray:
         parts = [self._chunk(k) for k in range(first, last + 1)]
         block = parts[0] if len(parts) == 1 else np.concatenate(parts)
         lo = start - first * self.chunk_rows
-        return block[lo:lo + stop - start].copy()
+        return block[lo : lo + stop - start].copy()
 
     def close(self) -> None:
         self._file.close()

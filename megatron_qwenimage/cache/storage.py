@@ -48,8 +48,10 @@ class CachePathError(CacheError):
 
 #: ``C:``, ``file:``, ``s3:``... at the start: a drive letter or a URL scheme.
 _SCHEME_OR_DRIVE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
-_EXPECTED_PATH = ("expected a relative POSIX path inside the cache root ('/'-separated, no leading '/', "
-                  "no '..', '.' or empty components, no backslashes, drive letters or URL schemes)")
+_EXPECTED_PATH = (
+    "expected a relative POSIX path inside the cache root ('/'-separated, no leading '/', "
+    "no '..', '.' or empty components, no backslashes, drive letters or URL schemes)"
+)
 
 
 def _record_path_problem(relpath: object) -> str | None:
@@ -102,7 +104,9 @@ def resolve_record_path(root: CacheStorage | None, relpath: str, *, record: str,
             real_root = os.path.realpath(root.root).rstrip(os.sep) + os.sep
             real = os.path.realpath(full)
             if not real.startswith(real_root):
-                problem = f"resolves to {real} (a symbolic link), outside the cache root {real_root.rstrip(os.sep) or os.sep}"
+                problem = (
+                    f"resolves to {real} (a symbolic link), outside the cache root {real_root.rstrip(os.sep) or os.sep}"
+                )
         else:
             prefix = root.root.rstrip("/")
             if prefix and not posixpath.normpath(full).startswith(prefix + "/"):

@@ -204,11 +204,15 @@ def _snapshot_record_problem(storage, record: CommitRecord, committed: CommitRec
     """Why a snapshot's copy of `record` does not match the commit records, or None."""
     path = storage.path(commit_path(record.partition_id))
     if committed is None:
-        return (f"partition {record.partition_id} (attempt {record.attempt_id}) has no commit record: {path} does "
-                "not exist (are commits/ incomplete, e.g. a partial copy of the cache?)")
+        return (
+            f"partition {record.partition_id} (attempt {record.attempt_id}) has no commit record: {path} does "
+            "not exist (are commits/ incomplete, e.g. a partial copy of the cache?)"
+        )
     if committed.attempt_id != record.attempt_id:
-        return (f"lists partition {record.partition_id} as attempt {record.attempt_id}, but its commit record {path} "
-                f"names attempt {committed.attempt_id}")
+        return (
+            f"lists partition {record.partition_id} as attempt {record.attempt_id}, but its commit record {path} "
+            f"names attempt {committed.attempt_id}"
+        )
     if committed.to_json() != record.to_json():
         return f"its copy of the commit record of partition {record.partition_id} differs from {path}"
     return None
@@ -269,8 +273,9 @@ def repair_cache(cache: Cache, *, dry_run: bool = False) -> RepairReport:
             continue
         except CacheError as exc:
             report.reasons[rel] = str(exc)
-            report.moved[rel] = (f"{QUARANTINED_SNAPSHOTS_DIR}/" if dry_run
-                                 else quarantine_snapshot(storage, version, reason=str(exc)))
+            report.moved[rel] = (
+                f"{QUARANTINED_SNAPSHOTS_DIR}/" if dry_run else quarantine_snapshot(storage, version, reason=str(exc))
+            )
     present = set(commit_record_names(storage)) - (missing if dry_run else set())
     for snapshot in reversed(snapshots):
         for record in snapshot.records:

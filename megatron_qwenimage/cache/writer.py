@@ -99,13 +99,18 @@ def _table_bytes(rows: Sequence, schema: pa.Schema) -> bytes:
 
 def _check_read_back(storage: CacheStorage, relpath: str, expected: ShardTensors) -> None:
     got = read_tensors(storage, relpath)
-    pairs = [("latents", got.latents, expected.latents), ("text_embeddings", got.text_embeddings, expected.text_embeddings)]
+    pairs = [
+        ("latents", got.latents, expected.latents),
+        ("text_embeddings", got.text_embeddings, expected.text_embeddings),
+    ]
     pairs.append(("text_offsets", got.text_offsets, expected.text_offsets.to(torch.int64)))
     if expected.condition_latents is not None and got.condition_latents is not None:
         pairs.append(("condition_latents", got.condition_latents, expected.condition_latents))
     for name, a, b in pairs:
-        if a.shape != b.shape or not torch.equal(a.view(torch.int16) if a.dtype == torch.bfloat16 else a,
-                                                 b.view(torch.int16) if b.dtype == torch.bfloat16 else b):
+        if a.shape != b.shape or not torch.equal(
+            a.view(torch.int16) if a.dtype == torch.bfloat16 else a,
+            b.view(torch.int16) if b.dtype == torch.bfloat16 else b,
+        ):
             raise ShardFormatError(f"shard {relpath}: {name} read back differs from what was written")
 
 
@@ -150,15 +155,23 @@ def publish_partition(
         entries = []
         for payload in shards:
             rel = attempt.shard_path(payload.bucket)
-            write_shard(storage, rel, payload.bucket, payload.tensors, payload.samples, metadata={
-                "partition_id": partition_id, "encoder_version": encoder_version, **(metadata or {})})
-            _check_read_back(storage, rel, payload.tensors)
-            entries.append(attempt.shard_entry(
+            write_shard(
+                storage,
+                rel,
                 payload.bucket,
-                num_samples=len(payload.samples),
-                latent_channels=int(payload.tensors.latents.shape[1]),
-                text_dim=int(payload.tensors.text_embeddings.shape[1]),
-            ))
+                payload.tensors,
+                payload.samples,
+                metadata={"partition_id": partition_id, "encoder_version": encoder_version, **(metadata or {})},
+            )
+            _check_read_back(storage, rel, payload.tensors)
+            entries.append(
+                attempt.shard_entry(
+                    payload.bucket,
+                    num_samples=len(payload.samples),
+                    latent_channels=int(payload.tensors.latents.shape[1]),
+                    text_dim=int(payload.tensors.text_embeddings.shape[1]),
+                )
+            )
             if fault_hook is not None:
                 fault_hook("shard_written")
         storage.write_atomic(attempt.table_path("quarantine"), _table_bytes(quarantine, QUARANTINE_SCHEMA))
@@ -202,8 +215,12 @@ def publish_partition(
 
 
 def _read_table(storage: CacheStorage, record: CommitRecord, name: str) -> pa.Table:
-    path = resolve_record_path(storage, record.tables[name]["path"], entry=f"tables.{name}.path",
-                               record=f"commit record {storage.path(commit_path(record.partition_id))}")
+    path = resolve_record_path(
+        storage,
+        record.tables[name]["path"],
+        entry=f"tables.{name}.path",
+        record=f"commit record {storage.path(commit_path(record.partition_id))}",
+    )
     return read_parquet(storage, path)
 
 

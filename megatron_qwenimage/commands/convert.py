@@ -47,12 +47,25 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("src", help="source checkpoint directory (its format is detected from its files)")
     p.add_argument("dst", help="destination directory (created; must be empty if it exists)")
-    p.add_argument("--to", choices=("native", "diffusers"), default=None,
-                   help="target format (default: the other format than the source's)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="keep",
-                   help="cast tensors on the way (default: keep the stored dtype)")
-    p.add_argument("--max-shard-size", type=_size, default="5GB", metavar="SIZE",
-                   help="split the output into safetensors shards with an index past this size (default: 5GB)")
+    p.add_argument(
+        "--to",
+        choices=("native", "diffusers"),
+        default=None,
+        help="target format (default: the other format than the source's)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default="keep",
+        help="cast tensors on the way (default: keep the stored dtype)",
+    )
+    p.add_argument(
+        "--max-shard-size",
+        type=_size,
+        default="5GB",
+        metavar="SIZE",
+        help="split the output into safetensors shards with an index past this size (default: 5GB)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object describing the result at the end")
     p.set_defaults(func=run)
     return p
@@ -69,7 +82,11 @@ def run(args: argparse.Namespace) -> int:
     with Progress(transient=True, disable=args.json) as bar:
         task = bar.add_task(f"{source_format} -> {args.to or 'other'}", total=None)
         to = convert_checkpoint(
-            args.src, args.dst, to=args.to, dtype=DTYPES[args.dtype], max_shard_bytes=args.max_shard_size,
+            args.src,
+            args.dst,
+            to=args.to,
+            dtype=DTYPES[args.dtype],
+            max_shard_bytes=args.max_shard_size,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
         )
     result = {"source": str(args.src), "source_format": source_format, "destination": str(args.dst), "format": to}

@@ -37,29 +37,68 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         ),
     )
     p.add_argument(
-        "--config", default="qwen-image-20b", metavar="NAME_OR_YAML",
+        "--config",
+        default="qwen-image-20b",
+        metavar="NAME_OR_YAML",
         help="named model config (qwen-image-20b, tiny, tiny-16ch, bench-cpu) or a path to a YAML file "
         "(default: %(default)s)",
     )
-    p.add_argument("--tp", type=int, default=None, metavar="N",
-                   help="tensor-parallel size (default: the config's tensor_model_parallel_size)")
+    p.add_argument(
+        "--tp",
+        type=int,
+        default=None,
+        metavar="N",
+        help="tensor-parallel size (default: the config's tensor_model_parallel_size)",
+    )
     p.add_argument("--pp", type=int, default=1, metavar="N", help="pipeline-parallel size (default: %(default)s)")
-    p.add_argument("--dp", type=int, default=1, metavar="N",
-                   help="data-parallel size; shards optimizer state with ZeRO-1 (default: %(default)s)")
-    p.add_argument("--micro-batch", type=int, default=1, metavar="N",
-                   help="samples per micro-batch per GPU (default: %(default)s)")
-    p.add_argument("--height", type=int, default=1024, metavar="PX",
-                   help="image height in pixels, a multiple of 16 (default: %(default)s)")
-    p.add_argument("--width", type=int, default=1024, metavar="PX",
-                   help="image width in pixels, a multiple of 16 (default: %(default)s)")
-    p.add_argument("--text-tokens", type=int, default=256, metavar="N",
-                   help="text conditioning tokens per sample after padding (default: %(default)s)")
-    p.add_argument("--recompute", choices=accounting.RECOMPUTE, default="none",
-                   help="activation recompute policy for the memory estimate (default: %(default)s)")
-    p.add_argument("--sequence-parallel", action="store_true",
-                   help="assume Megatron sequence parallelism (activations sharded over TP)")
-    p.add_argument("--no-zero1", dest="zero1", action="store_false",
-                   help="replicate optimizer state on every data-parallel rank instead of sharding it")
+    p.add_argument(
+        "--dp",
+        type=int,
+        default=1,
+        metavar="N",
+        help="data-parallel size; shards optimizer state with ZeRO-1 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--micro-batch", type=int, default=1, metavar="N", help="samples per micro-batch per GPU (default: %(default)s)"
+    )
+    p.add_argument(
+        "--height",
+        type=int,
+        default=1024,
+        metavar="PX",
+        help="image height in pixels, a multiple of 16 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--width",
+        type=int,
+        default=1024,
+        metavar="PX",
+        help="image width in pixels, a multiple of 16 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--text-tokens",
+        type=int,
+        default=256,
+        metavar="N",
+        help="text conditioning tokens per sample after padding (default: %(default)s)",
+    )
+    p.add_argument(
+        "--recompute",
+        choices=accounting.RECOMPUTE,
+        default="none",
+        help="activation recompute policy for the memory estimate (default: %(default)s)",
+    )
+    p.add_argument(
+        "--sequence-parallel",
+        action="store_true",
+        help="assume Megatron sequence parallelism (activations sharded over TP)",
+    )
+    p.add_argument(
+        "--no-zero1",
+        dest="zero1",
+        action="store_false",
+        help="replicate optimizer state on every data-parallel rank instead of sharding it",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.set_defaults(func=run)
     return p
@@ -95,9 +134,19 @@ def model_info(
     counts = accounting.parameter_counts(config)
     flops = accounting.model_flops_breakdown(config, image_tokens, text_tokens, training=True)
     mem = accounting.memory_per_gpu(
-        config, tp, pp, dp, micro_batch, image_tokens, text_tokens,
-        params_dtype="bfloat16", grad_dtype="float32", optimizer="adamw", zero1=zero1,
-        recompute=recompute, sequence_parallel=sequence_parallel,
+        config,
+        tp,
+        pp,
+        dp,
+        micro_batch,
+        image_tokens,
+        text_tokens,
+        params_dtype="bfloat16",
+        grad_dtype="float32",
+        optimizer="adamw",
+        zero1=zero1,
+        recompute=recompute,
+        sequence_parallel=sequence_parallel,
     )
     worst = mem.max_stage
     memory_bytes = {
@@ -119,7 +168,9 @@ def model_info(
         "image_tokens": image_tokens,
         "text_tokens": text_tokens,
         "flops_per_sample": flops.total,
-        "flops_breakdown_forward": {k: v for k, v in flops.to_dict().items() if k not in ("training", "forward", "total")},
+        "flops_breakdown_forward": {
+            k: v for k, v in flops.to_dict().items() if k not in ("training", "forward", "total")
+        },
         "layout": mem.layout,
         "memory_max_stage": worst.stage,
         "memory_per_gpu_bytes": memory_bytes,
@@ -164,10 +215,12 @@ def render(info: dict[str, Any], console) -> None:
     params.add_row("trainable", f"{info['trainable_params']:,}")
     console.print(params)
 
-    flops = Table(title=(
-        f"Model FLOPs per sample: {info['height']}x{info['width']} px = {info['image_tokens']} image tokens, "
-        f"{info['text_tokens']} text tokens"
-    ))
+    flops = Table(
+        title=(
+            f"Model FLOPs per sample: {info['height']}x{info['width']} px = {info['image_tokens']} image tokens, "
+            f"{info['text_tokens']} text tokens"
+        )
+    )
     flops.add_column("term (forward)")
     flops.add_column("FLOPs", justify="right")
     for name, n in info["flops_breakdown_forward"].items():
@@ -202,9 +255,17 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--config {args.config}: {exc}") from None
     tp = config.tensor_model_parallel_size if args.tp is None else args.tp
     info = model_info(
-        config, tp=tp, pp=args.pp, dp=args.dp, micro_batch=args.micro_batch,
-        height=args.height, width=args.width, text_tokens=args.text_tokens,
-        recompute=args.recompute, sequence_parallel=args.sequence_parallel, zero1=args.zero1,
+        config,
+        tp=tp,
+        pp=args.pp,
+        dp=args.dp,
+        micro_batch=args.micro_batch,
+        height=args.height,
+        width=args.width,
+        text_tokens=args.text_tokens,
+        recompute=args.recompute,
+        sequence_parallel=args.sequence_parallel,
+        zero1=args.zero1,
     )
     if args.json:
         print(json.dumps(info))

@@ -55,8 +55,7 @@ class TorchDistributedAgreement:
         device: where the small tensors of `gather_int` live (``cuda`` for NCCL, ``cpu`` for gloo).
     """
 
-    def __init__(self, group: torch.distributed.ProcessGroup | None = None,
-                 device: torch.device | str = "cpu") -> None:
+    def __init__(self, group: torch.distributed.ProcessGroup | None = None, device: torch.device | str = "cpu") -> None:
         self.group = group
         self.device = torch.device(device)
 
@@ -64,8 +63,12 @@ class TorchDistributedAgreement:
         import torch.distributed as dist
 
         box = [obj]
-        dist.broadcast_object_list(box, src=dist.get_global_rank(self.group, 0) if self.group is not None else 0,
-                                   group=self.group, device=self.device if self.device.type != "cpu" else None)
+        dist.broadcast_object_list(
+            box,
+            src=dist.get_global_rank(self.group, 0) if self.group is not None else 0,
+            group=self.group,
+            device=self.device if self.device.type != "cpu" else None,
+        )
         return box[0]
 
     def gather_int(self, value: int) -> list[int]:
@@ -87,6 +90,16 @@ class TorchDistributedAgreement:
 
 def plan_digest(plan) -> int:
     """A signed 64-bit hash of a `StepPlan`'s identity: step, stage, task, cache, pin, bucket, samples."""
-    key = json.dumps([plan.step, plan.stage, plan.task, plan.cache, plan.snapshot_version, plan.bucket,
-                      [[r.shard_id, r.row] for r in plan.refs]], separators=(",", ":"))
+    key = json.dumps(
+        [
+            plan.step,
+            plan.stage,
+            plan.task,
+            plan.cache,
+            plan.snapshot_version,
+            plan.bucket,
+            [[r.shard_id, r.row] for r in plan.refs],
+        ],
+        separators=(",", ":"),
+    )
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little", signed=True)

@@ -104,11 +104,13 @@ class StepPlan:
         """
         n = len(self.refs)
         if not 0 <= dp_rank < dp_size or n % (dp_size * self.micro_batch):
-            raise ValueError(f"step {self.step}: cannot split {n} samples over rank {dp_rank} of {dp_size} "
-                             f"in micro-batches of {self.micro_batch}")
+            raise ValueError(
+                f"step {self.step}: cannot split {n} samples over rank {dp_rank} of {dp_size} "
+                f"in micro-batches of {self.micro_batch}"
+            )
         per_rank = n // dp_size
-        mine = self.refs[dp_rank * per_rank:(dp_rank + 1) * per_rank]
-        return [mine[i:i + self.micro_batch] for i in range(0, per_rank, self.micro_batch)]
+        mine = self.refs[dp_rank * per_rank : (dp_rank + 1) * per_rank]
+        return [mine[i : i + self.micro_batch] for i in range(0, per_rank, self.micro_batch)]
 
 
 class CacheCatalog:
@@ -165,11 +167,14 @@ class CacheCatalog:
                 kinds = np.asarray(shard.samples.column("task").to_pylist(), dtype=object)
             except Exception as exc:  # unreadable table: a checksum mismatch says why, else say which shard
                 shard.verify()  # ShardChecksumError naming the shard and file when the bytes changed
-                raise ReaderError(f"cache {self.name!r}: cannot read the samples table of shard {shard_id} "
-                                  f"({shard.path}): {exc}") from exc
+                raise ReaderError(
+                    f"cache {self.name!r}: cannot read the samples table of shard {shard_id} ({shard.path}): {exc}"
+                ) from exc
             if len(kinds) != shard.num_samples:
-                raise ReaderError(f"cache {self.name!r}: shard {shard_id} lists {len(kinds)} samples, "
-                                  f"its commit record {shard.num_samples}")
+                raise ReaderError(
+                    f"cache {self.name!r}: shard {shard_id} lists {len(kinds)} samples, "
+                    f"its commit record {shard.num_samples}"
+                )
             self._kinds[shard_id] = kinds
         return self._kinds[shard_id]
 
@@ -183,8 +188,9 @@ class CacheCatalog:
                 ids = table.column("sample_id").to_pylist()
             except Exception as exc:
                 shard.verify()
-                raise ReaderError(f"cache {self.name!r}: cannot read the samples table of shard {shard_id} "
-                                  f"({shard.path}): {exc}") from exc
+                raise ReaderError(
+                    f"cache {self.name!r}: cannot read the samples table of shard {shard_id} ({shard.path}): {exc}"
+                ) from exc
             i = int(np.argmax(lengths)) if len(lengths) else 0
             self._longest_text[shard_id] = (int(lengths[i]), str(ids[i])) if len(lengths) else (0, "")
         return self._longest_text[shard_id]
@@ -216,14 +222,15 @@ class CacheCatalog:
     def bucket_of(self, shard_id: str) -> str:
         return self.shard(shard_id).bucket.name
 
-    def candidates(self, version: int, base: int | None, kind: str, buckets: tuple[str, ...],
-                   carried: list[SampleRef]) -> dict[str, list[SampleRef]]:
+    def candidates(
+        self, version: int, base: int | None, kind: str, buckets: tuple[str, ...], carried: list[SampleRef]
+    ) -> dict[str, list[SampleRef]]:
         """Samples of `kind` in `buckets`: shards of snapshot `version` not in snapshot `base`
         (all of them when `base` is None), plus `carried`; per bucket, sorted."""
         snap = self.snapshot(version)
         skip = self.shard_ids(base) if base is not None else set()
         out: dict[str, list[SampleRef]] = {b: [] for b in buckets}
-        for shard in (snap.shards if snap is not None else []):
+        for shard in snap.shards if snap is not None else []:
             b = shard.bucket.name
             if b not in out or shard.shard_id in skip:
                 continue
@@ -271,7 +278,7 @@ def build_epoch_plan(candidates: dict[str, list[SampleRef]], global_batch: int, 
         refs = candidates[bucket]
         perm = rng.permutation(len(refs))
         full = len(refs) // global_batch * global_batch
-        groups += [(bucket, [refs[j] for j in perm[i:i + global_batch]]) for i in range(0, full, global_batch)]
+        groups += [(bucket, [refs[j] for j in perm[i : i + global_batch]]) for i in range(0, full, global_batch)]
         leftover += [refs[j] for j in perm[full:]]
     order = rng.permutation(len(groups))
     flat = [r for i in order for r in groups[i][1]]
@@ -308,13 +315,20 @@ class StreamState:
     cursor: int = 0
 
     def to_dict(self) -> dict:
-        return {"stage": self.stage, "epoch": self.epoch, "pin": self.pin, "base_pin": self.base_pin,
-                "carried": [[r.shard_id, r.row] for r in self.carried], "cursor": self.cursor}
+        return {
+            "stage": self.stage,
+            "epoch": self.epoch,
+            "pin": self.pin,
+            "base_pin": self.base_pin,
+            "carried": [[r.shard_id, r.row] for r in self.carried],
+            "cursor": self.cursor,
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> StreamState:
-        return cls(d["stage"], d["epoch"], d["pin"], d["base_pin"], [SampleRef(s, r) for s, r in d["carried"]],
-                   d["cursor"])
+        return cls(
+            d["stage"], d["epoch"], d["pin"], d["base_pin"], [SampleRef(s, r) for s, r in d["carried"]], d["cursor"]
+        )
 
     def plan_key(self) -> tuple:
         return (self.stage, self.epoch, self.pin, self.base_pin, tuple(self.carried))
@@ -330,9 +344,16 @@ class Planner:
         clock: monotonic seconds, for the tail timeout.
     """
 
-    def __init__(self, config: ReaderConfig, catalogs: dict[str, CacheCatalog], *,
-                 stop: threading.Event | None = None, clock: Callable[[], float] = time.monotonic,
-                 agreement: RankAgreement | None = None, visibility_lag: int = 1) -> None:
+    def __init__(
+        self,
+        config: ReaderConfig,
+        catalogs: dict[str, CacheCatalog],
+        *,
+        stop: threading.Event | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        agreement: RankAgreement | None = None,
+        visibility_lag: int = 1,
+    ) -> None:
         self.config = config
         self.catalogs = catalogs
         self.stop = stop or threading.Event()
@@ -371,8 +392,10 @@ class Planner:
         if source.mode == "tail":
             log.info("cache %r (%s) has no snapshot yet; the reader will wait for one", source.name, source.path)
             return 0
-        raise CacheError(f"cache {source.name!r} ({source.path}) has no manifest snapshot; a producer run writes "
-                         "one (or set mode: tail to wait for it)")
+        raise CacheError(
+            f"cache {source.name!r} ({source.path}) has no manifest snapshot; a producer run writes "
+            "one (or set mode: tail to wait for it)"
+        )
 
     def _check_buckets(self) -> None:
         """Every stage bucket must exist in some cache's pinned snapshot, unless a cache tails."""
@@ -385,8 +408,10 @@ class Planner:
         for i, stage in enumerate(self.config.stages):
             for j, b in enumerate(stage.buckets):
                 if b not in have:
-                    raise ConfigError(f"data.stages[{i}].buckets[{j}]={b!r}: no cache has this bucket "
-                                      f"(buckets present: {sorted(have)})")
+                    raise ConfigError(
+                        f"data.stages[{i}].buckets[{j}]={b!r}: no cache has this bucket "
+                        f"(buckets present: {sorted(have)})"
+                    )
 
     # ------------------------------------------------------------------ stepping
     def next_step(self) -> StepPlan:
@@ -397,8 +422,13 @@ class Planner:
                 raise EndOfData(f"the curriculum is finished: {self.step} steps over {len(stages)} stage(s)")
             self.stage += 1
             self.step_in_stage = 0
-            log.info("data: step %d enters stage %r (buckets %s, global batch %d)", self.step,
-                     stages[self.stage].name, list(stages[self.stage].buckets), stages[self.stage].global_batch)
+            log.info(
+                "data: step %d enters stage %r (buckets %s, global batch %d)",
+                self.step,
+                stages[self.stage].name,
+                list(stages[self.stage].buckets),
+                stages[self.stage].global_batch,
+            )
         stage = stages[self.stage]
         rng = np.random.default_rng([self.config.seed, _STEP_DOMAIN, self.step])
         weights = self.config.task_weights(self.stage)
@@ -410,8 +440,9 @@ class Planner:
         stream, plan = self._stream_with_data(source, kind)
         bucket, refs = plan.group(stream.cursor)
         stream.cursor += 1
-        out = StepPlan(self.step, self.stage, stage.name, task, source.name, stream.pin, bucket, stage.micro_batch,
-                       refs)
+        out = StepPlan(
+            self.step, self.stage, stage.name, task, source.name, stream.pin, bucket, stage.micro_batch, refs
+        )
         self.step += 1
         self.step_in_stage += 1
         return out
@@ -425,8 +456,9 @@ class Planner:
         # A re-pinned snapshot (grow / tail) is checked when it enters, before any of it is read.
         self.catalogs[source.name].check_text_length(stream.pin, self._all_buckets, self.config.text_length)
         cands = self.catalogs[source.name].candidates(stream.pin, stream.base_pin, kind, stage.buckets, stream.carried)
-        rng = np.random.default_rng([self.config.seed, _PLAN_DOMAIN, stable_tag(source.name), stable_tag(kind), stream.stage,
-                                     stream.epoch])
+        rng = np.random.default_rng(
+            [self.config.seed, _PLAN_DOMAIN, stable_tag(source.name), stable_tag(kind), stream.stage, stream.epoch]
+        )
         plan = build_epoch_plan(cands, stage.global_batch, rng)
         self._plans[key] = (stream.plan_key(), plan)
         return plan
@@ -462,8 +494,14 @@ class Planner:
                     f"(samples per bucket: {plan.counts}); lower global_batch, drop the task from the cache's "
                     "`tasks`, or add data"
                 )
-            log.info("data: cache %r %s samples: epoch %d over snapshot v%d (%d steps)", source.name, kind,
-                     stream.epoch, stream.pin, len(plan))
+            log.info(
+                "data: cache %r %s samples: epoch %d over snapshot v%d (%d steps)",
+                source.name,
+                kind,
+                stream.epoch,
+                stream.pin,
+                len(plan),
+            )
         return stream, self._plan(source, kind, stream)
 
     def _advance_tail(self, source: CacheSource, kind: str, stream: StreamState, done: EpochPlan) -> None:
@@ -478,20 +516,34 @@ class Planner:
                 if len(self._plan(source, kind, candidate)):
                     stream.epoch, stream.pin, stream.base_pin = candidate.epoch, v, candidate.base_pin
                     stream.carried, stream.cursor = candidate.carried, 0
-                    log.info("data: tail cache %r %s samples: epoch %d over snapshot v%d (new since v%s)%s",
-                             source.name, kind, stream.epoch, v, candidate.base_pin,
-                             " -- resuming after the wait" if waiting else "")
+                    log.info(
+                        "data: tail cache %r %s samples: epoch %d over snapshot v%d (new since v%s)%s",
+                        source.name,
+                        kind,
+                        stream.epoch,
+                        v,
+                        candidate.base_pin,
+                        " -- resuming after the wait" if waiting else "",
+                    )
                     return
                 checked = v
             remaining = deadline - self.clock()
-            what = (f"cache {source.name!r} ({source.path}): every {kind!r} sample of stage {stage.name!r} "
-                    f"(buckets {list(stage.buckets)}) committed up to snapshot v{checked} is consumed")
+            what = (
+                f"cache {source.name!r} ({source.path}): every {kind!r} sample of stage {stage.name!r} "
+                f"(buckets {list(stage.buckets)}) committed up to snapshot v{checked} is consumed"
+            )
             if remaining <= 0:
-                raise TailTimeoutError(f"{what}, and no newer snapshot brought a full global batch of "
-                                       f"{stage.global_batch} within tail_timeout_s={self.config.tail_timeout_s}s")
+                raise TailTimeoutError(
+                    f"{what}, and no newer snapshot brought a full global batch of "
+                    f"{stage.global_batch} within tail_timeout_s={self.config.tail_timeout_s}s"
+                )
             if not waiting:
-                log.warning("%s; waiting for a newer snapshot (polling every %ss, timeout %ss)", what,
-                            self.config.tail_poll_s, self.config.tail_timeout_s)
+                log.warning(
+                    "%s; waiting for a newer snapshot (polling every %ss, timeout %ss)",
+                    what,
+                    self.config.tail_poll_s,
+                    self.config.tail_timeout_s,
+                )
                 waiting = True
             if self.stop.wait(min(self.config.tail_poll_s, remaining)):
                 raise ReaderStopped()
@@ -503,8 +555,7 @@ class Planner:
 
     def newest_versions(self) -> dict[str, int]:
         """This rank's view of each ``grow`` cache's newest snapshot version (0: none)."""
-        return {c.name: (self.catalogs[c.name].versions() or [0])[-1]
-                for c in self.config.caches if c.mode == "grow"}
+        return {c.name: (self.catalogs[c.name].versions() or [0])[-1] for c in self.config.caches if c.mode == "grow"}
 
     def record_visibility(self, step: int, versions: dict[str, int]) -> None:
         """Record the versions every rank agreed are visible once step `step` was consumed."""
@@ -525,8 +576,11 @@ class Planner:
                 if self.stop.is_set():
                     raise ReaderStopped()
                 self._visibility_changed.wait(timeout=0.1)
-            key = max(k for k in self._visibility if k <= want) if any(k <= want for k in self._visibility) \
+            key = (
+                max(k for k in self._visibility if k <= want)
+                if any(k <= want for k in self._visibility)
                 else min(self._visibility)
+            )
             return self._visibility[key].get(cache, self.pins.get(cache, 0))
 
     # ------------------------------------------------------------------ state
@@ -544,20 +598,26 @@ class Planner:
 
     def load_state_dict(self, state: dict) -> None:
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise ReaderError(f"reader state: expected a dict with format {STATE_FORMAT}, got "
-                              f"{state.get('format') if isinstance(state, dict) else type(state).__name__}")
+            raise ReaderError(
+                f"reader state: expected a dict with format {STATE_FORMAT}, got "
+                f"{state.get('format') if isinstance(state, dict) else type(state).__name__}"
+            )
         if state["seed"] != self.config.seed:
-            raise ReaderError(f"reader state was saved with data.seed={state['seed']}, the config has "
-                              f"{self.config.seed}; the sample order would not continue")
+            raise ReaderError(
+                f"reader state was saved with data.seed={state['seed']}, the config has "
+                f"{self.config.seed}; the sample order would not continue"
+            )
         if set(state["pins"]) != set(self.pins):
             raise ReaderError(f"reader state has caches {sorted(state['pins'])}, the config {sorted(self.pins)}")
         if not 0 <= state["stage"] < len(self.config.stages):
-            raise ReaderError(f"reader state is in stage {state['stage']}; the config has "
-                              f"{len(self.config.stages)} stage(s)")
+            raise ReaderError(
+                f"reader state is in stage {state['stage']}; the config has {len(self.config.stages)} stage(s)"
+            )
         changes = curriculum_changes(state.get("curriculum"), curriculum(self.config))
         if changes and not self.config.replan_on_resume:
             raise ReaderError(
-                "reader state was saved with another curriculum (" + "; ".join(changes[:8])
+                "reader state was saved with another curriculum ("
+                + "; ".join(changes[:8])
                 + (f"; {len(changes) - 8} more" if len(changes) > 8 else "")
                 + "): resuming would not continue its sample order; restore the config, or set "
                 "data.replan_on_resume: true to rebuild the epoch plans from this config"
@@ -567,8 +627,10 @@ class Planner:
         with self._visibility_changed:  # re-pins after the resume use versions agreed now
             self._visibility = {self.step - 1: self.agreement.broadcast(self.newest_versions())}
         if changes:
-            log.warning("data: resuming with a changed curriculum (%s); epoch plans are rebuilt from the config",
-                        "; ".join(changes))
+            log.warning(
+                "data: resuming with a changed curriculum (%s); epoch plans are rebuilt from the config",
+                "; ".join(changes),
+            )
             self.streams = {}
         else:
             self.streams = {k: StreamState.from_dict(v) for k, v in state["streams"].items()}
@@ -579,8 +641,14 @@ def curriculum(config: ReaderConfig) -> dict:
     """What fixes the sample order besides the seed and the snapshots (JSON-able, for `state_dict`)."""
     return {
         "stages": [
-            {"name": s.name, "buckets": list(s.buckets), "micro_batch": s.micro_batch, "global_batch": s.global_batch,
-             "steps": s.steps, "tasks": config.task_weights(i)}
+            {
+                "name": s.name,
+                "buckets": list(s.buckets),
+                "micro_batch": s.micro_batch,
+                "global_batch": s.global_batch,
+                "steps": s.steps,
+                "tasks": config.task_weights(i),
+            }
             for i, s in enumerate(config.stages)
         ],
         "caches": [{"name": c.name, "weight": c.weight, "mode": c.mode, "tasks": list(c.tasks)} for c in config.caches],

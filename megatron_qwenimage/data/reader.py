@@ -153,13 +153,15 @@ class _OpenShard:
         cond = None
         if self.kinds[i] == "edit":
             if self.condition is None:
-                raise ReaderError(f"shard {self.shard.shard_id}: edit sample {self.sample_ids[i]} has no "
-                                  "condition_latents array")
+                raise ReaderError(
+                    f"shard {self.shard.shard_id}: edit sample {self.sample_ids[i]} has no condition_latents array"
+                )
             cond = self.condition.rows(i, i + 1)[0]
         if hi == lo:
             raise ReaderError(f"shard {self.shard.shard_id}: sample {self.sample_ids[i]} has no text tokens")
-        return _Row(self.latents.rows(i, i + 1)[0], self.text.rows(lo, hi), cond,
-                    self.sample_ids[i], self.shard.shard_id)
+        return _Row(
+            self.latents.rows(i, i + 1)[0], self.text.rows(lo, hi), cond, self.sample_ids[i], self.shard.shard_id
+        )
 
     def close(self) -> None:
         for a in (self.latents, self.text, self.condition):
@@ -223,8 +225,7 @@ def collate(rows: list[_Row], *, task: str, bucket: str, text_length: int | None
     for i, (r, n) in enumerate(zip(rows, lengths)):
         text[i, :n] = r.text
     mask = torch.arange(t)[None, :] < torch.tensor(lengths)[:, None]
-    return MicroBatch(latents, conditions, bf16_bits_to_float32(text), mask, task, bucket,
-                      [r.sample_id for r in rows])
+    return MicroBatch(latents, conditions, bf16_bits_to_float32(text), mask, task, bucket, [r.sample_id for r in rows])
 
 
 class _Failed:
@@ -250,8 +251,15 @@ class CacheReader:
     growing, `ReaderError` for data that cannot feed the config.
     """
 
-    def __init__(self, config: ReaderConfig, *, dp_rank: int, dp_size: int,
-                 agreement: RankAgreement | None = None, read_samples: bool = True) -> None:
+    def __init__(
+        self,
+        config: ReaderConfig,
+        *,
+        dp_rank: int,
+        dp_size: int,
+        agreement: RankAgreement | None = None,
+        read_samples: bool = True,
+    ) -> None:
         config.check_dp(dp_size)
         if not isinstance(dp_rank, int) or not 0 <= dp_rank < dp_size:
             raise ConfigError(f"dp_rank={dp_rank!r}: expected 0 <= dp_rank < dp_size={dp_size}")
@@ -261,8 +269,9 @@ class CacheReader:
         self._agreement = agreement or SingleProcess()
         self._catalogs = {c.name: CacheCatalog(c) for c in config.caches}
         self._stop = threading.Event()
-        self._planner = Planner(config, self._catalogs, stop=self._stop, agreement=self._agreement,
-                                visibility_lag=config.prefetch_steps + 1)
+        self._planner = Planner(
+            config, self._catalogs, stop=self._stop, agreement=self._agreement, visibility_lag=config.prefetch_steps + 1
+        )
         self._pool = ShardPool(self._catalogs, verify=config.verify_checksums, max_open=config.max_open_shards)
         self._consumed = self._planner.state_dict()
         self._queue: queue.Queue | None = None
@@ -277,8 +286,12 @@ class CacheReader:
         if not self.read_samples:
             return [], plan, self._planner.state_dict()
         batches = [
-            collate(self._pool.read(plan.cache, refs), task=plan.task, bucket=plan.bucket,
-                    text_length=self.config.text_length)
+            collate(
+                self._pool.read(plan.cache, refs),
+                task=plan.task,
+                bucket=plan.bucket,
+                text_length=self.config.text_length,
+            )
             for refs in plan.rank_micro_batches(self.dp_rank, self.dp_size)
         ]
         return batches, plan, self._planner.state_dict()
@@ -302,8 +315,7 @@ class CacheReader:
     def _start(self) -> None:
         self._stop.clear()
         self._queue = queue.Queue(maxsize=self.config.prefetch_steps)
-        self._thread = threading.Thread(target=self._prefetch_loop, name=f"data-prefetch-dp{self.dp_rank}",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._prefetch_loop, name=f"data-prefetch-dp{self.dp_rank}", daemon=True)
         self._thread.start()
 
     def _shutdown(self) -> None:
@@ -355,7 +367,8 @@ class CacheReader:
             self._terminal = failure
             raise failure
         messages = self._agreement.gather_object(
-            None if failure is None else f"{type(failure).__name__}: {' '.join(str(failure).split())}")
+            None if failure is None else f"{type(failure).__name__}: {' '.join(str(failure).split())}"
+        )
         if failure is not None and code == 2:
             self._terminal = failure
         else:
@@ -363,7 +376,8 @@ class CacheReader:
             self._terminal = ReaderError(
                 f"step {step}: rank {first} could not load its data "
                 f"({messages[first] if first < len(messages) else 'its message did not arrive'}); "
-                f"ranks with a load failure: {[r for r, c in enumerate(codes) if c]}")
+                f"ranks with a load failure: {[r for r, c in enumerate(codes) if c]}"
+            )
             self._terminal.collective = True  # said alike by every rank that loaded; rank 0 reports
         self._shutdown()
         raise self._terminal
@@ -437,9 +451,16 @@ class ValidationReader:
         verify_checksums, text_length: as in `ReaderConfig`.
     """
 
-    def __init__(self, config: ValidationConfig, *, dp_rank: int = 0, dp_size: int = 1,
-                 verify_checksums: bool = True, text_length: int | None = None,
-                 agreement: RankAgreement | None = None) -> None:
+    def __init__(
+        self,
+        config: ValidationConfig,
+        *,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        verify_checksums: bool = True,
+        text_length: int | None = None,
+        agreement: RankAgreement | None = None,
+    ) -> None:
         if not isinstance(dp_rank, int) or not isinstance(dp_size, int) or not 0 <= dp_rank < dp_size:
             raise ConfigError(f"dp_rank={dp_rank!r}, dp_size={dp_size!r}: expected 0 <= dp_rank < dp_size")
         self.config = config
@@ -449,7 +470,9 @@ class ValidationReader:
         self._catalog = CacheCatalog(source)
         versions = self._catalog.versions()
         newest = versions[-1] if versions else 0
-        self.snapshot_version = config.pin if config.pin is not None else (agreement or SingleProcess()).broadcast(newest)
+        self.snapshot_version = (
+            config.pin if config.pin is not None else (agreement or SingleProcess()).broadcast(newest)
+        )
         snap = self._catalog.snapshot(self.snapshot_version)
         if snap is None:
             raise ReaderError(f"validation cache {config.path} has no snapshot")
@@ -459,8 +482,10 @@ class ValidationReader:
         buckets = config.buckets or tuple(present)
         for i, b in enumerate(buckets):
             if b not in present:
-                raise ConfigError(f"{config.where}.buckets[{i}]={b!r}: snapshot v{self.snapshot_version} of "
-                                  f"{config.path} has no such bucket (it has {sorted(present)})")
+                raise ConfigError(
+                    f"{config.where}.buckets[{i}]={b!r}: snapshot v{self.snapshot_version} of "
+                    f"{config.path} has no such bucket (it has {sorted(present)})"
+                )
         self._catalog.check_text_length(self.snapshot_version, set(buckets), text_length)
         self._pool = ShardPool({"validation": self._catalog}, verify=verify_checksums, max_open=64)
         self.micro_batches: list[tuple[str, str, tuple[SampleRef, ...]]] = []  # (task, bucket, refs), global
@@ -468,20 +493,23 @@ class ValidationReader:
             for task in config.tasks:
                 cands = self._catalog.candidates(self.snapshot_version, None, TASK_SAMPLE_KIND[task], (bucket,), [])
                 rng = np.random.default_rng([config.seed, stable_tag(bucket), stable_tag(task)])
-                perm = rng.permutation(len(cands[bucket]))[:config.samples_per_bucket]
+                perm = rng.permutation(len(cands[bucket]))[: config.samples_per_bucket]
                 refs = [cands[bucket][j] for j in perm]
                 for i in range(0, len(refs), config.micro_batch):
-                    self.micro_batches.append((task, bucket, tuple(refs[i:i + config.micro_batch])))
+                    self.micro_batches.append((task, bucket, tuple(refs[i : i + config.micro_batch])))
         if not self.micro_batches:
-            raise ReaderError(f"validation cache {config.path} v{self.snapshot_version}: no samples for tasks "
-                              f"{list(config.tasks)} in buckets {sorted(buckets)}")
+            raise ReaderError(
+                f"validation cache {config.path} v{self.snapshot_version}: no samples for tasks "
+                f"{list(config.tasks)} in buckets {sorted(buckets)}"
+            )
         self._batches: list[MicroBatch] | None = None
 
     def batches(self) -> list[MicroBatch]:
         """This rank's fixed validation micro-batches (loaded once, then reused)."""
         if self._batches is None:
-            mine = self.micro_batches[self.dp_rank::self.dp_size]
-            self._batches = [collate(self._pool.read("validation", refs), task=task, bucket=bucket,
-                                     text_length=self.text_length) for task, bucket, refs in mine]
+            mine = self.micro_batches[self.dp_rank :: self.dp_size]
+            self._batches = [
+                collate(self._pool.read("validation", refs), task=task, bucket=bucket, text_length=self.text_length)
+                for task, bucket, refs in mine
+            ]
         return self._batches
-

@@ -207,8 +207,9 @@ class ValidationConfig:
         if self.buckets is not None:
             if isinstance(self.buckets, str) or not self.buckets:
                 raise ConfigError(f"{w}.buckets={self.buckets!r}: expected a non-empty list or null")
-            object.__setattr__(self, "buckets", tuple(_parse_bucket(f"{w}.buckets[{i}]", b)
-                                                      for i, b in enumerate(self.buckets)))
+            object.__setattr__(
+                self, "buckets", tuple(_parse_bucket(f"{w}.buckets[{i}]", b) for i, b in enumerate(self.buckets))
+            )
         if isinstance(self.tasks, str) or not self.tasks or any(t not in TASKS for t in self.tasks):
             raise ConfigError(f"{w}.tasks={self.tasks!r}: expected a non-empty list of tasks from {TASKS}")
         object.__setattr__(self, "tasks", tuple(self.tasks))
@@ -257,8 +258,10 @@ class ReaderConfig:
     def __post_init__(self) -> None:
         if isinstance(self.caches, (str, Mapping)) or not self.caches:
             raise ConfigError(f"data.caches={self.caches!r}: expected a non-empty list of caches")
-        caches = tuple(c if isinstance(c, CacheSource) else _from_mapping(CacheSource, c, f"data.caches[{i}]")
-                       for i, c in enumerate(self.caches))
+        caches = tuple(
+            c if isinstance(c, CacheSource) else _from_mapping(CacheSource, c, f"data.caches[{i}]")
+            for i, c in enumerate(self.caches)
+        )
         object.__setattr__(self, "caches", caches)
         names = [c.name for c in caches]
         dup = sorted({n for n in names if names.count(n) > 1})
@@ -266,8 +269,10 @@ class ReaderConfig:
             raise ConfigError(f"data.caches: name(s) {dup} used twice; give each cache a unique `name`")
         if isinstance(self.stages, (str, Mapping)) or not self.stages:
             raise ConfigError(f"data.stages={self.stages!r}: expected a non-empty list of stages")
-        stages = tuple(s if isinstance(s, StageConfig) else _from_mapping(StageConfig, s, f"data.stages[{i}]")
-                       for i, s in enumerate(self.stages))
+        stages = tuple(
+            s if isinstance(s, StageConfig) else _from_mapping(StageConfig, s, f"data.stages[{i}]")
+            for i, s in enumerate(self.stages)
+        )
         object.__setattr__(self, "stages", stages)
         for i, s in enumerate(stages[:-1]):
             if s.steps is None:
@@ -330,6 +335,7 @@ class ReaderConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain mapping that `from_dict` accepts (for logging the resolved config)."""
+
         def strip(d: dict) -> dict:
             return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items() if k != "where"}
 

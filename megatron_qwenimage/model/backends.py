@@ -173,17 +173,15 @@ class ParallelLinearFactory:
                 is_expert=False,
                 tp_group=self._te_group(),
             )
-        return (
-            ColumnLinear(
-                input_size,
-                output_size,
-                sequence_parallel=self.config.sequence_parallel,
-                gather_output=False,
-                config=self.local_config,
-                init_method=_no_init,
-                bias=bias,
-                tp_group=self.tp_group,
-            )
+        return ColumnLinear(
+            input_size,
+            output_size,
+            sequence_parallel=self.config.sequence_parallel,
+            gather_output=False,
+            config=self.local_config,
+            init_method=_no_init,
+            bias=bias,
+            tp_group=self.tp_group,
         )
 
     def row(self, input_size: int, output_size: int, *, bias: bool = True) -> torch.nn.Module:
@@ -202,36 +200,30 @@ class ParallelLinearFactory:
                 is_expert=False,
                 tp_group=self._te_group(),
             )
-        return (
-            RowLinear(
-                input_size,
-                output_size,
-                sequence_parallel=self.config.sequence_parallel,
-                config=self.local_config,
-                init_method=_no_init,
-                bias=bias,
-                input_is_parallel=True,
-                skip_bias_add=False,
-                tp_group=self.tp_group,
-            )
+        return RowLinear(
+            input_size,
+            output_size,
+            sequence_parallel=self.config.sequence_parallel,
+            config=self.local_config,
+            init_method=_no_init,
+            bias=bias,
+            input_is_parallel=True,
+            skip_bias_add=False,
+            tp_group=self.tp_group,
         )
 
     def modulation(self, input_size: int, output_size: int) -> ColumnParallelLinear:
         """Column-parallel linear on per-sample vectors whose small output is gathered over TP."""
-        return (
-            ColumnLinear(
-                input_size,
-                output_size,
-                sequence_parallel=False,
-                gather_output=True,
-                config=self.local_config,
-                init_method=_no_init,
-                bias=True,
-                tp_group=self.tp_group,
-            )
+        return ColumnLinear(
+            input_size,
+            output_size,
+            sequence_parallel=False,
+            gather_output=True,
+            config=self.local_config,
+            init_method=_no_init,
+            bias=True,
+            tp_group=self.tp_group,
         )
-
-
 
 
 @dataclass
@@ -284,9 +276,9 @@ class JointKeys:
         key = ("kv", 0)
         if key not in self._cu_seqlens:
             lengths = self.kv_lengths
-            self._cu_seqlens[key] = torch.cat(
-                [lengths.new_zeros(1), torch.cumsum(lengths, 0, dtype=torch.int32)]
-            ).to(torch.int32)
+            self._cu_seqlens[key] = torch.cat([lengths.new_zeros(1), torch.cumsum(lengths, 0, dtype=torch.int32)]).to(
+                torch.int32
+            )
         return self._cu_seqlens[key]
 
 

@@ -70,9 +70,11 @@ class BlockCallSignature:
         if self.image_tokens != other.image_tokens:
             return f"image_tokens={other.image_tokens} where the graph was captured with {self.image_tokens}"
         for i, name in enumerate(self.names):
-            for what, want, got in (("shape", self.shapes[i], other.shapes[i]),
-                                    ("dtype", self.dtypes[i], other.dtypes[i]),
-                                    ("device", self.devices[i], other.devices[i])):
+            for what, want, got in (
+                ("shape", self.shapes[i], other.shapes[i]),
+                ("dtype", self.dtypes[i], other.dtypes[i]),
+                ("device", self.devices[i], other.devices[i]),
+            ):
                 if want != got:
                     return f"{name} has {what} {got} where the graph was captured with {want}"
         return "signatures differ"
@@ -147,8 +149,7 @@ class CallOrder:
             expected = 0 if self.last is None or self.last == self.count - 1 else self.last + 1
             self.last = None  # the pass is broken: only a fresh pass from block 0 may follow
             raise RuntimeError(
-                f"graphed block at position {position} called out of the captured order "
-                f"(expected position {expected})"
+                f"graphed block at position {position} called out of the captured order (expected position {expected})"
             )
         self.last = position
 
@@ -196,6 +197,7 @@ def record_block_calls(model: torch.nn.Module, run: Callable[[], Any]) -> list[t
         def hook(module, args):
             img, txt, temb, rope, keys = args
             calls.append((key, (img.detach().clone(), txt.detach().clone(), temb.detach().clone(), rope, keys)))
+
         return hook
 
     for key, block in model.blocks.items():
@@ -228,8 +230,7 @@ def check_graphable(model: torch.nn.Module) -> None:
 class GraphedBlocks:
     """The installed graphs of one model: `restore` puts the eager blocks back."""
 
-    def __init__(self, model: torch.nn.Module, originals: dict[str, torch.nn.Module],
-                 graphed: dict[str, GraphedBlock]):
+    def __init__(self, model: torch.nn.Module, originals: dict[str, torch.nn.Module], graphed: dict[str, GraphedBlock]):
         self.model = model
         self.originals = originals
         self.graphed = graphed
@@ -249,8 +250,9 @@ class GraphedBlocks:
         self.originals = {}
 
 
-def graph_blocks(model: torch.nn.Module, calls: list[tuple[str, tuple]], make_graphed_callables: Callable,
-                 **graph_kwargs: Any) -> GraphedBlocks:
+def graph_blocks(
+    model: torch.nn.Module, calls: list[tuple[str, tuple]], make_graphed_callables: Callable, **graph_kwargs: Any
+) -> GraphedBlocks:
     """Capture each block of `model` on its recorded call and install the graphs.
 
     Args:
@@ -316,8 +318,9 @@ def disable_fp8_weight_cache(model: torch.nn.Module) -> int:
     return count
 
 
-def te_graph_kwargs(make_graphed_callables: Callable, *, fp8: bool, recipe: Any = None,
-                    num_warmup_iters: int = 3) -> dict:
+def te_graph_kwargs(
+    make_graphed_callables: Callable, *, fp8: bool, recipe: Any = None, num_warmup_iters: int = 3
+) -> dict:
     """Keyword arguments of TE's ``make_graphed_callables`` for a capture with FP8 on or off.
 
     TE 2.1x names them ``enabled`` / ``recipe`` / ``cache_quantized_params`` and keeps the older

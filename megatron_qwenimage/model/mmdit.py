@@ -91,9 +91,7 @@ class QwenImageMMDiT(torch.nn.Module):
             )
         start, end = layer_range if layer_range is not None else (0, config.num_layers)
         if not 0 <= start <= end <= config.num_layers:
-            raise ConfigError(
-                f"layer_range=({start}, {end}) is not a sub-range of the {config.num_layers} blocks"
-            )
+            raise ConfigError(f"layer_range=({start}, {end}) is not a sub-range of the {config.num_layers} blocks")
         self.config = config
         self.pre_process = pre_process
         self.post_process = post_process
@@ -115,9 +113,7 @@ class QwenImageMMDiT(torch.nn.Module):
         )
         if post_process:
             self.norm_out = linears.modulation(d, 2 * d)  # scale, shift
-            self.proj_out = torch.nn.Linear(
-                d, config.patch_size * config.patch_size * config.out_channels, dtype=dtype
-            )
+            self.proj_out = torch.nn.Linear(d, config.patch_size * config.patch_size * config.out_channels, dtype=dtype)
         #: Global indices of the blocks recomputed whole in backward (`configure_recompute`).
         self.recomputed_blocks: frozenset[int] = frozenset()
         #: Each stream's sequence is zero-padded to a multiple of this inside `run_blocks` (padded
@@ -347,9 +343,7 @@ class QwenImageMMDiT(torch.nn.Module):
             or encoder_hidden_states.shape[-1] != cfg.joint_attention_dim
         ):
             got = None if encoder_hidden_states is None else tuple(encoder_hidden_states.shape)
-            raise ValueError(
-                f"encoder_hidden_states has shape {got}; expected [{b}, T, {cfg.joint_attention_dim}]"
-            )
+            raise ValueError(f"encoder_hidden_states has shape {got}; expected [{b}, T, {cfg.joint_attention_dim}]")
         t = encoder_hidden_states.shape[1]
         validate_text_length(t, limit=cfg.max_text_tokens, what="encoder_hidden_states")
         if timestep is None or timestep.ndim != 1 or timestep.shape[0] != b:
@@ -367,9 +361,7 @@ class QwenImageMMDiT(torch.nn.Module):
         for i, sample in enumerate(shapes):
             total = sum(prod(s) for s in sample)
             if total != n:
-                raise ValueError(
-                    f"img_shapes[{i}]={sample} describes {total} image tokens but hidden_states has {n}"
-                )
+                raise ValueError(f"img_shapes[{i}]={sample} describes {total} image tokens but hidden_states has {n}")
         targets = {prod(sample[0]) for sample in shapes}
         if len(targets) != 1:
             raise ValueError(f"img_shapes: target images of one batch must have equal token counts, got {targets}")

@@ -35,8 +35,11 @@ def normalize_img_shapes(img_shapes, batch_size: int) -> list[list[ImageShape]]:
     if img_shapes is None:
         raise ValueError("img_shapes is required: a list per sample of (frames, h, w) patch-grid tuples")
     shapes = list(img_shapes)
-    if shapes and isinstance(shapes[0], (tuple,)) and len(shapes[0]) == 3 and all(
-        isinstance(v, int) for v in shapes[0]
+    if (
+        shapes
+        and isinstance(shapes[0], (tuple,))
+        and len(shapes[0]) == 3
+        and all(isinstance(v, int) for v in shapes[0])
     ):
         # One layout for the whole batch: [(1, h, w), ...].
         shapes = [shapes] * batch_size
@@ -49,9 +52,7 @@ def normalize_img_shapes(img_shapes, batch_size: int) -> list[list[ImageShape]]:
         sample_shapes = []
         for entry in sample:
             if len(entry) != 3 or any(int(v) <= 0 for v in entry):
-                raise ValueError(
-                    f"img_shapes[{b}] entry {entry!r}: expected (frames, h, w) with positive patch counts"
-                )
+                raise ValueError(f"img_shapes[{b}] entry {entry!r}: expected (frames, h, w) with positive patch counts")
             sample_shapes.append(tuple(int(v) for v in entry))
         if not sample_shapes:
             raise ValueError(f"img_shapes[{b}] is empty: each sample needs at least its target image")
@@ -99,8 +100,7 @@ class MSRoPE:
     def angles(self, position_ids: torch.Tensor) -> torch.Tensor:
         """Rotation angles ``[n, head_dim/2]`` (fp32, radians) for positions ``[n, 3]``."""
         parts = [
-            position_ids[:, axis].to(torch.float32)[:, None] * inv[None, :]
-            for axis, inv in enumerate(self.inv_freqs)
+            position_ids[:, axis].to(torch.float32)[:, None] * inv[None, :] for axis, inv in enumerate(self.inv_freqs)
         ]
         return torch.cat(parts, dim=-1)
 

@@ -18,18 +18,35 @@ STAGE = {"name": "s", "buckets": ["16x16", "32x32"], "micro_batch": 2, "global_b
 
 
 def reader_config(cache: str) -> ReaderConfig:
-    return ReaderConfig.from_dict({"caches": [{"path": cache, "tasks": ["t2i", "edit"]}], "stages": [STAGE], "prefetch_steps": 1,
-                                   "verify_checksums": True, "tasks": {"t2i": 1.0, "edit": 1.0}})
+    return ReaderConfig.from_dict(
+        {
+            "caches": [{"path": cache, "tasks": ["t2i", "edit"]}],
+            "stages": [STAGE],
+            "prefetch_steps": 1,
+            "verify_checksums": True,
+            "tasks": {"t2i": 1.0, "edit": 1.0},
+        }
+    )
 
 
 def digest(batches) -> list[dict]:
     """Exact content of micro-batches: dtype, shape and a hash of the bytes of every tensor."""
+
     def h(t: torch.Tensor) -> str:
         return f"{t.dtype}{tuple(t.shape)}:" + hashlib.sha256(t.contiguous().view(torch.uint8).numpy()).hexdigest()
 
-    return [{"latents": h(mb.latents), "text": h(mb.text), "mask": h(mb.text_mask),
-             "conditions": [h(c) for c in mb.condition_latents], "task": mb.task, "bucket": mb.bucket,
-             "ids": mb.sample_ids} for mb in batches]
+    return [
+        {
+            "latents": h(mb.latents),
+            "text": h(mb.text),
+            "mask": h(mb.text_mask),
+            "conditions": [h(c) for c in mb.condition_latents],
+            "task": mb.task,
+            "bucket": mb.bucket,
+            "ids": mb.sample_ids,
+        }
+        for mb in batches
+    ]
 
 
 def broadcast_worker(rank: int, world: int, cache: str, steps: int) -> dict:
@@ -49,12 +66,18 @@ def broadcast_worker(rank: int, world: int, cache: str, steps: int) -> dict:
     manifest.Shard.verify, _OpenShard.__init__ = counting_verify, counting_open
     received, error = [], None
     try:
-        with CacheReader(reader_config(cache), dp_rank=0, dp_size=1, read_samples=pstate.reads_data,
-                         agreement=TorchDistributedAgreement()) as reader:
+        with CacheReader(
+            reader_config(cache),
+            dp_rank=0,
+            dp_size=1,
+            read_samples=pstate.reads_data,
+            agreement=TorchDistributedAgreement(),
+        ) as reader:
             for _ in range(steps):
                 micro = reader.next_global_step()
-                micro = broadcast_micro_batches(micro, group=pstate.model_parallel_group,
-                                                src=pstate.data_source_rank, device=pstate.device)
+                micro = broadcast_micro_batches(
+                    micro, group=pstate.model_parallel_group, src=pstate.data_source_rank, device=pstate.device
+                )
                 received.append(digest(micro))
     except UserError as exc:
         error = f"{type(exc).__name__}: {exc}"

@@ -25,8 +25,14 @@ def _engine(layout: ParallelLayout, *, optimizer=OPT, perturb: bool = False):
     """A `TrainEngine` at `layout`; `perturb`: leave the adaLN-Zero init (`perturb_zero_init`,
     model and fp32 master / EMA alike) right after building it, so every tensor gets gradients."""
     pstate = init_parallel(layout)
-    engine = TrainEngine(load_config("tiny-16ch", **MODEL), pstate, optimizer=optimizer, seed=SEED,
-                         global_batch_size=GLOBAL_BATCH, init_seed=0)
+    engine = TrainEngine(
+        load_config("tiny-16ch", **MODEL),
+        pstate,
+        optimizer=optimizer,
+        seed=SEED,
+        global_batch_size=GLOBAL_BATCH,
+        init_seed=0,
+    )
     if perturb:
         perturb_zero_init(engine.chunks, engine.optimizer, seed=PERTURB_SEED)
     return pstate, engine
@@ -36,8 +42,13 @@ def _run(engine, pstate, steps) -> list[float]:
     out = []
     for step in steps:
         task = step_task(step)
-        mbs = to_microbatches(synthetic_global_batch(step, GLOBAL_BATCH, task=task), dp_rank=pstate.dp_rank,
-                              dp=pstate.layout.dp, micro_batch=1, task=task)
+        mbs = to_microbatches(
+            synthetic_global_batch(step, GLOBAL_BATCH, task=task),
+            dp_rank=pstate.dp_rank,
+            dp=pstate.layout.dp,
+            micro_batch=1,
+            task=task,
+        )
         out.append(engine.train_step(step, mbs).loss)
     return out
 
@@ -61,8 +72,12 @@ class _States:
         if state is not None:
             tol = dict(rtol=0.0, scale_atol=0.0) if exact else dict(rtol=RTOL, scale_atol=SCALE_ATOL)
             mismatches, worst = compare_states(state, ref, **tol)
-            self.checks[label] = {"mismatches": mismatches, "worst": worst, "compared": sorted(state),
-                                  "kinds": sorted({k for v in state.values() for k in v})}
+            self.checks[label] = {
+                "mismatches": mismatches,
+                "worst": worst,
+                "compared": sorted(state),
+                "kinds": sorted({k for v in state.values() for k in v}),
+            }
         return state
 
 
@@ -118,8 +133,14 @@ def reshard_worker(rank: int, world: int, root: str) -> dict:
     dist.barrier()
     meta = ckpt_a.load_latest(engine)
     states.check("fallback_loaded", engine, ref[2], exact=True)
-    return {"uninterrupted": uninterrupted, "resumed_b": resumed_b, "resumed_a": resumed_a,
-            "fallback_step": meta["step"], "refused": ckpt_a.refused, "checks": states.checks}
+    return {
+        "uninterrupted": uninterrupted,
+        "resumed_b": resumed_b,
+        "resumed_a": resumed_a,
+        "fallback_step": meta["step"],
+        "refused": ckpt_a.refused,
+        "checks": states.checks,
+    }
 
 
 # ------------------------------------------------------------------ resume policy / pruning / async
@@ -152,8 +173,9 @@ def resume_policy_worker(rank: int, world: int, root: str) -> dict:
     cfg = lambda d, **kw: CheckpointConfig(dir=f"{root}/{d}", **kw)  # noqa: E731
     # auto on an empty (missing) dir: fresh start; required: refused; never: fine.
     out["auto_empty"] = CheckpointManager(cfg("empty"), pstate).load_latest(engine)
-    out["required_empty"] = _refusal(lambda: CheckpointManager(cfg("empty", resume="required"), pstate)
-                                     .load_latest(engine))
+    out["required_empty"] = _refusal(
+        lambda: CheckpointManager(cfg("empty", resume="required"), pstate).load_latest(engine)
+    )
     out["never_empty"] = CheckpointManager(cfg("empty", resume="never"), pstate).load_latest(engine)
     # Two committed checkpoints, both corrupted: auto refuses naming each, deletes nothing.
     a = CheckpointManager(cfg("bad", keep_last=5), pstate)
@@ -165,15 +187,21 @@ def resume_policy_worker(rank: int, world: int, root: str) -> dict:
         _flip_a_byte(Path(root, "bad", "step_00000002"))
     dist.barrier()
     out["auto_bad"] = _refusal(lambda: CheckpointManager(cfg("bad"), pstate).load_latest(engine))
-    out["required_bad"] = _refusal(lambda: CheckpointManager(cfg("bad", resume="required"), pstate)
-                                   .load_latest(engine))
+    out["required_bad"] = _refusal(lambda: CheckpointManager(cfg("bad", resume="required"), pstate).load_latest(engine))
     out["never_bad"] = _refusal(lambda: CheckpointManager(cfg("bad", resume="never"), pstate).load_latest(engine))
-    out["never_bad_load_false"] = _refusal(lambda: CheckpointManager(cfg("bad", load=False), pstate)
-                                           .load_latest(engine))
+    out["never_bad_load_false"] = _refusal(
+        lambda: CheckpointManager(cfg("bad", load=False), pstate).load_latest(engine)
+    )
     out["bad_after"] = _steps(Path(root, "bad"))
     # A checkpoint of another architecture is refused naming the field and both values.
-    other = TrainEngine(load_config("tiny-16ch", **{**MODEL, "num_layers": 2}), pstate, optimizer=OPT, seed=SEED,
-                        global_batch_size=GLOBAL_BATCH, init_seed=0)
+    other = TrainEngine(
+        load_config("tiny-16ch", **{**MODEL, "num_layers": 2}),
+        pstate,
+        optimizer=OPT,
+        seed=SEED,
+        global_batch_size=GLOBAL_BATCH,
+        init_seed=0,
+    )
     CheckpointManager(cfg("arch"), pstate).save(1, other, {})
     out["arch"] = _refusal(lambda: CheckpointManager(cfg("arch"), pstate).load_latest(engine))
     # An earlier run wrote steps 1..3 and 4 (then corrupted); this run falls back to 3,
@@ -230,6 +258,12 @@ def async_poll_worker(rank: int, world: int, root: str, wait_s: float) -> dict:
     pstate, fresh = _engine(ParallelLayout(tp=2, pp=1, dp=1))
     meta = CheckpointManager(CheckpointConfig(dir=root), pstate).load_latest(fresh)
     same = all(torch.equal(t, at_save[n]) for c in fresh.chunks for n, t in c.named_model_tensors())
-    return {"committed_by_poll": committed_by, "all_ranks": int(flag), "committed": committed,
-            "pending_after": pending_after, "loaded_step": meta["step"], "equals_state_at_save": same,
-            "staged_on_host": all(v.to_local().device.type == "cpu" for v in (mgr._staged or {}).values())}
+    return {
+        "committed_by_poll": committed_by,
+        "all_ranks": int(flag),
+        "committed": committed,
+        "pending_after": pending_after,
+        "loaded_step": meta["step"],
+        "equals_state_at_save": same,
+        "staged_on_host": all(v.to_local().device.type == "cpu" for v in (mgr._staged or {}).values()),
+    }

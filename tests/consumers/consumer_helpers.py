@@ -28,15 +28,17 @@ def single_rank_env():
     import pytest
 
     with pytest.MonkeyPatch.context() as mp:
-        for k, v in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
-                         LOCAL_RANK="0").items():
+        for k, v in dict(
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
+        ).items():
             mp.setenv(k, v)
         yield
 
 
 def _entry(rank: int, world: int, port: int, fn, out_dir: str, args: tuple) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     try:
         result = fn(rank, world, *args)
@@ -55,8 +57,9 @@ def spawn(fn, world: int, out_dir: Path, *args) -> dict[int, dict]:
     """Run ``fn(rank, world, *args)`` on `world` gloo ranks; returns rank -> returned JSON value."""
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
-        mp.start_processes(_entry, args=(world, free_port(), fn, str(out_dir), args), nprocs=world,
-                           start_method="spawn")
+        mp.start_processes(
+            _entry, args=(world, free_port(), fn, str(out_dir), args), nprocs=world, start_method="spawn"
+        )
     except Exception as exc:
         errors = sorted(out_dir.glob("*.error"))
         detail = "\n".join(p.read_text() for p in errors)
@@ -64,8 +67,9 @@ def spawn(fn, world: int, out_dir: Path, *args) -> dict[int, dict]:
     return {int(p.stem[4:]): json.loads(p.read_text()) for p in out_dir.glob("rank*.json")}
 
 
-def synthetic_global_batch(step: int, global_batch: int, *, channels: int = 16, text_dim: int = 32,
-                           task: str = "t2i", seed: int = 1234) -> list[dict]:
+def synthetic_global_batch(
+    step: int, global_batch: int, *, channels: int = 16, text_dim: int = 32, task: str = "t2i", seed: int = 1234
+) -> list[dict]:
     """`global_batch` samples of one bucket for `step` (bucket and text lengths vary by step)."""
     g = torch.Generator().manual_seed(seed + step)
     h, w = [(8, 8), (8, 12), (12, 8)][step % 3]
@@ -98,13 +102,29 @@ def to_microbatches(samples: list[dict], *, dp_rank: int, dp: int, micro_batch: 
             text[j, :n] = samples[i]["text"]
             mask[j, :n] = True
         cond = [torch.stack([samples[i]["condition"] for i in idx])] if task == "edit" else []
-        out.append(Batch(latents=torch.stack([samples[i]["latents"] for i in idx]), text=text, text_mask=mask,
-                         sample_index=torch.tensor(idx), condition_latents=cond, task=task))
+        out.append(
+            Batch(
+                latents=torch.stack([samples[i]["latents"] for i in idx]),
+                text=text,
+                text_mask=mask,
+                sample_index=torch.tensor(idx),
+                condition_latents=cond,
+                task=task,
+            )
+        )
     return out
 
 
-def write_cache(path, *, samples_per_bucket: int = 8, buckets=((32, 32),), edit: int = 0, seed: int = 0,
-                partition: str = "p0", distinct: int | None = None) -> str:
+def write_cache(
+    path,
+    *,
+    samples_per_bucket: int = 8,
+    buckets=((32, 32),),
+    edit: int = 0,
+    seed: int = 0,
+    partition: str = "p0",
+    distinct: int | None = None,
+) -> str:
     """A small latent cache written with the producers' writer (`publish_partition`) + one snapshot.
 
     Latents are 16-channel (tiny VAE), text 32-dim (tiny text encoder), i.e. model `tiny-16ch`.
@@ -131,32 +151,65 @@ def write_cache(path, *, samples_per_bucket: int = 8, buckets=((32, 32),), edit:
             offs = offsets_from_lengths(lengths)
             for i in range(distinct, n):
                 j = i % distinct
-                text[offs[i]:offs[i + 1]] = text[offs[j]:offs[j + 1]]
+                text[offs[i] : offs[i + 1]] = text[offs[j] : offs[j + 1]]
         text = text.to(torch.bfloat16)
-        metas = [SampleMeta(f"{partition}-{bucket.name}-{i}", "edit" if i >= n - edit else "t2i", f"caption {i}",
-                            f"file://x/{i}.png", f"file://x/src{i}.png" if i >= n - edit else None, lengths[i],
-                            False, bh, bw) for i in range(n)]
+        metas = [
+            SampleMeta(
+                f"{partition}-{bucket.name}-{i}",
+                "edit" if i >= n - edit else "t2i",
+                f"caption {i}",
+                f"file://x/{i}.png",
+                f"file://x/src{i}.png" if i >= n - edit else None,
+                lengths[i],
+                False,
+                bh,
+                bw,
+            )
+            for i in range(n)
+        ]
         if cond is not None:
             cond[: n - edit] = 0
-        payloads.append(ShardPayload(bucket, ShardTensors(latents.to(torch.bfloat16), text,
-                                                          offsets_from_lengths(lengths),
-                                                          None if cond is None else cond.to(torch.bfloat16)), metas))
+        payloads.append(
+            ShardPayload(
+                bucket,
+                ShardTensors(
+                    latents.to(torch.bfloat16),
+                    text,
+                    offsets_from_lengths(lengths),
+                    None if cond is None else cond.to(torch.bfloat16),
+                ),
+                metas,
+            )
+        )
     assert publish_partition(cache.storage, partition, inputs=len(buckets) * samples_per_bucket, shards=payloads).won
     cache.create_snapshot()
     return str(path)
 
 
-def run_config(cache: str, out: Path, *, steps: int, global_batch: int = 4, micro_batch: int = 1,
-               parallel: dict | None = None, ckpt_interval: int = 0, lr: float = 1e-3, **extra) -> dict:
+def run_config(
+    cache: str,
+    out: Path,
+    *,
+    steps: int,
+    global_batch: int = 4,
+    micro_batch: int = 1,
+    parallel: dict | None = None,
+    ckpt_interval: int = 0,
+    lr: float = 1e-3,
+    **extra,
+) -> dict:
     """A run YAML mapping for `tiny-16ch` on `cache`, metrics every step."""
     cfg = {
         "model": {"name": "tiny-16ch", "num_layers": 2},
         "parallel": parallel or {},
         "optimizer": {"lr": lr, "warmup_steps": 2, "clip_grad": 1.0},
         "flow_matching": {"kind": "uniform"},
-        "data": {"caches": [{"path": cache}], "seed": 3, "prefetch_steps": 2,
-                 "stages": [{"name": "s0", "buckets": ["32x32"], "micro_batch": micro_batch,
-                             "global_batch": global_batch}]},
+        "data": {
+            "caches": [{"path": cache}],
+            "seed": 3,
+            "prefetch_steps": 2,
+            "stages": [{"name": "s0", "buckets": ["32x32"], "micro_batch": micro_batch, "global_batch": global_batch}],
+        },
         "schedule": {"train_steps": steps, "seed": 11},
         "logging": {"dir": str(out / "logs"), "interval": 1, "tensorboard": False},
     }
@@ -265,7 +318,7 @@ def group_grad_norms(named_grads) -> dict[str, float]:
         for group, pattern in GRAD_GROUPS.items():
             if re.search(pattern, name):
                 sq[group] += s
-    return {**{g: v ** 0.5 for g, v in sq.items()}, "total": total ** 0.5}
+    return {**{g: v**0.5 for g, v in sq.items()}, "total": total**0.5}
 
 
 OPT_KINDS = ("master", "exp_avg", "exp_avg_sq", "ema")
@@ -376,8 +429,11 @@ def corrupt_latent_chunk(cache: str):
     from megatron_qwenimage.cache import open_cache
 
     shard = open_cache(cache).snapshot().shards[0]
-    victim = sorted(p for p in Path(cache, shard.path, "tensors.zarr", "latents").rglob("*")
-                    if p.is_file() and p.name != "zarr.json")[0]
+    victim = sorted(
+        p
+        for p in Path(cache, shard.path, "tensors.zarr", "latents").rglob("*")
+        if p.is_file() and p.name != "zarr.json"
+    )[0]
     data = bytearray(victim.read_bytes())
     data[-1] ^= 0xFF
     victim.write_bytes(bytes(data))

@@ -62,9 +62,14 @@ def reference_run(steps: int, opt_cfg: OptimizerConfig = OPT_EMA, snapshots: tup
     perturbed = perturb_zero_init([model], seed=PERTURB_SEED)
     params = dict(model.named_parameters())
     opt = torch.optim.AdamW(
-        [{"params": [p for p in params.values() if p.ndim >= 2], "weight_decay": opt_cfg.weight_decay},
-         {"params": [p for p in params.values() if p.ndim < 2], "weight_decay": 0.0}],
-        lr=opt_cfg.lr, betas=opt_cfg.betas, eps=opt_cfg.eps)
+        [
+            {"params": [p for p in params.values() if p.ndim >= 2], "weight_decay": opt_cfg.weight_decay},
+            {"params": [p for p in params.values() if p.ndim < 2], "weight_decay": 0.0},
+        ],
+        lr=opt_cfg.lr,
+        betas=opt_cfg.betas,
+        eps=opt_cfg.eps,
+    )
     ema = {n: p.detach().clone() for n, p in params.items()}
     sched = LRSchedule(opt_cfg)
     losses, norms, groups = [], [], []
@@ -74,18 +79,30 @@ def reference_run(steps: int, opt_cfg: OptimizerConfig = OPT_EMA, snapshots: tup
         state = {}
         for n, p in params.items():
             st = opt.state[p]
-            state[n] = {"param": p.detach().clone(), "master": p.detach().clone(),
-                        "exp_avg": st["exp_avg"].clone(), "exp_avg_sq": st["exp_avg_sq"].clone()}
+            state[n] = {
+                "param": p.detach().clone(),
+                "master": p.detach().clone(),
+                "exp_avg": st["exp_avg"].clone(),
+                "exp_avg_sq": st["exp_avg_sq"].clone(),
+            }
             if opt_cfg.ema_decay > 0:
                 state[n]["ema"] = ema[n].clone()
         return state
 
     for step in range(steps):
         task = step_task(step)
-        (batch,) = to_microbatches(synthetic_global_batch(step, GLOBAL_BATCH, task=task), dp_rank=0, dp=1,
-                                   micro_batch=GLOBAL_BATCH, task=task)
-        inp = make_inputs(batch, step=step, seed=SEED, sigma_sampler=UniformSigmaSampler(), patch_size=2,
-                          dtype=torch.float32, device=torch.device("cpu"))
+        (batch,) = to_microbatches(
+            synthetic_global_batch(step, GLOBAL_BATCH, task=task), dp_rank=0, dp=1, micro_batch=GLOBAL_BATCH, task=task
+        )
+        inp = make_inputs(
+            batch,
+            step=step,
+            seed=SEED,
+            sigma_sampler=UniformSigmaSampler(),
+            patch_size=2,
+            dtype=torch.float32,
+            device=torch.device("cpu"),
+        )
         opt.zero_grad()
         pred = model(inp.hidden_states, inp.text, inp.text_mask, inp.sigma, inp.img_shapes)
         loss = loss_sum_over_global(pred, inp.target, GLOBAL_BATCH)
@@ -101,8 +118,13 @@ def reference_run(steps: int, opt_cfg: OptimizerConfig = OPT_EMA, snapshots: tup
         losses.append(float(loss))
         if step + 1 in snapshots or step + 1 == steps:
             states[step + 1] = snapshot()
-    metrics = {"loss": losses, "grad_norm": norms, "group_grad_norms": groups, "perturbed": perturbed,
-               "params": sorted(params)}
+    metrics = {
+        "loss": losses,
+        "grad_norm": norms,
+        "group_grad_norms": groups,
+        "perturbed": perturbed,
+        "params": sorted(params),
+    }
     return metrics, states
 
 
@@ -142,20 +164,37 @@ def broken_boundary(which: str):
         MMDiTStage.forward = original
 
 
-def run_layout(layout: ParallelLayout, steps: int, micro_batch: int = 1, *, reference: dict | None = None,
-               break_boundary: str | None = None) -> dict:
+def run_layout(
+    layout: ParallelLayout,
+    steps: int,
+    micro_batch: int = 1,
+    *,
+    reference: dict | None = None,
+    break_boundary: str | None = None,
+) -> dict:
     """`steps` steps at `layout`; on global rank 0 (which holds `reference`, the reference state)
     also the comparison of every parameter and optimizer-state tensor."""
     pstate = init_parallel(layout)
-    engine = TrainEngine(load_config("tiny-16ch", **MODEL), pstate, optimizer=OPT_EMA, seed=SEED,
-                         global_batch_size=GLOBAL_BATCH, init_seed=0)
+    engine = TrainEngine(
+        load_config("tiny-16ch", **MODEL),
+        pstate,
+        optimizer=OPT_EMA,
+        seed=SEED,
+        global_batch_size=GLOBAL_BATCH,
+        init_seed=0,
+    )
     perturb_zero_init(engine.chunks, engine.optimizer, seed=PERTURB_SEED)
     losses, norms = [], []
     with broken_boundary(break_boundary) if break_boundary else contextlib.nullcontext():
         for step in range(steps):
             task = step_task(step)
-            mbs = to_microbatches(synthetic_global_batch(step, GLOBAL_BATCH, task=task), dp_rank=pstate.dp_rank,
-                                  dp=layout.dp, micro_batch=micro_batch, task=task)
+            mbs = to_microbatches(
+                synthetic_global_batch(step, GLOBAL_BATCH, task=task),
+                dp_rank=pstate.dp_rank,
+                dp=layout.dp,
+                micro_batch=micro_batch,
+                task=task,
+            )
             r = engine.train_step(step, mbs)
             losses.append(r.loss)
             norms.append(r.grad_norm)
@@ -164,8 +203,9 @@ def run_layout(layout: ParallelLayout, steps: int, micro_batch: int = 1, *, refe
     if gathered is not None:
         state, replica_diff = gathered
         mismatches, worst = compare_states(state, reference, rtol=RTOL, scale_atol=SCALE_ATOL)
-        out.update(mismatches=mismatches, worst=worst, max_replica_diff=max(replica_diff.values()),
-                   compared=sorted(state))
+        out.update(
+            mismatches=mismatches, worst=worst, max_replica_diff=max(replica_diff.values()), compared=sorted(state)
+        )
     dist.barrier()
     return out
 

@@ -29,8 +29,10 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 def _tree_digest(root: Path) -> dict[str, str]:
     """sha256 of every file under `root` by relative path (directories included by name)."""
-    return {str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir")
-            for p in sorted(root.rglob("*"))}
+    return {
+        str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir")
+        for p in sorted(root.rglob("*"))
+    }
 
 
 def _train_in_process(config: Path, capsys) -> tuple[int, str, str]:
@@ -65,12 +67,14 @@ def _base(trained, tmp_path) -> dict:
 def _set(section: str, key: str, value):
     def edit(cfg, tmp_path):
         cfg.setdefault(section, {})[key] = value
+
     return edit
 
 
 def _replace(section: str, value):
     def edit(cfg, tmp_path):
         cfg[section] = value
+
     return edit
 
 
@@ -79,6 +83,7 @@ def _regular_file(section: str, key: str):
         f = tmp_path / f"{section}-is-a-file"
         f.write_text("not a directory\n")
         cfg[section][key] = str(f)
+
     return edit
 
 
@@ -105,13 +110,25 @@ CONFIG_CASES = [
     ("schedule-not-mapping", _replace("schedule", "fast"), 2, ["schedule", "expected a mapping"]),
     ("data-not-mapping", _replace("data", ["cache"]), 2, ["data", "expected a mapping"]),
     ("checkpoint-missing-dir", _replace("checkpoint", {"interval": 2}), 2, ["checkpoint.dir", "required"]),
-    ("latent-channels", lambda c, t: c["model"].update(out_channels=8, in_channels=32), 2,
-     ["model.in_channels=32", "model.patch_size=2", "model.out_channels=8", "16-channel latents", "cache 'cache'"]),
-    ("text-width", _set("model", "joint_attention_dim", 64), 2,
-     ["model.joint_attention_dim=64", "32-dim text embeddings", "cache 'cache'"]),
+    (
+        "latent-channels",
+        lambda c, t: c["model"].update(out_channels=8, in_channels=32),
+        2,
+        ["model.in_channels=32", "model.patch_size=2", "model.out_channels=8", "16-channel latents", "cache 'cache'"],
+    ),
+    (
+        "text-width",
+        _set("model", "joint_attention_dim", 64),
+        2,
+        ["model.joint_attention_dim=64", "32-dim text embeddings", "cache 'cache'"],
+    ),
     ("missing-cache", _missing_cache, 2, ["data.caches[0].path", "no-such-cache"]),
-    ("checkpoint-dir-is-file", _regular_file("checkpoint", "dir"), 2, ["checkpoint.dir", "checkpoint-is-a-file",
-                                                                       "existing file"]),
+    (
+        "checkpoint-dir-is-file",
+        _regular_file("checkpoint", "dir"),
+        2,
+        ["checkpoint.dir", "checkpoint-is-a-file", "existing file"],
+    ),
     ("logging-dir-is-file", _regular_file("logging", "dir"), 2, ["logging.dir", "logging-is-a-file", "existing file"]),
 ]
 
@@ -193,11 +210,14 @@ def test_prometheus_port_in_use_names_the_port(trained, tmp_path, capsys):
     assert _tree_digest(trained["ckpt"]) == before
 
 
-@pytest.mark.parametrize("rank,collective,expected", [
-    ("0", True, "qwenimage train: error: bad value"),
-    ("1", True, None),
-    ("1", False, "qwenimage train: error: [rank 1] bad value"),
-])
+@pytest.mark.parametrize(
+    "rank,collective,expected",
+    [
+        ("0", True, "qwenimage train: error: bad value"),
+        ("1", True, None),
+        ("1", False, "qwenimage train: error: [rank 1] bad value"),
+    ],
+)
 def test_rank_reporting_policy(monkeypatch, capsys, rank, collective, expected):
     """Rank 0 reports every error; another rank only one it alone may have hit, prefixed."""
     from megatron_qwenimage.config import ConfigError
@@ -218,8 +238,18 @@ def test_torchrun_layout_error_is_one_line_from_rank_0(trained, tmp_path):
     cfg["parallel"] = {"tp": 3}
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
-           f"--master-port={free_port()}", "-m", "consumers.train", "--config", str(path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node=2",
+        "--master-addr=127.0.0.1",
+        f"--master-port={free_port()}",
+        "-m",
+        "consumers.train",
+        "--config",
+        str(path),
+    ]
     r = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=240)
     assert r.returncode != 0
     lines = [x for x in r.stderr.splitlines() if "qwenimage train: error:" in x]

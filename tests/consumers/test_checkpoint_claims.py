@@ -49,8 +49,15 @@ def pstate(world):
 
 def _engine(pstate, *, ema_decay: float = 0.0, autocast: str = "none", perturb: bool = True) -> TrainEngine:
     opt = OptimizerConfig(lr=3e-3, warmup_steps=1, weight_decay=0.01, clip_grad=1.0, ema_decay=ema_decay)
-    engine = TrainEngine(load_config("tiny-16ch", num_layers=2), pstate, optimizer=opt, global_batch_size=2,
-                         seed=5, precision=PrecisionConfig(autocast=autocast), init_seed=0)
+    engine = TrainEngine(
+        load_config("tiny-16ch", num_layers=2),
+        pstate,
+        optimizer=opt,
+        global_batch_size=2,
+        seed=5,
+        precision=PrecisionConfig(autocast=autocast),
+        init_seed=0,
+    )
     if perturb:  # leave the adaLN-Zero init: every parameter gets a gradient and moves
         perturb_zero_init(engine.chunks, engine.optimizer, seed=3)
     return engine
@@ -135,8 +142,11 @@ def test_ema_is_the_recursive_ema_of_the_master_and_is_checkpointed_and_exported
     ckpt = CheckpointManager(CheckpointConfig(dir=str(tmp_path / "ckpt")), pstate).save(steps, engine, {})
     md = dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
     assert {k for k in md if k.endswith("/ema")} == {f"optim/{n}/ema" for n in ema}
-    saved = {f"optim/{n}/{kind}": torch.empty(tuple(md[f"optim/{n}/{kind}"].size), dtype=torch.float32)
-             for n in ema for kind in ("ema", "master")}
+    saved = {
+        f"optim/{n}/{kind}": torch.empty(tuple(md[f"optim/{n}/{kind}"].size), dtype=torch.float32)
+        for n in ema
+        for kind in ("ema", "master")
+    }
     dcp.load(saved, checkpoint_id=str(ckpt), no_dist=True)
     for n in ema:
         assert torch.equal(saved[f"optim/{n}/ema"], got[n]), n
@@ -176,9 +186,13 @@ def test_autocast_setting_decides_the_block_linear_dtype(pstate, autocast, expec
         def hook(module, args, output):
             out = output[0] if isinstance(output, tuple) else output
             seen[key].append(out.dtype)
+
         return hook
 
-    handles = [first.img_qkv.register_forward_hook(record("qkv")), last.img_mlp.fc2.register_forward_hook(record("fc2"))]
+    handles = [
+        first.img_qkv.register_forward_hook(record("qkv")),
+        last.img_mlp.fc2.register_forward_hook(record("fc2")),
+    ]
     try:
         result = _step(engine, 0)
     finally:
@@ -210,6 +224,5 @@ def test_each_step_and_evaluation_recasts_fp8_weights_once(pstate):
     linear.register_forward_pre_hook(record)
     for step in range(2):
         engine.train_step(step, to_microbatches(synthetic_global_batch(step, 2), dp_rank=0, dp=1, micro_batch=1))
-    engine.eval_local_loss(-1, to_microbatches(synthetic_global_batch(5, 2), dp_rank=0, dp=1, micro_batch=1),
-                           0.5, 2)
+    engine.eval_local_loss(-1, to_microbatches(synthetic_global_batch(5, 2), dp_rank=0, dp=1, micro_batch=1), 0.5, 2)
     assert seen == [True, False, True, False, True, False]

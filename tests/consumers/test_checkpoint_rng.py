@@ -45,14 +45,20 @@ class _Payload:
 
 
 def _draws() -> list:
-    return [random.random(), random.gauss(0, 1), *np.random.rand(2).tolist(), *np.random.randn(3).tolist(),
-            *torch.rand(3).tolist(), *torch.randn(2).tolist()]
+    return [
+        random.random(),
+        random.gauss(0, 1),
+        *np.random.rand(2).tolist(),
+        *np.random.randn(3).tolist(),
+        *torch.rand(3).tolist(),
+        *torch.randn(2).tolist(),
+    ]
 
 
 def _is_safetensors(path: Path) -> bool:
     data = path.read_bytes()
     (n,) = struct.unpack("<Q", data[:8])
-    return 8 + n <= len(data) and data[8:9] == b"{" and json.loads(data[8:8 + n])["__metadata__"]["format"]
+    return 8 + n <= len(data) and data[8:9] == b"{" and json.loads(data[8 : 8 + n])["__metadata__"]["format"]
 
 
 def _no_unpickling(monkeypatch) -> None:
@@ -83,8 +89,16 @@ def test_old_pickle_rng_file_is_refused_naming_it(tmp_path, monkeypatch):
     (ckpt / "rng").mkdir(parents=True)
     old = ckpt / "rng" / "rank_00000.pt"
     marker = tmp_path / "unpickled"
-    torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                "cuda": None, "payload": _Payload(str(marker))}, old)
+    torch.save(
+        {
+            "torch": torch.get_rng_state(),
+            "numpy": np.random.get_state(),
+            "python": random.getstate(),
+            "cuda": None,
+            "payload": _Payload(str(marker)),
+        },
+        old,
+    )
     assert old.read_bytes()[:2] == b"PK"  # the old torch.save format: a zip holding a pickle
     _no_unpickling(monkeypatch)
     with pytest.raises(CheckpointCorrupt, match=re.escape(str(old)) + ".*old pickle format.*not loaded"):
@@ -122,11 +136,21 @@ def _world1_worker(rank: int, world: int, root: str) -> dict:
     # An old-format (torch.save pickle) RNG file, listed in COMMITTED so only its format is wrong.
     marker = Path(root).parent / "unpickled"
     old = step_dir / "rng" / "rank_00000.pt"
-    torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                "cuda": None, "payload": _Payload(str(marker))}, old)
+    torch.save(
+        {
+            "torch": torch.get_rng_state(),
+            "numpy": np.random.get_state(),
+            "python": random.getstate(),
+            "cuda": None,
+            "payload": _Payload(str(marker)),
+        },
+        old,
+    )
     record = json.loads((step_dir / COMMITTED).read_text())
-    record["files"]["rng/rank_00000.pt"] = {"bytes": old.stat().st_size,
-                                            "sha256": hashlib.sha256(old.read_bytes()).hexdigest()}
+    record["files"]["rng/rank_00000.pt"] = {
+        "bytes": old.stat().st_size,
+        "sha256": hashlib.sha256(old.read_bytes()).hexdigest(),
+    }
     (step_dir / COMMITTED).write_text(json.dumps(record))
     dist.barrier()
     # The only checkpoint is refused: checkpoint.resume=auto stops (ResumeRefused) instead of
@@ -136,8 +160,15 @@ def _world1_worker(rank: int, world: int, root: str) -> dict:
         stopped = ""
     except ResumeRefused as exc:
         stopped = str(exc)
-    return {"after_save": after_save, "after_load": after_load, "rng_files": rng_files, "header": header.hex(),
-            "stopped": stopped, "refused": getattr(mgr, "refused", []), "unpickled": marker.exists()}
+    return {
+        "after_save": after_save,
+        "after_load": after_load,
+        "rng_files": rng_files,
+        "header": header.hex(),
+        "stopped": stopped,
+        "refused": getattr(mgr, "refused", []),
+        "unpickled": marker.exists(),
+    }
 
 
 def test_checkpoint_restores_rng_and_refuses_old_pickles(tmp_path):

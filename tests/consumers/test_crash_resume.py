@@ -32,10 +32,22 @@ STEPS, INTERVAL = 6, 2
 
 
 def _launch(config: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
-           f"--master-port={free_port()}", "-m", "megatron_qwenimage.cli", "train", "--config", str(config)]
-    return subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node=2",
+        "--master-addr=127.0.0.1",
+        f"--master-port={free_port()}",
+        "-m",
+        "megatron_qwenimage.cli",
+        "train",
+        "--config",
+        str(config),
+    ]
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
 
 
 def _run(config: Path) -> str:
@@ -96,8 +108,16 @@ def written_not_committed(out: Path) -> Callable[[], bool]:
 
 def _config(cache: str, out: Path, *, async_save: bool) -> Path:
     out.mkdir(parents=True)
-    cfg = run_config(cache, out, steps=STEPS, global_batch=4, micro_batch=1, ckpt_interval=INTERVAL,
-                     parallel={"tp": 2}, checkpoint={"async_save": async_save, "keep_last": 5})
+    cfg = run_config(
+        cache,
+        out,
+        steps=STEPS,
+        global_batch=4,
+        micro_batch=1,
+        ckpt_interval=INTERVAL,
+        parallel={"tp": 2},
+        checkpoint={"async_save": async_save, "keep_last": 5},
+    )
     path = out / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -121,15 +141,20 @@ def cache(tmp_path_factory) -> str:
 def straight(cache, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("straight") / "run"
     _run(_config(cache, out, async_save=False))
-    return {"losses": {r["step"]: r["loss"] for r in read_jsonl(out / "logs" / "metrics.jsonl")},
-            "state": _final_state(out)}
+    return {
+        "losses": {r["step"]: r["loss"] for r in read_jsonl(out / "logs" / "metrics.jsonl")},
+        "state": _final_state(out),
+    }
 
 
-@pytest.mark.parametrize("where,async_save", [
-    (mid_step, False),
-    (mid_async_save, True),
-    (written_not_committed, False),
-])
+@pytest.mark.parametrize(
+    "where,async_save",
+    [
+        (mid_step, False),
+        (mid_async_save, True),
+        (written_not_committed, False),
+    ],
+)
 def test_sigkill_from_outside_then_resume_matches_uninterrupted(cache, straight, tmp_path, where, async_save):
     for attempt in range(3):  # a window of a few ms can be missed by the poll on a loaded machine
         out = tmp_path / f"run{attempt}"

@@ -28,7 +28,7 @@ def _checkpoint_model_tensors(directory: Path) -> dict[str, torch.Tensor]:
     md = dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata
     state = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in md.items() if k.startswith("model/")}
     dcp.load(state, checkpoint_id=str(directory), no_dist=True)
-    return {k[len("model/"):]: v for k, v in state.items()}
+    return {k[len("model/") :]: v for k, v in state.items()}
 
 
 @pytest.mark.parametrize("parallel", [{"tp": 2, "sequence_parallel": True}, {"pp": 2}], ids=["tp2_sp", "pp2"])
@@ -38,8 +38,18 @@ def test_multi_rank_run_exports_to_diffusers(tmp_path, parallel):
     cfg["schedule"]["export_diffusers"] = str(tmp_path / "diffusers")
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(cfg))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
-           f"--master-port={free_port()}", "-m", "consumers.train", "--config", str(config)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node=2",
+        "--master-addr=127.0.0.1",
+        f"--master-port={free_port()}",
+        "-m",
+        "consumers.train",
+        "--config",
+        str(config),
+    ]
     r = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
 

@@ -60,16 +60,28 @@ def _stage1(name: str) -> bool:
     return int(m.group(1)) >= MODEL["num_layers"] // 2 if m else name.startswith(("norm_out.", "proj_out."))
 
 
-@pytest.mark.parametrize("run,must_diverge,second_stage_intact", [
-    # The text stream is ~1 % of the gradient norm: clipping barely changes, so the second
-    # stage's own state still matches and exactly what sits upstream of the boundary diverges.
-    ("pp2_dp2_txt_detached", ["txt_in.weight", "txt_norm.weight", "blocks.0.txt_qkv.weight",
-                              "blocks.1.txt_mlp.fc2.weight", "blocks.1.img_qkv.weight",
-                              "time_embedder.linear_1.weight"], True),
-    # temb's gradient is a larger share: the global grad norm moves and clipping rescales every
-    # gradient, so the second stage's moments differ too (by that rescale only).
-    ("pp2_dp2_temb_detached", ["time_embedder.linear_1.weight", "time_embedder.linear_2.weight"], False),
-])
+@pytest.mark.parametrize(
+    "run,must_diverge,second_stage_intact",
+    [
+        # The text stream is ~1 % of the gradient norm: clipping barely changes, so the second
+        # stage's own state still matches and exactly what sits upstream of the boundary diverges.
+        (
+            "pp2_dp2_txt_detached",
+            [
+                "txt_in.weight",
+                "txt_norm.weight",
+                "blocks.0.txt_qkv.weight",
+                "blocks.1.txt_mlp.fc2.weight",
+                "blocks.1.img_qkv.weight",
+                "time_embedder.linear_1.weight",
+            ],
+            True,
+        ),
+        # temb's gradient is a larger share: the global grad norm moves and clipping rescales every
+        # gradient, so the second stage's moments differ too (by that rescale only).
+        ("pp2_dp2_temb_detached", ["time_embedder.linear_1.weight", "time_embedder.linear_2.weight"], False),
+    ],
+)
 def test_broken_stage_boundary_is_caught(runs, run, must_diverge, second_stage_intact):
     """A stage boundary that detaches a stream is caught after one step, by name, while the
     step's loss (a forward quantity) still equals the reference's."""
@@ -86,5 +98,7 @@ def test_broken_stage_boundary_is_caught(runs, run, must_diverge, second_stage_i
         assert not second, (run, second)
     else:
         assert got["grad_norm"][0] != pytest.approx(ref["grad_norm"][0], rel=1e-4), (run, got["grad_norm"])
-    print(f"{run}: {len(diverged)} of {len(ref['params'])} parameters diverged after {BROKEN_STEPS} step "
-          f"({len(second)} on the second stage): {sorted(diverged)}")
+    print(
+        f"{run}: {len(diverged)} of {len(ref['params'])} parameters diverged after {BROKEN_STEPS} step "
+        f"({len(second)} on the second stage): {sorted(diverged)}"
+    )

@@ -104,19 +104,23 @@ def test_max_skipped_steps_zero_stops_at_the_first(pstate):
 def test_metrics_leave_skipped_steps_out_of_the_means_and_count_them(tmp_path):
     from consumers.metrics import LoggingConfig, MetricsLogger, format_line
 
-    logger = MetricsLogger(LoggingConfig(dir=str(tmp_path), interval=3, tensorboard=False), enabled=True,
-                           world_size=1, peak_flops=None)
+    logger = MetricsLogger(
+        LoggingConfig(dir=str(tmp_path), interval=3, tensorboard=False), enabled=True, world_size=1, peak_flops=None
+    )
     try:
         common = dict(lr=1e-3, samples=2, image_tokens=10, flops=1e9, step_time_s=0.1, data_wait_s=0.0)
         assert logger.record_step(step=0, loss=1.0, grad_norm=2.0, **common) is None
-        assert logger.record_step(step=1, loss=math.nan, grad_norm=math.nan, skipped=True, skipped_steps=1,
-                                  **common) is None
+        assert (
+            logger.record_step(step=1, loss=math.nan, grad_norm=math.nan, skipped=True, skipped_steps=1, **common)
+            is None
+        )
         record = logger.record_step(step=2, loss=3.0, grad_norm=4.0, skipped_steps=1, **common)
         assert (record["loss"], record["grad_norm"], record["skipped_steps"]) == (2.0, 3.0, 1)
         assert "skipped steps: 1" in format_line(record)
         for step in (3, 4):
-            logger.record_step(step=step, loss=math.nan, grad_norm=math.inf, skipped=True, skipped_steps=step - 1,
-                               **common)
+            logger.record_step(
+                step=step, loss=math.nan, grad_norm=math.inf, skipped=True, skipped_steps=step - 1, **common
+            )
         record = logger.record_step(step=5, loss=math.nan, grad_norm=math.nan, skipped=True, skipped_steps=7, **common)
         assert math.isnan(record["loss"]) and math.isnan(record["grad_norm"]) and record["skipped_steps"] == 7
     finally:

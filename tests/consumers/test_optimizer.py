@@ -21,11 +21,28 @@ import torch.nn.functional as F
 from consumer_helpers import spawn
 from consumers.optimizer import DistributedOptimizer, OptimizerConfig
 
-CFG = OptimizerConfig(lr=1e-2, warmup_steps=2, decay_steps=4, min_lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95),
-                      eps=1e-8, clip_grad=0.05, ema_decay=0.9)
+CFG = OptimizerConfig(
+    lr=1e-2,
+    warmup_steps=2,
+    decay_steps=4,
+    min_lr=1e-3,
+    weight_decay=0.1,
+    betas=(0.9, 0.95),
+    eps=1e-8,
+    clip_grad=0.05,
+    ema_decay=0.9,
+)
 # TP split dims as a TP model would report them (None: replicated over TP).
-TP_DIMS = {"fc1.weight": 0, "fc1.bias": 0, "fc2.weight": 1, "mix": None, "scale": None, "norm.weight": None,
-           "norm.bias": None, "fc2.bias": None}
+TP_DIMS = {
+    "fc1.weight": 0,
+    "fc1.bias": 0,
+    "fc2.weight": 1,
+    "mix": None,
+    "scale": None,
+    "norm.weight": None,
+    "norm.bias": None,
+    "fc2.bias": None,
+}
 
 
 class Tiny(torch.nn.Module):
@@ -90,9 +107,15 @@ def test_single_rank_bf16_matches_torch_adamw(fused):
     master = {n: p.detach().float().clone().requires_grad_(True) for n, p in ref_params.items()}
     ema = {n: m.detach().clone() for n, m in master.items()}
     ref_opt = torch.optim.AdamW(
-        [{"params": [m for m in master.values() if m.ndim >= 2], "weight_decay": CFG.weight_decay},
-         {"params": [m for m in master.values() if m.ndim < 2], "weight_decay": 0.0}],
-        lr=CFG.lr, betas=CFG.betas, eps=CFG.eps, foreach=False)
+        [
+            {"params": [m for m in master.values() if m.ndim >= 2], "weight_decay": CFG.weight_decay},
+            {"params": [m for m in master.values() if m.ndim < 2], "weight_decay": 0.0},
+        ],
+        lr=CFG.lr,
+        betas=CFG.betas,
+        eps=CFG.eps,
+        foreach=False,
+    )
     sched = LRSchedule(CFG)
     for step in range(3):
         with torch.no_grad():
@@ -170,8 +193,12 @@ def test_state_tensors_are_live_views_of_the_flat_state():
     opt_a = DistributedOptimizer(_named(model_a), CFG, dp_group=None, tp_rank=0)
     opt_b = DistributedOptimizer(_named(model_b), CFG, dp_group=None, tp_rank=0)
     st_b = opt_b.state_tensors()
-    flats = {"master": opt_b._master_flat, "exp_avg": opt_b._exp_avg_flat, "exp_avg_sq": opt_b._exp_avg_sq_flat,
-             "ema": opt_b._ema_flat}
+    flats = {
+        "master": opt_b._master_flat,
+        "exp_avg": opt_b._exp_avg_flat,
+        "exp_avg_sq": opt_b._exp_avg_sq_flat,
+        "ema": opt_b._ema_flat,
+    }
     for name, entry in st_b.items():
         assert set(entry) == set(flats)
         for key, t in entry.items():
@@ -208,15 +235,16 @@ def test_grad_norm_counts_tp_replicated_params_on_tp_rank0_only():
     model = Tiny(torch.float32)
     norms = {}
     for tp_rank in (0, 1):
-        opt = DistributedOptimizer(_named(model), OptimizerConfig(lr=1e-3, clip_grad=0.0), dp_group=None,
-                                   tp_rank=tp_rank)
+        opt = DistributedOptimizer(
+            _named(model), OptimizerConfig(lr=1e-3, clip_grad=0.0), dp_group=None, tp_rank=tp_rank
+        )
         model(_inputs(0, 0, torch.float32)).backward()
         grads = {n: opt.main_grads[n].clone() for n, _ in model.named_parameters()}
         norms[tp_rank] = opt.step(0)["grad_norm"]
         for h in opt._hooks:
             h.remove()
         want = sum(float(g.double().square().sum()) for n, g in grads.items() if tp_rank == 0 or TP_DIMS[n] is not None)
-        assert norms[tp_rank] == pytest.approx(want ** 0.5, rel=1e-6)
+        assert norms[tp_rank] == pytest.approx(want**0.5, rel=1e-6)
     assert norms[1] < norms[0]
 
 
@@ -242,23 +270,30 @@ def _dp_worker(rank: int, world: int, steps: int) -> dict:
         for mb in range(world):
             (ref_model(_inputs(step, mb, torch.bfloat16)) / world).backward()
         flat = opt._reduce_scatter_grads()  # idempotent: step() reduces the same buffer again
-        out["grads_equal"].append(all(
-            torch.equal(opt._owned(flat, opt._by_name[n]),
-                        ref.main_grads[n].view(s.rows, s.cols)[s.row_start : s.row_end].view(s.owned_shape))
-            for n, s in opt._by_name.items()))
+        out["grads_equal"].append(
+            all(
+                torch.equal(
+                    opt._owned(flat, opt._by_name[n]),
+                    ref.main_grads[n].view(s.rows, s.cols)[s.row_start : s.row_end].view(s.owned_shape),
+                )
+                for n, s in opt._by_name.items()
+            )
+        )
         opt._grad_shard.zero_()
         out["norms"].append(opt.step(step)["grad_norm"])
         out["ref_norms"].append(ref.step(step)["grad_norm"])
     chunks = lambda o: {n: o.master[n].flatten().tolist() for n in o.master}  # noqa: E731
     out["master"] = chunks(opt)
-    out["ref_master"] = {n: ref.master[n].view(s.rows, -1)[s.row_start : s.row_end].flatten().tolist()
-                         for n, s in opt._by_name.items()}
+    out["ref_master"] = {
+        n: ref.master[n].view(s.rows, -1)[s.row_start : s.row_end].flatten().tolist() for n, s in opt._by_name.items()
+    }
     out["ema"] = {n: e.flatten().tolist() for n, e in opt.ema_full_params().items()}
     out["ref_ema"] = {n: e.flatten().tolist() for n, e in ref.ema.items()}
     out["params"] = {n: p.detach().float().flatten().tolist() for n, p in model.named_parameters()}
     out["params_match_master"] = all(
         torch.equal(p.detach().view(s.rows, -1)[s.row_start : s.row_end], opt.master[n].view(-1, s.cols).to(p.dtype))
-        for (n, p), s in zip(model.named_parameters(), (opt._by_name[n] for n, _ in model.named_parameters())))
+        for (n, p), s in zip(model.named_parameters(), (opt._by_name[n] for n, _ in model.named_parameters()))
+    )
     return out
 
 
@@ -271,10 +306,12 @@ def test_two_dp_ranks_match_one_rank(tmp_path):
         assert res["norms"] == pytest.approx(res["ref_norms"], rel=1e-6)
         assert res["params"] == results[0]["params"]  # every rank gathers the same model
         for n in res["master"]:
-            torch.testing.assert_close(torch.tensor(res["master"][n]), torch.tensor(res["ref_master"][n]),
-                                       rtol=1e-6, atol=1e-7, msg=(rank, n))
-            torch.testing.assert_close(torch.tensor(res["ema"][n]), torch.tensor(res["ref_ema"][n]),
-                                       rtol=1e-6, atol=1e-7, msg=(rank, n))
+            torch.testing.assert_close(
+                torch.tensor(res["master"][n]), torch.tensor(res["ref_master"][n]), rtol=1e-6, atol=1e-7, msg=(rank, n)
+            )
+            torch.testing.assert_close(
+                torch.tensor(res["ema"][n]), torch.tensor(res["ref_ema"][n]), rtol=1e-6, atol=1e-7, msg=(rank, n)
+            )
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), None])

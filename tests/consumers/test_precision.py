@@ -89,8 +89,15 @@ def test_exclusion_hooks_scope_the_forward_without_rebinding_it():
     assert names == ["blocks.0", "blocks.2.img_mlp.fc2"]
     assert not any("forward" in vars(m) for m in model.modules())
     seen = {}
-    watch = ["img_in", "blocks.0.img_qkv", "blocks.0.img_mlp.fc1", "blocks.1.img_qkv", "blocks.2.img_mlp.fc1",
-             "blocks.2.img_mlp.fc2", "proj_out"]
+    watch = [
+        "img_in",
+        "blocks.0.img_qkv",
+        "blocks.0.img_mlp.fc1",
+        "blocks.1.img_qkv",
+        "blocks.2.img_mlp.fc1",
+        "blocks.2.img_mlp.fc2",
+        "proj_out",
+    ]
     modules = dict(model.named_modules())
     for name in watch:
         modules[name].register_forward_pre_hook(lambda m, a, name=name: seen.setdefault(name, []).append(depth[0]))
@@ -98,8 +105,15 @@ def test_exclusion_hooks_scope_the_forward_without_rebinding_it():
     text = torch.randn(1, 5, cfg.joint_attention_dim)
     out = model(x, text, timestep=torch.tensor([0.5]), img_shapes=[[(1, 4, 4)]])
     out.square().sum().backward()
-    assert seen == {"img_in": [0], "blocks.0.img_qkv": [1], "blocks.0.img_mlp.fc1": [1], "blocks.1.img_qkv": [0],
-                    "blocks.2.img_mlp.fc1": [0], "blocks.2.img_mlp.fc2": [1], "proj_out": [0]}
+    assert seen == {
+        "img_in": [0],
+        "blocks.0.img_qkv": [1],
+        "blocks.0.img_mlp.fc1": [1],
+        "blocks.1.img_qkv": [0],
+        "blocks.2.img_mlp.fc1": [0],
+        "blocks.2.img_mlp.fc2": [1],
+        "proj_out": [0],
+    }
     assert depth[0] == 0 and len(entered) == 2
     # idempotent: scoping again replaces the hooks rather than nesting them
     exclude_from_fp8(model, ("blocks.0",), fp8_off)
@@ -154,7 +168,12 @@ def _amax_worker(rank: int, world: int) -> dict:
     pstate = init_parallel(ParallelLayout(tp=2, pp=2))
     out["tp2_pp2"] = ranks(amax_reduction_group())
     out["tp_only"] = ranks(amax_reduction_group(tp_only=True))
-    engine = TrainEngine(load_config("tiny-16ch", num_layers=2), pstate, optimizer=OptimizerConfig(),
-                         precision=PrecisionConfig(fp8_exclude=["blocks.1.img_qkv"]), global_batch_size=2)
+    engine = TrainEngine(
+        load_config("tiny-16ch", num_layers=2),
+        pstate,
+        optimizer=OptimizerConfig(),
+        precision=PrecisionConfig(fp8_exclude=["blocks.1.img_qkv"]),
+        global_batch_size=2,
+    )
     out["engine"] = ranks(engine.precision.amax_group)
     return out

@@ -52,8 +52,11 @@ def test_pins_come_from_rank_zero_and_a_step_mismatch_stops_the_reader(tmp_path)
     publish(path, "p1", [payload(B16, 8, prefix="p1", seed=1)])  # v2: newest here
     cfg = ReaderConfig.from_dict({"caches": [{"path": str(path)}], "stages": [STAGE], "prefetch_steps": 0})
     with CacheReader(cfg, dp_rank=0, dp_size=1, agreement=_Disagreeing({"c": 1})) as reader:
-        with pytest.raises(ReaderError, match=r"step 0: ranks disagree on the step's samples \(rank groups "
-                                              r"\[\[0\], \[1\]\]; this rank: cache 'c' snapshot v1"):
+        with pytest.raises(
+            ReaderError,
+            match=r"step 0: ranks disagree on the step's samples \(rank groups "
+            r"\[\[0\], \[1\]\]; this rank: cache 'c' snapshot v1",
+        ):
             reader.next_global_step()
         with pytest.raises(ReaderError, match="step 0: ranks disagree"):  # stays failed
             reader.next_global_step()

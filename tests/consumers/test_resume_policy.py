@@ -47,8 +47,7 @@ def test_resume_config_validation():
 
 def test_model_config_differences():
     run = load_config("tiny-16ch", num_layers=4).to_dict()
-    layout_only = dict(run, tensor_model_parallel_size=2, sequence_parallel=True, fused_elementwise=True,
-                       name="other")
+    layout_only = dict(run, tensor_model_parallel_size=2, sequence_parallel=True, fused_elementwise=True, name="other")
     assert model_config_differences(layout_only, run) == []
     old = {k: v for k, v in run.items() if k != "max_text_tokens"}  # written before the field existed
     assert model_config_differences(old, run) == []
@@ -90,8 +89,14 @@ def test_async_save_is_committed_by_poll(tmp_path):
 
 
 def _train(config: Path, timeout: int = 240):
-    return subprocess.run([sys.executable, "-m", "consumers.train", "--config", str(config)], cwd=REPO, env=ENV,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "consumers.train", "--config", str(config)],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_cli_refuses_unloadable_checkpoint_with_one_line(tmp_path):

@@ -28,8 +28,18 @@ def _train(config: Path, *, nproc: int = 1, env: dict | None = None, timeout: in
     if nproc == 1:
         cmd = [sys.executable, "-m", "consumers.train", "--config", str(config)]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
-               f"--master-port={free_port()}", "-m", "consumers.train", "--config", str(config)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc-per-node={nproc}",
+            "--master-addr=127.0.0.1",
+            f"--master-port={free_port()}",
+            "-m",
+            "consumers.train",
+            "--config",
+            str(config),
+        ]
     return subprocess.run(cmd, cwd=REPO, env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=timeout)
 
 
@@ -38,13 +48,22 @@ def test_tiny_model_learns_and_exports(tmp_path):
     loss on a fixed σ grid drops >= 10x; metrics carry every field; the final model exports to a
     diffusers directory that diffusers loads."""
     cache = write_cache(tmp_path / "cache", samples_per_bucket=16, distinct=4, buckets=((64, 64),))
-    cfg = run_config(cache, tmp_path, steps=200, global_batch=16, micro_batch=16, lr=1e-3, ckpt_interval=100,
-                     model={"attention_head_dim": 32, "axes_dims_rope": [8, 12, 12], "num_layers": 3},
-                     optimizer={"betas": [0.9, 0.99], "clip_grad": 0.0, "warmup_steps": 10})
+    cfg = run_config(
+        cache,
+        tmp_path,
+        steps=200,
+        global_batch=16,
+        micro_batch=16,
+        lr=1e-3,
+        ckpt_interval=100,
+        model={"attention_head_dim": 32, "axes_dims_rope": [8, 12, 12], "num_layers": 3},
+        optimizer={"betas": [0.9, 0.99], "clip_grad": 0.0, "warmup_steps": 10},
+    )
     cfg["data"]["stages"][0]["buckets"] = ["64x64"]
     cfg["data"]["validation"] = {"path": cache, "samples_per_bucket": 4, "micro_batch": 4}
-    cfg["schedule"].update(eval_interval=200, eval_sigmas=[0.1, 0.3, 0.5, 0.7, 0.9],
-                           export_diffusers=str(tmp_path / "diffusers"))
+    cfg["schedule"].update(
+        eval_interval=200, eval_sigmas=[0.1, 0.3, 0.5, 0.7, 0.9], export_diffusers=str(tmp_path / "diffusers")
+    )
     cfg["logging"].update(interval=20, prometheus_port=0)
     r = _train(_write(cfg, tmp_path / "run.yaml"))
     assert r.returncode == 0, r.stderr[-3000:]
@@ -54,8 +73,17 @@ def test_tiny_model_learns_and_exports(tmp_path):
     assert val[0]["val_loss"] / val[1]["val_loss"] >= 10, val
     train = [x for x in records if "val_loss" not in x]
     assert [x["step"] for x in train] == list(range(20, 201, 20))
-    for key in ("loss", "lr", "grad_norm", "samples_per_s", "image_tokens_per_s", "tflops_per_gpu", "mfu",
-                "data_wait_fraction", "memory_bytes"):
+    for key in (
+        "loss",
+        "lr",
+        "grad_norm",
+        "samples_per_s",
+        "image_tokens_per_s",
+        "tflops_per_gpu",
+        "mfu",
+        "data_wait_fraction",
+        "memory_bytes",
+    ):
         assert key in train[-1], key
     assert train[-1]["tflops_per_gpu"] > 0 and 0 <= train[-1]["data_wait_fraction"] < 1
     assert "image tokens/s" in r.stdout and "TFLOP/s/GPU" in r.stdout  # the Megatron-style line
@@ -80,8 +108,13 @@ def test_bad_run_config_exits_2_naming_the_key(tmp_path):
     cache = write_cache(tmp_path / "cache", samples_per_bucket=4)
     cfg = run_config(cache, tmp_path, steps=2)
     cfg["optimizer"]["lr_typo"] = 1.0
-    r = subprocess.run([sys.executable, "-m", "megatron_qwenimage.cli", "train", "--config",
-                        str(_write(cfg, tmp_path / "run.yaml"))], cwd=REPO, env=ENV, capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "megatron_qwenimage.cli", "train", "--config", str(_write(cfg, tmp_path / "run.yaml"))],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2
     (line,) = r.stderr.splitlines()
     assert line.startswith("qwenimage train: error: optimizer:") and "lr_typo" in line, r.stderr

@@ -76,8 +76,15 @@ def _grads(recompute: RecomputeConfig, autocast: str = "none"):
     wrapped = apply_recompute(model, recompute)
     stage = MMDiTStage(model, Precision(PrecisionConfig(autocast=autocast), cfg, torch.device("cpu")))
     (mb,) = to_microbatches(synthetic_global_batch(0, 2), dp_rank=0, dp=1, micro_batch=2)
-    inp = make_inputs(mb, step=0, seed=0, sigma_sampler=UniformSigmaSampler(), patch_size=2,
-                      dtype=torch.float32, device=torch.device("cpu"))
+    inp = make_inputs(
+        mb,
+        step=0,
+        seed=0,
+        sigma_sampler=UniformSigmaSampler(),
+        patch_size=2,
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+    )
     stage.set_shapes(inp.img_shapes, inp.num_target_tokens)
     loss = loss_sum_over_global(stage(inp.hidden_states, inp.text, inp.sigma, text_mask=inp.text_mask), inp.target, 2)
     loss.backward()
@@ -86,8 +93,10 @@ def _grads(recompute: RecomputeConfig, autocast: str = "none"):
 
 def test_recompute_gives_identical_gradients():
     _, ref_loss, ref = _grads(RecomputeConfig("none"))
-    for rc, expect in ((RecomputeConfig("selective"), ["blocks.0.attention", "blocks.1.attention", "blocks.2.attention"]),
-                       (RecomputeConfig("full", every_n=2), ["blocks.0", "blocks.2"])):
+    for rc, expect in (
+        (RecomputeConfig("selective"), ["blocks.0.attention", "blocks.1.attention", "blocks.2.attention"]),
+        (RecomputeConfig("full", every_n=2), ["blocks.0", "blocks.2"]),
+    ):
         wrapped, loss, grads = _grads(rc)
         assert wrapped == expect
         assert loss == ref_loss

@@ -49,12 +49,14 @@ def test_groups_exercise_short_and_odd_calls(runs):
     sizes = {r: res["pp2_dp2"]["group_sizes"] for r, res in runs[4].items()}
     by_dp = {runs[4][r]["pp2_dp2"]["dp_rank"]: s for r, s in sizes.items()}
     assert by_dp == {0: [2] * 4, 1: [1] * 8}, by_dp
-    assert {runs[4][r]["pp2_vpp2_dp2"]["dp_rank"]: res["pp2_vpp2_dp2"]["group_sizes"]
-            for r, res in runs[4].items()} == by_dp
+    assert {
+        runs[4][r]["pp2_vpp2_dp2"]["dp_rank"]: res["pp2_vpp2_dp2"]["group_sizes"] for r, res in runs[4].items()
+    } == by_dp
 
 
-@pytest.mark.parametrize("world,name", [(1, "single"), (2, "pp2"), (4, "pp2_dp2"), (4, "tp2_pp2_sp"),
-                                        (2, "pp2_vpp2"), (4, "pp2_vpp2_dp2")])
+@pytest.mark.parametrize(
+    "world,name", [(1, "single"), (2, "pp2"), (4, "pp2_dp2"), (4, "tp2_pp2_sp"), (2, "pp2_vpp2"), (4, "pp2_vpp2_dp2")]
+)
 def test_validation_matches_single_process(runs, world, name):
     ref = runs[1][0]["reference"]
     assert sorted(runs[world]) == list(range(world))

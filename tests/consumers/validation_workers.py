@@ -49,9 +49,16 @@ def global_batches(val: ValidationReader) -> list[Batch]:
     whole = ValidationReader(val.config, text_length=TEXT_LENGTH).batches()
     out, acc = [], 0
     for mb in whole:
-        out.append(Batch(latents=mb.latents, text=mb.text, text_mask=mb.text_mask,
-                         sample_index=torch.arange(acc, acc + mb.batch_size),
-                         condition_latents=list(mb.condition_latents), task=mb.task))
+        out.append(
+            Batch(
+                latents=mb.latents,
+                text=mb.text,
+                text_mask=mb.text_mask,
+                sample_index=torch.arange(acc, acc + mb.batch_size),
+                condition_latents=list(mb.condition_latents),
+                task=mb.task,
+            )
+        )
         acc += mb.batch_size
     return out
 
@@ -71,33 +78,68 @@ def reference(cache: str) -> dict:
         for i, s in enumerate(SIGMAS):
             total = 0.0
             for b in batches:
-                inp = make_inputs(b, step=-(i + 1), seed=SEED, sigma_sampler=_ConstantSigma(s), patch_size=2,
-                                  dtype=torch.float32, device=torch.device("cpu"))
+                inp = make_inputs(
+                    b,
+                    step=-(i + 1),
+                    seed=SEED,
+                    sigma_sampler=_ConstantSigma(s),
+                    patch_size=2,
+                    dtype=torch.float32,
+                    device=torch.device("cpu"),
+                )
                 pred = model(inp.hidden_states, inp.text, inp.text_mask, inp.sigma, inp.img_shapes)
                 total += float(loss_sum_over_global(pred, inp.target, n))
             by_sigma[s] = total
-    return {"val_loss": sum(by_sigma.values()) / len(by_sigma), "by_sigma": [by_sigma[s] for s in SIGMAS],
-            "micro_batches": len(batches), "samples": n}
+    return {
+        "val_loss": sum(by_sigma.values()) / len(by_sigma),
+        "by_sigma": [by_sigma[s] for s in SIGMAS],
+        "micro_batches": len(batches),
+        "samples": n,
+    }
 
 
 def run_layout(name: str, cache: str) -> dict:
     layout = LAYOUTS[name]
     pstate = init_parallel(layout)
-    engine = TrainEngine(load_config("tiny-16ch", **MODEL), pstate, optimizer=OptimizerConfig(lr=1e-3), seed=SEED,
-                         global_batch_size=4, init_seed=0)
+    engine = TrainEngine(
+        load_config("tiny-16ch", **MODEL),
+        pstate,
+        optimizer=OptimizerConfig(lr=1e-3),
+        seed=SEED,
+        global_batch_size=4,
+        init_seed=0,
+    )
     perturb_zero_init(engine.chunks, engine.optimizer, seed=PERTURB_SEED)
     val = ValidationReader(val_config(cache), dp_rank=pstate.dp_rank, dp_size=layout.dp, text_length=TEXT_LENGTH)
     # This rank's shape groups, as `eval_local_loss` forms them (micro-batch count per call).
-    groups = [len(g) for g in shape_groups([Batch(latents=mb.latents, text=mb.text, text_mask=mb.text_mask,
-                                                  sample_index=torch.zeros(mb.batch_size, dtype=torch.long),
-                                                  condition_latents=list(mb.condition_latents), task=mb.task)
-                                            for mb in val.batches()])]
+    groups = [
+        len(g)
+        for g in shape_groups(
+            [
+                Batch(
+                    latents=mb.latents,
+                    text=mb.text,
+                    text_mask=mb.text_mask,
+                    sample_index=torch.zeros(mb.batch_size, dtype=torch.long),
+                    condition_latents=list(mb.condition_latents),
+                    task=mb.task,
+                )
+                for mb in val.batches()
+            ]
+        )
+    ]
     first = validate(engine, val, SIGMAS, STEP)
     again = validate(engine, val, SIGMAS, STEP + 1)  # cached schedules, same numbers
     dist.barrier()
-    return {"val_loss": first["val_loss"], "by_sigma": [first["val_loss_by_sigma"][s] for s in SIGMAS],
-            "again": [again["val_loss_by_sigma"][s] for s in SIGMAS], "step": first["step"],
-            "group_sizes": groups, "pp_rank": pstate.pp_rank, "dp_rank": pstate.dp_rank}
+    return {
+        "val_loss": first["val_loss"],
+        "by_sigma": [first["val_loss_by_sigma"][s] for s in SIGMAS],
+        "again": [again["val_loss_by_sigma"][s] for s in SIGMAS],
+        "step": first["step"],
+        "group_sizes": groups,
+        "pp_rank": pstate.pp_rank,
+        "dp_rank": pstate.dp_rank,
+    }
 
 
 def validation_worker(rank: int, world: int, cache: str, names: list[str], with_reference: bool = False) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pytest
 
+
 @pytest.fixture(scope="session")
 def producer_env(tmp_path_factory):
     """Environment for producer runs: offline hub, Ray private to 127.0.0.1, tiny encoders dir."""

@@ -111,54 +111,158 @@ def nothing(cache: Path):
 # (id, setup(cache) -> undo, argv (CACHE / TARGET placeholders), exit status, line prefix, names)
 CASES = [
     ("verify-missing-path", nothing, ["verify", "{cache}/nope"], 2, "error", ["{cache}/nope", "does not exist"]),
-    ("verify-regular-file", nothing, ["verify", "{cache}/cache.json"], 2, "error",
-     ["{cache}/cache.json", "is a file"]),
-    ("snapshot-not-a-cache", nothing, ["snapshot", "{cache}/attempts"], 2, "error",
-     ["{cache}/attempts", "no cache.json"]),
+    ("verify-regular-file", nothing, ["verify", "{cache}/cache.json"], 2, "error", ["{cache}/cache.json", "is a file"]),
+    (
+        "snapshot-not-a-cache",
+        nothing,
+        ["snapshot", "{cache}/attempts"],
+        2,
+        "error",
+        ["{cache}/attempts", "no cache.json"],
+    ),
     ("sweep-missing-path", nothing, ["sweep", "{cache}/nope"], 2, "error", ["{cache}/nope"]),
     ("repair-regular-file", nothing, ["repair", "{cache}/cache.json"], 2, "error", ["{cache}/cache.json"]),
-    ("verify-cache-json-not-json", lambda c: replace(c / "cache.json", b"{schema_version: 1"),
-     ["verify", "{cache}"], 2, "error", ["{cache}/cache.json", "not valid JSON"]),
-    ("sweep-cache-json-not-json", lambda c: replace(c / "cache.json", b"\xff\xfe"),
-     ["sweep", "{cache}"], 2, "error", ["{cache}/cache.json", "not valid JSON"]),
-    ("snapshot-cache-json-a-list", lambda c: replace(c / "cache.json", b"[1]"),
-     ["snapshot", "{cache}"], 2, "error", ["{cache}/cache.json", "a JSON list"]),
-    ("verify-cache-json-future-version", lambda c: edit_json(c / "cache.json", lambda d: d.update(schema_version=9)),
-     ["verify", "{cache}"], 2, "error", ["{cache}", "schema_version 9"]),
-    ("snapshot-cache-json-other-format", lambda c: edit_json(c / "cache.json", lambda d: d.update(format="tfrecord")),
-     ["snapshot", "{cache}"], 2, "error", ["{cache}/cache.json", "'tfrecord'"]),
-    ("verify-snapshot-99", nothing, ["verify", "{cache}", "--snapshot", "99"], 2, "error",
-     ["snapshot v99 does not exist", "{cache}/manifest/snapshots/v00000099.json"]),
-    ("verify-snapshot-not-a-number", nothing, ["verify", "{cache}", "--snapshot", "latest"], 2, "error",
-     ["--snapshot 'latest'"]),
+    (
+        "verify-cache-json-not-json",
+        lambda c: replace(c / "cache.json", b"{schema_version: 1"),
+        ["verify", "{cache}"],
+        2,
+        "error",
+        ["{cache}/cache.json", "not valid JSON"],
+    ),
+    (
+        "sweep-cache-json-not-json",
+        lambda c: replace(c / "cache.json", b"\xff\xfe"),
+        ["sweep", "{cache}"],
+        2,
+        "error",
+        ["{cache}/cache.json", "not valid JSON"],
+    ),
+    (
+        "snapshot-cache-json-a-list",
+        lambda c: replace(c / "cache.json", b"[1]"),
+        ["snapshot", "{cache}"],
+        2,
+        "error",
+        ["{cache}/cache.json", "a JSON list"],
+    ),
+    (
+        "verify-cache-json-future-version",
+        lambda c: edit_json(c / "cache.json", lambda d: d.update(schema_version=9)),
+        ["verify", "{cache}"],
+        2,
+        "error",
+        ["{cache}", "schema_version 9"],
+    ),
+    (
+        "snapshot-cache-json-other-format",
+        lambda c: edit_json(c / "cache.json", lambda d: d.update(format="tfrecord")),
+        ["snapshot", "{cache}"],
+        2,
+        "error",
+        ["{cache}/cache.json", "'tfrecord'"],
+    ),
+    (
+        "verify-snapshot-99",
+        nothing,
+        ["verify", "{cache}", "--snapshot", "99"],
+        2,
+        "error",
+        ["snapshot v99 does not exist", "{cache}/manifest/snapshots/v00000099.json"],
+    ),
+    (
+        "verify-snapshot-not-a-number",
+        nothing,
+        ["verify", "{cache}", "--snapshot", "latest"],
+        2,
+        "error",
+        ["--snapshot 'latest'"],
+    ),
     ("verify-snapshot-zero", nothing, ["verify", "{cache}", "--snapshot", "0"], 2, "error", ["--snapshot '0'"]),
     ("sweep-negative-grace", fresh_attempt, ["sweep", "{cache}", "--grace", "-5"], 2, "error", ["--grace '-5'"]),
     ("sweep-nan-grace", fresh_attempt, ["sweep", "{cache}", "--grace", "nan"], 2, "error", ["--grace 'nan'"]),
     ("sweep-infinite-grace", fresh_attempt, ["sweep", "{cache}", "--grace", "inf"], 2, "error", ["--grace 'inf'"]),
     ("sweep-grace-not-a-number", fresh_attempt, ["sweep", "{cache}", "--grace", "1h"], 2, "error", ["--grace '1h'"]),
-    ("sweep-snapshot-not-json", lambda c: replace(c / SNAP1, b'{"commits": [{"attempts/p0'),
-     ["sweep", "{cache}", "--grace", "0"], 2, "error", ["snapshot v1", f"{{cache}}/{SNAP1}", "no attempt was removed"]),
-    ("verify-record-not-json", lambda c: replace(c / "commits" / "p0.json", b'{"partition_id": "p0",'),
-     ["verify", "{cache}"], 1, "BAD commits/p0.json", ["{cache}/commits/p0.json", "not valid JSON"]),
-    ("verify-record-wrong-schema", lambda c: edit_json(c / "commits" / "p0.json", lambda d: d.update(shards="all")),
-     ["verify", "{cache}"], 1, "BAD commits/p0.json", ["{cache}/commits/p0.json", "shards is str"]),
-    ("verify-record-of-another-partition",
-     lambda c: edit_json(c / "commits" / "p0.json", lambda d: d.update(partition_id="p7")),
-     ["verify", "{cache}"], 1, "BAD commits/p0.json", ["{cache}/commits/p0.json", "names partition 'p7'"]),
-    ("verify-record-negative-bool-count",
-     lambda c: edit_json(c / "commits" / "p0.json", lambda d: d["shards"][0].update(num_samples=True)),
-     ["verify", "{cache}"], 1, "BAD commits/p0.json", ["{cache}/commits/p0.json", "num_samples is bool"]),
-    ("verify-snapshot-not-json", lambda c: replace(c / SNAP1, b"not json"),
-     ["verify", "{cache}"], 1, f"BAD {SNAP1}", ["snapshot v1", f"{{cache}}/{SNAP1}", "not valid JSON"]),
-    ("verify-pinned-snapshot-not-json", lambda c: replace(c / SNAP1, b"[]"),
-     ["verify", "{cache}", "--snapshot", "1"], 1, f"BAD {SNAP1}", ["snapshot v1", "a JSON list"]),
-    ("verify-snapshot-wrong-version", lambda c: edit_json(c / SNAP1, lambda d: d.update(version=3)),
-     ["verify", "{cache}"], 1, f"BAD {SNAP1}", ["snapshot v1", "says version 3"]),
-    ("verify-commits-incomplete", lambda c: remove(c / "commits" / "p1.json"),
-     ["verify", "{cache}"], 1, f"BAD {SNAP1}:p1-16x16", ["snapshot v1", "p1-16x16", "{cache}/commits/p1.json",
-                                                         "does not exist"]),
-    ("verify-pinned-commits-incomplete", lambda c: remove(c / "commits" / "p0.json"),
-     ["verify", "{cache}", "--snapshot", "1"], 1, f"BAD {SNAP1}:p0-16x16", ["snapshot v1", "p0-16x16"]),
+    (
+        "sweep-snapshot-not-json",
+        lambda c: replace(c / SNAP1, b'{"commits": [{"attempts/p0'),
+        ["sweep", "{cache}", "--grace", "0"],
+        2,
+        "error",
+        ["snapshot v1", f"{{cache}}/{SNAP1}", "no attempt was removed"],
+    ),
+    (
+        "verify-record-not-json",
+        lambda c: replace(c / "commits" / "p0.json", b'{"partition_id": "p0",'),
+        ["verify", "{cache}"],
+        1,
+        "BAD commits/p0.json",
+        ["{cache}/commits/p0.json", "not valid JSON"],
+    ),
+    (
+        "verify-record-wrong-schema",
+        lambda c: edit_json(c / "commits" / "p0.json", lambda d: d.update(shards="all")),
+        ["verify", "{cache}"],
+        1,
+        "BAD commits/p0.json",
+        ["{cache}/commits/p0.json", "shards is str"],
+    ),
+    (
+        "verify-record-of-another-partition",
+        lambda c: edit_json(c / "commits" / "p0.json", lambda d: d.update(partition_id="p7")),
+        ["verify", "{cache}"],
+        1,
+        "BAD commits/p0.json",
+        ["{cache}/commits/p0.json", "names partition 'p7'"],
+    ),
+    (
+        "verify-record-negative-bool-count",
+        lambda c: edit_json(c / "commits" / "p0.json", lambda d: d["shards"][0].update(num_samples=True)),
+        ["verify", "{cache}"],
+        1,
+        "BAD commits/p0.json",
+        ["{cache}/commits/p0.json", "num_samples is bool"],
+    ),
+    (
+        "verify-snapshot-not-json",
+        lambda c: replace(c / SNAP1, b"not json"),
+        ["verify", "{cache}"],
+        1,
+        f"BAD {SNAP1}",
+        ["snapshot v1", f"{{cache}}/{SNAP1}", "not valid JSON"],
+    ),
+    (
+        "verify-pinned-snapshot-not-json",
+        lambda c: replace(c / SNAP1, b"[]"),
+        ["verify", "{cache}", "--snapshot", "1"],
+        1,
+        f"BAD {SNAP1}",
+        ["snapshot v1", "a JSON list"],
+    ),
+    (
+        "verify-snapshot-wrong-version",
+        lambda c: edit_json(c / SNAP1, lambda d: d.update(version=3)),
+        ["verify", "{cache}"],
+        1,
+        f"BAD {SNAP1}",
+        ["snapshot v1", "says version 3"],
+    ),
+    (
+        "verify-commits-incomplete",
+        lambda c: remove(c / "commits" / "p1.json"),
+        ["verify", "{cache}"],
+        1,
+        f"BAD {SNAP1}:p1-16x16",
+        ["snapshot v1", "p1-16x16", "{cache}/commits/p1.json", "does not exist"],
+    ),
+    (
+        "verify-pinned-commits-incomplete",
+        lambda c: remove(c / "commits" / "p0.json"),
+        ["verify", "{cache}", "--snapshot", "1"],
+        1,
+        f"BAD {SNAP1}:p0-16x16",
+        ["snapshot v1", "p0-16x16"],
+    ),
 ]
 
 
@@ -183,8 +287,9 @@ def test_bad_input_is_one_line_and_loses_nothing(setup, argv, status, prefix, na
     assert verify_cache(open_cache(str(cache))).shards_checked == 2
 
 
-@pytest.mark.parametrize("argv, status", [(["verify", "{cache}/nope", "--json"], 2),
-                                          (["verify", "{cache}", "--json"], 1)])
+@pytest.mark.parametrize(
+    "argv, status", [(["verify", "{cache}/nope", "--json"], 2), (["verify", "{cache}", "--json"], 1)]
+)
 def test_verify_json_reports_failures_as_one_object(argv, status, cache, capsys):
     remove(cache / "commits" / "p1.json")
     rc, err, out = cli(["cache"] + [a.format(cache=cache) for a in argv], capsys)
@@ -198,10 +303,16 @@ def test_verify_json_reports_failures_as_one_object(argv, status, cache, capsys)
         assert obj["snapshots_checked"] == [1] and obj["commit_records"] == 1
 
 
-@pytest.mark.parametrize("argv, line", [
-    (["cache", "verify", "{cache}", "--snapshot", "99"], "qwenimage cache verify: error: cache {cache}: snapshot v99"),
-    (["cache", "sweep", "{cache}", "--grace", "-1"], "qwenimage cache sweep: error: --grace '-1'"),
-])
+@pytest.mark.parametrize(
+    "argv, line",
+    [
+        (
+            ["cache", "verify", "{cache}", "--snapshot", "99"],
+            "qwenimage cache verify: error: cache {cache}: snapshot v99",
+        ),
+        (["cache", "sweep", "{cache}", "--grace", "-1"], "qwenimage cache sweep: error: --grace '-1'"),
+    ],
+)
 def test_real_command_line_prints_one_line(argv, line, cache):
     before = tree(cache)
     proc = run_cli([a.format(cache=cache) for a in argv], dict(os.environ), timeout=120)
@@ -269,11 +380,17 @@ def test_unreadable_record_is_skipped_kept_repaired_and_reproduced(cache, capsys
 
     rc, err, out = cli(["cache", "snapshot", str(cache)], capsys)
     assert rc == 0 and "snapshot v2: 1 shards" in out
-    assert len(err) == 2 and all(e.startswith("qwenimage cache snapshot: warning: skipping commit record ") for e in err)
+    assert len(err) == 2 and all(
+        e.startswith("qwenimage cache snapshot: warning: skipping commit record ") for e in err
+    )
     assert f"{cache}/commits/p0.json" in err[0] and f"{cache}/commits/p2.json" in err[1]
 
     rc, err, out = cli(["cache", "sweep", str(cache), "--grace", "0"], capsys)
-    assert rc == 0 and (cache / "attempts" / "p0" / p0_attempt).is_dir() and (cache / "attempts" / "p2" / p2_attempt).is_dir()
+    assert (
+        rc == 0
+        and (cache / "attempts" / "p0" / p0_attempt).is_dir()
+        and (cache / "attempts" / "p2" / p2_attempt).is_dir()
+    )
 
     rc, err, _ = cli(["cache", "verify", str(cache)], capsys)
     assert rc == 1 and sorted(e.split(":")[0] for e in err) == ["BAD commits/p0.json", "BAD commits/p2.json"], err

@@ -48,8 +48,11 @@ def tree(path: Path) -> dict[str, str]:
     """relative path -> sha256 of every file under `path` (a directory) or of `path` itself."""
     if path.is_file():
         return {path.name: hashlib.sha256(path.read_bytes()).hexdigest()}
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(path.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
 
 
 def assert_one_error_line(proc: subprocess.CompletedProcess, rc: int, needles: list[str], *, only_line: bool) -> str:
@@ -92,8 +95,12 @@ def add_member(tf: tarfile.TarFile, name: str, data: bytes) -> None:
 def base_cache(ray_cluster, producer_env, tmp_path_factory) -> Path:
     """A committed cache that the up-front cases write into (and must leave untouched)."""
     cache = tmp_path_factory.mktemp("bad-input-base") / "cache"
-    proc = run_cli(produce_argv("--input", BASE_INPUT, "--output", str(cache), *BASE_FLAGS, "--json",
-                                "--ray-address", ray_cluster), producer_env)
+    proc = run_cli(
+        produce_argv(
+            "--input", BASE_INPUT, "--output", str(cache), *BASE_FLAGS, "--json", "--ray-address", ray_cluster
+        ),
+        producer_env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert summary_of(proc)["committed"] == 4
     assert (cache / "producer_settings.json").exists()
@@ -150,71 +157,195 @@ def busy_port():
 # output: "base" = the shared cache, which must stay byte-identical; "new" = a fresh path, which
 # must not be created; "given" = the argv names an existing non-cache path, which must not change.
 UPFRONT = [
-    ("synthetic-negative-n", lambda d, b, x: (["--input", "synthetic:text?n=-1"], ["synthetic:text?n=-1", "expected an integer >= 1"]),
-     2, "base"),
-    ("synthetic-unknown-key", lambda d, b, x: (["--input", "synthetic:text?sede=5"],
-                                               ["'sede'", "known keys: n, seed"]), 2, "new"),
-    ("synthetic-n-not-int", lambda d, b, x: (["--input", "synthetic:text?n=ten"], ["n='ten'", "not an integer"]),
-     2, "new"),
+    (
+        "synthetic-negative-n",
+        lambda d, b, x: (["--input", "synthetic:text?n=-1"], ["synthetic:text?n=-1", "expected an integer >= 1"]),
+        2,
+        "base",
+    ),
+    (
+        "synthetic-unknown-key",
+        lambda d, b, x: (["--input", "synthetic:text?sede=5"], ["'sede'", "known keys: n, seed"]),
+        2,
+        "new",
+    ),
+    (
+        "synthetic-n-not-int",
+        lambda d, b, x: (["--input", "synthetic:text?n=ten"], ["n='ten'", "not an integer"]),
+        2,
+        "new",
+    ),
     ("empty-folder", lambda d, b, x: (["--input", str(d / "empty")], [str(d / "empty"), "empty"]), 2, "base"),
-    ("folder-without-images", lambda d, b, x: (["--input", str(d / "no_images")],
-                                               [str(d / "no_images"), "no inputs", "1 files"]), 2, "new"),
-    ("manifest-no-caption-column", lambda d, b, x: (["--input", str(d / "no_caption.jsonl")],
-                                                    ["no_caption.jsonl", "no caption column", "columns found: image, text"]),
-     2, "base"),
-    ("manifest-no-image-column", lambda d, b, x: (["--input", str(d / "no_image.jsonl")],
-                                                  ["no_image.jsonl", "no image column", "columns found: file, caption"]),
-     2, "new"),
-    ("manifest-no-rows", lambda d, b, x: (["--input", str(d / "header_only.csv")], ["header_only.csv", "no rows"]),
-     2, "new"),
-    ("jsonl-line-not-an-object", lambda d, b, x: (["--input", str(d / "not_objects.jsonl")],
-                                                  ["not_objects.jsonl:2", "JSON object"]), 2, "new"),
-    ("parquet-not-parquet", lambda d, b, x: (["--input", str(d / "broken.parquet")],
-                                             ["broken.parquet", "not a readable Parquet file"]), 2, "base"),
-    ("tar-not-a-tar", lambda d, b, x: (["--input", str(d / "not_a.tar")], ["not_a.tar", "not a readable tar"]),
-     2, "new"),
+    (
+        "folder-without-images",
+        lambda d, b, x: (["--input", str(d / "no_images")], [str(d / "no_images"), "no inputs", "1 files"]),
+        2,
+        "new",
+    ),
+    (
+        "manifest-no-caption-column",
+        lambda d, b, x: (
+            ["--input", str(d / "no_caption.jsonl")],
+            ["no_caption.jsonl", "no caption column", "columns found: image, text"],
+        ),
+        2,
+        "base",
+    ),
+    (
+        "manifest-no-image-column",
+        lambda d, b, x: (
+            ["--input", str(d / "no_image.jsonl")],
+            ["no_image.jsonl", "no image column", "columns found: file, caption"],
+        ),
+        2,
+        "new",
+    ),
+    (
+        "manifest-no-rows",
+        lambda d, b, x: (["--input", str(d / "header_only.csv")], ["header_only.csv", "no rows"]),
+        2,
+        "new",
+    ),
+    (
+        "jsonl-line-not-an-object",
+        lambda d, b, x: (["--input", str(d / "not_objects.jsonl")], ["not_objects.jsonl:2", "JSON object"]),
+        2,
+        "new",
+    ),
+    (
+        "parquet-not-parquet",
+        lambda d, b, x: (["--input", str(d / "broken.parquet")], ["broken.parquet", "not a readable Parquet file"]),
+        2,
+        "base",
+    ),
+    (
+        "tar-not-a-tar",
+        lambda d, b, x: (["--input", str(d / "not_a.tar")], ["not_a.tar", "not a readable tar"]),
+        2,
+        "new",
+    ),
     ("csv-not-utf8", lambda d, b, x: (["--input", str(d / "latin1.csv")], ["latin1.csv:2", "not UTF-8"]), 2, "new"),
-    ("caption-index-no-caption-column", lambda d, b, x: (["--input", str(d / "bad_index")],
-                                                         ["captions.jsonl", "'caption'", "columns found: path, text"]),
-     2, "new"),
+    (
+        "caption-index-no-caption-column",
+        lambda d, b, x: (
+            ["--input", str(d / "bad_index")],
+            ["captions.jsonl", "'caption'", "columns found: path, text"],
+        ),
+        2,
+        "new",
+    ),
     ("input-missing", lambda d, b, x: (["--input", str(d / "nope")], [str(d / "nope"), "does not exist"]), 2, "new"),
-    ("output-is-a-file", lambda d, b, x: (["--input", BASE_INPUT, "--output", str(d / "a_file")],
-                                          [str(d / "a_file"), "existing file"]), 2, "given"),
-    ("output-non-empty-non-cache-dir", lambda d, b, x: (["--input", BASE_INPUT, "--output", str(d / "occupied")],
-                                                        [str(d / "occupied"), "not a latent cache"]), 2, "given"),
-    ("negative-sweep-grace", lambda d, b, x: (["--input", BASE_INPUT, "--sweep-grace", "-5"],
-                                              ["--sweep-grace", "-5"]), 2, "base"),
-    ("vae-actors-zero", lambda d, b, x: (["--input", BASE_INPUT, "--vae-actors", "0:2"], ["--vae-actors", "'0:2'"]),
-     2, "new"),
-    ("local-num-cpus-1-would-hang", lambda d, b, x: (
-        ["--input", BASE_INPUT, "--local-num-cpus", "1"],
-        ["--local-num-cpus 1", "--cpus-per-actor", "--vae-actors", "--text-actors", "1.5 CPUs"]), 2, "new"),
-    ("local-num-cpus-fractional", lambda d, b, x: (["--input", BASE_INPUT, "--local-num-cpus", "2.5"],
-                                                   ["--local-num-cpus 2.5", "whole number"]), 2, "new"),
+    (
+        "output-is-a-file",
+        lambda d, b, x: (["--input", BASE_INPUT, "--output", str(d / "a_file")], [str(d / "a_file"), "existing file"]),
+        2,
+        "given",
+    ),
+    (
+        "output-non-empty-non-cache-dir",
+        lambda d, b, x: (
+            ["--input", BASE_INPUT, "--output", str(d / "occupied")],
+            [str(d / "occupied"), "not a latent cache"],
+        ),
+        2,
+        "given",
+    ),
+    (
+        "negative-sweep-grace",
+        lambda d, b, x: (["--input", BASE_INPUT, "--sweep-grace", "-5"], ["--sweep-grace", "-5"]),
+        2,
+        "base",
+    ),
+    (
+        "vae-actors-zero",
+        lambda d, b, x: (["--input", BASE_INPUT, "--vae-actors", "0:2"], ["--vae-actors", "'0:2'"]),
+        2,
+        "new",
+    ),
+    (
+        "local-num-cpus-1-would-hang",
+        lambda d, b, x: (
+            ["--input", BASE_INPUT, "--local-num-cpus", "1"],
+            ["--local-num-cpus 1", "--cpus-per-actor", "--vae-actors", "--text-actors", "1.5 CPUs"],
+        ),
+        2,
+        "new",
+    ),
+    (
+        "local-num-cpus-fractional",
+        lambda d, b, x: (["--input", BASE_INPUT, "--local-num-cpus", "2.5"], ["--local-num-cpus 2.5", "whole number"]),
+        2,
+        "new",
+    ),
     # An actor pool that can never be placed would keep the run pending forever.
-    ("gpus-the-machine-lacks", lambda d, b, x: (["--input", BASE_INPUT, "--gpus-per-actor", "64"],
-                                                ["--gpus-per-actor 64", "reserve 128"]), 2, "new"),
-    ("missing-encoders-dir", lambda d, b, x: (["--input", BASE_INPUT, "--encoders", str(d / "no-encoders")],
-                                              [str(d / "no-encoders"), "vae/"]), 2, "new"),
-    ("metrics-port-in-use", lambda d, b, x: (["--input", BASE_INPUT, "--metrics-port", str(x["port"])],
-                                             [f"--metrics-port {x['port']}", f"127.0.0.1:{x['port']}"]), 2, "base"),
+    (
+        "gpus-the-machine-lacks",
+        lambda d, b, x: (["--input", BASE_INPUT, "--gpus-per-actor", "64"], ["--gpus-per-actor 64", "reserve 128"]),
+        2,
+        "new",
+    ),
+    (
+        "missing-encoders-dir",
+        lambda d, b, x: (
+            ["--input", BASE_INPUT, "--encoders", str(d / "no-encoders")],
+            [str(d / "no-encoders"), "vae/"],
+        ),
+        2,
+        "new",
+    ),
+    (
+        "metrics-port-in-use",
+        lambda d, b, x: (
+            ["--input", BASE_INPUT, "--metrics-port", str(x["port"])],
+            [f"--metrics-port {x['port']}", f"127.0.0.1:{x['port']}"],
+        ),
+        2,
+        "base",
+    ),
     # The base cache was made with the defaults below: each flag that shapes samples is compared.
-    ("settings-max-text-tokens", lambda d, b, x: (["--input", BASE_INPUT, "--max-text-tokens", "512"],
-                                                  ["max_text_tokens 1024 -> 512 (--max-text-tokens)",
-                                                   "--new-settings-version", str(b)]), 2, "base"),
-    ("settings-buckets", lambda d, b, x: (["--input", BASE_INPUT, "--buckets", "64,128"],
-                                          ["buckets ", "(--buckets)", "--new-settings-version"]), 2, "base"),
-    ("settings-min-side-and-overlong", lambda d, b, x: (
-        ["--input", BASE_INPUT, "--min-side", "16", "--overlong-caption", "reject"],
-        ["min_side_px 32 -> 16 (--min-side)", "overlong_caption truncate -> reject (--overlong-caption)"]), 2, "base"),
-    ("settings-encoders", lambda d, b, x: (["--input", BASE_INPUT, "--encoders", str(x["encoders"])],
-                                           ["encoder_version ", "(--encoders)"]), 2, "base"),
+    (
+        "settings-max-text-tokens",
+        lambda d, b, x: (
+            ["--input", BASE_INPUT, "--max-text-tokens", "512"],
+            ["max_text_tokens 1024 -> 512 (--max-text-tokens)", "--new-settings-version", str(b)],
+        ),
+        2,
+        "base",
+    ),
+    (
+        "settings-buckets",
+        lambda d, b, x: (
+            ["--input", BASE_INPUT, "--buckets", "64,128"],
+            ["buckets ", "(--buckets)", "--new-settings-version"],
+        ),
+        2,
+        "base",
+    ),
+    (
+        "settings-min-side-and-overlong",
+        lambda d, b, x: (
+            ["--input", BASE_INPUT, "--min-side", "16", "--overlong-caption", "reject"],
+            ["min_side_px 32 -> 16 (--min-side)", "overlong_caption truncate -> reject (--overlong-caption)"],
+        ),
+        2,
+        "base",
+    ),
+    (
+        "settings-encoders",
+        lambda d, b, x: (
+            ["--input", BASE_INPUT, "--encoders", str(x["encoders"])],
+            ["encoder_version ", "(--encoders)"],
+        ),
+        2,
+        "base",
+    ),
 ]
 
 
 @pytest.mark.parametrize("case_id,build,rc,output", UPFRONT, ids=[c[0] for c in UPFRONT])
-def test_upfront_error_is_one_line_and_writes_nothing(case_id, build, rc, output, inputs, base_cache, other_encoders,
-                                                      busy_port, producer_env, tmp_path):
+def test_upfront_error_is_one_line_and_writes_nothing(
+    case_id, build, rc, output, inputs, base_cache, other_encoders, busy_port, producer_env, tmp_path
+):
     argv, needles = build(inputs, base_cache, {"port": busy_port, "encoders": other_encoders})
     if "--output" not in argv:
         target = base_cache if output == "base" else tmp_path / "new-cache"
@@ -238,9 +369,22 @@ def test_unreachable_ray_address_times_out_naming_it(producer_env, tmp_path):
     """127.0.0.1:1 never answers: Ray would retry for many minutes; the producer gives up after
     --ray-connect-timeout and creates nothing."""
     t0 = time.monotonic()
-    proc = run_cli(produce_argv("--input", BASE_INPUT, "--output", str(tmp_path / "cache"), *BASE_FLAGS,
-                                "--ray-address", "127.0.0.1:1", "--ray-connect-timeout", "2", "--json"),
-                   producer_env, timeout=120)
+    proc = run_cli(
+        produce_argv(
+            "--input",
+            BASE_INPUT,
+            "--output",
+            str(tmp_path / "cache"),
+            *BASE_FLAGS,
+            "--ray-address",
+            "127.0.0.1:1",
+            "--ray-connect-timeout",
+            "2",
+            "--json",
+        ),
+        producer_env,
+        timeout=120,
+    )
     assert time.monotonic() - t0 < 60
     assert_one_error_line(proc, 2, ["--ray-address 127.0.0.1:1", "2 s (--ray-connect-timeout)"], only_line=False)
     error = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -253,13 +397,36 @@ def test_rerun_on_a_fully_committed_cache_is_a_resume(base_cache, producer_env):
     """Every partition skipped: exit 0 with the cache's counts, no Ray needed, nothing rewritten
     but status.json. Flags that do not shape samples may change (they are not compared)."""
     before = {k: v for k, v in tree(base_cache).items() if k != "status.json"}
-    proc = run_cli(produce_argv("--input", BASE_INPUT, "--output", str(base_cache), *BASE_FLAGS, "--json",
-                                "--batch-size", "3", "--cpus-per-actor", "0.25", "--text-actors", "1:2",
-                                "--sweep-grace", "7200", "--ray-address", "127.0.0.1:1"),
-                   producer_env, timeout=120)
+    proc = run_cli(
+        produce_argv(
+            "--input",
+            BASE_INPUT,
+            "--output",
+            str(base_cache),
+            *BASE_FLAGS,
+            "--json",
+            "--batch-size",
+            "3",
+            "--cpus-per-actor",
+            "0.25",
+            "--text-actors",
+            "1:2",
+            "--sweep-grace",
+            "7200",
+            "--ray-address",
+            "127.0.0.1:1",
+        ),
+        producer_env,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = summary_of(proc)
-    assert (summary["inputs"], summary["committed"], summary["partitions"], summary["partitions_skipped"]) == (4, 4, 2, 2)
+    assert (summary["inputs"], summary["committed"], summary["partitions"], summary["partitions_skipped"]) == (
+        4,
+        4,
+        2,
+        2,
+    )
     after = {k: v for k, v in tree(base_cache).items() if k != "status.json"}
     assert after == before
 
@@ -268,8 +435,18 @@ def test_new_settings_version_adds_samples_and_becomes_current(base_cache, ray_c
     cache = tmp_path / "cache"
     shutil.copytree(base_cache, cache)
     committed_before = tree(cache / "commits")
-    new = produce_argv("--input", BASE_INPUT, "--output", str(cache), *BASE_FLAGS, "--max-text-tokens", "512",
-                       "--ray-address", ray_cluster, "--json")
+    new = produce_argv(
+        "--input",
+        BASE_INPUT,
+        "--output",
+        str(cache),
+        *BASE_FLAGS,
+        "--max-text-tokens",
+        "512",
+        "--ray-address",
+        ray_cluster,
+        "--json",
+    )
     proc = run_cli([*new, "--new-settings-version"], producer_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert summary_of(proc)["committed"] == 4
@@ -290,8 +467,11 @@ def test_new_settings_version_adds_samples_and_becomes_current(base_cache, ray_c
 # --- per-input faults: quarantined with a reason, the good inputs committed ----------------------------
 def _quarantine(cache_dir: Path) -> dict[str, tuple[str, str]]:
     cache = open_cache(str(cache_dir))
-    return {r["input_id"]: (r["reason"], r["detail"]) for rec in cache.snapshot().records
-            for r in read_quarantine(cache.storage, rec).to_pylist()}
+    return {
+        r["input_id"]: (r["reason"], r["detail"])
+        for rec in cache.snapshot().records
+        for r in read_quarantine(cache.storage, rec).to_pylist()
+    }
 
 
 def _samples(cache_dir: Path) -> list[dict]:
@@ -304,16 +484,19 @@ def mixed_runs(ray_cluster, producer_env, tmp_path_factory) -> dict:
     partition each (started together: they share the session's Ray)."""
     root = tmp_path_factory.mktemp("mixed")
     coffee, rocket, horse = (str(SKIMAGE_DATA / n) for n in ("coffee.png", "rocket.jpg", "horse.png"))
-    manifest = write_jsonl(root / "mixed.jsonl", [
-        {"image": coffee, "caption": "a cup of coffee"},                                # 0 committed
-        {"image": rocket, "caption": "a\x00 red\x07 rocket\r\nat night\x1b"},           # 1 committed, cleaned
-        {"image": horse, "caption": 42},                                                # 2 caption_not_text
-        {"image": horse, "caption": ["two", "captions"]},                               # 3 caption_not_text
-        {"image": 7, "caption": "an image path that is a number"},                      # 4 invalid_image_ref
-        {"image": None, "caption": "no image at all"},                                  # 5 invalid_image_ref
-        {"image": horse, "caption": "\x00\x01\x02 \x1b"},                               # 6 empty_caption
-        {"image": horse, "source_image": 3.5, "caption": "edit with a bad source"},     # 7 invalid_image_ref
-    ])
+    manifest = write_jsonl(
+        root / "mixed.jsonl",
+        [
+            {"image": coffee, "caption": "a cup of coffee"},  # 0 committed
+            {"image": rocket, "caption": "a\x00 red\x07 rocket\r\nat night\x1b"},  # 1 committed, cleaned
+            {"image": horse, "caption": 42},  # 2 caption_not_text
+            {"image": horse, "caption": ["two", "captions"]},  # 3 caption_not_text
+            {"image": 7, "caption": "an image path that is a number"},  # 4 invalid_image_ref
+            {"image": None, "caption": "no image at all"},  # 5 invalid_image_ref
+            {"image": horse, "caption": "\x00\x01\x02 \x1b"},  # 6 empty_caption
+            {"image": horse, "source_image": 3.5, "caption": "edit with a bad source"},  # 7 invalid_image_ref
+        ],
+    )
     folder = root / "folder"
     folder.mkdir()
     for name, sidecar in (("good", "a horse"), ("nul", "\x00\x00\x00"), ("sidedir", None)):
@@ -333,15 +516,32 @@ def mixed_runs(ray_cluster, producer_env, tmp_path_factory) -> dict:
     runs = {"manifest": manifest, "folder": folder, "tar": tar}
     procs = {}
     for name, src in runs.items():
-        argv = produce_argv("--input", str(src), "--output", str(root / f"cache-{name}"), "--buckets", "64",
-                            "--ray-address", ray_cluster, "--json")
-        procs[name] = subprocess.Popen([sys.executable, "-m", "megatron_qwenimage.cli", *argv], env=producer_env,
-                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        argv = produce_argv(
+            "--input",
+            str(src),
+            "--output",
+            str(root / f"cache-{name}"),
+            "--buckets",
+            "64",
+            "--ray-address",
+            ray_cluster,
+            "--json",
+        )
+        procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "megatron_qwenimage.cli", *argv],
+            env=producer_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
     out = {}
     for name, p in procs.items():
         stdout, stderr = p.communicate(timeout=400)
-        out[name] = (subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr), runs[name],
-                     root / f"cache-{name}")
+        out[name] = (
+            subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr),
+            runs[name],
+            root / f"cache-{name}",
+        )
     return out
 
 
@@ -391,11 +591,13 @@ def test_webdataset_names_tar_and_key_and_counts_a_second_image(mixed_runs):
 
 def test_nothing_committed_fails_unless_allow_empty(ray_cluster, producer_env, tmp_path):
     manifest = write_jsonl(tmp_path / "all_bad.jsonl", [{"image": 1, "caption": "x"}, {"image": [2], "caption": "y"}])
-    argv = produce_argv("--input", str(manifest), "--output", str(tmp_path / "cache"), "--buckets", "64",
-                        "--ray-address", ray_cluster)
+    argv = produce_argv(
+        "--input", str(manifest), "--output", str(tmp_path / "cache"), "--buckets", "64", "--ray-address", ray_cluster
+    )
     proc = run_cli(argv, producer_env)
-    line = assert_one_error_line(proc, 1, [str(manifest), "none of its 2 inputs", "invalid_image_ref 2", "--allow-empty"],
-                                 only_line=False)
+    line = assert_one_error_line(
+        proc, 1, [str(manifest), "none of its 2 inputs", "invalid_image_ref 2", "--allow-empty"], only_line=False
+    )
     assert "2 inputs: 0 committed" in proc.stdout  # the summary is still printed
     assert line
     assert_verifies(tmp_path / "cache")  # the quarantine is committed: a rerun resumes
@@ -412,8 +614,12 @@ def test_sigterm_stops_quickly_keeps_commits_and_leaves_no_ray(base_cache, produ
     committed = tree(cache / "commits")
     env = {k: v for k, v in producer_env.items() if k != "RAY_ADDRESS"}
     # The same first 4 inputs (the base cache's 2 partitions, skipped) and 36 more to encode.
-    argv = [sys.executable, "-m", "megatron_qwenimage.cli",
-            *produce_argv("--input", "synthetic:text?n=40&seed=7", "--output", str(cache), *BASE_FLAGS)]
+    argv = [
+        sys.executable,
+        "-m",
+        "megatron_qwenimage.cli",
+        *produce_argv("--input", "synthetic:text?n=40&seed=7", "--output", str(cache), *BASE_FLAGS),
+    ]
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen: set[int] = set()
     deadline = time.monotonic() + 240
@@ -482,8 +688,14 @@ def test_sample_settings_cover_the_content_hash_fingerprint():
     from producers.settings import sample_settings, settings_diff
 
     base = ProducerConfig()
-    for change in ({"buckets": {"128": buckets_for_area(128)}}, {"min_side_px": 8}, {"max_pixels": 10},
-                   {"max_text_tokens": 77}, {"overlong_caption": "reject"}, {"edit_vl_area_px": 64}):
+    for change in (
+        {"buckets": {"128": buckets_for_area(128)}},
+        {"min_side_px": 8},
+        {"max_pixels": 10},
+        {"max_text_tokens": 77},
+        {"overlong_caption": "reject"},
+        {"edit_vl_area_px": 64},
+    ):
         other = ProducerConfig(**change)
         assert other.fingerprint() != base.fingerprint()
         assert settings_diff(sample_settings(base, "v"), sample_settings(other, "v")), change

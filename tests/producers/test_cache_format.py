@@ -20,7 +20,9 @@ from megatron_qwenimage.cache.verify import verify_cache
 from megatron_qwenimage.cache.writer import QuarantineRow, ShardPayload, publish_partition, read_quarantine
 
 
-def make_payload(bucket: Bucket, n: int, *, seed: int, text_dim: int = 32, edit_every: int = 0, prefix: str = "s") -> ShardPayload:
+def make_payload(
+    bucket: Bucket, n: int, *, seed: int, text_dim: int = 32, edit_every: int = 0, prefix: str = "s"
+) -> ShardPayload:
     g = torch.Generator().manual_seed(seed)
     lengths = [int(x) for x in torch.randint(1, 20, (n,), generator=g)]
     latents = torch.randn(n, 16, bucket.latent_height, bucket.latent_width, generator=g).to(torch.bfloat16)
@@ -30,9 +32,22 @@ def make_payload(bucket: Bucket, n: int, *, seed: int, text_dim: int = 32, edit_
         edit = edit_every and i % edit_every == 0
         if edit:
             cond[i] = torch.randn(latents.shape[1:], generator=g).to(torch.bfloat16)
-        samples.append(SampleMeta(f"{prefix}{seed}-{i}", "edit" if edit else "t2i", f"caption {i}", f"file://img{i}.png",
-                                  f"file://src{i}.png" if edit else None, lengths[i], False, 100 + i, 200 + i))
-    return ShardPayload(bucket, ShardTensors(latents, text, offsets_from_lengths(lengths), cond if edit_every else None), samples)
+        samples.append(
+            SampleMeta(
+                f"{prefix}{seed}-{i}",
+                "edit" if edit else "t2i",
+                f"caption {i}",
+                f"file://img{i}.png",
+                f"file://src{i}.png" if edit else None,
+                lengths[i],
+                False,
+                100 + i,
+                200 + i,
+            )
+        )
+    return ShardPayload(
+        bucket, ShardTensors(latents, text, offsets_from_lengths(lengths), cond if edit_every else None), samples
+    )
 
 
 def test_bucket_sizes_are_validated():
@@ -46,8 +61,13 @@ def test_bucket_sizes_are_validated():
 def test_published_shard_reads_back_bit_exactly_with_api_and_plain_zarr(tmp_path):
     cache = init_cache(str(tmp_path / "c"))
     payload = make_payload(Bucket(64, 96), 5, seed=1, edit_every=2)
-    result = publish_partition(cache.storage, "p0", inputs=6, shards=[payload],
-                               quarantine=[QuarantineRow("x", "file://x", "zero_bytes", "file is empty")])
+    result = publish_partition(
+        cache.storage,
+        "p0",
+        inputs=6,
+        shards=[payload],
+        quarantine=[QuarantineRow("x", "file://x", "zero_bytes", "file is empty")],
+    )
     assert result.won and result.record.committed == 5
     snap = cache.create_snapshot()
     (shard,) = snap.shards
@@ -62,7 +82,9 @@ def test_published_shard_reads_back_bit_exactly_with_api_and_plain_zarr(tmp_path
     assert s3.task == "t2i" and s3.condition_latents is None and s3.metadata["caption"] == "caption 3"
     assert torch.equal(s3.text_embedding.view(torch.int16), payload.tensors.text_embedding(3).view(torch.int16))
     s2 = shard.read_sample(2)
-    assert s2.task == "edit" and torch.equal(s2.condition_latents.view(torch.int16), payload.tensors.condition_latents[2].view(torch.int16))
+    assert s2.task == "edit" and torch.equal(
+        s2.condition_latents.view(torch.int16), payload.tensors.condition_latents[2].view(torch.int16)
+    )
 
     # Plain zarr + pyarrow, as docs/cache_format.md describes.
     root = tmp_path / "c" / shard.path
@@ -144,21 +166,32 @@ def test_attempt_swept_by_the_winner_mid_write_reports_the_loss(tmp_path):
 
     def rival_wins_and_sweeps(event):
         if event == "shard_written":
-            winner["result"] = publish_partition(cache.storage, "p0", inputs=4,
-                                                 shards=[make_payload(Bucket(32, 32), 4, seed=9)])
+            winner["result"] = publish_partition(
+                cache.storage, "p0", inputs=4, shards=[make_payload(Bucket(32, 32), 4, seed=9)]
+            )
             sweep_orphans(cache.storage)  # removes this in-progress attempt at once
             raise FileNotFoundError("latents")  # what reading the swept shard back then raises
 
-    loser = publish_partition(cache.storage, "p0", inputs=4, fault_hook=rival_wins_and_sweeps,
-                              shards=[make_payload(Bucket(32, 32), 4, seed=1)])
+    loser = publish_partition(
+        cache.storage,
+        "p0",
+        inputs=4,
+        fault_hook=rival_wins_and_sweeps,
+        shards=[make_payload(Bucket(32, 32), 4, seed=1)],
+    )
     assert winner["result"].won and not loser.won
     assert loser.record.attempt_id == winner["result"].record.attempt_id
     assert cache.storage.listdir("attempts/p0") == [loser.record.attempt_id]
     assert verify_cache(cache).ok
     # A failure that is not a lost race still propagates.
     with pytest.raises(RuntimeError, match="disk on fire"):
-        publish_partition(cache.storage, "p1", inputs=4, shards=[make_payload(Bucket(32, 32), 4, seed=3)],
-                          fault_hook=lambda event: (_ for _ in ()).throw(RuntimeError("disk on fire")))
+        publish_partition(
+            cache.storage,
+            "p1",
+            inputs=4,
+            shards=[make_payload(Bucket(32, 32), 4, seed=3)],
+            fault_hook=lambda event: (_ for _ in ()).throw(RuntimeError("disk on fire")),
+        )
     assert cache.storage.listdir("attempts/p1") == []
 
 
@@ -173,7 +206,11 @@ def test_verify_names_the_corrupted_shard(tmp_path):
     publish_partition(cache.storage, "bad", inputs=2, shards=[make_payload(Bucket(32, 48), 2, seed=2)])
     snap = cache.create_snapshot()
     bad = next(s for s in snap.shards if s.shard_id.startswith("bad"))
-    latents_file = next(p for p in (tmp_path / "c" / bad.path / "tensors.zarr" / "latents").rglob("*") if p.is_file() and p.name != "zarr.json")
+    latents_file = next(
+        p
+        for p in (tmp_path / "c" / bad.path / "tensors.zarr" / "latents").rglob("*")
+        if p.is_file() and p.name != "zarr.json"
+    )
     data = bytearray(latents_file.read_bytes())
     data[10] ^= 0xFF
     latents_file.write_bytes(bytes(data))

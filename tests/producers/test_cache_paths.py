@@ -60,8 +60,7 @@ def opened(monkeypatch):
 
 
 def _bad_path(kind: str, cache: Path, outside: Path) -> str:
-    return {"absolute": str(outside), "dotdot": os.path.relpath(outside, cache),
-            "url": f"file://{outside}"}[kind]
+    return {"absolute": str(outside), "dotdot": os.path.relpath(outside, cache), "url": f"file://{outside}"}[kind]
 
 
 def _edit(path: Path, change) -> None:
@@ -122,12 +121,18 @@ def test_snapshot_with_outside_shard_path_is_refused(kind, cache, outside, opene
     assert rc == 1 and len(err) == 1 and err[0].startswith(f"BAD {SNAPSHOT}: ") and where in err[0], err
 
 
-@pytest.mark.parametrize("entry, change", [
-    ("shards[0].files['../../../../../outside/16x16/samples.parquet']",
-     lambda d: d["shards"][0]["files"].update({"../../../../../outside/16x16/samples.parquet":
-                                               d["shards"][0]["files"]["samples.parquet"]})),
-    ("tables.quarantine.path", lambda d: d["tables"]["quarantine"].update(path="/etc/passwd")),
-])
+@pytest.mark.parametrize(
+    "entry, change",
+    [
+        (
+            "shards[0].files['../../../../../outside/16x16/samples.parquet']",
+            lambda d: d["shards"][0]["files"].update(
+                {"../../../../../outside/16x16/samples.parquet": d["shards"][0]["files"]["samples.parquet"]}
+            ),
+        ),
+        ("tables.quarantine.path", lambda d: d["tables"]["quarantine"].update(path="/etc/passwd")),
+    ],
+)
 def test_file_and_table_entries_are_checked_too(entry, change, cache, outside, opened):
     _edit(cache / RECORD, change)
     with pytest.raises(CachePathError, match=re.escape(f"commit record {cache / RECORD}: {entry} = ")):
@@ -161,14 +166,21 @@ def test_shard_directory_symlinked_outside_is_refused(cache, tmp_path):
 
     shard = open_cache(str(cache)).snapshot().shards[0]
     for use in (shard.read_all, lambda: shard.read_sample(0), shard.verify):
-        with pytest.raises(CachePathError, match=re.escape(f"shard {shard.shard_id} path = ") + ".* " + re.escape(
-                f"resolves to {os.path.realpath(moved)} (a symbolic link), outside the cache root")):
+        with pytest.raises(
+            CachePathError,
+            match=re.escape(f"shard {shard.shard_id} path = ")
+            + ".* "
+            + re.escape(f"resolves to {os.path.realpath(moved)} (a symbolic link), outside the cache root"),
+        ):
             use()
     report = verify_cache(open_cache(str(cache)))
     assert list(report.bad_shards) == [shard.shard_id] and "symbolic link" in report.bad_shards[shard.shard_id]
 
-    reader = CacheReader(ReaderConfig.from_dict({"caches": [{"path": str(cache)}], "stages": [STAGE],
-                                                 "prefetch_steps": 0}), dp_rank=0, dp_size=1)
+    reader = CacheReader(
+        ReaderConfig.from_dict({"caches": [{"path": str(cache)}], "stages": [STAGE], "prefetch_steps": 0}),
+        dp_rank=0,
+        dp_size=1,
+    )
     with pytest.raises(CachePathError, match="symbolic link"):
         reader.next_global_step()
     reader.close()
@@ -193,8 +205,28 @@ def test_symlinks_inside_the_cache_are_fine_but_a_file_linked_outside_is_not(cac
     assert "symbolic link" in report.bad_shards[shard_id]
 
 
-@pytest.mark.parametrize("relpath", ["/abs", "../x", "a/../../x", "file:///x", "s3://b/x", "file:/x", "s3:b",
-                                     "a\\b", "C:/x", "c:x", "", "a//b", "./a", "a/.", "a/", "a\x00b", None])
+@pytest.mark.parametrize(
+    "relpath",
+    [
+        "/abs",
+        "../x",
+        "a/../../x",
+        "file:///x",
+        "s3://b/x",
+        "file:/x",
+        "s3:b",
+        "a\\b",
+        "C:/x",
+        "c:x",
+        "",
+        "a//b",
+        "./a",
+        "a/.",
+        "a/",
+        "a\x00b",
+        None,
+    ],
+)
 def test_resolve_record_path_refuses(relpath, tmp_path):
     for root in (None, CacheStorage(str(tmp_path)), CacheStorage("memory://paths-test")):
         with pytest.raises(CachePathError, match=r"^R: E = .*; expected a relative POSIX path inside the cache root"):

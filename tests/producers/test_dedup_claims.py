@@ -63,8 +63,15 @@ def fake_encode(rows: list[dict], reject_caption: tuple[str, ...] = ()) -> list[
             r.update(kind="quarantine", reason="caption_too_long", detail=f"{r['source_uri']}: caption too long")
             continue
         h, w = int(r["bucket_h"]) // 8, int(r["bucket_w"]) // 8
-        r.update(latents=np.zeros((16, h, w), np.uint16).tobytes(), latent_c=16, pixels=b"",
-                 text=np.zeros((3, 8), np.uint16).tobytes(), text_len=3, text_dim=8, text_truncated=False)
+        r.update(
+            latents=np.zeros((16, h, w), np.uint16).tobytes(),
+            latent_c=16,
+            pixels=b"",
+            text=np.zeros((3, 8), np.uint16).tobytes(),
+            text_len=3,
+            text_dim=8,
+            text_truncated=False,
+        )
     return rows
 
 
@@ -111,7 +118,8 @@ def audit(cache: str, inputs: dict[str, str]) -> dict[str, tuple]:
         owner = row["duplicate_of"]
         assert owner in held, f"{row['input_id']} is a duplicate of {owner}, which is not committed"
         assert row["content_hash"] in held[owner], (
-            f"{row['input_id']} is a duplicate of {owner}, whose committed samples do not hold its content")
+            f"{row['input_id']} is a duplicate of {owner}, whose committed samples do not hold its content"
+        )
     assert set(ended) == set(inputs), f"inputs not accounted for: {set(inputs) - set(ended)}"
     twice = [h for h, n in sample_hashes.items() if n > 1]
     assert not twice, f"content committed more than once: {twice}"
@@ -175,8 +183,10 @@ def test_concurrent_writers_never_lose_content(world):
     content may both commit it (documented), but neither input is lost."""
     img, cache = world
     prepare(cache, "pDead", [item(img, "d1", "A")])
-    rows = {pid: fake_encode(prepare(cache, pid, [item(img, f"{pid}-1", "A"), item(img, f"{pid}-2", "B")]))
-            for pid in ("pB", "pC")}
+    rows = {
+        pid: fake_encode(prepare(cache, pid, [item(img, f"{pid}-1", "A"), item(img, f"{pid}-2", "B")]))
+        for pid in ("pB", "pC")
+    }
     errors = []
 
     def run(pid):

@@ -25,8 +25,12 @@ SKIMAGE_FILES = sorted(p for p in SKIMAGE_DATA.iterdir() if p.suffix in (".png",
 
 
 def small_config(**kw) -> ProducerConfig:
-    base = dict(buckets={"64": buckets_for_area(64), "128": buckets_for_area(128)}, partition_size=8,
-                max_pixels=5_000_000, min_side_px=8)
+    base = dict(
+        buckets={"64": buckets_for_area(64), "128": buckets_for_area(128)},
+        partition_size=8,
+        max_pixels=5_000_000,
+        min_side_px=8,
+    )
     base.update(kw)
     return ProducerConfig(**base)
 
@@ -76,8 +80,9 @@ def make_broken_folder(root: Path) -> dict[str, str]:
 def skimage_run(ray_cluster, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("skimage-run")
     expected = make_broken_folder(tmp / "input")
-    req = ProduceRequest(str(tmp / "input"), str(tmp / "cache"), config=small_config(), ray_address=ray_cluster,
-                         metrics_port=0)
+    req = ProduceRequest(
+        str(tmp / "input"), str(tmp / "cache"), config=small_config(), ray_address=ray_cluster, metrics_port=0
+    )
     counts = produce(req)
     return expected, counts, tmp / "cache"
 
@@ -137,7 +142,9 @@ def test_read_back_matches_the_encoders(skimage_run, producer_env):
     cfg = small_config()
     area = "64" if shard.bucket.height_px * shard.bucket.width_px < 96 * 96 else "128"
     for i, row in enumerate(shard.samples.to_pylist()[:3]):
-        decoded = decode_image(Path(row["source_uri"]).read_bytes(), uri=row["source_uri"], min_side_px=8, max_pixels=5_000_000)
+        decoded = decode_image(
+            Path(row["source_uri"]).read_bytes(), uri=row["source_uri"], min_side_px=8, max_pixels=5_000_000
+        )
         assert nearest_bucket(decoded.height, decoded.width, cfg.buckets[area]) == shard.bucket
         pixels = resize_center_crop(decoded.pixels, shard.bucket).pixels
         torch.testing.assert_close(batch.latents[i].float(), vae.encode(pixels[None])[0].float(), atol=2e-2, rtol=2e-2)
@@ -151,14 +158,18 @@ def test_manifest_edit_pairs_missing_files_and_overlong_captions(ray_cluster, tm
     rows = [
         {"image": str(SKIMAGE_DATA / "coffee.png"), "caption": "a cup of coffee"},
         {"image": str(tmp_path / "gone.png"), "caption": "this file was deleted"},
-        {"image": str(SKIMAGE_DATA / "chelsea.png"), "source_image": str(SKIMAGE_DATA / "astronaut.png"),
-         "caption": "turn the astronaut into a cat"},
+        {
+            "image": str(SKIMAGE_DATA / "chelsea.png"),
+            "source_image": str(SKIMAGE_DATA / "astronaut.png"),
+            "caption": "turn the astronaut into a cat",
+        },
         {"image": str(SKIMAGE_DATA / "rocket.jpg"), "caption": " ".join(["very long caption"] * 80)},
     ]
     manifest = tmp_path / "manifest.jsonl"
     manifest.write_text("\n".join(json.dumps(r) for r in rows))
-    cfg = small_config(buckets={"64": buckets_for_area(64)}, overlong_caption="reject", max_text_tokens=64,
-                       edit_vl_area_px=64)
+    cfg = small_config(
+        buckets={"64": buckets_for_area(64)}, overlong_caption="reject", max_text_tokens=64, edit_vl_area_px=64
+    )
     counts = produce(ProduceRequest(str(manifest), str(tmp_path / "cache"), config=cfg, ray_address=ray_cluster))
     assert (counts.inputs, counts.committed) == (4, 2)
     assert counts.quarantined == {"missing_file": 1, "caption_too_long": 1}
@@ -173,7 +184,11 @@ def test_manifest_edit_pairs_missing_files_and_overlong_captions(ray_cluster, tm
 def test_webdataset_tar_source(ray_cluster, tmp_path):
     tar_path = tmp_path / "shard-000.tar"
     with tarfile.open(tar_path, "w") as tf:
-        for key, image, caption in (("a", "coffee.png", b"coffee"), ("b", "horse.png", b"a horse"), ("c", "coins.png", None)):
+        for key, image, caption in (
+            ("a", "coffee.png", b"coffee"),
+            ("b", "horse.png", b"a horse"),
+            ("c", "coins.png", None),
+        ):
             data = (SKIMAGE_DATA / image).read_bytes()
             for name, payload in ((f"{key}.png", data), (f"{key}.txt", caption)):
                 if payload is None:
@@ -184,7 +199,11 @@ def test_webdataset_tar_source(ray_cluster, tmp_path):
     cfg = small_config(buckets={"64": buckets_for_area(64)})
     counts = produce(ProduceRequest(str(tar_path), str(tmp_path / "cache"), config=cfg, ray_address=ray_cluster))
     assert (counts.inputs, counts.committed, counts.quarantined) == (3, 2, {"missing_caption": 1})
-    captions = {c for s in open_cache(str(tmp_path / "cache")).snapshot().shards for c in s.samples.column("caption").to_pylist()}
+    captions = {
+        c
+        for s in open_cache(str(tmp_path / "cache")).snapshot().shards
+        for c in s.samples.column("caption").to_pylist()
+    }
     assert captions == {"coffee", "a horse"}
 
 
@@ -220,9 +239,25 @@ def test_worker_killed_mid_shard_is_retried_without_duplicates(ray_cluster, tmp_
 
 def test_producer_killed_then_rerun_resumes(ray_cluster, producer_env, tmp_path):
     src = _fault_input(tmp_path / "in")
-    args = ["produce", "--input", str(src), "--output", str(tmp_path / "cache"), "--buckets", "64",
-            "--partition-size", "2", "--ray-address", ray_cluster, "--json", "--no-progress", "--metrics-port", "-1",
-            "--sweep-grace", "0"]
+    args = [
+        "produce",
+        "--input",
+        str(src),
+        "--output",
+        str(tmp_path / "cache"),
+        "--buckets",
+        "64",
+        "--partition-size",
+        "2",
+        "--ray-address",
+        ray_cluster,
+        "--json",
+        "--no-progress",
+        "--metrics-port",
+        "-1",
+        "--sweep-grace",
+        "0",
+    ]
     env = dict(producer_env, QWENIMAGE_FAULT="kill_writer_at=before_commit,kill_scope=driver,after_partitions=1")
     crashed = run_cli(args, env)
     assert crashed.returncode != 0
@@ -240,10 +275,33 @@ def test_two_concurrent_producers_publish_each_sample_once(ray_cluster, producer
     import sys
 
     src = _fault_input(tmp_path / "in")
-    args = ["produce", "--input", str(src), "--output", str(tmp_path / "cache"), "--buckets", "64",
-            "--partition-size", "2", "--ray-address", ray_cluster, "--json", "--no-progress", "--metrics-port", "0"]
-    procs = [subprocess.Popen([sys.executable, "-m", "megatron_qwenimage.cli", *args], env=producer_env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    args = [
+        "produce",
+        "--input",
+        str(src),
+        "--output",
+        str(tmp_path / "cache"),
+        "--buckets",
+        "64",
+        "--partition-size",
+        "2",
+        "--ray-address",
+        ray_cluster,
+        "--json",
+        "--no-progress",
+        "--metrics-port",
+        "0",
+    ]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "megatron_qwenimage.cli", *args],
+            env=producer_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
@@ -255,10 +313,29 @@ def test_two_concurrent_producers_publish_each_sample_once(ray_cluster, producer
 def test_embedded_local_ray_default_makes_progress(producer_env, tmp_path):
     """No --ray-address: the producer starts its own local Ray and finishes (no pending actor pool)."""
     env = {k: v for k, v in producer_env.items() if k != "RAY_ADDRESS"}
-    proc = run_cli(["produce", "--input", "synthetic:text?n=3&seed=1", "--output", str(tmp_path / "cache"),
-                    "--buckets", "64", "--json", "--no-progress", "--metrics-port", "0"], env, timeout=400)
+    proc = run_cli(
+        [
+            "produce",
+            "--input",
+            "synthetic:text?n=3&seed=1",
+            "--output",
+            str(tmp_path / "cache"),
+            "--buckets",
+            "64",
+            "--json",
+            "--no-progress",
+            "--metrics-port",
+            "0",
+        ],
+        env,
+        timeout=400,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert (summary["inputs"], summary["committed"]) == (3, 3)
-    captions = [c for s in open_cache(str(tmp_path / "cache")).snapshot().shards for c in s.samples.column("caption").to_pylist()]
+    captions = [
+        c
+        for s in open_cache(str(tmp_path / "cache")).snapshot().shards
+        for c in s.samples.column("caption").to_pylist()
+    ]
     assert all(c.startswith('The text "') for c in captions)

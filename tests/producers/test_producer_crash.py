@@ -25,9 +25,28 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _args(src: Path, cache: Path) -> list[str]:
-    return [sys.executable, "-m", "megatron_qwenimage.cli", "produce", "--input", str(src), "--output", str(cache),
-            "--buckets", "64", "--partition-size", "2", "--json", "--no-progress", "--metrics-port", "-1",
-            "--sweep-grace", "0", "--local-num-cpus", "4"]
+    return [
+        sys.executable,
+        "-m",
+        "megatron_qwenimage.cli",
+        "produce",
+        "--input",
+        str(src),
+        "--output",
+        str(cache),
+        "--buckets",
+        "64",
+        "--partition-size",
+        "2",
+        "--json",
+        "--no-progress",
+        "--metrics-port",
+        "-1",
+        "--sweep-grace",
+        "0",
+        "--local-num-cpus",
+        "4",
+    ]
 
 
 def _written_not_committed(cache: Path) -> bool:
@@ -54,8 +73,9 @@ def test_kill_between_write_and_commit_then_rerun_commits_each_input_once(produc
     src = _fault_input(tmp_path / "in")
     for attempt in range(3):  # the window is milliseconds wide; a loaded machine may miss it
         cache = tmp_path / f"cache{attempt}"
-        proc = subprocess.Popen(_args(src, cache), cwd=REPO, env=producer_env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            _args(src, cache), cwd=REPO, env=producer_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         deadline, hit = time.monotonic() + 240, False
         while time.monotonic() < deadline and proc.poll() is None:
             if _written_not_committed(cache):
@@ -72,11 +92,12 @@ def test_kill_between_write_and_commit_then_rerun_commits_each_input_once(produc
         pytest.fail("three produce runs committed every partition before the kill point")
     committed_before = {p.stem for p in (cache / "commits").glob("*.json")}
     assert len(committed_before) < 3
-    rerun = subprocess.run(_args(src, cache), cwd=REPO, env=producer_env, capture_output=True, text=True,
-                           timeout=300)
+    rerun = subprocess.run(_args(src, cache), cwd=REPO, env=producer_env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     summary = json.loads(rerun.stdout.strip().splitlines()[-1])
     assert (summary["inputs"], summary["committed"], summary["partitions_skipped"]) == (6, 6, len(committed_before))
     _assert_complete_once(cache, 6)
-    assert not any(p.info["cmdline"] and "raylet" in " ".join(p.info["cmdline"]) and str(cache) in
-                   " ".join(p.info["cmdline"]) for p in psutil.process_iter(["cmdline"]))
+    assert not any(
+        p.info["cmdline"] and "raylet" in " ".join(p.info["cmdline"]) and str(cache) in " ".join(p.info["cmdline"])
+        for p in psutil.process_iter(["cmdline"])
+    )

@@ -39,7 +39,9 @@ def test_every_mode_becomes_rgb(mode):
     img = Image.new("RGB", (40, 30), (200, 30, 10)).convert(mode)
     if mode == "I;16":
         img = Image.fromarray(np.full((30, 40), 65535, dtype=np.uint16))
-    out = decode_image(encode(img, "TIFF" if mode in ("CMYK", "I;16") else "PNG"), uri="x", min_side_px=8, max_pixels=10**6)
+    out = decode_image(
+        encode(img, "TIFF" if mode in ("CMYK", "I;16") else "PNG"), uri="x", min_side_px=8, max_pixels=10**6
+    )
     assert out.pixels.shape == (30, 40, 3) and out.pixels.dtype == np.uint8
     if mode == "I;16":
         assert out.pixels.min() == 255  # full-scale 16-bit is white
@@ -79,7 +81,10 @@ def test_buckets_are_16px_multiples_and_nearest_by_aspect():
     table = buckets_for_area(1328)
     assert Bucket(1328, 1328) in table
     assert all(b.height_px % 16 == 0 and b.width_px % 16 == 0 for a in (256, 640, 1328) for b in buckets_for_area(a))
-    assert nearest_bucket(1000, 1500, buckets_for_area(640)).width_px > nearest_bucket(1000, 1500, buckets_for_area(640)).height_px
+    assert (
+        nearest_bucket(1000, 1500, buckets_for_area(640)).width_px
+        > nearest_bucket(1000, 1500, buckets_for_area(640)).height_px
+    )
     crop = resize_center_crop(np.zeros((300, 500, 3), np.uint8), Bucket(256, 384))
     assert crop.pixels.shape == (256, 384, 3) and crop.crop_top == 0
     assert list(parse_buckets("256,640")) == ["256", "640"]

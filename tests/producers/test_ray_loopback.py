@@ -50,8 +50,10 @@ def _tree_listeners(root_pid: int) -> dict[tuple[int, str, int], str]:
         for pid in names:
             try:
                 p = psutil.Process(pid)
-                conns += [(pid, c) for c in (p.net_connections if hasattr(p, "net_connections") else p.connections)(
-                    kind="inet")]
+                conns += [
+                    (pid, c)
+                    for c in (p.net_connections if hasattr(p, "net_connections") else p.connections)(kind="inet")
+                ]
             except psutil.Error:
                 pass
     out = {}
@@ -69,9 +71,24 @@ def test_embedded_ray_listens_on_loopback_only(producer_env, tmp_path):
     env = {k: v for k, v in producer_env.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", _CLUSTER_ENV)}
     env["HOME"] = str(tmp_path / "home")  # Ray's default token auth writes ~/.ray/auth_token: keep it here
     n = 6
-    args = [sys.executable, "-m", "megatron_qwenimage.cli", "produce", "--input", f"synthetic:text?n={n}&seed=3",
-            "--output", str(tmp_path / "cache"), "--buckets", "64", "--partition-size", "2", "--json",
-            "--no-progress", "--metrics-port", "0"]
+    args = [
+        sys.executable,
+        "-m",
+        "megatron_qwenimage.cli",
+        "produce",
+        "--input",
+        f"synthetic:text?n={n}&seed=3",
+        "--output",
+        str(tmp_path / "cache"),
+        "--buckets",
+        "64",
+        "--partition-size",
+        "2",
+        "--json",
+        "--no-progress",
+        "--metrics-port",
+        "0",
+    ]
     with open(tmp_path / "stdout", "w") as out, open(tmp_path / "stderr", "w") as err:
         proc = subprocess.Popen(args, env=env, stdout=out, stderr=err, text=True)
         seen: dict[tuple[int, str, int], str] = {}
@@ -99,8 +116,9 @@ def test_embedded_ray_listens_on_loopback_only(producer_env, tmp_path):
     assert {"gcs_server", "raylet"} <= names, sorted(names)
     assert any(pid == proc.pid for pid, _, _ in seen), "no listener of the driver itself was seen"
     assert any(name.startswith("ray::") for name in names), sorted(names)  # agents and workers
-    exposed = sorted(f"{name} (pid {pid}) on {ip}:{port}" for (pid, ip, port), name in seen.items()
-                     if not _is_loopback(ip))
+    exposed = sorted(
+        f"{name} (pid {pid}) on {ip}:{port}" for (pid, ip, port), name in seen.items() if not _is_loopback(ip)
+    )
     assert not exposed, "listening beyond loopback: " + "; ".join(exposed)
 
 
@@ -144,8 +162,12 @@ def test_embedded_ray_pins_loopback_and_fails_closed(monkeypatch):
     at_init = {}
 
     def fake_init(**kw):
-        at_init.update(kw, env=os.environ.get(_CLUSTER_ENV), flag=ray_constants.ENABLE_RAY_CLUSTER,
-                       auth=os.environ.get("RAY_AUTH_MODE"))
+        at_init.update(
+            kw,
+            env=os.environ.get(_CLUSTER_ENV),
+            flag=ray_constants.ENABLE_RAY_CLUSTER,
+            auth=os.environ.get("RAY_AUTH_MODE"),
+        )
 
     shutdowns = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
