@@ -169,16 +169,14 @@ def build_models(config: MMDiTConfig, args) -> tuple[torch.nn.Module, torch.nn.M
     """(ours, diffusers) with identical weights on the benchmark device and dtype."""
     from diffusers import QwenImageTransformer2DModel
 
-    from megatron_qwenimage.model.mmdit import QwenImageMMDiT
+    from megatron_qwenimage.convert import load_diffusers
 
     torch.manual_seed(args.seed)
     kwargs = {k: v for k, v in config.to_diffusers_config().items() if not k.startswith("_")}
     ref = QwenImageTransformer2DModel(**kwargs).to(args.device)
     if DTYPES[args.dtype] != torch.float32:
         ref = ref.to(DTYPES[args.dtype])
-    ours = QwenImageMMDiT.from_diffusers(
-        ref, device=args.device, params_dtype=PARAMS_DTYPE_NAMES[args.dtype], backend=args.backend
-    )
+    ours = load_diffusers(ref, device=args.device, params_dtype=PARAMS_DTYPE_NAMES[args.dtype], backend=args.backend)
     return ours, ref
 
 

@@ -32,6 +32,7 @@ from collections.abc import Callable
 import torch
 
 from consumers.optimizer import DistributedOptimizer, LRSchedule, OptimizerConfig
+from megatron_qwenimage.model.mappings import reduce_scatter_single
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 CONFIG = OptimizerConfig(lr=1e-4, warmup_steps=10, decay_steps=1000, weight_decay=0.1, clip_grad=1e-3, ema_decay=0.999)
@@ -162,7 +163,7 @@ class NaiveOptimizer:
         if self.dp == 1:
             return packed[0]
         out = torch.empty(self.shard_numel, dtype=torch.float32, device=self.device)
-        self.dist.reduce_scatter_tensor(out, packed.view(-1), group=self.dp_group)
+        reduce_scatter_single(out, packed.view(-1), group=self.dp_group)
         return out
 
     def _owned(self, flat, s):

@@ -45,6 +45,7 @@ import random
 import re
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -704,32 +705,36 @@ def export_checkpoint_to_diffusers(
     """Write a committed checkpoint's model (or its EMA weights) as a diffusers directory.
 
     Runs in one process, with or without a process group (e.g. on rank 0 at the end of a TP/PP
-    run): the model is built whole on an explicit single-rank TP group with the ``local`` backend
-    and no fused kernels, whatever layout/backend the checkpoint was trained with; DCP assembles
-    full tensors from the shards of any layout (``no_dist``), then
-    `megatron_qwenimage.convert.export_to_diffusers` writes them.
+    run), whatever layout/backend the checkpoint was trained with, and without building the model:
+    DCP assembles every full tensor from the shards of any layout (``no_dist``), by the canonical
+    names and full shapes of `megatron_qwenimage.model.state_dict_names`, and
+    `megatron_qwenimage.convert.save_full_state` writes them through the same rules as
+    `save_diffusers`. EMA weights (fp32; parameters only, the carried buffers have none) are cast
+    to the model's ``params_dtype`` first, as loading them into the model would.
     """
     from megatron_qwenimage.config import MMDiTConfig
-    from megatron_qwenimage.convert import export_to_diffusers
-    from megatron_qwenimage.model.layers import SingleRankGroup
-    from megatron_qwenimage.model.mmdit import QwenImageMMDiT
+    from megatron_qwenimage.convert import save_full_state
+    from megatron_qwenimage.model.state_dict_names import DIFFUSERS, diffusers_rules, native_shapes
 
     directory = Path(checkpoint_dir)
     record = read_committed(directory)
     verify_files(directory, record, "size")
     meta = json.loads((directory / META).read_text())
     cfg_dict = dict(meta["model_config"])
+    # The single-rank ``local`` build of the same architecture: valid wherever this runs.
     cfg_dict.update(tensor_model_parallel_size=1, sequence_parallel=False, backend="local", fused_elementwise=False)
     config = MMDiTConfig(**cfg_dict)
-    model = QwenImageMMDiT(config, tp_group=SingleRankGroup())
-    params = dict(model.named_parameters())
-    state = {}
-    for name, tensor in model.named_model_tensors():
-        key = f"optim/{name}/ema" if (ema and name in params) else f"model/{name}"
-        state[key] = torch.empty(tensor.shape, dtype=torch.float32 if key.startswith("optim") else tensor.dtype)
-    dcp.load(state, checkpoint_id=str(directory), no_dist=True)
-    with torch.no_grad():
-        for name, tensor in model.named_model_tensors():
-            key = f"optim/{name}/ema" if (ema and name in params) else f"model/{name}"
-            tensor.copy_(state[key])
-    export_to_diffusers(model, out_dir, dtype=dtype)
+    shapes = native_shapes(config)
+    keys = {
+        rule.ours: f"optim/{rule.ours}/ema" if (ema and not rule.carried) else f"model/{rule.ours}"
+        for rule in diffusers_rules(config)
+    }
+    state = {
+        key: torch.empty(shapes[name], dtype=torch.float32 if key.startswith("optim") else config.torch_dtype)
+        for name, key in keys.items()
+    }
+    with warnings.catch_warnings():  # DCP warns that no_dist means one process: it is asked for here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        dcp.load(state, checkpoint_id=str(directory), no_dist=True)
+    full = {name: state[key].to(config.torch_dtype) for name, key in keys.items()}
+    save_full_state(DIFFUSERS, full, config, out_dir, dtype=dtype)

@@ -62,6 +62,7 @@ from torch.optim.adam import adam as _adam_functional
 from torch.optim.optimizer import _get_fused_kernels_supported_devices
 
 from megatron_qwenimage.config import ConfigError
+from megatron_qwenimage.model.mappings import all_gather_single, reduce_scatter_single
 
 
 @dataclass(frozen=True)
@@ -420,9 +421,7 @@ class DistributedOptimizer:
         """
         self._fold_param_grads()
         if self.dp > 1:
-            dist.reduce_scatter_tensor(
-                self._grad_shard, self._grad_buf.view(-1), op=dist.ReduceOp.SUM, group=self.dp_group
-            )
+            reduce_scatter_single(self._grad_shard, self._grad_buf.view(-1), op=dist.ReduceOp.SUM, group=self.dp_group)
         return self._grad_shard
 
     def _owned(self, flat: torch.Tensor, s: ParamShard) -> torch.Tensor:
@@ -528,7 +527,7 @@ class DistributedOptimizer:
                 send = master
             else:
                 send.copy_(master)  # one cast of the whole range
-            dist.all_gather_into_tensor(recv.view(-1), send, group=self.dp_group)
+            all_gather_single(recv.view(-1), send, group=self.dp_group)
             for dst, src in copies:
                 dst.copy_(src)
 
@@ -575,6 +574,6 @@ class DistributedOptimizer:
                 recv = send
             else:
                 recv = torch.empty(self.dp * s.chunk_rows, s.cols, dtype=torch.float32, device=self.device)
-                dist.all_gather_into_tensor(recv, send, group=self.dp_group)
+                all_gather_single(recv, send, group=self.dp_group)
             out[s.name] = recv[: s.rows].view(s.param.shape)
         return out

@@ -27,7 +27,6 @@ This module holds the config (`RunConfig`, `preflight`) and the CLI glue (`add_a
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import sys
@@ -36,12 +35,10 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from consumers.parallel import ParallelConfig
 from consumers.validate import validate as validate  # re-exported: ``consumers.train.validate``
 from megatron_qwenimage.config import ConfigError, MMDiTConfig, coerce_fields, load_config, read_yaml
-from megatron_qwenimage.errors import UserError
+from megatron_qwenimage.errors import UserError, collective
 from megatron_qwenimage.flow_matching import ResolutionShift
 
 if TYPE_CHECKING:
@@ -411,40 +408,8 @@ def preflight(cfg: RunConfig) -> None:
     _check_directory_path("logging.dir", cfg.logging.dir)
     _check_directory_path("schedule.export_diffusers", cfg.schedule.export_diffusers)
     if cfg.logging.gpu is not None or cfg.logging.peak_tflops is not None:
-        _peak_flops(cfg)  # an unknown GPU key or a bad override (touches no device when either is set)
+        cfg.logging.peak_flops(fp8=cfg.precision.fp8 is not None)  # an unknown GPU key or a bad override
     _check_caches_fit_model(cfg.model, cfg.data)
-
-
-@contextlib.contextmanager
-def _collective():
-    """A `UserError` raised in the block is raised alike on every rank (it depends only on the
-    config, shared files or world-wide agreed values): mark it so that only rank 0 reports it."""
-    from megatron_qwenimage.cli import mark_collective
-
-    try:
-        yield
-    except UserError as exc:
-        mark_collective(exc)
-        raise
-
-
-def _peak_flops(cfg) -> float | None:
-    from megatron_qwenimage.accounting import gpu_key_from_device_name, peak_flops
-
-    if cfg.logging.peak_tflops is not None:
-        try:
-            return peak_flops("", override_tflops=cfg.logging.peak_tflops)
-        except ValueError as exc:
-            raise ConfigError(f"logging.peak_tflops={cfg.logging.peak_tflops!r}: {exc}") from None
-    gpu = cfg.logging.gpu
-    if gpu is None and torch.cuda.is_available():
-        gpu = gpu_key_from_device_name(torch.cuda.get_device_name())
-    if gpu is None:
-        return None
-    try:
-        return peak_flops(gpu, "fp8" if cfg.precision.fp8 else "bf16")
-    except ValueError as exc:
-        raise ConfigError(f"logging.gpu={gpu!r}: {exc}") from None
 
 
 def train(cfg: RunConfig) -> dict:
@@ -486,12 +451,10 @@ def run_from_args(args) -> int:
     `megatron_qwenimage.cli.main` reports as one line (rank 0 only when it is raised alike on
     every rank) with its exit status."""
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or 0)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()) if rank == 0 else logging.WARNING,
-        format="[%(asctime)s] %(message)s",
-        stream=sys.stdout,
-    )
-    with _collective():  # every rank reads the same file
+    from megatron_qwenimage.cli import configure_logging
+
+    configure_logging(args.log_level if rank == 0 else logging.WARNING, stream=sys.stdout)
+    with collective():  # every rank reads the same file
         cfg = RunConfig.from_yaml(args.config)
     from consumers.parallel import shutdown
 

@@ -10,6 +10,9 @@ A `UserError` message names the input (file, flag, config key, record) and what 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 
 class UserError(Exception):
     """A user-fixable error; its message names the input and what was expected.
@@ -24,4 +27,22 @@ class UserError(Exception):
     collective: bool = False
 
 
-__all__ = ["UserError"]
+def mark_collective(error: BaseException) -> BaseException:
+    """Mark `error` as raised alike on every rank (a config, layout or resume decision every rank
+    makes from the same inputs): only global rank 0 reports it. Returns `error`."""
+    error.collective = True
+    return error
+
+
+@contextlib.contextmanager
+def collective() -> Iterator[None]:
+    """A `UserError` raised in the block is raised alike on every rank (it depends only on the
+    config, shared files or world-wide agreed values): mark it so that only rank 0 reports it."""
+    try:
+        yield
+    except UserError as exc:
+        mark_collective(exc)
+        raise
+
+
+__all__ = ["UserError", "collective", "mark_collective"]

@@ -8,7 +8,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
-from mmdit_helpers import make_diffusers_transformer
+
+from tests.helpers.mmdit import make_diffusers_transformer
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ for stage in "${@:-tests bench}"; do
   for s in $stage; do
     case "$s" in
       tests)
-        timeout "${TESTS_TIMEOUT_S:-90}" python3 -m pytest -q -p no:cacheprovider -rfEs --tb=short tests/test_te_backend.py 2>&1 \
+        timeout "${TESTS_TIMEOUT_S:-90}" python3 -m pytest -q -p no:cacheprovider -rfEs --tb=short tests/model/test_te_backend.py 2>&1 \
           | grep -v -E "warnings.warn|Warning:" | tee "$OUT/te_tests.log" | tail -25 ;;
       bench)
         timeout "${BENCH_TIMEOUT_S:-$(( ${BENCH_BUDGET_S:-330} + 60 ))}" \

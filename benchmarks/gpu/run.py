@@ -256,9 +256,9 @@ def build_reference(config: MMDiTConfig, device: torch.device, dtype: torch.dtyp
 
 
 def build_ours(ref, backend: str, device: torch.device, dtype_name: str, **overrides):
-    from megatron_qwenimage.model.mmdit import QwenImageMMDiT
+    from megatron_qwenimage.convert import load_diffusers
 
-    return QwenImageMMDiT.from_diffusers(ref, device=str(device), params_dtype=dtype_name, backend=backend, **overrides)
+    return load_diffusers(ref, device=str(device), params_dtype=dtype_name, backend=backend, **overrides)
 
 
 class StepRunner:

@@ -20,6 +20,8 @@ from typing import Any, Protocol
 
 import torch
 
+from megatron_qwenimage.model.mappings import all_gather_single
+
 
 class RankAgreement(Protocol):
     """Collectives over the ranks that must read the same data (the whole training world)."""
@@ -77,7 +79,7 @@ class TorchDistributedAgreement:
         world = dist.get_world_size(self.group)
         mine = torch.tensor([int(value)], dtype=torch.int64, device=self.device)
         out = torch.empty(world, dtype=torch.int64, device=self.device)
-        dist.all_gather_into_tensor(out, mine, group=self.group)
+        all_gather_single(out, mine, group=self.group)
         return [int(v) for v in out.tolist()]
 
     def gather_object(self, obj: Any) -> list[Any]:

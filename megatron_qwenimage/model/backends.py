@@ -1,12 +1,20 @@
 """Kernel backends: which linear and attention implementations the model is built from.
 
-Two backends share one model code path and differ only in the modules created here:
+Two backends share one model code path and differ only in the modules their *provider* builds
+(megatron-core's ``LocalSpecProvider`` / ``TESpecProvider`` shape). `kernel_provider` reads
+``MMDiTConfig.backend`` once, when the model is built, and returns one of:
 
-* ``local``: megatron-core's ``tensor_parallel.ColumnParallelLinear`` / ``RowParallelLinear``
-  (plain torch GEMMs, run everywhere including CPU + gloo) and torch SDPA attention.
-* ``transformer_engine``: megatron-core's TE wrappers (``TEColumnParallelLinear`` /
-  ``TERowParallelLinear``, FP8-capable under ``te.fp8_autocast``) and TE's fused
-  ``DotProductAttention``. Transformer Engine is imported only when this backend is chosen.
+* `LocalProvider` (``local``): megatron-core's ``tensor_parallel.ColumnParallelLinear`` /
+  ``RowParallelLinear`` (`ColumnLinear` / `RowLinear`: plain torch GEMMs, run everywhere
+  including CPU + gloo) and torch SDPA attention (`SDPAttention`).
+* `TransformerEngineProvider` (``transformer_engine``): megatron-core's TE wrappers
+  (``TEColumnParallelLinear`` / ``TERowParallelLinear``, FP8-capable under ``te.fp8_autocast``)
+  and TE's fused ``DotProductAttention`` (`TEAttention`). Transformer Engine is imported only
+  when this provider is built.
+
+Each provider has ``column_parallel_linear``, ``row_parallel_linear``, ``modulation_linear`` and
+``core_attention``; the model and its blocks only call these, never look at the backend. Every
+linear built here declares its init role (`InitRole`, used by `QwenImageMMDiT.init_weights`).
 
 Every linear returns ``(output, bias_or_None)`` as megatron-core's do. Local row-parallel layers
 add their bias themselves (returning None); TE's return it apart (``skip_bias_add``) and the block
@@ -17,6 +25,7 @@ local column-parallel layer with its small output gathered, whatever the backend
 
 from __future__ import annotations
 
+import abc
 import importlib.util
 import math
 from dataclasses import dataclass
@@ -29,7 +38,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
 from megatron_qwenimage.config import ConfigError, MMDiTConfig
-from megatron_qwenimage.model.layers import SingleRankGroup
+from megatron_qwenimage.model.layers import InitRole, SingleRankGroup, declare_linear
 from megatron_qwenimage.model.mappings import (
     copy_to_tp,
     gather_from_seq,
@@ -108,122 +117,6 @@ class RowLinear(RowParallelLinear):
             output = reduce_from_tp(output, self.group)
             bias = self.bias
         return (output if bias is None else output + bias), None
-
-
-@dataclass
-class ParallelLinearFactory:
-    """Creates the tensor-parallel linears of one model.
-
-    Args:
-        config: the model config (backend, dtype, sequence parallelism).
-        tp_group: the tensor-parallel process group (a `SingleRankGroup` on one rank).
-    """
-
-    config: MMDiTConfig
-    tp_group: Any
-
-    def __post_init__(self) -> None:
-        common = dict(
-            tensor_model_parallel_size=self.config.tensor_model_parallel_size,
-            params_dtype=self.config.torch_dtype,
-            use_cpu_initialization=True,
-            perform_initialization=False,
-        )
-        if self.config.backend == "transformer_engine":
-            if not transformer_engine_available():
-                raise ConfigError(
-                    "MMDiTConfig.backend='transformer_engine' but Transformer Engine is not installed "
-                    "(pip install 'megatron-qwenimage[gpu]' on a CUDA machine), use backend='local'"
-                )
-            from megatron.core.transformer.transformer_config import TransformerConfig
-
-            self.te_config = TransformerConfig(
-                num_layers=self.config.num_layers,
-                hidden_size=self.config.hidden_size,
-                num_attention_heads=self.config.num_attention_heads,
-                sequence_parallel=self.config.sequence_parallel,
-                use_cpu_initialization=False,
-                perform_initialization=False,
-                tensor_model_parallel_size=self.config.tensor_model_parallel_size,
-                params_dtype=self.config.torch_dtype,
-            )
-        # The local layers do their own (sequence-parallel aware) communication; megatron-core
-        # only builds their sharded parameters.
-        self.local_config = ModelParallelConfig(sequence_parallel=False, **common)
-
-    def _te_group(self):
-        # Transformer Engine hands the group to torch.distributed; one rank is "no group" there.
-        return None if isinstance(self.tp_group, SingleRankGroup) else self.tp_group
-
-    def column(self, input_size: int, output_size: int, *, bias: bool = True) -> torch.nn.Module:
-        """Column-parallel linear on sequence data ``[s(/tp under SP), b, in] -> [s, b, out/tp]``."""
-        if self.config.backend == "transformer_engine":
-            from megatron.core.extensions.transformer_engine import (
-                TEColumnParallelLinear,
-            )
-
-            return TEColumnParallelLinear(
-                input_size,
-                output_size,
-                config=self.te_config,
-                init_method=_no_init,
-                gather_output=False,
-                bias=bias,
-                skip_bias_add=False,
-                is_expert=False,
-                tp_group=self._te_group(),
-            )
-        return ColumnLinear(
-            input_size,
-            output_size,
-            sequence_parallel=self.config.sequence_parallel,
-            gather_output=False,
-            config=self.local_config,
-            init_method=_no_init,
-            bias=bias,
-            tp_group=self.tp_group,
-        )
-
-    def row(self, input_size: int, output_size: int, *, bias: bool = True) -> torch.nn.Module:
-        """Row-parallel linear ``[s, b, in/tp] -> [s(/tp under SP), b, out]``; bias returned apart."""
-        if self.config.backend == "transformer_engine":
-            from megatron.core.extensions.transformer_engine import TERowParallelLinear
-
-            return TERowParallelLinear(
-                input_size,
-                output_size,
-                config=self.te_config,
-                init_method=_no_init,
-                bias=bias,
-                input_is_parallel=True,
-                skip_bias_add=True,
-                is_expert=False,
-                tp_group=self._te_group(),
-            )
-        return RowLinear(
-            input_size,
-            output_size,
-            sequence_parallel=self.config.sequence_parallel,
-            config=self.local_config,
-            init_method=_no_init,
-            bias=bias,
-            input_is_parallel=True,
-            skip_bias_add=False,
-            tp_group=self.tp_group,
-        )
-
-    def modulation(self, input_size: int, output_size: int) -> ColumnParallelLinear:
-        """Column-parallel linear on per-sample vectors whose small output is gathered over TP."""
-        return ColumnLinear(
-            input_size,
-            output_size,
-            sequence_parallel=False,
-            gather_output=True,
-            config=self.local_config,
-            init_method=_no_init,
-            bias=True,
-            tp_group=self.tp_group,
-        )
 
 
 @dataclass
@@ -345,7 +238,192 @@ class TEAttention(torch.nn.Module):
         return out.reshape(s_q, b, h * d)
 
 
-def make_attention(config: MMDiTConfig, num_local_heads: int) -> torch.nn.Module:
-    if config.backend == "transformer_engine":
-        return TEAttention(num_local_heads, config.attention_head_dim)
-    return SDPAttention()
+class KernelProvider(abc.ABC):
+    """What one backend builds the model's layers from (megatron-core's ``BackendSpecProvider``
+    shape); chosen once per model by `kernel_provider`.
+
+    Every linear declares its init role (`InitRole`) as it is built: the weight's is given by
+    the caller, the bias is ``ZERO``.
+
+    Args:
+        config: the model config (dtype, TP size, sequence parallelism).
+        tp_group: the tensor-parallel process group (a `SingleRankGroup` on one rank).
+    """
+
+    #: The `MMDiTConfig.backend` value this provider implements.
+    name: str = ""
+
+    def __init__(self, config: MMDiTConfig, tp_group: Any):
+        self.config = config
+        self.tp_group = tp_group
+        # The local layers do their own (sequence-parallel aware) communication; megatron-core
+        # only builds their sharded parameters.
+        self.local_config = ModelParallelConfig(
+            sequence_parallel=False,
+            tensor_model_parallel_size=config.tensor_model_parallel_size,
+            params_dtype=config.torch_dtype,
+            use_cpu_initialization=True,
+            perform_initialization=False,
+        )
+
+    @abc.abstractmethod
+    def column_parallel_linear(
+        self, input_size: int, output_size: int, *, weight_init: InitRole, bias: bool = True
+    ) -> torch.nn.Module:
+        """Column-parallel linear on sequence data ``[s(/tp under SP), b, in] -> [s, b, out/tp]``."""
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    def row_parallel_linear(
+        self, input_size: int, output_size: int, *, weight_init: InitRole, bias: bool = True
+    ) -> torch.nn.Module:
+        """Row-parallel linear ``[s, b, in/tp] -> [s(/tp under SP), b, out]``; bias returned apart."""
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    def core_attention(self, num_local_heads: int, head_dim: int) -> torch.nn.Module:
+        """Joint attention ``(q, k, v, keys: JointKeys) -> [s_q, b, heads·head_dim]``."""
+        raise NotImplementedError
+
+    def modulation_linear(self, input_size: int, output_size: int) -> ColumnLinear:
+        """AdaLN modulation: a column-parallel linear on per-sample vectors whose small output is
+        gathered over TP; the local layer whatever the backend (a GEMM with M = batch). Weight
+        and bias are declared ``ZERO`` (adaLN-Zero)."""
+        layer = ColumnLinear(
+            input_size,
+            output_size,
+            sequence_parallel=False,
+            gather_output=True,
+            config=self.local_config,
+            init_method=_no_init,
+            bias=True,
+            tp_group=self.tp_group,
+        )
+        return declare_linear(layer, InitRole.ZERO)
+
+
+class LocalProvider(KernelProvider):
+    """megatron-core's local parallel linears (`ColumnLinear` / `RowLinear`) and torch SDPA."""
+
+    name = "local"
+
+    def column_parallel_linear(
+        self, input_size: int, output_size: int, *, weight_init: InitRole, bias: bool = True
+    ) -> ColumnLinear:
+        layer = ColumnLinear(
+            input_size,
+            output_size,
+            sequence_parallel=self.config.sequence_parallel,
+            gather_output=False,
+            config=self.local_config,
+            init_method=_no_init,
+            bias=bias,
+            tp_group=self.tp_group,
+        )
+        return declare_linear(layer, weight_init)
+
+    def row_parallel_linear(
+        self, input_size: int, output_size: int, *, weight_init: InitRole, bias: bool = True
+    ) -> RowLinear:
+        layer = RowLinear(
+            input_size,
+            output_size,
+            sequence_parallel=self.config.sequence_parallel,
+            config=self.local_config,
+            init_method=_no_init,
+            bias=bias,
+            input_is_parallel=True,
+            skip_bias_add=False,
+            tp_group=self.tp_group,
+        )
+        return declare_linear(layer, weight_init)
+
+    def core_attention(self, num_local_heads: int, head_dim: int) -> SDPAttention:
+        return SDPAttention()
+
+
+class TransformerEngineProvider(KernelProvider):
+    """megatron-core's TE linears (``TEColumnParallelLinear`` / ``TERowParallelLinear``) and TE's
+    ``DotProductAttention`` (`TEAttention`). Transformer Engine is imported when this is built."""
+
+    name = "transformer_engine"
+
+    def __init__(self, config: MMDiTConfig, tp_group: Any):
+        super().__init__(config, tp_group)
+        from megatron.core.extensions.transformer_engine import (
+            TEColumnParallelLinear,
+            TERowParallelLinear,
+        )
+        from megatron.core.transformer.transformer_config import TransformerConfig
+
+        self._column_cls, self._row_cls = TEColumnParallelLinear, TERowParallelLinear
+        self.te_config = TransformerConfig(
+            num_layers=config.num_layers,
+            hidden_size=config.hidden_size,
+            num_attention_heads=config.num_attention_heads,
+            sequence_parallel=config.sequence_parallel,
+            use_cpu_initialization=False,
+            perform_initialization=False,
+            tensor_model_parallel_size=config.tensor_model_parallel_size,
+            params_dtype=config.torch_dtype,
+        )
+        # Transformer Engine hands the group to torch.distributed; one rank is "no group" there.
+        self.te_group = None if isinstance(tp_group, SingleRankGroup) else tp_group
+
+    def column_parallel_linear(
+        self, input_size: int, output_size: int, *, weight_init: InitRole, bias: bool = True
+    ) -> torch.nn.Module:
+        layer = self._column_cls(
+            input_size,
+            output_size,
+            config=self.te_config,
+            init_method=_no_init,
+            gather_output=False,
+            bias=bias,
+            skip_bias_add=False,
+            is_expert=False,
+            tp_group=self.te_group,
+        )
+        return declare_linear(layer, weight_init)
+
+    def row_parallel_linear(
+        self, input_size: int, output_size: int, *, weight_init: InitRole, bias: bool = True
+    ) -> torch.nn.Module:
+        layer = self._row_cls(
+            input_size,
+            output_size,
+            config=self.te_config,
+            init_method=_no_init,
+            bias=bias,
+            input_is_parallel=True,
+            skip_bias_add=True,
+            is_expert=False,
+            tp_group=self.te_group,
+        )
+        return declare_linear(layer, weight_init)
+
+    def core_attention(self, num_local_heads: int, head_dim: int) -> TEAttention:
+        return TEAttention(num_local_heads, head_dim)
+
+
+PROVIDERS: dict[str, type[KernelProvider]] = {
+    LocalProvider.name: LocalProvider,
+    TransformerEngineProvider.name: TransformerEngineProvider,
+}
+
+
+def kernel_provider(config: MMDiTConfig, tp_group: Any) -> KernelProvider:
+    """The provider of `config.backend` (the one place the backend is read).
+
+    Raises:
+        ConfigError: ``transformer_engine`` is chosen but Transformer Engine is not installed.
+    """
+    backend = config.backend
+    if backend not in PROVIDERS:
+        raise ConfigError(f"MMDiTConfig.backend={backend!r}: expected one of {tuple(PROVIDERS)}")
+    if backend == TransformerEngineProvider.name and not transformer_engine_available():
+        raise ConfigError(
+            "MMDiTConfig.backend='transformer_engine' but Transformer Engine is not installed "
+            "(pip install 'megatron-qwenimage[gpu]' on a CUDA machine), use backend='local'"
+        )
+    return PROVIDERS[backend](config, tp_group)

@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from megatron_qwenimage.config import MMDiTConfig
-from megatron_qwenimage.model.backends import JointKeys, ParallelLinearFactory, make_attention
+from megatron_qwenimage.model.backends import JointKeys, KernelProvider
 from megatron_qwenimage.model.elementwise import elementwise_ops
-from megatron_qwenimage.model.layers import RMSNorm, TPContext
+from megatron_qwenimage.model.layers import InitRole, RMSNorm, TPContext
 
 RopeTables = tuple[torch.Tensor, torch.Tensor]
 
@@ -39,10 +39,11 @@ RopeTables = tuple[torch.Tensor, torch.Tensor]
 class StreamMLP(torch.nn.Module):
     """``fc2(gelu_tanh(fc1(x)))``: column- then row-parallel; returns (output, fc2 bias)."""
 
-    def __init__(self, config: MMDiTConfig, linears: ParallelLinearFactory):
+    def __init__(self, config: MMDiTConfig, kernels: KernelProvider):
         super().__init__()
-        self.fc1 = linears.column(config.hidden_size, config.ffn_hidden_size)
-        self.fc2 = linears.row(config.ffn_hidden_size, config.hidden_size)
+        d, f = config.hidden_size, config.ffn_hidden_size
+        self.fc1 = kernels.column_parallel_linear(d, f, weight_init=InitRole.NORMAL)
+        self.fc2 = kernels.row_parallel_linear(f, d, weight_init=InitRole.OUTPUT)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h, _ = self.fc1(x)
@@ -59,24 +60,26 @@ class CarriedTextWeights(torch.nn.Module):
         super().__init__()
         d, f, dt = config.hidden_size, config.ffn_hidden_size, config.torch_dtype
         t = tp.size
+        normal, output, zero, one = InitRole.NORMAL, InitRole.OUTPUT, InitRole.ZERO, InitRole.ONE
         shapes = {
-            # name: (local shape, TP partition dim)
-            "q_weight": ((d // t, d), 0),
-            "q_bias": ((d // t,), 0),
-            "q_norm_weight": ((config.attention_head_dim,), None),
-            "out_weight": ((d, d // t), 1),
-            "out_bias": ((d,), None),
-            "fc1_weight": ((f // t, d), 0),
-            "fc1_bias": ((f // t,), 0),
-            "fc2_weight": ((d, f // t), 1),
-            "fc2_bias": ((d,), None),
-            "mod_tail_weight": ((4 * d // t, d), 0),
-            "mod_tail_bias": ((4 * d // t,), 0),
+            # name: (local shape, TP partition dim, init role as in the layer it comes from)
+            "q_weight": ((d // t, d), 0, normal),
+            "q_bias": ((d // t,), 0, zero),
+            "q_norm_weight": ((config.attention_head_dim,), None, one),
+            "out_weight": ((d, d // t), 1, output),
+            "out_bias": ((d,), None, zero),
+            "fc1_weight": ((f // t, d), 0, normal),
+            "fc1_bias": ((f // t,), 0, zero),
+            "fc2_weight": ((d, f // t), 1, output),
+            "fc2_bias": ((d,), None, zero),
+            "mod_tail_weight": ((4 * d // t, d), 0, zero),
+            "mod_tail_bias": ((4 * d // t,), 0, zero),
         }
-        #: TP partition dim of each buffer (None: replicated); kept here rather than as tensor
-        #: attributes because ``Module.to_empty`` / ``.to()`` replace buffer objects.
-        self.partition_dims = {name: dim for name, (_, dim) in shapes.items()}
-        for name, (shape, _) in shapes.items():
+        #: TP partition dim (None: replicated) and init role of each buffer; kept here rather than
+        #: as tensor attributes because ``Module.to_empty`` / ``.to()`` replace buffer objects.
+        self.partition_dims = {name: dim for name, (_, dim, _) in shapes.items()}
+        self.buffer_init_roles = {name: role for name, (_, _, role) in shapes.items()}
+        for name, (shape, _, _) in shapes.items():
             self.register_buffer(name, torch.empty(shape, dtype=dt))
 
 
@@ -84,14 +87,15 @@ class MMDiTBlock(torch.nn.Module):
     """A double-stream block.
 
     Args:
-        config: model config. linears: factory of TP linears. tp: tensor-parallel context.
+        config: model config. kernels: the backend's layer provider (`kernel_provider`).
+        tp: tensor-parallel context.
         context_only: True for the last block, whose text stream only feeds keys/values.
     """
 
     def __init__(
         self,
         config: MMDiTConfig,
-        linears: ParallelLinearFactory,
+        kernels: KernelProvider,
         tp: TPContext,
         *,
         context_only: bool = False,
@@ -106,26 +110,26 @@ class MMDiTBlock(torch.nn.Module):
         self.eps = config.norm_eps
         dtype = config.torch_dtype
 
-        self.img_mod = linears.modulation(d, 6 * d)
-        self.img_qkv = linears.column(d, 3 * d)
+        self.img_mod = kernels.modulation_linear(d, 6 * d)
+        self.img_qkv = kernels.column_parallel_linear(d, 3 * d, weight_init=InitRole.NORMAL)
         self.img_q_norm = RMSNorm(self.head_dim, self.eps, dtype, tp)
         self.img_k_norm = RMSNorm(self.head_dim, self.eps, dtype, tp)
-        self.img_out = linears.row(d, d)
-        self.img_mlp = StreamMLP(config, linears)
+        self.img_out = kernels.row_parallel_linear(d, d, weight_init=InitRole.OUTPUT)
+        self.img_mlp = StreamMLP(config, kernels)
 
         if context_only:
-            self.txt_mod = linears.modulation(d, 2 * d)  # shift1, scale1 only
-            self.txt_kv = linears.column(d, 2 * d)
+            self.txt_mod = kernels.modulation_linear(d, 2 * d)  # shift1, scale1 only
+            self.txt_kv = kernels.column_parallel_linear(d, 2 * d, weight_init=InitRole.NORMAL)
             self.txt_k_norm = RMSNorm(self.head_dim, self.eps, dtype, tp)
             self.carried = CarriedTextWeights(config, tp)
         else:
-            self.txt_mod = linears.modulation(d, 6 * d)
-            self.txt_qkv = linears.column(d, 3 * d)
+            self.txt_mod = kernels.modulation_linear(d, 6 * d)
+            self.txt_qkv = kernels.column_parallel_linear(d, 3 * d, weight_init=InitRole.NORMAL)
             self.txt_q_norm = RMSNorm(self.head_dim, self.eps, dtype, tp)
             self.txt_k_norm = RMSNorm(self.head_dim, self.eps, dtype, tp)
-            self.txt_out = linears.row(d, d)
-            self.txt_mlp = StreamMLP(config, linears)
-        self.attention = make_attention(config, self.num_local_heads)
+            self.txt_out = kernels.row_parallel_linear(d, d, weight_init=InitRole.OUTPUT)
+            self.txt_mlp = StreamMLP(config, kernels)
+        self.attention = kernels.core_attention(self.num_local_heads, self.head_dim)
         #: LayerNorm+modulation, gated residuals, QK-norm+RoPE: eager or fused (config).
         self.ops = elementwise_ops(config.fused_elementwise)
         #: Selective activation recompute: keep only the inputs of the core attention and run it

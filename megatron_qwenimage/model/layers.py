@@ -1,10 +1,15 @@
-"""Small building blocks of the MMDiT: norms, timestep embedding, modulation and TP helpers.
+"""Small building blocks of the MMDiT: norms, timestep embedding, TP helpers, init roles.
 
 Layouts: sequence tensors are Megatron ``[s, b, h]``; per-sample vectors are ``[b, h]``.
+
+Every tensor of the model declares its initialisation (`InitRole`) where its layer is built
+(`set_init_role`, `declare_linear`); `QwenImageMMDiT.init_weights` only reads the roles, so the
+init of a tensor does not depend on its name.
 """
 
 from __future__ import annotations
 
+import enum
 import math
 
 import torch
@@ -12,6 +17,61 @@ import torch.nn.functional as F
 
 from megatron_qwenimage.model.elementwise import rms_norm
 from megatron_qwenimage.model.mappings import copy_to_tp
+
+
+class InitRole(enum.Enum):
+    """How `QwenImageMMDiT.init_weights` initialises a tensor.
+
+    * ``NORMAL``: normal(0, 0.02) (input and hidden linears);
+    * ``OUTPUT``: normal(0, 0.02 / sqrt(2 · num_layers)) (linears that write into the residual
+      stream: attention output projections, MLP down projections);
+    * ``ZERO``: zeros (biases; adaLN-Zero: modulation linears, ``norm_out``, ``proj_out``);
+    * ``ONE``: ones (RMSNorm weights).
+    """
+
+    NORMAL = "normal"
+    OUTPUT = "output"
+    ZERO = "zero"
+    ONE = "one"
+
+
+#: Attribute under which `set_init_role` records a parameter's role.
+INIT_ROLE_ATTR = "init_role"
+
+
+def set_init_role(tensor: torch.Tensor, role: InitRole) -> torch.Tensor:
+    """Declare how `tensor` (a parameter) is initialised; returns it.
+
+    Buffers are replaced by ``Module.to()``; declare their roles in a table on their module
+    instead, ``buffer_init_roles`` (see `module_tensor_init_roles`).
+    """
+    if not isinstance(role, InitRole):
+        raise TypeError(f"init role {role!r}: expected an InitRole")
+    setattr(tensor, INIT_ROLE_ATTR, role)
+    return tensor
+
+
+def init_role_of(tensor: torch.Tensor) -> InitRole | None:
+    """The role declared on `tensor` with `set_init_role`, or None."""
+    return getattr(tensor, INIT_ROLE_ATTR, None)
+
+
+def declare_linear(layer: torch.nn.Module, weight: InitRole) -> torch.nn.Module:
+    """Declare a linear layer's init: its weight gets `weight`, its bias (if any) ``ZERO``; returns it."""
+    set_init_role(layer.weight, weight)
+    if isinstance(getattr(layer, "bias", None), torch.nn.Parameter):
+        set_init_role(layer.bias, InitRole.ZERO)
+    return layer
+
+
+def module_tensor_init_roles(module: torch.nn.Module) -> dict[str, InitRole | None]:
+    """Name -> declared role of every parameter of `module` (None where none is declared), and of
+    the buffers that its submodules declare in a ``buffer_init_roles`` table (buffer name -> role)."""
+    roles: dict[str, InitRole | None] = {name: init_role_of(p) for name, p in module.named_parameters()}
+    for module_name, sub in module.named_modules():
+        for buffer_name, role in getattr(sub, "buffer_init_roles", {}).items():
+            roles[f"{module_name}.{buffer_name}" if module_name else buffer_name] = role
+    return roles
 
 
 class SingleRankGroup:
@@ -77,7 +137,7 @@ class RMSNorm(torch.nn.Module):
     def __init__(self, dim: int, eps: float, dtype: torch.dtype, tp: TPContext | None = None):
         super().__init__()
         self.eps = eps
-        self.weight = torch.nn.Parameter(torch.empty(dim, dtype=dtype))
+        self.weight = set_init_role(torch.nn.Parameter(torch.empty(dim, dtype=dtype)), InitRole.ONE)
         self.tp = tp
 
     def compute_weight(self) -> torch.Tensor:
@@ -104,8 +164,8 @@ class TimestepEmbedder(torch.nn.Module):
 
     def __init__(self, hidden_size: int, dtype: torch.dtype):
         super().__init__()
-        self.linear_1 = torch.nn.Linear(self.FREQ_DIM, hidden_size, dtype=dtype)
-        self.linear_2 = torch.nn.Linear(hidden_size, hidden_size, dtype=dtype)
+        self.linear_1 = declare_linear(torch.nn.Linear(self.FREQ_DIM, hidden_size, dtype=dtype), InitRole.NORMAL)
+        self.linear_2 = declare_linear(torch.nn.Linear(hidden_size, hidden_size, dtype=dtype), InitRole.NORMAL)
 
     def sinusoid(self, sigma: torch.Tensor) -> torch.Tensor:
         half = self.FREQ_DIM // 2

@@ -23,6 +23,13 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+#: The flat-tensor collectives under their current names (torch >= 2.13 deprecates
+#: ``all_gather_into_tensor`` / ``reduce_scatter_tensor`` for these), with the old names where an
+#: older torch (a GPU container's) has only those. Every flat all-gather / reduce-scatter of the
+#: project goes through these two.
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 def _size(group) -> int:
     return group.size()
@@ -37,7 +44,7 @@ def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
 def _all_gather_first(x: torch.Tensor, group) -> torch.Tensor:
     x = x.contiguous()
     out = x.new_empty((x.shape[0] * _size(group), *x.shape[1:]))
-    dist.all_gather_into_tensor(out, x, group=group)
+    all_gather_single(out, x, group=group)
     return out
 
 
@@ -47,7 +54,7 @@ def _reduce_scatter_first(x: torch.Tensor, group) -> torch.Tensor:
         raise ValueError(f"reduce-scatter: dim 0 of size {x.shape[0]} is not divisible by the TP size {n}")
     x = x.contiguous()
     out = x.new_empty((x.shape[0] // n, *x.shape[1:]))
-    dist.reduce_scatter_tensor(out, x, group=group)
+    reduce_scatter_single(out, x, group=group)
     return out
 
 

@@ -32,13 +32,16 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from megatron_qwenimage.config import ConfigError, MMDiTConfig, validate_text_length
-from megatron_qwenimage.model.backends import JointKeys, ParallelLinearFactory
+from megatron_qwenimage.model.backends import JointKeys, kernel_provider
 from megatron_qwenimage.model.block import CarriedTextWeights, MMDiTBlock
 from megatron_qwenimage.model.layers import (
+    InitRole,
     RMSNorm,
     TimestepEmbedder,
     TPContext,
+    declare_linear,
     layer_norm,
+    module_tensor_init_roles,
     tp_partition_dim,
 )
 from megatron_qwenimage.model.mappings import gather_from_seq, scatter_to_seq
@@ -99,21 +102,24 @@ class QwenImageMMDiT(torch.nn.Module):
         self.rope = MSRoPE(config.axes_dims_rope, config.rope_theta)
 
         d, dtype = config.hidden_size, config.torch_dtype
-        linears = ParallelLinearFactory(config, self.tp.group)
+        # The backend is chosen here, once: blocks only call the provider's builders.
+        kernels = kernel_provider(config, self.tp.group)
         if pre_process:
             self.time_embedder = TimestepEmbedder(d, dtype)
             self.txt_norm = RMSNorm(config.joint_attention_dim, config.norm_eps, dtype)
-            self.txt_in = torch.nn.Linear(config.joint_attention_dim, d, dtype=dtype)
-            self.img_in = torch.nn.Linear(config.in_channels, d, dtype=dtype)
+            self.txt_in = declare_linear(torch.nn.Linear(config.joint_attention_dim, d, dtype=dtype), InitRole.NORMAL)
+            self.img_in = declare_linear(torch.nn.Linear(config.in_channels, d, dtype=dtype), InitRole.NORMAL)
         self.blocks = torch.nn.ModuleDict(
             {
-                str(i): MMDiTBlock(config, linears, self.tp, context_only=(i == config.num_layers - 1))
+                str(i): MMDiTBlock(config, kernels, self.tp, context_only=(i == config.num_layers - 1))
                 for i in range(start, end)
             }
         )
         if post_process:
-            self.norm_out = linears.modulation(d, 2 * d)  # scale, shift
-            self.proj_out = torch.nn.Linear(d, config.patch_size * config.patch_size * config.out_channels, dtype=dtype)
+            self.norm_out = kernels.modulation_linear(d, 2 * d)  # scale, shift
+            out_features = config.patch_size * config.patch_size * config.out_channels
+            # adaLN-Zero: the head starts at zero, so does the whole model's output.
+            self.proj_out = declare_linear(torch.nn.Linear(d, out_features, dtype=dtype), InitRole.ZERO)
         #: Global indices of the blocks recomputed whole in backward (`configure_recompute`).
         self.recomputed_blocks: frozenset[int] = frozenset()
         #: Each stream's sequence is zero-padded to a multiple of this inside `run_blocks` (padded
@@ -121,6 +127,10 @@ class QwenImageMMDiT(torch.nn.Module):
         self.token_alignment = 1
         #: Canonical tensor name -> TP partition dim (None: replicated), for params and buffers.
         self.partition_dims = self._collect_partition_dims()
+        #: Canonical tensor name -> `InitRole` declared where its layer was built (None: none
+        #: declared, which `init_weights` refuses); collected now, as `partition_dims`, so that
+        #: ``.to()`` / ``to_empty`` replacing tensors cannot lose it.
+        self.init_roles = module_tensor_init_roles(self)
         if next(self.parameters()).device.type != "meta":
             self.init_weights(init_seed)
 
@@ -134,39 +144,9 @@ class QwenImageMMDiT(torch.nn.Module):
         return dims
 
     # ------------------------------------------------------------------ construction helpers
-    @classmethod
-    def from_diffusers(cls, path_or_model, **overrides: Any) -> QwenImageMMDiT:
-        """Build from a diffusers ``QwenImageTransformer2DModel`` directory or instance.
-
-        `overrides` are `MMDiTConfig` fields (e.g. ``sequence_parallel=True``,
-        ``params_dtype='bfloat16'``) and the constructor's keywords (``tp_group``, ``pre_process``,
-        ``post_process``, ``layer_range``). With megatron-core's parallel state initialised, each
-        rank reads only its own TP shard of every tensor.
-        """
-        from megatron_qwenimage.convert import load_from_diffusers
-
-        return load_from_diffusers(cls, path_or_model, **overrides)
-
-    @classmethod
-    def from_native(cls, directory, **overrides: Any) -> QwenImageMMDiT:
-        """Build from a native checkpoint directory (`save_native`), for any TP/PP piece; takes
-        the same `overrides` as `from_diffusers`."""
-        from megatron_qwenimage.convert import load_from_native
-
-        return load_from_native(cls, directory, **overrides)
-
-    def save_diffusers(self, directory, **kwargs) -> None:
-        """Write a diffusers-loadable directory (see `megatron_qwenimage.convert.export_to_diffusers`)."""
-        from megatron_qwenimage.convert import export_to_diffusers
-
-        export_to_diffusers(self, directory, **kwargs)
-
-    def save_native(self, directory, **kwargs) -> None:
-        """Write a native checkpoint of full tensors (see `megatron_qwenimage.convert.save_native`)."""
-        from megatron_qwenimage.convert import save_native
-
-        save_native(self, directory, **kwargs)
-
+    # Loading and saving checkpoints: `megatron_qwenimage.convert` (`load_diffusers`,
+    # `load_native`, `save_diffusers`, `save_native`); the tensor-name rules they follow are
+    # `megatron_qwenimage.model.state_dict_names`.
     def named_model_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Parameters and carried buffers by canonical name (this rank's shards)."""
         yield from self.named_parameters()
@@ -194,29 +174,37 @@ class QwenImageMMDiT(torch.nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
-        """Initialise every tensor, identically for any TP size.
+        """Initialise every tensor by the `InitRole` its layer declared, identically for any TP size.
 
-        Each full tensor is drawn from a generator seeded by ``(seed, name)`` and this rank copies
-        its shard, so a TP=4 model equals a TP=1 model built with the same seed. Scheme: normal(0,
-        0.02) linears, output projections scaled by ``1/sqrt(2·num_layers)``, zero biases, unit
-        RMSNorm weights, and zero AdaLN modulation and ``proj_out`` (adaLN-Zero, as DiT), so every
-        block starts as the identity.
+        ``NORMAL``: normal(0, 0.02) (linears); ``OUTPUT``: normal(0, 0.02/sqrt(2·num_layers))
+        (attention output and MLP down projections); ``ZERO``: biases, and the AdaLN modulation,
+        ``norm_out`` and ``proj_out`` (adaLN-Zero, as DiT: every block starts as the identity);
+        ``ONE``: RMSNorm weights. Each full normal tensor is drawn from a generator seeded by
+        ``(seed, name)`` and this rank copies its shard, so a TP=4 model equals a TP=1 model built
+        with the same seed.
+
+        Raises:
+            ValueError: a tensor has no declared role (nothing is changed then).
         """
-        out_std = INIT_STD / math.sqrt(2 * self.config.num_layers)
-        for name, tensor in self.named_model_tensors():
-            leaf = name.rsplit(".", 1)[-1]
-            if tensor.ndim == 1:
-                fill = 1.0 if ("norm" in name and "norm_out" not in name) else 0.0
-                tensor.fill_(fill)
-                continue
-            if "_mod." in name or "norm_out." in name or "mod_tail" in leaf or name.startswith("proj_out."):
+        tensors = list(self.named_model_tensors())
+        undeclared = [name for name, _ in tensors if self.init_roles.get(name) is None]
+        if undeclared:
+            raise ValueError(
+                f"no init role declared for {undeclared}: declare one where the layer is built "
+                "(megatron_qwenimage.model.layers.set_init_role / declare_linear)"
+            )
+        stds = {InitRole.NORMAL: INIT_STD, InitRole.OUTPUT: INIT_STD / math.sqrt(2 * self.config.num_layers)}
+        for name, tensor in tensors:
+            role = self.init_roles[name]
+            if role is InitRole.ZERO:
                 tensor.zero_()
-                continue
-            is_output = any(k in name for k in ("_out.", "fc2.", "out_weight", "fc2_weight"))
-            gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
-            full = torch.empty(self.full_shape(name, tensor), dtype=torch.float32, device="cpu")
-            full.normal_(0.0, out_std if is_output else INIT_STD, generator=gen)
-            tensor.copy_(self.shard_of(name, full))
+            elif role is InitRole.ONE:
+                tensor.fill_(1.0)
+            else:
+                gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+                full = torch.empty(self.full_shape(name, tensor), dtype=torch.float32, device="cpu")
+                full.normal_(0.0, stds[role], generator=gen)
+                tensor.copy_(self.shard_of(name, full))
 
     def shard_of(self, name: str, full: torch.Tensor) -> torch.Tensor:
         """This rank's shard of the full tensor `full` of the model tensor called `name`."""

@@ -7,18 +7,28 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from consumer_helpers import (
+from consumers.checkpoint import CheckpointConfig, CheckpointManager
+from consumers.engine import TrainEngine
+from consumers.parallel import ParallelLayout, init_parallel
+from megatron_qwenimage.config import load_config
+from tests.consumers.layout_workers import (
+    GLOBAL_BATCH,
+    MODEL,
+    OPT,
+    OPT_EMA,
+    PERTURB_SEED,
+    RTOL,
+    SCALE_ATOL,
+    SEED,
+    step_task,
+)
+from tests.helpers.consumers import (
     compare_states,
     gather_training_state,
     perturb_zero_init,
     synthetic_global_batch,
     to_microbatches,
 )
-from consumers.checkpoint import CheckpointConfig, CheckpointManager
-from consumers.engine import TrainEngine
-from consumers.parallel import ParallelLayout, init_parallel
-from layout_workers import GLOBAL_BATCH, MODEL, OPT, OPT_EMA, PERTURB_SEED, RTOL, SCALE_ATOL, SEED, step_task
-from megatron_qwenimage.config import load_config
 
 
 def _engine(layout: ParallelLayout, *, optimizer=OPT, perturb: bool = False):

@@ -16,7 +16,13 @@ from dataclasses import replace
 import torch
 import torch.distributed as dist
 
-from consumer_helpers import (
+from consumers.batch import loss_sum_over_global, make_inputs
+from consumers.engine import TrainEngine
+from consumers.optimizer import LRSchedule, OptimizerConfig
+from consumers.parallel import ParallelLayout, init_parallel
+from megatron_qwenimage.config import load_config
+from megatron_qwenimage.flow_matching import UniformSigmaSampler
+from tests.helpers.consumers import (
     compare_states,
     gather_training_state,
     group_grad_norms,
@@ -24,12 +30,6 @@ from consumer_helpers import (
     synthetic_global_batch,
     to_microbatches,
 )
-from consumers.engine import TrainEngine
-from consumers.optimizer import LRSchedule, OptimizerConfig
-from consumers.parallel import ParallelLayout, init_parallel
-from consumers.batch import loss_sum_over_global, make_inputs
-from megatron_qwenimage.config import load_config
-from megatron_qwenimage.flow_matching import UniformSigmaSampler
 
 MODEL = dict(num_layers=4)
 OPT = OptimizerConfig(lr=3e-3, warmup_steps=2, decay_steps=10, min_lr=1e-4, weight_decay=0.01, clip_grad=0.05)

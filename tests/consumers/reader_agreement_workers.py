@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from megatron_qwenimage.data.agreement import TorchDistributedAgreement
 from megatron_qwenimage.data.reader import CacheReader, ReaderConfig
-from reader_helpers import B16, payload, publish
+from tests.helpers.reader import B16, payload, publish
 
 STAGE = {"name": "s", "buckets": ["16x16"], "micro_batch": 2, "global_batch": 4}
 

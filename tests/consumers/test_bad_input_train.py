@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from consumer_helpers import free_port, run_config, single_rank_env, write_cache
 
 from megatron_qwenimage import cli
+from tests.helpers.consumers import free_port, run_config, single_rank_env, write_cache
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -221,11 +221,12 @@ def test_prometheus_port_in_use_names_the_port(trained, tmp_path, capsys):
 def test_rank_reporting_policy(monkeypatch, capsys, rank, collective, expected):
     """Rank 0 reports every error; another rank only one it alone may have hit, prefixed."""
     from megatron_qwenimage.config import ConfigError
+    from megatron_qwenimage.errors import mark_collective
 
     monkeypatch.setenv("RANK", rank)
     error = ConfigError("bad value")
     if collective:
-        cli.mark_collective(error)
+        mark_collective(error)
     cli.report_user_error("train", error, as_json=False, debug=False)
     err = capsys.readouterr().err
     assert err.splitlines() == ([expected] if expected else [])

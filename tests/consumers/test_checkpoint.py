@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import pytest
 
-from ckpt_workers import reshard_worker
-from consumer_helpers import OPT_KINDS, spawn
+from tests.consumers.ckpt_workers import reshard_worker
+from tests.helpers.consumers import OPT_KINDS, spawn
 
 #: (label, compared to) of the state comparisons the worker makes on rank 0.
 CHECKS = ("b_loaded", "b_step2", "a_loaded_exact", "a_loaded", "a_step3", "fallback_loaded")

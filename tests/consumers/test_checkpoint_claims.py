@@ -16,7 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from consumer_helpers import (
+from consumers.engine import TrainEngine
+from consumers.optimizer import OptimizerConfig
+from consumers.parallel import ParallelLayout, init_distributed, init_parallel, shutdown
+from consumers.precision import PrecisionConfig
+from megatron_qwenimage.config import load_config
+from tests.helpers.consumers import (
     perturb_zero_init,
     run_config,
     single_rank_env,
@@ -24,11 +29,6 @@ from consumer_helpers import (
     to_microbatches,
     write_cache,
 )
-from consumers.engine import TrainEngine
-from consumers.optimizer import OptimizerConfig
-from consumers.parallel import ParallelLayout, init_distributed, init_parallel, shutdown
-from consumers.precision import PrecisionConfig
-from megatron_qwenimage.config import load_config
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +115,7 @@ def test_ema_is_the_recursive_ema_of_the_master_and_is_checkpointed_and_exported
     from diffusers import QwenImageTransformer2DModel
 
     from consumers.checkpoint import CheckpointConfig, CheckpointManager, export_checkpoint_to_diffusers
-    from megatron_qwenimage.model.mmdit import QwenImageMMDiT
+    from megatron_qwenimage.convert import load_diffusers
 
     decay, steps = 0.8, 3
     engine = _engine(pstate, ema_decay=decay)
@@ -160,8 +160,8 @@ def test_ema_is_the_recursive_ema_of_the_master_and_is_checkpointed_and_exported
     assert torch.equal(w, got["img_in.weight"])
     assert not torch.allclose(w, final["img_in.weight"], rtol=0, atol=1e-4)
     # Every parameter, read back by canonical name.
-    ema_model = dict(QwenImageMMDiT.from_diffusers(tmp_path / "ema").named_parameters())
-    plain_model = dict(QwenImageMMDiT.from_diffusers(tmp_path / "model").named_parameters())
+    ema_model = dict(load_diffusers(tmp_path / "ema").named_parameters())
+    plain_model = dict(load_diffusers(tmp_path / "model").named_parameters())
     assert sorted(ema_model) == sorted(ema) == sorted(plain_model)
     for n in ema:
         assert torch.equal(ema_model[n].detach().float(), got[n]), n

@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 import torch
 
-from consumer_helpers import spawn
 from consumers.checkpoint import (
     COMMITTED,
     CheckpointConfig,
@@ -32,6 +31,7 @@ from consumers.checkpoint import (
     rng_file,
     save_rng_state,
 )
+from tests.helpers.consumers import spawn
 
 
 class _Payload:
@@ -120,8 +120,8 @@ def _world1_worker(rank: int, world: int, root: str) -> dict:
 
     import torch.distributed as dist
 
-    from ckpt_workers import _engine
     from consumers.parallel import ParallelLayout
+    from tests.consumers.ckpt_workers import _engine
 
     pstate, engine = _engine(ParallelLayout(tp=1, pp=1, dp=1))
     mgr = CheckpointManager(CheckpointConfig(dir=root, keep_last=3), pstate)

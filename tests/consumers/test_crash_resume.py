@@ -16,15 +16,15 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 
 import psutil
 import pytest
 import torch
 import yaml
 
-from consumer_helpers import free_port, read_jsonl, run_config, write_cache
+from tests.helpers.consumers import free_port, read_jsonl, run_config, write_cache
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}

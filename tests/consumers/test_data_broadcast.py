@@ -8,10 +8,9 @@ message instead of leaving it waiting in the broadcast.
 
 from __future__ import annotations
 
-
-from broadcast_workers import broadcast_worker
-from consumer_helpers import corrupt_latent_chunk, spawn
-from reader_helpers import B16, B32, make_cache
+from tests.consumers.broadcast_workers import broadcast_worker
+from tests.helpers.consumers import corrupt_latent_chunk, spawn
+from tests.helpers.reader import B16, B32, make_cache
 
 STEPS = 6
 

@@ -1,7 +1,7 @@
 """Must show: the diffusers export at the end of a multi-rank run works for TP2 (with SP) and PP2.
 
 torchrun, 2 gloo ranks: train 2 steps, checkpoint, export (``schedule.export_diffusers``) on rank 0.
-diffusers loads the export, and its tensors (read back through `QwenImageMMDiT.from_diffusers`)
+diffusers loads the export, and its tensors (read back through `megatron_qwenimage.convert.load_diffusers`)
 equal the checkpoint's full ``model/*`` tensors exactly.
 """
 
@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from consumer_helpers import free_port, run_config, write_cache
+from tests.helpers.consumers import free_port, run_config, write_cache
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -55,12 +55,12 @@ def test_multi_rank_run_exports_to_diffusers(tmp_path, parallel):
 
     from diffusers import QwenImageTransformer2DModel
 
-    from megatron_qwenimage.model.mmdit import QwenImageMMDiT
+    from megatron_qwenimage.convert import load_diffusers
 
     exported = QwenImageTransformer2DModel.from_pretrained(tmp_path / "diffusers")
     assert exported.config.num_layers == 2
     saved = _checkpoint_model_tensors(tmp_path / "ckpt" / "step_00000002")
-    model = QwenImageMMDiT.from_diffusers(tmp_path / "diffusers")
+    model = load_diffusers(tmp_path / "diffusers")
     got = dict(model.named_model_tensors())
     assert sorted(got) == sorted(saved)
     for name, tensor in got.items():

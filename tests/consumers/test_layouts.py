@@ -15,8 +15,8 @@ import re
 
 import pytest
 
-from consumer_helpers import spawn
-from layout_workers import BROKEN, BROKEN_STEPS, LAYOUTS, MODEL, layouts_worker
+from tests.consumers.layout_workers import BROKEN, BROKEN_STEPS, LAYOUTS, MODEL, layouts_worker
+from tests.helpers.consumers import spawn
 
 STEPS = 3
 

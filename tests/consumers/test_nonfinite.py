@@ -11,11 +11,11 @@ import math
 import pytest
 import torch
 
-from consumer_helpers import single_rank_env, synthetic_global_batch, to_microbatches
 from consumers.engine import NonFiniteTrainingError, TrainEngine
 from consumers.optimizer import OptimizerConfig
 from consumers.parallel import ParallelLayout, init_parallel, shutdown
 from megatron_qwenimage.config import load_config
+from tests.helpers.consumers import single_rank_env, synthetic_global_batch, to_microbatches
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from consumer_helpers import spawn
 from consumers.optimizer import DistributedOptimizer, OptimizerConfig
+from tests.helpers.consumers import spawn
 
 CFG = OptimizerConfig(
     lr=1e-2,

@@ -16,7 +16,6 @@ import contextlib
 import pytest
 import torch
 
-from consumer_helpers import spawn
 from consumers.precision import (
     DEFAULT_FP8_EXCLUDE,
     Precision,
@@ -28,6 +27,7 @@ from consumers.precision import (
 )
 from megatron_qwenimage.config import ConfigError, load_config
 from megatron_qwenimage.model.mmdit import QwenImageMMDiT
+from tests.helpers.consumers import spawn
 
 
 def test_default_exclusion_is_first_and_last_block_of_the_model():

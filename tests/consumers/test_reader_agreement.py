@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import pytest
 
-from consumer_helpers import spawn
 from megatron_qwenimage.data.agreement import SingleProcess, plan_digest
 from megatron_qwenimage.data.reader import CacheReader, ReaderConfig, ReaderError
-from reader_agreement_workers import STAGE, agreement_worker
-from reader_helpers import B16, payload, publish
+from tests.consumers.reader_agreement_workers import STAGE, agreement_worker
+from tests.helpers.consumers import spawn
+from tests.helpers.reader import B16, payload, publish
 
 STEPS = 8
 

@@ -23,10 +23,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ckpt_workers import async_poll_worker, resume_policy_worker
-from consumer_helpers import run_config, spawn, write_cache
 from consumers.checkpoint import CheckpointConfig, model_config_differences
 from megatron_qwenimage.config import ConfigError, load_config
+from tests.consumers.ckpt_workers import async_poll_worker, resume_policy_worker
+from tests.helpers.consumers import run_config, spawn, write_cache
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}

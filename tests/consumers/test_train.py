@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 import yaml
-from consumer_helpers import corrupt_latent_chunk, free_port, read_jsonl, run_config, write_cache
+
+from tests.helpers.consumers import corrupt_latent_chunk, free_port, read_jsonl, run_config, write_cache
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}

@@ -7,16 +7,16 @@ import math
 import pytest
 import torch
 
-from consumer_helpers import synthetic_global_batch, to_microbatches
+from consumers.batch import Batch, loss_sum_over_global, make_inputs
 from consumers.optimizer import LRSchedule, OptimizerConfig
 from consumers.parallel import ParallelLayout
-from consumers.batch import Batch, loss_sum_over_global, make_inputs
 from consumers.precision import FP8Unavailable, Precision, PrecisionConfig, check_fp8_available
 from consumers.recompute import RecomputeConfig, apply_recompute
 from consumers.stage import MMDiTStage
 from megatron_qwenimage.config import ConfigError, load_config
 from megatron_qwenimage.flow_matching import UniformSigmaSampler
 from megatron_qwenimage.model.mmdit import QwenImageMMDiT
+from tests.helpers.consumers import synthetic_global_batch, to_microbatches
 
 
 def test_layout_validation_names_the_problem():

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import pytest
 
-from consumer_helpers import spawn
-from reader_helpers import B16, B32, make_cache
-from validation_workers import SIGMAS, STEP, validation_worker
+from tests.consumers.validation_workers import SIGMAS, STEP, validation_worker
+from tests.helpers.consumers import spawn
+from tests.helpers.reader import B16, B32, make_cache
 
 TOL = dict(abs=1e-5, rel=1e-5)
 

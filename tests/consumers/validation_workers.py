@@ -12,14 +12,14 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from consumer_helpers import perturb_zero_init
+from consumers.batch import Batch, loss_sum_over_global, make_inputs
 from consumers.engine import TrainEngine, _ConstantSigma, shape_groups
 from consumers.optimizer import OptimizerConfig
 from consumers.parallel import ParallelLayout, init_parallel
-from consumers.batch import Batch, loss_sum_over_global, make_inputs
 from consumers.train import validate
 from megatron_qwenimage.config import load_config
 from megatron_qwenimage.data.reader import ValidationConfig, ValidationReader
+from tests.helpers.consumers import perturb_zero_init
 
 MODEL = dict(num_layers=4)
 SEED = 7

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+
 import pytest
 
 
@@ -39,7 +40,8 @@ def ray_cluster(producer_env):
     """
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    # address="local": always a new private cluster, never one a RAY_ADDRESS or another test left behind.
+    ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     address = ray.get_runtime_context().gcs_address
     try:
         yield address

@@ -18,14 +18,14 @@ import time
 from pathlib import Path
 
 import pytest
-from producer_helpers import run_cli
-from reader_helpers import B16, make_cache, payload
 
-from megatron_qwenimage.cli import main
 from megatron_qwenimage.cache import open_cache, verify_cache
 from megatron_qwenimage.cache.commit import PartitionAttempt, read_commit, sweep_orphans
 from megatron_qwenimage.cache.storage import CacheStorage
 from megatron_qwenimage.cache.writer import publish_partition
+from megatron_qwenimage.cli import main
+from tests.helpers.producers import run_cli
+from tests.helpers.reader import B16, make_cache, payload
 
 SNAP1 = "manifest/snapshots/v00000001.json"
 

@@ -18,11 +18,11 @@ import pytest
 
 from megatron_qwenimage.cache import CachePathError, open_cache, verify_cache
 from megatron_qwenimage.cache.commit import read_commit
-from megatron_qwenimage.data.reader import CacheReader, ReaderConfig
 from megatron_qwenimage.cache.storage import CacheStorage, resolve_record_path
 from megatron_qwenimage.cache.writer import read_quarantine
-from producer_helpers import run_cli
-from reader_helpers import B16, make_cache
+from megatron_qwenimage.data.reader import CacheReader, ReaderConfig
+from tests.helpers.producers import run_cli
+from tests.helpers.reader import B16, make_cache
 
 RECORD = "commits/p0.json"
 SNAPSHOT = "manifest/snapshots/v00000001.json"

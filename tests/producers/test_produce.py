@@ -13,13 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
-from megatron_qwenimage.cache import open_cache, verify_cache
+from megatron_qwenimage.cache import open_cache
 from megatron_qwenimage.cache.writer import read_duplicates, read_quarantine
 from producers.config import FaultConfig, ProducerConfig, buckets_for_area
 from producers.encoders import TextEncoder, VaeEncoder, default_tiny_dir
 from producers.images import decode_image, nearest_bucket, resize_center_crop
 from producers.pipeline import ProduceRequest, produce
-from producer_helpers import SKIMAGE_DATA, run_cli
+from tests.helpers.producers import SKIMAGE_DATA, assert_complete_once, fault_input, run_cli
 
 SKIMAGE_FILES = sorted(p for p in SKIMAGE_DATA.iterdir() if p.suffix in (".png", ".jpg", ".tif"))
 
@@ -207,38 +207,18 @@ def test_webdataset_tar_source(ray_cluster, tmp_path):
     assert captions == {"coffee", "a horse"}
 
 
-def _fault_input(root: Path) -> Path:
-    root.mkdir()
-    for name in ("astronaut.png", "camera.png", "coffee.png", "chelsea.png", "horse.png", "rocket.jpg"):
-        shutil.copy(SKIMAGE_DATA / name, root / name)
-        (root / f"{Path(name).stem}.txt").write_text(f"photo {name}")
-    return root
-
-
-def _assert_complete_once(cache_dir: Path, n_inputs: int) -> None:
-    cache = open_cache(str(cache_dir))
-    assert verify_cache(cache).ok
-    snap = cache.snapshot()
-    keys = [(s.bucket.name, sid) for s in snap.shards for sid in s.samples.column("sample_id").to_pylist()]
-    assert len(keys) == len(set(keys)), "a sample was published twice"
-    uris = {u for s in snap.shards for u in s.samples.column("source_uri").to_pylist()}
-    assert len(uris) == n_inputs
-    for partition in cache.storage.listdir("attempts"):
-        assert len(cache.storage.listdir(f"attempts/{partition}")) == 1, "orphaned attempt left behind"
-
-
 def test_worker_killed_mid_shard_is_retried_without_duplicates(ray_cluster, tmp_path):
-    src = _fault_input(tmp_path / "in")
+    src = fault_input(tmp_path / "in")
     fault = FaultConfig(kill_writer_at="shard_written", kill_scope="worker", once_marker=str(tmp_path / "fired"))
     cfg = ProducerConfig(buckets={"64": buckets_for_area(64)}, partition_size=2, fault=fault)
     counts = produce(ProduceRequest(str(src), str(tmp_path / "cache"), config=cfg, ray_address=ray_cluster))
     assert (tmp_path / "fired").exists(), "the fault did not fire"
     assert counts.committed == 6
-    _assert_complete_once(tmp_path / "cache", 6)
+    assert_complete_once(tmp_path / "cache", 6)
 
 
 def test_producer_killed_then_rerun_resumes(ray_cluster, producer_env, tmp_path):
-    src = _fault_input(tmp_path / "in")
+    src = fault_input(tmp_path / "in")
     args = [
         "produce",
         "--input",
@@ -267,14 +247,14 @@ def test_producer_killed_then_rerun_resumes(ray_cluster, producer_env, tmp_path)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     summary = json.loads(rerun.stdout.strip().splitlines()[-1])
     assert (summary["inputs"], summary["committed"], summary["partitions_skipped"]) == (6, 6, committed_before)
-    _assert_complete_once(tmp_path / "cache", 6)
+    assert_complete_once(tmp_path / "cache", 6)
 
 
 def test_two_concurrent_producers_publish_each_sample_once(ray_cluster, producer_env, tmp_path):
     import subprocess
     import sys
 
-    src = _fault_input(tmp_path / "in")
+    src = fault_input(tmp_path / "in")
     args = [
         "produce",
         "--input",
@@ -307,7 +287,7 @@ def test_two_concurrent_producers_publish_each_sample_once(ray_cluster, producer
         assert p.returncode == 0, err[-3000:]
         summary = json.loads(out.strip().splitlines()[-1])
         assert (summary["inputs"], summary["committed"], summary["duplicates"]) == (6, 6, 0)
-    _assert_complete_once(tmp_path / "cache", 6)
+    assert_complete_once(tmp_path / "cache", 6)
 
 
 def test_embedded_local_ray_default_makes_progress(producer_env, tmp_path):

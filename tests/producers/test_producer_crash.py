@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from test_produce import _assert_complete_once, _fault_input
+from tests.helpers.producers import assert_complete_once, fault_input
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -70,7 +70,7 @@ def _kill_tree(proc: subprocess.Popen) -> None:
 
 
 def test_kill_between_write_and_commit_then_rerun_commits_each_input_once(producer_env, tmp_path):
-    src = _fault_input(tmp_path / "in")
+    src = fault_input(tmp_path / "in")
     for attempt in range(3):  # the window is milliseconds wide; a loaded machine may miss it
         cache = tmp_path / f"cache{attempt}"
         proc = subprocess.Popen(
@@ -96,7 +96,7 @@ def test_kill_between_write_and_commit_then_rerun_commits_each_input_once(produc
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     summary = json.loads(rerun.stdout.strip().splitlines()[-1])
     assert (summary["inputs"], summary["committed"], summary["partitions_skipped"]) == (6, 6, len(committed_before))
-    _assert_complete_once(cache, 6)
+    assert_complete_once(cache, 6)
     assert not any(
         p.info["cmdline"] and "raylet" in " ".join(p.info["cmdline"]) and str(cache) in " ".join(p.info["cmdline"])
         for p in psutil.process_iter(["cmdline"])

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from mmdit_helpers import CASES, diffusers_layout_grads, make_inputs, model_kwargs
 
-from megatron_qwenimage import QwenImageMMDiT
+from megatron_qwenimage.convert import load_diffusers
+from tests.helpers.mmdit import CASES, diffusers_layout_grads, make_inputs, model_kwargs
 
 
 @pytest.fixture(scope="module")
@@ -14,7 +14,7 @@ def models(tiny_diffusers_dir):
     from diffusers import QwenImageTransformer2DModel
 
     reference = QwenImageTransformer2DModel.from_pretrained(tiny_diffusers_dir)
-    ours = QwenImageMMDiT.from_diffusers(tiny_diffusers_dir)
+    ours = load_diffusers(tiny_diffusers_dir)
     return reference, ours
 
 

@@ -5,7 +5,7 @@ import json
 import sys
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "optimizer_step.py"
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "optimizer_step.py"
 
 
 def _load():

@@ -8,7 +8,7 @@ from math import prod
 
 import torch
 
-from megatron_qwenimage.convert import to_diffusers_state
+from megatron_qwenimage.model.state_dict_names import to_diffusers_state
 
 # name -> (batch, per-sample image shapes (target first), text length, valid text lengths or None);
 # a negative length -k marks the *last* k tokens valid (left padding: the valid keys of the joint

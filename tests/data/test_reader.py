@@ -10,8 +10,8 @@ from collections import Counter
 import pytest
 import torch
 
-from megatron_qwenimage.config import ConfigError
 from megatron_qwenimage.cache import CacheError, open_cache
+from megatron_qwenimage.config import ConfigError
 from megatron_qwenimage.data.mixing import CacheCatalog, Planner
 from megatron_qwenimage.data.reader import (
     CacheReader,
@@ -22,7 +22,7 @@ from megatron_qwenimage.data.reader import (
     ValidationConfig,
     ValidationReader,
 )
-from reader_helpers import B16, B32, CHANNELS, TEXT_DIM, make_cache, payload, publish
+from tests.helpers.reader import B16, B32, CHANNELS, TEXT_DIM, make_cache, payload, publish
 
 STAGE = {"name": "s", "buckets": ["16x16", "32x32"], "micro_batch": 2, "global_batch": 4}
 
@@ -428,8 +428,8 @@ def test_direct_shard_access_equals_zarr(tmp_path, monkeypatch):
     import numpy as np
     import zarr
 
-    from megatron_qwenimage.data import reader as reader_mod
     from megatron_qwenimage.cache.shard_access import ShardedArray
+    from megatron_qwenimage.data import reader as reader_mod
 
     path = tmp_path / "direct"
     publish(path, "p", [payload(B32, 90, prefix="d", seed=4, edit=3)])  # > 256 text rows: chunk crossings
@@ -473,7 +473,7 @@ def test_benchmark_script_smoke(capsys):
     import sys
     from pathlib import Path
 
-    bench_path = Path(__file__).resolve().parents[1] / "benchmarks" / "reader.py"
+    bench_path = Path(__file__).resolve().parents[2] / "benchmarks" / "reader.py"
     spec = importlib.util.spec_from_file_location("reader_bench", bench_path)
     bench = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = bench

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from mmdit_helpers import make_inputs, model_kwargs
 
 from megatron_qwenimage import ConfigError, MMDiTConfig, QwenImageMMDiT, load_config
+from megatron_qwenimage.convert import load_diffusers
 from megatron_qwenimage.model.backends import transformer_engine_available
+from tests.helpers.mmdit import make_inputs, model_kwargs
 
 
 def test_qwen_image_20b_parameter_count_on_meta():
@@ -30,9 +31,9 @@ def test_meta_20b_at_tp4_holds_a_quarter_of_the_sharded_weights():
 
 
 def test_pipeline_stages_compose_to_the_full_model(tiny_diffusers_dir):
-    full = QwenImageMMDiT.from_diffusers(tiny_diffusers_dir)
-    first = QwenImageMMDiT.from_diffusers(tiny_diffusers_dir, post_process=False, layer_range=(0, 2))
-    last = QwenImageMMDiT.from_diffusers(tiny_diffusers_dir, pre_process=False, layer_range=(2, 3))
+    full = load_diffusers(tiny_diffusers_dir)
+    first = load_diffusers(tiny_diffusers_dir, post_process=False, layer_range=(0, 2))
+    last = load_diffusers(tiny_diffusers_dir, pre_process=False, layer_range=(2, 3))
     assert set(dict(first.named_parameters())) | set(dict(last.named_parameters())) == set(
         dict(full.named_parameters())
     )
@@ -148,8 +149,8 @@ def test_local_backend_never_imports_transformer_engine():
 
 @pytest.mark.parametrize("mode, every_n", [("none", 1), ("selective", 1), ("full", 2)])
 def test_recompute_reruns_what_it_says_and_keeps_gradients(tiny_diffusers_dir, mode, every_n):
-    model = QwenImageMMDiT.from_diffusers(tiny_diffusers_dir)
-    reference = QwenImageMMDiT.from_diffusers(tiny_diffusers_dir)
+    model = load_diffusers(tiny_diffusers_dir)
+    reference = load_diffusers(tiny_diffusers_dir)
     names = model.configure_recompute(mode, every_n)
     calls = {}
     for index, block in model.blocks.items():
@@ -214,7 +215,7 @@ def test_joint_keys_put_valid_keys_first():
 def test_token_alignment_pads_inside_the_blocks_without_changing_outputs(tiny_diffusers_dir):
     # FP8 GEMMs need row counts divisible by 16: odd grids (1328 px = 83² patches) are padded
     # inside the blocks with masked rows; outputs and gradients must not change.
-    model = QwenImageMMDiT.from_diffusers(tiny_diffusers_dir)
+    model = load_diffusers(tiny_diffusers_dir)
     inputs = make_inputs("odd_nonsquare", 16, 24)  # 15 image tokens, 5 text tokens
     outs, grads = [], []
     for alignment in (1, 16):
@@ -235,8 +236,8 @@ def test_token_alignment_pads_inside_the_blocks_without_changing_outputs(tiny_di
 def test_fused_elementwise_matches_eager(tiny_diffusers_dir):
     # The same chains compiled by torch.compile (Inductor's C++ kernels on CPU, Triton on GPU):
     # outputs and every gradient equal the eager model's to fp32 rounding.
-    eager = QwenImageMMDiT.from_diffusers(tiny_diffusers_dir)
-    fused = QwenImageMMDiT.from_diffusers(tiny_diffusers_dir, fused_elementwise=True)
+    eager = load_diffusers(tiny_diffusers_dir)
+    fused = load_diffusers(tiny_diffusers_dir, fused_elementwise=True)
     assert fused.blocks["0"].ops.fused and not eager.blocks["0"].ops.fused
     inputs = make_inputs("padded_text", 16, 24)
     outs, grads = [], []

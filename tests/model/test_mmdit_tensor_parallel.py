@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
-from mmdit_helpers import (
+
+from megatron_qwenimage import QwenImageMMDiT, load_config
+from megatron_qwenimage.convert import load_diffusers, load_native, save_native
+from tests.helpers.mmdit import (
     diffusers_layout_grads,
     free_port,
     full_grads,
@@ -15,8 +17,6 @@ from mmdit_helpers import (
     make_inputs,
     model_kwargs,
 )
-
-from megatron_qwenimage import QwenImageMMDiT, load_config
 
 TP_CASES = ("padded_text", "edit_two_conditions")
 TP = 2
@@ -32,19 +32,18 @@ def _run(model, case):
 
 
 def _worker(rank: int, port: int, ckpt: str, native: str, out_dir: str) -> None:
-    sys.path.insert(0, str(Path(__file__).parent))
     from megatron.core import parallel_state
 
     init_gloo(rank, TP, port)
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=TP)
     results = {}
     for sp in (False, True):
-        model = QwenImageMMDiT.from_diffusers(ckpt, sequence_parallel=sp)
+        model = load_diffusers(ckpt, sequence_parallel=sp)
         assert model.tp.size == TP and model.tp.sequence_parallel == sp
         for case in TP_CASES:
             results[(sp, case)] = _run(model, case)
     # A native checkpoint loads at TP=2 into the same shards as the diffusers directory.
-    from_native = dict(QwenImageMMDiT.from_native(native).named_model_tensors())
+    from_native = dict(load_native(native).named_model_tensors())
     for name, tensor in model.named_model_tensors():
         assert torch.equal(tensor, from_native[name]), name
     # TP-invariant initialisation: the gathered TP=2 init equals the TP=1 init.
@@ -69,7 +68,7 @@ def full_grads_like_state(model):
 
 
 def test_tp2_matches_tp1_with_and_without_sequence_parallel(tiny_diffusers_dir, tmp_path):
-    QwenImageMMDiT.from_diffusers(tiny_diffusers_dir).save_native(tmp_path / "native")
+    save_native(load_diffusers(tiny_diffusers_dir), tmp_path / "native")
     mp.start_processes(
         _worker,
         args=(free_port(), str(tiny_diffusers_dir), str(tmp_path / "native"), str(tmp_path)),
@@ -77,7 +76,7 @@ def test_tp2_matches_tp1_with_and_without_sequence_parallel(tiny_diffusers_dir, 
         start_method="spawn",
     )
     results = torch.load(tmp_path / "tp2.pt")
-    single = QwenImageMMDiT.from_diffusers(tiny_diffusers_dir)
+    single = load_diffusers(tiny_diffusers_dir)
     for case in TP_CASES:
         want_out, want_grads = _run(single, case)
         for sp in (False, True):

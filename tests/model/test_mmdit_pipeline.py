@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-from mmdit_helpers import make_diffusers_transformer
 
-from megatron_qwenimage import QwenImageMMDiT
+from megatron_qwenimage.convert import load_diffusers
+from tests.helpers.mmdit import make_diffusers_transformer
 
 
 def test_sampling_through_diffusers_pipeline_matches():
@@ -22,7 +22,7 @@ def test_sampling_through_diffusers_pipeline_matches():
     reference = make_diffusers_transformer(
         in_channels=64, out_channels=16, joint_attention_dim=32, axes_dims_rope=(8, 4, 4)
     )
-    ours = QwenImageMMDiT.from_diffusers(reference)
+    ours = load_diffusers(reference)
     scheduler = FlowMatchEulerDiscreteScheduler(  # the Qwen-Image scheduler config (spec 6.3)
         num_train_timesteps=1000,
         shift=1.0,

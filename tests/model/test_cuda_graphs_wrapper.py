@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from mmdit_helpers import make_inputs, model_kwargs
 
 from megatron_qwenimage import QwenImageMMDiT, load_config
 from megatron_qwenimage.model.backends import JointKeys
@@ -25,6 +24,7 @@ from megatron_qwenimage.model.cuda_graphs import (
     te_graph_kwargs,
     unflatten_block_call,
 )
+from tests.helpers.mmdit import make_inputs, model_kwargs
 
 
 class IdentityGrapher:

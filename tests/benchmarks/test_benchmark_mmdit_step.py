@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "mmdit_step.py"
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "mmdit_step.py"
 
 
 def _load():

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from mmdit_helpers import make_inputs, model_kwargs
 
-from megatron_qwenimage import QwenImageMMDiT
+from megatron_qwenimage.convert import load_diffusers
 from megatron_qwenimage.model.backends import transformer_engine_available
+from tests.helpers.mmdit import make_inputs, model_kwargs
 
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() and transformer_engine_available()),
@@ -22,8 +22,8 @@ pytestmark = pytest.mark.skipif(
 def _pair(tiny_diffusers_dir, dtype="bfloat16"):
     kw = dict(device="cuda", params_dtype=dtype)
     return (
-        QwenImageMMDiT.from_diffusers(tiny_diffusers_dir, backend="local", **kw),
-        QwenImageMMDiT.from_diffusers(tiny_diffusers_dir, backend="transformer_engine", **kw),
+        load_diffusers(tiny_diffusers_dir, backend="local", **kw),
+        load_diffusers(tiny_diffusers_dir, backend="transformer_engine", **kw),
     )
 
 
