@@ -14,11 +14,9 @@ lint: install
 test: install
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q $(PYTEST_ARGS) tests
 
-# The main job on the embedded default: local Ray on 127.0.0.1, local disk, CPU, tiny random
-# encoders. Producers encode synthetic text renders into ./cache (exactly once; a rerun skips what
-# is committed), the cache is verified, then a consumer trains the tiny MMDiT on it for 30 steps
-# (checkpoints and logs in ./runs/demo, a diffusers export in ./runs/demo/diffusers).
+# The main job on the embedded default (the README's first command): `qwenimage run
+# examples/local.yaml`: producers on local Ray (127.0.0.1, tiny random encoders, CPU) encode the
+# bundled input into ./cache/local while a torchrun consumer (TP=2 + SP, 2 CPU processes) trains
+# from the growing cache; outputs under ./runs/local. Rerunning resumes.
 demo: install
-	HF_HUB_OFFLINE=1 $(PYTHON) -m megatron_qwenimage.cli produce --input 'synthetic:text?n=48&seed=0' --output ./cache --buckets 256 --encoders tiny --metrics-port 0 --partition-size 16
-	HF_HUB_OFFLINE=1 $(PYTHON) -m megatron_qwenimage.cli cache verify ./cache
-	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PYTHON) -m megatron_qwenimage.cli train --config examples/demo.yaml
+	HF_HUB_OFFLINE=1 $(PYTHON) -m megatron_qwenimage.cli run examples/local.yaml

@@ -31,6 +31,10 @@ INSTALL_REQUIRES = [
     "tiktoken>=0.7",
     # Producers: TIFFs PIL cannot decode (float / planar samples) are read with tifffile.
     "tifffile>=2023.1",
+    # `qwenimage report` draws its PNG with matplotlib; `qwenimage run`'s bundled input uses the
+    # sample photos that ship inside scikit-image.
+    "matplotlib>=3.6",
+    "scikit-image>=0.24",
 ]
 
 EXTRAS_REQUIRE = {
@@ -41,9 +45,8 @@ EXTRAS_REQUIRE = {
     "dev": [
         "pytest>=8",
         "pytest-timeout>=2.3",
-        # Real data for tests: sample images ship inside scikit-image, the real Qwen BPE
-        # vocabulary (qwen.tiktoken) ships inside dashscope.
-        "scikit-image>=0.24",
+        # Real data for tests: the real Qwen BPE vocabulary (qwen.tiktoken) ships inside dashscope
+        # (scikit-image's sample photos come with the install requirements).
         "dashscope>=1.20",
         "webdataset>=0.2",
         # Style checks (`make lint`, run by .ci/run before the tests; rules in pyproject.toml).

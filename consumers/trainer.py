@@ -9,12 +9,14 @@ loop of `Trainer.train_step`, the `Validator` and ``checkpointer.save(step, ...,
 save and the optional diffusers export. ``consumers.train.train(cfg)`` builds one and runs it.
 
 Errors that every rank raises alike (config, shared files, world-agreed values) are marked
-collective (`megatron_qwenimage.cli.mark_collective`) so that only rank 0 reports them.
+collective (`megatron_qwenimage.errors.mark_collective`) so that only rank 0 reports them.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -22,9 +24,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from consumers.train import RunConfig, _collective, _peak_flops, preflight
+from consumers.train import RunConfig, preflight
 from megatron_qwenimage.config import ConfigError
-from megatron_qwenimage.errors import UserError
+from megatron_qwenimage.errors import UserError, collective, mark_collective
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,42 @@ def _any_rank_failed(failed: bool, device) -> bool:
     flag = torch.tensor([1 if failed else 0], dtype=torch.int32, device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
+
+
+class _StopRequest:
+    """SIGTERM while `Trainer.train` runs: noted here, acted on at the end of a step by every rank alike.
+
+    Raising where the signal lands (the CLI's handler raises `Terminated`) would stop each rank at
+    another point, some between two collectives of a step, so the ranks could neither agree on
+    a step nor save one. Repeated signals are one request (under torchrun a worker gets SIGTERM from
+    Slurm and again from torchrun, which forwards it). Outside the main thread nothing is installed.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def _note(self, signum, frame) -> None:
+        self.requested = True
+
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._note)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+    def raise_stop(self) -> None:
+        """Stop as the process's own SIGTERM handler would: the CLI's raises its `Terminated` (exit 143;
+        the class of the CLI module that is running, ``__main__`` under ``python -m``)."""
+        if callable(self._previous):
+            self._previous(signal.SIGTERM, None)
+        from megatron_qwenimage.cli import Terminated
+
+        raise Terminated()
 
 
 class Trainer:
@@ -61,15 +99,15 @@ class Trainer:
         from megatron_qwenimage.data.reader import CacheReader, ValidationReader
 
         self.cfg = cfg
-        with _collective():  # config and files only: every rank fails alike, before any collective
+        with collective():  # config and files only: every rank fails alike, before any collective
             preflight(cfg)
         init_distributed()
-        with _collective():
+        with collective():
             self.layout = layout = cfg.layout(dist.get_world_size())
             cfg.data.check_dp(layout.dp)
         self.pstate = pstate = init_parallel(layout)
         torch.manual_seed(cfg.schedule.seed)
-        with _collective():  # the model, precision and recompute settings are checked alike everywhere
+        with collective():  # the model, precision and recompute settings are checked alike everywhere
             self.engine = TrainEngine(
                 cfg.model,
                 pstate,
@@ -123,7 +161,6 @@ class Trainer:
     def _resume(self) -> None:
         """Load the newest loadable checkpoint per ``checkpoint.resume`` (model, optimizer, reader)."""
         from consumers.checkpoint import ResumeRefused
-        from megatron_qwenimage.cli import mark_collective
 
         if self.checkpointer is None:
             return
@@ -147,13 +184,18 @@ class Trainer:
         (port in use...), the others must not wait for it in the first step's collectives: all
         learn it and stop alike."""
         from consumers.metrics import MetricsLogger
-        from megatron_qwenimage.cli import mark_collective
 
         cfg, pstate = self.cfg, self.pstate
         metrics_error = None
         try:
             metrics = MetricsLogger(
-                cfg.logging, enabled=pstate.rank == 0, world_size=pstate.world_size, peak_flops=_peak_flops(cfg)
+                cfg.logging,
+                enabled=pstate.rank == 0,
+                world_size=pstate.world_size,
+                peak_flops=cfg.logging.peak_flops(fp8=cfg.precision.fp8 is not None),
+                train_steps=cfg.schedule.train_steps,
+                stages=cfg.data.stages,
+                tail_caches=[c.path for c in cfg.data.caches if c.mode == "tail"],
             )
         except UserError as exc:
             metrics_error = exc
@@ -223,33 +265,63 @@ class Trainer:
 
     def train(self) -> dict:
         """Train from `step` up to ``schedule.train_steps`` (or until the data runs out), then save
-        the final checkpoint and export; returns ``{"final_step", "last_record"}``."""
-        from consumers.engine import NonFiniteTrainingError
-        from megatron_qwenimage.cli import mark_collective
+        the final checkpoint and export; returns ``{"final_step", "last_record"}``.
 
-        if self.validator is not None and self.step == 0:
-            self.metrics.emit(self.validator.validate(self.engine, 0))
+        SIGTERM (Slurm's warning before the time limit, a preemption, ``qwenimage run`` stopping)
+        does not stop a rank where it lands: the step it arrived in is finished, every rank agrees
+        on the stop at the step's end (`_stop_agreed`), the checkpoint of that step is saved and
+        committed (`_save_and_stop`), then `megatron_qwenimage.cli.Terminated` (exit 143) is raised.
+        A SIGTERM during the final save and export lets them finish.
+        """
+        from consumers.engine import NonFiniteTrainingError
+
+        stop_group = dist.new_group(backend="gloo")  # the per-step stop agreement never waits for the GPU
         try:
-            for step in range(self.step, self.cfg.schedule.train_steps):
-                if not self.train_step(step):
-                    break
-                self.step = step + 1
+            with _StopRequest() as stop:
+                if self.validator is not None and self.step == 0:
+                    self.metrics.emit(self.validator.validate(self.engine, 0))
+                for step in range(self.step, self.cfg.schedule.train_steps):
+                    if not self.train_step(step):
+                        break
+                    self.step = step + 1
+                    if self.checkpointer is not None:
+                        self.checkpointer.save(self.step, self.engine, self._checkpoint_meta, last_step=False)
+                        self.checkpointer.poll()  # commits an async save as soon as every rank's write has finished
+                    if self.validator is not None and self.validator.should_validate(self.step):
+                        self.metrics.emit(self.validator.validate(self.engine, self.step))
+                    if self._stop_agreed(stop.requested, stop_group):
+                        self._save_and_stop(stop)
                 if self.checkpointer is not None:
-                    self.checkpointer.save(self.step, self.engine, self._checkpoint_meta, last_step=False)
-                    self.checkpointer.poll()  # commits an async save as soon as every rank's write has finished
-                if self.validator is not None and self.validator.should_validate(self.step):
-                    self.metrics.emit(self.validator.validate(self.engine, self.step))
-            if self.checkpointer is not None:
-                self.checkpointer.save(self.step, self.engine, self._checkpoint_meta, last_step=True)
-                self.checkpointer.finalize()
-                self._export()
-                dist.barrier()
+                    self.checkpointer.save(self.step, self.engine, self._checkpoint_meta, last_step=True)
+                    self.checkpointer.finalize()
+                    self._export()
+                    dist.barrier()
         except NonFiniteTrainingError as exc:  # raised on every rank alike (world-reduced loss and grad norm)
             mark_collective(exc)
             raise
         finally:
             self.close()
         return {"final_step": self.step, "last_record": self.last_record}
+
+    @staticmethod
+    def _stop_agreed(requested: bool, group) -> bool:
+        """Whether some rank got SIGTERM: one int all-reduce over `group` (gloo) after every step."""
+        flag = torch.tensor([1 if requested else 0], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        return bool(flag.item())
+
+    def _save_and_stop(self, stop: _StopRequest) -> None:
+        """Save (synchronously) and commit the checkpoint of `step`, unless the interval rule has just
+        saved it or nothing was trained since the resume; wait for an async save in flight; then
+        raise `Terminated` on every rank (the CLI exits 143; the same command resumes from here)."""
+        if self.pstate.rank == 0:
+            log.info("SIGTERM: stopping after step %d", self.step)
+        if self.checkpointer is not None:
+            self.checkpointer.save(self.step, self.engine, self._checkpoint_meta, last_step=True)
+            self.checkpointer.finalize()
+            if self.pstate.rank == 0:
+                log.info("checkpoint of step %d committed in %s", self.step, self.cfg.checkpoint.dir)
+        stop.raise_stop()
 
     def _export(self) -> None:
         """Rank 0 writes the final checkpoint as a diffusers directory (``schedule.export_diffusers``)."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from typing import TYPE_CHECKING
 
 from megatron_qwenimage.config import MAX_TEXT_TOKENS, ConfigError
@@ -119,6 +118,28 @@ def register(subparsers) -> None:
     )
     p.add_argument("--metrics-host", default="127.0.0.1", help="address the exporter binds to (default 127.0.0.1)")
     p.add_argument(
+        "--run-label",
+        default=None,
+        metavar="LABEL",
+        help="the run's label: the `run` label of every Prometheus series and status.json's run_label "
+        "(default: the --output directory's basename)",
+    )
+    p.add_argument(
+        "--prometheus-sd-dir",
+        default=None,
+        metavar="DIR",
+        help="publish the exporter as a Prometheus file-SD target DIR/producer-<run id>.json while it runs "
+        "(launch/monitoring/prometheus.yml reads such files); default: none",
+    )
+    p.add_argument(
+        "--snapshot-interval-s",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="while running, publish a manifest snapshot every S seconds when partitions were committed since "
+        "the last one (tail-mode consumers can start before the end); 0: only the final snapshot. Default 30",
+    )
+    p.add_argument(
         "--allow-empty",
         action="store_true",
         help="exit 0 even when no input ends in the cache (every input quarantined); by default such a run "
@@ -172,6 +193,11 @@ def config_from_args(args) -> ProducerConfig:
             f"--metrics-port {args.metrics_port}: expected a TCP port 0..65535, 0 for any free port "
             "or -1 for no exporter"
         )
+    from megatron_qwenimage.monitor.file_sd import check_run_label, check_sd_dir
+
+    if args.run_label is not None:
+        check_run_label(args.run_label, "--run-label")
+    check_sd_dir(args.prometheus_sd_dir, "--prometheus-sd-dir")
     pools = []
     for flag, text in (("--vae-actors", args.vae_actors), ("--text-actors", args.text_actors)):
         lo, hi = _pool_range(text, flag)
@@ -194,6 +220,7 @@ def config_from_args(args) -> ProducerConfig:
         vae_pool=pools[0],
         text_pool=pools[1],
         sweep_grace_s=args.sweep_grace,
+        snapshot_interval_s=args.snapshot_interval_s,
         fault=_fault_from_env(),
     )
 
@@ -223,14 +250,16 @@ def summary_dict(counts) -> dict:
         "partitions": counts.partitions_total,
         "partitions_skipped": counts.partitions_skipped,
         "bytes_written": counts.bytes_written,
+        "text_tokens": counts.text_tokens,
     }
 
 
 def run_produce(args) -> int:
+    from megatron_qwenimage.cli import configure_logging
     from producers.pipeline import ProduceRequest, produce
     from producers.progress import ProducerProgress
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    configure_logging(logging.INFO, fmt="%(asctime)s %(name)s %(message)s")
     cfg = config_from_args(args)
     req = ProduceRequest(
         args.input,
@@ -244,6 +273,8 @@ def run_produce(args) -> int:
         local_num_cpus=args.local_num_cpus,
         new_settings_version=args.new_settings_version,
         ray_connect_timeout_s=args.ray_connect_timeout,
+        run_label=args.run_label,
+        prometheus_sd_dir=args.prometheus_sd_dir,
     )
     # The bar starts with the pipeline's first progress, so an up-front error stays one line on stderr.
     progress = ProducerProgress(enabled=not args.no_progress)

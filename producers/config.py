@@ -58,6 +58,7 @@ FIELD_FLAGS = {
     "max_text_tokens": "--max-text-tokens",
     "overlong_caption": "--overlong-caption",
     "sweep_grace_s": "--sweep-grace",
+    "snapshot_interval_s": "--snapshot-interval-s",
 }
 
 
@@ -137,6 +138,9 @@ class ProducerConfig:
         writer_cpus: Ray CPU reservation of one shard-writer task.
         max_inflight_partitions: bounded queue: partitions read but not yet committed.
         sweep_grace_s: orphan attempts younger than this are left alone by the sweep.
+        snapshot_interval_s: while running, publish a manifest snapshot this often (seconds) when
+            new partitions were committed since the last one, so tail-mode consumers can start
+            early; 0: only the final snapshot. Does not shape samples (not in `fingerprint`).
     """
 
     buckets: dict[str, list[Bucket]] = field(default_factory=lambda: {"256": buckets_for_area(256)})
@@ -153,6 +157,7 @@ class ProducerConfig:
     max_inflight_partitions: int = 8
     writer_max_retries: int = 3
     sweep_grace_s: float = 3600.0
+    snapshot_interval_s: float = 30.0
     fault: FaultConfig = FaultConfig()
 
     def __post_init__(self) -> None:
@@ -176,6 +181,11 @@ class ProducerConfig:
             raise ConfigError(
                 f"ProducerConfig.sweep_grace_s={self.sweep_grace_s!r} (--sweep-grace): expected seconds >= 0 "
                 "(an uncommitted attempt younger than this is left alone by the sweep)"
+            )
+        if not (0 <= self.snapshot_interval_s < math.inf):  # also refuses NaN
+            raise ConfigError(
+                f"ProducerConfig.snapshot_interval_s={self.snapshot_interval_s!r} (--snapshot-interval-s): expected "
+                "seconds >= 0 (0: only the final snapshot)"
             )
         if self.overlong_caption not in ("truncate", "reject"):
             raise ConfigError(

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from dataclasses import dataclass, field
 
 import torch
 
-from megatron_qwenimage.cache.commit import read_commit
-from megatron_qwenimage.cache.shard_format import Bucket, SampleMeta, ShardTensors, bytes_to_bf16, offsets_from_lengths
+from megatron_qwenimage.cache.commit import CommitRecord, read_commit
+from megatron_qwenimage.cache.shard_format import (
+    TENSORS_DIR,
+    Bucket,
+    SampleMeta,
+    ShardTensors,
+    bytes_to_bf16,
+    offsets_from_lengths,
+)
 from megatron_qwenimage.cache.storage import CacheStorage
 from megatron_qwenimage.cache.writer import DuplicateRow, QuarantineRow, ShardPayload, publish_partition
 from producers.config import FaultConfig
@@ -18,7 +27,13 @@ from producers.row import ProducerRow
 
 @dataclass
 class PartitionOutcome:
-    """What happened to one partition (from the winning commit record)."""
+    """What happened to one partition (from the winning commit record).
+
+    Attributes:
+        text_tokens: text-embedding rows of the committed samples (the sum of their ``text_len``).
+        stage_seconds: per-sample stage seconds of this attempt's encode rows (``t_read``...).
+        write_seconds: wall seconds of this `write_partition` call (0 for a record read back).
+    """
 
     partition_id: str
     won: bool  # this producer's attempt is the committed one
@@ -29,12 +44,42 @@ class PartitionOutcome:
     buckets: dict[str, int]
     bytes_written: int = 0
     stage_seconds: dict[str, list[float]] = field(default_factory=dict)
+    text_tokens: int = 0
+    write_seconds: float = 0.0
 
 
-def outcome_from_record(record, won: bool, bytes_written: int = 0) -> PartitionOutcome:
+def record_text_tokens(storage: CacheStorage, record: CommitRecord) -> int:
+    """Text tokens of a committed partition's samples, exactly, from one small file per shard.
+
+    A shard's ``text_embeddings`` array is unpadded (T = the sum of its samples' ``text_len``),
+    so its zarr metadata (``tensors.zarr/text_embeddings/zarr.json``, a few hundred bytes) has
+    the sum as ``shape[0]``: cheaper than the samples table, and the commit record has no
+    per-shard token count.
+    """
+    total = 0
+    for shard in record.shards:
+        meta = json.loads(storage.read_bytes(f"{shard.path}/{TENSORS_DIR}/text_embeddings/zarr.json"))
+        total += int(meta["shape"][0])
+    return total
+
+
+def outcome_from_record(
+    record: CommitRecord,
+    *,
+    won: bool,
+    storage: CacheStorage | None,
+    bytes_written: int = 0,
+    text_tokens: int | None = None,
+) -> PartitionOutcome:
+    """The outcome a commit record says; `text_tokens` when known, else read from `storage`
+    (`record_text_tokens`)."""
     buckets: dict[str, int] = {}
     for e in record.shards:
         buckets[e.bucket.name] = buckets.get(e.bucket.name, 0) + e.num_samples
+    if text_tokens is None:
+        if storage is None:
+            raise ValueError("outcome_from_record: pass the storage or the text tokens")
+        text_tokens = record_text_tokens(storage, record)
     return PartitionOutcome(
         record.partition_id,
         won,
@@ -44,6 +89,7 @@ def outcome_from_record(record, won: bool, bytes_written: int = 0) -> PartitionO
         dict(record.quarantined),
         buckets,
         bytes_written,
+        text_tokens=text_tokens,
     )
 
 
@@ -127,10 +173,11 @@ def write_partition(
     cache_url: str, partition_id: str, rows: list[ProducerRow], *, encoder_version: str, run_id: str, fault: FaultConfig
 ) -> PartitionOutcome:
     """Publish one partition; if another attempt already committed it, report that commit."""
+    t0 = time.perf_counter()
     storage = CacheStorage(cache_url)
     existing = read_commit(storage, partition_id)
     if existing is not None:
-        return outcome_from_record(existing, won=False)
+        return outcome_from_record(existing, won=False, storage=storage)
     inputs = int(rows[0]["partition_inputs"]) if rows else 0
     # Duplicates only of committed samples: decided again now, against the commit records.
     rows, repoint = resolve_duplicates(storage, partition_id, rows)
@@ -149,9 +196,16 @@ def write_partition(
     )
     if result.won and repoint:
         repoint_claims(storage, partition_id, repoint)
-    record = result.record if result.won else read_commit(storage, partition_id)
-    outcome = outcome_from_record(record, result.won, result.bytes_written)
+    if result.won:  # the committed samples are these payloads' (no read back)
+        tokens = sum(s.text_len for p in payloads for s in p.samples)
+        outcome = outcome_from_record(
+            result.record, won=True, storage=storage, bytes_written=result.bytes_written, text_tokens=tokens
+        )
+    else:
+        winner = read_commit(storage, partition_id) or result.record
+        outcome = outcome_from_record(winner, won=False, storage=storage)
     outcome.stage_seconds = {
         k: [float(r[k]) for r in rows if r["kind"] == "encode"] for k in ("t_read", "t_decode", "t_vae", "t_text")
     }
+    outcome.write_seconds = time.perf_counter() - t0
     return outcome

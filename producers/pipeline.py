@@ -24,20 +24,21 @@ import os
 import posixpath
 import signal
 import threading
-import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import fsspec
 import psutil
 
-from megatron_qwenimage.cache.commit import read_commit, sweep_orphans
+from megatron_qwenimage.cache.commit import commit_record_names, read_commit, sweep_orphans
 from megatron_qwenimage.cache.manifest import CACHE_INFO_FILE, init_cache, open_cache
 from megatron_qwenimage.errors import UserError
+from megatron_qwenimage.monitor.file_sd import check_run_label, default_run_label
 from producers.config import FaultConfig, ProducerConfig
 from producers.encoders import encoder_version, resolve_encoders_dir
-from producers.metrics import ProducerCounts, ProducerMetrics, StatusFile
+from producers.metrics import STAGES, Heartbeat, ProducerCounts, ProducerMetrics, StatusFile
 from producers.partition_writer import PartitionOutcome, outcome_from_record, write_partition
 from producers.settings import check_settings, record_settings, sample_settings
 from producers.sources import InputItem, list_inputs
@@ -56,6 +57,9 @@ class ProduceRequest:
         new_settings_version: start a new producer settings version in a cache whose recorded
             settings differ from this run's (`producers.settings`); refused otherwise.
         ray_connect_timeout_s: how long to wait for the cluster named by `ray_address`.
+        run_label: the ``run`` label of every Prometheus series and the status's ``run_label``
+            (default: the output directory's basename).
+        prometheus_sd_dir: directory for the exporter's file-SD target (`megatron_qwenimage.monitor.file_sd`).
     """
 
     input: str
@@ -69,6 +73,8 @@ class ProduceRequest:
     local_num_cpus: float | None = None
     new_settings_version: bool = False
     ray_connect_timeout_s: float = 30.0
+    run_label: str | None = None
+    prometheus_sd_dir: str | None = None
 
 
 class OutputError(UserError):
@@ -328,6 +334,7 @@ def _init_loopback_ray(num_cpus: float) -> None:
             dashboard_host=LOOPBACK,
             _node_ip_address=LOOPBACK,
             log_to_driver=False,
+            logging_level=logging.WARNING,  # Ray's INFO banner is not for the user; warnings stay
         )
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = saved_flag
@@ -360,6 +367,11 @@ def produce(req: ProduceRequest, on_progress: Callable[[ProducerCounts], None] |
     encoders_dir = str(resolve_encoders_dir(req.encoders))
     enc_version = encoder_version(encoders_dir)
     run_id = uuid.uuid4().hex[:12]
+    run_label = (
+        check_run_label(req.run_label, "--run-label")
+        if req.run_label is not None
+        else default_run_label(req.output, "--run-label")
+    )
     existing = open_cache(req.output).storage if cache_exists else None
     plan = check_settings(
         existing, sample_settings(cfg, enc_version), encoders=req.encoders, new_version=req.new_settings_version
@@ -381,13 +393,17 @@ def produce(req: ProduceRequest, on_progress: Callable[[ProducerCounts], None] |
             if req.local_num_cpus
             else f"the embedded Ray (max(4, cores) = {embedded_num_cpus(None):g} CPUs)",
         )
-    metrics = (
-        ProducerMetrics(port=req.metrics_port, host=req.metrics_host)
-        if req.metrics_port is not None
-        else ProducerMetrics()
+    metrics = ProducerMetrics(
+        port=req.metrics_port,
+        host=req.metrics_host,
+        run_label=run_label,
+        run_id=run_id,
+        buckets=sorted({b.name for group in cfg.buckets.values() for b in group}),
+        sd_dir=req.prometheus_sd_dir if req.metrics_port is not None else None,
     )
     started_ray = False
     try:
+        cluster_cpus = None
         if needs_ray:
             import ray
 
@@ -399,6 +415,7 @@ def produce(req: ProduceRequest, on_progress: Callable[[ProducerCounts], None] |
                 float(total.get("GPU", 0.0)),
                 "the embedded Ray" if started_ray else f"the Ray cluster at {ray.get_runtime_context().gcs_address}",
             )
+            cluster_cpus = float(total.get("CPU", 0.0))
         cache = init_cache(req.output)
         storage = cache.storage
         settings_version = record_settings(
@@ -407,8 +424,20 @@ def produce(req: ProduceRequest, on_progress: Callable[[ProducerCounts], None] |
             run_id=run_id,
             commits_before=0 if plan.action != "create" else len(storage.listdir("commits")),
         )
-        status = StatusFile(storage, run_id)
+        status = StatusFile(storage, run_id, run_label=run_label, metrics=metrics)
+        status.workers.update(stage_workers(cfg, cluster_cpus))
+        versions = cache.snapshot_versions()
+        status.snapshot_version = versions[-1] if versions else 0
+        heartbeat = Heartbeat(
+            status,
+            counts,
+            snapshot=lambda: cache.create_snapshot().version,
+            commits=lambda: len(commit_record_names(storage)),
+            snapshot_interval_s=cfg.snapshot_interval_s,
+            pools={"vae": cfg.vae_pool.min_actors, "text": cfg.text_pool.min_actors},
+        )
         state = "failed"
+        heartbeat.start()
         try:
             _run(
                 req,
@@ -425,12 +454,19 @@ def produce(req: ProduceRequest, on_progress: Callable[[ProducerCounts], None] |
                 run_id,
                 on_progress,
             )
+            heartbeat.stop()  # no snapshot of its own from here on
             sweep_orphans(storage, grace_s=cfg.sweep_grace_s)
-            cache.create_snapshot()
+            snap = cache.create_snapshot()
+            status.snapshot_version = max(status.snapshot_version, snap.version)
             state = "finished"
             log.info("run %s finished (producer settings version %d)", run_id, settings_version)
         finally:
-            status.update(counts, state, {}, metrics.port, force=True)
+            heartbeat.stop()
+            status.queues = {}
+            try:
+                status.update(counts, state, force=True)
+            finally:
+                status.close()
     finally:
         metrics.close()
         if started_ray:
@@ -438,6 +474,23 @@ def produce(req: ProduceRequest, on_progress: Callable[[ProducerCounts], None] |
 
             ray.shutdown()
     return counts
+
+
+def stage_workers(cfg: ProducerConfig, cluster_cpus: float | None) -> dict[str, int]:
+    """Workers per stage, the denominators of ``stage_busy``: the read tasks the CPUs left by the
+    encoder pools (at their maximum) can run at once, each pool's minimum actors (the alive
+    count replaces it once polled), and the shard writers that may be in flight. Without Ray
+    (the driver writes): one of each."""
+    if cluster_cpus is None:
+        return dict.fromkeys(STAGES, 1)
+    vae, text = cfg.vae_pool, cfg.text_pool
+    free = cluster_cpus - vae.max_actors * vae.num_cpus - text.max_actors * text.num_cpus - cfg.writer_cpus
+    return {
+        "cpu": max(1, int(free / cfg.cpu_task_cpus + 1e-9)),
+        "vae": vae.min_actors,
+        "text": text.min_actors,
+        "write": max(1, min(cfg.max_inflight_partitions, int(cluster_cpus / cfg.writer_cpus + 1e-9))),
+    }
 
 
 def _run(
@@ -459,12 +512,18 @@ def _run(
     sweep_orphans(storage, grace_s=cfg.sweep_grace_s)
     # Commit records read before Ray started, or committed since by another producer.
     todo_ids = set()
+    found = []
     for p in partitions:
         record = records.get(p.partition_id) or read_commit(storage, p.partition_id)
         if record is not None:
-            _account(counts, metrics, outcome_from_record(record, won=False), skipped=True)
+            found.append(record)
         else:
             todo_ids.add(p.partition_id)
+    if found:  # their text tokens: one small read per shard, in parallel (object stores)
+        with ThreadPoolExecutor(max_workers=min(16, len(found))) as pool:
+            skipped = list(pool.map(lambda rec: outcome_from_record(rec, won=False, storage=storage), found))
+        for outcome in skipped:
+            _account(counts, metrics, status, outcome, skipped=True)
     todo = [p for p in todo if p.partition_id in todo_ids]
     log.info(
         "run %s: %d inputs in %d partitions, %d already committed, encoders %s (%s)",
@@ -479,11 +538,13 @@ def _run(
     # no Ray: the driver writes their quarantine tables itself.
     for p in [p for p in todo if not _needs_encoding(p)]:
         rows = prepare_partition(_partition_row(p), cache_url=req.output, config=cfg, encoder_version=enc_version)
-        counts.read += len(p.items)
+        with status.lock:
+            counts.read += len(p.items)
         metrics.images_read.inc(len(p.items))
         _account(
             counts,
             metrics,
+            status,
             write_partition(
                 req.output, p.partition_id, rows, encoder_version=enc_version, run_id=run_id, fault=FaultConfig()
             ),
@@ -494,59 +555,141 @@ def _run(
         return
     import ray
 
-    writes: dict = {}  # ObjectRef -> partition id
     remote_write = ray.remote(write_partition).options(num_cpus=cfg.writer_cpus, max_retries=cfg.writer_max_retries)
 
-    def finish_one(block: bool) -> None:
-        ready, _ = ray.wait(list(writes), num_returns=1, timeout=None if block else 0)
-        for ref in ready:
-            writes.pop(ref)
-            outcome: PartitionOutcome = ray.get(ref)
-            _account(counts, metrics, outcome, skipped=False)
-            if (
-                cfg.fault.kill_writer_at
-                and cfg.fault.kill_scope == "driver"
-                and counts.partitions_done - counts.partitions_skipped >= cfg.fault.after_partitions
-            ):
-                os._exit(137)  # fault injection: the whole producer dies; rerun resumes
+    def committed(outcome: PartitionOutcome) -> None:
+        _account(counts, metrics, status, outcome, skipped=False)
+        if (
+            cfg.fault.kill_writer_at
+            and cfg.fault.kill_scope == "driver"
+            and counts.partitions_done - counts.partitions_skipped >= cfg.fault.after_partitions
+        ):
+            os._exit(137)  # fault injection: the whole producer dies; rerun resumes
 
-    for w in range(0, len(todo), WINDOW_PARTITIONS):
-        window = todo[w : w + WINDOW_PARTITIONS]
-        ds = _build_dataset(window, req, cfg, encoders_dir, enc_version)
-        pending: dict[str, list[dict]] = {}
-        for row in ds.iter_rows():
-            pid = row["partition_id"]
-            rows = pending.setdefault(pid, [])
-            rows.append(dict(row))
-            if row["kind"] == "encode":
-                counts.encoded += 1
-                metrics.images_encoded.inc()
-            if len(rows) == int(row["partition_rows"]):
-                rows = pending.pop(pid)
-                n_inputs = len({r["input_id"] for r in rows})
-                counts.read += n_inputs
-                metrics.images_read.inc(n_inputs)
-                while len(writes) >= cfg.max_inflight_partitions:
-                    finish_one(block=True)
-                writes[
-                    remote_write.remote(
-                        req.output, pid, rows, encoder_version=enc_version, run_id=run_id, fault=cfg.fault
+    writes = _Writes(committed, cfg.max_inflight_partitions)
+    try:
+        for w in range(0, len(todo), WINDOW_PARTITIONS):
+            window = todo[w : w + WINDOW_PARTITIONS]
+            ds = _build_dataset(window, req, cfg, encoders_dir, enc_version)
+            pending: dict[str, list[dict]] = {}
+            row_times = _RowTimes()
+            for row in ds.iter_rows():
+                pid = row["partition_id"]
+                rows = pending.setdefault(pid, [])
+                rows.append(dict(row))
+                busy = row_times.add(row)
+                with status.lock:
+                    for stage, seconds in busy.items():
+                        status.busy_s[stage] += seconds
+                    if row["kind"] == "encode":
+                        counts.encoded += 1
+                if row["kind"] == "encode":
+                    metrics.images_encoded.inc()
+                if len(rows) == int(row["partition_rows"]):
+                    rows = pending.pop(pid)
+                    row_times.forget(pid)
+                    n_inputs = len({r["input_id"] for r in rows})
+                    with status.lock:
+                        counts.read += n_inputs
+                    metrics.images_read.inc(n_inputs)
+                    writes.submit(  # waits while max_inflight_partitions writes are in flight
+                        remote_write.remote(
+                            req.output, pid, rows, encoder_version=enc_version, run_id=run_id, fault=cfg.fault
+                        )
                     )
-                ] = pid
-            finish_one(block=False) if writes else None
-            queues = {"partitions_assembling": len(pending), "writes_inflight": len(writes)}
-            for name, depth in queues.items():
-                metrics.queue_depth.labels(name).set(depth)
-            _poll_actors(metrics)
-            status.update(counts, "running", queues, metrics.port)
+                writes.poll()
+                queues = {"partitions_assembling": len(pending), "writes_inflight": len(writes)}
+                for name, depth in queues.items():
+                    metrics.queue_depth.labels(name).set(depth)
+                with status.lock:
+                    status.queues = queues
+                if on_progress:
+                    on_progress(counts)
+            if pending:
+                raise RuntimeError(f"partitions {sorted(pending)} lost rows in the pipeline (got fewer than emitted)")
+            writes.drain(on_progress=(lambda: on_progress(counts)) if on_progress else None)
+    finally:
+        writes.close()
+
+
+class _Writes:
+    """The shard writes in flight, each accounted (`on_done`) as soon as it is seen finished.
+
+    The driver looks after every row (`poll`) and waits for the first write to finish when too
+    many are in flight (`submit`) or at the end (`drain`), exactly as before; a thread also looks
+    every `poll_s`, so the counts, the status and the metrics follow the commits while the driver
+    waits for rows (a stalled encoder, a slow read). Whoever sees a write finished first accounts
+    it. A write that failed (after Ray's retries) raises in the driver: at once when the driver saw
+    it, else at its next `poll`, `submit` or `drain`.
+    """
+
+    def __init__(self, on_done: Callable[[PartitionOutcome], None], max_inflight: int, poll_s: float = 0.5) -> None:
+        self.on_done = on_done
+        self.max_inflight = max_inflight
+        self.poll_s = poll_s
+        self._refs: set = set()
+        self._lock = threading.Lock()
+        self._error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="producer-writes", daemon=True)
+        self._thread.start()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._refs)
+
+    def submit(self, ref) -> None:
+        while len(self) >= self.max_inflight:
+            self._finish(block=True)
+        with self._lock:
+            self._refs.add(ref)
+
+    def poll(self) -> None:
+        self._finish(block=False)
+
+    def drain(self, on_progress: Callable[[], None] | None = None) -> None:
+        """Wait for every write in flight (`on_progress` after each one)."""
+        while len(self):
+            self._finish(block=True)
             if on_progress:
-                on_progress(counts)
-        if pending:
-            raise RuntimeError(f"partitions {sorted(pending)} lost rows in the pipeline (got fewer than emitted)")
-        while writes:
-            finish_one(block=True)
-            if on_progress:
-                on_progress(counts)
+                on_progress()
+        self._raise()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
+
+    def _raise(self) -> None:
+        with self._lock:
+            error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def _finish(self, block: bool) -> None:
+        """Account the finished writes (block: until one finishes); raises a failed write's error."""
+        import ray
+
+        self._raise()
+        with self._lock:
+            refs = list(self._refs)
+        if not refs:
+            return
+        ready, _ = ray.wait(refs, num_returns=1 if block else len(refs), timeout=None if block else 0)
+        for ref in ready:
+            with self._lock:  # claim it: the other thread may have seen it too
+                if ref not in self._refs:
+                    continue
+                self._refs.discard(ref)
+            self.on_done(ray.get(ref))
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            try:
+                self._finish(block=False)
+            except BaseException as exc:  # the driver raises it
+                with self._lock:
+                    self._error = self._error or exc
+                return
 
 
 def _needs_encoding(p: Partition) -> bool:
@@ -557,42 +700,76 @@ def _partition_row(p: Partition) -> dict:
     return {"partition_id": p.partition_id, "items_json": json.dumps([it.to_dict() for it in p.items])}
 
 
-def _account(counts: ProducerCounts, metrics: ProducerMetrics, o: PartitionOutcome, skipped: bool) -> None:
-    counts.partitions_done += 1
-    counts.partitions_skipped += int(skipped)
-    counts.committed += o.committed
-    counts.duplicates += o.duplicates
-    counts.bytes_written += o.bytes_written
+def _account(
+    counts: ProducerCounts, metrics: ProducerMetrics, status: StatusFile, o: PartitionOutcome, skipped: bool
+) -> None:
+    """Add one partition's outcome to the counts, the status's windows and the Prometheus metrics.
+    A partition found committed (`skipped`) counts in the totals, not in this run's rates or busy time."""
+    with status.lock:
+        counts.partitions_done += 1
+        counts.partitions_skipped += int(skipped)
+        counts.committed += o.committed
+        counts.duplicates += o.duplicates
+        counts.bytes_written += o.bytes_written
+        counts.text_tokens += o.text_tokens
+        for reason, n in o.quarantined.items():
+            counts.quarantined[reason] = counts.quarantined.get(reason, 0) + n
+        for bucket, n in o.buckets.items():
+            counts.buckets[bucket] = counts.buckets.get(bucket, 0) + n
+        if not skipped:
+            fresh = status.fresh
+            fresh["samples"] += sum(o.buckets.values())
+            fresh["text_tokens"] += o.text_tokens
+            for bucket, n in o.buckets.items():
+                fresh["buckets"][bucket] = fresh["buckets"].get(bucket, 0) + n
+            status.busy_s["write"] += o.write_seconds
     for reason, n in o.quarantined.items():
-        counts.quarantined[reason] = counts.quarantined.get(reason, 0) + n
         metrics.images_quarantined.labels(reason).inc(n)
     for bucket, n in o.buckets.items():
-        counts.buckets[bucket] = counts.buckets.get(bucket, 0) + n
+        metrics.samples_committed.labels(bucket).inc(n)
     metrics.images_committed.inc(o.committed)
     metrics.images_duplicate.inc(o.duplicates)
     metrics.bytes_written.inc(o.bytes_written)
+    metrics.text_tokens.inc(o.text_tokens)
     for key, values in o.stage_seconds.items():
         for v in values:
             metrics.stage_latency.labels(key[2:]).observe(v)
+    if o.write_seconds:
+        metrics.stage_latency.labels("write").observe(o.write_seconds)
 
 
-_last_actor_poll = [0.0]
+class _RowTimes:
+    """Busy seconds per stage from the rows leaving the pipeline, each input's work counted once.
 
+    A row carries its input's read seconds (the same on each of the input's rows, one per target
+    area), its decode seconds (counted from the start of the input's decode, so the input's last
+    row holds the whole), its share of a VAE batch, and its input's share of a text batch (the
+    same on each of the input's rows).
+    """
 
-def _poll_actors(metrics: ProducerMetrics, every_s: float = 5.0) -> None:
-    """Alive encoder actors, from Ray's state API (best effort: needs the dashboard agent)."""
-    now = time.time()
-    if now - _last_actor_poll[0] < every_s:
-        return
-    _last_actor_poll[0] = now
-    try:
-        from ray.util.state import list_actors
+    def __init__(self) -> None:
+        self._inputs: dict[str, dict[str, tuple[float, bool]]] = {}  # partition -> input -> (decode seen, text)
 
-        alive = list_actors(filters=[("state", "=", "ALIVE")], limit=10_000, timeout=2)
-    except Exception:
-        return
-    for pool in ("VaeStage", "TextStage"):  # Ray Data names them MapWorker(MapBatches(<class>))
-        metrics.alive_actors.labels(pool).set(sum(1 for a in alive if pool in (a.class_name or "")))
+    def add(self, row) -> dict[str, float]:
+        busy = {"cpu": 0.0, "vae": float(row.get("t_vae") or 0.0), "text": 0.0}
+        inputs = self._inputs.setdefault(row["partition_id"], {})
+        key = row["input_id"]
+        decode, text_done = inputs.get(key, (None, False))
+        t_read, t_decode, t_text = (float(row.get(k) or 0.0) for k in ("t_read", "t_decode", "t_text"))
+        if decode is None:
+            busy["cpu"] += t_read
+            decode = 0.0
+        if t_decode > decode:
+            busy["cpu"] += t_decode - decode
+            decode = t_decode
+        if t_text and not text_done:
+            busy["text"] = t_text
+            text_done = True
+        inputs[key] = (decode, text_done)
+        return busy
+
+    def forget(self, partition_id: str) -> None:
+        self._inputs.pop(partition_id, None)
 
 
 def _build_dataset(
@@ -600,7 +777,13 @@ def _build_dataset(
 ):
     import ray
     import ray.data
+    from ray.util.debug import log_once
 
+    # Ray Data logs every execution plan at INFO, and warns once that its progress bars are off
+    # (which we ask for: our own progress lines say what a user needs); consume that one-time
+    # notice, keep its real warnings.
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    log_once("ray_data_progress_manager_disabled")
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.execution_options.preserve_order = False

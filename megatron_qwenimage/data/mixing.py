@@ -537,8 +537,8 @@ class Planner:
                     f"{what}, and no newer snapshot brought a full global batch of "
                     f"{stage.global_batch} within tail_timeout_s={self.config.tail_timeout_s}s"
                 )
-            if not waiting:
-                log.warning(
+            if not waiting:  # the expected state of a run that tails its producers (data wait shows it)
+                log.info(
                     "%s; waiting for a newer snapshot (polling every %ss, timeout %ss)",
                     what,
                     self.config.tail_poll_s,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import urllib.request
+from pathlib import Path
 
 import psutil
 import pytest
@@ -49,7 +50,7 @@ def test_prometheus_exporter_binds_localhost_only(tmp_path):
     finally:
         logger.close()
     assert bound == ["127.0.0.1"], bound
-    assert "qwenimage_train_loss 0.5" in body
+    assert 'qwenimage_consumer_loss{run="' + Path(tmp_path).name + '"} 0.5' in body
     assert _listening(port) == [], "close() left the socket listening"
 
 

@@ -29,10 +29,10 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from producer_helpers import SKIMAGE_DATA, run_cli
 
 from megatron_qwenimage.cache import open_cache, verify_cache
 from megatron_qwenimage.cache.writer import read_quarantine
+from tests.helpers.producers import SKIMAGE_DATA, run_cli
 
 PREFIX = "qwenimage produce: error: "
 #: The shared base cache: 4 synthetic inputs in 2 partitions, 64 px buckets.
@@ -395,8 +395,9 @@ def test_unreachable_ray_address_times_out_naming_it(producer_env, tmp_path):
 # --- resume and settings versions -----------------------------------------------------------------
 def test_rerun_on_a_fully_committed_cache_is_a_resume(base_cache, producer_env):
     """Every partition skipped: exit 0 with the cache's counts, no Ray needed, nothing rewritten
-    but status.json. Flags that do not shape samples may change (they are not compared)."""
-    before = {k: v for k, v in tree(base_cache).items() if k != "status.json"}
+    but status.json and the run's own telemetry history. Flags that do not shape samples may
+    change (they are not compared)."""
+    before = {k: v for k, v in tree(base_cache).items() if k != "status.json" and not k.startswith("telemetry/")}
     proc = run_cli(
         produce_argv(
             "--input",
@@ -427,7 +428,7 @@ def test_rerun_on_a_fully_committed_cache_is_a_resume(base_cache, producer_env):
         2,
         2,
     )
-    after = {k: v for k, v in tree(base_cache).items() if k != "status.json"}
+    after = {k: v for k, v in tree(base_cache).items() if k != "status.json" and not k.startswith("telemetry/")}
     assert after == before
 
 

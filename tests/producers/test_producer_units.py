@@ -11,8 +11,8 @@ import psutil
 import pytest
 from PIL import Image
 
-from megatron_qwenimage.config import ConfigError
 from megatron_qwenimage.cache.shard_format import Bucket
+from megatron_qwenimage.config import ConfigError
 from producers.config import FaultConfig, PoolConfig, ProducerConfig, buckets_for_area, parse_buckets
 from producers.encoders import TextEncoder, default_tiny_dir
 from producers.images import Rejected, decode_caption, decode_image, nearest_bucket, resize_center_crop
@@ -105,7 +105,7 @@ def test_config_validation():
 
 
 def test_prometheus_exporter_serves_on_localhost():
-    metrics = ProducerMetrics(port=0)
+    metrics = ProducerMetrics(port=0, run_label="u")
     try:
         metrics.images_quarantined.labels("zero_bytes").inc(2)
         metrics.stage_latency.labels("vae").observe(0.2)
@@ -118,6 +118,6 @@ def test_prometheus_exporter_serves_on_localhost():
     finally:
         metrics.close()
     assert bound == ["127.0.0.1"], bound
-    assert 'qwenimage_producer_images_quarantined_total{reason="zero_bytes"} 2.0' in body
-    assert 'qwenimage_producer_stage_seconds_count{stage="vae"} 1.0' in body
-    assert 'qwenimage_producer_queue_depth{queue="writes_inflight"} 3.0' in body
+    assert 'qwenimage_producer_images_quarantined_total{reason="zero_bytes",run="u"} 2.0' in body
+    assert 'qwenimage_producer_stage_seconds_count{run="u",stage="vae"} 1.0' in body
+    assert 'qwenimage_producer_queue_depth{queue="writes_inflight",run="u"} 3.0' in body

@@ -1,0 +1,121 @@
+"""SIGTERM mid-run (what Slurm sends before the time limit, or on preemption) saves the step, then exits.
+
+``torchrun --nproc-per-node 2`` (TP=2, gloo) trains; once a step is logged, SIGTERM goes to every
+process of the job at once, torchrun and its workers, as a Slurm step signal does (so each worker
+gets it twice: from the test and forwarded by torchrun). Every rank finishes the step it is in,
+they agree on the stop, and a committed checkpoint of the step they stopped at exists afterwards
+(an async save in flight is committed too); rank 0 says ``stopped by SIGTERM``. Rerunning the
+same command resumes from that checkpoint and the per-step losses equal an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from tests.helpers.consumers import free_port, read_jsonl, run_config, write_cache
+
+REPO = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+STEPS = 8
+
+
+def _launch(config: Path) -> subprocess.Popen:
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node=2",
+        "--master-addr=127.0.0.1",
+        f"--master-port={free_port()}",
+        "-m",
+        "megatron_qwenimage.cli",
+        "train",
+        "--config",
+        str(config),
+    ]
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+
+
+def _config(cache: str, out: Path, *, interval: int, async_save: bool) -> Path:
+    out.mkdir(parents=True)
+    cfg = run_config(
+        cache,
+        out,
+        steps=STEPS,
+        global_batch=4,
+        micro_batch=1,
+        ckpt_interval=interval,
+        parallel={"tp": 2},
+        checkpoint={"async_save": async_save, "keep_last": 5},
+    )
+    path = out / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _losses(out: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_jsonl(out / "logs" / "metrics.jsonl") if "loss" in r}
+
+
+def _committed(out: Path) -> list[int]:
+    ckpt = out / "ckpt"
+    return sorted(int(p.name[5:]) for p in ckpt.glob("step_*") if (p / "COMMITTED").is_file())
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> str:
+    return write_cache(tmp_path_factory.mktemp("sigterm") / "cache", samples_per_bucket=12, buckets=((32, 32),))
+
+
+@pytest.fixture(scope="module")
+def straight(cache, tmp_path_factory) -> dict[int, float]:
+    out = tmp_path_factory.mktemp("straight") / "run"
+    proc = _launch(_config(cache, out, interval=100, async_save=False))
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, log[-3000:]
+    return _losses(out)
+
+
+@pytest.mark.parametrize("interval,async_save", [(100, False), (2, True)], ids=["sync-no-interval", "async-every-2"])
+def test_sigterm_saves_the_current_step_and_the_rerun_matches(cache, straight, tmp_path, interval, async_save):
+    out = tmp_path / "run"
+    config = _config(cache, out, interval=interval, async_save=async_save)
+    proc = _launch(config)
+    metrics = out / "logs" / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and any(r.get("step") == 2 for r in read_jsonl(metrics))):
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.monotonic() < deadline, "no step was logged"
+        time.sleep(0.05)
+    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for p in tree:  # torchrun and both workers at once, as Slurm signals a job step
+        p.send_signal(signal.SIGTERM)
+    log, _ = proc.communicate(timeout=240)
+    assert proc.returncode != 0, log[-3000:]
+    assert "qwenimage train: stopped by SIGTERM; committed work is kept, rerun to resume" in log, log[-3000:]
+    assert "SIGTERM: stopping after step" in log, log[-3000:]
+
+    stopped_at = max(_losses(out))  # steps completed when the ranks agreed to stop (metrics count from 1)
+    assert 2 <= stopped_at < STEPS, (stopped_at, log[-3000:])
+    committed = _committed(out)
+    assert committed[-1] == stopped_at, (committed, stopped_at)
+    assert not list((out / "ckpt").glob(".tmp-step_*")), "a save was left half-written"
+    if interval == 100:  # no interval save: the one checkpoint is the SIGTERM save
+        assert committed == [stopped_at]
+
+    rerun = _launch(config)
+    log2, _ = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, log2[-3000:]
+    assert f"resumed from {out / 'ckpt'}/step_{stopped_at:08d}" in log2, log2[-3000:]
+    assert _losses(out) == straight and len(straight) == STEPS
