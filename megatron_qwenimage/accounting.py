@@ -128,8 +128,9 @@ def first_stage_tensors(config: MMDiTConfig) -> list[TensorSpec]:
 
 
 def time_embed_tensors(config: MMDiTConfig) -> list[TensorSpec]:
-    """The timestep MLP (256 → D → D). Every pipeline stage needs ``temb``; we assume each stage
-    holds a copy and recomputes it (docs/spec.md §7.1), so its parameters count once per stage."""
+    """The timestep MLP (256 → D → D). Only the first pipeline stage holds it (``pre_process`` in
+    `megatron_qwenimage.model.mmdit.QwenImageMMDiT`); later stages receive ``temb`` from the
+    previous stage with the image and text streams."""
     d = config.hidden_size
     return _linear(
         "time_text_embed.timestep_embedder.linear_1", TIMESTEP_PROJ_DIM, d, "replicated", "time_embed"
@@ -384,6 +385,7 @@ def design_formula_flops(config: MMDiTConfig, seq_len: int, batch_size: int = 1,
 PEAK_TFLOPS: dict[str, dict[str, float]] = {
     "h100-sxm": {"bf16": 989.0, "fp8": 1979.0},
     "h200": {"bf16": 989.0, "fp8": 1979.0},
+    "b200": {"bf16": 2250.0, "fp8": 4500.0},
 }
 
 
@@ -405,6 +407,8 @@ def gpu_key_from_device_name(device_name: str) -> str | None:
     name = device_name.lower()
     if "h200" in name:
         return "h200"
+    if "b200" in name:
+        return "b200"
     if "h100" in name and "pcie" not in name:
         return "h100-sxm"
     return None
@@ -522,6 +526,92 @@ def block_activation_bytes(
     return b + 4 * queries * heads_per_rank  # log-sum-exp, fp32
 
 
+#: fp32 bytes of one LayerNorm's saved mean + rstd, per token (fp32 on GPU; bf16 on CPU).
+_LN_STATS_BYTES = 8
+
+
+def eager_block_activation_bytes(
+    config: MMDiTConfig,
+    image_tokens: int,
+    text_tokens: int,
+    *,
+    tp: int = 1,
+    sequence_parallel: bool = False,
+    act_bytes: int = 2,
+    recompute: str = "none",
+    last_block: bool = False,
+) -> float:
+    """Bytes one block of *this repository's model* keeps for backward, for one sample.
+
+    Unlike `block_activation_bytes` (Megatron's analytic count, fused kernels assumed), this is
+    the set of tensors autograd actually saves in `megatron_qwenimage.model.block.MMDiTBlock` with
+    the local backend and eager elementwise ops, tensor by tensor (tests/launch/
+    test_memory_prediction.py sums the unique saved tensors of a real forward and compares).
+    Per token of a stream of a full block, with ``a`` = `act_bytes`, D, F, H heads:
+
+    * replicated over TP (divided by TP only under sequence parallelism): LN1 input and output,
+      the out-projection output (gate backward), LN2 input and output, the fc2 output: ``6·a·D``,
+      plus the fp32 mean and rstd of both LayerNorms;
+    * the modulated inputs of QKV and fc1, saved by the linears *after* the sequence-parallel
+      all-gather, so never divided: ``2·a·D``;
+    * head/column-sharded (divided by TP): the QKV output ``3·a·D`` (whole: q and k are views of
+      it), per q and k the RMSNorm's normalised value ``a·D`` (and its fp32 input copy ``4·D``
+      when ``a`` is not 4) and fp32 rsqrt per head, fc1 and GELU outputs ``2·a·F``;
+    * joint attention (divided by TP): q and output per query, k and v per key (``a·D`` each:
+      the concatenated copies), fp32 log-sum-exp per query and head. ``selective`` recompute
+      (our model re-runs the core attention) drops only the log-sum-exp: the output is kept by
+      the out-projection anyway.
+
+    The last block keeps the full set for image tokens; its text tokens keep LN1 + modulation,
+    the K/V projection output ``2·a·D`` and the K RMSNorm, and are keys only. Per sample (not
+    per token) each stream's modulation keeps ``SiLU(temb)``, its gathered ``[6D]`` output and
+    ``1 + scale`` twice (``9·a·D``; the last block's text ``2·a·D``). RoPE tables are counted
+    once per forward by `memory_per_gpu`.
+    """
+    if recompute not in RECOMPUTE:
+        raise ValueError(f"recompute={recompute!r}: expected one of {RECOMPUTE}")
+    d, f, heads = config.hidden_size, config.ffn_hidden_size, config.num_attention_heads
+    a = act_bytes
+    rep = tp if sequence_parallel else 1
+    fp32_copy = 0 if a == 4 else 4 * d  # rms_norm's x.to(float32), saved by pow when a != 4
+    qk_norm = (a * d + fp32_copy) / tp + 4 * heads / tp  # per q or k, per token
+    replicated = (6 * a * d + 2 * _LN_STATS_BYTES) / rep
+    gathered = 2 * a * d
+    sharded_full = (3 * a * d + 2 * a * f) / tp + 2 * qk_norm
+    per_token_stream = replicated + gathered + sharded_full
+    lse = 0 if recompute == "selective" else 4 * heads / tp  # fp32 per query and head
+    n, t = image_tokens, text_tokens
+    if last_block:
+        img = n * per_token_stream
+        txt = t * ((2 * a * d + _LN_STATS_BYTES) / rep + a * d + 2 * a * d / tp + qk_norm)
+        attention = n * (2 * a * d / tp + lse) + (n + t) * 2 * a * d / tp
+        per_sample = (9 + 2) * a * d
+    else:
+        img = n * per_token_stream
+        txt = t * per_token_stream
+        attention = (n + t) * (4 * a * d / tp + lse)
+        per_sample = 2 * 9 * a * d
+    return img + txt + attention + per_sample
+
+
+def zero1_shard_numel(tensors: Sequence[TensorSpec], tp: int, dp: int) -> int:
+    """Elements of the ZeRO-1 flat shard `consumers.optimizer.DistributedOptimizer` allocates for
+    `tensors` on one rank: each tensor (this TP rank's shard, viewed ``[rows, cols]``) gets
+    ``ceil(rows / dp) · cols`` elements, padding included."""
+    total = 0
+    for x in tensors:
+        if x.split == "column":
+            shape = (x.shape[0] // tp, *x.shape[1:])
+        elif x.split == "row":
+            shape = (x.shape[0], x.shape[1] // tp, *x.shape[2:])
+        else:
+            shape = x.shape
+        rows = shape[0]
+        cols = math.prod(shape[1:]) if len(shape) > 1 else 1
+        total += -(-rows // dp) * cols
+    return total
+
+
 @dataclass(frozen=True)
 class StageMemory:
     """Memory of one GPU of one pipeline stage, in bytes."""
@@ -532,10 +622,12 @@ class StageMemory:
     grads_bytes: float
     optimizer_bytes: float
     activation_bytes: float
+    #: Communication and pipeline buffers (``implementation="ours"`` only, see `memory_per_gpu`).
+    buffers_bytes: float = 0.0
 
     @property
     def total_bytes(self) -> float:
-        return self.params_bytes + self.grads_bytes + self.optimizer_bytes + self.activation_bytes
+        return self.params_bytes + self.grads_bytes + self.optimizer_bytes + self.activation_bytes + self.buffers_bytes
 
     def gib(self) -> dict[str, float]:
         return {k: v / GIB for k, v in self.to_dict().items() if k.endswith("_bytes")}
@@ -586,6 +678,9 @@ def _positive_int(name: str, value) -> None:
         raise ValueError(f"{name}={value!r}: expected a positive integer")
 
 
+IMPLEMENTATIONS = ("generic", "ours")
+
+
 def memory_per_gpu(
     config: MMDiTConfig,
     tp: int,
@@ -603,12 +698,15 @@ def memory_per_gpu(
     sequence_parallel: bool = False,
     condition_image_tokens: int = 0,
     num_microbatches: int | None = None,
+    implementation: str = "generic",
+    recompute_every: int = 1,
+    ema: bool = False,
 ) -> MemoryReport:
     """Estimate training memory of one GPU for every pipeline stage.
 
     * parameters: the stage's parameters and last-block buffers at `params_dtype`, split over TP
-      as described in the module docstring; the first stage holds the embedders, the last stage
-      the head, every stage a copy of the timestep MLP;
+      as described in the module docstring; the first stage holds the embedders and the timestep
+      MLP, the last stage the head;
     * gradients: trainable parameters at `grad_dtype` (Megatron's fp32 main-grad buffer; not
       sharded by ZeRO-1);
     * optimizer: ``adamw`` = fp32 master copy (only when `params_dtype` is not float32) + two fp32
@@ -619,13 +717,29 @@ def memory_per_gpu(
       ``recompute="full"`` each block keeps only its two input streams and one block's full
       activations are live during its recompute. Activations are in `params_dtype`.
 
-    Not included: CUDA context, allocator fragmentation, communication buckets, transient
-    workspaces (attention, GEMM) and the data batch. Stage counts use `split_layers` when `pp`
-    does not divide ``num_layers``.
+    ``implementation="ours"`` counts instead the tensors this repository's training engine
+    allocates (what `launch.plan` uses; tests/launch/test_memory_prediction.py measures them):
+
+    * activations: `eager_block_activation_bytes` (the model's real saved set), the RoPE tables
+      once per forward; ``full`` recompute applies to blocks whose global index is a multiple of
+      `recompute_every` (`consumers.recompute.RecomputeConfig.every_n`);
+    * `consumers.optimizer.DistributedOptimizer`: fp32 master (always), moments (and EMA when
+      `ema`) over the padded flat shard `zero1_shard_numel`; gradients are its ``[dp, S]`` fp32
+      buffer; ``buffers_bytes`` holds, with ``dp > 1``, the reduce-scatter output ``[S]`` fp32 and
+      the all-gather send ``[S]`` and receive ``[dp, S]`` buffers in `params_dtype`;
+    * ``torch.distributed.pipelining``'s receive buffers (``buffers_bytes``): every non-first
+      stage one per micro-batch of the step for its inputs (``img``, ``txt``, ``temb``), every
+      non-last stage one per micro-batch for its outputs' gradients (`num_microbatches`; pp
+      when None).
+
+    Not included: CUDA context, allocator fragmentation, NCCL buffers, transient workspaces
+    (attention, GEMM, autograd's activation gradients) and the data batch. Stage counts use
+    `split_layers` when `pp` does not divide ``num_layers``.
     """
     for name, value in (("tp", tp), ("pp", pp), ("dp", dp), ("micro_batch", micro_batch)):
         _positive_int(name, value)
     _positive_int("image_tokens", image_tokens)
+    _positive_int("recompute_every", recompute_every)
     _check_tokens("text_tokens", text_tokens, 0)
     _check_tokens("condition_image_tokens", condition_image_tokens, 0)
     if num_microbatches is not None:
@@ -645,9 +759,14 @@ def memory_per_gpu(
         raise ValueError(f"optimizer={optimizer!r}: expected one of {OPTIMIZERS}")
     if recompute not in RECOMPUTE:
         raise ValueError(f"recompute={recompute!r}: expected one of {RECOMPUTE}")
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation={implementation!r}: expected one of {IMPLEMENTATIONS}")
+    ours = implementation == "ours"
 
     p_bytes, g_bytes = DTYPE_BYTES[params_dtype], DTYPE_BYTES[grad_dtype]
     opt_per_param = (0 if params_dtype == "float32" else 4) + (8 if optimizer == "adamw" else 4)
+    if ours:  # DistributedOptimizer: fp32 master always, AdamW moments, EMA
+        opt_per_param = 4 + (8 if optimizer == "adamw" else 4) + (4 if ema else 0)
     d = config.hidden_size
     n = image_tokens + condition_image_tokens
     t = text_tokens
@@ -658,35 +777,70 @@ def memory_per_gpu(
     first = sum(x.numel_per_rank(tp) for x in first_stage_tensors(config))
     temb = sum(x.numel_per_rank(tp) for x in time_embed_tensors(config))
     head = sum(x.numel_per_rank(tp) for x in last_stage_tensors(config))
+    shard_dp = dp if zero1 else 1
+    block_shard = zero1_shard_numel(blocks, tp, shard_dp)
+    first_shard = zero1_shard_numel(first_stage_tensors(config) + time_embed_tensors(config), tp, shard_dp)
+    head_shard = zero1_shard_numel(last_stage_tensors(config), tp, shard_dp)
 
     act_kw = dict(tp=tp, sequence_parallel=sequence_parallel, act_bytes=p_bytes)
+    block_bytes = eager_block_activation_bytes if ours else block_activation_bytes
     sp_div = tp if sequence_parallel else 1
+    m = pp if num_microbatches is None else num_microbatches
     stages = []
+    start = 0
     for i, nb in enumerate(split_layers(config.num_layers, pp)):
         is_first, is_last = i == 0, i == pp - 1
-        held = nb * block_params + temb + (first if is_first else 0) + (head if is_last else 0)
+        held = nb * block_params + (first + temb if is_first else 0) + (head if is_last else 0)
         unused = last_unused if is_last else 0
         trainable = held - unused
-        optim = trainable * opt_per_param
-        if zero1:
-            optim = math.ceil(optim / dp)
+        buffers = 0.0
+        if ours:
+            shard = nb * block_shard + (first_shard if is_first else 0) + (head_shard if is_last else 0)
+            shard -= -(-unused // shard_dp) if is_last else 0
+            optim = shard * opt_per_param
+            grads = shard * shard_dp * 4  # the [dp, S] fp32 buffer, whatever `grad_dtype`
+            if shard_dp > 1:  # reduce-scatter output; all-gather send (not for fp32) and receive
+                buffers += shard * 4 + (0 if p_bytes == 4 else shard * p_bytes) + shard_dp * shard * p_bytes
+            stream = (n + t) * d * p_bytes + d * p_bytes  # img, txt, temb of one sample
+            buffers += micro_batch * m * stream * ((0 if is_first else 1) + (0 if is_last else 1))
+        else:
+            grads = trainable * g_bytes
+            optim = trainable * opt_per_param
+            if zero1:
+                optim = math.ceil(optim / dp)
 
         in_flight = pp - i if num_microbatches is None else min(pp - i, num_microbatches)
         n_full = nb - 1 if is_last else nb  # blocks that are not the trimmed last block
-        if recompute == "full":
+        live = 0.0
+        if recompute == "full" and ours:
+            recomputed = sum(1 for b in range(start, start + nb) if b % recompute_every == 0)
+            kept = nb - recomputed
+            full_kept = kept - (1 if is_last and (config.num_layers - 1) % recompute_every else 0)
+            per_mb = recomputed * (n + t) * d * p_bytes / sp_div  # saved block inputs, both streams
+            per_mb += full_kept * block_bytes(config, n, t, **act_kw)
+            if is_last and (config.num_layers - 1) % recompute_every:
+                per_mb += block_bytes(config, n, t, last_block=True, **act_kw)
+            if recomputed:
+                live = block_bytes(config, n, t, **act_kw) * micro_batch  # one block recomputed
+        elif recompute == "full":
             per_mb = nb * (n + t) * d * p_bytes / sp_div  # saved block inputs, both streams
             live = block_activation_bytes(config, n, t, **act_kw) * micro_batch  # one block recomputed
         else:
-            per_mb = n_full * block_activation_bytes(config, n, t, recompute=recompute, **act_kw)
+            per_mb = n_full * block_bytes(config, n, t, recompute=recompute, **act_kw)
             if is_last:
-                per_mb += block_activation_bytes(config, n, t, recompute=recompute, last_block=True, **act_kw)
-            live = 0.0
-        if is_first:  # img_in input, txt_norm input, txt_in input (replicated over TP)
+                per_mb += block_bytes(config, n, t, recompute=recompute, last_block=True, **act_kw)
+        if ours:  # RoPE tables (complex64, [s, 1, 1, head_dim/2]), once per forward
+            per_mb += (n + t) * config.attention_head_dim // 2 * 8 / micro_batch
+        if is_first:  # img_in input, txt_norm and txt_in inputs (replicated over TP)
             per_mb += (n * config.in_channels + 2 * t * config.joint_attention_dim) * p_bytes
+            if ours:  # the timestep MLP's inputs: sinusoid [256], linear_1 output, SiLU output
+                per_mb += (TIMESTEP_PROJ_DIM + 2 * d) * p_bytes
         if is_last:  # target tokens, gathered after the blocks: norm_out LN in/out, proj_out input,
             # and the fp32 prediction for the loss
             nt = image_tokens
             per_mb += 3 * nt * d * p_bytes + nt * config.patch_size**2 * config.out_channels * 4
+            if ours:  # the LayerNorm's fp32 statistics; SiLU(temb) and 1 + scale per sample
+                per_mb += nt * _LN_STATS_BYTES + 2 * d * p_bytes
         activations = per_mb * micro_batch * in_flight + live
 
         stages.append(
@@ -694,11 +848,13 @@ def memory_per_gpu(
                 stage=i,
                 num_blocks=nb,
                 params_bytes=float(held * p_bytes),
-                grads_bytes=float(trainable * g_bytes),
+                grads_bytes=float(grads),
                 optimizer_bytes=float(optim),
                 activation_bytes=float(activations),
+                buffers_bytes=float(buffers),
             )
         )
+        start += nb
     layout = dict(
         tp=tp,
         pp=pp,
@@ -715,4 +871,6 @@ def memory_per_gpu(
         sequence_parallel=sequence_parallel,
         num_microbatches=num_microbatches,
     )
+    if ours or recompute_every != 1 or ema:
+        layout.update(implementation=implementation, recompute_every=recompute_every, ema=ema)
     return MemoryReport(tuple(stages), layout)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
 import os
 import signal
 import sys
@@ -22,13 +23,30 @@ from megatron_qwenimage.errors import UserError
 # the expected state of a CPU machine, not something a user of the command line can act on.
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
+#: Our packages: their loggers log at the level a command asks for; every other library's log at
+#: WARNING (megatron-core, Ray, torch announce at INFO what a user cannot act on; warnings stay).
+OWN_LOGGERS = ("megatron_qwenimage", "producers", "consumers", "launch", "benchmarks")
+
+
+def configure_logging(level: int | str = logging.INFO, *, fmt: str = "[%(asctime)s] %(message)s", stream=None) -> None:
+    """Root handler at WARNING (libraries), our packages' loggers at `level`."""
+    logging.basicConfig(level=logging.WARNING, format=fmt, stream=stream or sys.stderr, force=True)
+    level = getattr(logging, level.upper()) if isinstance(level, str) else level
+    for name in OWN_LOGGERS:
+        logging.getLogger(name).setLevel(level)
+
+
 #: Modules that register subcommands, in the order they appear in ``qwenimage --help``.
 COMMAND_MODULES = (
     "megatron_qwenimage.commands.model_info",
+    "megatron_qwenimage.commands.plan",
     "megatron_qwenimage.commands.convert",
     "producers.cli",
     "producers.cache_cli",
     "consumers.cli",
+    "launch.cli",
+    "launch.commands",
+    "megatron_qwenimage.commands.monitor",
 )
 
 
@@ -60,13 +78,6 @@ def _rank() -> str:
 def _prints_errors() -> bool:
     """Whether this process reports a stop (Ctrl-C / SIGTERM): global rank 0 only."""
     return _rank() == "0"
-
-
-def mark_collective(error: BaseException) -> BaseException:
-    """Mark `error` as raised alike on every rank (a config, layout or resume decision every rank
-    makes from the same inputs): only global rank 0 reports it. Returns `error`."""
-    error.collective = True
-    return error
 
 
 def report_user_error(command: str, error: UserError, *, as_json: bool, debug: bool) -> None:
@@ -105,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
-    command = " ".join(filter(None, (args.command, getattr(args, "cache_command", None))))
+    command = " ".join(
+        filter(None, (args.command, getattr(args, "cache_command", None), getattr(args, "launch_command", None)))
+    )
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _raise_terminated)
     try:
@@ -121,4 +134,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m megatron_qwenimage.cli`: run the package module's `main`, not this `__main__`
+    # copy, so that its exception classes (`Terminated`) are the ones every other module raises.
+    from megatron_qwenimage.cli import main as package_main
+
+    sys.exit(package_main())

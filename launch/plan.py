@@ -1,0 +1,1069 @@
+"""Capacity planner: the TP x PP x DP layout, recompute and micro-batches for a GPU count.
+
+Pure functions and dataclasses; ``qwenimage plan`` (`megatron_qwenimage.commands.plan`) is the
+command line. docs/launch.md ("Capacity planner") explains every number and where it comes from.
+
+* Memory per GPU: `megatron_qwenimage.accounting.memory_per_gpu` with
+  ``implementation="ours"`` (the tensors this repository's engine allocates, checked against a
+  real engine in tests/launch/test_memory_prediction.py), plus FP8 weight copies and the
+  backward pass's working set (`predicted_memory`). A layout fits when that is at most the HBM
+  minus a stated reserve (fragmentation, NCCL buffers, CUDA context).
+* Step time: measured fwd+bwd model TFLOP/s of our training step (the benchmark records in
+  ``benchmarks/gpu/results``; for a GPU without records the H200 ones scaled by the peak-FLOPs
+  ratio) and the measured ZeRO-1 optimizer rate, plus TP / PP / DP communication at stated
+  bandwidths, the 1F1B pipeline bubble and the recompute's extra forward (`step_time`).
+* Producers: measured VAE and text-encoder rates per GPU (`ProducerRates`).
+* Storage: bytes per cached sample from the shard format (`sample_bytes`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from megatron_qwenimage import accounting
+from megatron_qwenimage.config import PIXELS_PER_TOKEN_SIDE, MMDiTConfig, load_config
+from megatron_qwenimage.errors import UserError
+
+GIB = accounting.GIB
+
+#: Where ``benchmarks/gpu/run.py`` and ``train_loop.py`` write their JSON lines records.
+DEFAULT_RESULTS_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu" / "results"
+
+
+class PlanError(UserError, ValueError):
+    """A bad planner flag, or a GPU count that no layout fits (the message says why)."""
+
+
+# --------------------------------------------------------------------------------------------
+# GPUs
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    """One GPU model.
+
+    Attributes:
+        name: planner name (``h100``, ``h200``, ``b200``). label: what NVIDIA calls it.
+        hbm_gib: memory a process can allocate (``torch.cuda.get_device_properties().total_memory``;
+            the H200's matches the ~139 GiB of our benchmark card, H100 and B200 are the data-sheet
+            80 / 180 GB less what the driver keeps, not measured here: ``--hbm-gib`` overrides).
+        peak_key: its `accounting.PEAK_TFLOPS` entry (dense bf16 / FP8 from NVIDIA's data sheets).
+        hbm_tb_s: HBM bandwidth (data sheet), scales the memory-bound optimizer step.
+        intra_node_gb_s: assumed NCCL bus bandwidth inside a node (NVLink), per GPU.
+        inter_node_gb_s: assumed NCCL bus bandwidth between nodes, per GPU (one 400 Gb/s NIC each).
+    """
+
+    name: str
+    label: str
+    hbm_gib: float
+    peak_key: str
+    hbm_tb_s: float
+    intra_node_gb_s: float
+    inter_node_gb_s: float
+
+    def peak_tflops(self, precision: str) -> float:
+        return accounting.PEAK_TFLOPS[self.peak_key][precision]
+
+
+GPUS: dict[str, GpuSpec] = {
+    "h100": GpuSpec("h100", "NVIDIA H100 SXM 80GB", 79.2, "h100-sxm", 3.35, 360.0, 45.0),
+    "h200": GpuSpec("h200", "NVIDIA H200 141GB", 139.8, "h200", 4.8, 360.0, 45.0),
+    "b200": GpuSpec("b200", "NVIDIA B200 180GB", 178.4, "b200", 8.0, 720.0, 45.0),
+}
+
+#: The card every measured rate of this repository comes from.
+MEASURED_GPU = "h200"
+
+
+# --------------------------------------------------------------------------------------------
+# Measured rates
+# --------------------------------------------------------------------------------------------
+
+#: Fallback when no benchmark record is readable: our training step on one H200, fwd+bwd only,
+#: 4-block full-width slice, 256 text tokens (benchmarks/gpu/results/2026-11-29-h200-run.jsonl and
+#: 2026-11-30-h200-run.jsonl; docs/launch.md copies them): (precision, resolution px, micro-batch,
+#: fwd+bwd ms of the 4-block slice, the record).
+H200_STEP_ANCHORS: tuple[tuple[str, int, int, float, str], ...] = (
+    ("bf16", 1024, 2, 70.24, "2026-11-29 ours_te_bf16_fused"),
+    ("bf16", 256, 32, 96.94, "2026-11-29 ours_te_bf16_fused (step 101.80 ms less its 4.86 ms optimizer)"),
+    ("fp8", 1024, 2, 61.07, "2026-11-30 ours_te_fp8_delayed_graphs"),
+    ("fp8", 640, 8, 82.98, "2026-11-30 ours_te_fp8_delayed_nocache (step 95.49 ms less its 12.51 ms optimizer)"),
+)
+#: The training loop's ZeRO-1 optimizer on one H200: 19.545 ms for the 4-block slice's
+#: 1,267,694,016 trainable parameters (2026-11-29-h200-run.jsonl, "what": "optimizer").
+H200_OPTIMIZER_PARAMS_PER_S = 1_267_694_016 / 19.545e-3
+#: Qwen-Image VAE encode, random weights, bf16, one H200 (2026-11-26): (pixels per side, img/s).
+H200_VAE_ANCHORS: tuple[tuple[int, float], ...] = ((512, 97.0), (1024, 23.0))
+#: Qwen2.5-VL-7B text tower, random weights, bf16, one H200 (2026-11-26): prompts/s at tokens.
+H200_TEXT_ANCHOR: tuple[float, int] = (135.0, 290)
+#: Layers of the slice the step anchors were measured on.
+ANCHOR_LAYERS = 4
+
+
+@dataclass(frozen=True)
+class RatePoint:
+    """One measured fwd+bwd rate: `block_flops` model FLOPs per block per micro-batch (one GPU,
+    fwd+bwd) ran at `tflops` model TFLOP/s; `source` names the record."""
+
+    resolution: int
+    micro_batch: int
+    block_flops: float
+    tflops: float
+    source: str
+
+
+@dataclass(frozen=True)
+class StepRates:
+    """Per-GPU compute rates of our training step for one precision on one GPU model.
+
+    `points` are sorted by `block_flops`. `rate(block_flops)` interpolates the TFLOP/s linearly in
+    log(FLOPs) between points, holds the largest point's rate above it, and below the smallest
+    point keeps the time per micro-batch of that point (launch-bound: a smaller micro-batch is no
+    faster). `scale` multiplies every rate (the peak-FLOPs ratio for a GPU without records).
+    """
+
+    precision: str
+    points: tuple[RatePoint, ...]
+    optimizer_params_per_s: float
+    source: str
+    scale: float = 1.0
+    notes: tuple[str, ...] = ()
+
+    def rate(self, block_flops: float) -> float:
+        """Model FLOP/s (not TFLOP/s) of one GPU on micro-batches of `block_flops` per block."""
+        pts = self.points
+        if block_flops <= pts[0].block_flops:
+            return pts[0].tflops * 1e12 * self.scale * block_flops / pts[0].block_flops
+        if block_flops >= pts[-1].block_flops:
+            return pts[-1].tflops * 1e12 * self.scale
+        for lo, hi in zip(pts, pts[1:]):
+            if lo.block_flops <= block_flops <= hi.block_flops:
+                x = (math.log(block_flops) - math.log(lo.block_flops)) / (
+                    math.log(hi.block_flops) - math.log(lo.block_flops)
+                )
+                return (lo.tflops + x * (hi.tflops - lo.tflops)) * 1e12 * self.scale
+        raise AssertionError("unreachable")
+
+    def to_dict(self) -> dict:
+        return {
+            "precision": self.precision,
+            "source": self.source,
+            "scale": self.scale,
+            "notes": list(self.notes),
+            "optimizer_params_per_s": self.optimizer_params_per_s,
+            "points": [asdict(p) for p in self.points],
+        }
+
+
+@functools.lru_cache(maxsize=16)
+def _slice_config(layers: int) -> MMDiTConfig:
+    """The 20B model's width with `layers` blocks (the benchmarks' slices)."""
+    return load_config("qwen-image-20b").replace(num_layers=layers)
+
+
+def _block_flops(config: MMDiTConfig, resolution: int, micro_batch: int, text_tokens: int) -> float:
+    tokens = (resolution // PIXELS_PER_TOKEN_SIDE) ** 2
+    return accounting.model_flops_per_sample(config, tokens, text_tokens) * micro_batch / config.num_layers
+
+
+def _precision_of(record: dict) -> str | None:
+    """``bf16`` / ``fp8`` for a record of our training step that training can reproduce, else None.
+
+    FP8 records count only when their weights were re-quantized every step (what training does;
+    earlier FP8 records reused the first step's FP8 weights, docs/benchmarks.md)."""
+    variant = str(record.get("variant", ""))
+    if record.get("padded_text") or record.get("skipped") or record.get("error"):
+        return None
+    if variant.startswith("ours_te_bf16"):
+        return "bf16"
+    if variant.startswith("ours_te_fp8") and record.get("fp8_weights") == "re-quantized every step":
+        return "fp8"
+    return None
+
+
+def read_records(results_dir: str | Path) -> list[tuple[str, dict, dict]]:
+    """``(file name, environment record, record)`` for every JSON line of every ``*.jsonl`` in
+    `results_dir` (a missing directory or an unreadable line is skipped)."""
+    out = []
+    path = Path(results_dir)
+    if not path.is_dir():
+        return out
+    for file in sorted(path.glob("*.jsonl")):
+        env: dict = {}
+        try:
+            lines = file.read_text().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(rec, dict):
+                continue
+            if rec.get("what") == "environment":
+                env = rec
+            out.append((file.name, env, rec))
+    return out
+
+
+def _gpu_of(env: dict) -> str | None:
+    key = accounting.gpu_key_from_device_name(str(env.get("device", "")))
+    return {"h100-sxm": "h100", "h200": "h200", "b200": "b200"}.get(key or "")
+
+
+def measured_rates(results_dir: str | Path, gpu: str, precision: str) -> StepRates | None:
+    """Our step's fwd+bwd rates on `gpu` from the benchmark records in `results_dir`, or None.
+
+    fwd+bwd time is a record's ``fwd_bwd_ms``; for a record without it, its ``step_ms`` less the
+    median ``step_ms - fwd_bwd_ms`` (the benchmark's optimizer) of the same variant in the same
+    file (else of the same precision; else nothing is subtracted, which is conservative). Model
+    FLOPs are recounted with `accounting.model_flops_per_sample` for the record's slice. Per
+    micro-batch size, the fastest qualifying record is kept.
+    """
+    records = [(f, env, r) for f, env, r in read_records(results_dir) if _gpu_of(env) == gpu]
+    steps = [(f, env, r) for f, env, r in records if r.get("what") == "step" and _precision_of(r) == precision]
+    if not steps:
+        return None
+    overhead: dict[tuple, list[float]] = {}
+    for f, _, r in records:
+        if r.get("what") == "step" and r.get("fwd_bwd_ms") and r.get("step_ms") and _precision_of(r):
+            d = r["step_ms"] - r["fwd_bwd_ms"]
+            overhead.setdefault((f, r["variant"]), []).append(d)
+            overhead.setdefault((f, _precision_of(r)), []).append(d)
+    best: dict[tuple[int, int], RatePoint] = {}
+    for f, env, r in steps:
+        layers = int(env.get("layers", ANCHOR_LAYERS))
+        cfg = _slice_config(layers)
+        if r.get("fwd_bwd_ms"):
+            ms, how = float(r["fwd_bwd_ms"]), "fwd_bwd_ms"
+        else:
+            extra = overhead.get((f, r["variant"])) or overhead.get((f, precision))
+            sub = statistics.median(extra) if extra else 0.0
+            ms, how = float(r["step_ms"]) - sub, f"step_ms - {sub:.1f} ms optimizer"
+        flops = _block_flops(cfg, int(r["res"]), int(r["batch"]), int(r.get("text_tokens", 256)))
+        tflops = flops * layers / (ms * 1e-3) / 1e12
+        point = RatePoint(int(r["res"]), int(r["batch"]), flops, tflops, f"{f} {r['variant']} ({how})")
+        key = (point.resolution, point.micro_batch)
+        if key not in best or point.tflops > best[key].tflops:
+            best[key] = point
+    opt_rates = [
+        accounting.parameter_counts(_slice_config(int(env.get("layers", ANCHOR_LAYERS)))).trainable
+        / (r["optimizer_ms"] * 1e-3)
+        for f, env, r in records
+        if r.get("what") == "optimizer" and r.get("optimizer_ms")
+    ]
+    files = sorted({f for f, _, _ in steps})
+    return StepRates(
+        precision=precision,
+        points=tuple(sorted(best.values(), key=lambda p: p.block_flops)),
+        optimizer_params_per_s=statistics.median(opt_rates) if opt_rates else H200_OPTIMIZER_PARAMS_PER_S,
+        source=f"measured on {GPUS[gpu].label}: {Path(results_dir).name}/{{{', '.join(files)}}}",
+    )
+
+
+def anchor_rates(precision: str) -> StepRates:
+    """The H200 rates built into this module (docs/launch.md), for when no record is readable."""
+    cfg = _slice_config(ANCHOR_LAYERS)
+    points = []
+    for prec, res, mb, ms, what in H200_STEP_ANCHORS:
+        if prec != precision:
+            continue
+        flops = _block_flops(cfg, res, mb, 256)
+        points.append(RatePoint(res, mb, flops, flops * ANCHOR_LAYERS / (ms * 1e-3) / 1e12, f"anchor {what}"))
+    return StepRates(
+        precision=precision,
+        points=tuple(sorted(points, key=lambda p: p.block_flops)),
+        optimizer_params_per_s=H200_OPTIMIZER_PARAMS_PER_S,
+        source="H200 anchors of docs/launch.md (no benchmark records readable)",
+    )
+
+
+def step_rates(gpu: str, precision: str, results_dir: str | Path | None = DEFAULT_RESULTS_DIR) -> StepRates:
+    """Rates for `gpu`: its own records; else the H200's records (or built-in anchors) scaled by
+    the ratio of dense peak TFLOP/s at `precision`, the optimizer by the HBM bandwidth ratio."""
+    own = measured_rates(results_dir, gpu, precision) if results_dir is not None else None
+    if own is not None:
+        return own
+    base = measured_rates(results_dir, MEASURED_GPU, precision) if results_dir is not None else None
+    base = base or anchor_rates(precision)
+    if gpu == MEASURED_GPU:
+        return base
+    spec, ref = GPUS[gpu], GPUS[MEASURED_GPU]
+    scale = spec.peak_tflops(precision) / ref.peak_tflops(precision)
+    note = (
+        f"no {spec.label} records: H200 rates scaled by the peak {precision} TFLOP/s ratio "
+        f"{spec.peak_tflops(precision):.0f}/{ref.peak_tflops(precision):.0f} = {scale:.2f}; the optimizer by the "
+        f"HBM bandwidth ratio {spec.hbm_tb_s}/{ref.hbm_tb_s} TB/s"
+    )
+    return replace(
+        base,
+        scale=scale,
+        optimizer_params_per_s=base.optimizer_params_per_s * spec.hbm_tb_s / ref.hbm_tb_s,
+        source=f"{base.source}, scaled to {spec.label}",
+        notes=(*base.notes, note),
+    )
+
+
+@dataclass(frozen=True)
+class ProducerRates:
+    """Encoder throughput per producer GPU: VAE img/s interpolated in log-log between the
+    measured resolutions (extrapolated with the same slope outside), text prompts/s inversely
+    proportional to caption tokens. `scale`: the peak-FLOPs ratio to the measured H200."""
+
+    vae: tuple[tuple[int, float], ...] = H200_VAE_ANCHORS
+    text: tuple[float, int] = H200_TEXT_ANCHOR
+    scale: float = 1.0
+
+    def vae_images_per_s(self, resolution: int) -> float:
+        (r0, v0), (r1, v1) = self.vae[0], self.vae[-1]
+        slope = math.log(v1 / v0) / math.log(r1 / r0)
+        return v0 * (resolution / r0) ** slope * self.scale
+
+    def text_prompts_per_s(self, tokens: int) -> float:
+        rate, at = self.text
+        return rate * at / max(tokens, 1) * self.scale
+
+
+# --------------------------------------------------------------------------------------------
+# Storage
+# --------------------------------------------------------------------------------------------
+
+#: bytes of zarr's shard index per inner chunk (offset + length, uint64) and per array (crc32c).
+ZARR_INDEX_BYTES_PER_CHUNK = 16
+ZARR_INDEX_CRC_BYTES = 4
+#: Text-embedding rows per zarr inner chunk (`megatron_qwenimage.cache.shard_format`).
+TEXT_CHUNK_ROWS = 256
+#: Measured once per shard (tests/launch/test_plan.py checks them): the zarr.json of the group
+#: and of its three arrays (~3.3 KB), samples.parquet's schema, footer and attributes (~5.2 KB).
+SHARD_FIXED_BYTES = 3_400 + 5_300
+#: Once per partition: its commit record (~2.1 KB) and quarantine/duplicates tables (~1.7 KB).
+PARTITION_FIXED_BYTES = 2_100 + 1_700
+#: A samples.parquet row (zstd): id (64 hex), caption, two URIs, eight numbers. An upper bound
+#: for captions of ~1 KB of text; the tiny test captions take far less.
+DEFAULT_METADATA_BYTES = 1_024
+
+
+def metadata_bytes(caption_chars: int, uri_chars: int = 100, id_chars: int = 64) -> int:
+    """Upper bound of one samples.parquet row's bytes: its strings uncompressed plus 36 bytes of
+    numbers (text_len, offset, flags, sizes, crop) and 8 of parquet's per-value framing."""
+    return caption_chars + uri_chars + id_chars + 36 + 8
+
+
+def sample_bytes(
+    resolution: int | tuple[int, int],
+    text_tokens: float,
+    *,
+    latent_channels: int = 16,
+    text_dim: int = 3584,
+    metadata: float = DEFAULT_METADATA_BYTES,
+    condition: bool = False,
+) -> dict[str, float]:
+    """Bytes one cached sample takes, by part (`megatron_qwenimage.cache.shard_format`).
+
+    Tensors are stored **uncompressed** (zarr ``compressors=None``; bf16 bit patterns), one file
+    per array with zarr's sharding codec: latents ``C·(h/8)·(w/8)·2`` plus a 16-byte index entry
+    (one inner chunk per sample), text ``tokens·D_txt·2`` plus 16 bytes per 256 rows, the int64
+    offset, and (edit samples) condition latents. The parquet row is zstd-compressed; `metadata`
+    is its allowance (see `metadata_bytes`). Per shard come `SHARD_FIXED_BYTES` and the padding
+    of the text array's last chunk (`text_padding_bytes`), see `shard_bytes`.
+    """
+    h, w = (resolution, resolution) if isinstance(resolution, int) else resolution
+    lat = latent_channels * (h // 8) * (w // 8) * 2 + ZARR_INDEX_BYTES_PER_CHUNK
+    parts = {
+        "latents": float(lat),
+        "condition_latents": float(lat if condition else 0),
+        "text_embeddings": text_tokens * text_dim * 2 + ZARR_INDEX_BYTES_PER_CHUNK * text_tokens / TEXT_CHUNK_ROWS,
+        "text_offsets": 8.0,
+        "metadata": float(metadata),
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def text_padding_bytes(text_dim: int = 3584) -> float:
+    """Mean bytes of a shard's padded last text chunk: half of 256 rows."""
+    return TEXT_CHUNK_ROWS / 2 * text_dim * 2
+
+
+def shard_bytes(
+    samples: int,
+    resolution: int | tuple[int, int],
+    text_rows: int,
+    *,
+    latent_channels: int = 16,
+    text_dim: int = 3584,
+    metadata: float = DEFAULT_METADATA_BYTES,
+) -> float:
+    """Bytes of one committed shard of `samples` samples with `text_rows` text rows in all.
+
+    zarr stores the text array's last inner chunk whole: ``ceil(rows / 256)`` chunks of 256 rows
+    (`text_padding_bytes` on average per shard)."""
+    per = sample_bytes(
+        resolution, 0, latent_channels=latent_channels, text_dim=text_dim, metadata=metadata
+    )  # without text: the text array is counted whole below
+    chunks = max(1, math.ceil(text_rows / TEXT_CHUNK_ROWS))  # the last one is stored whole (padded)
+    text = chunks * (TEXT_CHUNK_ROWS * text_dim * 2 + ZARR_INDEX_BYTES_PER_CHUNK)
+    # Each array's crc32c; the offsets array's one index entry and its (N + 1)-th offset.
+    fixed = SHARD_FIXED_BYTES + 3 * ZARR_INDEX_CRC_BYTES + ZARR_INDEX_BYTES_PER_CHUNK + 8
+    return samples * per["total"] + text + fixed
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------
+
+RECOMPUTE_MODES = ("none", "selective", "full")
+MICRO_BATCH_CHOICES = (1, 2, 4, 8, 16, 32, 64)
+
+
+@dataclass(frozen=True)
+class PlanInputs:
+    """What ``qwenimage plan`` is asked (flags, already parsed and checked by `parse_*`)."""
+
+    gpus: int
+    gpu: str
+    mix: tuple[tuple[int, float], ...]  # (resolution px, fraction of images), fractions sum to 1
+    micro_batch: Mapping[int, int] | None = None  # fixed per resolution, or None to choose
+    global_batch: Mapping[int, int] = field(default_factory=dict)  # per resolution; default 1024
+    images: int | None = None
+    precision: str = "bf16"
+    reserve: float = 0.10
+    hbm_gib: float | None = None
+    text_tokens: int = 256  # per sample, as the model runs (padded)
+    caption_tokens: int | None = None  # mean unpadded caption length (storage, text encoder)
+    gpus_per_node: int = 8
+    sequence_parallel: bool = True
+    partition_size: int = 64
+    metadata_bytes: float = DEFAULT_METADATA_BYTES
+    recompute: tuple[str, ...] = RECOMPUTE_MODES
+    intra_node_gb_s: float | None = None
+    inter_node_gb_s: float | None = None
+    results_dir: str | None = str(DEFAULT_RESULTS_DIR)
+
+    @property
+    def spec(self) -> GpuSpec:
+        s = GPUS[self.gpu]
+        return replace(
+            s,
+            hbm_gib=self.hbm_gib or s.hbm_gib,
+            intra_node_gb_s=self.intra_node_gb_s or s.intra_node_gb_s,
+            inter_node_gb_s=self.inter_node_gb_s or s.inter_node_gb_s,
+        )
+
+    @property
+    def budget_gib(self) -> float:
+        return self.spec.hbm_gib * (1.0 - self.reserve)
+
+    @property
+    def captions(self) -> int:
+        return self.text_tokens if self.caption_tokens is None else self.caption_tokens
+
+    def global_batch_for(self, resolution: int) -> int:
+        return int(self.global_batch.get(resolution, DEFAULT_GLOBAL_BATCH))
+
+
+DEFAULT_GLOBAL_BATCH = 1024
+
+
+def _number(flag: str, text: str, kind=float):
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise PlanError(f"{flag} {text!r}: expected a number") from None
+    if not math.isfinite(value):
+        raise PlanError(f"{flag} {text!r}: expected a finite number")
+    if kind is int:
+        if value != int(value):
+            raise PlanError(f"{flag} {text!r}: expected a whole number")
+        return int(value)
+    return value
+
+
+def check_resolution(flag: str, value: int) -> int:
+    if value <= 0 or value % PIXELS_PER_TOKEN_SIDE:
+        raise PlanError(
+            f"{flag} {value}: resolution {value} px is not a positive multiple of {PIXELS_PER_TOKEN_SIDE} "
+            "(VAE factor 8 x patch 2)"
+        )
+    return value
+
+
+def parse_mix(text: str, flag: str = "--resolution-mix") -> tuple[tuple[int, float], ...]:
+    """``"256:0.2,640:0.3,1328:0.5"`` -> ((256, 0.2), (640, 0.3), (1328, 0.5)); the fractions of
+    images must be positive and sum to 1 (within 1e-6), resolutions distinct multiples of 16 px."""
+    items = [p.strip() for p in str(text).split(",") if p.strip()]
+    if not items:
+        raise PlanError(f"{flag} {text!r}: expected RES:FRACTION[,RES:FRACTION...], e.g. 256:0.2,1328:0.8")
+    out: dict[int, float] = {}
+    for item in items:
+        res_text, sep, frac_text = item.partition(":")
+        if not sep:
+            raise PlanError(f"{flag} {text!r}: {item!r} is not RES:FRACTION")
+        res = check_resolution(flag, _number(flag, res_text, int))
+        frac = _number(flag, frac_text)
+        if frac <= 0:
+            raise PlanError(f"{flag} {text!r}: fraction {frac_text} of {res} px must be positive")
+        if res in out:
+            raise PlanError(f"{flag} {text!r}: resolution {res} appears twice")
+        out[res] = frac
+    total = sum(out.values())
+    if abs(total - 1.0) > 1e-6:
+        raise PlanError(f"{flag} {text!r}: fractions sum to {total:g}, expected 1")
+    return tuple(sorted(out.items()))
+
+
+def parse_per_resolution(
+    text: str, flag: str, resolutions: Sequence[int], *, minimum: int = 1
+) -> dict[int, int] | None:
+    """``"4"`` (every resolution) or ``"256:32,1328:2"`` -> {resolution: int}; None for empty."""
+    if text is None or str(text).strip() == "":
+        return None
+    text = str(text).strip()
+    if ":" not in text:
+        value = _number(flag, text, int)
+        if value < minimum:
+            raise PlanError(f"{flag} {text}: expected an integer >= {minimum}")
+        return {r: value for r in resolutions}
+    out: dict[int, int] = {}
+    for item in (p.strip() for p in text.split(",") if p.strip()):
+        res_text, _, value_text = item.partition(":")
+        res = check_resolution(flag, _number(flag, res_text, int))
+        value = _number(flag, value_text, int)
+        if value < minimum:
+            raise PlanError(f"{flag} {text}: {item!r}: expected an integer >= {minimum}")
+        if res not in resolutions:
+            raise PlanError(f"{flag} {text}: resolution {res} is not in --resolution-mix {sorted(resolutions)}")
+        out[res] = value
+    missing = sorted(set(resolutions) - set(out))
+    if missing:
+        raise PlanError(f"{flag} {text}: no value for resolution(s) {missing} of --resolution-mix")
+    return out
+
+
+def check_inputs(inputs: PlanInputs) -> None:
+    """`PlanError` naming the flag of the first bad value."""
+    if inputs.gpu not in GPUS:
+        raise PlanError(f"--gpu {inputs.gpu!r}: unknown GPU; expected one of {sorted(GPUS)}")
+    for flag, value in (
+        ("--gpus", inputs.gpus),
+        ("--text-tokens", inputs.text_tokens),
+        ("--gpus-per-node", inputs.gpus_per_node),
+        ("--partition-size", inputs.partition_size),
+    ):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise PlanError(f"{flag} {value!r}: expected a positive integer")
+    if inputs.caption_tokens is not None and inputs.caption_tokens < 1:
+        raise PlanError(f"--caption-tokens {inputs.caption_tokens!r}: expected a positive integer")
+    if inputs.images is not None and inputs.images < 1:
+        raise PlanError(f"--images {inputs.images!r}: expected a positive number of images")
+    if not 0 <= inputs.reserve < 1:
+        raise PlanError(f"--reserve {inputs.reserve!r}: expected a fraction of HBM in [0, 1)")
+    for flag, value in (
+        ("--hbm-gib", inputs.hbm_gib),
+        ("--intra-node-gbs", inputs.intra_node_gb_s),
+        ("--inter-node-gbs", inputs.inter_node_gb_s),
+    ):
+        if value is not None and not value > 0:
+            raise PlanError(f"{flag} {value!r}: expected a positive number")
+    if inputs.precision not in ("bf16", "fp8"):
+        raise PlanError(f"--precision {inputs.precision!r}: expected bf16 or fp8")
+    for mode in inputs.recompute:
+        if mode not in RECOMPUTE_MODES:
+            raise PlanError(f"--recompute {mode!r}: expected one of {RECOMPUTE_MODES}")
+    if not inputs.mix:
+        raise PlanError("--resolution-mix: no resolution")
+    if inputs.text_tokens > 1024:
+        raise PlanError(f"--text-tokens {inputs.text_tokens}: at most 1024 (Qwen-Image's text limit)")
+
+
+# --------------------------------------------------------------------------------------------
+# Predictions for one layout
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int
+    pp: int
+    dp: int
+    recompute: str
+    sequence_parallel: bool
+
+    @property
+    def name(self) -> str:
+        sp = "+SP" if self.sequence_parallel and self.tp > 1 else ""
+        return f"tp={self.tp}{sp} pp={self.pp} dp={self.dp} recompute={self.recompute}"
+
+
+@dataclass(frozen=True)
+class BucketPlan:
+    """One resolution under one layout and micro-batch: memory and time per optimizer step."""
+
+    resolution: int
+    micro_batch: int
+    microbatches: int  # per DP rank per step
+    global_batch: int  # effective: microbatches * dp * micro_batch
+    memory_gib: float
+    memory_parts_gib: dict
+    fits: bool
+    step_s: float
+    step_parts_s: dict
+    images_per_s: float  # the whole cluster, at this resolution
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def fp8_weight_bytes(config: MMDiTConfig, tp: int, blocks: int) -> float:
+    """Transformer Engine's FP8 copies of a stage's block weights (weight and its transpose,
+    1 byte each), refreshed every step."""
+    return 2.0 * blocks * sum(t.numel_per_rank(tp) for t in accounting.block_tensors(config))
+
+
+def predicted_memory(
+    config: MMDiTConfig,
+    layout: Layout,
+    resolution: int,
+    micro_batch: int,
+    microbatches: int,
+    text_tokens: int,
+    precision: str = "bf16",
+) -> dict[str, float]:
+    """Predicted peak bytes per GPU (worst pipeline stage), by part.
+
+    `accounting.memory_per_gpu` (``implementation="ours"``: parameters, the ZeRO-1 optimizer's
+    flat buffers, activations of the micro-batches in flight, pipeline receive buffers) plus the
+    backward working set: autograd's activation gradients of the block being differentiated,
+    bounded by one block's saved activations (`accounting.eager_block_activation_bytes`) per
+    micro-batch; plus FP8 weight copies under ``fp8``.
+    """
+    image_tokens = (resolution // PIXELS_PER_TOKEN_SIDE) ** 2
+    report = accounting.memory_per_gpu(
+        config,
+        layout.tp,
+        layout.pp,
+        layout.dp,
+        micro_batch,
+        image_tokens,
+        text_tokens,
+        params_dtype="bfloat16",
+        recompute=layout.recompute,
+        sequence_parallel=layout.sequence_parallel and layout.tp > 1,
+        num_microbatches=microbatches,
+        implementation="ours",
+    )
+    working = micro_batch * accounting.eager_block_activation_bytes(
+        config,
+        image_tokens,
+        text_tokens,
+        tp=layout.tp,
+        sequence_parallel=layout.sequence_parallel and layout.tp > 1,
+        act_bytes=2,
+    )
+    best = None
+    for st in report.stages:
+        parts = {
+            "params": st.params_bytes,
+            "grads": st.grads_bytes,
+            "optimizer": st.optimizer_bytes,
+            "activations": st.activation_bytes,
+            "buffers": st.buffers_bytes,
+            "backward_working_set": working,
+            "fp8_weights": fp8_weight_bytes(config, layout.tp, st.num_blocks) if precision == "fp8" else 0.0,
+        }
+        parts["total"] = sum(parts.values())
+        parts["stage"] = st.stage
+        if best is None or parts["total"] > best["total"]:
+            best = parts
+    return best
+
+
+@functools.lru_cache(maxsize=256)
+def largest_stage_params(config: MMDiTConfig, tp: int, pp: int) -> int:
+    """Trainable parameters one GPU of the largest pipeline stage holds (its TP shard): what the
+    optimizer updates and DP reduces and gathers."""
+    report = accounting.memory_per_gpu(config, tp, pp, 1, 1, 1, 0, grad_dtype="float32")
+    return int(max(s.grads_bytes for s in report.stages)) // 4
+
+
+def _ring(size: int) -> float:
+    """Bytes a ring all-reduce moves per GPU, per byte of the tensor."""
+    return 2.0 * (size - 1) / size if size > 1 else 0.0
+
+
+def step_time(
+    config: MMDiTConfig,
+    layout: Layout,
+    resolution: int,
+    micro_batch: int,
+    microbatches: int,
+    text_tokens: int,
+    rates: StepRates,
+    spec: GpuSpec,
+    gpus_per_node: int = 8,
+) -> dict[str, float]:
+    """Seconds of one optimizer step, by part.
+
+    * ``compute``: (m + pp - 1) micro-batch slots of the slowest stage (1F1B: m micro-batches
+      plus the bubble), each ``fwd+bwd FLOPs / (tp · pp) / rate``, the rate measured for that
+      per-GPU work (`StepRates.rate`); full recompute adds one forward (1/3 of fwd+bwd), selective
+      the attention's forward;
+    * ``tp_comm``: per block and micro-batch four all-reduces (or all-gather + reduce-scatter
+      pairs with SP) of both streams' ``tokens · D`` bf16 activations (attention output and MLP,
+      forward and backward) at the intra-node bandwidth, not overlapped;
+    * ``pp_comm``: per micro-batch slot the stage boundary's img + txt activations forward and
+      their gradients backward (inter-node when a pipeline group leaves the node);
+    * ``dp_comm``: the optimizer's fp32 gradient reduce-scatter and bf16 parameter all-gather of
+      the stage's parameters over DP (inter-node when the DP group leaves the node), not overlapped;
+    * ``optimizer``: the ZeRO-1 shard's update at the measured parameters/s.
+    """
+    n_img = (resolution // PIXELS_PER_TOKEN_SIDE) ** 2
+    tokens = n_img + text_tokens
+    fb = accounting.model_flops_breakdown(config, n_img, text_tokens, training=True)
+    per_gpu_mb = fb.total * micro_batch / (layout.tp * layout.pp)
+    block_flops = per_gpu_mb * layout.pp / config.num_layers
+    compute_mb = per_gpu_mb / rates.rate(block_flops)
+    if layout.recompute == "full":
+        compute_mb *= 4.0 / 3.0
+    elif layout.recompute == "selective":
+        compute_mb *= 1.0 + fb.attention / fb.total
+    stage_blocks = math.ceil(config.num_layers / layout.pp)
+    act = tokens * micro_batch * config.hidden_size * 2
+    tp_comm = stage_blocks * 4 * act * _ring(layout.tp) / (spec.intra_node_gb_s * 1e9)
+    pp_bw = spec.inter_node_gb_s if layout.tp * layout.dp >= gpus_per_node else spec.intra_node_gb_s
+    pp_comm = (2 * act / (pp_bw * 1e9)) if layout.pp > 1 else 0.0
+    slots = microbatches + layout.pp - 1
+    stage_params = largest_stage_params(config, layout.tp, layout.pp)
+    dp_bw = spec.inter_node_gb_s if layout.tp * layout.dp > gpus_per_node else spec.intra_node_gb_s
+    dp_comm = stage_params * 6 * (layout.dp - 1) / layout.dp / (dp_bw * 1e9) if layout.dp > 1 else 0.0
+    optimizer = stage_params / layout.dp / rates.optimizer_params_per_s
+    parts = {
+        "compute": slots * compute_mb,
+        "tp_comm": slots * tp_comm,
+        "pp_comm": slots * pp_comm,
+        "bubble_share": (layout.pp - 1) / slots,
+        "dp_comm": dp_comm,
+        "optimizer": optimizer,
+    }
+    parts["total"] = parts["compute"] + parts["tp_comm"] + parts["pp_comm"] + dp_comm + optimizer
+    return parts
+
+
+def plan_bucket(
+    config: MMDiTConfig,
+    layout: Layout,
+    resolution: int,
+    micro_batch: int,
+    inputs: PlanInputs,
+    rates: StepRates,
+) -> BucketPlan:
+    g = inputs.global_batch_for(resolution)
+    # 1F1B needs at least pp micro-batches per step (consumers.pipeline.PipelineRunner).
+    m = max(layout.pp, math.ceil(g / (layout.dp * micro_batch)))
+    mem = predicted_memory(config, layout, resolution, micro_batch, m, inputs.text_tokens, inputs.precision)
+    t = step_time(
+        config, layout, resolution, micro_batch, m, inputs.text_tokens, rates, inputs.spec, inputs.gpus_per_node
+    )
+    eff = m * layout.dp * micro_batch
+    return BucketPlan(
+        resolution=resolution,
+        micro_batch=micro_batch,
+        microbatches=m,
+        global_batch=eff,
+        memory_gib=mem["total"] / GIB,
+        memory_parts_gib={k: (v / GIB if k != "stage" else v) for k, v in mem.items()},
+        fits=mem["total"] <= inputs.budget_gib * GIB,
+        step_s=t["total"],
+        step_parts_s=t,
+        images_per_s=eff / t["total"],
+    )
+
+
+@dataclass(frozen=True)
+class LayoutPlan:
+    """A layout with its best micro-batch per resolution (or the smallest when none fits)."""
+
+    layout: Layout
+    buckets: tuple[BucketPlan, ...]
+    mix: tuple[tuple[int, float], ...]
+
+    @property
+    def fits(self) -> bool:
+        return all(b.fits for b in self.buckets)
+
+    @property
+    def memory_gib(self) -> float:
+        return max(b.memory_gib for b in self.buckets)
+
+    @property
+    def worst_bucket(self) -> BucketPlan:
+        return max(self.buckets, key=lambda b: b.memory_gib)
+
+    @property
+    def images_per_s(self) -> float:
+        """Images/s of the whole mix: the harmonic mean of the buckets' rates by image fraction."""
+        seconds_per_image = sum(frac / b.images_per_s for (_, frac), b in zip(self.mix, self.buckets))
+        return 1.0 / seconds_per_image
+
+    @property
+    def step_s(self) -> float:
+        """Mean seconds per optimizer step over the run (steps weighted by their image share)."""
+        steps = [frac / b.global_batch for (_, frac), b in zip(self.mix, self.buckets)]
+        return sum(s * b.step_s for s, b in zip(steps, self.buckets)) / sum(steps)
+
+    def summary(self) -> dict:
+        lay = self.layout
+        return {
+            "tp": lay.tp,
+            "pp": lay.pp,
+            "dp": lay.dp,
+            "sequence_parallel": lay.sequence_parallel and lay.tp > 1,
+            "recompute": lay.recompute,
+            "micro_batch": {str(b.resolution): b.micro_batch for b in self.buckets},
+            "memory_gib": self.memory_gib,
+            "images_per_s": self.images_per_s,
+            "fits": self.fits,
+        }
+
+
+def best_layout_plan(config: MMDiTConfig, layout: Layout, inputs: PlanInputs, rates: StepRates) -> LayoutPlan:
+    """Per resolution, the micro-batch with the most images/s among those that fit (ties: the
+    smaller memory); when none fits, the one with the least memory (to say by how much)."""
+    buckets = []
+    for res, _ in inputs.mix:
+        g = inputs.global_batch_for(res)
+        if inputs.micro_batch is not None:
+            choices = [inputs.micro_batch[res]]
+        else:
+            # Micro-batches that split the global batch into at least pp micro-batches per rank.
+            choices = [b for b in MICRO_BATCH_CHOICES if b * layout.dp * layout.pp <= g] or [1]
+        options = [plan_bucket(config, layout, res, b, inputs, rates) for b in choices]
+        fitting = [o for o in options if o.fits]
+        if fitting:
+            buckets.append(max(fitting, key=lambda o: (o.images_per_s, -o.memory_gib)))
+        else:
+            buckets.append(min(options, key=lambda o: o.memory_gib))
+    return LayoutPlan(layout, tuple(buckets), inputs.mix)
+
+
+def candidate_layouts(config: MMDiTConfig, inputs: PlanInputs) -> list[Layout]:
+    """Every layout ``qwenimage train`` accepts on `inputs.gpus` GPUs: TP divides the heads and
+    stays inside a node, PP divides the blocks (`consumers.parallel.ParallelLayout.validate_for`),
+    DP fills the rest; each with every recompute mode asked for."""
+    out = []
+    for tp in range(1, min(inputs.gpus, inputs.gpus_per_node) + 1):
+        if config.num_attention_heads % tp or inputs.gpus % tp:
+            continue
+        for pp in range(1, config.num_layers + 1):
+            if config.num_layers % pp or inputs.gpus % (tp * pp):
+                continue
+            for mode in inputs.recompute:
+                out.append(Layout(tp, pp, inputs.gpus // (tp * pp), mode, inputs.sequence_parallel))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The plan
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunnerUp:
+    plan: LayoutPlan
+    why: str
+
+    def to_dict(self) -> dict:
+        return {**self.plan.summary(), "why": self.why}
+
+
+@dataclass(frozen=True)
+class Plan:
+    inputs: PlanInputs
+    chosen: LayoutPlan
+    runners_up: tuple[RunnerUp, ...]
+    considered: int
+    fitting: int
+    rates: StepRates
+    producers: dict
+    storage: dict
+    notes: tuple[str, ...]
+
+    def to_dict(self) -> dict:
+        c = self.chosen
+        spec = self.inputs.spec
+        out = {
+            **c.summary(),
+            "gpus": self.inputs.gpus,
+            "gpu": self.inputs.gpu,
+            "resolution_mix": {str(r): f for r, f in self.inputs.mix},
+            "gpu_label": spec.label,
+            "precision": self.inputs.precision,
+            "hbm_gib": spec.hbm_gib,
+            "reserve": self.inputs.reserve,
+            "budget_gib": self.inputs.budget_gib,
+            "step_s": c.step_s,
+            "producer_gpus": self.producers["gpus"],
+            "buckets": [b.to_dict() for b in c.buckets],
+            "runners_up": [r.to_dict() for r in self.runners_up],
+            "layouts_considered": self.considered,
+            "layouts_fitting": self.fitting,
+            "criterion": "most predicted images/s over the resolution mix among layouts whose predicted peak "
+            "memory per GPU fits the budget; ties: less memory",
+            "rates": self.rates.to_dict(),
+            "producers": self.producers,
+            "storage": self.storage,
+            "notes": list(self.notes),
+        }
+        if self.inputs.images:
+            out["images"] = self.inputs.images
+            out["train_days"] = self.inputs.images / c.images_per_s / 86400
+        return out
+
+
+def producer_plan(inputs: PlanInputs, images_per_s: float) -> dict:
+    """Producer GPUs that keep `images_per_s` fed: per image one VAE encode at its resolution
+    and one text-encoder pass over its caption (measured rates, `ProducerRates`)."""
+    scale = 1.0
+    if inputs.gpu != MEASURED_GPU:
+        scale = inputs.spec.peak_tflops("bf16") / GPUS[MEASURED_GPU].peak_tflops("bf16")
+    rates = ProducerRates(scale=scale)
+    text_rate = rates.text_prompts_per_s(inputs.captions)
+    per_res = {}
+    vae_s = 0.0
+    for res, frac in inputs.mix:
+        v = rates.vae_images_per_s(res)
+        per_res[str(res)] = {"vae_images_per_s_per_gpu": v, "fraction": frac}
+        vae_s += frac / v
+    text_s = 1.0 / text_rate
+    gpu_s = vae_s + text_s
+    need = images_per_s * gpu_s
+    return {
+        "gpus": max(1, math.ceil(need)),
+        "gpus_exact": need,
+        "vae_gpus": images_per_s * vae_s,
+        "text_gpus": images_per_s * text_s,
+        "text_prompts_per_s_per_gpu": text_rate,
+        "caption_tokens": inputs.captions,
+        "per_resolution": per_res,
+        "images_per_s_per_gpu": 1.0 / gpu_s,
+        "scale": scale,
+        "source": "H200, 2026-11-26: VAE 97 img/s at 512 px and 23 img/s at 1024 px; Qwen2.5-VL-7B text tower "
+        "135 prompts/s at 290 tokens (random weights, bf16)"
+        + ("" if scale == 1.0 else f"; scaled by the peak bf16 TFLOP/s ratio {scale:.2f}"),
+    }
+
+
+def storage_plan(inputs: PlanInputs, images_per_s: float, producer_gpus: int, producer_rate: float) -> dict:
+    """Cache bytes per sample and in total, and the read / write bandwidths at the planned rates."""
+    per_res = {}
+    mean = 0.0
+    for res, frac in inputs.mix:
+        parts = sample_bytes(res, inputs.captions, metadata=inputs.metadata_bytes)
+        shard_samples = max(1.0, inputs.partition_size * frac)
+        fixed = (SHARD_FIXED_BYTES + text_padding_bytes()) / shard_samples
+        fixed += PARTITION_FIXED_BYTES / inputs.partition_size
+        total = parts["total"] + fixed
+        per_res[str(res)] = {**parts, "per_sample_fixed": fixed, "total": total, "fraction": frac}
+        mean += frac * total
+    out = {
+        "bytes_per_sample": per_res,
+        "mean_bytes_per_sample": mean,
+        "read_gb_s": images_per_s * mean / 1e9,
+        "read_gb_s_per_node": images_per_s * mean / 1e9 / max(1, inputs.gpus // inputs.gpus_per_node),
+        "write_gb_s": images_per_s * mean / 1e9,
+        "write_gb_s_producers_at_full_rate": producer_gpus * producer_rate * mean / 1e9,
+        "compression": "none for tensors (zarr compressors=None, bf16 bit patterns); zstd for samples.parquet",
+        "caption_tokens": inputs.captions,
+        "text_dim": 3584,
+        "latent_channels": 16,
+    }
+    if inputs.images:
+        out["images"] = inputs.images
+        out["cache_bytes"] = inputs.images * mean
+        out["cache_tib"] = inputs.images * mean / 1024**4
+    return out
+
+
+def make_plan(inputs: PlanInputs, config: MMDiTConfig | None = None, *, runners_up: int = 8) -> Plan:
+    """Choose the layout for `inputs` (see the module docstring); `PlanError` when none fits."""
+    check_inputs(inputs)
+    config = config or load_config("qwen-image-20b")
+    rates = step_rates(inputs.gpu, inputs.precision, inputs.results_dir)
+    if not rates.points:
+        raise PlanError(f"--precision {inputs.precision}: no measured rate for it (benchmark records or anchors)")
+    layouts = candidate_layouts(config, inputs)
+    if not layouts:
+        raise PlanError(
+            f"--gpus {inputs.gpus}: no TP x PP x DP layout of {config.num_attention_heads} heads and "
+            f"{config.num_layers} blocks uses exactly {inputs.gpus} GPUs"
+        )
+    plans = [best_layout_plan(config, lay, inputs, rates) for lay in layouts]
+    fitting = sorted((p for p in plans if p.fits), key=lambda p: (-p.images_per_s, p.memory_gib))
+    budget = inputs.budget_gib
+    if not fitting:
+        smallest = min(plans, key=lambda p: p.memory_gib)
+        b = smallest.worst_bucket
+        raise PlanError(
+            f"--gpus {inputs.gpus} --gpu {inputs.gpu}: no layout fits: the smallest predicted peak is "
+            f"{smallest.memory_gib:.1f} GiB per GPU ({smallest.layout.name}, micro-batch {b.micro_batch} at "
+            f"{b.resolution} px) > budget {budget:.1f} GiB ({inputs.spec.hbm_gib:g} GiB HBM less "
+            f"--reserve {inputs.reserve:g}); add GPUs or lower --text-tokens"
+        )
+    chosen = fitting[0]
+    ups: list[RunnerUp] = []
+    for p in fitting[1 : 1 + runners_up]:
+        loss = 1 - p.images_per_s / chosen.images_per_s
+        ups.append(RunnerUp(p, f"slower: {p.images_per_s:.1f} img/s vs {chosen.images_per_s:.1f} ({loss:.1%} less)"))
+    not_fitting = sorted((p for p in plans if not p.fits), key=lambda p: p.memory_gib)
+    for p in not_fitting[: max(3, runners_up // 2)]:
+        b = max((b for b in p.buckets if not b.fits), key=lambda b: b.memory_gib)
+        ups.append(
+            RunnerUp(
+                p,
+                f"doesn't fit: predicted {b.memory_gib:.1f} GiB > budget {budget:.1f} GiB "
+                f"({b.resolution} px, micro-batch {b.micro_batch})",
+            )
+        )
+    producers = producer_plan(inputs, chosen.images_per_s)
+    storage = storage_plan(inputs, chosen.images_per_s, producers["gpus"], producers["images_per_s_per_gpu"])
+    notes = list(rates.notes)
+    if inputs.gpu != MEASURED_GPU:
+        notes.append(
+            f"producer rates: H200 measurements scaled by the peak bf16 TFLOP/s ratio {producers['scale']:.2f}"
+        )
+    notes.append(
+        f"budget {budget:.1f} GiB = {inputs.spec.hbm_gib:g} GiB HBM less {inputs.reserve:.0%} reserved for allocator "
+        "fragmentation, NCCL buffers and the CUDA context (--reserve)"
+    )
+    notes.append(
+        f"communication is not measured: TP at {inputs.spec.intra_node_gb_s:g} GB/s inside a node, DP/PP across nodes "
+        f"at {inputs.spec.inter_node_gb_s:g} GB/s per GPU (--intra-node-gbs, --inter-node-gbs), not overlapped"
+    )
+    return Plan(
+        inputs=inputs,
+        chosen=chosen,
+        runners_up=tuple(ups),
+        considered=len(plans),
+        fitting=len(fitting),
+        rates=rates,
+        producers=producers,
+        storage=storage,
+        notes=tuple(notes),
+    )
+
+
+def iter_layout_plans(inputs: PlanInputs, config: MMDiTConfig | None = None) -> Iterable[LayoutPlan]:
+    """Every candidate layout's plan (for tests and exploration)."""
+    check_inputs(inputs)
+    config = config or load_config("qwen-image-20b")
+    rates = step_rates(inputs.gpu, inputs.precision, inputs.results_dir)
+    for lay in candidate_layouts(config, inputs):
+        yield best_layout_plan(config, lay, inputs, rates)

@@ -1,0 +1,320 @@
+"""``qwenimage plan``: the chosen layout, the runners-up, errors, --json, and the storage formula
+checked against the bytes of real caches (tiny dims and the real 16 x 3584 dims)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from launch import plan as P
+from megatron_qwenimage import accounting
+from megatron_qwenimage.cli import main
+from megatron_qwenimage.config import load_config
+
+MIX = "256:0.2,640:0.3,1328:0.5"
+ARGS = ["plan", "--gpus", "64", "--gpu", "h200", "--resolution-mix", MIX, "--images", "1e9"]
+
+
+@pytest.fixture(scope="module")
+def plan64() -> P.Plan:
+    return P.make_plan(P.PlanInputs(gpus=64, gpu="h200", mix=P.parse_mix(MIX), images=10**9))
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+# ------------------------------------------------------------------------------ the choice
+def test_chosen_layout_fits_and_beats_every_other_layout(plan64):
+    chosen, inputs = plan64.chosen, plan64.inputs
+    lay = chosen.layout
+    assert lay.tp * lay.pp * lay.dp == 64
+    assert chosen.fits and chosen.memory_gib <= inputs.budget_gib == pytest.approx(0.9 * P.GPUS["h200"].hbm_gib)
+    # The criterion, against every candidate (not only the listed runners-up): nothing that fits
+    # is predicted faster.
+    every = list(P.iter_layout_plans(inputs))
+    assert len(every) == plan64.considered > 10
+    assert any(not p.fits for p in every)  # the budget bites: some layouts are refused
+    for p in every:
+        if p.fits:
+            assert p.images_per_s <= chosen.images_per_s * (1 + 1e-9), p.layout
+    # Each runner-up says why it lost, with numbers that hold.
+    assert plan64.runners_up
+    for r in plan64.runners_up:
+        if r.plan.fits:
+            assert r.why.startswith("slower:") and r.plan.images_per_s <= chosen.images_per_s
+            assert f"{r.plan.images_per_s:.1f} img/s" in r.why
+        else:
+            assert r.why.startswith("doesn't fit:") and r.plan.memory_gib > inputs.budget_gib
+            assert f"> budget {inputs.budget_gib:.1f} GiB" in r.why
+    # The memory reported is the accounting's, for the chosen micro-batches.
+    worst = chosen.worst_bucket
+    mem = P.predicted_memory(
+        load_config("qwen-image-20b"), lay, worst.resolution, worst.micro_batch, worst.microbatches, 256
+    )
+    assert worst.memory_gib == pytest.approx(mem["total"] / accounting.GIB)
+
+
+def test_reserve_flag_moves_the_budget_and_the_choice(capsys):
+    tight = ["plan", "--gpus", "64", "--gpu", "h200", "--resolution-mix", MIX, "--json", "--reserve"]
+    rc, out, _ = run_cli(capsys, *tight, "0.1")
+    loose = json.loads(out)
+    rc2, out2, _ = run_cli(capsys, *tight, "0.5")
+    assert rc == rc2 == 0
+    strict = json.loads(out2)
+    assert strict["budget_gib"] == pytest.approx(0.5 * strict["hbm_gib"])
+    assert strict["memory_gib"] <= strict["budget_gib"] < loose["memory_gib"]
+    assert (strict["tp"], strict["pp"], strict["recompute"], strict["micro_batch"]) != (
+        loose["tp"],
+        loose["pp"],
+        loose["recompute"],
+        loose["micro_batch"],
+    )
+
+
+def test_no_layout_fits_is_one_line_error_naming_why(capsys):
+    rc, out, err = run_cli(capsys, "plan", "--gpus", "2", "--gpu", "h100", "--resolution-mix", "1328:1")
+    assert rc == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1
+    line = lines[0]
+    assert line.startswith("qwenimage plan: error: --gpus 2 --gpu h100: no layout fits")
+    smallest = min(
+        P.iter_layout_plans(P.PlanInputs(gpus=2, gpu="h100", mix=((1328, 1.0),))), key=lambda p: p.memory_gib
+    )
+    assert f"smallest predicted peak is {smallest.memory_gib:.1f} GiB" in line
+    assert f"> budget {0.9 * 79.2:.1f} GiB" in line
+
+
+def test_json_has_the_plan_keys(capsys):
+    rc, out, err = run_cli(capsys, *ARGS, "--json")
+    assert rc == 0, err
+    d = json.loads(out)
+    for key in ("tp", "pp", "dp", "micro_batch", "recompute", "memory_gib", "images_per_s", "producer_gpus"):
+        assert key in d, key
+    assert d["tp"] * d["pp"] * d["dp"] == 64
+    assert set(d["micro_batch"]) == {"256", "640", "1328"} and all(v >= 1 for v in d["micro_batch"].values())
+    assert d["recompute"] in ("none", "selective", "full")
+    assert 0 < d["memory_gib"] <= d["budget_gib"]
+    assert d["images_per_s"] > 0 and d["producer_gpus"] >= 1
+    assert d["runners_up"] and {"tp", "pp", "dp", "memory_gib", "images_per_s", "why"} <= set(d["runners_up"][0])
+    st = d["storage"]
+    assert st["cache_bytes"] == pytest.approx(1e9 * st["mean_bytes_per_sample"])
+    assert st["read_gb_s"] == pytest.approx(d["images_per_s"] * st["mean_bytes_per_sample"] / 1e9)
+    # Producers: enough GPUs for the consumers' rate at the measured encoder rates.
+    pr = d["producers"]
+    assert pr["gpus"] == math.ceil(d["images_per_s"] / pr["images_per_s_per_gpu"])
+    assert d["rates"]["source"].startswith("measured on NVIDIA H200")
+
+
+def test_human_output_states_choice_reserve_and_runners_up(capsys):
+    rc, out, _ = run_cli(capsys, *ARGS)
+    assert rc == 0
+    assert "chosen: tp=" in out and "runners-up:" in out
+    assert "less --reserve 0.1" in out and "10% reserved" in out
+    assert "slower:" in out and "doesn't fit: predicted" in out
+    assert "producers:" in out and "cache for 1e+09 images" in out
+
+
+@pytest.mark.parametrize(
+    "argv,flag",
+    [
+        (["--resolution-mix", "256:0.5,1328:0.4"], "--resolution-mix"),  # sums to 0.9
+        (["--resolution-mix", "250:1"], "--resolution-mix"),  # not a multiple of 16
+        (["--resolution-mix", "1328"], "--resolution-mix"),
+        (["--gpu", "a100"], "--gpu"),
+        (["--gpus", "0"], "--gpus"),
+        (["--gpus", "-8"], "--gpus"),
+        (["--gpus", "8.5"], "--gpus"),
+        (["--images", "0"], "--images"),
+        (["--micro-batch", "0"], "--micro-batch"),
+        (["--micro-batch", "1328:2"], "--micro-batch"),  # no value for 256
+        (["--global-batch", "-4"], "--global-batch"),
+        (["--text-tokens", "0"], "--text-tokens"),
+        (["--reserve", "1.5"], "--reserve"),
+        (["--hbm-gib", "-1"], "--hbm-gib"),
+        (["--precision", "fp4"], "--precision"),
+        (["--recompute", "some"], "--recompute"),
+    ],
+)
+def test_bad_flags_are_one_line_errors_naming_the_flag(capsys, argv, flag):
+    base = {"--gpus": "64", "--gpu": "h200", "--resolution-mix": "256:0.5,1328:0.5"}
+    for k, v in zip(argv[::2], argv[1::2]):
+        base[k] = v
+    args = ["plan"] + [x for kv in base.items() for x in kv]
+    rc, out, err = run_cli(capsys, *args)
+    assert rc == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"qwenimage plan: error: {flag} "), lines
+
+
+# ------------------------------------------------------------------------------ rates
+def test_step_time_reproduces_the_measured_training_loop():
+    """The planner's step time for the benchmarked 4-block slice (1 GPU, 1024 px, micro-batch 2)
+    against the real loop's measured step (benchmarks/gpu/results/2026-11-30-h200-train-loop-b:
+    bf16 92.9 ms, FP8 without fused kernels 88.4 ms): within 10 %. And its memory against the
+    measured peak of the same slice with the training optimizer (32.23 GiB, FP8): within 15 %."""
+    records = [r for _, _, r in P.read_records(P.DEFAULT_RESULTS_DIR) if r.get("what") == "train_loop"]
+    loop = {r["precision"]: r["step_time_s_steady"] for r in records if r.get("step_time_s_steady")}
+    cfg = load_config("qwen-image-20b", num_layers=4)
+    lay = P.Layout(1, 1, 1, "none", False)
+    for precision, measured in (("bf16", loop["bf16"]), ("fp8", loop["fp8:nofused"])):
+        rates = P.step_rates("h200", precision)
+        t = P.step_time(cfg, lay, 1024, 2, 1, 256, rates, P.GPUS["h200"])["total"]
+        assert t == pytest.approx(measured, rel=0.10), (precision, t, measured)
+    peak = [
+        r["peak_mem_gib"]
+        for _, _, r in P.read_records(P.DEFAULT_RESULTS_DIR)
+        if r.get("what") == "optimizer" and r.get("peak_mem_gib")
+    ]
+    mem = P.predicted_memory(cfg, lay, 1024, 2, 1, 256, "fp8")["total"] / accounting.GIB
+    assert mem == pytest.approx(peak[0], rel=0.15)
+
+
+def test_unmeasured_gpus_are_scaled_from_the_h200_and_say_so(tmp_path):
+    h200 = P.step_rates("h200", "bf16")
+    b200 = P.step_rates("b200", "bf16")
+    assert b200.scale == pytest.approx(2250 / 989)
+    assert b200.rate(1e13) == pytest.approx(h200.rate(1e13) * 2250 / 989)
+    assert any("scaled by the peak bf16 TFLOP/s ratio" in n for n in b200.notes)
+    d = P.make_plan(P.PlanInputs(gpus=64, gpu="b200", mix=P.parse_mix(MIX))).to_dict()
+    assert any("H200 rates scaled" in n for n in d["notes"])
+    assert any("producer rates: H200 measurements scaled" in n for n in d["notes"])
+    # No records at all: the built-in H200 anchors (docs/launch.md), and the output says so.
+    anchors = P.step_rates("h200", "bf16", tmp_path)
+    assert anchors.source.startswith("H200 anchors of docs/launch.md")
+    assert [p.tflops for p in anchors.points] == pytest.approx([p.tflops for p in h200.points], rel=1e-3)
+
+
+def test_rates_come_from_the_records(tmp_path):
+    """A record file for the GPU is parsed: a faster record gives a faster plan."""
+    src = P.DEFAULT_RESULTS_DIR / "2026-11-29-h200-run.jsonl"
+    fast = []
+    for line in src.read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("fwd_bwd_ms"):
+            rec["fwd_bwd_ms"] /= 2
+        fast.append(json.dumps(rec))
+    (tmp_path / "fast.jsonl").write_text("\n".join(fast))
+    base = P.step_rates("h200", "bf16")
+    doubled = P.step_rates("h200", "bf16", tmp_path)
+    pt = [p for p in doubled.points if p.resolution == 1024][0]
+    ref = [p for p in base.points if p.resolution == 1024][0]
+    assert pt.tflops == pytest.approx(2 * ref.tflops, rel=0.01)
+
+
+# ------------------------------------------------------------------------------ storage
+def _payload(bucket, n: int, lengths: list[int], text_dim: int, prefix: str, seed: int):
+    from megatron_qwenimage.cache import SampleMeta, ShardTensors
+    from megatron_qwenimage.cache.shard_format import offsets_from_lengths
+    from megatron_qwenimage.cache.writer import ShardPayload
+
+    g = torch.Generator().manual_seed(seed)
+    lat = torch.randn(n, 16, bucket.latent_height, bucket.latent_width, generator=g).to(torch.bfloat16)
+    text = torch.randn(sum(lengths), text_dim, generator=g).to(torch.bfloat16)
+    samples = [
+        SampleMeta(f"{prefix}-{i:04d}", "t2i", f"caption {prefix} {i}", f"file:///data/{prefix}/{i:04d}.png", None,
+                   lengths[i], False, 512, 512)
+        for i in range(n)
+    ]  # fmt: skip
+    return ShardPayload(bucket, ShardTensors(lat, text, offsets_from_lengths(lengths)), samples)
+
+
+def _shard_sizes(cache_path: str) -> list[tuple]:
+    """Per committed shard: (bucket, samples, text rows, text dim, file -> bytes), after checking
+    the commit record's byte counts against the files on disk."""
+    from megatron_qwenimage.cache import open_cache
+
+    out = []
+    cache = open_cache(cache_path)
+    for shard in cache.snapshot().shards:
+        e = shard.entry
+        files = {name: fc.bytes for name, fc in e.files.items()}
+        for name, nbytes in files.items():
+            assert os.path.getsize(Path(cache_path, e.path, name)) == nbytes
+        text_rows = int(shard.samples.column("text_len").to_numpy().sum())
+        out.append((e.bucket, e.num_samples, text_rows, e.text_dim, files))
+    return out
+
+
+def _verify_json(capsys, path: str) -> dict:
+    rc, out, err = run_cli(capsys, "cache", "verify", path, "--json")
+    assert rc == 0, err
+    report = json.loads(out)
+    assert report["ok"], report
+    return report
+
+
+def test_storage_formula_matches_a_tiny_cache(tmp_path, capsys):
+    """A committed cache with the real 16 latent channels and a 32-wide text embedding: per shard
+    the tensor files equal the formula to the byte (zarr stores them uncompressed), the whole
+    shard (parquet metadata included) within 5 %; bytes per sample per bucket likewise."""
+    from megatron_qwenimage.cache import Bucket
+    from tests.helpers.reader import publish
+
+    buckets = {Bucket(64, 64): 12, Bucket(128, 96): 10}
+    g = torch.Generator().manual_seed(3)
+    for p in range(2):
+        payloads = []
+        for i, (b, n) in enumerate(sorted(buckets.items())):
+            lengths = [int(x) for x in torch.randint(24, 72, (n,), generator=g)]
+            payloads.append(_payload(b, n, lengths, 32, f"p{p}{b.name}", 10 * p + i))
+        publish(tmp_path, f"p{p}", payloads, snapshot=False)
+    from megatron_qwenimage.cache import open_cache
+
+    open_cache(str(tmp_path)).create_snapshot()
+    report = _verify_json(capsys, str(tmp_path))
+    assert report["buckets"] == {b.name: 2 * n for b, n in buckets.items()}
+
+    # The planner's metadata allowance for these rows: their strings uncompressed (P.metadata_bytes).
+    meta = P.metadata_bytes(len("caption p0128x96 11"), len("file:///data/p0128x96/0011.png"), len("p0128x96-0011"))
+    per_bucket: dict[str, list[float]] = {}
+    for bucket, n, rows, dim, files in _shard_sizes(str(tmp_path)):
+        assert dim == 32
+        tensors = sum(v for k, v in files.items() if k.startswith("tensors.zarr/") and not k.endswith("zarr.json"))
+        # Everything but the zarr.json files and samples.parquet (the formula's SHARD_FIXED_BYTES
+        # and metadata allowance): to the byte.
+        predicted_tensors = P.shard_bytes(n, (bucket.height_px, bucket.width_px), rows, text_dim=32, metadata=0)
+        assert tensors == predicted_tensors - P.SHARD_FIXED_BYTES, (bucket, files)
+        total = sum(files.values())
+        predicted = P.shard_bytes(n, (bucket.height_px, bucket.width_px), rows, text_dim=32, metadata=meta)
+        assert predicted == pytest.approx(total, rel=0.05), (bucket, total, predicted)
+        assert files["samples.parquet"] <= P.SHARD_FIXED_BYTES + n * meta  # an upper bound per row
+        per_bucket.setdefault(bucket.name, []).append(total / n)
+        per_bucket[bucket.name + "_rows"] = per_bucket.get(bucket.name + "_rows", []) + [rows / n]
+    for b, n in buckets.items():
+        measured = sum(per_bucket[b.name]) / len(per_bucket[b.name])
+        mean_rows = sum(per_bucket[b.name + "_rows"]) / len(per_bucket[b.name + "_rows"])
+        per_sample = P.sample_bytes((b.height_px, b.width_px), mean_rows, text_dim=32, metadata=meta)["total"]
+        fixed = (P.SHARD_FIXED_BYTES + P.text_padding_bytes(32)) / n
+        assert per_sample + fixed == pytest.approx(measured, rel=0.05), b
+
+
+def test_storage_formula_at_real_dims(tmp_path, capsys):
+    """The real layout: 16 latent channels, 3584-wide text embeddings; then the planner's
+    per-sample bytes at 1328 px and 256 tokens by hand."""
+    from megatron_qwenimage.cache import Bucket, open_cache
+    from tests.helpers.reader import publish
+
+    b = Bucket(256, 256)
+    publish(tmp_path, "p0", [_payload(b, 4, [64, 80, 48, 64], 3584, "real", 1)])
+    assert _verify_json(capsys, str(tmp_path))["buckets"] == {"256x256": 4}
+    ((bucket, n, rows, dim, files),) = _shard_sizes(str(tmp_path))
+    assert dim == 3584 and rows == 256
+    total = sum(files.values())
+    predicted = P.shard_bytes(n, 256, rows, metadata=P.metadata_bytes(len("caption real 0"), 30))
+    assert predicted == pytest.approx(total, rel=0.01)
+    assert open_cache(str(tmp_path)).snapshot().shards[0].entry.latent_channels == 16
+    # Scaled to the run: a 1328 px sample with 256 caption tokens.
+    s = P.sample_bytes(1328, 256)
+    assert s["latents"] == 16 * 166 * 166 * 2 + 16
+    assert s["text_embeddings"] == 256 * 3584 * 2 + 16
+    assert s["total"] == pytest.approx(881_792 + 16 + 1_835_008 + 16 + 8 + P.DEFAULT_METADATA_BYTES)
+    assert s["text_embeddings"] > 2 * s["latents"]  # the text embeddings dominate
