@@ -124,7 +124,10 @@ def _gated_manifest(root: Path, n: int):
     rows.insert(1, {"image": str(root / "empty.png"), "caption": "an empty file"})
     buf = io.BytesIO()
     Image.fromarray(rng.integers(0, 255, (72, 96, 3), dtype=np.uint8)).save(buf, format="PNG")
-    gate = Gate(buf.getvalue())
+    # Ray Data streams the other partitions' rows to the driver only once this read returns (seen
+    # here: the checks below start after the gate's own release), so the gate lets go after 15 s;
+    # the producer stays alive and exporting while the checks run (they hold its driver).
+    gate = Gate(buf.getvalue(), timeout_s=15)
     rows.append({"image": gate.url, "caption": "the last picture"})
     manifest = root / "manifest.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))

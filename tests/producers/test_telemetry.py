@@ -97,9 +97,10 @@ def cache_text_tokens(cache_dir: Path) -> int:
 class Gate:
     """An input image served over HTTP on 127.0.0.1 whose download waits for `open`: the read
     task that fetches it blocks, so the run (and its encoder pools) cannot end before the test
-    has looked. `close` releases it and stops the server."""
+    has looked. `close` releases it and stops the server; it also releases itself after
+    `timeout_s` (a run must end even if a test never opens it)."""
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes, timeout_s: float = 300.0) -> None:
         released = self.released = threading.Event()
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -112,7 +113,7 @@ class Gate:
                 self.end_headers()
 
             def do_GET(self) -> None:
-                released.wait(300)
+                released.wait(timeout_s)
                 self.do_HEAD()
                 self.wfile.write(data)
 
