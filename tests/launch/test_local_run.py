@@ -25,12 +25,13 @@ REPO = Path(__file__).resolve().parents[2]
 STEPS = 8
 
 
-def _config(tmp: Path, *, text_renders: int = 24) -> Path:
+def _config(tmp: Path, *, text_renders: int = 24, producer: dict | None = None) -> Path:
     d = yaml.safe_load((REPO / "examples" / "local.yaml").read_text())
     d["run_dir"] = str(tmp / "run")
     d["cache"] = str(tmp / "cache")
     d["producer"]["bundled"] = {"text_renders": text_renders, "edit_pairs": 2, "seed": 0}
     d["producer"]["snapshot_interval_s"] = 2
+    d["producer"].update(producer or {})
     consumer = d["consumer"]["config"]
     consumer["schedule"]["train_steps"] = STEPS
     consumer["checkpoint"]["interval"] = 2
@@ -48,15 +49,17 @@ def _run_cmd(config: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "megatron_qwenimage.cli", "run", str(config), *extra]
 
 
-def _own_processes(since: float, markers: tuple[str, ...]) -> list[str]:
-    """Processes started after `since` whose command line names one of `markers` (still alive)."""
+def _own_processes(since: float, tmp: Path) -> list[str]:
+    """Live processes started after `since` that belong to a run under `tmp`: they name it on
+    their command line (our sides) or run in it (Ray's daemons and workers inherit the run's
+    working directory); other Ray clusters on the machine are not ours."""
     found = []
     for p in psutil.process_iter(["pid", "cmdline", "create_time"]):
         try:
-            if p.info["create_time"] < since or p.pid == os.getpid():
+            if p.info["create_time"] < since or p.pid == os.getpid() or p.status() == psutil.STATUS_ZOMBIE:
                 continue
             cmd = " ".join(p.info["cmdline"] or [])
-            if any(m in cmd for m in markers) and p.status() != psutil.STATUS_ZOMBIE:
+            if str(tmp) in cmd or p.cwd().startswith(str(tmp)):
                 found.append(f"{p.pid}: {cmd[:160]}")
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
@@ -64,10 +67,9 @@ def _own_processes(since: float, markers: tuple[str, ...]) -> list[str]:
 
 
 def _leftovers(since: float, tmp: Path) -> list[str]:
-    # Our sides name the run's files; Ray's daemons (gcs_server, raylet, workers) name "ray".
     deadline = time.monotonic() + 20  # processes that got SIGKILL may take a moment to be reaped
     while True:
-        left = _own_processes(since, (str(tmp), "raylet", "gcs_server", "ray::", "default_worker.py"))
+        left = _own_processes(since, tmp)
         if not left or time.monotonic() > deadline:
             return left
         time.sleep(0.5)
@@ -83,7 +85,9 @@ def _records(run: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("local-run")
-    config = _config(tmp)
+    # Enough input, encoded one sample per batch, that the producer outlasts the consumer's start
+    # (torchrun, imports, model build: ~15-25 s) on an idle machine too: the run is concurrent.
+    config = _config(tmp, text_renders=160, producer={"batch_size": 1, "partition_size": 4})
     since = time.time()
     proc = subprocess.run(_run_cmd(config, "--json"), cwd=tmp, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-2000:]
