@@ -33,6 +33,8 @@ import pytest
 import yaml
 from PIL import Image
 
+from tests.helpers.telemetry import wait_until
+
 REPO = Path(__file__).resolve().parents[1]
 MONITORING = REPO / "launch" / "monitoring"
 PROMETHEUS = shutil.which("prometheus")
@@ -211,14 +213,12 @@ def test_prometheus_scrapes_both_sides_and_the_dashboard_queries_answer(tmp_path
         missing: dict = {}
 
         def wait(what: str, check, timeout_s: float = 90.0):
-            deadline = time.monotonic() + timeout_s
-            while True:
-                got = check()
-                if got:
-                    return got
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"{what}: not seen within {timeout_s:g} s (missing: {missing})")
-                time.sleep(0.5)
+            return wait_until(
+                check,
+                timeout_s=timeout_s,
+                interval_s=0.5,
+                failure=lambda: f"{what}: not seen within {timeout_s:g} s (missing: {missing})",
+            )
 
         def healthy_targets():
             up = [

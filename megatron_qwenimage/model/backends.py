@@ -370,37 +370,36 @@ class TransformerEngineProvider(KernelProvider):
         # Transformer Engine hands the group to torch.distributed; one rank is "no group" there.
         self.te_group = None if isinstance(tp_group, SingleRankGroup) else tp_group
 
-    def column_parallel_linear(
-        self, input_size: int, output_size: int, *, weight_init: InitRole, bias: bool = True
+    def _te_linear(
+        self, cls: type, input_size: int, output_size: int, weight_init: InitRole, bias: bool, **kwargs: Any
     ) -> torch.nn.Module:
-        layer = self._column_cls(
+        """A dense (not expert) TE linear `cls` on this provider's config and TP group, left
+        uninitialised, its init role `weight_init` declared; `kwargs` are `cls`'s own options."""
+        layer = cls(
             input_size,
             output_size,
             config=self.te_config,
             init_method=_no_init,
-            gather_output=False,
             bias=bias,
-            skip_bias_add=False,
             is_expert=False,
             tp_group=self.te_group,
+            **kwargs,
         )
         return declare_linear(layer, weight_init)
+
+    def column_parallel_linear(
+        self, input_size: int, output_size: int, *, weight_init: InitRole, bias: bool = True
+    ) -> torch.nn.Module:
+        return self._te_linear(
+            self._column_cls, input_size, output_size, weight_init, bias, gather_output=False, skip_bias_add=False
+        )
 
     def row_parallel_linear(
         self, input_size: int, output_size: int, *, weight_init: InitRole, bias: bool = True
     ) -> torch.nn.Module:
-        layer = self._row_cls(
-            input_size,
-            output_size,
-            config=self.te_config,
-            init_method=_no_init,
-            bias=bias,
-            input_is_parallel=True,
-            skip_bias_add=True,
-            is_expert=False,
-            tp_group=self.te_group,
+        return self._te_linear(
+            self._row_cls, input_size, output_size, weight_init, bias, input_is_parallel=True, skip_bias_add=True
         )
-        return declare_linear(layer, weight_init)
 
     def core_attention(self, num_local_heads: int, head_dim: int) -> TEAttention:
         return TEAttention(num_local_heads, head_dim)

@@ -10,21 +10,15 @@ reported once, by rank 0, with every rank exiting non-zero.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from megatron_qwenimage import cli
-from tests.helpers.consumers import free_port, run_config, single_rank_env, write_cache
-
-REPO = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+from tests.helpers.consumers import run_config, run_train, single_rank_env, write_cache, write_run_config
 
 
 def _tree_digest(root: Path) -> dict[str, str]:
@@ -49,8 +43,7 @@ def trained(tmp_path_factory):
     cache = write_cache(root / "cache", samples_per_bucket=8)
     cfg = run_config(cache, root / "first", steps=2, ckpt_interval=2)
     cfg["checkpoint"]["dir"] = str(root / "ckpt")
-    path = root / "first.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path = write_run_config(cfg, root / "first.yaml")
     with single_rank_env():
         assert cli.main(["train", "--config", str(path)]) == 0
     assert (root / "ckpt" / "step_00000002" / "COMMITTED").is_file()
@@ -138,8 +131,7 @@ def test_bad_run_config_is_one_line_and_keeps_checkpoints(trained, tmp_path, cap
     before = _tree_digest(trained["ckpt"])
     cfg = _base(trained, tmp_path)
     edit(cfg, tmp_path)
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path = write_run_config(cfg, tmp_path / "run.yaml")
     rc, out, err = _train_in_process(path, capsys)
     assert rc == code, err
     lines = err.splitlines()
@@ -200,8 +192,7 @@ def test_prometheus_port_in_use_names_the_port(trained, tmp_path, capsys):
         port = busy.getsockname()[1]
         cfg = _base(trained, tmp_path)
         cfg["logging"]["prometheus_port"] = port
-        path = tmp_path / "run.yaml"
-        path.write_text(yaml.safe_dump(cfg))
+        path = write_run_config(cfg, tmp_path / "run.yaml")
         rc, _, err = _train_in_process(path, capsys)
     assert rc == 2
     (line,) = err.splitlines()
@@ -237,21 +228,7 @@ def test_torchrun_layout_error_is_one_line_from_rank_0(trained, tmp_path):
     before = _tree_digest(trained["ckpt"])
     cfg = _base(trained, tmp_path)
     cfg["parallel"] = {"tp": 3}
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node=2",
-        "--master-addr=127.0.0.1",
-        f"--master-port={free_port()}",
-        "-m",
-        "consumers.train",
-        "--config",
-        str(path),
-    ]
-    r = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=240)
+    r = run_train(write_run_config(cfg, tmp_path / "run.yaml"), nproc=2, timeout=240)
     assert r.returncode != 0
     lines = [x for x in r.stderr.splitlines() if "qwenimage train: error:" in x]
     assert len(lines) == 1 and lines[0].startswith("qwenimage train: error: "), r.stderr[-3000:]

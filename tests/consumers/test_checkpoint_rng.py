@@ -44,6 +44,21 @@ class _Payload:
         return (os.mkdir, (self.marker,))
 
 
+def _save_old_format_rng(path: Path, marker: Path) -> None:
+    """Write an RNG file in the old format, ``torch.save`` (a zip holding a pickle) of the current
+    states, carrying a `_Payload` that creates `marker` if the file is ever unpickled."""
+    torch.save(
+        {
+            "torch": torch.get_rng_state(),
+            "numpy": np.random.get_state(),
+            "python": random.getstate(),
+            "cuda": None,
+            "payload": _Payload(str(marker)),
+        },
+        path,
+    )
+
+
 def _draws() -> list:
     return [
         random.random(),
@@ -89,16 +104,7 @@ def test_old_pickle_rng_file_is_refused_naming_it(tmp_path, monkeypatch):
     (ckpt / "rng").mkdir(parents=True)
     old = ckpt / "rng" / "rank_00000.pt"
     marker = tmp_path / "unpickled"
-    torch.save(
-        {
-            "torch": torch.get_rng_state(),
-            "numpy": np.random.get_state(),
-            "python": random.getstate(),
-            "cuda": None,
-            "payload": _Payload(str(marker)),
-        },
-        old,
-    )
+    _save_old_format_rng(old, marker)
     assert old.read_bytes()[:2] == b"PK"  # the old torch.save format: a zip holding a pickle
     _no_unpickling(monkeypatch)
     with pytest.raises(CheckpointCorrupt, match=re.escape(str(old)) + ".*old pickle format.*not loaded"):
@@ -136,16 +142,7 @@ def _world1_worker(rank: int, world: int, root: str) -> dict:
     # An old-format (torch.save pickle) RNG file, listed in COMMITTED so only its format is wrong.
     marker = Path(root).parent / "unpickled"
     old = step_dir / "rng" / "rank_00000.pt"
-    torch.save(
-        {
-            "torch": torch.get_rng_state(),
-            "numpy": np.random.get_state(),
-            "python": random.getstate(),
-            "cuda": None,
-            "payload": _Payload(str(marker)),
-        },
-        old,
-    )
+    _save_old_format_rng(old, marker)
     record = json.loads((step_dir / COMMITTED).read_text())
     record["files"]["rng/rank_00000.pt"] = {
         "bytes": old.stat().st_size,

@@ -8,23 +8,18 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import yaml
 
 from consumers.metrics import LoggingConfig, MetricsLogger, consumed_before
 from consumers.train import RunConfig
 from megatron_qwenimage.config import ConfigError
-from tests.helpers.consumers import read_jsonl, run_config, write_cache
+from tests.helpers.consumers import QWENIMAGE_TRAIN, read_jsonl, run_config, run_train, write_cache, write_run_config
 
-REPO = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 STEP = dict(lr=1e-3, grad_norm=1.0, image_tokens=64, flops=1e9, data_wait_s=0.01)
 CONTRACT = ("consumed_samples", "train_steps", "global_batch", "run_label", "backlog_samples", "lead_time_s")
 
@@ -211,15 +206,7 @@ def test_train_cli_writes_the_contract_fields(tmp_path):
     cfg = run_config(cache, tmp_path, steps=3, global_batch=4, micro_batch=2)
     cfg["data"]["caches"] = [{"path": cache, "mode": "tail"}]
     cfg["logging"].update(prometheus_port=0, prometheus_sd_dir=str(tmp_path / "sd"), run_label="cli-run")
-    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
-    r = subprocess.run(
-        [sys.executable, "-m", "megatron_qwenimage.cli", "train", "--config", str(tmp_path / "run.yaml")],
-        cwd=REPO,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    r = run_train(write_run_config(cfg, tmp_path / "run.yaml"), entry=QWENIMAGE_TRAIN, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     records = read_jsonl(tmp_path / "logs" / "metrics.jsonl")
     assert [x["step"] for x in records] == [1, 2, 3]
@@ -235,15 +222,7 @@ def test_bad_run_label_at_the_command_line_is_one_line(tmp_path):
     cache = write_cache(tmp_path / "cache", samples_per_bucket=4)
     cfg = run_config(cache, tmp_path, steps=1)
     cfg["logging"]["run_label"] = "two\nlines"
-    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
-    r = subprocess.run(
-        [sys.executable, "-m", "megatron_qwenimage.cli", "train", "--config", str(tmp_path / "run.yaml")],
-        cwd=REPO,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    r = run_train(write_run_config(cfg, tmp_path / "run.yaml"), entry=QWENIMAGE_TRAIN, timeout=120)
     assert r.returncode == 2
     (line,) = r.stderr.splitlines()
     assert line.startswith("qwenimage train: error: logging.run_label=") and "run label" in line, r.stderr

@@ -11,10 +11,8 @@ uninterrupted run's loss at every step and, bit for bit, its final parameters an
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,49 +20,28 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-import yaml
 
-from tests.helpers.consumers import free_port, read_jsonl, run_config, write_cache
+from tests.helpers.consumers import (
+    QWENIMAGE_TRAIN,
+    launch_train,
+    read_jsonl,
+    signal_job,
+    wait_success,
+    write_cache,
+    write_tp2_checkpointing_config,
+)
 
-REPO = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 STEPS, INTERVAL = 6, 2
 
 
 def _launch(config: Path) -> subprocess.Popen:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node=2",
-        "--master-addr=127.0.0.1",
-        f"--master-port={free_port()}",
-        "-m",
-        "megatron_qwenimage.cli",
-        "train",
-        "--config",
-        str(config),
-    ]
-    return subprocess.Popen(
-        cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-
-
-def _run(config: Path) -> str:
-    proc = _launch(config)
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out[-3000:]
-    return out
+    return launch_train(config, entry=QWENIMAGE_TRAIN, nproc=2)
 
 
 def _kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL torchrun and every worker at once, as a scheduler ending the job's cgroup would
-    (torchrun's workers do not all stay in its process group)."""
-    tree = [psutil.Process(proc.pid)]
-    tree += tree[0].children(recursive=True)
-    for p in tree:
-        p.send_signal(signal.SIGKILL)
-    psutil.wait_procs(tree, timeout=60)
+    """SIGKILL torchrun and every worker at once, as a scheduler ending the job's cgroup would,
+    and reap them."""
+    psutil.wait_procs(signal_job(proc, signal.SIGKILL), timeout=60)
     proc.communicate(timeout=60)
 
 
@@ -107,20 +84,7 @@ def written_not_committed(out: Path) -> Callable[[], bool]:
 
 
 def _config(cache: str, out: Path, *, async_save: bool) -> Path:
-    out.mkdir(parents=True)
-    cfg = run_config(
-        cache,
-        out,
-        steps=STEPS,
-        global_batch=4,
-        micro_batch=1,
-        ckpt_interval=INTERVAL,
-        parallel={"tp": 2},
-        checkpoint={"async_save": async_save, "keep_last": 5},
-    )
-    path = out / "run.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return write_tp2_checkpointing_config(cache, out, steps=STEPS, interval=INTERVAL, async_save=async_save)
 
 
 def _final_state(out: Path) -> dict[str, torch.Tensor]:
@@ -140,7 +104,7 @@ def cache(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def straight(cache, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("straight") / "run"
-    _run(_config(cache, out, async_save=False))
+    wait_success(_launch(_config(cache, out, async_save=False)))
     return {
         "losses": {r["step"]: r["loss"] for r in read_jsonl(out / "logs" / "metrics.jsonl")},
         "state": _final_state(out),
@@ -171,7 +135,7 @@ def test_sigkill_from_outside_then_resume_matches_uninterrupted(cache, straight,
         assert committed == ["step_00000002"], committed
         assert _tmp(out, 4).is_dir()
 
-    log = _run(config)
+    log = wait_success(_launch(config))
     assert "resumed from" in log, log[-2000:]
     losses = {r["step"]: r["loss"] for r in read_jsonl(out / "logs" / "metrics.jsonl")}  # a rerun step overwrites
     assert losses == straight["losses"] and len(set(losses.values())) == STEPS

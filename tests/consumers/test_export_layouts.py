@@ -7,19 +7,12 @@ equal the checkpoint's full ``model/*`` tensors exactly.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from tests.helpers.consumers import free_port, run_config, write_cache
-
-REPO = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+from tests.helpers.consumers import run_config, run_train, write_cache, write_run_config
 
 
 def _checkpoint_model_tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -36,21 +29,7 @@ def test_multi_rank_run_exports_to_diffusers(tmp_path, parallel):
     cache = write_cache(tmp_path / "cache", samples_per_bucket=8)
     cfg = run_config(cache, tmp_path, steps=2, global_batch=4, micro_batch=1, parallel=parallel, ckpt_interval=2)
     cfg["schedule"]["export_diffusers"] = str(tmp_path / "diffusers")
-    config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump(cfg))
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node=2",
-        "--master-addr=127.0.0.1",
-        f"--master-port={free_port()}",
-        "-m",
-        "consumers.train",
-        "--config",
-        str(config),
-    ]
-    r = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    r = run_train(write_run_config(cfg, tmp_path / "run.yaml"), nproc=2, timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
 
     from diffusers import QwenImageTransformer2DModel

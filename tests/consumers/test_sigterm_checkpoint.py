@@ -10,58 +10,32 @@ same command resumes from that checkpoint and the per-step losses equal an unint
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
-import yaml
 
-from tests.helpers.consumers import free_port, read_jsonl, run_config, write_cache
+from tests.helpers.consumers import (
+    QWENIMAGE_TRAIN,
+    launch_train,
+    read_jsonl,
+    signal_job,
+    wait_success,
+    write_cache,
+    write_tp2_checkpointing_config,
+)
 
-REPO = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 STEPS = 8
 
 
 def _launch(config: Path) -> subprocess.Popen:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node=2",
-        "--master-addr=127.0.0.1",
-        f"--master-port={free_port()}",
-        "-m",
-        "megatron_qwenimage.cli",
-        "train",
-        "--config",
-        str(config),
-    ]
-    return subprocess.Popen(
-        cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
+    return launch_train(config, entry=QWENIMAGE_TRAIN, nproc=2)
 
 
 def _config(cache: str, out: Path, *, interval: int, async_save: bool) -> Path:
-    out.mkdir(parents=True)
-    cfg = run_config(
-        cache,
-        out,
-        steps=STEPS,
-        global_batch=4,
-        micro_batch=1,
-        ckpt_interval=interval,
-        parallel={"tp": 2},
-        checkpoint={"async_save": async_save, "keep_last": 5},
-    )
-    path = out / "run.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return write_tp2_checkpointing_config(cache, out, steps=STEPS, interval=interval, async_save=async_save)
 
 
 def _losses(out: Path) -> dict[int, float]:
@@ -81,9 +55,7 @@ def cache(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def straight(cache, tmp_path_factory) -> dict[int, float]:
     out = tmp_path_factory.mktemp("straight") / "run"
-    proc = _launch(_config(cache, out, interval=100, async_save=False))
-    log, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, log[-3000:]
+    wait_success(_launch(_config(cache, out, interval=100, async_save=False)))
     return _losses(out)
 
 
@@ -98,9 +70,7 @@ def test_sigterm_saves_the_current_step_and_the_rerun_matches(cache, straight, t
         assert proc.poll() is None, proc.communicate()[0][-3000:]
         assert time.monotonic() < deadline, "no step was logged"
         time.sleep(0.05)
-    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    for p in tree:  # torchrun and both workers at once, as Slurm signals a job step
-        p.send_signal(signal.SIGTERM)
+    signal_job(proc, signal.SIGTERM)  # torchrun and both workers at once, as Slurm signals a job step
     log, _ = proc.communicate(timeout=240)
     assert proc.returncode != 0, log[-3000:]
     assert "qwenimage train: stopped by SIGTERM; committed work is kept, rerun to resume" in log, log[-3000:]
@@ -114,8 +84,6 @@ def test_sigterm_saves_the_current_step_and_the_rerun_matches(cache, straight, t
     if interval == 100:  # no interval save: the one checkpoint is the SIGTERM save
         assert committed == [stopped_at]
 
-    rerun = _launch(config)
-    log2, _ = rerun.communicate(timeout=300)
-    assert rerun.returncode == 0, log2[-3000:]
+    log2 = wait_success(_launch(config))
     assert f"resumed from {out / 'ckpt'}/step_{stopped_at:08d}" in log2, log2[-3000:]
     assert _losses(out) == straight and len(straight) == STEPS

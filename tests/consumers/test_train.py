@@ -7,41 +7,15 @@ and named in the error. (Kill-and-resume runs: tests/consumers/test_crash_resume
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-import yaml
-
-from tests.helpers.consumers import corrupt_latent_chunk, free_port, read_jsonl, run_config, write_cache
-
-REPO = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-
-
-def _write(cfg: dict, path: Path) -> Path:
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def _train(config: Path, *, nproc: int = 1, env: dict | None = None, timeout: int = 240):
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "consumers.train", "--config", str(config)]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nproc-per-node={nproc}",
-            "--master-addr=127.0.0.1",
-            f"--master-port={free_port()}",
-            "-m",
-            "consumers.train",
-            "--config",
-            str(config),
-        ]
-    return subprocess.run(cmd, cwd=REPO, env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=timeout)
+from tests.helpers.consumers import (
+    QWENIMAGE_TRAIN,
+    corrupt_latent_chunk,
+    read_jsonl,
+    run_config,
+    run_train,
+    write_cache,
+    write_run_config,
+)
 
 
 def test_tiny_model_learns_and_exports(tmp_path):
@@ -66,7 +40,7 @@ def test_tiny_model_learns_and_exports(tmp_path):
         eval_interval=200, eval_sigmas=[0.1, 0.3, 0.5, 0.7, 0.9], export_diffusers=str(tmp_path / "diffusers")
     )
     cfg["logging"].update(interval=20, prometheus_port=0)
-    r = _train(_write(cfg, tmp_path / "run.yaml"))
+    r = run_train(write_run_config(cfg, tmp_path / "run.yaml"))
     assert r.returncode == 0, r.stderr[-3000:]
     records = read_jsonl(tmp_path / "logs" / "metrics.jsonl")
     val = [x for x in records if "val_loss" in x]
@@ -97,7 +71,7 @@ def test_tiny_model_learns_and_exports(tmp_path):
 def test_corrupted_shard_is_named(tmp_path):
     cache = write_cache(tmp_path / "cache", samples_per_bucket=8)
     shard = corrupt_latent_chunk(cache)
-    r = _train(_write(run_config(cache, tmp_path, steps=2), tmp_path / "run.yaml"))
+    r = run_train(write_run_config(run_config(cache, tmp_path, steps=2), tmp_path / "run.yaml"))
     assert r.returncode != 0
     # One line at the command line's boundary, naming the shard and what is wrong with it.
     lines = [x for x in r.stderr.splitlines() if x.startswith("qwenimage train: error: ")]
@@ -109,13 +83,7 @@ def test_bad_run_config_exits_2_naming_the_key(tmp_path):
     cache = write_cache(tmp_path / "cache", samples_per_bucket=4)
     cfg = run_config(cache, tmp_path, steps=2)
     cfg["optimizer"]["lr_typo"] = 1.0
-    r = subprocess.run(
-        [sys.executable, "-m", "megatron_qwenimage.cli", "train", "--config", str(_write(cfg, tmp_path / "run.yaml"))],
-        cwd=REPO,
-        env=ENV,
-        capture_output=True,
-        text=True,
-    )
+    r = run_train(write_run_config(cfg, tmp_path / "run.yaml"), entry=QWENIMAGE_TRAIN, timeout=None)
     assert r.returncode == 2
     (line,) = r.stderr.splitlines()
     assert line.startswith("qwenimage train: error: optimizer:") and "lr_typo" in line, r.stderr

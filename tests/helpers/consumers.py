@@ -1,4 +1,5 @@
-"""Helpers for the consumers' multi-rank tests: spawn gloo worlds, synthetic global batches."""
+"""Helpers for the consumers' multi-rank tests: spawn gloo worlds, synthetic global batches,
+run configs and the training command lines that run them."""
 
 from __future__ import annotations
 
@@ -6,11 +7,16 @@ import contextlib
 import json
 import os
 import socket
+import subprocess
+import sys
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
 
+import psutil
 import torch
 import torch.multiprocessing as mp
+import yaml
 
 from consumers.batch import Batch
 
@@ -222,6 +228,103 @@ def run_config(
 
 def read_jsonl(path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def write_run_config(cfg: dict, path: Path) -> Path:
+    """Write the run-config mapping `cfg` to `path` as YAML; returns `path`."""
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def write_tp2_checkpointing_config(cache: str, out: Path, *, steps: int, interval: int, async_save: bool) -> Path:
+    """Create `out` and write ``out/run.yaml``: `steps` steps of TP=2 on `cache` (global batch 4,
+    micro-batch 1), a checkpoint every `interval` steps (`async_save`, the last 5 kept); returns
+    its path. The run of the kill / signal and resume tests."""
+    out.mkdir(parents=True)
+    cfg = run_config(
+        cache,
+        out,
+        steps=steps,
+        global_batch=4,
+        micro_batch=1,
+        ckpt_interval=interval,
+        parallel={"tp": 2},
+        checkpoint={"async_save": async_save, "keep_last": 5},
+    )
+    return write_run_config(cfg, out / "run.yaml")
+
+
+# ------------------------------------------------------------------------------------------------
+# Training in a child process: the trainer module or the user command, alone or under torchrun.
+
+REPO = Path(__file__).resolve().parents[2]
+#: The environment of a training process: one intra-op thread per rank, this checkout importable.
+TRAIN_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+#: ``python -m`` entry points that train on ``--config``: the trainer module and the user command.
+CONSUMERS_TRAIN = ("consumers.train",)
+QWENIMAGE_TRAIN = ("megatron_qwenimage.cli", "train")
+
+
+def train_command(config: Path, *, entry: Sequence[str] = CONSUMERS_TRAIN, nproc: int = 1) -> list[str]:
+    """``python -m <entry> --config <config>``: as it is for one process, under
+    ``torch.distributed.run`` with `nproc` local ranks (127.0.0.1, a free port) otherwise."""
+    train = ["-m", *entry, "--config", str(config)]
+    if nproc == 1:
+        return [sys.executable, *train]
+    rendezvous = [f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1", f"--master-port={free_port()}"]
+    return [sys.executable, "-m", "torch.distributed.run", *rendezvous, *train]
+
+
+def run_train(
+    config: Path,
+    *,
+    entry: Sequence[str] = CONSUMERS_TRAIN,
+    nproc: int = 1,
+    env: dict | None = None,
+    timeout: float | None = 240,
+) -> subprocess.CompletedProcess:
+    """Run `train_command` to its end from the repository root with `TRAIN_ENV` (updated with
+    `env`); stdout and stderr are captured as text."""
+    return subprocess.run(
+        train_command(config, entry=entry, nproc=nproc),
+        cwd=REPO,
+        env={**TRAIN_ENV, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def launch_train(config: Path, *, entry: Sequence[str] = CONSUMERS_TRAIN, nproc: int = 1) -> subprocess.Popen:
+    """Start `train_command` from the repository root with `TRAIN_ENV`, in a session of its own
+    (a test signals the job, never itself); stdout and stderr go to one text pipe."""
+    return subprocess.Popen(
+        train_command(config, entry=entry, nproc=nproc),
+        cwd=REPO,
+        env=TRAIN_ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def wait_success(proc: subprocess.Popen, timeout: float = 300) -> str:
+    """Wait for a `launch_train` job to end, assert it exited 0 (the output's tail as the message)
+    and return its output."""
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def signal_job(proc: subprocess.Popen, sig: int) -> list[psutil.Process]:
+    """Send `sig` to torchrun (`proc`) and every process under it at once, as a scheduler signals
+    a job step (torchrun's workers do not all stay in its process group); returns them."""
+    tree = [psutil.Process(proc.pid)]
+    tree += tree[0].children(recursive=True)
+    for p in tree:
+        p.send_signal(sig)
+    return tree
 
 
 # ------------------------------------------------------------------------------------------------

@@ -12,9 +12,11 @@ import json
 
 import fsspec
 
+from megatron_qwenimage import cli
 from megatron_qwenimage.cache import open_cache
 from megatron_qwenimage.cache.writer import QuarantineRow, publish_partition
 from tests.helpers.reader import B16, B32, make_cache, payload
+from tests.helpers.telemetry import NEW_PRODUCER_FIELDS
 
 T0 = 1_700_000_000.0
 
@@ -29,17 +31,6 @@ TELEMETRY = [
     {"updated_unix": T0 + 15, "buckets": {"16x16": 16, "32x32": 10}, "committed": 26, "text_tokens": 390},
     {"updated_unix": T0 + 20, "buckets": dict(BUCKETS), "committed": 32, "text_tokens": 500},
 ]
-NEW_PRODUCER_FIELDS = (
-    "run_label",
-    "text_tokens",
-    "images_per_s",
-    "text_tokens_per_s",
-    "bucket_images_per_s",
-    "stage_busy",
-    "encoder_utilization",
-    "actors",
-    "snapshot_version",
-)
 
 
 def status_record(i: int, *, new: bool = True, state: str = "running") -> dict:
@@ -64,6 +55,8 @@ def status_record(i: int, *, new: bool = True, state: str = "running") -> dict:
         "stage_busy": {"cpu": 0.5, "vae": 0.9, "text": 0.8, "write": 0.1},
         "encoder_utilization": {"vae": 0.9, "text": 0.75},
         "actors": {"vae": 2, "text": 1},
+        "pool_bounds": {"vae": [3, 3], "text": [1, 2]},  # the autoscaler's 3 VAE actors; text: Ray Data's 1:2
+        "pool_control_version": 4,
         "snapshot_version": 1,
     }
     base.update(copy.deepcopy(TELEMETRY[i]))
@@ -156,3 +149,11 @@ def build_run(root: str, *, new: bool = True) -> tuple[str, str]:
     run = f"{root}/run"
     write_consumer(run, metrics_records(new=new))
     return cache, run
+
+
+def cli_main(argv: list[str], capsys) -> tuple[int, str, str]:
+    """Run ``qwenimage <argv>`` in this process; returns its exit status and what it wrote to
+    stdout and stderr (read through pytest's `capsys`)."""
+    rc = cli.main(argv)
+    out = capsys.readouterr()
+    return rc, out.out, out.err

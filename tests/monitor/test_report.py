@@ -6,7 +6,6 @@ import json
 
 import pytest
 
-from megatron_qwenimage import cli
 from megatron_qwenimage.monitor import report
 from megatron_qwenimage.monitor.report import (
     LINE_BACKLOG,
@@ -28,22 +27,11 @@ from tests.monitor.fixtures import (
     QUARANTINED,
     T0,
     build_cache,
-    build_run,
+    cli_main,
     metrics_records,
     write_consumer,
     write_text,
 )
-
-
-def _main(argv, capsys):
-    rc = cli.main(argv)
-    out = capsys.readouterr()
-    return rc, out.out, out.err
-
-
-@pytest.fixture
-def scenario(tmp_path):
-    return build_run(str(tmp_path))
 
 
 def test_series_backlog_and_lead_time(scenario):
@@ -130,7 +118,7 @@ def test_report_writes_a_png(scenario, capsys):
 
     cache, run = scenario
     write_text(f"{run}/run.json", json.dumps({"run_label": "exp1", "cache": cache, "state": "finished"}))
-    rc, out, err = _main(["report", run], capsys)  # the cache comes from run.json
+    rc, out, err = cli_main(["report", run], capsys)  # the cache comes from run.json
     assert rc == 0, err
     png = f"{run}/report.png"
     with Image.open(png) as image:
@@ -150,7 +138,7 @@ def test_report_output_flag_and_missing_pieces(tmp_path, capsys):
     run = str(tmp_path / "run")
     write_consumer(run, metrics_records(new=False))
     out_png = tmp_path / "out" / "r.png"
-    rc, out, err = _main(["report", run, "--output", str(out_png)], capsys)
+    rc, out, err = cli_main(["report", run, "--output", str(out_png)], capsys)
     assert rc == 0, err
     with Image.open(out_png) as image:
         assert image.format == "PNG"
@@ -160,7 +148,7 @@ def test_report_output_flag_and_missing_pieces(tmp_path, capsys):
 def test_report_without_matplotlib_is_one_line(scenario, capsys, monkeypatch):
     monkeypatch.setattr(report, "matplotlib_available", lambda: False)
     _, run = scenario
-    rc, out, err = _main(["report", run], capsys)
+    rc, out, err = cli_main(["report", run], capsys)
     assert rc == 2 and err.strip().splitlines() == [
         "qwenimage report: error: qwenimage report draws with matplotlib, which is not installed here "
         "(pip install matplotlib)"
@@ -174,7 +162,7 @@ def test_report_bad_input_is_one_line(tmp_path, capsys, case):
         run.mkdir()
     if case == "garbage-metrics":
         (run / "metrics.jsonl").write_text("not json\n")
-    rc, out, err = _main(["report", str(run)], capsys)
+    rc, out, err = cli_main(["report", str(run)], capsys)
     assert rc == 2 and out == ""
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("qwenimage report: error: ") and str(run) in lines[0]

@@ -217,27 +217,30 @@ def test_worker_killed_mid_shard_is_retried_without_duplicates(ray_cluster, tmp_
     assert_complete_once(tmp_path / "cache", 6)
 
 
-def test_producer_killed_then_rerun_resumes(ray_cluster, producer_env, tmp_path):
-    src = fault_input(tmp_path / "in")
-    args = [
+def _fault_run_args(src: Path, cache: Path, ray_address: str, *extra: str) -> list[str]:
+    """``qwenimage produce`` arguments of a fault run from the command line: `src` into `cache`,
+    64 px buckets, partitions of 2, on `ray_address`, a JSON summary, no progress bar; then `extra`."""
+    return [
         "produce",
         "--input",
         str(src),
         "--output",
-        str(tmp_path / "cache"),
+        str(cache),
         "--buckets",
         "64",
         "--partition-size",
         "2",
         "--ray-address",
-        ray_cluster,
+        ray_address,
         "--json",
         "--no-progress",
-        "--metrics-port",
-        "-1",
-        "--sweep-grace",
-        "0",
+        *extra,
     ]
+
+
+def test_producer_killed_then_rerun_resumes(ray_cluster, producer_env, tmp_path):
+    src = fault_input(tmp_path / "in")
+    args = _fault_run_args(src, tmp_path / "cache", ray_cluster, "--metrics-port", "-1", "--sweep-grace", "0")
     env = dict(producer_env, QWENIMAGE_FAULT="kill_writer_at=before_commit,kill_scope=driver,after_partitions=1")
     crashed = run_cli(args, env)
     assert crashed.returncode != 0
@@ -255,23 +258,7 @@ def test_two_concurrent_producers_publish_each_sample_once(ray_cluster, producer
     import sys
 
     src = fault_input(tmp_path / "in")
-    args = [
-        "produce",
-        "--input",
-        str(src),
-        "--output",
-        str(tmp_path / "cache"),
-        "--buckets",
-        "64",
-        "--partition-size",
-        "2",
-        "--ray-address",
-        ray_cluster,
-        "--json",
-        "--no-progress",
-        "--metrics-port",
-        "0",
-    ]
+    args = _fault_run_args(src, tmp_path / "cache", ray_cluster, "--metrics-port", "0")
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "megatron_qwenimage.cli", *args],
