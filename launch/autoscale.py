@@ -35,8 +35,9 @@ Capacity goes up and down through an actuator (`Actuator`):
 * `SlurmWorkerActuator`: one extra Slurm job per unit, each a Ray worker node that joins the
   producers' cluster (``ray start --address=HEAD:PORT --block``); ``scancel`` removes the newest.
   ``sbatch``/``scancel`` go through an injectable runner (testable without Slurm).
-* `ActorPoolActuator`: a pool of encoder actors on the Ray this process is connected to (the
-  test's; a producer that runs its own pool can dispatch to `ActorPoolActuator.handles`).
+* `ProducerPoolActuator`: the actors per pool of a running ``qwenimage produce``, through a control
+  file in the cache that the producer reads before each window of partitions
+  (`producers.pool_control`); the producer's own ``--vae-actors``/``--text-actors`` bound it.
 """
 
 from __future__ import annotations
@@ -206,9 +207,9 @@ class Actuator(Protocol):
     def current(self) -> int:
         """Units in effect now (alive actors, requested bundles, submitted worker jobs)."""
 
-    def resize(self, target: int) -> int:
-        """Move to `target` units; returns the units in effect afterwards. `ActuatorError` when
-        nothing could be changed."""
+    def resize(self, target: int, reason: str = "") -> int:
+        """Move to `target` units (`reason`: the controller's why, for the actuator's own records);
+        returns the units in effect afterwards. `ActuatorError` when nothing could be changed."""
 
     def refresh(self) -> None:
         """Called on every observation (re-send a request that expires); may do nothing."""
@@ -219,7 +220,8 @@ class LeadTimeController:
     """Keeps the lead time in ``[policy.low_s, policy.high_s]`` by resizing `actuator`.
 
     Feed it observations (`observe`) or let it poll (`run`). `clock` orders observations (monotonic
-    seconds; tests pass a fake one), `wall_clock` stamps the log lines.
+    seconds; tests pass a fake one), `wall_clock` stamps the log lines; `on_decision` is called with
+    each change after it is logged (e.g. to keep a record of them).
     """
 
     def __init__(
@@ -230,8 +232,10 @@ class LeadTimeController:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         logger: logging.Logger = log,
+        on_decision: Callable[[Decision], None] | None = None,
     ) -> None:
         self.policy = policy
+        self.on_decision = on_decision
         self.actuator = actuator
         self.clock = clock
         self.wall_clock = wall_clock
@@ -306,7 +310,7 @@ class LeadTimeController:
     def _change(self, obs: Observation, lead: float | None, now: float, target: int, why: str) -> Decision | None:
         old = self.size
         try:
-            new = self.actuator.resize(target)
+            new = self.actuator.resize(target, reason=why)
         except ActuatorError as exc:
             self.logger.warning("autoscale: %s could not resize %d -> %d: %s", self.actuator.name, old, target, exc)
             self._last_change = now  # back off for a cooldown before trying again
@@ -328,6 +332,8 @@ class LeadTimeController:
         )
         self.decisions.append(decision)
         self.logger.info("%s", decision.line())
+        if self.on_decision is not None:
+            self.on_decision(decision)
         return decision
 
     def _reset(self) -> None:
@@ -425,7 +431,7 @@ class RayAutoscalerActuator:
     def current(self) -> int:
         return self._size
 
-    def resize(self, target: int) -> int:
+    def resize(self, target: int, reason: str = "") -> int:
         try:
             self._send([dict(self.bundle) for _ in range(target)])
         except Exception as exc:  # the GCS or the coordinator is unreachable
@@ -577,7 +583,7 @@ class SlurmWorkerActuator:
     def current(self) -> int:
         return len(self.job_ids)
 
-    def resize(self, target: int) -> int:
+    def resize(self, target: int, reason: str = "") -> int:
         target = max(0, target)
         start = len(self.job_ids)
         try:
@@ -604,95 +610,58 @@ class SlurmWorkerActuator:
         self.resize(0)
 
 
-# --- actuator (c): a pool of actors on the current Ray ------------------------------------------------
-class ActorPoolActuator:
-    """Encoder capacity as live actors of `actor_cls` on the Ray this process is connected to.
+# --- actuator (c): a running producer's own encoder pools -------------------------------------------
+class ProducerPoolActuator:
+    """Encoder capacity as the actors per pool of a running ``qwenimage produce``.
 
-    `options` are the actor's ``.options(...)`` (``num_cpus`` fractional on small machines,
-    ``num_gpus``); `args`/`kwargs` its constructor's. `resize` starts actors (and waits until they
-    are ready, at most `ready_timeout_s`) or kills the newest. `current` counts the actors the GCS
-    reports ALIVE, so an actor that died is noticed at the next observation. `handles` are the
-    live actors, for a producer that dispatches work to the pool.
+    `resize` writes the cache's pool-control file (`producers.pool_control`: the same size for each
+    pool in `pools`, with the controller's reason); the producer runs its next window of partitions
+    with exactly that many actors per pool, clamped to the pool's own ``--vae-actors`` /
+    ``--text-actors`` bounds (``--window-partitions`` sets how soon that is). On a cluster with a Ray
+    autoscaler the actors the producer cannot place are the resource demand that adds nodes.
+    `current` is the size last written (the file's, so a restarted controller continues from it),
+    else `initial`. Nothing is written before the producer created the cache (`ActuatorError`: the
+    controller backs off and tries again). One controller per cache: the file has one writer.
     """
 
-    name = "actor-pool"
+    name = "producer-pools"
 
-    def __init__(
-        self,
-        actor_cls,
-        *,
-        args: Sequence[Any] = (),
-        kwargs: Mapping[str, Any] | None = None,
-        options: Mapping[str, Any] | None = None,
-        ready_timeout_s: float = 60.0,
-    ) -> None:
-        import ray
+    def __init__(self, cache: str, pools: Sequence[str] = ("vae", "text"), *, initial: int = 1) -> None:
+        from megatron_qwenimage.cache.storage import CacheStorage
+        from producers.pool_control import POOL_NAMES
 
-        remote = actor_cls if isinstance(actor_cls, ray.actor.ActorClass) else ray.remote(actor_cls)
-        self._remote = remote.options(**dict(options or {}))
-        self.args = tuple(args)
-        self.kwargs = dict(kwargs or {})
-        self.ready_timeout_s = ready_timeout_s
-        self._actors: list = []
-
-    @property
-    def handles(self) -> list:
-        return list(self._actors)
+        unknown = sorted(set(pools) - set(POOL_NAMES))
+        if not pools or unknown:
+            raise ConfigError(f"ProducerPoolActuator: pools={list(pools)!r}: expected some of {list(POOL_NAMES)}")
+        self.storage = CacheStorage(cache)
+        self.pools = tuple(pools)
+        self.initial = initial
 
     def current(self) -> int:
-        self._actors = [a for a in self._actors if _actor_state(a) != "DEAD"]
-        return sum(_actor_state(a) == "ALIVE" for a in self._actors)
+        from producers.pool_control import read_pool_target
 
-    def resize(self, target: int) -> int:
-        import ray
+        try:
+            target = read_pool_target(self.storage)
+        except (ConfigError, OSError) as exc:
+            log.warning("autoscale: cannot read the pool target (%s); assuming %d", exc, self.initial)
+            return self.initial
+        sizes = [target.sizes[p] for p in self.pools if p in target.sizes] if target is not None else []
+        return max(sizes) if sizes else self.initial
 
-        target = max(0, target)
-        self.current()
-        if target > len(self._actors):
-            new = [self._remote.remote(*self.args, **self.kwargs) for _ in range(target - len(self._actors))]
-            refs = {a.__ray_ready__.remote(): a for a in new}
-            ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=self.ready_timeout_s)
-            started = []
-            for ref in ready:
-                try:
-                    ray.get(ref)
-                    started.append(refs[ref])
-                except Exception as exc:  # the constructor raised
-                    log.warning("autoscale: an actor failed to start: %s", exc)
-                    ray.kill(refs[ref], no_restart=True)
-            for ref in pending:  # no resources for it: do not leave it queued
-                ray.kill(refs[ref], no_restart=True)
-            self._actors += started
-            if not started:
+    def resize(self, target: int, reason: str = "") -> int:
+        from megatron_qwenimage.cache.manifest import CACHE_INFO_FILE
+        from producers.pool_control import write_pool_target
+
+        target = max(1, target)  # a producer's pool cannot run with no actor
+        try:
+            if not self.storage.exists(CACHE_INFO_FILE):  # never write into a folder that is not a cache
                 raise ActuatorError(
-                    f"none of {len(new)} new actors started within {self.ready_timeout_s:g} s (not enough free "
-                    f"resources for {self._remote!r}?)"
+                    f"{self.storage.url} is not a cache yet (no {CACHE_INFO_FILE}): the producer creates it"
                 )
-        while len(self._actors) > target:
-            actor = self._actors.pop()
-            ray.kill(actor, no_restart=True)
-            _wait_dead(actor)
-        return self.current()
+            write_pool_target(self.storage, dict.fromkeys(self.pools, target), reason=reason)
+        except OSError as exc:
+            raise ActuatorError(f"writing the pool target to {self.storage.url} failed: {exc}") from exc
+        return target
 
     def refresh(self) -> None:
         pass
-
-    def close(self) -> None:
-        self.resize(0)
-
-
-def _actor_state(actor) -> str | None:
-    """ALIVE, DEAD, PENDING_CREATION, RESTARTING... as the GCS says (None if it cannot say)."""
-    try:
-        from ray._private import state
-
-        info = state.actors(actor._actor_id.hex())
-    except Exception:
-        return None
-    return info.get("State") if isinstance(info, dict) else None
-
-
-def _wait_dead(actor, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and _actor_state(actor) not in ("DEAD", None):
-        time.sleep(0.05)

@@ -15,6 +15,10 @@ BACKENDS = {
     "status": ("launch.slurm_status", "state of the jobs `launch slurm` submitted, restarts and the run's latest step"),
     "cancel": ("launch.slurm_status", "cancel the jobs `launch slurm` submitted for a job spec (scancel)"),
     "ray": ("launch.ray_jobs", "submit the producer side as a Ray Job to an existing cluster (its Jobs API)"),
+    "autoscale": (
+        "launch.autoscale_cli",
+        "keep the producers' lead time (backlog / consumer rate) in a band by resizing their encoder capacity",
+    ),
     "k8s": ("launch.k8s", "render Kubernetes manifests (KubeRay RayJob, Kubeflow TrainJob) for both sides"),
 }
 

@@ -14,6 +14,8 @@
       env: {activate: "source /opt/venv/bin/activate", vars: {HF_HOME: /lustre/hf}}
       ray_address: null                   # an existing Ray cluster instead of one inside the job
       options: {input: /lustre/raw/laion, encoders: /lustre/models/qwen-image, buckets: "256,640,1328"}
+      autoscale: {low_s: 600, high_s: 3600}   # optional: the lead-time controller beside the producers
+                                          # (`qwenimage launch autoscale` settings; docs/launch.md)
     consumer:
       nodes: 4
       gpus_per_node: 8
@@ -24,6 +26,9 @@
       time: "04:00:00"
       signal_before_s: 120                # SIGTERM this long before the time limit: checkpoint, requeue
       max_restarts: 5                     # requeues before the job gives up
+      gpu: h200                           # optional: the GPU model (`launch.plan.GPUS`) the capacity
+                                          # planner predicts the step time for (default h200)
+      step_time_s: null                   # optional: your measured seconds per step (overrides the prediction)
       config: {...}                       # or a path: the run config `qwenimage train` takes
 
 The producer `options` are `qwenimage produce` flags as keys (`launch.run_config.PRODUCER_FLAGS`),
@@ -33,10 +38,16 @@ the consumer `config` is `qwenimage train`'s run config; the run owns its output
 is submitted, each fault one `ConfigError` naming the key and the fix: unknown keys, TP x PP x DP
 not equal to the consumer GPUs, heads not divisible by TP, more stages than blocks, a cache that
 does not exist, an unreachable Ray address, a time limit shorter than one checkpoint interval.
+
+The time limit check takes ``consumer.step_time_s`` when given, else (on GPUs) the capacity planner's
+prediction for ``consumer.gpu`` (`predict_step_time`: `launch.plan.step_time` for the run config's
+model, layout, recompute, precision and the slowest bucket of its stages); CPU jobs
+(``gpus_per_node: 0``) without a step time are not checked.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import socket
@@ -49,13 +60,14 @@ from megatron_qwenimage.config import ConfigError, read_yaml
 
 TOP_KEYS = ("name", "cache", "run_dir", "create_cache", "producer", "consumer")
 RESOURCE_KEYS = ("nodes", "gpus_per_node", "cpus_per_task", "partition", "account", "qos", "time", "container", "env")
-PRODUCER_KEYS = (*RESOURCE_KEYS, "ray_address", "ray_port", "options")
+PRODUCER_KEYS = (*RESOURCE_KEYS, "ray_address", "ray_port", "options", "autoscale")
 CONSUMER_KEYS = (
     *RESOURCE_KEYS,
     "procs_per_node",
     "master_port",
     "signal_before_s",
     "max_restarts",
+    "gpu",
     "step_time_s",
     "config",
 )
@@ -173,6 +185,9 @@ class ProducerJob:
     spec: ProducerSpec
     ray_address: str | None = None
     ray_port: int = 6379
+    autoscale: dict[str, Any] | None = None
+    """``producer.autoscale``: the lead-time controller's settings (`launch.autoscale_cli.SETTINGS`);
+    the Slurm producer job runs the controller beside the producers; None: no controller."""
 
 
 @dataclass(frozen=True)
@@ -185,6 +200,9 @@ class ConsumerJob:
     procs_per_node: int = 1
     """torchrun processes per node: ``procs_per_node``, else ``gpus_per_node`` (one per GPU), else 1."""
     master_port: int = 29500
+    gpu: str | None = None
+    """The GPU model (a `launch.plan.GPUS` name) of the step time prediction; None: the planner's
+    measured GPU (`launch.plan.MEASURED_GPU`)."""
 
 
 @dataclass(frozen=True)
@@ -196,6 +214,8 @@ class JobSpec:
     consumer: ConsumerJob
     create_cache: bool = False
     source: str = "<dict>"
+    document: dict[str, Any] = field(default_factory=dict)
+    """The mapping it was validated from (a copy): what a job that re-reads the spec is given."""
 
     @property
     def name(self) -> str:
@@ -270,6 +290,9 @@ def job_spec_from_dict(d: Any, source: str = "<dict>", *, check_paths: bool = Tr
         raise ConfigError(
             f"consumer.step_time_s: expected seconds > 0 (your measured or planned step time), got {step_time!r}"
         )
+    gpu = c.get("gpu")
+    if gpu is not None:
+        _check_gpu(gpu)
     ray_port = p.get("ray_port", 6379)
     if not isinstance(ray_port, int) or isinstance(ray_port, bool) or not 1 <= ray_port <= 65536 - RAY_PORTS:
         raise ConfigError(
@@ -284,14 +307,26 @@ def job_spec_from_dict(d: Any, source: str = "<dict>", *, check_paths: bool = Tr
             "producer.options.ray_address: the job decides where the producers' Ray is; set producer.ray_address "
             "(an existing cluster) instead, or leave both out for a Ray cluster inside the producer job"
         )
+    autoscale = None
+    if p.get("autoscale") is not None:
+        from launch.autoscale_cli import check_section
+
+        autoscale = check_section(p["autoscale"])
     spec = JobSpec(
         run=run,
-        producer=ProducerJob(p_res, run.producer, ray_address=p.get("ray_address"), ray_port=ray_port),
-        consumer=ConsumerJob(c_res, run.consumer, signal_before, restarts, step_time, procs, master_port),
+        producer=ProducerJob(
+            p_res, run.producer, ray_address=p.get("ray_address"), ray_port=ray_port, autoscale=autoscale
+        ),
+        consumer=ConsumerJob(c_res, run.consumer, signal_before, restarts, step_time, procs, master_port, gpu),
         create_cache=create_cache,
         source=source,
+        document=copy.deepcopy(dict(d)),
     )
     _check_time_limit(spec)
+    if autoscale is not None:
+        from launch.autoscale_cli import resolve
+
+        resolve(None, spec)  # the band, the bounds, the pools: checked before anything is submitted
     _check_data_parallel(spec)
     if check_paths and not create_cache:
         _check_cache_exists(run.cache)
@@ -307,21 +342,146 @@ def _job_key(message: str) -> str:
     return message.replace("consumer.nproc_per_node", "consumer.nodes x consumer.gpus_per_node (or procs_per_node)")
 
 
+@dataclass(frozen=True)
+class StepTimePrediction:
+    """The capacity planner's step time of a job's consumer (`predict_step_time`): its slowest bucket."""
+
+    seconds: float
+    gpu: str
+    gpu_assumed: bool
+    """True when ``consumer.gpu`` is absent and the planner's measured GPU was taken."""
+    stage: str
+    bucket: str
+    resolution: int
+    """The square side (px) the planner models `bucket` as: the smallest multiple of 16 px with at
+    least the bucket's image tokens (the bucket's own side when it is square)."""
+    micro_batch: int
+    microbatches: int
+    text_tokens: int
+    precision: str
+    layout: Any
+    """The `launch.plan.Layout` of the consumer world."""
+    parts: dict[str, float] = field(default_factory=dict)
+    """`launch.plan.step_time`'s parts of the slowest bucket."""
+
+    def describe(self) -> str:
+        gpu = f"{self.gpu}, the planner's measured GPU (set consumer.gpu)" if self.gpu_assumed else self.gpu
+        square = f"{self.resolution}x{self.resolution}"
+        bucket = self.bucket if self.bucket == square else f"{self.bucket} (as {square})"
+        return (
+            f"qwenimage plan's model for {gpu}, bucket {bucket} of stage {self.stage}: micro-batch "
+            f"{self.micro_batch} x {self.microbatches} micro-batches, {self.layout.name}, {self.precision}, "
+            f"{self.text_tokens} text tokens"
+        )
+
+
+def predict_step_time(spec: JobSpec, gpu: str | None = None) -> StepTimePrediction:
+    """Seconds per optimizer step of the consumer by the capacity planner's model (`launch.plan`).
+
+    The run config's model, its layout on the consumer world (`RunConfig.layout`; the planner
+    ignores vpp), recompute mode, precision (``fp8`` when ``precision.fp8`` is set, else ``bf16``),
+    ``data.text_length`` (else the planner's default text tokens) and, per stage and bucket, the
+    micro-batch and the micro-batches per step ``max(pp, ceil(global_batch / (dp x micro_batch)))``
+    (as `launch.plan.plan_bucket` counts them), on `gpu` (default ``consumer.gpu``, else
+    `launch.plan.MEASURED_GPU`, the card the planner's rates were measured on). The slowest bucket
+    of all stages is returned (the conservative choice for a time limit).
+    """
+    import math
+
+    from consumers.train import RunConfig
+    from launch import plan
+    from megatron_qwenimage.cache.shard_format import Bucket
+    from megatron_qwenimage.config import PIXELS_PER_TOKEN_SIDE
+
+    chosen = gpu or spec.consumer.gpu
+    name = chosen or plan.MEASURED_GPU
+    _check_gpu(name)
+    cfg = RunConfig.from_dict(spec.run.consumer.config, source="consumer.config")
+    par = cfg.layout(spec.run.consumer.nproc_per_node)
+    layout = plan.Layout(par.tp, par.pp, par.dp, cfg.recompute.mode, par.sequence_parallel)
+    precision = "fp8" if cfg.precision.fp8 is not None else "bf16"
+    rates = plan.step_rates(name, precision)
+    gpus_per_node = spec.consumer.resources.gpus_per_node or plan.PlanInputs.gpus_per_node
+    inputs = plan.PlanInputs(
+        gpus=par.world_size,
+        gpu=name,
+        mix=((PIXELS_PER_TOKEN_SIDE, 1.0),),
+        precision=precision,
+        gpus_per_node=gpus_per_node,
+        text_tokens=cfg.data.text_length or plan.PlanInputs.text_tokens,
+    )
+    best: StepTimePrediction | None = None
+    for stage in cfg.data.stages:
+        m = max(layout.pp, math.ceil(stage.global_batch / (layout.dp * stage.micro_batch)))
+        for bucket_name in stage.buckets:
+            tokens = Bucket.parse(bucket_name).num_image_tokens
+            side = math.isqrt(tokens)
+            side += side * side < tokens  # the planner's buckets are squares: at least as many tokens
+            resolution = PIXELS_PER_TOKEN_SIDE * side
+            parts = plan.step_time(
+                cfg.model,
+                layout,
+                resolution,
+                stage.micro_batch,
+                m,
+                inputs.text_tokens,
+                rates,
+                inputs.spec,
+                inputs.gpus_per_node,
+            )
+            if best is None or parts["total"] > best.seconds:
+                best = StepTimePrediction(
+                    seconds=parts["total"],
+                    gpu=name,
+                    gpu_assumed=chosen is None,
+                    stage=stage.name,
+                    bucket=bucket_name,
+                    resolution=resolution,
+                    micro_batch=stage.micro_batch,
+                    microbatches=m,
+                    text_tokens=inputs.text_tokens,
+                    precision=precision,
+                    layout=layout,
+                    parts=dict(parts),
+                )
+    assert best is not None  # data.stages and their buckets are never empty (ReaderConfig)
+    return best
+
+
+def _check_gpu(gpu: Any) -> None:
+    from launch.plan import GPUS
+
+    if not isinstance(gpu, str) or gpu not in GPUS:
+        raise ConfigError(f"consumer.gpu={gpu!r}: not a GPU the capacity planner knows; expected one of {sorted(GPUS)}")
+
+
 def _check_time_limit(spec: JobSpec) -> None:
-    """A consumer time limit must leave room for one checkpoint interval (else no progress survives)."""
+    """A consumer time limit must leave room for one checkpoint interval (else no progress survives).
+
+    The step time is ``consumer.step_time_s`` when given; else, on GPUs, `predict_step_time`'s;
+    a CPU job (``gpus_per_node: 0``) without one is not checked."""
     limit = spec.consumer.resources.time_s
     ckpt = spec.run.consumer.config.get("checkpoint") or {}
     interval = ckpt.get("interval")
     if limit is None or not interval:
         return
     step_time = spec.consumer.step_time_s
-    if step_time is None:
+    if step_time is not None:
+        what = f"consumer.step_time_s={step_time:g} s"
+    elif spec.consumer.resources.gpus_per_node > 0:
+        predicted = predict_step_time(spec)
+        step_time = predicted.seconds
+        what = (
+            f"predicted step time {step_time:.1f} s ({predicted.describe()}; set consumer.step_time_s to your "
+            "measured one)"
+        )
+    else:
         return
     needed = interval * step_time + spec.consumer.signal_before_s
     if limit < needed:
         raise ConfigError(
             f"consumer.time={spec.consumer.resources.time!r} ({limit} s) is shorter than one checkpoint interval: "
-            f"checkpoint.interval={interval} steps x consumer.step_time_s={step_time:g} s + signal_before_s="
+            f"checkpoint.interval={interval} steps x {what} + signal_before_s="
             f"{spec.consumer.signal_before_s} s = {needed:.0f} s; raise the time limit or lower "
             "consumer.config.checkpoint.interval"
         )

@@ -47,6 +47,7 @@ PRODUCER_FLAGS = {
     "buckets": "--buckets",
     "partition_size": "--partition-size",
     "snapshot_interval_s": "--snapshot-interval-s",
+    "window_partitions": "--window-partitions",
     "local_num_cpus": "--local-num-cpus",
     "ray_address": "--ray-address",
     "min_side": "--min-side",

@@ -35,7 +35,12 @@ CPUs per task, partition, account, qos and time as the spec gives them; Slurm's 
 to ``run_dir/logs/slurm-<side>-<job id>.out``.
 
 Written on submission: the scripts and ``train.yaml`` under ``run_dir/slurm/`` and the job ids
-in ``run_dir/launch.json`` (what ``qwenimage launch status`` and ``cancel`` read). ``--dry-run``
+in ``run_dir/launch.json`` (what ``qwenimage launch status`` and ``cancel`` read); with
+``producer.autoscale`` also ``run_dir/slurm/job.yaml``, the spec with absolute paths that the
+producer job's ``qwenimage launch autoscale`` step reads (a background step on the first node,
+started once the Ray cluster is up; it stops when the producers finish). Written by the producer
+job once its Ray cluster is up: the head's address in ``run_dir/slurm/ray-address`` (where
+``qwenimage launch autoscale --actuator slurm-workers`` joins extra workers). ``--dry-run``
 prints the scripts and the sbatch command lines and writes or submits nothing.
 
 ``--resume [--nodes N]`` re-renders and submits only the consumer job, e.g. with another number
@@ -65,6 +70,9 @@ from megatron_qwenimage.errors import UserError
 
 #: Where the rendered scripts and the train config go, under run_dir.
 SCRIPT_DIR = "slurm"
+#: ``run_dir/slurm/ray-address``: the producer job's Ray head HOST:PORT, written once its cluster is up
+#: (``qwenimage launch autoscale --actuator slurm-workers`` joins extra workers to it).
+RAY_ADDRESS_FILE = "ray-address"
 #: The record of submitted jobs, under run_dir.
 LAUNCH_RECORD = "launch.json"
 #: How long the producer job waits for every node of its Ray cluster to join.
@@ -302,6 +310,7 @@ def render_producer_script(spec: JobSpec, *, cwd: str | None = None, argv: list[
         lines += [
             f"export QWENIMAGE_RAY_ADDRESS={shlex.quote(p.ray_address)}",
             "trap 'exit 143' TERM",
+            *autoscale_lines(spec),
             f'"${{SRUN[@]}}" --nodes=1 --nodelist="$HEAD_NODE" {produce} --ray-address "$QWENIMAGE_RAY_ADDRESS"',
             "exit $?",
         ]
@@ -370,7 +379,9 @@ def render_producer_script(spec: JobSpec, *, cwd: str | None = None, argv: list[
         "    sleep 2",
         "done",
         'echo "qwenimage launch: Ray cluster up at $QWENIMAGE_RAY_ADDRESS ($joined node(s))"',
+        f'echo "$QWENIMAGE_RAY_ADDRESS" > {shlex.quote(str(Path(spec.run.run_dir) / SCRIPT_DIR / RAY_ADDRESS_FILE))}',
         "",
+        *autoscale_lines(spec),
         '"${SRUN[@]}" --nodes=1 --ntasks=1 --nodelist="$HEAD_NODE" --job-name=produce \\',
         f'    {produce} --ray-address "$QWENIMAGE_RAY_ADDRESS"',
         "exit $?",
@@ -478,6 +489,42 @@ def _layout(spec: JobSpec):
     return RunConfig.from_dict(spec.run.consumer.config, source="consumer.config").layout(
         spec.run.consumer.nproc_per_node
     )
+
+
+def job_spec_path(spec: JobSpec) -> Path:
+    return script_dir(spec) / "job.yaml"
+
+
+def job_spec_text(spec: JobSpec) -> str:
+    """The job spec as the producer job's autoscaler reads it: paths absolute, the run config inline
+    with the run's paths (what the consumer job trains with)."""
+    document = copy.deepcopy(spec.document)
+    document["consumer"] = {**document["consumer"], "config": spec.run.consumer.config}
+    return (
+        f"# Written by `qwenimage launch slurm` from {spec.source}; what the producer job's autoscaler reads.\n"
+        + yaml.safe_dump(document, sort_keys=False)
+    )
+
+
+def autoscale_lines(spec: JobSpec) -> list[str]:
+    """The producer job's background step running ``qwenimage launch autoscale`` (``producer.autoscale``)."""
+    if spec.producer.autoscale is None:
+        return []
+    command = shlex.join(
+        [
+            python_for(spec.producer.resources),
+            "-m",
+            "megatron_qwenimage.cli",
+            "launch",
+            "autoscale",
+            str(job_spec_path(spec)),
+        ]
+    )
+    return [
+        "# The lead-time autoscaler (producer.autoscale) beside the producers; it stops when they finish.",
+        '"${SRUN[@]}" --nodes=1 --ntasks=1 --nodelist="$HEAD_NODE" --job-name=autoscale \\',
+        f'    {command} --head-address "$QWENIMAGE_RAY_ADDRESS" &',
+    ]
 
 
 def train_config_text(spec: JobSpec) -> str:
@@ -646,6 +693,8 @@ def run_slurm(args) -> int:
             print(f"# {producer_path}\n{render_producer_script(spec, cwd=cwd)}")
         print(f"# {consumer_path}\n{consumer_script}")
         print(f"# {train_config_path(spec)}\n{train_config_text(spec)}")
+        if spec.producer.autoscale is not None and not args.resume:
+            print(f"# {job_spec_path(spec)}\n{job_spec_text(spec)}")
         if not args.resume:
             print(f"$ {shlex.join(sbatch_argv(producer_path))}")
             print(f"$ {shlex.join(sbatch_argv(consumer_path, dependency='<producer job id>'))}")
@@ -656,6 +705,8 @@ def run_slurm(args) -> int:
     for d in (scripts, Path(spec.run.logs_dir), Path(spec.run.sd_dir)):
         d.mkdir(parents=True, exist_ok=True)
     train_config_path(spec).write_text(train_config_text(spec))
+    if spec.producer.autoscale is not None:
+        job_spec_path(spec).write_text(job_spec_text(spec))
     consumer_path.write_text(consumer_script)
     now = time.time()
     consumer_entry = {"script": str(consumer_path), "nodes": spec.consumer.resources.nodes, "submitted_unix": now}

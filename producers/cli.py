@@ -140,6 +140,16 @@ def register(subparsers) -> None:
         "the last one (tail-mode consumers can start before the end); 0: only the final snapshot. Default 30",
     )
     p.add_argument(
+        "--window-partitions",
+        type=int,
+        default=256,
+        metavar="N",
+        help="partitions per Ray Data execution (default 256). Each window starts its encoder pools afresh, "
+        "at the sizes a lead-time autoscaler wrote to CACHE/control/pools.json (`qwenimage launch autoscale`) "
+        "when there is one, else autoscaled by Ray Data within --vae-actors/--text-actors: smaller windows "
+        "follow the autoscaler sooner and load the encoders more often",
+    )
+    p.add_argument(
         "--allow-empty",
         action="store_true",
         help="exit 0 even when no input ends in the cache (every input quarantined); by default such a run "
@@ -169,7 +179,7 @@ class NothingCommittedError(UserError):
     exit_code = 1
 
 
-def _pool_range(text: str, flag: str) -> tuple[int, int]:
+def parse_pool_range(text: str, flag: str) -> tuple[int, int]:
     try:
         lo, _, hi = text.partition(":")
         lo_n, hi_n = int(lo), int(hi or lo)
@@ -200,7 +210,7 @@ def config_from_args(args) -> ProducerConfig:
     check_sd_dir(args.prometheus_sd_dir, "--prometheus-sd-dir")
     pools = []
     for flag, text in (("--vae-actors", args.vae_actors), ("--text-actors", args.text_actors)):
-        lo, hi = _pool_range(text, flag)
+        lo, hi = parse_pool_range(text, flag)
         pools.append(
             PoolConfig(
                 min_actors=lo,
@@ -221,6 +231,7 @@ def config_from_args(args) -> ProducerConfig:
         text_pool=pools[1],
         sweep_grace_s=args.sweep_grace,
         snapshot_interval_s=args.snapshot_interval_s,
+        window_partitions=args.window_partitions,
         fault=_fault_from_env(),
     )
 

@@ -59,6 +59,7 @@ FIELD_FLAGS = {
     "overlong_caption": "--overlong-caption",
     "sweep_grace_s": "--sweep-grace",
     "snapshot_interval_s": "--snapshot-interval-s",
+    "window_partitions": "--window-partitions",
 }
 
 
@@ -141,6 +142,10 @@ class ProducerConfig:
         snapshot_interval_s: while running, publish a manifest snapshot this often (seconds) when
             new partitions were committed since the last one, so tail-mode consumers can start
             early; 0: only the final snapshot. Does not shape samples (not in `fingerprint`).
+        window_partitions: partitions per Ray Data execution. Each window starts its encoder pools
+            afresh (at the sizes `producers.pool_control` names, if a controller wrote any), so a
+            smaller window follows the autoscaler sooner and pays the encoders' start-up more
+            often; it also bounds the driver's memory. Does not shape samples.
     """
 
     buckets: dict[str, list[Bucket]] = field(default_factory=lambda: {"256": buckets_for_area(256)})
@@ -158,6 +163,7 @@ class ProducerConfig:
     writer_max_retries: int = 3
     sweep_grace_s: float = 3600.0
     snapshot_interval_s: float = 30.0
+    window_partitions: int = 256
     fault: FaultConfig = FaultConfig()
 
     def __post_init__(self) -> None:
@@ -169,6 +175,7 @@ class ProducerConfig:
             ("max_pixels", self.max_pixels),
             ("max_inflight_partitions", self.max_inflight_partitions),
             ("edit_vl_area_px", self.edit_vl_area_px),
+            ("window_partitions", self.window_partitions),
         ):
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"ProducerConfig.{name}={value!r}{_flag(name)}: expected a positive integer")

@@ -233,6 +233,9 @@ class StatusFile:
         self.actors = dict.fromkeys(POOLS, 0)
         self.gpu_utilization: dict[str, float | None] = dict.fromkeys(POOLS)
         self.snapshot_version = 0
+        # this window's actor bounds per pool and the control file version they came from (0: configured)
+        self.pool_bounds: dict[str, list[int]] = {}
+        self.pool_control_version = 0
         # (time, samples, text tokens, per-bucket samples, busy seconds) at each written update:
         # a window starts at the newest mark at least `interval_s` old (so a forced final update
         # soon after the previous one still covers a full interval)
@@ -240,6 +243,16 @@ class StatusFile:
         self._history: list[bytes] = []  # object stores: the whole file is rewritten
         self._history_written = float("-inf")
         self._jsonl = None
+
+    def set_pools(self, pools) -> None:
+        """Record a window's pool bounds (`producers.pool_control.WindowPools`); until the actors
+        are polled, a pool's lower bound stands for its workers."""
+        with self.lock:
+            self.pool_bounds = {p: [lo, hi] for p, (lo, hi) in pools.bounds.items()}
+            self.pool_control_version = pools.version
+            for pool, (lo, _) in pools.bounds.items():
+                if not self.actors.get(pool):
+                    self.workers[pool] = lo
 
     def update(self, counts: ProducerCounts, state: str, force: bool = False) -> dict | None:
         """Write the status (and a telemetry line) if `interval_s` has passed or `force`; returns it."""
@@ -295,6 +308,8 @@ class StatusFile:
             "stage_busy": busy,
             "encoder_utilization": util,
             "actors": dict(self.actors),
+            "pool_bounds": {p: list(b) for p, b in self.pool_bounds.items()},
+            "pool_control_version": self.pool_control_version,
             "snapshot_version": self.snapshot_version,
             "queues": dict(self.queues),
             "metrics_port": self.metrics.port if self.metrics is not None else None,
@@ -518,7 +533,8 @@ class Heartbeat:
             for pool, actors in found.items():
                 n = len(actors)
                 self.status.actors[pool] = n
-                self.status.workers[pool] = n or self.min_actors.get(pool, 1)
+                floor = self.status.pool_bounds.get(pool, [self.min_actors.get(pool, 1)])[0]
+                self.status.workers[pool] = n or floor
                 self.status.gpu_utilization[pool] = util.get(pool)
                 if metrics is not None:
                     metrics.alive_actors.labels(pool).set(n)

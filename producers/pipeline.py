@@ -40,13 +40,12 @@ from producers.config import FaultConfig, ProducerConfig
 from producers.encoders import encoder_version, resolve_encoders_dir
 from producers.metrics import STAGES, Heartbeat, ProducerCounts, ProducerMetrics, StatusFile
 from producers.partition_writer import PartitionOutcome, outcome_from_record, write_partition
+from producers.pool_control import PoolControl, WindowPools
 from producers.settings import check_settings, record_settings, sample_settings
 from producers.sources import InputItem, list_inputs
 from producers.stages import TextStage, VaeStage, prepare_partition
 
 log = logging.getLogger(__name__)
-#: Partitions per Ray Data execution (bounds driver memory for huge inputs).
-WINDOW_PARTITIONS = 256
 
 
 @dataclass
@@ -567,10 +566,19 @@ def _run(
             os._exit(137)  # fault injection: the whole producer dies; rerun resumes
 
     writes = _Writes(committed, cfg.max_inflight_partitions)
+    control = PoolControl(
+        storage,
+        {
+            "vae": (cfg.vae_pool.min_actors, cfg.vae_pool.max_actors),
+            "text": (cfg.text_pool.min_actors, cfg.text_pool.max_actors),
+        },
+    )
     try:
-        for w in range(0, len(todo), WINDOW_PARTITIONS):
-            window = todo[w : w + WINDOW_PARTITIONS]
-            ds = _build_dataset(window, req, cfg, encoders_dir, enc_version)
+        for index, w in enumerate(range(0, len(todo), cfg.window_partitions)):
+            window = todo[w : w + cfg.window_partitions]
+            pools = control.for_window(index)
+            status.set_pools(pools)
+            ds = _build_dataset(window, req, cfg, encoders_dir, enc_version, pools)
             pending: dict[str, list[dict]] = {}
             row_times = _RowTimes()
             for row in ds.iter_rows():
@@ -773,8 +781,15 @@ class _RowTimes:
 
 
 def _build_dataset(
-    window: list[Partition], req: ProduceRequest, cfg: ProducerConfig, encoders_dir: str, enc_version: str
+    window: list[Partition],
+    req: ProduceRequest,
+    cfg: ProducerConfig,
+    encoders_dir: str,
+    enc_version: str,
+    pools: WindowPools,
 ):
+    """One window's Ray Data pipeline: read/decode tasks, then the VAE and text-encoder actor pools
+    with this window's bounds (`pools`: the configured MIN:MAX, or a controller's fixed size)."""
     import ray
     import ray.data
     from ray.util.debug import log_once
@@ -794,10 +809,11 @@ def _build_dataset(
         num_cpus=cfg.cpu_task_cpus,
         fn_kwargs={"cache_url": req.output, "config": cfg, "encoder_version": enc_version},
     )
-    for stage, pool, kwargs in (
-        (VaeStage, cfg.vae_pool, {"encoders_dir": encoders_dir, "device": req.device}),
+    for stage, name, pool, kwargs in (
+        (VaeStage, "vae", cfg.vae_pool, {"encoders_dir": encoders_dir, "device": req.device}),
         (
             TextStage,
+            "text",
             cfg.text_pool,
             {
                 "encoders_dir": encoders_dir,
@@ -812,7 +828,7 @@ def _build_dataset(
             fn_constructor_kwargs=kwargs,
             batch_size=pool.batch_size,
             batch_format="pandas",
-            compute=ray.data.ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
+            compute=ray.data.ActorPoolStrategy(min_size=pools.bounds[name][0], max_size=pools.bounds[name][1]),
             num_cpus=pool.num_cpus,
             num_gpus=pool.num_gpus or None,
         )

@@ -93,6 +93,18 @@ def count_map(value: object) -> dict[str, int] | None:
     return {k: v for k, v in sorted(out.items()) if v is not None}
 
 
+def pool_bounds(value: object) -> dict[str, str] | None:
+    """``{"vae": [3, 3], "text": [1, 4]}`` -> ``{"text": "1:4", "vae": "3"}``; None if malformed."""
+    if not isinstance(value, dict):
+        return None
+    out = {}
+    for pool, bounds in sorted(value.items()):
+        lo, hi = (count(b) for b in bounds) if isinstance(bounds, list) and len(bounds) == 2 else (None, None)
+        if lo is not None and hi is not None:
+            out[str(pool)] = str(lo) if lo == hi else f"{lo}:{hi}"
+    return out or None
+
+
 def text(value: object) -> str | None:
     return value if isinstance(value, str) and value else None
 
@@ -283,6 +295,8 @@ class ProducerView:
     stage_busy: dict[str, float] | None = None
     encoder_utilization: dict[str, float] | None = None
     actors: dict[str, int] | None = None
+    pool_bounds: dict[str, str] | None = None  # this window's actors per pool: "3" (a controller's) or "1:4"
+    pool_control_version: int | None = None  # control/pools.json version in effect (0: configured bounds)
     queues: dict[str, int] | None = None
     inputs: int | None = None
     read: int | None = None
@@ -540,6 +554,8 @@ class ProducerReader:
         v.partitions = count_map(s.get("partitions"))
         v.queues = count_map(s.get("queues"))
         v.actors = count_map(s.get("actors"))
+        v.pool_bounds = pool_bounds(s.get("pool_bounds"))
+        v.pool_control_version = count(s.get("pool_control_version"))
         v.stage_busy = number_map(s.get("stage_busy"))
         v.encoder_utilization = number_map(s.get("encoder_utilization"))
         v.committed_per_s_avg = number(s.get("committed_per_s"))

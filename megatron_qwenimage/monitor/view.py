@@ -122,7 +122,13 @@ def sections(snap: MonitorSnapshot) -> list[tuple[str, list[tuple[str, str]]]]:
                     (
                         "encoders",
                         f"utilisation {fmt_map(p.encoder_utilization, fmt_pct)}; "
-                        f"alive actors {fmt_map(p.actors, fmt_int)}",
+                        f"alive actors {fmt_map(p.actors, fmt_int)}"
+                        + (
+                            f"; pools {fmt_map(p.pool_bounds, str)}"
+                            + (f" (autoscaler v{p.pool_control_version})" if p.pool_control_version else "")
+                            if p.pool_bounds
+                            else ""
+                        ),
                     ),
                     (
                         "this run",

@@ -1,18 +1,19 @@
-"""The lead-time controller: hysteresis, cooldown and bounds on a fake clock, the actuators, and a
-real pool of Ray actors that follows a simulated consumer (fast, then slow)."""
+"""The lead-time controller: hysteresis, cooldown and bounds on a fake clock, the actuators, and
+``qwenimage launch autoscale`` on a run's files. A real producer whose pools follow the controller
+on a local Ray: tests/producers/test_pool_control.py."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
-import os
 import re
 from types import SimpleNamespace
 
 import pytest
+import yaml
 
 from launch.autoscale import (
-    ActorPoolActuator,
     ActuatorError,
     LeadTimeController,
     Observation,
@@ -23,7 +24,10 @@ from launch.autoscale import (
     observation_from_snapshot,
     render_worker_script,
 )
+from megatron_qwenimage.cache.storage import CacheStorage
 from megatron_qwenimage.config import ConfigError
+from producers.pool_control import read_pool_target
+from tests.monitor.fixtures import build_run, cli_main
 
 LINE = re.compile(
     r"^autoscale \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ lead_time=\S+ backlog=\S+ rate=\S+ size (\d+) -> (\d+): (.+)$"
@@ -45,13 +49,15 @@ class FakeActuator:
         self.size = size
         self.fail = fail
         self.calls: list[int] = []
+        self.reasons: list[str] = []
         self.refreshed = 0
 
     def current(self) -> int:
         return self.size
 
-    def resize(self, target: int) -> int:
+    def resize(self, target: int, reason: str = "") -> int:
         self.calls.append(target)
+        self.reasons.append(reason)
         if self.fail:
             raise ActuatorError("no capacity left")
         self.size = target
@@ -83,6 +89,7 @@ def test_grows_only_after_n_observations_then_waits_out_the_cooldown(caplog):
     d = ctl.observe(_obs(10, clock))  # the third: grow
     assert (d.old_size, d.new_size) == (1, 2) and act.size == 2
     assert "lead time 10.0 s < low 30 s for 3 observations over 20 s: grow" in d.reason
+    assert act.reasons == [d.reason]  # the actuator gets the why (the pools actuator writes it down)
     [record] = [r for r in caplog.records if r.getMessage().startswith("autoscale ")]
     m = LINE.match(record.getMessage())
     assert m and m.group(1, 2) == ("1", "2"), record.getMessage()
@@ -252,90 +259,151 @@ def test_slurm_worker_script_joins_the_head_and_sbatch_scancel_follow_the_size(t
 
 
 # --- a real pool of Ray actors follows a simulated consumer ------------------------------------------
-class Encoder:
-    """A simulated encoder actor: `per_s` samples per second of (simulated) time."""
-
-    def __init__(self, per_s: float) -> None:
-        self.per_s = per_s
-
-    def produce(self, dt: float) -> float:
-        return self.per_s * dt
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    """A local Ray (4 logical CPUs, 127.0.0.1 only, no dashboard, no auth token) for this module."""
-    import ray
-    from ray._private import ray_constants
-
-    env = {"RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    flag = ray_constants.ENABLE_RAY_CLUSTER
-    ray_constants.ENABLE_RAY_CLUSTER = False  # read at import: keep the node IP at 127.0.0.1
-    started = not ray.is_initialized()
-    try:
-        if started:
-            ray.init(
-                address="local",
-                num_cpus=4,
-                include_dashboard=False,
-                _node_ip_address="127.0.0.1",
-                log_to_driver=False,
-            )
-        assert ray.util.get_node_ip_address() == "127.0.0.1"
-        yield ray
-    finally:
-        if started and ray.is_initialized():
-            ray.shutdown()
-        ray_constants.ENABLE_RAY_CLUSTER = flag
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+# --- qwenimage launch autoscale, on a run's files ----------------------------------------------------
+def _job_yaml(tmp_path, cache: str, run: str, autoscale: dict | None = None, **producer_options) -> str:
+    spec = {
+        "name": "exp1",
+        "cache": cache,
+        "run_dir": run,
+        "producer": {"nodes": 2, "gpus_per_node": 0, "options": {"input": "bundled", **producer_options}},
+        "consumer": {
+            "nodes": 1,
+            "gpus_per_node": 0,
+            "procs_per_node": 1,
+            "config": {
+                "model": {"name": "tiny-16ch", "num_layers": 2},
+                "data": {"stages": [{"name": "s", "buckets": ["256x256"], "micro_batch": 1, "global_batch": 1}]},
+                "schedule": {"train_steps": 4},
+            },
+        },
+    }
+    if autoscale is not None:
+        spec["producer"]["autoscale"] = autoscale
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
 
 
-def _alive_encoders() -> int:
-    from ray._private import state
+def test_the_command_resizes_a_producers_pools_from_the_runs_files(tmp_path, capsys):
+    cache, run = build_run(str(tmp_path))  # 32 committed, 24 consumed at 2 samples/s: lead time 4 s
+    job = _job_yaml(tmp_path, cache, run, vae_actors="1:3")
+    argv = ["launch", "autoscale", job, "--low-s", "10", "--high-s", "100", "--hold-observations", "1"]
+    argv += ["--cooldown-s", "0", "--interval-s", "0.01", "--max-observations", "3"]
+    rc, out, err = cli_main(argv, capsys)
+    assert rc == 0, err
+    assert "producer-pools between 1 and 3, lead time band [10, 100] s" in err
+    changes = [line for line in err.splitlines() if line.startswith("autoscale 20")]
+    assert [line.split(" size ")[1].split(":")[0] for line in changes] == ["1 -> 2", "2 -> 3"], err
+    assert "lead_time=4.0s backlog=8 rate=2.0/s" in changes[0]
+    assert "at its maximum 3; holding" in err  # the third observation: pinned at the bound, said once
+    target = read_pool_target(CacheStorage(cache))
+    assert (dict(target.sizes), target.version) == ({"vae": 3, "text": 3}, 2) and "< low 10 s" in target.reason
+    records = [
+        json.loads(line) for line in (tmp_path / "run" / "autoscale" / "decisions.jsonl").read_text().splitlines()
+    ]
+    assert [(r["old_size"], r["new_size"], r["actuator"], r["run"]) for r in records] == [
+        (1, 2, "producer-pools", "exp1"),
+        (2, 3, "producer-pools", "exp1"),
+    ]
+    # a producer far ahead (lead time 400 s > 100): back down, one step per observation
+    rc, out, err = cli_main([*argv[:-1], "2", "--high-s", "3", "--low-s", "1"], capsys)
+    assert rc == 0 and "size 3 -> 2" in err and "size 2 -> 1" in err and "> high 3 s" in err, err
 
-    return sum(
-        a.get("State") == "ALIVE" and "Encoder" in (a.get("ActorClassName") or "") for a in state.actors().values()
-    )
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--low-s", "60", "--high-s", "30"], "--low-s/--high-s: the band needs low_s < high_s"),
+        (["--cooldown-s", "-1"], "--cooldown-s -1"),
+        (["--min-size", "0"], "--min-size 0: a producer's pool needs at least 1 actor"),
+        (["--pools", "vae,unet"], "--pools 'vae,unet'"),
+        (["--actuator", "slurm-workers"], "--head-address: the slurm-workers actuator needs"),
+        (["--interval-s", "0"], "--interval-s 0: expected seconds > 0"),
+    ],
+)
+def test_command_faults_are_one_line_naming_the_flag(flags, expected, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("QWENIMAGE_RAY_ADDRESS", raising=False)
+    cache, run = build_run(str(tmp_path))
+    rc, out, err = cli_main(["launch", "autoscale", _job_yaml(tmp_path, cache, run), *flags], capsys)
+    assert rc == 2 and err.count("\n") == 1 and expected in err, err
+    assert not (tmp_path / "run" / "autoscale").exists()
 
 
-def test_actor_pool_follows_a_fast_then_slow_consumer(local_ray, caplog):
-    ray = local_ray
-    policy = ScalingPolicy(low_s=20, high_s=60, min_size=1, max_size=4, hold_observations=2, cooldown_s=6)
-    pool = ActorPoolActuator(Encoder, args=(10.0,), options={"num_cpus": 0.25}, ready_timeout_s=60)
-    clock = Clock(0.0)
+def test_each_actuator_takes_its_defaults_from_the_job_spec(tmp_path, monkeypatch):
+    import argparse
+
+    from launch.autoscale_cli import add_autoscale_arguments, build_controller
+    from launch.job_spec import load_job_spec
+
+    monkeypatch.delenv("QWENIMAGE_RAY_ADDRESS", raising=False)
+    cache, run = build_run(str(tmp_path))
+    job = _job_yaml(tmp_path, cache, run, vae_actors="2:6", gpus_per_actor=1, cpus_per_actor=8)
+    spec = load_job_spec(job, check_paths=False, check_ray=False)
+    parser = argparse.ArgumentParser()
+    add_autoscale_arguments(parser)
+
+    def controller(*flags):
+        return build_controller(parser.parse_args([job, *flags]), spec)[0]
+
+    pools = controller()
+    assert (pools.policy.min_size, pools.policy.max_size, pools.size) == (2, 6, 2)  # vae_actors MIN:MAX
+    (tmp_path / "run" / "slurm").mkdir(parents=True)
+    (tmp_path / "run" / "slurm" / "ray-address").write_text("10.1.2.3:6379\n")  # the producer job's head
+    workers = controller("--actuator", "slurm-workers")
+    assert workers.actuator.cfg.head_address == "10.1.2.3:6379"
+    assert (workers.policy.min_size, workers.policy.max_size) == (0, 2)  # up to producer.nodes extra nodes
+    assert controller("--actuator", "slurm-workers", "--head-address", "h:1").actuator.cfg.head_address == "h:1"
+    ray = controller("--actuator", "ray-autoscaler", "--max-size", "12", "--min-size", "4")
+    assert ray.actuator.bundle == {"CPU": 8.0, "GPU": 1.0} and (ray.policy.min_size, ray.policy.max_size) == (4, 12)
+
+
+def test_the_job_specs_autoscale_section_sets_what_no_flag_overrides(tmp_path, capsys):
+    cache, run = build_run(str(tmp_path))  # lead time 4 s
+    section = {"low_s": 10, "high_s": 100, "hold_observations": 1, "cooldown_s": 0, "interval_s": 0.01}
+    job = _job_yaml(tmp_path, cache, run, autoscale=section, vae_actors="1:3")
+    rc, out, err = cli_main(["launch", "autoscale", job, "--max-observations", "1"], capsys)
+    assert rc == 0 and "lead time band [10, 100] s, every 0.01 s" in err and "size 1 -> 2" in err, err
+    rc, out, err = cli_main(["launch", "autoscale", job, "--max-observations", "1", "--low-s", "1"], capsys)
+    assert rc == 0 and "lead time band [1, 100] s" in err and "size 2 ->" not in err, err  # 4 s is in [1, 100]
+
+
+@pytest.mark.parametrize(
+    "section, expected",
+    [
+        ({"low": 10}, "producer.autoscale: unknown key(s) ['low']"),
+        ({"actuator": "k8s"}, "producer.autoscale.actuator='k8s': expected one of"),
+        ({"cooldown_s": "5m"}, "producer.autoscale.cooldown_s='5m': expected float"),
+        ({"low_s": 600, "high_s": 60}, "producer.autoscale.low_s/producer.autoscale.high_s: the band needs"),
+        ({"min_size": 0}, "producer.autoscale.min_size=0: a producer's pool needs at least 1 actor"),
+        ({"pools": "clip"}, "producer.autoscale.pools='clip': expected some of ['vae', 'text']"),
+        ({"max_size": 1, "min_size": 2}, "producer.autoscale.max_size=1"),
+    ],
+)
+def test_a_bad_autoscale_section_is_refused_when_the_spec_loads(section, expected, tmp_path):
+    from launch.job_spec import load_job_spec
+
+    cache, run = build_run(str(tmp_path))
+    with pytest.raises(ConfigError) as err:
+        load_job_spec(_job_yaml(tmp_path, cache, run, autoscale=section), check_paths=False, check_ray=False)
+    assert expected in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_the_controller_waits_for_the_cache_the_producers_create(tmp_path, caplog):
+    from launch.autoscale_cli import wait_for_observer
+    from launch.job_spec import load_job_spec
+
+    run = tmp_path / "run"
+    run.mkdir()
+    spec = load_job_spec(_job_yaml(tmp_path, str(tmp_path / "cache"), str(run)), check_paths=False, check_ray=False)
+    sleeps = []
+
+    def sleep(seconds):  # the producers create the cache while the controller waits
+        sleeps.append(seconds)
+        if len(sleeps) == 3:
+            build_run(str(tmp_path))
+
     caplog.set_level(logging.INFO, logger="launch.autoscale")
-    try:
-        assert pool.resize(policy.min_size) == 1
-        ctl = LeadTimeController(policy, pool, clock=clock, wall_clock=lambda: 1.8e9 + clock())
-        backlog, dt = 100.0, 2.0
-        trace = []
-        # The simulated consumer wants 30 samples/s, then 4; each live actor makes 10 samples/s.
-        for phase, demand, steps in (("fast", 30.0, 60), ("slow", 4.0, 40)):
-            for _ in range(steps):
-                clock.t += dt
-                produced = sum(ray.get([a.produce.remote(dt) for a in pool.handles]))
-                consumed = min(demand * dt, backlog + produced)
-                backlog += produced - consumed
-                ctl.observe(Observation(backlog, consumed / dt, time_s=clock()))
-                size = pool.current()
-                assert policy.min_size <= size <= policy.max_size
-                assert size == len(pool.handles) == _alive_encoders()  # real, live actors
-                trace.append((phase, size))
-        fast = [s for p, s in trace if p == "fast"]
-        slow = [s for p, s in trace if p == "slow"]
-        assert fast == sorted(fast) and max(fast) == policy.max_size  # grew while the consumer was fast
-        assert slow == sorted(slow, reverse=True) and slow[-1] == policy.min_size  # shrank when it slowed
-        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("autoscale ")]
-        changes = [tuple(map(int, LINE.match(line).group(1, 2))) for line in lines]
-        assert changes == [(1, 2), (2, 3), (3, 4), (4, 3), (3, 2), (2, 1)], lines
-        assert all(": grow" in line and "< low 20 s" in line for line in lines[:3]), lines
-        assert all(": shrink" in line and "> high 60 s" in line for line in lines[3:]), lines
-    finally:
-        pool.close()
-    assert _alive_encoders() == 0
+    observer = wait_for_observer(spec, 7.0, sleep=sleep)
+    assert sleeps == [7.0, 7.0, 7.0] and observer().backlog_samples == 8
+    waits = [r.getMessage() for r in caplog.records if "waiting for the run's files" in r.getMessage()]
+    assert len(waits) == 1 and str(tmp_path / "cache") in waits[0], waits  # said once, naming what is missing

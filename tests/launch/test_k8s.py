@@ -167,6 +167,7 @@ def test_autoscaling_pvcs_and_node_counts_follow_the_flags():
     d["producer"]["nodes"], d["consumer"]["nodes"] = 3, 1
     d["consumer"]["config"] = yaml.safe_load((REPO / "examples" / "train-qwen-image-20b.yaml").read_text())
     d["consumer"]["config"]["parallel"] = {"tp": 8, "pp": 1, "sequence_parallel": True}
+    d["consumer"]["config"]["checkpoint"]["interval"] = 10  # one node: ~10 min a step at 1328 px
     spec = job_spec_from_dict(d, source="job.yaml", check_paths=False, check_ray=False)
     ray_job = render_ray_job(spec, max_producer_nodes=6, pvcs=["datasets:/data"], ray_version="2.60.0")
     cluster = ray_job["spec"]["rayClusterSpec"]

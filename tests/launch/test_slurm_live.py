@@ -99,6 +99,8 @@ def _job_spec(tmp: Path, name: str, *, cache: Path, create_cache: bool) -> Path:
                 "partition_size": 8,
                 "snapshot_interval_s": 2,
             },
+            # the lead-time controller as a step of the producer job (pools fixed at 1 actor here)
+            "autoscale": {"interval_s": 1, "low_s": 5, "high_s": 600},
         },
         "consumer": {
             "nodes": 1,
@@ -199,6 +201,10 @@ def test_launch_runs_producers_and_consumers_to_the_end(cluster, launched):
     assert cache.snapshot().num_samples == 48
     producer_log = (run_dir / "logs" / f"slurm-producer-{launched['ids']['producer']}.out").read_text()
     assert "Ray cluster up at 127.0.0.1:" in producer_log, producer_log[-3000:]
+    head = (run_dir / "slurm" / "ray-address").read_text().strip()  # where autoscaled workers join
+    assert f"Ray cluster up at {head} " in producer_log and head.startswith("127.0.0.1:"), head
+    # the controller ran beside the producers, on the job's resolved spec, and ended with the job
+    assert "autoscale full: producer-pools between 1 and 1, lead time band [5, 600] s, every 1 s" in producer_log
     assert "stopping Ray" in producer_log, producer_log[-3000:]
     assert sorted(_losses(run_dir)) == list(range(1, STEPS + 1)), _logs(run_dir)
     assert _committed(run_dir)[-1] == STEPS

@@ -313,6 +313,35 @@ def test_submit_writes_scripts_and_job_ids_and_the_consumer_depends_on_the_produ
     assert "producer job 1001" in capsys.readouterr().out
 
 
+def test_an_autoscale_section_runs_the_controller_in_the_producer_job(tmp_path, fake_slurm):
+    section = {"low_s": 600, "high_s": 3600, "actuator": "pools", "cooldown_s": 120}
+    path = _write(tmp_path, _tiny(tmp_path, **{"producer.autoscale": section, "producer.options.vae_actors": "1:4"}))
+    assert _launch("slurm", str(path)) == 0
+    run = tmp_path / "run"
+    text = (run / "slurm" / "producer.sbatch").read_text()
+    _bash_n(text, tmp_path)
+    step = text.split("--job-name=autoscale")[1].split("\n", 2)[1]
+    assert step.strip().startswith("python3 -m megatron_qwenimage.cli launch autoscale ")
+    assert f'autoscale {run}/slurm/job.yaml --head-address "$QWENIMAGE_RAY_ADDRESS" &' in step
+    # after the cluster is up (the controller may name its head), before the producers start
+    assert text.index("Ray cluster up at") < text.index("--job-name=autoscale") < text.index("--job-name=produce")
+    # what the step reads: the same job, paths absolute, the run config inline with the run's paths
+    from launch.autoscale_cli import resolve
+    from launch.job_spec import load_job_spec
+
+    spec = load_job_spec(run / "slurm" / "job.yaml")
+    assert (spec.run.run_dir, spec.run.cache, spec.producer.autoscale) == (str(run), str(tmp_path / "cache"), section)
+    assert spec.run.consumer.config["checkpoint"]["dir"] == str(run / "checkpoints")
+    values, policy = resolve(None, spec)
+    assert (policy.low_s, policy.high_s, policy.min_size, policy.max_size, policy.cooldown_s) == (600, 3600, 1, 4, 120)
+    # without the section: no controller, no job.yaml
+    other = tmp_path / "other"
+    other.mkdir()
+    assert _launch("slurm", str(_write(other, _tiny(other)))) == 0
+    assert "--job-name=autoscale" not in (other / "run" / "slurm" / "producer.sbatch").read_text()
+    assert not (other / "run" / "slurm" / "job.yaml").exists()
+
+
 def test_resume_with_more_nodes_stops_the_running_consumer_and_recomputes_dp(tmp_path, fake_slurm, capsys):
     _, log, states = fake_slurm
     path = _write(tmp_path, _tiny(tmp_path, **{"consumer.config.parallel": {"tp": 2, "dp": 2}}))

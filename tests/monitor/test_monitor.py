@@ -10,7 +10,6 @@ from collections import Counter
 import fsspec
 import pytest
 
-from megatron_qwenimage import cli
 from megatron_qwenimage.cache import open_cache
 from megatron_qwenimage.cache.commit import list_commits
 from megatron_qwenimage.cache.writer import publish_partition, read_quarantine
@@ -23,6 +22,7 @@ from tests.monitor.fixtures import (
     T0,
     build_cache,
     build_run,
+    cli_main,
     jsonl,
     metrics_records,
     write_consumer,
@@ -31,21 +31,10 @@ from tests.monitor.fixtures import (
 )
 
 
-def _main(argv, capsys):
-    rc = cli.main(argv)
-    out = capsys.readouterr()
-    return rc, out.out, out.err
-
-
 def _snapshot(capsys, *args) -> dict:
-    rc, out, err = _main(["monitor", *args, "--once", "--json"], capsys)
+    rc, out, err = cli_main(["monitor", *args, "--once", "--json"], capsys)
     assert rc == 0, err
     return json.loads(out)  # exactly one JSON object on stdout
-
-
-@pytest.fixture
-def scenario(tmp_path):
-    return build_run(str(tmp_path))
 
 
 def test_json_snapshot_numbers(scenario, capsys):
@@ -82,6 +71,7 @@ def test_json_snapshot_numbers(scenario, capsys):
     assert producer["stage_busy"] == {"cpu": 0.5, "text": 0.8, "vae": 0.9, "write": 0.1}
     assert producer["encoder_utilization"] == {"text": 0.75, "vae": 0.9}
     assert producer["actors"] == {"text": 1, "vae": 2}
+    assert producer["pool_bounds"] == {"text": "1:2", "vae": "3"} and producer["pool_control_version"] == 4
     assert producer["state"] == "running" and producer["telemetry_records"] == 3
     assert producer["remaining_inputs"] == 50 - 32 - 3
     assert producer["eta_s"] == 15 / 2.5  # remaining inputs / images/s
@@ -101,12 +91,13 @@ def test_old_files_without_new_fields_show_na(tmp_path, capsys):
     for key in ("images_per_s", "text_tokens_per_s", "bucket_images_per_s", "stage_busy", "encoder_utilization"):
         assert p[key] is None, key
     assert p["actors"] is None and p["eta_s"] is None and p["committed"] == 32
+    assert p["pool_bounds"] is None and p["pool_control_version"] is None
     assert c["consumed_samples"] is None and c["train_steps"] is None and c["eta_s"] is None
     assert c["samples_per_s"] == 2.0 and c["step"] == 6
     assert snap["backlog_samples"] is None and snap["lead_time_s"] is None
     assert snap["committed_samples"] == COMMITTED_SAMPLES  # the commit records need no new field
 
-    rc, out, err = _main(["monitor", "--cache", cache, "--run", run, "--once"], capsys)
+    rc, out, err = cli_main(["monitor", "--cache", cache, "--run", run, "--once"], capsys)
     assert rc == 0, err
     rows = dict(line.strip().split(": ", 1) for line in out.splitlines() if ": " in line and line.startswith("  "))
     assert rows["backlog"].startswith("n/a") and rows["lead time"].startswith("n/a")
@@ -195,7 +186,7 @@ def test_not_started_and_finished_runs(tmp_path, capsys):
 
 def test_once_human_output_has_the_key_numbers(scenario, capsys):
     cache, run = scenario
-    rc, out, err = _main(["monitor", "--cache", cache, "--run", run, "--once"], capsys)
+    rc, out, err = cli_main(["monitor", "--cache", cache, "--run", run, "--once"], capsys)
     assert rc == 0, err
     rows = {}
     for line in out.splitlines():
@@ -206,6 +197,7 @@ def test_once_human_output_has_the_key_numbers(scenario, capsys):
     assert rows["per bucket"] == "16x16 1.50/s, 32x32 1.00/s"
     assert rows["text tokens/s"] == "40.00"
     assert rows["stage busy"] == "cpu 50.0%, text 80.0%, vae 90.0%, write 10.0%"
+    assert rows["encoders"].endswith("alive actors text 1, vae 2; pools text 1:2, vae 3 (autoscaler v4)")
     assert rows["samples/s"] == "2.00" and rows["image tokens/s"] == "32.00"
     assert rows["TFLOP/s/GPU"] == "1.50   MFU 25.0%" and rows["data wait"] == "10.0%"
     assert rows["step"].startswith("6 / 10") and rows["loss"].startswith("0.8000   val 0.9500 at step 4")
@@ -232,7 +224,7 @@ def test_rich_view_renders_the_numbers(scenario):
 
 def test_line_mode_when_not_a_terminal(scenario, capsys):
     cache, run = scenario
-    rc, out, err = _main(["monitor", "--cache", cache, "--run", run, "--interval", "0.01", "--count", "3"], capsys)
+    rc, out, err = cli_main(["monitor", "--cache", cache, "--run", run, "--interval", "0.01", "--count", "3"], capsys)
     assert rc == 0, err
     lines = out.splitlines()
     assert len(lines) == 3
@@ -242,7 +234,7 @@ def test_line_mode_when_not_a_terminal(scenario, capsys):
         assert fields["backlog"] == "8" and fields["lead_time"] == "4s" and fields["quarantined"] == "3"
         assert len(line) > 80 and "│" not in line
 
-    rc, out, err = _main(["monitor", "--run", run, "--interval", "0.01", "--count", "2", "--json"], capsys)
+    rc, out, err = cli_main(["monitor", "--run", run, "--interval", "0.01", "--count", "2", "--json"], capsys)
     assert rc == 0, err
     assert [json.loads(line)["consumer"]["step"] for line in out.splitlines()] == [6, 6]
 
@@ -253,7 +245,7 @@ def test_live_panel_on_a_terminal(scenario, capsys, monkeypatch):
     cache, run = scenario
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
     monkeypatch.setenv("COLUMNS", "160")
-    rc, out, err = _main(["monitor", "--cache", cache, "--run", run, "--interval", "0.01", "--count", "2"], capsys)
+    rc, out, err = cli_main(["monitor", "--cache", cache, "--run", run, "--interval", "0.01", "--count", "2"], capsys)
     assert rc == 0, err
     assert "qwenimage monitor" in out and "╭" in out  # a rich panel, not key=value lines
     for needle in ("2.50", "8 samples", "6 / 10", "corrupt_image"):
@@ -354,7 +346,7 @@ def test_bad_input_is_one_line(tmp_path, capsys, case):
         bad = os.path.join(run, "run.json")
         write_text(bad, "[1, 2]")
         expect = "a JSON list"
-    rc, out, err = _main(["monitor", *args, "--once"], capsys)
+    rc, out, err = cli_main(["monitor", *args, "--once"], capsys)
     assert rc == 2 and out == ""
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("qwenimage monitor: error: "), err
@@ -370,14 +362,14 @@ def test_bad_input_is_one_line(tmp_path, capsys, case):
     ],
 )
 def test_bad_flags_are_one_line(tmp_path, capsys, argv, expect):
-    rc, out, err = _main(["monitor", *[str(tmp_path) if a == "RUN" else a for a in argv]], capsys)
+    rc, out, err = cli_main(["monitor", *[str(tmp_path) if a == "RUN" else a for a in argv]], capsys)
     assert rc == 2 and out == ""
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"qwenimage monitor: error: {expect}"), err
 
 
 def test_bad_input_under_json_is_an_error_object(tmp_path, capsys):
-    rc, out, err = _main(["monitor", "--run", str(tmp_path / "nope"), "--once", "--json"], capsys)
+    rc, out, err = cli_main(["monitor", "--run", str(tmp_path / "nope"), "--once", "--json"], capsys)
     assert rc == 2
     assert json.loads(out)["error"].startswith(f"--run {tmp_path / 'nope'}: does not exist")
     assert len(err.strip().splitlines()) == 1

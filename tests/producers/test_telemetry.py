@@ -39,9 +39,10 @@ from producers.metrics import (
 )
 from producers.pipeline import ProduceRequest, _RowTimes, produce, stage_workers
 from tests.helpers.producers import run_cli
+from tests.helpers.telemetry import NEW_PRODUCER_FIELDS, wait_until
 
 LABEL = "telemetry-test"
-#: Fields status.json had before the contract and the fields it added.
+#: Fields status.json had before the contract (`NEW_PRODUCER_FIELDS`: the fields it added).
 OLD_FIELDS = {
     "run_id",
     "state",
@@ -59,17 +60,6 @@ OLD_FIELDS = {
     "committed_per_s",
     "queues",
     "metrics_port",
-}
-NEW_FIELDS = {
-    "run_label",
-    "text_tokens",
-    "images_per_s",
-    "text_tokens_per_s",
-    "bucket_images_per_s",
-    "stage_busy",
-    "encoder_utilization",
-    "actors",
-    "snapshot_version",
 }
 
 
@@ -171,14 +161,8 @@ def telemetry_run(ray_cluster, tmp_path_factory):
     metrics_port: list[int] = []
 
     def wait_for(what: str, check, timeout_s: float = 30.0):
-        deadline = time.monotonic() + timeout_s
-        while True:
-            got = check()
-            if got:
-                return got
-            if time.monotonic() > deadline:
-                raise AssertionError(f"while the producer ran: {what} did not show within {timeout_s:g} s")
-            time.sleep(0.2)
+        failure = f"while the producer ran: {what} did not show within {timeout_s:g} s"
+        return wait_until(check, timeout_s=timeout_s, interval_s=0.2, failure=lambda: failure)
 
     def status():
         return json.loads((cache / "status.json").read_text())
@@ -235,12 +219,13 @@ def telemetry_run(ray_cluster, tmp_path_factory):
 def test_status_and_history_follow_the_contract_and_the_cache(telemetry_run):
     counts, cache, _, seen, _ = telemetry_run
     status = seen["final"]
-    assert set(status) == OLD_FIELDS | NEW_FIELDS
+    assert set(status) == OLD_FIELDS | NEW_PRODUCER_FIELDS
     assert status["state"] == "finished" and status["run_label"] == LABEL
     # text tokens: exactly the committed samples' text lengths, as the shards store them
     assert status["text_tokens"] == counts.text_tokens == cache_text_tokens(cache) > 0
     assert status["buckets"] == open_cache(str(cache)).snapshot().samples_per_bucket()
     assert status["committed"] == 32
+    assert status["pool_bounds"] == {"vae": [1, 1], "text": [1, 1]} and status["pool_control_version"] == 0
     for key in ("stage_busy", "encoder_utilization", "actors"):
         assert set(status[key]) == (set(STAGES) if key == "stage_busy" else set(POOLS)), key
     for v in [*status["stage_busy"].values(), *status["encoder_utilization"].values()]:
@@ -253,7 +238,7 @@ def test_status_and_history_follow_the_contract_and_the_cache(telemetry_run):
     history = [json.loads(line) for line in (cache / telemetry_path(status["run_id"])).read_text().splitlines()]
     assert history[-1] == status  # one line per update, the last one is status.json
     running = [h for h in history if h["state"] == "running"]
-    assert running and all(set(h) == OLD_FIELDS | NEW_FIELDS for h in history)
+    assert running and all(set(h) == OLD_FIELDS | NEW_PRODUCER_FIELDS for h in history)
     times = [h["updated_unix"] for h in history]
     assert times == sorted(times)
     # rates: over the run, the windows add up to what was committed (each window's rate x its length)

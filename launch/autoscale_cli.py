@@ -1,0 +1,329 @@
+"""``qwenimage launch autoscale job.yaml``: keep the producers' lead time in a band (`launch.autoscale`).
+
+Reads the run's own files (the cache's commits and ``status.json``, the consumer's
+``run_dir/metrics.jsonl``: `MonitorObserver`) every ``--interval-s`` and resizes the producers'
+encoder capacity through one actuator:
+
+* ``pools`` (default): the actors per pool of the running ``qwenimage produce`` (the cache's
+  ``control/pools.json``, applied at its next window); bounds default to the producer's own
+  ``vae_actors`` MIN:MAX;
+* ``slurm-workers``: extra Slurm jobs, each a Ray worker node joining the producers' Ray head
+  (``--head-address``, default ``$QWENIMAGE_RAY_ADDRESS``, else ``producer.ray_address``, else
+  ``run_dir/slurm/ray-address``, which the producer job writes once its cluster is up); bounds
+  default to 0..``producer.nodes`` extra nodes;
+* ``ray-autoscaler``: resource bundles requested from the cluster's Ray autoscaler (KubeRay,
+  cloud), one bundle per encoder actor (``producer.options.gpus_per_actor`` / ``cpus_per_actor``).
+
+The settings (`SETTINGS`) are flags, or keys of the job spec's ``producer.autoscale`` section
+(a flag wins); with that section, ``qwenimage launch slurm`` runs this command inside the producer
+job, beside the producers. Each change is one line on stderr and one JSON record in
+``run_dir/autoscale/decisions.jsonl``.
+It stops when the producer finished or failed, after ``--max-observations``, or on Ctrl-C /
+SIGTERM (``slurm-workers`` then cancels the worker jobs it submitted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from launch.autoscale import (
+    LeadTimeController,
+    MonitorObserver,
+    ProducerPoolActuator,
+    RayAutoscalerActuator,
+    ScalingPolicy,
+    SlurmWorkerActuator,
+)
+from launch.slurm import RAY_ADDRESS_FILE, SCRIPT_DIR
+from megatron_qwenimage.config import ConfigError
+
+log = logging.getLogger("launch.autoscale")
+
+ACTUATORS = ("pools", "slurm-workers", "ray-autoscaler")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One controller setting: a ``--flag`` of the command and a key of ``producer.autoscale``."""
+
+    type: type
+    default: Any
+    metavar: str
+    help: str
+
+    @staticmethod
+    def flag(name: str) -> str:
+        return "--" + name.replace("_", "-")
+
+
+#: The controller's settings (flag ``--low-s`` = job spec key ``producer.autoscale.low_s``). A flag
+#: given on the command line wins over the job spec, which wins over the default.
+SETTINGS = {
+    "actuator": Setting(
+        str,
+        "pools",
+        "{" + ",".join(ACTUATORS) + "}",
+        "how capacity changes: pools = the running producer's actors per pool (at its next window; default); "
+        "slurm-workers = extra Ray worker nodes as Slurm jobs; ray-autoscaler = bundles requested from the "
+        "cluster's Ray autoscaler",
+    ),
+    "low_s": Setting(
+        float, 120.0, "S", "grow while the lead time (backlog / consumer samples/s) is under S seconds (default 120)"
+    ),
+    "high_s": Setting(float, 1800.0, "S", "shrink while the lead time is over S seconds (default 1800)"),
+    "min_size": Setting(
+        int,
+        None,
+        "N",
+        "fewest units (default: pools: the producer's vae_actors MIN; slurm-workers and ray-autoscaler: 0)",
+    ),
+    "max_size": Setting(
+        int,
+        None,
+        "N",
+        "most units (default: pools: the producer's vae_actors MAX; slurm-workers: producer.nodes extra nodes; "
+        "ray-autoscaler: vae_actors MAX bundles)",
+    ),
+    "step": Setting(int, 1, "N", "units added or removed per change (default 1)"),
+    "hold_observations": Setting(int, 3, "N", "a change needs its condition in N consecutive observations (default 3)"),
+    "hold_s": Setting(float, 0.0, "S", "... and for at least S seconds (default 0)"),
+    "cooldown_s": Setting(
+        float,
+        300.0,
+        "S",
+        "no change within S seconds of the previous one: new capacity needs time to show (default 300)",
+    ),
+    "interval_s": Setting(float, 30.0, "S", "seconds between observations (default 30)"),
+    "pools": Setting(
+        str, "vae,text", "NAMES", "pools actuator: the encoder pools that follow the controller (default vae,text)"
+    ),
+}
+
+
+def add_autoscale_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "job_spec",
+        metavar="JOB_YAML",
+        help="the job spec (docs/launch.md): its cache, run_dir, producer resources and producer.autoscale settings",
+    )
+    for name, setting in SETTINGS.items():
+        kwargs = {"choices": ACTUATORS} if name == "actuator" else {"type": setting.type, "metavar": setting.metavar}
+        parser.add_argument(Setting.flag(name), default=None, help=setting.help, **kwargs)
+    parser.add_argument(
+        "--max-observations",
+        type=int,
+        default=None,
+        metavar="N",
+        help="stop after N observations (default: until the producer finished or failed)",
+    )
+    parser.add_argument(
+        "--head-address",
+        default=None,
+        metavar="HOST:PORT",
+        help="slurm-workers actuator: the producers' Ray head (default $QWENIMAGE_RAY_ADDRESS, else "
+        "producer.ray_address, else RUN_DIR/slurm/ray-address, which the producer job writes once its Ray is up)",
+    )
+
+
+def check_section(section: Any, where: str = "producer.autoscale") -> dict[str, Any]:
+    """A job spec's ``producer.autoscale`` mapping, checked key by key (`ConfigError` naming the key)."""
+    if not isinstance(section, Mapping):
+        raise ConfigError(
+            f"{where}: expected a mapping of controller settings ({', '.join(SETTINGS)}), got {section!r}"
+        )
+    unknown = sorted(set(section) - set(SETTINGS), key=str)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; expected some of {list(SETTINGS)}")
+    out = {}
+    for name, value in section.items():
+        setting = SETTINGS[name]
+        if value is None:
+            continue
+        if name == "actuator" and value not in ACTUATORS:
+            raise ConfigError(f"{where}.actuator={value!r}: expected one of {list(ACTUATORS)}")
+        ok = (
+            isinstance(value, str)
+            if setting.type is str
+            else isinstance(value, int) and not isinstance(value, bool)
+            if setting.type is int
+            else isinstance(value, (int, float)) and not isinstance(value, bool)
+        )
+        if not ok:
+            raise ConfigError(f"{where}.{name}={value!r}: expected {setting.type.__name__} ({setting.help})")
+        out[name] = setting.type(value)
+    return out
+
+
+def settings(args, section: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Each setting: the flag if given, else the job spec's ``producer.autoscale``, else the default."""
+    section = section or {}
+    values = {}
+    for name, setting in SETTINGS.items():
+        flag = getattr(args, name, None)
+        values[name] = flag if flag is not None else section.get(name, setting.default)
+    return values
+
+
+def _where(name: str, given_by_flag: bool) -> str:
+    """Who set `name`: its flag, or its job spec key."""
+    return Setting.flag(name) if given_by_flag else f"producer.autoscale.{name}"
+
+
+def _set(name: str, given_by_flag: bool, value: Any) -> str:
+    """``--min-size 0`` or ``producer.autoscale.min_size=0``, as the user wrote it."""
+    return f"{Setting.flag(name)} {value}" if given_by_flag else f"producer.autoscale.{name}={value}"
+
+
+def _policy(values: dict[str, Any], args, lo: int, hi: int) -> ScalingPolicy:
+    """The policy of `values`, with `lo`/`hi` where no min_size/max_size is set; a fault names the
+    flag or the job spec key that set the value."""
+    try:
+        return ScalingPolicy(
+            low_s=values["low_s"],
+            high_s=values["high_s"],
+            min_size=lo if values["min_size"] is None else values["min_size"],
+            max_size=hi if values["max_size"] is None else values["max_size"],
+            step=values["step"],
+            hold_observations=values["hold_observations"],
+            hold_s=values["hold_s"],
+            cooldown_s=values["cooldown_s"],
+        )
+    except ConfigError as exc:
+        message = str(exc)
+        low, high = (_where(n, getattr(args, n, None) is not None) for n in ("low_s", "high_s"))
+        message = message.replace("ScalingPolicy: the band needs", f"{low}/{high}: the band needs")
+        for name in ScalingPolicy.__dataclass_fields__:
+            by_flag = getattr(args, name, None) is not None
+            message = message.replace(f"ScalingPolicy.{name}=", _set(name, by_flag, ""))
+        raise ConfigError(message) from None
+
+
+def _vae_actors(spec) -> tuple[int, int]:
+    """The producer's ``vae_actors`` MIN:MAX (``qwenimage produce``'s default 1:1)."""
+    from producers.cli import parse_pool_range
+
+    return parse_pool_range(str(spec.run.producer.options.get("vae_actors", "1:1")), "producer.options.vae_actors")
+
+
+def resolve(args, spec) -> tuple[dict[str, Any], ScalingPolicy]:
+    """The settings (flag, else ``producer.autoscale``, else default) and the policy they make for
+    the job `spec`, all checked (`ConfigError` naming the flag or the job spec key). `args` None:
+    the job spec alone (how `launch.job_spec` checks its section before anything is submitted)."""
+    values = settings(args, spec.producer.autoscale)
+
+    def assigned(name: str, value: Any) -> str:
+        return _set(name, getattr(args, name, None) is not None, value)
+
+    if values["actuator"] == "slurm-workers":
+        lo, hi = 0, spec.producer.resources.nodes
+    else:
+        vae_min, vae_max = _vae_actors(spec)
+        lo, hi = (vae_min, vae_max) if values["actuator"] == "pools" else (0, vae_max)
+    policy = _policy(values, args, lo, hi)
+    if values["actuator"] == "pools":
+        from producers.pool_control import POOL_NAMES
+
+        pools = [p.strip() for p in values["pools"].split(",") if p.strip()]
+        if not pools or not set(pools) <= set(POOL_NAMES):
+            raise ConfigError(
+                f"{assigned('pools', repr(values['pools']))}: expected some of {list(POOL_NAMES)}, comma-separated"
+            )
+        if policy.min_size < 1:
+            raise ConfigError(f"{assigned('min_size', policy.min_size)}: a producer's pool needs at least 1 actor")
+    interval = values["interval_s"]
+    if not 0 < interval < float("inf"):
+        raise ConfigError(f"{assigned('interval_s', f'{interval:g}')}: expected seconds > 0")
+    return values, policy
+
+
+def build_controller(args, spec, on_decision=None) -> tuple[LeadTimeController, dict[str, Any]]:
+    """The controller with the policy and actuator of `resolve`, and the settings it used;
+    `on_decision` is called with each change."""
+    values, policy = resolve(args, spec)
+    opts = spec.run.producer.options
+    if values["actuator"] == "pools":
+        pools = tuple(p.strip() for p in values["pools"].split(",") if p.strip())
+        actuator = ProducerPoolActuator(spec.run.cache, pools, initial=policy.min_size)
+    elif values["actuator"] == "slurm-workers":
+        head = args.head_address or os.environ.get("QWENIMAGE_RAY_ADDRESS") or spec.producer.ray_address
+        written = Path(spec.run.run_dir) / SCRIPT_DIR / RAY_ADDRESS_FILE
+        if not head and written.is_file():
+            head = written.read_text().strip()
+        if not head:
+            raise ConfigError(
+                f"--head-address: the slurm-workers actuator needs the producers' Ray head HOST:PORT; {written} "
+                "does not exist yet (the producer job writes it once its Ray cluster is up): wait for it, or pass "
+                "--head-address"
+            )
+        actuator = SlurmWorkerActuator.from_job_spec(spec, head)
+    else:
+        bundle = {"CPU": float(opts.get("cpus_per_actor", 0.5))}
+        if float(opts.get("gpus_per_actor", 0) or 0) > 0:
+            bundle["GPU"] = float(opts["gpus_per_actor"])
+        actuator = RayAutoscalerActuator(bundle)
+    return LeadTimeController(policy, actuator, on_decision=on_decision), values
+
+
+def wait_for_observer(spec, interval_s: float, sleep=time.sleep) -> MonitorObserver:
+    """A `MonitorObserver` of the run's cache and run directory, once both can be opened: started
+    beside the producers, the controller may come before the cache does (one line says it waits)."""
+    from megatron_qwenimage.monitor.snapshot import MonitorError
+
+    said = False
+    while True:
+        try:
+            return MonitorObserver(spec.run.cache, spec.run.run_dir)
+        except MonitorError as exc:
+            if not said:
+                log.info("autoscale %s: waiting for the run's files (%s)", spec.name, exc)
+                said = True
+        sleep(interval_s)
+
+
+def run_autoscale(args) -> int:
+    from launch.job_spec import load_job_spec
+    from megatron_qwenimage.cli import configure_logging
+
+    configure_logging(logging.INFO, fmt="%(message)s")
+    if args.max_observations is not None and args.max_observations < 1:
+        raise ConfigError(f"--max-observations {args.max_observations}: expected a whole number >= 1")
+    spec = load_job_spec(args.job_spec, check_paths=False, check_ray=False)
+    record = Path(spec.run.run_dir) / "autoscale" / "decisions.jsonl"
+
+    def append(decision) -> None:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        with open(record, "a") as f:
+            f.write(
+                json.dumps({"run": spec.name, "actuator": actuator.name, **asdict(decision)}, sort_keys=True) + "\n"
+            )
+
+    controller, values = build_controller(args, spec, on_decision=append)
+    actuator = controller.actuator
+    observer = wait_for_observer(spec, values["interval_s"])
+    p = controller.policy
+    log.info(
+        "autoscale %s: %s between %d and %d, lead time band [%g, %g] s, every %g s; decisions in %s",
+        spec.name,
+        actuator.name,
+        p.min_size,
+        p.max_size,
+        p.low_s,
+        p.high_s,
+        values["interval_s"],
+        record,
+    )
+    try:
+        controller.run(observer, interval_s=values["interval_s"], max_observations=args.max_observations)
+    finally:
+        if isinstance(actuator, SlurmWorkerActuator):
+            actuator.close()  # the extra worker jobs end with the controller
+    log.info("autoscale %s: stopped after %d change(s), size %d", spec.name, len(controller.decisions), controller.size)
+    return 0
