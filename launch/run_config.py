@@ -48,6 +48,7 @@ PRODUCER_FLAGS = {
     "partition_size": "--partition-size",
     "snapshot_interval_s": "--snapshot-interval-s",
     "window_partitions": "--window-partitions",
+    "max_inflight_partitions": "--max-inflight-partitions",
     "local_num_cpus": "--local-num-cpus",
     "ray_address": "--ray-address",
     "min_side": "--min-side",

@@ -140,6 +140,15 @@ def register(subparsers) -> None:
         "the last one (tail-mode consumers can start before the end); 0: only the final snapshot. Default 30",
     )
     p.add_argument(
+        "--max-inflight-partitions",
+        type=int,
+        default=8,
+        metavar="N",
+        help="partitions whose rows are all encoded but whose shard write has not finished, at most (default "
+        "8): the driver waits for a write before it hands out the next, which bounds the memory of rows in "
+        "flight",
+    )
+    p.add_argument(
         "--window-partitions",
         type=int,
         default=256,
@@ -232,6 +241,7 @@ def config_from_args(args) -> ProducerConfig:
         sweep_grace_s=args.sweep_grace,
         snapshot_interval_s=args.snapshot_interval_s,
         window_partitions=args.window_partitions,
+        max_inflight_partitions=args.max_inflight_partitions,
         fault=_fault_from_env(),
     )
 

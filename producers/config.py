@@ -60,6 +60,7 @@ FIELD_FLAGS = {
     "sweep_grace_s": "--sweep-grace",
     "snapshot_interval_s": "--snapshot-interval-s",
     "window_partitions": "--window-partitions",
+    "max_inflight_partitions": "--max-inflight-partitions",
 }
 
 

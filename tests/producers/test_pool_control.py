@@ -128,7 +128,8 @@ def test_a_fast_then_slow_consumer_resizes_the_running_producers_pools(ray_clust
         fast = counts.read <= 2  # consumer at 10 samples/s: 1 s of backlog; then 0.1/s: 100 s
         controller.observe(Observation(backlog_samples=10.0, consumer_samples_per_s=10.0 if fast else 0.1))
 
-    caplog.set_level(logging.INFO)
+    for name in ("launch.autoscale", "producers.pool_control"):  # whatever an earlier in-process CLI set
+        caplog.set_level(logging.INFO, logger=name)
     counts = produce(
         ProduceRequest(str(src), str(cache), config=cfg, ray_address=ray_cluster),
         on_progress=consumer_reading,
