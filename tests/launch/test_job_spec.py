@@ -29,6 +29,11 @@ def _job_20b(**consumer) -> dict:
     d["consumer"]["config"] = copy.deepcopy(CONFIG_20B)
     d["consumer"].pop("step_time_s", None)
     d["consumer"].pop("gpu", None)
+    return _with(d, consumer)
+
+
+def _with(d: dict, consumer: dict) -> dict:
+    """`d` with the consumer keys of `consumer` set (a None value deletes the key)."""
     for key, value in consumer.items():
         if value is None:
             d["consumer"].pop(key, None)
@@ -65,12 +70,7 @@ def _tiny_cpu(**consumer) -> dict:
             },
         },
     }
-    for key, value in consumer.items():
-        if value is None:
-            d["consumer"].pop(key, None)
-        else:
-            d["consumer"][key] = value
-    return d
+    return _with(d, consumer)
 
 
 def _load(d: dict):
