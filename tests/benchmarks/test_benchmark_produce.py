@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from benchmarks.produce import commit_times, steady_state
@@ -28,3 +34,24 @@ def test_commit_times_come_from_the_records_in_commit_order(tmp_path):
         )
         storage.write_atomic(f"commits/{pid}.json", record.to_json())
     assert commit_times(url) == [(10.0, 2), (20.0, 3), (30.0, 5)]
+
+
+def test_the_benchmark_runs_end_to_end_at_a_tiny_size(tmp_path):
+    """The script a GPU session runs at full size must not crash, and its figures must agree."""
+    argv = ["--n", "12", "--side", "64", "--partition-size", "4", "--vae-base-dim", "8", "--batch", "4"]
+    argv += ["--vae-actors", "1", "--workdir", str(tmp_path)]
+    out = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve().parents[2] / "benchmarks" / "produce.py"), *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert (r["images"], r["side"], r["actors"]) == (12, 64, {"vae": 1, "text": 1, "cpus_each": 0.5})
+    assert r["startup_s"] > 0 and r["steady_img_s"] > 0 and r["bare_img_s"] > 0
+    # the printed figures are rounded (img/s to 0.01, ratios to 0.001)
+    assert r["steady_ratio"] == pytest.approx(r["steady_img_s"] / r["bare_img_s"], rel=0.01, abs=0.002)
+    assert r["ratio"] == pytest.approx(r["pipeline_img_s"] / r["bare_img_s"], rel=0.01, abs=0.002)
+    assert commit_times(str(tmp_path / "cache"))[-1][1] > 0  # the timed cache is the run's own
