@@ -589,15 +589,17 @@ class ProducerReader:
         if self.follower is not None:
             v.telemetry_file = self.follower.path if self.follower.exists else None
             v.telemetry_records = self.follower.records
-        # ETA: inputs not yet accounted for / images per second (approximate: quarantined and
-        # duplicate inputs are counted as they come)
+        # ETA: inputs not yet accounted for x samples per committed input / samples per second
+        # (images_per_s counts samples: an input makes one per bucket area). Approximate:
+        # quarantined and duplicate inputs are counted as they come.
         if v.inputs is not None and v.committed is not None:
             done = v.committed + (v.duplicates or 0) + sum((v.quarantined or {}).values())
             v.remaining_inputs = max(0, v.inputs - done)
         if v.state == "finished" or v.remaining_inputs == 0:
             v.eta_s = 0.0
-        elif v.remaining_inputs is not None and v.images_per_s:
-            v.eta_s = v.remaining_inputs / v.images_per_s if v.images_per_s > 0 else None
+        elif v.remaining_inputs is not None and v.images_per_s and v.images_per_s > 0:
+            per_input = v.committed_samples / v.committed if v.committed and v.committed_samples else 1.0
+            v.eta_s = v.remaining_inputs * per_input / v.images_per_s
         return v
 
 

@@ -20,11 +20,13 @@ from tests.monitor.fixtures import (
     COMMITTED_SAMPLES,
     QUARANTINED,
     T0,
+    TELEMETRY,
     build_cache,
     build_run,
     cli_main,
     jsonl,
     metrics_records,
+    status_record,
     write_consumer,
     write_producer,
     write_text,
@@ -78,6 +80,19 @@ def test_json_snapshot_numbers(scenario, capsys):
     assert snap["eta_s"] == {"producer": 6.0, "consumer": 8.0}
     assert snap["run_label"] == "exp1" and snap["cache"] == cache and snap["run"] == run
     assert snap["state"] == {"producer": "running", "consumer": "running", "run": None}
+
+
+def test_producer_eta_counts_each_inputs_samples_at_every_area(tmp_path, capsys):
+    # 10 inputs committed as 30 samples (3 bucket areas each) at 3 samples/s; 20 inputs to go:
+    # 60 samples, 20 s (not 20 inputs / 3 per s)
+    cache = build_cache(str(tmp_path / "cache"))
+    status = status_record(len(TELEMETRY) - 1)
+    status.update(inputs=30, committed=10, duplicates=0, quarantined={}, images_per_s=3.0)
+    status["buckets"] = {"16x16": 10, "32x32": 10, "48x48": 10}
+    write_text(f"{cache}/status.json", json.dumps(status))
+    p = _snapshot(capsys, "--cache", cache)["producer"]
+    assert (p["remaining_inputs"], p["committed_samples"]) == (20, 30)
+    assert p["eta_s"] == pytest.approx(20.0)
 
 
 def test_old_files_without_new_fields_show_na(tmp_path, capsys):
