@@ -622,12 +622,6 @@ class BucketPlan:
         return asdict(self)
 
 
-def fp8_weight_bytes(config: MMDiTConfig, tp: int, blocks: int) -> float:
-    """Transformer Engine's FP8 copies of a stage's block weights (weight and its transpose,
-    1 byte each), refreshed every step."""
-    return 2.0 * blocks * sum(t.numel_per_rank(tp) for t in accounting.block_tensors(config))
-
-
 def predicted_memory(
     config: MMDiTConfig,
     layout: Layout,
@@ -637,53 +631,23 @@ def predicted_memory(
     text_tokens: int,
     precision: str = "bf16",
 ) -> dict[str, float]:
-    """Predicted peak bytes per GPU (worst pipeline stage), by part.
-
-    `accounting.memory_per_gpu` (``implementation="ours"``: parameters, the ZeRO-1 optimizer's
-    flat buffers, activations of the micro-batches in flight, pipeline receive buffers) plus the
-    backward working set: autograd's activation gradients of the block being differentiated,
-    bounded by one block's saved activations (`accounting.eager_block_activation_bytes`) per
-    micro-batch; plus FP8 weight copies under ``fp8``.
-    """
-    image_tokens = (resolution // PIXELS_PER_TOKEN_SIDE) ** 2
-    report = accounting.memory_per_gpu(
+    """Predicted peak bytes per GPU (worst pipeline stage), by part, of a ``resolution``² bucket:
+    `accounting.peak_memory_per_gpu` (parameters, the ZeRO-1 optimizer's flat buffers,
+    activations of the micro-batches in flight, pipeline receive buffers, the backward working
+    set, FP8 weight copies under ``fp8``)."""
+    return accounting.peak_memory_per_gpu(
         config,
         layout.tp,
         layout.pp,
         layout.dp,
         micro_batch,
-        image_tokens,
+        (resolution // PIXELS_PER_TOKEN_SIDE) ** 2,
         text_tokens,
-        params_dtype="bfloat16",
         recompute=layout.recompute,
         sequence_parallel=layout.sequence_parallel and layout.tp > 1,
         num_microbatches=microbatches,
-        implementation="ours",
+        fp8=precision == "fp8",
     )
-    working = micro_batch * accounting.eager_block_activation_bytes(
-        config,
-        image_tokens,
-        text_tokens,
-        tp=layout.tp,
-        sequence_parallel=layout.sequence_parallel and layout.tp > 1,
-        act_bytes=2,
-    )
-    best = None
-    for st in report.stages:
-        parts = {
-            "params": st.params_bytes,
-            "grads": st.grads_bytes,
-            "optimizer": st.optimizer_bytes,
-            "activations": st.activation_bytes,
-            "buffers": st.buffers_bytes,
-            "backward_working_set": working,
-            "fp8_weights": fp8_weight_bytes(config, layout.tp, st.num_blocks) if precision == "fp8" else 0.0,
-        }
-        parts["total"] = sum(parts.values())
-        parts["stage"] = st.stage
-        if best is None or parts["total"] > best["total"]:
-            best = parts
-    return best
 
 
 @functools.lru_cache(maxsize=256)

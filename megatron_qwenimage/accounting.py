@@ -874,3 +874,72 @@ def memory_per_gpu(
     if ours or recompute_every != 1 or ema:
         layout.update(implementation=implementation, recompute_every=recompute_every, ema=ema)
     return MemoryReport(tuple(stages), layout)
+
+
+def fp8_weight_bytes(config: MMDiTConfig, tp: int, blocks: int) -> float:
+    """Transformer Engine's FP8 copies of a stage's block weights (weight and its transpose,
+    1 byte each), refreshed every step."""
+    return 2.0 * blocks * sum(t.numel_per_rank(tp) for t in block_tensors(config))
+
+
+def peak_memory_per_gpu(
+    config: MMDiTConfig,
+    tp: int,
+    pp: int,
+    dp: int,
+    micro_batch: int,
+    image_tokens: int,
+    text_tokens: int,
+    *,
+    recompute: str = "none",
+    sequence_parallel: bool = False,
+    num_microbatches: int | None = None,
+    zero1: bool = True,
+    fp8: bool = False,
+) -> dict[str, float]:
+    """Predicted peak bytes per GPU of our training step, by part, for the worst pipeline stage
+    (``qwenimage plan`` and ``qwenimage model-info``; within a few % of measured tensors,
+    tests/launch/test_memory_prediction.py).
+
+    `memory_per_gpu` with ``implementation="ours"`` (parameters, the ZeRO-1 optimizer's flat
+    buffers, activations of the micro-batches in flight, pipeline receive buffers) plus the
+    backward working set: autograd's activation gradients of the block being differentiated,
+    bounded by one block's saved activations (`eager_block_activation_bytes`) per micro-batch;
+    plus FP8 weight copies (`fp8_weight_bytes`) under `fp8`. Keys: params, grads, optimizer,
+    activations, buffers, backward_working_set, fp8_weights, total (bytes) and stage.
+    """
+    report = memory_per_gpu(
+        config,
+        tp,
+        pp,
+        dp,
+        micro_batch,
+        image_tokens,
+        text_tokens,
+        params_dtype="bfloat16",
+        zero1=zero1,
+        recompute=recompute,
+        sequence_parallel=sequence_parallel,
+        num_microbatches=num_microbatches,
+        implementation="ours",
+    )
+    working = micro_batch * eager_block_activation_bytes(
+        config, image_tokens, text_tokens, tp=tp, sequence_parallel=sequence_parallel, act_bytes=2
+    )
+    best: dict[str, float] | None = None
+    for st in report.stages:
+        parts = {
+            "params": st.params_bytes,
+            "grads": st.grads_bytes,
+            "optimizer": st.optimizer_bytes,
+            "activations": st.activation_bytes,
+            "buffers": st.buffers_bytes,
+            "backward_working_set": working,
+            "fp8_weights": fp8_weight_bytes(config, tp, st.num_blocks) if fp8 else 0.0,
+        }
+        parts["total"] = sum(parts.values())
+        parts["stage"] = st.stage
+        if best is None or parts["total"] > best["total"]:
+            best = parts
+    assert best is not None  # every report has a stage
+    return best

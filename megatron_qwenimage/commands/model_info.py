@@ -147,15 +147,21 @@ def model_info(
         zero1=zero1,
         recompute=recompute,
         sequence_parallel=sequence_parallel,
+        implementation="ours",
     )
-    worst = mem.max_stage
-    memory_bytes = {
-        "params": worst.params_bytes,
-        "grads": worst.grads_bytes,
-        "optimizer": worst.optimizer_bytes,
-        "activations": worst.activation_bytes,
-        "total": worst.total_bytes,
-    }
+    peak = accounting.peak_memory_per_gpu(
+        config,
+        tp,
+        pp,
+        dp,
+        micro_batch,
+        image_tokens,
+        text_tokens,
+        recompute=recompute,
+        sequence_parallel=sequence_parallel,
+        zero1=zero1,
+    )
+    memory_bytes = {k: v for k, v in peak.items() if k not in ("stage", "fp8_weights")}
     return {
         "config": config.name,
         "params": counts.total,
@@ -172,7 +178,7 @@ def model_info(
             k: v for k, v in flops.to_dict().items() if k not in ("training", "forward", "total")
         },
         "layout": mem.layout,
-        "memory_max_stage": worst.stage,
+        "memory_max_stage": peak["stage"],
         "memory_per_gpu_bytes": memory_bytes,
         "memory_per_gpu_gib": {k: v / accounting.GIB for k, v in memory_bytes.items()},
         "memory_stages": [s.to_dict() for s in mem.stages],
