@@ -41,7 +41,9 @@ EXTRAS_REQUIRE = {
     # Transformer Engine brings FP8 GEMMs and fused attention on Hopper/Blackwell GPUs.
     # apex is optional too (megatron-core falls back to torch kernels); it is not on PyPI,
     # so a cluster builds it from source when it wants it.
-    "gpu": ["transformer-engine[pytorch]>=2.8"],
+    # nvidia-ml-py (the `pynvml` module) lets the producers report their encoders' GPU utilisation
+    # (`producers.metrics.GpuProbe`; without it they report the pools' busy fraction).
+    "gpu": ["transformer-engine[pytorch]>=2.8", "nvidia-ml-py>=12"],
     "dev": [
         "pytest>=8",
         "pytest-timeout>=2.3",
