@@ -572,9 +572,11 @@ class SlurmWorkerActuator:
         return cls(cfg, run_dir / "autoscale", runner=runner)
 
     def script(self) -> Path:
-        """Write (once) and return the worker's sbatch script."""
+        """Write (once) and return the worker's sbatch script (and create its log directory)."""
         if self._script is None:
             self.script_dir.mkdir(parents=True, exist_ok=True)
+            if self.cfg.log_dir:  # Slurm does not create the directory of --output (the job would fail to launch)
+                Path(self.cfg.log_dir).mkdir(parents=True, exist_ok=True)
             path = self.script_dir / "encoder-worker.sbatch"
             path.write_text(render_worker_script(self.cfg))
             self._script = path

@@ -1,23 +1,13 @@
-"""`qwenimage launch ray`: the producers as a Ray Job on a real `ray start --head` (127.0.0.1 only).
-
-The head is started by this module in a private temp dir on free ports and stopped at the end by
-killing exactly the processes it started (its process tree), never with `ray stop` (which would
-stop every Ray of this machine's user).
-"""
+"""`qwenimage launch ray`: the producers as a Ray Job on a real `ray start --head` (127.0.0.1 only;
+`tests.helpers.ray_head`: private temp dir, free ports, stopped by killing its own process tree)."""
 
 from __future__ import annotations
 
 import argparse
 import copy
-import os
-import shutil
-import socket
-import subprocess
-import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
 
@@ -32,85 +22,18 @@ from launch.ray_jobs import (
 )
 from megatron_qwenimage.cli import report_user_error
 from megatron_qwenimage.config import ConfigError
+from tests.helpers.ray_head import free_port
+from tests.helpers.ray_head import ray_head as start_ray_head
 
 REPO = Path(__file__).resolve().parents[2]
 LOCAL = yaml.safe_load((REPO / "examples" / "local.yaml").read_text())
-RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop_tree(root: psutil.Process, grace_s: float = 3.0) -> None:
-    try:
-        procs = [root, *root.children(recursive=True)]
-    except psutil.Error:
-        procs = [root]
-    for p in procs:
-        try:
-            p.terminate()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=grace_s)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(alive, timeout=5)
 
 
 @pytest.fixture(scope="module")
 def ray_head():
     """`ray start --head --block` on 127.0.0.1 (free ports, 4 CPUs, no auth); yields the Jobs API URL."""
-    from ray.job_submission import JobSubmissionClient
-
-    old = {k: os.environ.get(k) for k in RAY_ENV}
-    os.environ.update(RAY_ENV)  # the clients of this process too
-    temp = tempfile.mkdtemp(prefix="qi-rayjob-", dir="/tmp")  # short: Ray's socket paths must fit
-    dashboard = _free_port()
-    argv = ["ray", "start", "--head", "--block", "--disable-usage-stats", "--num-cpus", "4", "--temp-dir", temp]
-    argv += ["--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard)]
-    for flag in (
-        "--port",
-        "--ray-client-server-port",
-        "--dashboard-agent-listen-port",
-        "--dashboard-agent-grpc-port",
-        "--runtime-env-agent-port",
-        "--metrics-export-port",
-        "--node-manager-port",
-        "--object-manager-port",
-    ):
-        argv += [flag, str(_free_port())]
-    log = open(Path(temp) / "ray-start.log", "w")  # closed in the finally
-    proc = subprocess.Popen(argv, env={**os.environ, **RAY_ENV}, stdout=log, stderr=subprocess.STDOUT)
-    head = psutil.Process(proc.pid)
-    address = f"http://127.0.0.1:{dashboard}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                JobSubmissionClient(address)
-                break
-            except Exception:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"ray start --head did not come up: {(Path(temp) / 'ray-start.log').read_text()}"
-                    )
-                time.sleep(0.5)
-        yield address
-    finally:
-        _stop_tree(head)
-        log.close()
-        shutil.rmtree(temp, ignore_errors=True)
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with start_ray_head(num_cpus=4) as head:
+        yield head.dashboard_url
 
 
 def _job(tmp_path: Path, input_spec: str) -> Path:
@@ -193,7 +116,7 @@ def test_no_wait_prints_the_submission_id(ray_head, tmp_path, capsys):
 def test_an_unreachable_address_is_one_line_naming_it(tmp_path, monkeypatch):
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     job = _job(tmp_path, "synthetic:text?n=16&seed=0")
-    address = f"http://127.0.0.1:{_free_port()}"
+    address = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(ConfigError) as info:
         run_ray(_args(str(job), "--address", address))
     message = str(info.value)

@@ -279,3 +279,42 @@ def test_preempted_consumer_checkpoints_requeues_and_matches_an_uninterrupted_ru
     reference = _losses(straight_dir)
     assert sorted(reference) == list(range(1, STEPS + 1)), _logs(straight_dir)
     assert _losses(run_dir) == reference
+
+
+def test_autoscaled_worker_jobs_are_submitted_and_cancelled_through_slurm(cluster, tmp_path, monkeypatch):
+    """The slurm-workers actuator's half that Slurm does, for real: sbatch accepts its script, the
+    job starts and runs `ray start --address=HEAD --block` (in a log directory the actuator made:
+    Slurm does not make it, and the job fails to launch without it), and shrinking cancels it.
+
+    The Ray half, a worker node joining the producers' head, is not tested here: Ray 2.60 rewrites a
+    loopback head address to the machine's outward address for any joining node, and the tests keep
+    every service on 127.0.0.1. So the worker only tries to reach its head until it is cancelled."""
+    from launch.autoscale import SlurmWorkerActuator, SlurmWorkerConfig
+
+    for key in ("SLURM_CONF", "PATH"):  # sbatch / scancel of this cluster, as a login node has them
+        monkeypatch.setenv(key, cluster.env[key])
+    t0 = time.monotonic()
+    cfg = SlurmWorkerConfig(
+        head_address=f"127.0.0.1:{_free_port()}",
+        job_name="qwenimage-live-encoder",
+        cpus_per_task=1,
+        log_dir=str(tmp_path / "run" / "logs"),  # does not exist yet
+        env={"vars": {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}},
+    )
+    workers = SlurmWorkerActuator(cfg, tmp_path / "run" / "autoscale")
+    assert workers.resize(1, reason="lead time under the band") == 1
+    [job] = workers.job_ids
+    log = tmp_path / "run" / "logs" / f"qwenimage-live-encoder-{job}.out"
+    deadline = time.monotonic() + 60
+    while not (log.exists() and "Local node IP" in log.read_text()):  # `ray start` is up, looking for its head
+        state = cluster.state(job)
+        assert state in ("PENDING", "RUNNING") and time.monotonic() < deadline, (cluster.job(job), cluster.logs())
+        time.sleep(0.5)
+    assert cluster.state(job) == "RUNNING", cluster.job(job)
+    assert workers.resize(0) == 0 and workers.job_ids == []
+    assert cluster.wait_for(job, FINAL, timeout_s=60)["JobState"] == "CANCELLED"
+    TIMINGS["autoscaled Slurm worker: submit, run, cancel"] = time.monotonic() - t0
+    deadline = time.monotonic() + 20
+    while cluster.leftovers() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert [p.name() for p in cluster.leftovers()] == []
