@@ -52,9 +52,10 @@ ACTUATORS = ("pools", "slurm-workers", "ray-autoscaler")
 
 @dataclass(frozen=True)
 class Setting:
-    """One controller setting: a ``--flag`` of the command and a key of ``producer.autoscale``."""
+    """One controller setting: a ``--flag`` of the command and a key of ``producer.autoscale``.
+    `kind` is str, int (whole numbers) or float (any real number)."""
 
-    type: type
+    kind: type
     default: Any
     metavar: str
     help: str
@@ -115,7 +116,7 @@ def add_autoscale_arguments(parser: argparse.ArgumentParser) -> None:
         help="the job spec (docs/launch.md): its cache, run_dir, producer resources and producer.autoscale settings",
     )
     for name, setting in SETTINGS.items():
-        kwargs = {"choices": ACTUATORS} if name == "actuator" else {"type": setting.type, "metavar": setting.metavar}
+        kwargs = {"choices": ACTUATORS} if name == "actuator" else {"type": setting.kind, "metavar": setting.metavar}
         parser.add_argument(Setting.flag(name), default=None, help=setting.help, **kwargs)
     parser.add_argument(
         "--max-observations",
@@ -131,6 +132,16 @@ def add_autoscale_arguments(parser: argparse.ArgumentParser) -> None:
         help="slurm-workers actuator: the producers' Ray head (default $QWENIMAGE_RAY_ADDRESS, else "
         "producer.ray_address, else RUN_DIR/slurm/ray-address, which the producer job writes once its Ray is up)",
     )
+
+
+def _is_kind(value: Any, kind: type) -> bool:
+    """YAML's `value` fits `kind`: a string for str, a whole number for int, any number for float
+    (booleans are neither)."""
+    if isinstance(value, bool):
+        return False
+    if kind is str:
+        return isinstance(value, str)
+    return isinstance(value, int) if kind is int else isinstance(value, (int, float))
 
 
 def check_section(section: Any, where: str = "producer.autoscale") -> dict[str, Any]:
@@ -149,16 +160,9 @@ def check_section(section: Any, where: str = "producer.autoscale") -> dict[str, 
             continue
         if name == "actuator" and value not in ACTUATORS:
             raise ConfigError(f"{where}.actuator={value!r}: expected one of {list(ACTUATORS)}")
-        ok = (
-            isinstance(value, str)
-            if setting.type is str
-            else isinstance(value, int) and not isinstance(value, bool)
-            if setting.type is int
-            else isinstance(value, (int, float)) and not isinstance(value, bool)
-        )
-        if not ok:
-            raise ConfigError(f"{where}.{name}={value!r}: expected {setting.type.__name__} ({setting.help})")
-        out[name] = setting.type(value)
+        if not _is_kind(value, setting.kind):
+            raise ConfigError(f"{where}.{name}={value!r}: expected {setting.kind.__name__} ({setting.help})")
+        out[name] = setting.kind(value)
     return out
 
 
