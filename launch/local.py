@@ -34,6 +34,7 @@ import yaml
 
 from launch.run_config import RunSpec
 from megatron_qwenimage.errors import UserError
+from megatron_qwenimage.processes import terminate
 
 log = logging.getLogger(__name__)
 
@@ -124,22 +125,7 @@ def stop_sides(sides: list[Side], grace_s: float = STOP_GRACE_S) -> None:
     would no longer be found); processes a side spawns in its own new session (Ray's daemons)
     are in the tree too.
     """
-    procs: dict[int, psutil.Process] = {}
-    for side in sides:
-        for p in side.tree():
-            procs[p.pid] = p
-    for p in procs.values():
-        try:
-            p.send_signal(signal.SIGTERM)
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(list(procs.values()), timeout=grace_s)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=10)
+    terminate([p for side in sides for p in side.tree()], grace_s=grace_s)
     for side in sides:
         if side.proc is not None:
             try:

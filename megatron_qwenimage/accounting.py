@@ -923,6 +923,15 @@ def peak_memory_per_gpu(
         num_microbatches=num_microbatches,
         implementation="ours",
     )
+    return peak_of(report, config, fp8=fp8)
+
+
+def peak_of(report: MemoryReport, config: MMDiTConfig, *, fp8: bool = False) -> dict[str, float]:
+    """`peak_memory_per_gpu` from a `memory_per_gpu` report of `config` (``implementation="ours"``):
+    its worst stage plus the backward working set and FP8 weight copies, by part."""
+    lay = report.layout
+    tp, micro_batch = lay["tp"], lay["micro_batch"]
+    image_tokens, text_tokens, sequence_parallel = lay["image_tokens"], lay["text_tokens"], lay["sequence_parallel"]
     working = micro_batch * eager_block_activation_bytes(
         config, image_tokens, text_tokens, tp=tp, sequence_parallel=sequence_parallel, act_bytes=2
     )

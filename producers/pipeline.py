@@ -36,6 +36,7 @@ from megatron_qwenimage.cache.commit import commit_record_names, read_commit, sw
 from megatron_qwenimage.cache.manifest import CACHE_INFO_FILE, init_cache, open_cache
 from megatron_qwenimage.errors import UserError
 from megatron_qwenimage.monitor.file_sd import check_run_label, default_run_label
+from megatron_qwenimage.processes import descendants, terminate
 from producers.config import FaultConfig, ProducerConfig
 from producers.encoders import encoder_version, resolve_encoders_dir
 from producers.metrics import STAGES, Heartbeat, ProducerCounts, ProducerMetrics, StatusFile
@@ -220,41 +221,19 @@ def _ensure_ray(address: str | None, local_num_cpus: float | None, connect_timeo
         # Stopped (SIGTERM, Ctrl-C) or failed half way: ray.shutdown knows the node only once
         # ray.init has finished creating it, so also stop every process the start spawned
         # (listed now, while the raylet's agents are still its children).
-        started = [c for c in _children(me) if c.pid not in before]
+        started = [c for c in descendants(me) if c.pid not in before]
         try:
             if ray.is_initialized():
                 ray.shutdown()
         except Exception:
             log.exception("ray.shutdown after a failed start")
-        _stop(started)
+        terminate(started, grace_s=5.0)
         raise
     finally:
         ray_utils.set_sigterm_handler = set_handler
         if saved is not None:
             signal.signal(signal.SIGTERM, saved)
     return True
-
-
-def _children(proc: psutil.Process) -> list:
-    try:
-        return proc.children(recursive=True)
-    except psutil.Error:
-        return []
-
-
-def _stop(procs: list, grace_s: float = 5.0) -> None:
-    """SIGTERM `procs`, SIGKILL those still alive after `grace_s`."""
-    for p in procs:
-        try:
-            p.terminate()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=grace_s)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
 
 
 class _DropRayThreadWarning(logging.Filter):

@@ -149,18 +149,7 @@ def model_info(
         sequence_parallel=sequence_parallel,
         implementation="ours",
     )
-    peak = accounting.peak_memory_per_gpu(
-        config,
-        tp,
-        pp,
-        dp,
-        micro_batch,
-        image_tokens,
-        text_tokens,
-        recompute=recompute,
-        sequence_parallel=sequence_parallel,
-        zero1=zero1,
-    )
+    peak = accounting.peak_of(mem, config)  # the planner's prediction (qwenimage plan)
     memory_bytes = {k: v for k, v in peak.items() if k not in ("stage", "fp8_weights")}
     return {
         "config": config.name,

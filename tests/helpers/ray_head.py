@@ -21,6 +21,8 @@ from pathlib import Path
 
 import psutil
 
+from megatron_qwenimage.processes import descendants, terminate
+
 #: What every process of a test cluster needs: no token auth, Ray kept on 127.0.0.1, no usage stats.
 RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 
@@ -29,26 +31,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def stop_tree(root: psutil.Process, grace_s: float = 3.0) -> None:
-    """SIGTERM `root` and every descendant, SIGKILL what is left after `grace_s`."""
-    try:
-        procs = [root, *root.children(recursive=True)]
-    except psutil.Error:
-        procs = [root]
-    for p in procs:
-        try:
-            p.terminate()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=grace_s)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(alive, timeout=5)
 
 
 @dataclass(frozen=True)
@@ -100,7 +82,7 @@ def ray_head(num_cpus: int = 4, *, timeout_s: float = 120.0) -> Iterator[RayHead
                 time.sleep(0.5)
         yield RayHead(gcs_address=f"127.0.0.1:{gcs}", dashboard_url=url, temp_dir=temp, log=log_path)
     finally:
-        stop_tree(head)
+        terminate([head, *descendants(head)], grace_s=3.0, reap_s=5.0)
         log.close()
         shutil.rmtree(temp, ignore_errors=True)
         for k, v in old.items():
