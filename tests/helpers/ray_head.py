@@ -28,9 +28,17 @@ RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free ports on 127.0.0.1, held open together while chosen (one at a time, the
+    kernel may hand the same port out twice, and Ray refuses two components on one port)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
 
 
 @dataclass(frozen=True)
@@ -51,11 +59,9 @@ def ray_head(num_cpus: int = 4, *, timeout_s: float = 120.0) -> Iterator[RayHead
     old = {k: os.environ.get(k) for k in RAY_ENV}
     os.environ.update(RAY_ENV)
     temp = tempfile.mkdtemp(prefix="qi-ray-", dir="/tmp")  # short: Ray's socket paths must fit
-    gcs, dashboard = free_port(), free_port()
-    argv = ["ray", "start", "--head", "--block", "--disable-usage-stats", "--num-cpus", str(num_cpus)]
-    argv += ["--temp-dir", temp, "--port", str(gcs), "--node-ip-address", "127.0.0.1"]
-    argv += ["--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard)]
-    for flag in (
+    flags = (
+        "--port",
+        "--dashboard-port",
         "--ray-client-server-port",
         "--dashboard-agent-listen-port",
         "--dashboard-agent-grpc-port",
@@ -63,8 +69,13 @@ def ray_head(num_cpus: int = 4, *, timeout_s: float = 120.0) -> Iterator[RayHead
         "--metrics-export-port",
         "--node-manager-port",
         "--object-manager-port",
-    ):
-        argv += [flag, str(free_port())]
+    )
+    ports = dict(zip(flags, free_ports(len(flags)), strict=True))
+    gcs, dashboard = ports["--port"], ports["--dashboard-port"]
+    argv = ["ray", "start", "--head", "--block", "--disable-usage-stats", "--num-cpus", str(num_cpus)]
+    argv += ["--temp-dir", temp, "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1"]
+    for flag, port in ports.items():
+        argv += [flag, str(port)]
     log_path = Path(temp) / "ray-start.log"
     log = open(log_path, "w")  # closed in the finally
     proc = subprocess.Popen(argv, env={**os.environ, **RAY_ENV}, stdout=log, stderr=subprocess.STDOUT)
