@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from consumers.batch import Batch, count_image_tokens, loss_sum_over_global, make_inputs
+from consumers.graphs import CudaGraphConfig, all_ranks_agree, build_block_graphs, check_cuda_graph_layout
 from consumers.optimizer import DistributedOptimizer, OptimizerConfig
 from consumers.parallel import ParallelState
 from consumers.pipeline import (
@@ -89,9 +90,12 @@ class TrainEngine:
         model_config: architecture (TP size / SP are taken from ``pstate.layout``).
         pstate: this rank's `ParallelState`.
         optimizer: `OptimizerConfig`. precision: `PrecisionConfig`. recompute: `RecomputeConfig`.
+        cuda_graphs: `CudaGraphConfig` (per-block CUDA graphs of training passes).
         sigma_sampler: σ distribution for training. seed: seed of σ/noise draws.
         global_batch_size: samples per optimizer step over all DP ranks.
         init_seed: model initialisation seed (TP-invariant).
+        make_graphed_callables: the graph capture function (None: Transformer Engine's; tests
+            pass a stand-in with its contract to run the plumbing on CPU).
     """
 
     def __init__(
@@ -102,16 +106,19 @@ class TrainEngine:
         optimizer: OptimizerConfig,
         precision: PrecisionConfig = PrecisionConfig(),
         recompute: RecomputeConfig = RecomputeConfig(),
+        cuda_graphs: CudaGraphConfig = CudaGraphConfig(),
         sigma_sampler: SigmaSampler | None = None,
         seed: int = 0,
         global_batch_size: int,
         init_seed: int = 0,
+        make_graphed_callables=None,
     ):
         self.pstate = pstate
         self.model_config = pstate.layout.model_config(model_config)
         self.seed = seed
         self.global_batch_size = global_batch_size
         self.sigma_sampler = sigma_sampler or UniformSigmaSampler()
+        check_cuda_graph_layout(cuda_graphs, tp=pstate.layout.tp, pp=pstate.layout.pp, recompute_mode=recompute.mode)
         self.precision = Precision(precision, self.model_config, pstate.device, amax_group=amax_reduction_group())
         self.chunks = build_model_chunks(model_config, pstate, init_seed=init_seed)
         for chunk in self.chunks:
@@ -122,6 +129,18 @@ class TrainEngine:
             named_trainable(self.chunks), optimizer, dp_group=pstate.dp_group, tp_rank=pstate.tp_rank
         )
         self.runner = PipelineRunner(self.stages, pstate, global_batch_size) if pstate.layout.pp > 1 else None
+        #: Per-block CUDA graphs of training passes (None: eager), and the ranks' capture agreement.
+        self.graphs = build_block_graphs(
+            cuda_graphs,
+            self.chunks[0],
+            fp8_recipe=self.precision.recipe,
+            amax_group=self.precision.amax_group,
+            make_graphed_callables=make_graphed_callables,
+        )
+        self._agree_capture = None
+        if self.graphs is not None and dist.is_initialized() and dist.get_world_size() > 1:
+            # All ranks capture at the same steps; the vote runs on the host (gloo), never on the GPU queue.
+            self._agree_capture = all_ranks_agree(dist.new_group(backend="gloo"))
         self.max_skipped_steps = optimizer.max_skipped_steps
         #: Steps skipped for a non-finite loss or grad norm: in total and in a row (`train_step`).
         self.skipped_steps = 0
@@ -165,11 +184,16 @@ class TrainEngine:
         gbs = global_batch_size or self.global_batch_size
         for chunk in self.chunks:
             chunk.train()
+        self.capture_graphs()  # before the gradients are zeroed: a capture runs backward passes
         begin_weight_update_window(self.chunks)  # FP8 weights are re-cast from this step's weights
         inputs = self._inputs(step, microbatches, self.sigma_sampler)
         self.optimizer.zero_grad()
         if self.runner is None:
-            local = run_local_microbatches(self.stages[0], inputs, gbs)
+            if self.graphs is not None:
+                with self.graphs.dispatching():
+                    local = run_local_microbatches(self.stages[0], inputs, gbs)
+            else:
+                local = run_local_microbatches(self.stages[0], inputs, gbs)
         else:
             local = broadcast_loss_from_last_stage(self.runner.run(inputs, gbs), self.pstate)
         loss = float(self.dp_sum(local.float()))
@@ -203,6 +227,18 @@ class TrainEngine:
             skipped_steps=self.skipped_steps,
             consecutive_skipped=self.consecutive_skipped,
         )
+
+    def capture_graphs(self):
+        """Capture the per-block CUDA graphs of the layout a training pass recorded, when every
+        rank has one pending (`BlockGraphCache.capture_pending`); returns the `CapturedLayout`
+        or None. Runs between steps, before the gradients are zeroed (a capture's warm-up runs
+        backward passes), with the optimizer's grad hooks paused: the capture must find each
+        gradient in ``param.grad``, and a hook run while capturing would be recorded into the
+        graph and add every replayed gradient to the buffer twice."""
+        if self.graphs is None:
+            return None
+        with self.optimizer.grad_hooks_paused():
+            return self.graphs.capture_pending(self._agree_capture)
 
     @torch.no_grad()
     def eval_local_loss(self, step_key: int, microbatches: Sequence[Batch], sigma: float, num_samples: int) -> float:

@@ -52,6 +52,7 @@ whose grad norm is not finite: see `DistributedOptimizer.step`):
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -268,6 +269,7 @@ class DistributedOptimizer:
         self.dp_rank = dist.get_rank(dp_group) if dp_group is not None else 0
         self.tp_rank = tp_rank
         self.norm_group = norm_group
+        self._hooks_paused = False
         self.shards: list[ParamShard] = []
         for name, p, tp_dim in named_params:
             if p.ndim == 0:
@@ -380,10 +382,24 @@ class DistributedOptimizer:
 
     def _accumulate_hook(self, s: ParamShard):
         def hook(p: torch.Tensor) -> None:
+            if self._hooks_paused:
+                return
             self._accumulate(s, p.grad)
             p.grad = None
 
         return hook
+
+    @contextlib.contextmanager
+    def grad_hooks_paused(self):
+        """Within: autograd leaves gradients in ``param.grad`` instead of moving them into the
+        flat buffer. A CUDA-graph capture needs this: it reads ``param.grad`` after its backward
+        to learn what its graphed backward returns, and a hook run during capture would be
+        recorded into the graph and add every replayed gradient into the buffer a second time."""
+        self._hooks_paused = True
+        try:
+            yield
+        finally:
+            self._hooks_paused = False
 
     def main_grad(self, name: str) -> torch.Tensor:
         """fp32 accumulated gradient of `name` in its shape: a live view of the flat buffer when

@@ -189,6 +189,11 @@ class Precision:
             else:
                 self._recipe = te_recipe.Float8CurrentScaling(fp8_format=te_recipe.Format.HYBRID)
 
+    @property
+    def recipe(self):
+        """The Transformer Engine FP8 recipe of the forward (None without FP8)."""
+        return self._recipe
+
     def forward_context(self):
         stack = contextlib.ExitStack()
         if self.config.autocast == "bf16":

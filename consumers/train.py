@@ -8,6 +8,7 @@ Run under torchrun (``torchrun --nproc-per-node N -m consumers.train --config ru
     optimizer: {lr: 1.0e-4, warmup_steps: 1000, decay_steps: 100000, clip_grad: 1.0, ema_decay: 0.9999}
     precision: {autocast: bf16, fp8: null}
     recompute: {mode: none}
+    cuda_graphs: {scope: none}       # blocks: per-block CUDA graphs (GPU, TP 1, PP 1)
     flow_matching: {kind: logit_normal, mean: 0.0, std: 1.0}
     data: {...}                      # megatron_qwenimage.data.reader_config.ReaderConfig
     schedule: {train_steps: 1000, seed: 0, eval_interval: 100, eval_sigmas: [0.25, 0.5, 0.75]}
@@ -35,6 +36,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from consumers.graphs import CudaGraphConfig, check_cuda_graph_layout
 from consumers.parallel import ParallelConfig
 from consumers.validate import validate as validate  # re-exported: ``consumers.train.validate``
 from megatron_qwenimage.config import ConfigError, MMDiTConfig, coerce_fields, load_config, read_yaml
@@ -254,6 +256,9 @@ class RunConfig:
     recompute: RecomputeConfig
     """Activation recomputation."""
 
+    cuda_graphs: CudaGraphConfig
+    """Per-block CUDA graphs of training passes (`consumers.graphs`)."""
+
     flow_matching: FlowMatchingConfig
     """The σ sampler of training."""
 
@@ -278,6 +283,7 @@ class RunConfig:
         "optimizer",
         "precision",
         "recompute",
+        "cuda_graphs",
         "flow_matching",
         "data",
         "schedule",
@@ -322,12 +328,16 @@ class RunConfig:
         except (TypeError, ValueError, AttributeError) as exc:  # a type the data section's checks did not expect
             raise ConfigError(f"data: {exc}") from None
         ckpt = d.get("checkpoint")
+        recompute = _section(RecomputeConfig, d.get("recompute"), "recompute")
+        cuda_graphs = _section(CudaGraphConfig, d.get("cuda_graphs"), "cuda_graphs")
+        check_cuda_graph_layout(cuda_graphs, tp=parallel.tp, pp=parallel.pp, recompute_mode=recompute.mode)
         return cls(
             model=_model_config(d["model"]),
             parallel=parallel,
             optimizer=_section(OptimizerConfig, d.get("optimizer"), "optimizer"),
             precision=_section(PrecisionConfig, d.get("precision"), "precision"),
-            recompute=_section(RecomputeConfig, d.get("recompute"), "recompute"),
+            recompute=recompute,
+            cuda_graphs=cuda_graphs,
             flow_matching=fm,
             data=data,
             schedule=_section(ScheduleConfig, d["schedule"], "schedule"),

@@ -114,6 +114,7 @@ class Trainer:
                 optimizer=cfg.optimizer,
                 precision=cfg.precision,
                 recompute=cfg.recompute,
+                cuda_graphs=cfg.cuda_graphs,
                 sigma_sampler=cfg.flow_matching.build_sampler(),
                 seed=cfg.schedule.seed,
                 global_batch_size=cfg.data.stages[0].global_batch,

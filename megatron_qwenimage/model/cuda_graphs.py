@@ -236,42 +236,37 @@ class GraphedBlocks:
         self.graphed = graphed
 
     def restore(self) -> None:
-        """Reinstall the eager blocks and release the graphs (``reset()`` where the graphed
-        callables have one, as TE's do)."""
+        """Reinstall the eager blocks and release the graphs (`release_graphs`)."""
         for key, block in self.originals.items():
             self.model.blocks[key] = block
-        for g in self.graphed.values():
-            reset = getattr(g.graphed, "reset", None)
-            if callable(reset):
-                reset()
-            # The captured forward is an instance attribute; drop it so the module is eager again.
-            g.graphed.__dict__.pop("forward", None)
+        release_graphs(self.graphed)
         self.graphed = {}
         self.originals = {}
 
 
-def graph_blocks(
+def capture_blocks(
     model: torch.nn.Module, calls: list[tuple[str, tuple]], make_graphed_callables: Callable, **graph_kwargs: Any
-) -> GraphedBlocks:
-    """Capture each block of `model` on its recorded call and install the graphs.
+) -> dict[str, GraphedBlock]:
+    """Capture each block of `model` on its recorded call; returns the `GraphedBlock`s by key,
+    not installed (`graph_blocks` installs them; `BlockGraphCache` swaps them in per pass).
 
     Args:
         model: a `QwenImageMMDiT` (or stage) in training mode, blocks eager.
-        calls: `record_block_calls`'s list (the capture order is its order).
+        calls: `record_block_calls`'s list (the capture order is its order); the stream tensors
+            may sit on another device than the model (they are copied to the RoPE tables' device).
         make_graphed_callables: ``(modules, sample_args, **graph_kwargs) -> modules``, e.g.
             ``transformer_engine.pytorch.make_graphed_callables``.
         graph_kwargs: passed on (warm-up iterations, FP8 recipe, ...).
-    Returns:
-        `GraphedBlocks` (``model.blocks[key]`` are now `GraphedBlock`s). When the capture
-        raises, the model's blocks are left as they were.
+    Raises whatever the capture raises; `TensorBlock`'s class is left as it was either way.
     """
     check_graphable(model)
     tensor_blocks, sample_args, signatures = [], [], []
     for key, (img, txt, temb, rope, keys) in calls:
+        device = rope[0].device
         # The sample tensors become the graph's static input buffers, which every replay
         # overwrites with its inputs: each gets storage of its own (the RoPE tables passed are
         # the model's cached ones, which must never be written). Activations need a gradient.
-        leaves = [t.detach().clone().requires_grad_(True) for t in (img, txt, temb)]
+        leaves = [t.detach().to(device, copy=True).requires_grad_(True) for t in (img, txt, temb)]
         own = lambda t: None if t is None else t.detach().clone()  # noqa: E731
         own_keys = JointKeys(keys.image_tokens, own(keys.key_mask), own(keys.kv_lengths))
         flat, signature = flatten_block_call(*leaves, (own(rope[0]), own(rope[1])), own_keys)
@@ -291,10 +286,31 @@ def graph_blocks(
     if len(graphed) != len(tensor_blocks):
         raise RuntimeError(f"make_graphed_callables returned {len(graphed)} callables for {len(tensor_blocks)}")
     order = CallOrder(len(calls))
-    originals, installed = {}, {}
-    for position, ((key, _), module, signature) in enumerate(zip(calls, graphed, signatures)):
-        originals[key] = model.blocks[key]
-        installed[key] = GraphedBlock(module, signature, position, order)
+    return {
+        key: GraphedBlock(module, signature, position, order)
+        for position, ((key, _), module, signature) in enumerate(zip(calls, graphed, signatures))
+    }
+
+
+def release_graphs(graphed: dict[str, GraphedBlock]) -> None:
+    """Free captured graphs (``reset()`` where the graphed callables have one, as TE's do) and
+    make their `TensorBlock`s eager again."""
+    for g in graphed.values():
+        reset = getattr(g.graphed, "reset", None)
+        if callable(reset):
+            reset()
+        # The captured forward is an instance attribute; drop it so the module is eager again.
+        g.graphed.__dict__.pop("forward", None)
+
+
+def graph_blocks(
+    model: torch.nn.Module, calls: list[tuple[str, tuple]], make_graphed_callables: Callable, **graph_kwargs: Any
+) -> GraphedBlocks:
+    """Capture each block of `model` on its recorded call and install the graphs
+    (`capture_blocks`, then ``model.blocks[key]`` are the `GraphedBlock`s until
+    `GraphedBlocks.restore`). When the capture raises, the model's blocks are left as they were."""
+    installed = capture_blocks(model, calls, make_graphed_callables, **graph_kwargs)
+    originals = {key: model.blocks[key] for key in installed}
     for key, g in installed.items():
         model.blocks[key] = g
     return GraphedBlocks(model, originals, installed)
@@ -319,14 +335,22 @@ def disable_fp8_weight_cache(model: torch.nn.Module) -> int:
 
 
 def te_graph_kwargs(
-    make_graphed_callables: Callable, *, fp8: bool, recipe: Any = None, num_warmup_iters: int = 3
+    make_graphed_callables: Callable,
+    *,
+    fp8: bool,
+    recipe: Any = None,
+    amax_group: Any = None,
+    num_warmup_iters: int = 3,
 ) -> dict:
     """Keyword arguments of TE's ``make_graphed_callables`` for a capture with FP8 on or off.
 
-    TE 2.1x names them ``enabled`` / ``recipe`` / ``cache_quantized_params`` and keeps the older
-    ``fp8_enabled`` / ``fp8_recipe`` / ``fp8_weight_caching`` as deprecated aliases; whichever
-    names the installed function takes are used. FP8 weight caching stays off: with one
-    micro-batch per optimizer step every forward needs freshly quantized weights.
+    TE 2.1x names them ``enabled`` / ``recipe`` / ``amax_reduction_group`` /
+    ``cache_quantized_params`` and keeps the older ``fp8_enabled`` / ``fp8_recipe`` /
+    ``fp8_group`` / ``fp8_weight_caching`` as deprecated aliases; whichever names the installed
+    function takes are used. `amax_group`: the group FP8 amax statistics are reduced over (the
+    ``fp8_group`` of the training step's ``fp8_autocast``; None: no reduction). FP8 weight caching
+    stays off: every graphed forward quantizes the weights it reads, so each step runs on the
+    weights its optimizer step produced.
     """
     params = inspect.signature(make_graphed_callables).parameters
     kwargs: dict[str, Any] = {"num_warmup_iters": num_warmup_iters}
@@ -336,10 +360,18 @@ def te_graph_kwargs(
         kwargs.update(enabled=fp8, recipe=recipe if fp8 else None)
         if "cache_quantized_params" in params:
             kwargs["cache_quantized_params"] = False
+        group_name = "amax_reduction_group" if "amax_reduction_group" in params else "fp8_group"
     elif "fp8_enabled" in params:
         kwargs.update(fp8_enabled=fp8, fp8_recipe=recipe if fp8 else None)
         if "fp8_weight_caching" in params:
             kwargs["fp8_weight_caching"] = False
+        group_name = "fp8_group"
     elif fp8:
         raise TypeError("this make_graphed_callables takes no FP8 arguments")
+    else:
+        group_name = None
+    if fp8 and amax_group is not None:
+        if group_name not in params:
+            raise TypeError("this make_graphed_callables takes no FP8 amax reduction group")
+        kwargs[group_name] = amax_group
     return kwargs

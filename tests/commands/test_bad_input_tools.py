@@ -90,6 +90,7 @@ def test_model_info_refuses_exactly_what_training_refuses(capsys, tp, pp, dp):
         optimizer=None,
         precision=None,
         recompute=None,
+        cuda_graphs=None,
         flow_matching={},
         data=None,
         schedule=None,

@@ -123,6 +123,19 @@ CONFIG_CASES = [
         ["checkpoint.dir", "checkpoint-is-a-file", "existing file"],
     ),
     ("logging-dir-is-file", _regular_file("logging", "dir"), 2, ["logging.dir", "logging-is-a-file", "existing file"]),
+    ("cuda-graphs-scope", _set("cuda_graphs", "scope", "all"), 2, ["cuda_graphs.scope='all'", "'blocks'"]),
+    (
+        "cuda-graphs-recompute",
+        lambda c, t: c.update(cuda_graphs={"scope": "blocks"}, recompute={"mode": "full"}),
+        2,
+        ["cuda_graphs.scope='blocks' refused", "recompute.mode='full'", "set recompute.mode: none"],
+    ),
+    (
+        "cuda-graphs-without-cuda",
+        _set("cuda_graphs", "scope", "blocks"),
+        2,
+        ["cuda_graphs.scope='blocks' refused", "no CUDA device"],
+    ),
 ]
 
 
