@@ -7,13 +7,20 @@ on it twice with the same seeds, once per precision, and reads both runs' ``metr
 * the loss curves (interval means) and their largest relative difference (target: FP8 within
   2 % of bf16);
 * the loop's model TFLOP/s and data-wait share per interval after the first (target: within 10 %
-  of `benchmarks/gpu/run.py`'s ``ours_te_fp8_delayed_dist_opt`` step, data wait under 2 %).
+  of `benchmarks/gpu/run.py`'s ``ours_te_fp8_delayed_dist_opt`` step, data wait under 2 %);
+* the run's peak device memory (the training log's ``memory_bytes``) against the planner's
+  prediction for the same layout (`megatron_qwenimage.accounting.peak_memory_per_gpu`; target:
+  within 15 %).
+
+A run is ``bf16`` or ``fp8`` with options after colons: ``nofused`` (``fused_elementwise`` off) and
+``graphs`` (``cuda_graphs.scope: blocks``, per-block CUDA graphs in the loop, with the text padded
+to its full length so that the one bucket is one layout), e.g. ``fp8:nofused:graphs``.
 
 One JSON line per run and one summary line go to ``--out``::
 
     python3 benchmarks/gpu/train_loop.py --work /tmp/loop --out $OUT/train_loop.jsonl
 
-``--tiny`` runs the same path on CPU at toy sizes (bf16 only; FP8 is recorded as skipped).
+``--tiny`` runs the same path on CPU at toy sizes (bf16 only; FP8 and graphs are recorded as skipped).
 """
 
 from __future__ import annotations
@@ -84,16 +91,31 @@ def write_cache(
     return str(path)
 
 
+#: Options a run of ``--runs`` may carry after its precision.
+RUN_OPTIONS = ("nofused", "graphs")
+
+
+def parse_run(run: str) -> tuple[str, frozenset[str]]:
+    """``"fp8:nofused:graphs"`` -> ``("fp8", {"nofused", "graphs"})``; ValueError naming the run."""
+    precision, *options = run.split(":")
+    if precision not in ("bf16", "fp8") or any(o not in RUN_OPTIONS for o in options):
+        raise ValueError(
+            f"--runs: {run!r} is not bf16 or fp8, optionally with {', '.join(':' + o for o in RUN_OPTIONS)}"
+        )
+    return precision, frozenset(options)
+
+
 def run_config(args, cache: str, run: str, run_dir: Path) -> dict:
-    """The run YAML of one `run` of ``--runs``: ``bf16`` or ``fp8``, optionally ``:nofused``."""
-    precision, _, variant = run.partition(":")
+    """The run YAML of one `run` of ``--runs`` (`parse_run`)."""
+    precision, options = parse_run(run)
     model = {
         "name": args.config,
         "num_layers": args.layers,
         "params_dtype": "bfloat16" if not args.tiny else "float32",
         "backend": "transformer_engine" if precision == "fp8" or args.backend == "transformer_engine" else "local",
-        "fused_elementwise": bool(args.fused) and variant != "nofused",
+        "fused_elementwise": bool(args.fused) and "nofused" not in options,
     }
+    graphs = "graphs" in options
     return {
         "model": model,
         "parallel": {"tp": 1, "pp": 1},
@@ -101,6 +123,7 @@ def run_config(args, cache: str, run: str, run_dir: Path) -> dict:
         # Every block of the 4-block slice in FP8 (the default keeps the first and last in bf16).
         "precision": {"autocast": "none", "fp8": "delayed" if precision == "fp8" else None, "fp8_exclude": []},
         "recompute": {"mode": "none"},
+        "cuda_graphs": {"scope": "blocks" if graphs else "none"},
         "flow_matching": {"kind": "logit_normal", "mean": 0.0, "std": 1.0},
         "data": {
             "seed": 0,
@@ -116,9 +139,33 @@ def run_config(args, cache: str, run: str, run_dir: Path) -> dict:
                 }
             ],
         },
-        "schedule": {"train_steps": args.steps, "seed": 0},
+        # With graphs every step's text is padded to the full length: one layout to capture.
+        "schedule": {
+            "train_steps": args.steps,
+            "seed": 0,
+            **({"text_pad_multiple": args.text_tokens} if graphs else {}),
+        },
         "logging": {"dir": str(run_dir), "interval": args.log_interval, "tensorboard": False},
     }
+
+
+def predicted_peak_bytes(args, precision: str) -> float:
+    """`accounting.peak_memory_per_gpu` of the loop's layout: one GPU, micro-batch `args.batch`
+    at ``args.res``² (``(res / 16)²`` image tokens: VAE /8, patch 2) with ``args.text_tokens``."""
+    from megatron_qwenimage.accounting import peak_memory_per_gpu
+    from megatron_qwenimage.config import load_config
+
+    config = load_config(args.config, num_layers=args.layers)
+    return peak_memory_per_gpu(
+        config,
+        1,
+        1,
+        1,
+        args.batch,
+        (args.res // 16) ** 2,
+        args.text_tokens,
+        fp8=precision == "fp8",
+    )["total"]
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -179,6 +226,12 @@ def train_once(args, cache: str, precision: str) -> dict:
     for k in ("step_time_s", "step_time", "ms_per_step"):
         if k in keys:
             out[f"{k}_steady"] = sum(r[k] for r in steady) / len(steady)
+    out["predicted_peak_gib"] = predicted_peak_bytes(args, parse_run(precision)[0]) / 2**30
+    if "memory_bytes" in keys:
+        # CUDA: torch.cuda.max_memory_allocated; on CPU the process's peak RSS (not comparable).
+        out["peak_gib"] = max(r["memory_bytes"] for r in records) / 2**30
+        if torch.cuda.is_available():
+            out["peak_vs_predicted"] = out["peak_gib"] / out["predicted_peak_gib"]
     return out
 
 
@@ -207,10 +260,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--runs",
-        default="bf16,fp8",
+        default="bf16,fp8,fp8:graphs",
         metavar="RUN,...",
-        help="runs in order: bf16 | fp8, each optionally ':nofused' (fused_elementwise off); the "
-        "summary compares the first bf16 and the first fp8 run (default: %(default)s)",
+        help="runs in order: bf16 | fp8, each optionally with ':nofused' (fused_elementwise off) and "
+        "':graphs' (per-block CUDA graphs in the loop); the summary compares the first bf16 and the first "
+        "fp8 run (default: %(default)s)",
     )
     args = p.parse_args(argv)
     args.config = "tiny-16ch" if args.tiny else "qwen-image-20b"
@@ -243,11 +297,13 @@ def main(argv: list[str] | None = None) -> int:
         args.out,
         {"what": "train_loop_cache", "samples": args.samples, "res": args.res, "write_s": time.monotonic() - t0},
     )
+    try:
+        parsed = {run: parse_run(run) for run in args.runs.split(",")}
+    except ValueError as exc:
+        p.error(str(exc))
     runs = {}
-    for run in args.runs.split(","):
-        if run.partition(":")[0] not in ("bf16", "fp8") or run.partition(":")[2] not in ("", "nofused"):
-            p.error(f"--runs: {run!r} is not bf16 or fp8, optionally with ':nofused'")
-        if run.startswith("fp8") and not torch.cuda.is_available():
+    for run, (precision, options) in parsed.items():
+        if (precision == "fp8" or "graphs" in options) and not torch.cuda.is_available():
             emit(
                 args.out,
                 {"what": "train_loop", "precision": run, "skipped": "needs a CUDA GPU with Transformer Engine"},
@@ -258,12 +314,18 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"what": "train_loop_summary"}
     a = next((r for k, r in runs.items() if k.startswith("bf16")), {})
     b = next((r for k, r in runs.items() if k.startswith("fp8")), {})
+    for name, r in runs.items():  # graphs against the same run without them
+        precision, options = parsed[name]
+        if "graphs" in options:
+            twin = next((n for n, (pr, op) in parsed.items() if pr == precision and op == options - {"graphs"}), None)
+            if twin in runs and runs[twin].get("tflops_steady") and r.get("tflops_steady"):
+                summary[f"{name}_vs_{twin}_tflops"] = r["tflops_steady"] / runs[twin]["tflops_steady"]
     if a.get("loss_by_interval") and b.get("loss_by_interval"):
         rel = [abs(x - y) / abs(x) for x, y in zip(a["loss_by_interval"], b["loss_by_interval"])]
         summary["fp8_vs_bf16_loss_max_rel"] = max(rel)
         summary["fp8_vs_bf16_loss_final_rel"] = rel[-1]
     for name, r in runs.items():
-        for k in ("tflops_steady", "data_wait_steady"):
+        for k in ("tflops_steady", "data_wait_steady", "peak_vs_predicted"):
             if k in r:
                 summary[f"{name}_{k}"] = r[k]
     emit(args.out, summary)

@@ -7,6 +7,7 @@ is asserted.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -136,16 +137,18 @@ def test_gpu_run_rejects_unknown_parts_and_buckets():
     assert proc.returncode != 0 and "--buckets '700'" in proc.stderr
 
 
-def _run_module():
-    """benchmarks/gpu/run.py imported (its dataclasses need it registered in sys.modules)."""
-    import importlib.util
-
-    if "gpu_bench_run" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("gpu_bench_run", ROOT / "benchmarks" / "gpu" / "run.py")
+def _script_module(name: str, script: str):
+    """benchmarks/gpu/`script` imported as `name` (its dataclasses need it registered in sys.modules)."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "gpu" / script)
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module
         spec.loader.exec_module(module)
-    return sys.modules["gpu_bench_run"]
+    return sys.modules[name]
+
+
+def _run_module():
+    return _script_module("gpu_bench_run", "run.py")
 
 
 def test_gpu_run_flags_parse():
@@ -218,4 +221,29 @@ def test_gpu_train_loop_runs_qwenimage_train_on_cpu(tmp_path):
     assert bf16["rc"] == 0 and len(bf16["loss_by_interval"]) == 2
     assert all(math.isfinite(x) for x in bf16["loss_by_interval"])
     assert bf16["tflops_steady"] > 0 and 0 <= bf16["data_wait_steady"] < 1
+    # the memory check: the planner's prediction and the log's peak (on CPU an RSS: no ratio)
+    assert bf16["predicted_peak_gib"] > 0 and bf16["peak_gib"] > 0 and "peak_vs_predicted" not in bf16
     assert "CUDA" in records[("train_loop", "fp8")]["skipped"]
+    assert "CUDA" in records[("train_loop", "fp8:graphs")]["skipped"]  # the default runs
+
+
+def test_gpu_train_loop_run_options(tmp_path):
+    loop = _script_module("gpu_train_loop", "train_loop.py")
+    assert loop.parse_run("fp8:nofused:graphs") == ("fp8", frozenset({"nofused", "graphs"}))
+    for bad in ("fp16", "bf16:graph", "fp8:graphs:x"):
+        with pytest.raises(ValueError, match=repr(bad)):
+            loop.parse_run(bad)
+    args = loop.main.__globals__["argparse"].Namespace(
+        config="tiny-16ch", layers=2, tiny=True, backend="local", fused=False, steps=3, text_tokens=16,
+        res=64, batch=2, log_interval=1,
+    )  # fmt: skip
+    plain = loop.run_config(args, "cache", "bf16", tmp_path)
+    graphed = loop.run_config(args, "cache", "bf16:graphs", tmp_path)
+    assert plain["cuda_graphs"] == {"scope": "none"} and "text_pad_multiple" not in plain["schedule"]
+    assert graphed["cuda_graphs"] == {"scope": "blocks"} and graphed["schedule"]["text_pad_multiple"] == 16
+    from consumers.train import RunConfig
+
+    data = dict(graphed, data=dict(graphed["data"], caches=[{"path": str(tmp_path), "mode": "fixed"}]))
+    assert RunConfig.from_dict(data).cuda_graphs.enabled  # the YAML is a valid run config
+    proc = _run("train_loop.py", "--tiny", "--runs", "bf16:graph", "--work", str(tmp_path / "w"))
+    assert proc.returncode == 2 and "'bf16:graph' is not bf16 or fp8" in proc.stderr
