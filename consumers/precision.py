@@ -57,11 +57,18 @@ class PrecisionConfig:
             are the blocks' ``*_qkv`` / ``txt_kv`` column linears, ``*_out`` row linears,
             ``*_mlp.fc1`` / ``fc2`` and the core attention (whose FP8 path TE's recipes leave off).
             A pattern that matches no module of the full model is a `ConfigError`.
+        fp8_attention: run the core attention in FP8 too (Transformer Engine's ``fp8_dpa``:
+            q, k, v cast to FP8, the fused cuDNN FP8 attention forward and backward, the output
+            cast back; needs `fp8`). Off by default: TE marks it beta, and only its fused
+            attention backend has it, which takes the no-mask and right-padded (``padding``)
+            key layouts this model uses for text padded at its end, not an ``arbitrary`` mask
+            (text padded elsewhere). Excluded modules (`fp8_exclude`) keep bf16 attention.
     """
 
     autocast: str = "none"
     fp8: str | None = None
     fp8_exclude: str | tuple[str, ...] = DEFAULT_FP8_EXCLUDE
+    fp8_attention: bool = False
 
     def __post_init__(self) -> None:
         exclude = self.fp8_exclude
@@ -83,6 +90,13 @@ class PrecisionConfig:
             raise ConfigError(f"precision.autocast={self.autocast!r}: expected 'none' or 'bf16'")
         if self.fp8 is not None and self.fp8 not in FP8_RECIPES:
             raise ConfigError(f"precision.fp8={self.fp8!r}: expected null or one of {FP8_RECIPES}")
+        if not isinstance(self.fp8_attention, bool):
+            raise ConfigError(f"precision.fp8_attention={self.fp8_attention!r}: expected true or false")
+        if self.fp8_attention and self.fp8 is None:
+            raise ConfigError(
+                "precision.fp8_attention=true needs FP8 GEMMs: set precision.fp8 to one of "
+                f"{FP8_RECIPES} (FP8 attention runs inside the FP8 recipe)"
+            )
 
 
 def resolve_fp8_exclude(config: PrecisionConfig, model_config: MMDiTConfig) -> tuple[str, ...]:
@@ -155,6 +169,14 @@ def check_fp8_available(config: PrecisionConfig, model_config: MMDiTConfig) -> N
         raise FP8Unavailable(f"precision.fp8={config.fp8!r} refused: " + "; ".join(missing))
 
 
+def fp8_recipe(te_recipe, config: PrecisionConfig):
+    """The Transformer Engine recipe of `config` (``transformer_engine.common.recipe`` passed in):
+    HYBRID format (E4M3 forward, E5M2 gradients), delayed or current scaling, ``fp8_dpa`` from
+    ``config.fp8_attention``."""
+    cls = te_recipe.DelayedScaling if config.fp8 == "delayed" else te_recipe.Float8CurrentScaling
+    return cls(fp8_format=te_recipe.Format.HYBRID, fp8_dpa=config.fp8_attention)
+
+
 class Precision:
     """Contexts for the forward pass: bf16 autocast and/or TE ``fp8_autocast``.
 
@@ -184,10 +206,7 @@ class Precision:
         if config.fp8 is not None:
             from transformer_engine.common import recipe as te_recipe
 
-            if config.fp8 == "delayed":
-                self._recipe = te_recipe.DelayedScaling(fp8_format=te_recipe.Format.HYBRID)
-            else:
-                self._recipe = te_recipe.Float8CurrentScaling(fp8_format=te_recipe.Format.HYBRID)
+            self._recipe = fp8_recipe(te_recipe, config)
 
     @property
     def recipe(self):

@@ -10,7 +10,8 @@ the tail, never the head):
    text (half the samples with 64 of their 256 text tokens padded), ours TE FP8 with its FP8
    weights re-quantized every step (``_nocache``: megatron-core's TE linears otherwise reuse the
    FP8 copy of each weight made by their first forward, see
-   `megatron_qwenimage.model.cuda_graphs.disable_fp8_weight_cache`), the same with the blocks'
+   `megatron_qwenimage.model.cuda_graphs.disable_fp8_weight_cache`), that one with FP8 attention
+   too (``_dpa``: ``precision.fp8_attention``, TE's ``fp8_dpa``), the same with the blocks'
    elementwise chains compiled (``_fused``), diffusers + torch.compile, diffusers + torchao
    float8 + compile, ours local bf16. Every side of every ratio uses the same optimizer:
    ``torch.optim.AdamW(fused=True)`` on the bf16 parameters;
@@ -37,7 +38,7 @@ the same run. A failing variant writes ``error`` and the run goes on; when a fai
 unusable, what follows is recorded as skipped with that reason.
 
 ``--skip PART,...`` leaves out parts of the run a previous run already measured (``--skip help``
-lists them): ``te_bf16``, ``te_fp8``, ``te_fp8_nocache``, ``te_bf16_fused``, ``te_fp8_fused``,
+lists them): ``te_bf16``, ``te_fp8``, ``te_fp8_nocache``, ``te_fp8_dpa``, ``te_bf16_fused``, ``te_fp8_fused``,
 ``te_bf16_graphs``, ``te_fp8_graphs``, ``padded``, ``local``, ``dist_opt``, ``profile``,
 ``buckets``. The anchors (diffusers eager, + compile, + torchao FP8 + compile) are not parts:
 every ratio the summary reports has its anchor measured in the same run (only
@@ -197,6 +198,7 @@ PARTS = {
     "te_bf16": "ours TE bf16, eager (main shape)",
     "te_fp8": "ours TE FP8 delayed, eager, megatron-core's FP8 weight cache (main shape, buckets)",
     "te_fp8_nocache": "ours TE FP8 delayed, eager, FP8 weights re-quantized every step (main shape, buckets)",
+    "te_fp8_dpa": "ours TE FP8 delayed with FP8 attention (fp8_dpa), weights re-quantized every step (main shape)",
     "te_bf16_fused": "ours TE bf16 with fused_elementwise (main shape, buckets)",
     "te_fp8_fused": "ours TE FP8 with fused_elementwise (main shape, buckets)",
     "te_bf16_graphs": "ours TE bf16 with per-block CUDA graphs (main shape)",
@@ -559,18 +561,20 @@ class GPURun:
             self.record(what="cuda_health", after=after, error=self.cuda_broken)
 
     # -- variants ----------------------------------------------------------------------------
-    def fp8_precision(self, model, recipe: str = "delayed"):
-        """`consumers.precision.Precision` of the FP8 variants, `model` prepared for it."""
+    def fp8_precision(self, model, recipe: str = "delayed", attention: bool = False):
+        """`consumers.precision.Precision` of the FP8 variants (`attention`: FP8 attention too),
+        `model` prepared for it."""
         from consumers.precision import Precision, PrecisionConfig
 
         # Every block of the slice in FP8, as 58 of the 60 blocks are under the training default
         # (`fp8_exclude: first_last` would keep half of a 4-block slice in bf16).
-        precision = Precision(PrecisionConfig(fp8=recipe, fp8_exclude=()), model.config, self.device)
+        config = PrecisionConfig(fp8=recipe, fp8_exclude=(), fp8_attention=attention)
+        precision = Precision(config, model.config, self.device)
         precision.prepare_model(model)
         return precision
 
-    def fp8_context(self, model, recipe: str = "delayed"):
-        return self.fp8_precision(model, recipe).forward_context
+    def fp8_context(self, model, recipe: str = "delayed", attention: bool = False):
+        return self.fp8_precision(model, recipe, attention).forward_context
 
     def ours_te(self, ref, fused: bool):
         """Ours on Transformer Engine and its FP8 context; with ``--te-standin-local`` where TE
@@ -672,6 +676,11 @@ class GPURun:
                 self.profile(ours, batch, shape, fp8, fp8_name)
         if not fused and self.wants("te_fp8_nocache"):
             self.fp8_nocache(ours, batch, shape, fp8, est)
+        if not fused and self.wants("te_fp8_dpa"):
+            if self.te is None:
+                self.fp8_attention(ours, batch, shape, est)
+            else:  # the local stand-in has no FP8 attention to run
+                self.skip("ours_te_fp8_delayed_dpa", shape, self.te)
         ours = None
         reset_memory(self.device)
 
@@ -688,6 +697,21 @@ class GPURun:
             est,
             fwd_bwd=fwd_bwd,
             extra={"fp8_weights": "re-quantized every step", "te_linears": count},
+        )
+
+    def fp8_attention(self, ours, batch: dict, shape: Shape, est: float) -> None:
+        """Ours TE FP8 with FP8 attention as well (``precision.fp8_attention``, TE's ``fp8_dpa``),
+        the weights re-quantized every step: against ``ours_te_fp8_delayed_nocache``."""
+        from megatron_qwenimage.model.cuda_graphs import disable_fp8_weight_cache
+
+        disable_fp8_weight_cache(ours)
+        context = self.fp8_context(ours, attention=True)
+        self.measure(
+            "ours_te_fp8_delayed_dpa",
+            shape,
+            lambda: StepRunner(ours, batch, returns_sample=False, forward_context=context),
+            est,
+            extra={"fp8_weights": "re-quantized every step", "fp8_attention": True},
         )
 
     # -- per-block CUDA graphs --------------------------------------------------------------
@@ -1158,12 +1182,23 @@ def summarize(records: list[dict]) -> dict:
             "ours_te_fp8_delayed_nocache", fp8_g, key="fwd_bwd_ms"
         ),
     }
+    out["fp8_attention"] = {
+        "ours_te_fp8_delayed_dpa_vs_nocache": ratio("ours_te_fp8_delayed_nocache", "ours_te_fp8_delayed_dpa"),
+        "ours_te_fp8_delayed_dpa_fwd_bwd_vs_nocache": ratio(
+            "ours_te_fp8_delayed_nocache", "ours_te_fp8_delayed_dpa", key="fwd_bwd_ms"
+        ),
+        "ours_te_fp8_delayed_dpa_vs_diffusers_compile (>=1.5)": ratio("diffusers_compile", "ours_te_fp8_delayed_dpa"),
+        "ours_te_fp8_delayed_dpa_vs_torchao_fp8_compile (>=1.25)": ratio(
+            "diffusers_torchao_fp8_compile", "ours_te_fp8_delayed_dpa"
+        ),
+    }
     ours = (
         "ours_te_bf16",
         "ours_te_fp8_delayed",
         "ours_te_bf16_fused",
         "ours_te_fp8_delayed_fused",
         "ours_te_fp8_delayed_nocache",
+        "ours_te_fp8_delayed_dpa",
         *GRAPH_VARIANTS,
         "ours_te_fp8_delayed_dist_opt",
         "ours_te_fp8_delayed_fused_dist_opt",

@@ -14,7 +14,8 @@ on it twice with the same seeds, once per precision, and reads both runs' ``metr
 
 A run is ``bf16`` or ``fp8`` with options after colons: ``nofused`` (``fused_elementwise`` off) and
 ``graphs`` (``cuda_graphs.scope: blocks``, per-block CUDA graphs in the loop, with the text padded
-to its full length so that the one bucket is one layout), e.g. ``fp8:nofused:graphs``.
+to its full length so that the one bucket is one layout) and, with fp8, ``dpa``
+(``precision.fp8_attention``), e.g. ``fp8:nofused:graphs``.
 
 One JSON line per run and one summary line go to ``--out``::
 
@@ -91,16 +92,21 @@ def write_cache(
     return str(path)
 
 
-#: Options a run of ``--runs`` may carry after its precision.
-RUN_OPTIONS = ("nofused", "graphs")
+#: Options a run of ``--runs`` may carry after its precision (``dpa``: FP8 runs only).
+RUN_OPTIONS = ("nofused", "graphs", "dpa")
 
 
 def parse_run(run: str) -> tuple[str, frozenset[str]]:
     """``"fp8:nofused:graphs"`` -> ``("fp8", {"nofused", "graphs"})``; ValueError naming the run."""
     precision, *options = run.split(":")
-    if precision not in ("bf16", "fp8") or any(o not in RUN_OPTIONS for o in options):
+    if (
+        precision not in ("bf16", "fp8")
+        or any(o not in RUN_OPTIONS for o in options)
+        or ("dpa" in options and precision != "fp8")
+    ):
         raise ValueError(
-            f"--runs: {run!r} is not bf16 or fp8, optionally with {', '.join(':' + o for o in RUN_OPTIONS)}"
+            f"--runs: {run!r} is not bf16 or fp8, optionally with {', '.join(':' + o for o in RUN_OPTIONS)} "
+            "(':dpa', FP8 attention, with fp8 only)"
         )
     return precision, frozenset(options)
 
@@ -121,7 +127,12 @@ def run_config(args, cache: str, run: str, run_dir: Path) -> dict:
         "parallel": {"tp": 1, "pp": 1},
         "optimizer": {"lr": 1.0e-4, "warmup_steps": 5, "clip_grad": 1.0},
         # Every block of the 4-block slice in FP8 (the default keeps the first and last in bf16).
-        "precision": {"autocast": "none", "fp8": "delayed" if precision == "fp8" else None, "fp8_exclude": []},
+        "precision": {
+            "autocast": "none",
+            "fp8": "delayed" if precision == "fp8" else None,
+            "fp8_exclude": [],
+            "fp8_attention": "dpa" in options,
+        },
         "recompute": {"mode": "none"},
         "cuda_graphs": {"scope": "blocks" if graphs else "none"},
         "flow_matching": {"kind": "logit_normal", "mean": 0.0, "std": 1.0},
@@ -262,9 +273,9 @@ def main(argv: list[str] | None = None) -> int:
         "--runs",
         default="bf16,fp8,fp8:graphs",
         metavar="RUN,...",
-        help="runs in order: bf16 | fp8, each optionally with ':nofused' (fused_elementwise off) and "
-        "':graphs' (per-block CUDA graphs in the loop); the summary compares the first bf16 and the first "
-        "fp8 run (default: %(default)s)",
+        help="runs in order: bf16 | fp8, each optionally with ':nofused' (fused_elementwise off), "
+        "':graphs' (per-block CUDA graphs in the loop) and, fp8 only, ':dpa' (FP8 attention); the summary "
+        "compares the first bf16 and the first fp8 run (default: %(default)s)",
     )
     args = p.parse_args(argv)
     args.config = "tiny-16ch" if args.tiny else "qwen-image-20b"

@@ -21,13 +21,16 @@ from consumers.precision import (
     Precision,
     PrecisionConfig,
     exclude_from_fp8,
+    fp8_recipe,
     full_model_module_names,
     resolve_fp8_exclude,
     validate_fp8_exclude,
 )
 from megatron_qwenimage.config import ConfigError, load_config
+from megatron_qwenimage.model.backends import transformer_engine_available
 from megatron_qwenimage.model.mmdit import QwenImageMMDiT
 from tests.helpers.consumers import spawn
+from tests.helpers.mmdit import make_inputs, model_kwargs
 
 
 def test_default_exclusion_is_first_and_last_block_of_the_model():
@@ -177,3 +180,88 @@ def _amax_worker(rank: int, world: int) -> dict:
     )
     out["engine"] = ranks(engine.precision.amax_group)
     return out
+
+
+def test_fp8_attention_needs_fp8_and_a_bool():
+    assert PrecisionConfig(fp8="delayed", fp8_attention=True).fp8_attention
+    with pytest.raises(ConfigError, match=r"precision.fp8_attention=true needs FP8 GEMMs: set precision.fp8"):
+        PrecisionConfig(fp8_attention=True)
+    with pytest.raises(ConfigError, match=r"precision.fp8_attention='yes': expected true or false"):
+        PrecisionConfig(fp8="delayed", fp8_attention="yes")
+
+
+def test_fp8_recipe_carries_fp8_attention_to_transformer_engine():
+    """`fp8_recipe` against a stand-in of ``transformer_engine.common.recipe`` (TE needs a GPU):
+    the recipe class follows ``fp8``, HYBRID format, ``fp8_dpa`` follows ``fp8_attention``."""
+
+    class _Recipe:
+        def __init__(self, **kwargs):
+            self.kwargs = kwargs
+
+    class te_recipe:  # stands in for the module
+        class Format:
+            HYBRID = "HYBRID"
+
+        class DelayedScaling(_Recipe):
+            pass
+
+        class Float8CurrentScaling(_Recipe):
+            pass
+
+    for fp8, cls in (("delayed", te_recipe.DelayedScaling), ("current", te_recipe.Float8CurrentScaling)):
+        for attention in (False, True):
+            recipe = fp8_recipe(te_recipe, PrecisionConfig(fp8=fp8, fp8_attention=attention))
+            assert type(recipe) is cls and recipe.kwargs == {"fp8_format": "HYBRID", "fp8_dpa": attention}
+
+
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and transformer_engine_available()),
+    reason="needs an NVIDIA GPU (CUDA) with Transformer Engine installed",
+)
+@pytest.mark.parametrize("case", ["square", "padded_text"])
+def test_fp8_attention_runs_the_attention_in_fp8_on_gpu(case):
+    """With ``fp8_attention`` every block's TE attention runs under an ``fp8_dpa`` recipe (its FP8
+    metadata says so and its amax history moved), the output moves off the FP8-GEMM-only output
+    by FP8 rounding and stays near the bf16 forward; the backward runs."""
+    config = load_config(
+        "tiny-16ch",
+        attention_head_dim=64,
+        axes_dims_rope=[16, 24, 24],
+        backend="transformer_engine",
+        params_dtype="bfloat16",
+    )
+    model = QwenImageMMDiT(config, init_seed=0).cuda()
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(3)
+        for name, p in model.named_parameters():
+            if "_mod." in name or "norm_out" in name or name.startswith("proj_out"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    inputs = make_inputs(case, config.in_channels, config.joint_attention_dim)
+    kwargs = {
+        k: (v.to("cuda", torch.bfloat16 if k != "encoder_hidden_states_mask" else v.dtype) if torch.is_tensor(v) else v)
+        for k, v in model_kwargs(inputs).items()
+    }
+    device = torch.device("cuda")
+    outs = {}
+    for name, cfg in (
+        ("bf16", PrecisionConfig()),
+        ("fp8", PrecisionConfig(fp8="delayed", fp8_exclude=())),
+        ("fp8_attention", PrecisionConfig(fp8="delayed", fp8_exclude=(), fp8_attention=True)),
+    ):
+        precision = Precision(cfg, config, device)
+        precision.prepare_model(model)
+        with precision.forward_context():
+            outs[name] = model(**kwargs).float()
+        if name == "fp8_attention":
+            (outs[name] * inputs["loss_weights"].cuda()).sum().backward()
+            cores = [m.core for m in model.modules() if type(m).__name__ == "TEAttention"]
+            assert len(cores) == config.num_layers
+            for core in cores:
+                assert core.fp8 and core.fp8_meta["recipe"].fp8_dpa
+                assert float(core.fp8_meta["scaling_fwd"].amax_history.abs().max()) > 0
+            assert all(
+                p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad
+            )
+    rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
+    assert rel(outs["fp8_attention"], outs["fp8"]) > 1e-4  # the attention itself changed precision
+    assert rel(outs["fp8_attention"], outs["bf16"]) < 0.15
