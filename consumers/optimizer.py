@@ -42,9 +42,11 @@ whose grad norm is not finite: see `DistributedOptimizer.step`):
    normalised by the global batch) into a preallocated ``[S]`` shard (``dp == 1``: the buffer);
 2. the global grad norm is one ``vector_norm`` (or one ``_foreach_norm`` over a few ranges) of the
    flat shard, TP-replicated parameters counted on TP rank 0 only, all-reduced over the world;
-3. clip (``max_norm / (norm + 1e-6)``, as ``torch.nn.utils.clip_grad_norm_``) scales the flat
-   grad once; AdamW runs as torch's fused multi-tensor kernel (foreach where fused is
-   unsupported) over the decay / no-decay ranges; EMA is one ``lerp_`` over the flat tensors;
+3. clip (``max_norm / (norm + 1e-6)``, as ``torch.nn.utils.clip_grad_norm_``): AdamW runs as
+   torch's fused multi-tensor kernel over the decay / no-decay ranges, which divides each
+   gradient by ``grad_scale = max(1, (norm + 1e-6) / max_norm)`` as it reads it (no pass of its
+   own over the gradients); where fused is unsupported, the flat grad is scaled once and AdamW
+   runs as the foreach implementation; EMA is one ``lerp_`` over the flat tensors;
 4. updated chunks are **all-gathered in the parameter dtype** (bf16 when params are bf16): the
    flat master of each dtype range cast once into a preallocated send buffer, all-gathered into a
    preallocated ``[dp, range]`` buffer, then one strided copy per parameter back into the model.
@@ -475,8 +477,8 @@ class DistributedOptimizer:
     def step(self, step_index: int, *, skip: bool = False) -> dict:
         """Reduce grads, clip, AdamW at ``lr = schedule(step_index)``, EMA, gather params.
 
-        Returns ``{"grad_norm", "lr", "skipped"}`` (norm before clipping). With ``dp == 1`` the
-        clipped gradient is written back into the grad buffer (`zero_grad` clears it).
+        Returns ``{"grad_norm", "lr", "skipped"}`` (norm before clipping). The grad buffer is
+        left for `zero_grad` to clear (clipped in place only on the foreach path).
 
         Non-finite gradients (Megatron's ``found_inf``): when the global grad norm is NaN or inf
         (it is all-reduced over the world, so every rank sees the same value and decides alike),
@@ -494,17 +496,22 @@ class DistributedOptimizer:
             self.zero_grad()
             self.skipped_steps += 1
             return {"grad_norm": norm_value, "lr": lr, "skipped": True}
+        grad_scale = None
         if self.config.clip_grad > 0:
-            coef = torch.clamp(self.config.clip_grad / (norm + 1e-6), max=1.0)
-            flat.mul_(coef)
-        self._adamw(flat, lr)
+            if self.fused:  # the fused kernel divides each gradient as it reads it: no extra pass
+                grad_scale = torch.clamp((norm + 1e-6) / self.config.clip_grad, min=1.0).to(torch.float32)
+            else:
+                flat.mul_(torch.clamp(self.config.clip_grad / (norm + 1e-6), max=1.0))
+        self._adamw(flat, lr, grad_scale)
         if self._ema_flat is not None:
             self._ema_flat.lerp_(self._master_flat, 1.0 - self.config.ema_decay)
         self._gather_params()
         self.num_steps += 1
         return {"grad_norm": norm_value, "lr": lr, "skipped": False}
 
-    def _adamw(self, flat_grad: torch.Tensor, lr: float) -> None:
+    def _adamw(self, flat_grad: torch.Tensor, lr: float, grad_scale: torch.Tensor | None = None) -> None:
+        """AdamW over the flat master ranges; `grad_scale` (fused only, a 0-d fp32 tensor):
+        each gradient is divided by it inside the kernel (the clipping, `step`)."""
         c = self.config
         for wd, params, exp_avgs, exp_avg_sqs, steps, pieces in self._adam_groups:
             _adam_functional(
@@ -518,7 +525,7 @@ class DistributedOptimizer:
                 fused=self.fused,
                 capturable=False,
                 differentiable=False,
-                grad_scale=None,
+                grad_scale=grad_scale,
                 found_inf=None,
                 has_complex=False,
                 decoupled_weight_decay=True,
