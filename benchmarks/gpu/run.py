@@ -26,7 +26,8 @@ the tail, never the head):
    delayed recipe, weights re-quantized every step), embedders and head eager; a ``parity``
    record compares the graphed model's output, loss and gradients with the same model's eager
    pass (and two eager passes with each other, the noise floor), then the step is timed and the
-   FP8 one profiled;
+   FP8 one profiled; last, the FP8 one again around compiled elementwise chains
+   (``ours_te_fp8_delayed_graphs_fused``: ``fused_elementwise`` inside the captured blocks);
 6. the other buckets (256², 640², 1328² at micro-batches 32, 8, 2; ``--buckets``): diffusers
    eager and diffusers + compile (the anchors), ours TE FP8 (eager, ``_nocache``, ``_fused``),
    TE bf16 ``_fused`` and, last, ours TE FP8 with graphs.
@@ -39,7 +40,7 @@ unusable, what follows is recorded as skipped with that reason.
 
 ``--skip PART,...`` leaves out parts of the run a previous run already measured (``--skip help``
 lists them): ``te_bf16``, ``te_fp8``, ``te_fp8_nocache``, ``te_fp8_dpa``, ``te_bf16_fused``, ``te_fp8_fused``,
-``te_bf16_graphs``, ``te_fp8_graphs``, ``padded``, ``local``, ``dist_opt``, ``profile``,
+``te_bf16_graphs``, ``te_fp8_graphs``, ``te_fp8_graphs_fused``, ``padded``, ``local``, ``dist_opt``, ``profile``,
 ``buckets``. The anchors (diffusers eager, + compile, + torchao FP8 + compile) are not parts:
 every ratio the summary reports has its anchor measured in the same run (only
 ``--skip-compile`` drops the compiled anchors, and with them their ratios).
@@ -203,6 +204,7 @@ PARTS = {
     "te_fp8_fused": "ours TE FP8 with fused_elementwise (main shape, buckets)",
     "te_bf16_graphs": "ours TE bf16 with per-block CUDA graphs (main shape)",
     "te_fp8_graphs": "ours TE FP8 with per-block CUDA graphs (main shape, buckets)",
+    "te_fp8_graphs_fused": "ours TE FP8 with per-block CUDA graphs around fused_elementwise chains (main shape)",
     "padded": "the padded-text repeats at the main shape",
     "local": "ours on the local backend (and its training-loop optimizer)",
     "dist_opt": "ours TE FP8 with the training loop's optimizer",
@@ -632,6 +634,11 @@ class GPURun:
             self.graph_variant(ref, batch, shape, fp8=True)
         if self.wants("te_bf16_graphs"):
             self.graph_variant(ref, batch, shape, fp8=False)
+        if self.wants("te_fp8_graphs_fused"):
+            if self.args.skip_compile:  # fused_elementwise compiles its chains
+                self.skip(f"{GRAPH_VARIANTS[1]}_fused", shape, "--skip-compile")
+            else:
+                self.graph_variant(ref, batch, shape, fp8=True, fused=True)
         ref = None
         reset_memory(dev)
 
@@ -723,8 +730,10 @@ class GPURun:
             return self.te
         return None
 
-    def graph_variant(self, ref, batch: dict, shape: Shape, *, fp8: bool) -> None:
-        """Ours TE (unfused) with each block's fwd + bwd replayed as a CUDA graph.
+    def graph_variant(self, ref, batch: dict, shape: Shape, *, fp8: bool, fused: bool = False) -> None:
+        """Ours TE with each block's fwd + bwd replayed as a CUDA graph; `fused`: the blocks'
+        elementwise chains compiled (``fused_elementwise``) inside the captured blocks, their
+        compilation done by the eager passes before the capture.
 
         Eager passes first (TE's lazy setup, FP8 scales, the block calls to capture), two more as
         the reference and its noise floor; capture; one graphed pass against the eager ones (the
@@ -735,14 +744,15 @@ class GPURun:
         code path runs on the local backend with the blocks' stand-ins calling them eagerly
         (`eager_grapher`): the harness is tested, the numbers mean nothing.
         """
-        name = "ours_te_fp8_delayed_graphs" if fp8 else "ours_te_bf16_graphs"
+        name = ("ours_te_fp8_delayed_graphs" if fp8 else "ours_te_bf16_graphs") + ("_fused" if fused else "")
         why = self.graphs_unavailable()
         standin = why is not None and self.args.graphs_standin and self.args.te_standin_local
         if why is not None and not standin:
             return self.skip(name, shape, why)
         if self.cuda_broken:
             return self.skip(name, shape, self.cuda_broken)
-        est = 20 if not self.args.tiny else 1  # build, 4 eager passes, capture, parity, 24 timed passes
+        # build, 4 eager passes (the first compiles fused chains), capture, parity, 24 timed passes
+        est = (60 if fused else 20) if not self.args.tiny else 1
         if not self.budget.allows(est):
             return self.skip(name, shape, f"time budget ({self.budget.left():.0f} s left, needs ~{est})")
         from megatron_qwenimage.model.cuda_graphs import (
@@ -764,8 +774,7 @@ class GPURun:
         gc_enabled = gc.isenabled()
         reset_memory(self.device)
         try:
-            # Unfused: the compiled elementwise chains are not captured inside TE's graphs.
-            ours = build_ours(ref, backend, self.device, self.dtype_name, fused_elementwise=False)
+            ours = build_ours(ref, backend, self.device, self.dtype_name, fused_elementwise=fused)
             context, recipe = contextlib.nullcontext, None
             if fp8:
                 precision = self.fp8_precision(ours)
@@ -815,7 +824,7 @@ class GPURun:
             extra = {
                 "graphs": len(graphs.graphed),
                 "capture_s": capture_s,
-                "fused_elementwise": False,
+                "fused_elementwise": fused,
                 "standin": standin or None,
             }
             if fp8:
@@ -1168,6 +1177,8 @@ def summarize(records: list[dict]) -> dict:
         f"{fp8_g}_vs_diffusers_compile (>=1.5)": ratio("diffusers_compile", fp8_g),
         f"{fp8_g}_vs_torchao_fp8_compile (>=1.25)": ratio("diffusers_torchao_fp8_compile", fp8_g),
         f"{fp8_g}_fwd_bwd_vs_diffusers_compile": ratio("diffusers_compile", fp8_g, key="fwd_bwd_ms"),
+        f"{fp8_g}_fused_vs_diffusers_compile (>=1.5)": ratio("diffusers_compile", f"{fp8_g}_fused"),
+        f"{fp8_g}_fused_vs_torchao_fp8_compile (>=1.25)": ratio("diffusers_torchao_fp8_compile", f"{fp8_g}_fused"),
         "ours_te_fp8_delayed_nocache_vs_diffusers_compile": ratio("diffusers_compile", "ours_te_fp8_delayed_nocache"),
         "ours_te_fp8_delayed_nocache_vs_torchao_fp8_compile": ratio(
             "diffusers_torchao_fp8_compile", "ours_te_fp8_delayed_nocache"
@@ -1181,6 +1192,7 @@ def summarize(records: list[dict]) -> dict:
         f"{fp8_g}_fwd_bwd_vs_ours_te_fp8_delayed_nocache": ratio(
             "ours_te_fp8_delayed_nocache", fp8_g, key="fwd_bwd_ms"
         ),
+        f"{fp8_g}_fused_vs_{fp8_g}": ratio(fp8_g, f"{fp8_g}_fused"),
     }
     out["fp8_attention"] = {
         "ours_te_fp8_delayed_dpa_vs_nocache": ratio("ours_te_fp8_delayed_nocache", "ours_te_fp8_delayed_dpa"),
@@ -1200,6 +1212,7 @@ def summarize(records: list[dict]) -> dict:
         "ours_te_fp8_delayed_nocache",
         "ours_te_fp8_delayed_dpa",
         *GRAPH_VARIANTS,
+        f"{GRAPH_VARIANTS[1]}_fused",
         "ours_te_fp8_delayed_dist_opt",
         "ours_te_fp8_delayed_fused_dist_opt",
         "ours_local",

@@ -125,7 +125,11 @@ def test_gpu_run_graph_variants_code_path_on_cpu(tmp_path):
             for key in ("out_max_abs", "grad_max_rel", "loss_abs_diff"):
                 assert parity[key] <= parity[f"{key}_eager_repeat"] + 1e-7, (key, parity)
             assert math.isfinite(parity["loss"]) and parity["loss"] > 0
+    # the graphs around compiled chains need the compiler: skipped saying so under --skip-compile
+    fused = next(r for r in records if r.get("variant") == "ours_te_fp8_delayed_graphs_fused")
+    assert fused["skipped"] == "--skip-compile"
     summary = records[-1]
+    assert summary["graphs_vs_eager"]["ours_te_fp8_delayed_graphs_fused_vs_ours_te_fp8_delayed_graphs"] is None
     assert summary["graphs_vs_eager"]["ours_te_bf16_graphs_vs_ours_te_bf16"] > 0
     assert summary["graphs_vs_eager"]["ours_te_fp8_delayed_graphs_vs_ours_te_fp8_delayed_nocache"] > 0
     assert summary["vs_diffusers_eager"]["ours_te_fp8_delayed_graphs"] > 0
