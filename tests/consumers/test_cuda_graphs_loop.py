@@ -20,13 +20,12 @@ from consumers.batch import Batch
 from consumers.engine import TrainEngine
 from consumers.graphs import CudaGraphConfig, all_ranks_agree, check_cuda_graph_layout
 from consumers.optimizer import DistributedOptimizer, OptimizerConfig
-from consumers.parallel import ParallelLayout, init_parallel, shutdown
 from consumers.precision import PrecisionConfig
 from consumers.recompute import RecomputeConfig
 from megatron_qwenimage.config import ConfigError, load_config
 from megatron_qwenimage.model.backends import transformer_engine_available
 from megatron_qwenimage.model.block import MMDiTBlock
-from tests.helpers.consumers import perturb_zero_init, single_rank_env, spawn
+from tests.helpers.consumers import perturb_zero_init, spawn
 from tests.helpers.graphs import StaticBufferGrapher
 
 #: (latent h, latent w, text tokens, valid text tokens per sample or None for all valid)
@@ -36,16 +35,6 @@ LAYOUT_C = (12, 8, 16, (16, 9))
 #: Warm-up 2 passes, two passes a step: A is captured before step 1, B before step 4; C meets the
 #: limit of 2 layouts.
 SEQUENCE = [LAYOUT_A, LAYOUT_A, LAYOUT_A, LAYOUT_B, LAYOUT_B, LAYOUT_B, LAYOUT_A, LAYOUT_C, LAYOUT_C, LAYOUT_C]
-
-
-@pytest.fixture(scope="module")
-def pstate():
-    with single_rank_env():
-        state = init_parallel(ParallelLayout())
-        try:
-            yield state
-        finally:
-            shutdown()
 
 
 def _batch(step: int, layout, micro_batch: int = 2, text_dim: int = 32) -> Batch:

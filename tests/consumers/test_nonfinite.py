@@ -13,19 +13,8 @@ import torch
 
 from consumers.engine import NonFiniteTrainingError, TrainEngine
 from consumers.optimizer import OptimizerConfig
-from consumers.parallel import ParallelLayout, init_parallel, shutdown
 from megatron_qwenimage.config import load_config
-from tests.helpers.consumers import single_rank_env, synthetic_global_batch, to_microbatches
-
-
-@pytest.fixture(scope="module")
-def pstate():
-    with single_rank_env():
-        state = init_parallel(ParallelLayout())
-        try:
-            yield state
-        finally:
-            shutdown()
+from tests.helpers.consumers import synthetic_global_batch, to_microbatches
 
 
 def _engine(pstate, max_skipped_steps: int = 10) -> TrainEngine:
