@@ -105,6 +105,27 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="samples per encoder batch (grouped per bucket inside)")
     p.add_argument("--device", default=None, help="torch device for the encoders (default cuda if available, else cpu)")
     p.add_argument(
+        "--vae-channels-last",
+        action="store_true",
+        help="run the VAE encoder in channels_last_3d memory format (its weights and input; a speed knob, "
+        "off by default: latents change by float rounding only, so the cache's settings do not record it)",
+    )
+    p.add_argument(
+        "--vae-conv2d",
+        action="store_true",
+        help="run the VAE encoder's causal 3-D convolutions as 2-D convolutions over the single frame an image "
+        "is (the causal padding's zero frames only meet the other temporal taps: a third of the multiply-adds; "
+        "a speed knob, off by default: latents change by float rounding only, not recorded as a setting)",
+    )
+    p.add_argument(
+        "--vae-compile",
+        default="off",
+        metavar="MODE",
+        help="torch.compile the VAE encoder's forward with this mode: off (default), default, reduce-overhead, "
+        "max-autotune or max-autotune-no-cudagraphs. Each actor compiles at its first batch of each shape "
+        "(minutes at full size on a GPU); latents change by float rounding only, not recorded as a setting",
+    )
+    p.add_argument(
         "--sweep-grace",
         type=float,
         default=3600.0,
@@ -242,6 +263,9 @@ def config_from_args(args) -> ProducerConfig:
         snapshot_interval_s=args.snapshot_interval_s,
         window_partitions=args.window_partitions,
         max_inflight_partitions=args.max_inflight_partitions,
+        vae_channels_last=args.vae_channels_last,
+        vae_compile=args.vae_compile,
+        vae_conv2d=args.vae_conv2d,
         fault=_fault_from_env(),
     )
 

@@ -61,7 +61,30 @@ FIELD_FLAGS = {
     "snapshot_interval_s": "--snapshot-interval-s",
     "window_partitions": "--window-partitions",
     "max_inflight_partitions": "--max-inflight-partitions",
+    "vae_channels_last": "--vae-channels-last",
+    "vae_compile": "--vae-compile",
+    "vae_conv2d": "--vae-conv2d",
 }
+
+#: ``--vae-compile`` values: ``off``, or the ``torch.compile`` mode of the VAE encoder's forward
+#: (``default`` is torch's default mode; ``reduce-overhead`` adds CUDA graphs; the ``max-autotune``
+#: modes benchmark kernels while compiling, minutes at full size).
+VAE_COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def check_vae_knobs(channels_last: object, compile_mode: object, conv2d: object = False) -> None:
+    """`ConfigError` naming the flag unless channels_last and conv2d are bools and compile_mode is
+    one of `VAE_COMPILE_MODES`."""
+    for flag, field_name, value in (
+        ("--vae-channels-last", "vae_channels_last", channels_last),
+        ("--vae-conv2d", "vae_conv2d", conv2d),
+    ):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{flag} ({field_name}) {value!r}: expected True or False")
+    if compile_mode not in VAE_COMPILE_MODES:
+        raise ConfigError(
+            f"--vae-compile (vae_compile) {compile_mode!r}: expected one of {', '.join(VAE_COMPILE_MODES)}"
+        )
 
 
 def _flag(name: str) -> str:
@@ -147,6 +170,13 @@ class ProducerConfig:
             afresh (at the sizes `producers.pool_control` names, if a controller wrote any), so a
             smaller window follows the autoscaler sooner and pays the encoders' start-up more
             often; it also bounds the driver's memory. Does not shape samples.
+        vae_channels_last: run the VAE encoder in channels_last_3d memory format (weights and input).
+        vae_compile: ``torch.compile`` mode of the VAE encoder's forward, or "off" (`VAE_COMPILE_MODES`).
+        vae_conv2d: run the VAE encoder's causal 3-D convolutions as 2-D convolutions over the one
+            frame an image is (`producers.encoders.SingleFrameConv`).
+            The VAE knobs pick kernels, not settings: latents differ from the default path by
+            float rounding only (as between batch sizes or GPU models), so none is in
+            `fingerprint` nor in the cache's recorded producer settings.
     """
 
     buckets: dict[str, list[Bucket]] = field(default_factory=lambda: {"256": buckets_for_area(256)})
@@ -165,6 +195,9 @@ class ProducerConfig:
     sweep_grace_s: float = 3600.0
     snapshot_interval_s: float = 30.0
     window_partitions: int = 256
+    vae_channels_last: bool = False
+    vae_compile: str = "off"
+    vae_conv2d: bool = False
     fault: FaultConfig = FaultConfig()
 
     def __post_init__(self) -> None:
@@ -202,6 +235,7 @@ class ProducerConfig:
             )
         if self.cpu_task_cpus <= 0 or self.writer_cpus <= 0:
             raise ConfigError("ProducerConfig: cpu_task_cpus and writer_cpus must be > 0 (fractional is fine)")
+        check_vae_knobs(self.vae_channels_last, self.vae_compile, self.vae_conv2d)
 
     def fingerprint(self) -> str:
         """What changes the produced samples (buckets, limits); part of partition ids."""

@@ -20,6 +20,7 @@ vocabulary) dropped, at most `max_text_tokens` tokens, unpadded.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -76,12 +77,15 @@ class EncoderLoadError(UserError, RuntimeError):
 
 
 def qwen_tiktoken_path() -> str:
-    """Path of the real Qwen BPE ranks shipped inside the dashscope wheel."""
-    try:
-        import dashscope
-    except ImportError as exc:  # pragma: no cover - dashscope is a dev dependency
-        raise EncoderLoadError("tiny encoders need the Qwen BPE vocabulary from `pip install dashscope`") from exc
-    path = os.path.join(os.path.dirname(dashscope.__file__), "resources", "qwen.tiktoken")
+    """Path of the real Qwen BPE ranks shipped inside the dashscope wheel.
+
+    Found without importing dashscope (its ``__init__`` pulls in aiohttp, cryptography, ...), so
+    the wheel alone, installed with ``--no-deps``, is enough (benchmarks/gpu/stage.sh stages it so).
+    """
+    spec = importlib.util.find_spec("dashscope")
+    if spec is None or not spec.submodule_search_locations:  # pragma: no cover - a dev dependency
+        raise EncoderLoadError("tiny encoders need the Qwen BPE vocabulary from `pip install dashscope`")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "resources", "qwen.tiktoken")
     if not os.path.exists(path):
         raise EncoderLoadError(f"{path}: qwen.tiktoken not found in the installed dashscope wheel")
     return path
@@ -235,30 +239,149 @@ def pick_device(device: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+#: The ``torch.compile`` backend of ``--vae-compile`` (default "inductor"). Tests set "eager" to
+#: exercise TorchDynamo's capture of the encoder without inductor's code generation, which takes
+#: about 20 s per input shape on a 2-core CPU.
+VAE_COMPILE_BACKEND_ENV = "QWENIMAGE_VAE_COMPILE_BACKEND"
+
+
+def to_channels_last(module: torch.nn.Module) -> None:
+    """In place: every 5-D parameter and buffer to ``channels_last_3d``, every 4-D one to
+    ``channels_last`` (``Module.to(memory_format=channels_last_3d)`` refuses the VAE's 2-D convs)."""
+    for t in [*module.parameters(), *module.buffers()]:
+        if t.dim() == 5:
+            t.data = t.data.contiguous(memory_format=torch.channels_last_3d)
+        elif t.dim() == 4:
+            t.data = t.data.contiguous(memory_format=torch.channels_last)
+
+
+class SingleFrameConv(torch.nn.Module):
+    """A causal 3-D convolution of the VAE (``QwenImageCausalConv3d``) applied to one frame, as a
+    2-D convolution.
+
+    The causal convolution pads k_t - 1 zero frames before its input, so for a one-frame input
+    its single output frame meets data only through the kernel's last temporal tap: the result is
+    ``conv2d(x[:, :, 0], weight[:, :, -1])`` with the spatial padding, k_t times fewer
+    multiply-adds (3x for the VAE's 3x3x3 kernels), equal up to the order of summation.
+    Takes and returns [B, C, 1, H, W]; refuses more frames or a temporal cache.
+    """
+
+    def __init__(self, conv: torch.nn.Conv3d) -> None:
+        super().__init__()
+        pad = conv._padding  # (w, w, h, h, front frames, back frames)
+        self.weight = torch.nn.Parameter(conv.weight.detach()[:, :, -1].clone(), requires_grad=False)
+        self.bias = None if conv.bias is None else torch.nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+        self.stride, self.padding, self.groups = tuple(conv.stride[1:]), (pad[2], pad[0]), conv.groups
+
+    @staticmethod
+    def folds(conv: torch.nn.Module) -> bool:
+        """Whether `conv` is a causal 3-D convolution whose one-frame output sees one frame only."""
+        pad = getattr(conv, "_padding", None)
+        return (
+            isinstance(conv, torch.nn.Conv3d)
+            and pad is not None
+            and pad[4] == conv.kernel_size[0] - 1
+            and pad[5] == 0
+            and conv.stride[0] == 1
+            and tuple(conv.dilation) == (1, 1, 1)
+            and tuple(conv.padding) == (0, 0, 0)
+            and pad[0] == pad[1]
+            and pad[2] == pad[3]
+        )
+
+    def forward(self, x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
+        if cache_x is not None or x.shape[2] != 1:
+            raise RuntimeError(f"SingleFrameConv: one frame without a temporal cache, got {tuple(x.shape)}")
+        y = torch.nn.functional.conv2d(x[:, :, 0], self.weight, self.bias, self.stride, self.padding, 1, self.groups)
+        return y.unsqueeze(2)
+
+
+def fold_single_frame_convs(module: torch.nn.Module) -> int:
+    """In place: replace every `SingleFrameConv.folds` convolution below `module` by its
+    `SingleFrameConv`; returns how many. The module then encodes single frames only."""
+    folded = 0
+    for name, child in list(module.named_children()):
+        if SingleFrameConv.folds(child):
+            setattr(module, name, SingleFrameConv(child))
+            folded += 1
+        else:
+            folded += fold_single_frame_convs(child)
+    return folded
+
+
+def compile_kwargs(mode: str) -> dict:
+    """``torch.compile`` keyword arguments of a `VAE_COMPILE_MODES` mode other than "off"."""
+    backend = os.environ.get(VAE_COMPILE_BACKEND_ENV, "inductor")
+    if backend != "inductor":  # the modes are inductor's
+        return {"backend": backend}
+    return {"backend": backend, "mode": None if mode == "default" else mode}
+
+
 class VaeEncoder:
     """``AutoencoderKLQwenImage`` posterior mode, normalised with latents_mean/std, as bf16.
 
     `encode` takes uint8 images [B, H, W, 3] (H, W multiples of 16) and returns bf16
     [B, z_dim, H/8, W/8].
+
+    An image is one frame, so the encoder runs once on [B, 3, 1, H, W] without diffusers' temporal
+    feature cache (for a single frame the cache only holds copies; the result is bit-identical to
+    ``encode(x).latent_dist.mode()``, tests/producers/test_vae_knobs.py). Speed knobs, off by
+    default (`producers.config.check_vae_knobs` validates them):
+
+    * `channels_last`: the model's weights and the input in channels_last_3d (2-D conv weights
+      channels_last). Without it the input is already a channels-last view of the HWC pixels, so
+      the first convolutions run channels-last and the rest channels-first.
+    * `conv2d`: the encoder's causal 3-D convolutions run as 2-D convolutions over the one frame
+      (`SingleFrameConv`: a third of their multiply-adds; `self.model` then encodes single frames
+      only, without diffusers' ``encode``).
+    * `compile_mode`: ``torch.compile`` the encoder's forward with this mode ("default",
+      "reduce-overhead", ...; "off": eager). The first batch of each new shape compiles.
+
+    Each changes the latents by float rounding only (CPU fp32: under 1e-6 on values of order 1).
     """
 
-    def __init__(self, directory: str | os.PathLike, device: str | None = None) -> None:
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        device: str | None = None,
+        channels_last: bool = False,
+        compile_mode: str = "off",
+        conv2d: bool = False,
+    ) -> None:
         from diffusers import AutoencoderKLQwenImage
 
+        from producers.config import check_vae_knobs
+
+        check_vae_knobs(channels_last, compile_mode, conv2d)
         self.device = pick_device(device)
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.model = AutoencoderKLQwenImage.from_pretrained(Path(directory) / "vae", torch_dtype=self.dtype)
         self.model.to(self.device).eval()
+        self.channels_last, self.compile_mode, self.conv2d = channels_last, compile_mode, conv2d
+        if conv2d:
+            fold_single_frame_convs(self.model.encoder)
+            if SingleFrameConv.folds(self.model.quant_conv):
+                self.model.quant_conv = SingleFrameConv(self.model.quant_conv)
+        if channels_last:
+            to_channels_last(self.model)
+        if compile_mode != "off":
+            self.model.encoder.compile(**compile_kwargs(compile_mode))
         cfg = self.model.config
         self.z_dim = int(cfg.z_dim)
         self.mean = torch.tensor(cfg.latents_mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         self.std = torch.tensor(cfg.latents_std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
 
+    def posterior_mode(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, 3, 1, H, W] in [-1, 1] (model dtype, on its device) -> [B, z_dim, 1, H/8, W/8]."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        return self.model.quant_conv(self.model.encoder(x))[:, : self.z_dim]
+
     @torch.no_grad()
     def encode(self, images_uint8: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(np.ascontiguousarray(images_uint8)).to(self.device)
         x = x.permute(0, 3, 1, 2).to(self.dtype).div_(127.5).sub_(1.0).unsqueeze(2)  # [B, 3, 1, H, W] in [-1, 1]
-        z = self.model.encode(x).latent_dist.mode()[:, :, 0].float()  # [B, z, H/8, W/8]
+        z = self.posterior_mode(x)[:, :, 0].float()  # [B, z, H/8, W/8]
         return ((z - self.mean) / self.std).to(torch.bfloat16).cpu()
 
 

@@ -789,7 +789,18 @@ def _build_dataset(
         fn_kwargs={"cache_url": req.output, "config": cfg, "encoder_version": enc_version},
     )
     for stage, name, pool, kwargs in (
-        (VaeStage, "vae", cfg.vae_pool, {"encoders_dir": encoders_dir, "device": req.device}),
+        (
+            VaeStage,
+            "vae",
+            cfg.vae_pool,
+            {
+                "encoders_dir": encoders_dir,
+                "device": req.device,
+                "channels_last": cfg.vae_channels_last,
+                "compile_mode": cfg.vae_compile,
+                "conv2d": cfg.vae_conv2d,
+            },
+        ),
         (
             TextStage,
             "text",

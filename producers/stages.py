@@ -173,10 +173,19 @@ def _pixels(row: ProducerRow, key: str = "pixels", h: str = "bucket_h", w: str =
 class VaeStage:
     """Ray Data actor: VAE-encode the ``encode`` rows of a batch, one forward per bucket."""
 
-    def __init__(self, encoders_dir: str, device: str | None = None) -> None:
+    def __init__(
+        self,
+        encoders_dir: str,
+        device: str | None = None,
+        channels_last: bool = False,
+        compile_mode: str = "off",
+        conv2d: bool = False,
+    ) -> None:
         from producers.encoders import VaeEncoder
 
-        self.encoder = VaeEncoder(encoders_dir, device=device)
+        self.encoder = VaeEncoder(
+            encoders_dir, device=device, channels_last=channels_last, compile_mode=compile_mode, conv2d=conv2d
+        )
 
     def __call__(self, batch):
         import pandas as pd
