@@ -425,6 +425,13 @@ class TextEncoder:
         """Conditioning tokens a T2I caption yields before truncation (template suffix included)."""
         return len(self.tokenizer(T2I_TEMPLATE.format(caption)).input_ids) - self.drop_idx_t2i
 
+    def last_hidden_state(self, **inputs) -> torch.Tensor:
+        """``[B, L, D]``: the language model's last hidden state (after its final norm), what
+        ``output_hidden_states=True`` returns last, without the output layer: the 152k-entry
+        vocabulary projection would cost a GEMM and a ``[B, L, 152k]`` logits tensor per batch
+        that nothing reads."""
+        return self.model.model(**inputs).last_hidden_state
+
     @torch.no_grad()
     def encode_t2i(self, captions: list[str]) -> list[TextEncoding]:
         texts = [T2I_TEMPLATE.format(c) for c in captions]
@@ -436,9 +443,7 @@ class TextEncoder:
             padding=True,
             return_tensors="pt",
         ).to(self.device)
-        hidden = self.model(
-            input_ids=enc.input_ids, attention_mask=enc.attention_mask, output_hidden_states=True
-        ).hidden_states[-1]
+        hidden = self.last_hidden_state(input_ids=enc.input_ids, attention_mask=enc.attention_mask)
         out = []
         for i, n in enumerate(full):
             valid = hidden[i][enc.attention_mask[i].bool()][self.drop_idx_t2i :]
@@ -454,13 +459,12 @@ class TextEncoder:
         n_pad = int(grid[0].prod()) // (self.image_processor.merge_size**2)
         text = EDIT_TEMPLATE.format(instruction).replace(IMAGE_PAD, IMAGE_PAD * n_pad)
         enc = self.tokenizer([text], return_tensors="pt").to(self.device)
-        hidden = self.model(
+        hidden = self.last_hidden_state(
             input_ids=enc.input_ids,
             attention_mask=enc.attention_mask,
             pixel_values=vision["pixel_values"].to(self.device, self.dtype),
             image_grid_thw=grid.to(self.device),
-            output_hidden_states=True,
-        ).hidden_states[-1]
+        )
         valid = hidden[0][self.drop_idx_edit :]
         n = int(valid.shape[0])
         valid = valid[: self.max_text_tokens]

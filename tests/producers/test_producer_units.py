@@ -9,12 +9,13 @@ import urllib.request
 import numpy as np
 import psutil
 import pytest
+import torch
 from PIL import Image
 
 from megatron_qwenimage.cache.shard_format import Bucket
 from megatron_qwenimage.config import ConfigError
 from producers.config import FaultConfig, PoolConfig, ProducerConfig, buckets_for_area, parse_buckets
-from producers.encoders import TextEncoder, default_tiny_dir
+from producers.encoders import T2I_TEMPLATE, TextEncoder, default_tiny_dir
 from producers.images import Rejected, decode_caption, decode_image, nearest_bucket, resize_center_crop
 from producers.metrics import ProducerMetrics
 
@@ -32,6 +33,27 @@ def test_template_prefix_lengths_come_from_the_real_qwen_vocabulary(producer_env
     short, long = text.encode_t2i(["a cat", "a very long caption " * 20])
     assert short.embedding.shape == (short.num_tokens_before_truncation, 32) and not short.truncated
     assert long.embedding.shape == (8, 32) and long.truncated and long.num_tokens_before_truncation > 8
+
+
+def test_text_encoder_reads_the_last_hidden_state_without_the_vocabulary_projection(producer_env):
+    """The encodings equal the full model's ``hidden_states[-1]`` (what the producer read before),
+    and the output layer (the vocabulary projection) never runs."""
+    text = TextEncoder(default_tiny_dir(), device="cpu")
+    calls = []
+    text.model.lm_head.register_forward_hook(lambda *a: calls.append(1))
+    captions = ["a cat", "two dogs on a long red sofa"]
+    t2i = text.encode_t2i(captions)
+    pixels = np.random.default_rng(0).integers(0, 255, (56, 56, 3), dtype=np.uint8)
+    edit = text.encode_edit("make it blue", pixels)
+    assert not calls
+    enc = text.tokenizer([T2I_TEMPLATE.format(c) for c in captions], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        full = text.model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, output_hidden_states=True)
+    assert calls  # the reference ran the whole model, output layer included
+    for i, got in enumerate(t2i):
+        want = full.hidden_states[-1][i][enc.attention_mask[i].bool()][text.drop_idx_t2i :].to(torch.bfloat16)
+        assert torch.equal(got.embedding, want)
+    assert edit.embedding.shape[1] == text.text_dim and torch.isfinite(edit.embedding.float()).all()
 
 
 @pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK", "I;16", "LA", "1"])
