@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The GPU checks, run in the repository root of the GPU machine after benchmarks/gpu/stage.sh's
 # staging (see benchmarks/gpu/README.md). Stages, in the order given (default: tests bench):
-#   tests    the TE-backend tests (TE vs local incl. padded and left-padded text, FP8 engaged)
+#   tests    the GPU tests: the TE backend (TE vs local incl. padded and left-padded text, FP8
+#            engaged), CUDA graphs in the training engine (bf16, FP8), FP8 attention
 #   bench    benchmarks/gpu/run.py: anchors and ours, one JSON line per figure -> $OUT/gpu.jsonl
-#   loop     benchmarks/gpu/train_loop.py: qwenimage train, FP8 vs bf16 -> $OUT/train_loop.jsonl
+#   loop     benchmarks/gpu/train_loop.py: qwenimage train, FP8 vs bf16, with and without CUDA graphs
+#            -> $OUT/train_loop.jsonl (LOOP_ARGS adds flags, e.g. '--steps 30 --runs fp8:nofused,fp8:graphs')
 #   produce  benchmarks/produce.py --full --side 1024: the producer pipeline vs the bare encoder
 #            loop, the producer-code VAE (default, channels_last, compile, both) vs the bare
 #            diffusers bf16 encode, Qwen2.5-VL prompts/s -> $OUT/produce.json (the latest JSON line,
@@ -34,15 +36,16 @@ for stage in $STAGES; do
   for s in $stage; do
     case "$s" in
       tests)
-        timeout "${TESTS_TIMEOUT_S:-90}" python3 -m pytest -q -p no:cacheprovider -rfEs --tb=short tests/model/test_te_backend.py 2>&1 \
+        timeout "${TESTS_TIMEOUT_S:-150}" python3 -m pytest -q -p no:cacheprovider -rfEs --tb=short tests/model/test_te_backend.py \
+          tests/consumers/test_cuda_graphs_loop.py tests/consumers/test_precision.py -k "te_ or gpu" 2>&1 \
           | grep -v -E "warnings.warn|Warning:" | tee "$OUT/te_tests.log" | tail -25 ;;
       bench)
         timeout "${BENCH_TIMEOUT_S:-$(( ${BENCH_BUDGET_S:-330} + 60 ))}" \
           python3 benchmarks/gpu/run.py --out "$OUT/gpu.jsonl" --budget-s "${BENCH_BUDGET_S:-330}" ${BENCH_ARGS:-} \
           2>"$OUT/bench.stderr" | grep -E '"what": "(step|summary|optimizer|parity|peak|environment|profile)"' | cut -c1-400 ;;
       loop)
-        timeout "${LOOP_TIMEOUT_S:-150}" python3 benchmarks/gpu/train_loop.py --work /tmp/loop \
-          --out "$OUT/train_loop.jsonl" --timeout-s "${LOOP_RUN_TIMEOUT_S:-65}" 2>"$OUT/loop.stderr" \
+        timeout "${LOOP_TIMEOUT_S:-240}" python3 benchmarks/gpu/train_loop.py --work /tmp/loop \
+          --out "$OUT/train_loop.jsonl" --timeout-s "${LOOP_RUN_TIMEOUT_S:-65}" ${LOOP_ARGS:-} 2>"$OUT/loop.stderr" \
           | cut -c1-600 ;;
       produce)
         RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled} timeout "${PRODUCE_TIMEOUT_S:-540}" \

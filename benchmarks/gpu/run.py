@@ -17,7 +17,7 @@ the tail, never the head):
    ``torch.optim.AdamW(fused=True)`` on the bf16 parameters;
 3. ours with the training loop's own optimizer (`consumers.optimizer.DistributedOptimizer`: fp32
    main grads, fp32 master + moments): step time, the optimizer's share, and peak memory against
-   `megatron_qwenimage.accounting.memory_per_gpu` for the same layout;
+   the planner's `megatron_qwenimage.accounting.peak_memory_per_gpu` for the same layout;
 4. a profile of one FP8 step: GPU time by kernel class (GEMM, FP8 cast/transpose, attention,
    optimizer, other elementwise) and the top kernels;
 5. last at the main shape, per-block CUDA graphs (``ours_te_fp8_delayed_graphs``,
@@ -957,10 +957,12 @@ class GPURun:
             runner.fwd_bwd_only()
             opt_s = statistics.median(time_fn(lambda: opt.step(0), self.device, 1, 5))
             cfg = self.config
-            report = accounting.memory_per_gpu(
-                cfg, 1, 1, 1, shape.batch, shape.image_tokens, shape.text, params_dtype=self.dtype_name
+            # The planner's prediction (qwenimage plan / model-info): ZeRO-1 state, activations, the
+            # backward's working set and, under FP8, the FP8 weight copies.
+            peak = accounting.peak_memory_per_gpu(
+                cfg, 1, 1, 1, shape.batch, shape.image_tokens, shape.text, fp8="fp8" in name
             )
-            predicted = report.total_gib
+            predicted = peak["total"] / 2**30
             self.record(
                 what="optimizer",
                 variant=name,
