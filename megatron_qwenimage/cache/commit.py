@@ -17,6 +17,7 @@ died half-way is invisible, and `sweep_orphans` removes what it left.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -596,13 +597,14 @@ def sweep_orphans(
             if keep_all or partition_id in guarded or _is_referenced(refs, partition_id, attempt_id):
                 kept_referenced.append(rel)
                 continue
-            if record is not None or now - _attempt_started(storage, rel) >= grace_s:
-                storage.remove(rel)
+            if (record is not None or now - _attempt_started(storage, rel) >= grace_s) and _remove_unless_written(
+                storage, rel
+            ):
                 removed.append(rel)
             else:
                 kept.append(rel)
         if not storage.listdir(f"{ATTEMPTS_DIR}/{partition_id}"):
-            storage.remove(f"{ATTEMPTS_DIR}/{partition_id}")
+            _remove_unless_written(storage, f"{ATTEMPTS_DIR}/{partition_id}")
     if guarded:
         warnings.append(
             f"kept every attempt of partitions {sorted(guarded)}: their commit record is unreadable "
@@ -615,6 +617,24 @@ def sweep_orphans(
                 storage.remove(rel)
                 removed.append(rel)
     return SweepReport(removed, kept, kept_referenced, warnings)
+
+
+def _remove_unless_written(storage: CacheStorage, rel: str) -> bool:
+    """Remove the directory `rel`; False, leaving the rest of it, when something was written into
+    it while it was being removed (``ENOTEMPTY`` / ``EEXIST`` from the final ``rmdir``).
+
+    A losing attempt of a committed partition is removed at once, but its producer may still be
+    writing into it (it learns that it lost only when it tries to commit): the sweep must not fail
+    its own producer for that. What is left is swept by a later sweep.
+    """
+    try:
+        storage.remove(rel)
+        return True
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        log.info("sweep: %s changed while being removed (still being written); a later sweep removes it", rel)
+        return False
 
 
 def _attempt_started(storage: CacheStorage, attempt_dir: str) -> float:

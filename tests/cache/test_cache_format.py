@@ -237,6 +237,46 @@ def test_sweep_removes_dead_and_losing_attempts_but_not_live_ones(tmp_path):
     assert storage.listdir("attempts/p-done") == [won.record.attempt_id]
 
 
+def test_sweep_keeps_a_losing_attempt_still_being_written_and_removes_it_later(tmp_path, monkeypatch):
+    """Two producers: one commits a partition and sweeps while the other still writes its losing
+    attempt of it. The removal then meets files created after it listed the directory (the
+    final rmdir fails with ENOTEMPTY, as CI saw); the sweep keeps that attempt instead of failing
+    its producer, and the next sweep removes it."""
+    import errno
+
+    cache = init_cache(str(tmp_path / "c"))
+    storage = cache.storage
+    publish_partition(storage, "p-done", inputs=1, shards=[make_payload(Bucket(32, 32), 1, seed=1)])
+    loser = PartitionAttempt.start(storage, "p-done")
+    remove = type(storage).remove
+
+    def remove_while_written(self, rel):
+        if rel == loser.dir:
+            raise OSError(errno.ENOTEMPTY, "Directory not empty", self.path(rel))
+        remove(self, rel)
+
+    monkeypatch.setattr(type(storage), "remove", remove_while_written)
+    report = sweep_orphans(storage, grace_s=60)
+    assert loser.dir in report.kept_in_flight and loser.dir not in report.removed_attempts
+    assert storage.exists(loser.dir)
+    monkeypatch.setattr(type(storage), "remove", remove)
+    assert loser.dir in sweep_orphans(storage, grace_s=60).removed_attempts
+
+
+def test_sweep_still_raises_other_removal_errors(tmp_path, monkeypatch):
+    cache = init_cache(str(tmp_path / "c"))
+    storage = cache.storage
+    publish_partition(storage, "p-done", inputs=1, shards=[make_payload(Bucket(32, 32), 1, seed=1)])
+    PartitionAttempt.start(storage, "p-done")
+
+    def denied(self, rel):
+        raise PermissionError(13, "Permission denied", rel)
+
+    monkeypatch.setattr(type(storage), "remove", denied)
+    with pytest.raises(PermissionError):
+        sweep_orphans(storage, grace_s=60)
+
+
 def test_snapshots_are_pinned_and_immutable(tmp_path):
     cache = init_cache(str(tmp_path / "c"))
     with pytest.raises(CacheError, match="no manifest snapshot"):
