@@ -22,9 +22,10 @@ vae, text, pipeline, then the VAE variants that compile, so a time limit cuts th
   with each knob set of --vae-variants (channels_last, conv2d, compile): img/s, ratio to bare
   (target >= 1.3), first-call s (compilation), TorchDynamo graphs, and the largest latent
   difference from the bare encode of the same batch.
-* text: Qwen2.5-VL prompts/s: bare (tokenizer + forward with hidden states, as the producer calls
-  it), bare without the LM head (`model.model`, whose last hidden state is the same tensor), and
-  the producer's `TextEncoder.encode_t2i` (template, truncation, prefix drop, copies to the CPU).
+* text: Qwen2.5-VL prompts/s: bare (tokenizer + full forward with all hidden states, as diffusers'
+  QwenImagePipeline encodes prompts), bare without the LM head (`model.model`, whose last hidden
+  state is the same tensor), and the producer's `TextEncoder.encode_t2i` (template, truncation,
+  prefix drop, copies to the CPU; it skips the LM head too).
 
 Prints one JSON line after each part, each holding everything measured so far (the last line is
 the whole result); --out PATH keeps the latest of them in a file, so a run stopped by a time limit
