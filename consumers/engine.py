@@ -7,6 +7,7 @@ grad norm and learning rate. The same engine runs TP / SP / PP / DP and their co
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Sequence
@@ -189,10 +190,7 @@ class TrainEngine:
         inputs = self._inputs(step, microbatches, self.sigma_sampler)
         self.optimizer.zero_grad()
         if self.runner is None:
-            if self.graphs is not None:
-                with self.graphs.dispatching():
-                    local = run_local_microbatches(self.stages[0], inputs, gbs)
-            else:
+            with self.graphs.dispatching() if self.graphs is not None else contextlib.nullcontext():
                 local = run_local_microbatches(self.stages[0], inputs, gbs)
         else:
             local = broadcast_loss_from_last_stage(self.runner.run(inputs, gbs), self.pstate)

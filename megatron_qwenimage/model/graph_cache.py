@@ -75,9 +75,9 @@ class CapturedLayout:
 
 @dataclass
 class GraphCacheStats:
-    """Counters of a `BlockGraphCache` (training passes only; evaluation is not counted)."""
+    """Counters of a `BlockGraphCache` (training passes only; evaluation is not counted; the
+    captured layouts are `BlockGraphCache.layouts`)."""
 
-    layouts: int = 0  #: layouts captured
     replayed_passes: int = 0  #: forward passes run on captured graphs
     eager_passes: int = 0  #: forward passes run eagerly (warm-up, or a layout not captured)
     capture_s: float = 0.0  #: seconds spent capturing, in all
@@ -190,7 +190,6 @@ class BlockGraphCache:
         blocks = capture_blocks(self.model, calls, self.make_graphed_callables, **self.graph_kwargs)
         layout = CapturedLayout(signature, blocks, capture_s=time.perf_counter() - start)
         self.layouts[signature] = layout
-        self.stats.layouts = len(self.layouts)
         self.stats.capture_s += layout.capture_s
         log.info(
             "captured per-block CUDA graphs for %s in %.1f s (layout %d of at most %d)",
@@ -208,7 +207,6 @@ class BlockGraphCache:
         self.layouts.clear()
         self._seen.clear()
         self._pending = None
-        self.stats.layouts = 0
 
     # -- called by the first / every `_DispatchBlock` of a pass ------------------------------
     def _begin_pass(self, img, txt, temb, rope, keys) -> None:
