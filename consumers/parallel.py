@@ -3,8 +3,13 @@
 One `ParallelLayout` (TP x PP x DP, plus virtual pipeline stages) describes how the world is cut.
 `init_parallel` starts torch.distributed (gloo on CPU, nccl on GPU), asks megatron-core's
 ``parallel_state`` for the TP / PP / DP groups (rank order ``tp-cp-ep-dp-pp``: TP fastest) and
-builds a DeviceMesh ``(pp, dp, tp)`` over the same ranks; the mesh only carries placement metadata
+builds a DeviceMesh ``(pp, tp, dp)`` over the same ranks; the mesh only carries placement metadata
 for distributed checkpoints (DTensor), and `ParallelState` checks that its groups equal megatron's.
+
+The mesh's dimensions are ordered ``(pp, tp, dp)`` although the ranks are numbered TP fastest: a
+checkpoint tensor is sharded over TP first and then, inside each TP shard, over DP (ZeRO-1 owns a
+slice of the TP-local parameter), and DTensor applies placements in mesh-dimension order, which
+DeviceMesh only lets a sub-mesh keep when the dimensions ascend (``mesh["tp", "dp"]``).
 
 Nothing here is global besides megatron-core's own ``parallel_state``: the returned `ParallelState`
 is passed down explicitly.
@@ -257,7 +262,6 @@ def init_parallel(layout: ParallelLayout, backend: str | None = None) -> Paralle
     world destroys the previous megatron-core groups first (tests run several layouts in one launch).
     """
     from megatron.core import parallel_state as ps
-    from torch.distributed.device_mesh import init_device_mesh
 
     init_distributed(backend)
     world = dist.get_world_size()
@@ -275,7 +279,7 @@ def init_parallel(layout: ParallelLayout, backend: str | None = None) -> Paralle
         create_gloo_process_groups=False,
     )
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    mesh = init_device_mesh(device.type, (layout.pp, layout.dp, layout.tp), mesh_dim_names=("pp", "dp", "tp"))
+    mesh = checkpoint_mesh(device.type, layout)
     state = ParallelState(
         layout=layout,
         rank=dist.get_rank(),
@@ -292,6 +296,19 @@ def init_parallel(layout: ParallelLayout, backend: str | None = None) -> Paralle
     )
     _check_mesh_matches(state)
     return state
+
+
+def checkpoint_mesh(device_type: str, layout: ParallelLayout) -> torch.distributed.device_mesh.DeviceMesh:
+    """The DeviceMesh ``(pp, tp, dp)`` over the world's ranks numbered megatron's way (TP fastest).
+
+    Rank ``r`` sits at ``(pp, dp, tp)`` with ``r = (pp * dp_size + dp) * tp_size + tp``; the mesh
+    holds the same ranks with its last two dimensions swapped, so ``mesh["tp", "dp"]`` is a valid
+    (ascending) sub-mesh whose placements shard by TP first, then DP.
+    """
+    from torch.distributed.device_mesh import DeviceMesh
+
+    ranks = torch.arange(layout.world_size).reshape(layout.pp, layout.dp, layout.tp).permute(0, 2, 1)
+    return DeviceMesh(device_type, ranks, mesh_dim_names=("pp", "tp", "dp"))
 
 
 def _check_mesh_matches(state: ParallelState) -> None:
