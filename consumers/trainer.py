@@ -15,6 +15,7 @@ collective (`megatron_qwenimage.errors.mark_collective`) so that only rank 0 rep
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -31,6 +32,14 @@ from megatron_qwenimage.errors import UserError, collective, mark_collective
 log = logging.getLogger(__name__)
 
 
+def _job_store():
+    """The job's c10d store (the rendezvous store of the default process group), or None."""
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except (RuntimeError, ValueError, AttributeError):  # no default group, or a torch without it
+        return None
+
+
 def _any_rank_failed(failed: bool, device) -> bool:
     """One all-reduce over the world: whether `failed` is true on some rank."""
     flag = torch.tensor([1 if failed else 0], dtype=torch.int32, device=device)
@@ -45,11 +54,33 @@ class _StopRequest:
     another point, some between two collectives of a step, so the ranks could neither agree on
     a step nor save one. Repeated signals are one request (under torchrun a worker gets SIGTERM from
     Slurm and again from torchrun, which forwards it). Outside the main thread nothing is installed.
+
+    While the ranks wait for a tail cache no step ends, so the reader polls `requested_anywhere`
+    instead: a rank that noted a request publishes it in the job's c10d store (the rendezvous
+    store every rank already holds), so the ranks whose wait it did not reach learn it without a
+    collective (they are not in step with each other while they wait).
     """
 
-    def __init__(self) -> None:
+    #: The store key of a published request, per torchelastic restart (the store outlives restarts).
+    KEY = "qwenimage/stop-requested/{restart}"
+
+    def __init__(self, store=None) -> None:
         self.requested = False
         self._previous = None
+        self._store = store
+        self._key = self.KEY.format(restart=os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        self._published = False
+
+    def requested_anywhere(self) -> bool:
+        """Whether this rank or another noted a stop request (publishing this rank's); thread-safe."""
+        if self._store is None:
+            return self.requested
+        if self.requested:
+            if not self._published:
+                self._store.set(self._key, "1")
+                self._published = True
+            return True
+        return self._store.check([self._key])
 
     def _note(self, signum, frame) -> None:
         self.requested = True
@@ -72,6 +103,10 @@ class _StopRequest:
         from megatron_qwenimage.cli import Terminated
 
         raise Terminated()
+
+
+class _DataFailed(Exception):
+    """The reader failed step `Trainer.step` on every rank alike; ``__cause__`` is its error."""
 
 
 class Trainer:
@@ -217,7 +252,7 @@ class Trainer:
         """Read global step `step`, train it and log its metrics; False when the data has run out."""
         from consumers.data import broadcast_micro_batches, step_batches
         from megatron_qwenimage.accounting import step_model_flops
-        from megatron_qwenimage.data.reader import EndOfData
+        from megatron_qwenimage.data.reader import EndOfData, ReaderInterrupted
 
         cfg, pstate, reader = self.cfg, self.pstate, self.reader
         t0 = time.perf_counter()
@@ -227,6 +262,10 @@ class Trainer:
             if pstate.rank == 0:
                 log.info("data: the curriculum is complete after %d steps", step)
             return False
+        except ReaderInterrupted:
+            raise
+        except Exception as exc:  # raised by every rank alike: the reader agrees on each step's outcome
+            raise _DataFailed() from exc
         micro = broadcast_micro_batches(
             micro, group=pstate.model_parallel_group, src=pstate.data_source_rank, device=pstate.device
         )
@@ -272,18 +311,33 @@ class Trainer:
         does not stop a rank where it lands: the step it arrived in is finished, every rank agrees
         on the stop at the step's end (`_stop_agreed`), the checkpoint of that step is saved and
         committed (`_save_and_stop`), then `megatron_qwenimage.cli.Terminated` (exit 143) is raised.
-        A SIGTERM during the final save and export lets them finish.
+        A SIGTERM during the final save and export lets them finish. A SIGTERM while the ranks wait
+        for a tail cache ends the wait (`_StopRequest.requested_anywhere`) and stops the same way.
+
+        When the data fails (a tail timeout, a corrupted shard, data that cannot feed the config:
+        the reader raises it on every rank alike) the steps trained since the last checkpoint are
+        saved first (`_save_before_failing`); then the reader's error is raised (exit non-zero).
         """
         from consumers.engine import NonFiniteTrainingError
+        from megatron_qwenimage.data.reader import ReaderInterrupted
 
         stop_group = dist.new_group(backend="gloo")  # the per-step stop agreement never waits for the GPU
         try:
-            with _StopRequest() as stop:
+            with _StopRequest(_job_store()) as stop:
+                self.reader.set_interrupt(stop.requested_anywhere)
                 if self.validator is not None and self.step == 0:
                     self.metrics.emit(self.validator.validate(self.engine, 0))
                 for step in range(self.step, self.cfg.schedule.train_steps):
-                    if not self.train_step(step):
-                        break
+                    try:
+                        if not self.train_step(step):
+                            break
+                    except ReaderInterrupted:
+                        if self.pstate.rank == 0:
+                            log.info("SIGTERM while waiting for data before step %d", step)
+                        self._save_and_stop(stop)
+                    except _DataFailed as failed:
+                        self._save_before_failing(failed.__cause__)
+                        raise failed.__cause__ from None
                     self.step = step + 1
                     if self.checkpointer is not None:
                         self.checkpointer.save(self.step, self.engine, self._checkpoint_meta, last_step=False)
@@ -323,6 +377,22 @@ class Trainer:
             if self.pstate.rank == 0:
                 log.info("checkpoint of step %d committed in %s", self.step, self.cfg.checkpoint.dir)
         stop.raise_stop()
+
+    def _save_before_failing(self, error: BaseException) -> None:
+        """Commit the checkpoint of the steps trained so far (when one is due: not just saved, not
+        nothing trained since the resume) before the data error `error` ends the run, and say so."""
+        if self.checkpointer is None:
+            return
+        saved = self.checkpointer.save(self.step, self.engine, self._checkpoint_meta, last_step=True)
+        self.checkpointer.finalize()
+        if self.pstate.rank == 0:
+            if saved is not None:
+                what = f"checkpoint of step {self.step} committed in {self.cfg.checkpoint.dir}"
+            elif self.step == self.start_step:
+                what = f"nothing was trained since the run started at step {self.step}"
+            else:
+                what = f"the interval checkpoint of step {self.step} already holds every trained step"
+            log.error("the data failed before step %d (%s); %s; the run stops", self.step, type(error).__name__, what)
 
     def _export(self) -> None:
         """Rank 0 writes the final checkpoint as a diffusers directory (``schedule.export_diffusers``)."""

@@ -60,6 +60,18 @@ class ReaderStopped(Exception):
     """The reader was closed while the planner waited for data (internal)."""
 
 
+class ReaderInterrupted(Exception):
+    """The run asked to stop (SIGTERM on some rank) while the planner waited for a tail cache.
+
+    Not an error of the data: the trainer saves what it has trained and stops as it does for a
+    SIGTERM between steps. Raised on every rank alike (`CacheReader.next_global_step` agrees on it).
+    """
+
+
+def _never() -> bool:
+    return False
+
+
 def stable_tag(text: str) -> int:
     """A process-independent integer for `text` (seeds rngs per cache/kind/bucket name)."""
     return zlib.crc32(text.encode())
@@ -342,6 +354,11 @@ class Planner:
         catalogs: one `CacheCatalog` per `config.caches` entry, by name.
         stop: set to interrupt a tail wait (raises `ReaderStopped`).
         clock: monotonic seconds, for the tail timeout.
+
+    Attributes:
+        interrupt: polled before each look for a newer snapshot while a tail cache waits (every
+            ``tail_poll_s``); when it returns True the wait ends with `ReaderInterrupted`. The
+            trainer sets it to "some rank has a stop request" (`CacheReader.set_interrupt`).
     """
 
     def __init__(
@@ -357,6 +374,7 @@ class Planner:
         self.config = config
         self.catalogs = catalogs
         self.stop = stop or threading.Event()
+        self.interrupt: Callable[[], bool] = _never
         self.clock = clock
         self.agreement = agreement or SingleProcess()
         self.step = 0
@@ -545,6 +563,10 @@ class Planner:
                     self.config.tail_timeout_s,
                 )
                 waiting = True
+            if self.interrupt():
+                raise ReaderInterrupted(
+                    f"{what}; a stop was requested while waiting for a newer snapshot (step {self.step})"
+                )
             if self.stop.wait(min(self.config.tail_poll_s, remaining)):
                 raise ReaderStopped()
 

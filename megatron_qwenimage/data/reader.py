@@ -45,6 +45,7 @@ from megatron_qwenimage.data.mixing import (
     EndOfData,
     Planner,
     ReaderError,
+    ReaderInterrupted,
     ReaderStopped,
     SampleRef,
     StepPlan,
@@ -68,6 +69,7 @@ __all__ = [
     "MicroBatch",
     "ReaderConfig",
     "ReaderError",
+    "ReaderInterrupted",
     "ShardChecksumError",
     "StageConfig",
     "StepPlan",
@@ -233,6 +235,17 @@ class _Failed:
         self.exc = exc
 
 
+def _outcome_code(failure: Exception | None) -> int:
+    """The code of a step's load outcome that the ranks gather (`CacheReader._agree_on_outcome`)."""
+    if failure is None:
+        return 0
+    if isinstance(failure, EndOfData):
+        return 1
+    if isinstance(failure, ReaderInterrupted):
+        return 3
+    return 2
+
+
 class CacheReader:
     """The micro-batches of this data-parallel rank, one optimizer step at a time.
 
@@ -248,7 +261,8 @@ class CacheReader:
 
     Raises from `next_global_step`: `EndOfData` when the curriculum is done (iteration stops),
     `ShardChecksumError` naming a corrupted shard, `TailTimeoutError` naming a cache that stopped
-    growing, `ReaderError` for data that cannot feed the config.
+    growing, `ReaderError` for data that cannot feed the config, `ReaderInterrupted` when the
+    `set_interrupt` callable asked to stop while a tail cache waited (on every rank alike).
     """
 
     def __init__(
@@ -300,17 +314,21 @@ class CacheReader:
         q = self._queue
         try:
             while not self._stop.is_set():
-                item = self._load()
-                while not self._stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
+                self._hand_over(q, self._load())
         except ReaderStopped:
             return
         except BaseException as exc:  # handed to the consumer, raised there
-            q.put(_Failed(exc))
+            self._hand_over(q, _Failed(exc))
+
+    def _hand_over(self, q: queue.Queue, item) -> None:
+        """Queue `item` for `next_global_step`; give up when the reader shuts down meanwhile (a full
+        queue must not keep the thread, and `close`, waiting: a stop raises while steps are queued)."""
+        while not self._stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
 
     def _start(self) -> None:
         self._stop.clear()
@@ -326,6 +344,15 @@ class CacheReader:
         self._stop.clear()
 
     # ------------------------------------------------------------------ public API
+    def set_interrupt(self, interrupt) -> None:
+        """Poll `interrupt()` (no arguments; True: stop) while a tail cache waits for a snapshot.
+
+        It is called from the prefetch thread too (every ``data.tail_poll_s`` of a wait), so it
+        must be cheap and thread-safe. The wait then ends with `ReaderInterrupted` on this rank, and
+        `next_global_step` raises it on every rank of the agreement.
+        """
+        self._planner.interrupt = interrupt
+
     def next_global_step(self) -> list[MicroBatch]:
         """This rank's micro-batches of the next optimizer step (all of one bucket and task);
         ``[]`` when the reader was built with ``read_samples=False``.
@@ -358,14 +385,29 @@ class CacheReader:
         return item
 
     def _agree_on_outcome(self, step: int, failure: Exception | None) -> None:
-        """Every rank learns whether every rank loaded step `step` (one small gather per step)."""
-        code = 0 if failure is None else 1 if isinstance(failure, EndOfData) else 2
+        """Every rank learns whether every rank loaded step `step` (one small gather per step).
+
+        Outcome codes: 0 loaded, 1 end of data, 2 a failure, 3 interrupted by a stop request. A
+        failure on any rank wins (every rank raises it); otherwise an interruption on any rank stops
+        every rank with `ReaderInterrupted`, even those that loaded the step (its samples are dropped:
+        `state_dict` still stands after the last step returned, which is what a checkpoint saves).
+        """
+        code = _outcome_code(failure)
         codes = self._agreement.gather_int(code)
         if not any(codes):
             return
         if set(codes) == {1}:  # the curriculum ended on every rank alike
             self._terminal = failure
             raise failure
+        if 2 not in codes and 3 in codes:
+            first = codes.index(3)
+            self._terminal = (
+                failure
+                if code == 3
+                else ReaderInterrupted(f"step {step}: rank {first} stopped waiting for data on a stop request")
+            )
+            self._shutdown()
+            raise self._terminal
         messages = self._agreement.gather_object(
             None if failure is None else f"{type(failure).__name__}: {' '.join(str(failure).split())}"
         )
