@@ -413,6 +413,8 @@ class CacheReader:
         )
         if failure is not None and code == 2:
             self._terminal = failure
+            if set(codes) == {2} and len(set(messages)) == 1:  # every rank failed alike (a tail timeout)
+                failure.collective = True  # rank 0 reports it for all
         else:
             first = next(r for r, c in enumerate(codes) if c)
             self._terminal = ReaderError(

@@ -9,6 +9,8 @@ import os
 import socket
 import subprocess
 import sys
+import threading
+import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
@@ -136,11 +138,28 @@ def write_cache(
     Latents are 16-channel (tiny VAE), text 32-dim (tiny text encoder), i.e. model `tiny-16ch`.
     `distinct`: only this many different (latent, text) contents, repeated (ids stay unique).
     """
-    from megatron_qwenimage.cache import Bucket, SampleMeta, ShardTensors, init_cache
+    from megatron_qwenimage.cache import init_cache
+
+    cache = init_cache(str(path))
+    _publish(cache, partition, samples_per_bucket, buckets, edit=edit, seed=seed, distinct=distinct)
+    return str(path)
+
+
+def grow_cache(path, partition: str, *, samples_per_bucket: int = 8, buckets=((32, 32),), seed: int = 1) -> int:
+    """Commit one more partition of `write_cache`-like samples to the cache at `path` and publish a
+    snapshot, as a producer does while a ``tail`` consumer trains; returns the new snapshot version."""
+    from megatron_qwenimage.cache import open_cache
+
+    return _publish(open_cache(str(path)), partition, samples_per_bucket, buckets, seed=seed).version
+
+
+def _publish(cache, partition: str, samples_per_bucket: int, buckets, *, edit=0, seed=0, distinct=None):
+    """Commit partition `partition` (one shard per bucket, random samples drawn from `seed`) to
+    `cache`, then publish a snapshot; returns it."""
+    from megatron_qwenimage.cache import Bucket, SampleMeta, ShardTensors
     from megatron_qwenimage.cache.shard_format import offsets_from_lengths
     from megatron_qwenimage.cache.writer import ShardPayload, publish_partition
 
-    cache = init_cache(str(path))
     g = torch.Generator().manual_seed(seed)
     payloads = []
     for bh, bw in buckets:
@@ -188,8 +207,7 @@ def write_cache(
             )
         )
     assert publish_partition(cache.storage, partition, inputs=len(buckets) * samples_per_bucket, shards=payloads).won
-    cache.create_snapshot()
-    return str(path)
+    return cache.create_snapshot()
 
 
 def run_config(
@@ -307,6 +325,39 @@ def launch_train(config: Path, *, entry: Sequence[str] = CONSUMERS_TRAIN, nproc:
         text=True,
         start_new_session=True,
     )
+
+
+class JobOutput:
+    """The merged output of a `launch_train` job, read line by line in a thread as it runs, so a
+    test can wait for a log line (`wait_for`) without blocking the job on a full pipe."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc = proc
+        self.lines: list[str] = []
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, needle: str, timeout: float = 240) -> None:
+        """Wait until a line containing `needle` was printed (fails if the job ends first)."""
+        deadline = time.monotonic() + timeout
+        while not any(needle in line for line in list(self.lines)):
+            assert self.proc.poll() is None or self._thread.is_alive(), f"ended before {needle!r}:\n{self.text[-3000:]}"
+            assert time.monotonic() < deadline, f"no {needle!r} within {timeout}s:\n{self.text[-3000:]}"
+            time.sleep(0.05)
+
+    def wait(self, timeout: float = 300) -> int:
+        """Wait for the job to end; returns its exit code."""
+        self.proc.wait(timeout=timeout)
+        self._thread.join(timeout=30)
+        return self.proc.returncode
 
 
 def wait_success(proc: subprocess.Popen, timeout: float = 300) -> str:
