@@ -217,18 +217,107 @@ def resolve_encoders_dir(spec: str) -> Path:
     return path
 
 
-def encoder_version(directory: str | os.PathLike) -> str:
-    """Short fingerprint of the encoders: their configs, weight file names and sizes, templates."""
-    root = Path(directory)
+#: Weight files are hashed in chunks of this many bytes (constant memory, any file size).
+HASH_CHUNK_BYTES = 8 << 20
+#: Version of the digest sidecar's layout; a sidecar of another version is ignored and rewritten.
+DIGEST_SIDECAR_VERSION = 1
+
+
+def digest_sidecar_path(directory: str | os.PathLike) -> Path:
+    """Where the file digests of the encoder `directory` are remembered between runs: one small JSON
+    per directory under ``$XDG_CACHE_HOME/megatron-qwenimage/encoder-digests/`` (default
+    ``~/.cache``), named by the directory's absolute path, so a read-only model directory works."""
+    cache = os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
+    key = hashlib.sha256(os.fsencode(os.path.abspath(directory))).hexdigest()[:32]
+    return Path(cache) / "megatron-qwenimage" / "encoder-digests" / f"{key}.json"
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 (hex) of the file's bytes, read in `HASH_CHUNK_BYTES` chunks (~0.7 GB/s on one core)."""
     h = hashlib.sha256()
-    for path in sorted(root.rglob("*")):
-        if not path.is_file() or path.name == TINY_MARKER:
-            continue
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK_BYTES):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _stat_key(st: os.stat_result) -> list[int]:
+    """What must be unchanged for a remembered digest to stand: size (bytes), mtime and ctime (ns),
+    inode. Any write to a file moves its ctime, which no user call can set back (unlike mtime)."""
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def _read_sidecar(path: Path) -> dict[str, dict]:
+    """The remembered ``{relative path: {"stat": [...], "sha256": hex}}``; empty when missing or unusable."""
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(d, dict) or d.get("version") != DIGEST_SIDECAR_VERSION or not isinstance(d.get("files"), dict):
+        return {}
+    return d["files"]
+
+
+def _write_sidecar(path: Path, files: dict[str, dict]) -> None:
+    """Replace the sidecar atomically; a cache directory that cannot be written only costs a re-hash."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({"version": DIGEST_SIDECAR_VERSION, "files": files}, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+
+
+def encoder_files(root: Path) -> list[Path]:
+    """The files under `root` that make up the encoders, sorted: every file but `TINY_MARKER` and
+    hidden ones (a name starting with ``.`` anywhere in the path, e.g. the ``.cache/huggingface/``
+    download metadata that ``from_pretrained`` never reads)."""
+    return [
+        path
+        for path in sorted(root.rglob("*"))
+        if path.is_file()
+        and path.name != TINY_MARKER
+        and not any(part.startswith(".") for part in path.relative_to(root).parts)
+    ]
+
+
+def file_digests(directory: str | os.PathLike) -> dict[str, str]:
+    """Relative path -> SHA-256 of the bytes of every file of `encoder_files(directory)`.
+
+    Each digest is remembered in `digest_sidecar_path` under the file's `_stat_key`: a file whose
+    size, mtime, ctime and inode are unchanged is not read again, so only the first run after the
+    weights change pays for hashing them (about 25 s for the 16 GB of Qwen-Image's text encoder).
+    """
+    root = Path(directory)
+    sidecar = digest_sidecar_path(root)
+    remembered = _read_sidecar(sidecar)
+    files: dict[str, dict] = {}
+    for path in encoder_files(root):
         rel = path.relative_to(root).as_posix()
-        if path.suffix == ".json" and path.stat().st_size < (1 << 20):
-            h.update(rel.encode() + b"\0" + path.read_bytes())
+        key = _stat_key(path.stat())
+        known = remembered.get(rel)
+        if isinstance(known, dict) and known.get("stat") == key and isinstance(known.get("sha256"), str):
+            files[rel] = known
         else:
-            h.update(f"{rel}\0{path.stat().st_size}".encode())
+            files[rel] = {"stat": key, "sha256": file_digest(path)}
+    if files != remembered:
+        _write_sidecar(sidecar, files)
+    return {rel: entry["sha256"] for rel, entry in files.items()}
+
+
+def encoder_version(directory: str | os.PathLike) -> str:
+    """Short fingerprint (16 hex digits) of the encoders: the content of every file under
+    `directory` (configs, tokenizer, every weight file, byte for byte) and the prompt templates.
+
+    Each file enters as its relative path and the SHA-256 of its bytes (`file_digests`), so any
+    changed tensor value changes the fingerprint, while the same files in another directory give
+    the same one. Digests are remembered per file under its size, mtime, ctime and inode, so
+    unchanged weights are hashed once, not on every run.
+    """
+    h = hashlib.sha256()
+    for rel, digest in file_digests(directory).items():
+        h.update(rel.encode() + b"\0" + digest.encode() + b"\0")
     h.update(T2I_TEMPLATE.encode() + EDIT_TEMPLATE.encode())
     return h.hexdigest()[:16]
 
