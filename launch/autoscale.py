@@ -617,27 +617,47 @@ class ProducerPoolActuator:
     """Encoder capacity as the actors per pool of a running ``qwenimage produce``.
 
     `resize` writes the cache's pool-control file (`producers.pool_control`: the same size for each
-    pool in `pools`, with the controller's reason); the producer runs its next window of partitions
-    with exactly that many actors per pool, clamped to the pool's own ``--vae-actors`` /
-    ``--text-actors`` bounds (``--window-partitions`` sets how soon that is). On a cluster with a Ray
-    autoscaler the actors the producer cannot place are the resource demand that adds nodes.
-    `current` is the size last written (the file's, so a restarted controller continues from it),
-    else `initial`. Nothing is written before the producer created the cache (`ActuatorError`: the
-    controller backs off and tries again). One controller per cache: the file has one writer.
+    pool in `pools`, with the controller's reason, leased for `lease_s` seconds); the producer runs
+    its next window of partitions with exactly that many actors per pool, clamped to the pool's own
+    ``--vae-actors`` / ``--text-actors`` bounds (``--window-partitions`` sets how soon that is). On a
+    cluster with a Ray autoscaler the actors the producer cannot place are the resource demand that
+    adds nodes. `refresh` (every observation) renews the lease, so the file expires, and the
+    producer falls back to its own bounds, only once this controller stops.
+
+    `current` is the size the producer really runs: its ``status.json`` publishes each pool's size
+    after clamping (``pool_bounds``) with the control file version it applied
+    (``pool_control_version``); once that is the file's version, the largest controlled pool's size
+    there; until then the size the file asks for (a restarted controller continues from it); with
+    no live file (none, unreadable, another format, expired) `initial`. Nothing is written before
+    the producer created the cache (`ActuatorError`: the controller backs off and tries again). One
+    controller per cache: the file has one writer.
     """
 
     name = "producer-pools"
 
-    def __init__(self, cache: str, pools: Sequence[str] = ("vae", "text"), *, initial: int = 1) -> None:
+    def __init__(
+        self,
+        cache: str,
+        pools: Sequence[str] = ("vae", "text"),
+        *,
+        initial: int = 1,
+        lease_s: float | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         from megatron_qwenimage.cache.storage import CacheStorage
-        from producers.pool_control import POOL_NAMES
+        from producers.pool_control import DEFAULT_LEASE_S, POOL_NAMES
 
         unknown = sorted(set(pools) - set(POOL_NAMES))
         if not pools or unknown:
             raise ConfigError(f"ProducerPoolActuator: pools={list(pools)!r}: expected some of {list(POOL_NAMES)}")
+        lease_s = DEFAULT_LEASE_S if lease_s is None else lease_s
+        if isinstance(lease_s, bool) or not isinstance(lease_s, (int, float)) or not 0 < lease_s < math.inf:
+            raise ConfigError(f"ProducerPoolActuator: lease_s={lease_s!r}: expected a finite number of seconds > 0")
         self.storage = CacheStorage(cache)
         self.pools = tuple(pools)
         self.initial = initial
+        self.lease_s = float(lease_s)
+        self.clock = clock
 
     def current(self) -> int:
         from producers.pool_control import read_pool_target
@@ -647,8 +667,37 @@ class ProducerPoolActuator:
         except (ConfigError, OSError) as exc:
             log.warning("autoscale: cannot read the pool target (%s); assuming %d", exc, self.initial)
             return self.initial
-        sizes = [target.sizes[p] for p in self.pools if p in target.sizes] if target is not None else []
-        return max(sizes) if sizes else self.initial
+        if target is None or target.expired(self.clock()):
+            return self.initial
+        applied = self.applied_sizes(target.version)
+        sizes = applied if applied is not None else target.sizes
+        named = [sizes[p] for p in self.pools if p in sizes]
+        return max(named) if named else self.initial
+
+    def applied_sizes(self, version: int) -> dict[str, int] | None:
+        """Pool -> actors the producer runs under control file `version`, from its ``status.json``
+        (the pools it runs at one fixed size); None while it runs another version (not applied
+        yet) or has no readable status."""
+        from megatron_qwenimage.monitor.snapshot import (
+            STATUS_FILE,
+            MonitorError,
+            check_status,
+            count,
+            read_json_object,
+        )
+
+        try:
+            raw = read_json_object(self.storage, STATUS_FILE, "the producer status")
+        except (MonitorError, OSError) as exc:
+            log.debug("autoscale: cannot read the producer status (%s)", exc)
+            return None
+        if raw is None:
+            return None
+        status, _ = check_status(raw)
+        bounds = status.get("pool_bounds")
+        if status.get("pool_control_version") != version or not isinstance(bounds, dict):
+            return None
+        return {pool: count(lo) for pool, (lo, hi) in bounds.items() if lo == hi}
 
     def resize(self, target: int, reason: str = "") -> int:
         from megatron_qwenimage.cache.manifest import CACHE_INFO_FILE
@@ -660,10 +709,16 @@ class ProducerPoolActuator:
                 raise ActuatorError(
                     f"{self.storage.url} is not a cache yet (no {CACHE_INFO_FILE}): the producer creates it"
                 )
-            write_pool_target(self.storage, dict.fromkeys(self.pools, target), reason=reason)
+            write_pool_target(self.storage, dict.fromkeys(self.pools, target), reason=reason, lease_s=self.lease_s)
         except OSError as exc:
             raise ActuatorError(f"writing the pool target to {self.storage.url} failed: {exc}") from exc
         return target
 
     def refresh(self) -> None:
-        pass
+        """Renew the lease of the live target (nothing when there is none or it expired)."""
+        from producers.pool_control import renew_pool_target
+
+        try:
+            renew_pool_target(self.storage, now=self.clock())
+        except OSError as exc:
+            log.warning("autoscale: renewing the pool target in %s failed: %s", self.storage.url, exc)

@@ -5,8 +5,8 @@ Reads the run's own files (the cache's commits and ``status.json``, the consumer
 encoder capacity through one actuator:
 
 * ``pools`` (default): the actors per pool of the running ``qwenimage produce`` (the cache's
-  ``control/pools.json``, applied at its next window); bounds default to the producer's own
-  ``vae_actors`` MIN:MAX;
+  ``control/pools.json``, applied at its next window, leased for `pool_lease_s` and renewed every
+  observation); bounds default to the producer's own ``vae_actors`` MIN:MAX;
 * ``slurm-workers``: extra Slurm jobs, each a Ray worker node joining the producers' Ray head
   (``--head-address``, default ``$QWENIMAGE_RAY_ADDRESS``, else ``producer.ray_address``, else
   ``run_dir/slurm/ray-address``, which the producer job writes once its cluster is up); bounds
@@ -248,6 +248,19 @@ def resolve(args, spec) -> tuple[dict[str, Any], ScalingPolicy]:
     return values, policy
 
 
+#: Observations a pools target outlives unrenewed before the producer drops it (a few failed
+#: observations never let it lapse; a stopped controller's does within this many intervals).
+LEASE_OBSERVATIONS = 10
+
+
+def pool_lease_s(interval_s: float) -> float:
+    """Seconds the pools actuator's control file stands unrenewed: `producers.pool_control.
+    DEFAULT_LEASE_S`, or `LEASE_OBSERVATIONS` observation intervals (`interval_s`) if that is longer."""
+    from producers.pool_control import DEFAULT_LEASE_S
+
+    return max(DEFAULT_LEASE_S, LEASE_OBSERVATIONS * interval_s)
+
+
 def build_controller(args, spec, on_decision=None) -> tuple[LeadTimeController, dict[str, Any]]:
     """The controller with the policy and actuator of `resolve`, and the settings it used;
     `on_decision` is called with each change."""
@@ -255,7 +268,9 @@ def build_controller(args, spec, on_decision=None) -> tuple[LeadTimeController, 
     opts = spec.run.producer.options
     if values["actuator"] == "pools":
         pools = tuple(p.strip() for p in values["pools"].split(",") if p.strip())
-        actuator = ProducerPoolActuator(spec.run.cache, pools, initial=policy.min_size)
+        actuator = ProducerPoolActuator(
+            spec.run.cache, pools, initial=policy.min_size, lease_s=pool_lease_s(values["interval_s"])
+        )
     elif values["actuator"] == "slurm-workers":
         head = args.head_address or os.environ.get("QWENIMAGE_RAY_ADDRESS") or spec.producer.ray_address
         written = Path(spec.run.run_dir) / SCRIPT_DIR / RAY_ADDRESS_FILE

@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import re
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -298,6 +299,7 @@ def test_the_command_resizes_a_producers_pools_from_the_runs_files(tmp_path, cap
     assert "at its maximum 3; holding" in err  # the third observation: pinned at the bound, said once
     target = read_pool_target(CacheStorage(cache))
     assert (dict(target.sizes), target.version) == ({"vae": 3, "text": 3}, 2) and "< low 10 s" in target.reason
+    assert target.lease_s == 600.0 and not target.expired(time.time())  # renewed by each observation
     records = [
         json.loads(line) for line in (tmp_path / "run" / "autoscale" / "decisions.jsonl").read_text().splitlines()
     ]
