@@ -49,7 +49,8 @@ def register(subparsers) -> None:
         "snapshot",
         help="store a new manifest snapshot of everything committed",
         description="Write manifest/snapshots/vN.json listing all committed shards (no-op if "
-        "unchanged); unreadable commit records are left out with a warning.",
+        "unchanged). A commit record that cannot be read is refused, naming it, and nothing is written: "
+        "run `qwenimage cache repair` first.",
     )
     s.add_argument("cache", metavar="CACHE", help="cache directory or fsspec URL")
     s.set_defaults(func=run_snapshot)
@@ -64,7 +65,8 @@ def register(subparsers) -> None:
         "--grace",
         metavar="SECONDS",
         default="3600",
-        help="only uncommitted attempts older than this many seconds, a number >= 0 (default 3600)",
+        help="only uncommitted attempts idle this many seconds (nothing inside written since), a number >= 0 "
+        "(default 3600)",
     )
     w.set_defaults(func=run_sweep)
     r = csub.add_parser(
@@ -115,7 +117,7 @@ def _grace_flag(value: str) -> float:
     if not math.isfinite(grace) or grace < 0:
         raise CacheFlagError(
             f"--grace {value!r}: expected a finite number of seconds >= 0 (uncommitted attempts "
-            "younger than this may belong to a live producer and are kept)"
+            "written to more recently than this may belong to a live producer and are kept)"
         )
     return grace
 

@@ -30,6 +30,7 @@ from megatron_qwenimage.cache.manifest import (
     ShardChecksumError,
     Snapshot,
     SnapshotError,
+    SnapshotRefusedError,
     init_cache,
     open_cache,
 )
@@ -54,6 +55,7 @@ __all__ = [
     "ShardTensors",
     "Snapshot",
     "SnapshotError",
+    "SnapshotRefusedError",
     "VerifyReport",
     "init_cache",
     "open_cache",

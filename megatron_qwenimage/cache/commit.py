@@ -42,7 +42,8 @@ ATTEMPT_INFO_FILE = "attempt.json"
 #: never deleted: by `qwenimage cache repair`, or by a producer that re-produces the partition.
 QUARANTINE_DIR = "quarantine"
 QUARANTINED_COMMITS_DIR = f"{QUARANTINE_DIR}/commits"
-#: Orphans younger than this are left alone by default: they may belong to a live producer.
+#: Orphans active (written to) within this many seconds are left alone by default: they may belong to
+#: a live producer.
 DEFAULT_SWEEP_GRACE_S = 3600.0
 #: ``attempts/<partition>/<attempt>`` inside any JSON text (a record or snapshot that cannot be parsed).
 _ATTEMPT_DIR_IN_TEXT = re.compile(rb'attempts/([^/"\\\s]+)/([^/"\\\s]+)')
@@ -306,15 +307,26 @@ def list_commits(storage: CacheStorage, *, strict: bool = False) -> list[CommitR
     return records
 
 
-def unreadable_commits(storage: CacheStorage) -> dict[str, Exception]:
-    """Partition id -> the error of every commit record that cannot be used."""
+def read_all_commits(storage: CacheStorage) -> tuple[list[CommitRecord], dict[str, Exception]]:
+    """Every readable commit record (sorted by partition id) and, partition id -> error, every
+    record that cannot be used; nothing is logged (the caller decides what an unreadable record
+    means). A record that vanishes between the listing and its read is in neither."""
+    records: list[CommitRecord] = []
     bad: dict[str, Exception] = {}
     for partition_id in commit_record_names(storage):
         try:
-            read_commit(storage, partition_id, strict=True)
+            record = read_commit(storage, partition_id, strict=True)
         except (CommitRecordError, CachePathError) as exc:
             bad[partition_id] = exc
-    return bad
+            continue
+        if record is not None:
+            records.append(record)
+    return records, bad
+
+
+def unreadable_commits(storage: CacheStorage) -> dict[str, Exception]:
+    """Partition id -> the error of every commit record that cannot be used."""
+    return read_all_commits(storage)[1]
 
 
 def quarantine_commit(
@@ -482,7 +494,7 @@ class PartitionAttempt:
 class SweepReport:
     """What `sweep_orphans` removed and kept (cache-relative attempt directories).
 
-    `kept_in_flight`: uncommitted attempts younger than the grace period; `kept_referenced`: old or
+    `kept_in_flight`: uncommitted attempts active within the grace period; `kept_referenced`: idle or
     losing attempts that a snapshot or quarantined record still names (or that belong to a partition
     with an unreadable commit record), so they are kept; `warnings`: why some were kept.
     """
@@ -502,7 +514,7 @@ def check_grace(grace_s: object, what: str = "sweep grace_s") -> float:
     if isinstance(grace_s, bool) or not math.isfinite(value) or value < 0:
         raise SweepError(
             f"{what} = {grace_s!r}: expected a finite number of seconds >= 0 (an uncommitted "
-            "attempt younger than this may belong to a live producer and is kept)"
+            "attempt written to more recently than this may belong to a live producer and is kept)"
         )
     return value
 
@@ -542,8 +554,9 @@ def sweep_orphans(
 
     * attempts of a committed partition other than the winner: removed at once (they can
       no longer commit);
-    * attempts of an uncommitted partition: removed once older than `grace_s` seconds (a dead
-      attempt); younger ones may belong to a live producer and are kept.
+    * attempts of an uncommitted partition: removed once idle for `grace_s` seconds, judged by
+      the newest modification time of anything inside the attempt (a dead attempt); one written
+      to more recently may belong to a live producer, however long ago it started, and is kept.
     * stray temporary files of the exclusive create in ``commits/`` older than `grace_s`.
 
     Never removed, whatever their age: an attempt that any commit record or any snapshot
@@ -597,7 +610,7 @@ def sweep_orphans(
             if keep_all or partition_id in guarded or _is_referenced(refs, partition_id, attempt_id):
                 kept_referenced.append(rel)
                 continue
-            if (record is not None or now - _attempt_started(storage, rel) >= grace_s) and _remove_unless_written(
+            if (record is not None or now - _attempt_last_active(storage, rel) >= grace_s) and _remove_unless_written(
                 storage, rel
             ):
                 removed.append(rel)
@@ -637,15 +650,17 @@ def _remove_unless_written(storage: CacheStorage, rel: str) -> bool:
         return False
 
 
-def _attempt_started(storage: CacheStorage, attempt_dir: str) -> float:
-    """Start time of an attempt; an attempt without a readable info file counts as ancient."""
+def _attempt_last_active(storage: CacheStorage, attempt_dir: str) -> float:
+    """When an attempt was last active (seconds since the epoch): the newest modification time of
+    its directory or of anything inside it, so a slow attempt that still writes is live however
+    long ago it started. Where the filesystem reports no times, its ``attempt.json`` start time;
+    0.0 (long dead) when neither is known."""
+    newest = storage.newest_modified(attempt_dir)
+    if newest is not None:
+        return newest
     try:
         return float(json.loads(storage.read_bytes(f"{attempt_dir}/{ATTEMPT_INFO_FILE}"))["started_unix"])
-    except (FileNotFoundError, ValueError, KeyError):
-        pass
-    try:  # info not written yet (or lost): fall back to the directory's own age
-        return storage.fs.modified(storage.path(attempt_dir)).timestamp()
-    except (FileNotFoundError, NotImplementedError, OSError, AttributeError):
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
         return 0.0
 
 

@@ -37,6 +37,7 @@ from megatron_qwenimage.cache.commit import (
     attempt_dirs_in_text,
     commit_path,
     list_commits,
+    read_all_commits,
     referenced_attempt_dirs,
 )
 from megatron_qwenimage.cache.shard_format import (
@@ -267,6 +268,26 @@ class SnapshotError(CacheError):
     """A snapshot file exists but cannot be used (not JSON, not the snapshot schema); names it."""
 
 
+class SnapshotRefusedError(CacheError):
+    """No snapshot was written: it would have left out committed shards (names the records)."""
+
+
+def refuse_unreadable_commits(storage: CacheStorage, unreadable: dict[str, Exception]) -> None:
+    """`SnapshotRefusedError` naming the `unreadable` commit records (partition id -> error), if any:
+    a snapshot without them would silently drop the shards they commit, which older snapshots (and
+    the readers that move to the newest one) may hold."""
+    if not unreadable:
+        return
+    paths = [storage.path(commit_path(p)) for p in sorted(unreadable)]
+    named = ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
+    raise SnapshotRefusedError(
+        f"cache {storage.url}: no snapshot written: {len(paths)} commit record(s) cannot be read ({named}), "
+        "and a snapshot without them would lose their committed shards; `qwenimage cache verify` says why, "
+        f"`qwenimage cache repair {storage.url}` moves them to {QUARANTINE_DIR}/commits/ and restores each "
+        "one an older snapshot holds; then snapshot again"
+    )
+
+
 def read_snapshot(storage: CacheStorage, version: int) -> Snapshot:
     """Snapshot `version`, checked whole.
 
@@ -401,11 +422,15 @@ class Cache:
         """Store a new snapshot of all commit records, unless the newest one already has them all.
 
         Versions are allocated by exclusive create, so concurrent producers never overwrite one
-        another's snapshot, and never reuse the number of a quarantined one. Unreadable commit
-        records are left out (a warning names each); if the newest snapshot cannot be read, a new
-        one is written after it (a warning names it).
+        another's snapshot, and never reuse the number of a quarantined one. If the newest snapshot
+        cannot be read, a new one is written after it (a warning names it).
+
+        Raises:
+            SnapshotRefusedError: a commit record cannot be read (naming each): a snapshot without it
+                would lose committed shards, so nothing is written (`qwenimage cache repair` first).
         """
-        records = self.committed()
+        records, unreadable = read_all_commits(self.storage)
+        refuse_unreadable_commits(self.storage, unreadable)
         while True:
             versions = self.snapshot_versions()
             if versions:

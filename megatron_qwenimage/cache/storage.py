@@ -20,6 +20,7 @@ import posixpath
 import re
 import uuid
 from collections.abc import Iterator
+from datetime import datetime, timezone
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -159,6 +160,20 @@ class CacheStorage:
             if stripped.startswith(base + "/"):
                 yield stripped[len(base) + 1 :]
 
+    def newest_modified(self, relpath: str) -> float | None:
+        """Newest modification time (seconds since the epoch) of `relpath` and of every file and
+        directory under it: when anything there was last written, created or removed. None when
+        it does not exist or the filesystem reports no times."""
+        full = self.path(relpath)
+        try:
+            found = self.fs.find(full, withdirs=True, detail=True)
+            if not found and self.fs.exists(full):  # a plain file, or a backend that lists no root
+                found = {full: self.fs.info(full)}
+        except FileNotFoundError:
+            return None
+        times = [t for path, info in found.items() if (t := _modified_unix(self.fs, path, info)) is not None]
+        return max(times, default=None)
+
     # --- reads and writes -----------------------------------------------------------------
     def read_bytes(self, relpath: str) -> bytes:
         try:
@@ -291,6 +306,31 @@ class CacheStorage:
             f"{self.path(relpath)}",
             read_only=read_only,
         )
+
+
+#: Keys of an fsspec `info` dict that hold a modification time: local and sftp ("mtime", seconds),
+#: s3fs ("LastModified"), adlfs ("last_modified"), gcsfs ("updated"), memory ("created").
+_MTIME_KEYS = ("mtime", "LastModified", "last_modified", "updated", "created")
+
+
+def _modified_unix(fs, path: str, info: dict) -> float | None:
+    """Modification time of `path` (seconds since the epoch) from its fsspec `info`, else
+    ``fs.modified``; None when neither tells (e.g. an object store's pseudo-directory)."""
+    for key in _MTIME_KEYS:
+        value = info.get(key)
+        if isinstance(value, str):
+            try:
+                value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            except ValueError:
+                continue
+        if isinstance(value, datetime):
+            return (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).timestamp()
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    try:
+        return fs.modified(path).timestamp()
+    except (FileNotFoundError, NotImplementedError, OSError, AttributeError, ValueError):
+        return None
 
 
 def _fsync_directory(path: str) -> None:

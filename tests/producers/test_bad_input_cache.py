@@ -96,10 +96,13 @@ def fresh_attempt(cache: Path):
 
 def old_attempt_of_p1(cache: Path):
     """Delete p1's commit record (a partial copy of the cache: snapshot v1 still lists p1) and age
-    p1's attempt past any grace period."""
+    p1's attempt past any grace period (nothing in it written for ten days)."""
     record = read_commit(CacheStorage(str(cache)), "p1")
-    info = cache / "attempts" / "p1" / record.attempt_id / "attempt.json"
-    undo_info = edit_json(info, lambda d: d.update(started_unix=time.time() - 10 * 86400))
+    attempt = cache / "attempts" / "p1" / record.attempt_id
+    undo_info = edit_json(attempt / "attempt.json", lambda d: d.update(started_unix=time.time() - 10 * 86400))
+    then = time.time() - 10 * 86400
+    for path in [*attempt.rglob("*"), attempt]:
+        os.utime(path, (then, then))
     undo_record = remove(cache / "commits" / "p1.json")
     return lambda: (undo_record(), undo_info())
 
@@ -256,6 +259,14 @@ CASES = [
         ["snapshot v1", "p1-16x16", "{cache}/commits/p1.json", "does not exist"],
     ),
     (
+        "snapshot-unreadable-record",  # v1 holds p0's good shards: a v2 without them must not appear
+        lambda c: replace(c / "commits" / "p0.json", b'{"partition_id": "p0", "truncated'),
+        ["snapshot", "{cache}"],
+        2,
+        "error",
+        ["1 commit record(s) cannot be read", "{cache}/commits/p0.json", "qwenimage cache repair {cache}"],
+    ),
+    (
         "verify-pinned-commits-incomplete",
         lambda c: remove(c / "commits" / "p0.json"),
         ["verify", "{cache}", "--snapshot", "1"],
@@ -378,12 +389,11 @@ def test_unreadable_record_is_skipped_kept_repaired_and_reproduced(cache, capsys
     p2_attempt = read_commit(storage, "p2").attempt_id
     (cache / "commits" / "p2.json").write_bytes(b"[]")
 
-    rc, err, out = cli(["cache", "snapshot", str(cache)], capsys)
-    assert rc == 0 and "snapshot v2: 1 shards" in out
-    assert len(err) == 2 and all(
-        e.startswith("qwenimage cache snapshot: warning: skipping commit record ") for e in err
-    )
-    assert f"{cache}/commits/p0.json" in err[0] and f"{cache}/commits/p2.json" in err[1]
+    rc, err, out = cli(["cache", "snapshot", str(cache)], capsys)  # v2 would lose p0 (v1 holds it) and p2
+    assert rc == 2 and out == "" and len(err) == 1, err
+    assert err[0].startswith("qwenimage cache snapshot: error: ") and f"qwenimage cache repair {cache}" in err[0]
+    assert f"{cache}/commits/p0.json, {cache}/commits/p2.json" in err[0]
+    assert open_cache(str(cache)).snapshot_versions() == [1]
 
     rc, err, out = cli(["cache", "sweep", str(cache), "--grace", "0"], capsys)
     assert (
@@ -415,6 +425,8 @@ def test_unreadable_record_is_skipped_kept_repaired_and_reproduced(cache, capsys
     report = verify_cache(open_cache(str(cache)))
     assert report.ok, report.bad_shards
     assert cli(["cache", "repair", str(cache)], capsys)[2].startswith("nothing to repair")
+    rc, err, out = cli(["cache", "snapshot", str(cache)], capsys)  # every record readable again
+    assert rc == 0 and err == [] and out.startswith("snapshot v2: 3 shards"), (err, out)
 
 
 def test_producer_commit_moves_an_unreadable_record_aside(cache):
