@@ -9,11 +9,12 @@ What is read (the telemetry contract; docs/monitoring.md):
   ``val_loss``) and ``run.json`` (written by ``qwenimage run``; may be absent).
 
 Files written by older producers/consumers lack the newer fields: those values are None (shown
-as ``n/a``), never an error. Rates prefer the newest record's own field; when it is absent they
-are derived from the two newest history records. A `Monitor` reads incrementally (new commit
-records, appended JSONL lines) so that a refresh every few seconds stays cheap on a long run, and
-a file that appears, vanishes or is being appended to between a listing and a read is simply
-read again at the next refresh.
+as ``n/a``), never an error. A ``status.json`` field of the wrong type or range (`STATUS_FIELDS`)
+is None too, and one warning names the file, the field and what was expected. Rates prefer the
+newest record's own field; when it is absent they are derived from the two newest history
+records. A `Monitor` reads incrementally (new commit records, appended JSONL lines) so that a
+refresh every few seconds stays cheap on a long run, and a file that appears, vanishes or is being
+appended to between a listing and a read is simply read again at the next refresh.
 
 Units: *committed samples* are samples in committed shards (a sample stored at several bucket
 areas counts once per shard), the unit the consumer's ``consumed_samples`` counts; the backlog is
@@ -25,7 +26,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -123,6 +124,92 @@ def rate_between(a: tuple[float, float] | None, b: tuple[float, float] | None) -
     if a is None or b is None or b[0] <= a[0]:
         return None
     return (b[1] - a[1]) / (b[0] - a[0])
+
+
+# --- the status.json contract (types and ranges) ---------------------------------------------------
+def _is_whole(value: object, low: int = 0, high: int | None = None) -> bool:
+    n = count(value)
+    return n is not None and n >= low and (high is None or n <= high)
+
+
+def _is_real(value: object, low: float = 0.0, high: float | None = None) -> bool:
+    v = number(value)
+    return v is not None and v >= low and (high is None or v <= high)
+
+
+def _is_map_of(check: Callable[[object], bool]) -> Callable[[object], bool]:
+    return lambda value: isinstance(value, dict) and all(check(v) for v in value.values())
+
+
+def _is_bounds(value: object) -> bool:
+    return (
+        isinstance(value, list) and len(value) == 2 and _is_whole(value[0], 1) and _is_whole(value[1], count(value[0]))
+    )
+
+
+@dataclass(frozen=True)
+class FieldRule:
+    """What one ``status.json`` field must be: `accepts(value)`, and `expected` in words."""
+
+    accepts: Callable[[object], bool]
+    expected: str
+
+
+_WHOLE = FieldRule(_is_whole, "a whole number >= 0")
+_TIME = FieldRule(_is_real, "seconds since the epoch, a finite number >= 0")
+_RATE = FieldRule(_is_real, "a finite rate >= 0")
+_TEXT = FieldRule(lambda v: isinstance(v, str), "a string")
+_WHOLE_MAP = FieldRule(_is_map_of(_is_whole), "an object of whole numbers >= 0")
+_RATE_MAP = FieldRule(_is_map_of(_is_real), "an object of finite rates >= 0")
+_FRACTION_MAP = FieldRule(_is_map_of(lambda v: _is_real(v, 0.0, 1.0)), "an object of fractions in [0, 1]")
+
+#: Every field of a producer status (`producers.metrics.StatusFile`) the monitor reads, with its
+#: type and range. A field that is absent or null is simply unknown (older writers; shown n/a); one
+#: that breaks its rule is a problem: reported (file, field, what was expected) and shown n/a.
+STATUS_FIELDS: dict[str, FieldRule] = {
+    "run_id": _TEXT,
+    "run_label": _TEXT,
+    "state": _TEXT,
+    "started_unix": _TIME,
+    "updated_unix": _TIME,
+    "inputs": _WHOLE,
+    "read": _WHOLE,
+    "encoded": _WHOLE,
+    "committed": _WHOLE,
+    "duplicates": _WHOLE,
+    "text_tokens": _WHOLE,
+    "bytes_written": _WHOLE,
+    "snapshot_version": _WHOLE,
+    "pool_control_version": _WHOLE,
+    "metrics_port": FieldRule(lambda v: _is_whole(v, 1, 65535), "a TCP port, a whole number in [1, 65535]"),
+    "images_per_s": _RATE,
+    "text_tokens_per_s": _RATE,
+    "committed_per_s": _RATE,
+    "quarantined": _WHOLE_MAP,
+    "buckets": _WHOLE_MAP,
+    "partitions": _WHOLE_MAP,
+    "queues": _WHOLE_MAP,
+    "actors": _WHOLE_MAP,
+    "bucket_images_per_s": _RATE_MAP,
+    "stage_busy": _FRACTION_MAP,
+    "encoder_utilization": _FRACTION_MAP,
+    "pool_bounds": FieldRule(
+        _is_map_of(_is_bounds), "an object of [MIN, MAX] actor bounds, whole numbers with 1 <= MIN <= MAX"
+    ),
+}
+
+
+def check_status(record: dict) -> tuple[dict, dict[str, str]]:
+    """`record` without the fields that break `STATUS_FIELDS`, and field -> why (its value and what
+    was expected). Null and unknown fields pass through (nulls read as absent)."""
+    clean, problems = {}, {}
+    for name, value in record.items():
+        rule = STATUS_FIELDS.get(name)
+        if value is None or rule is None or rule.accepts(value):
+            clean[name] = value
+        else:
+            problems[name] = f"{json.dumps(value)[:80]}, expected {rule.expected}"
+    return clean, problems
 
 
 # --- files ----------------------------------------------------------------------------------------
@@ -494,17 +581,21 @@ class ProducerReader:
         self.follower: JsonlFollower | None = None
         self.run_id: str | None = None
         self.history: dict[float, dict] = {}  # updated_unix -> status record (the newest few)
+        self.problems: dict[str, str] = {}  # status.json's fields that break STATUS_FIELDS -> why
         self.warnings: list[str] = []
 
     def poll(self) -> None:
         self.warnings = []
-        status = read_json_object(self.storage, STATUS_FILE, "the producer status object that qwenimage produce writes")
-        if status is None and self.status is not None:
-            self.warnings.append(f"{self.storage.path(STATUS_FILE)} vanished; showing the previous one")
-            status = self.status
-        self.status = status
+        path = self.storage.path(STATUS_FILE)
+        raw = read_json_object(self.storage, STATUS_FILE, "the producer status object that qwenimage produce writes")
+        if raw is None and self.status is not None:
+            self.warnings.append(f"{path} vanished; showing the previous one")
+        elif raw is not None:
+            self.status, self.problems = check_status(raw)
+        status = self.status
         if status is None:
             return
+        self.warnings += [f"{path}: field {name!r} is {why}; shown as n/a" for name, why in self.problems.items()]
         run_id = text(status.get("run_id"))
         if run_id != self.run_id:  # a new producer run: its own telemetry
             self.run_id = run_id
@@ -523,7 +614,10 @@ class ProducerReader:
         self._remember([status])
 
     def _remember(self, records: Iterable[dict]) -> None:
+        """Keep the newest few records of this run (fields that break `STATUS_FIELDS` left out, so
+        they never feed a derived rate)."""
         for rec in records:
+            rec = check_status(rec)[0]
             t = number(rec.get("updated_unix"))
             if t is not None and (self.run_id is None or rec.get("run_id") in (None, self.run_id)):
                 self.history[t] = rec
