@@ -240,6 +240,7 @@ def save_rng_state(path: Path) -> None:
         "cuda_devices": str(len(cuda)),
     }
     save_file(tensors, str(path), metadata=metadata)
+    _fsync(path)  # on disk before rank 0 writes COMMITTED
 
 
 def load_rng_state(path: Path) -> None:
@@ -304,7 +305,16 @@ def _list_files(directory: Path) -> list[str]:
     return sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file() and p.name != COMMITTED)
 
 
-def _fsync_dir(path: Path) -> None:
+def _write_synced(path: Path, text: str) -> None:
+    """Write `text` to `path` and flush it to stable storage."""
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync(path: Path) -> None:
+    """Flush the file `path`, or a directory's entries, to stable storage."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -546,7 +556,12 @@ class CheckpointManager:
         dist.barrier()
         step = int(meta["step"])
         if self.pstate.rank == 0:
-            (tmp / META).write_text(json.dumps(meta, sort_keys=True))
+            # Everything COMMITTED vouches for is on stable storage before it is written: DCP's
+            # files (its writer syncs them), every rank's RNG file (synced before the barrier),
+            # meta.json, and the directory entries naming them.
+            _write_synced(tmp / META, json.dumps(meta, sort_keys=True))
+            _fsync(tmp / RNG_DIR)
+            _fsync(tmp)
             files = {rel: _file_digest(tmp / rel, self.config.verify) for rel in _list_files(tmp)}
             record = {"step": step, "files": files}
             marker_tmp = tmp / f"{COMMITTED}.tmp"
@@ -563,7 +578,7 @@ class CheckpointManager:
                     os.rename(final, aside)
                     log.warning("checkpoint %s was not written by this run; moved it to %s", final, aside)
             os.rename(tmp, final)
-            _fsync_dir(self.root)
+            _fsync(self.root)
         if step not in self.saved_steps:
             self.saved_steps.append(step)
         self._prune()

@@ -296,7 +296,8 @@ def _metas(shard):
     ]
 
 
-def test_static_text_length_checks_a_grown_snapshot_before_reading_it(tmp_path):
+@pytest.mark.parametrize("mode", ["grow", "tail"])
+def test_static_text_length_checks_a_grown_snapshot_before_reading_it(tmp_path, mode):
     from megatron_qwenimage.cache import SampleMeta, ShardTensors
     from megatron_qwenimage.cache.shard_format import offsets_from_lengths
     from megatron_qwenimage.cache.writer import ShardPayload
@@ -308,7 +309,12 @@ def test_static_text_length_checks_a_grown_snapshot_before_reading_it(tmp_path):
     text = torch.randn(n * long, TEXT_DIM).to(torch.bfloat16)
     metas = [SampleMeta(f"long-{i}", "t2i", "c", f"file://long/{i}", None, long, False, 16, 16) for i in range(n)]
     cfg = config(
-        {"path": str(path), "mode": "grow"}, stages=[{**STAGE, "buckets": ["16x16"]}], prefetch_steps=0, text_length=8
+        {"path": str(path), "mode": mode},
+        stages=[{**STAGE, "buckets": ["16x16"]}],
+        prefetch_steps=0,
+        text_length=8,
+        tail_poll_s=0.05,
+        tail_timeout_s=30.0,
     )
     with CacheReader(cfg, dp_rank=0, dp_size=1) as r:
         take(r, 2)  # the first epoch of v1
