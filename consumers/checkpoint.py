@@ -58,6 +58,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from consumers.parallel import ParallelState
+from megatron_qwenimage.checkpoint_metadata import RestrictedFileSystemReader
 from megatron_qwenimage.config import ConfigError
 from megatron_qwenimage.errors import UserError
 
@@ -689,7 +690,7 @@ class CheckpointManager:
         refuse_pickled_rng_files(directory)  # before any collective: every rank raises alike
         meta = json.loads((directory / META).read_text())
         state, pairs = build_state(engine, self.pstate)
-        dcp.load(state, checkpoint_id=str(directory))
+        dcp.load(state, storage_reader=RestrictedFileSystemReader.checked(directory))  # .metadata: no pickle
         with torch.no_grad():
             for live, dt in pairs:
                 local = dt.to_local()
@@ -750,6 +751,6 @@ def export_checkpoint_to_diffusers(
     }
     with warnings.catch_warnings():  # DCP warns that no_dist means one process: it is asked for here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-        dcp.load(state, checkpoint_id=str(directory), no_dist=True)
+        dcp.load(state, storage_reader=RestrictedFileSystemReader.checked(directory), no_dist=True)
     full = {name: state[key].to(config.torch_dtype) for name, key in keys.items()}
     save_full_state(DIFFUSERS, full, config, out_dir, dtype=dtype)
