@@ -27,6 +27,15 @@ back and frees the graphs.
 Limits: one tensor-parallel rank, no activation recompute, the model in training mode (a graph
 holds the forward *and* the backward of its block). Under FP8 the graphed model must run inside
 the same recipe's ``fp8_autocast`` as the capture.
+
+FP8 weights: a replay runs the kernels its capture recorded, never the Python around them, so the
+per-micro-batch choice megatron-core's TE linears make (``is_first_microbatch``: quantize the
+weight, or reuse the FP8 copy cached by an earlier call) is frozen at capture. A capture that ran
+with the flag False (the state a training pass leaves it in) records no quantization, and every
+replay would read the FP8 copy of the weights of some step before the capture. `capture_blocks`
+therefore switches the captured blocks' linears to quantize on every forward
+(`disable_fp8_weight_cache`) before capturing: each replay re-quantizes the weights its step
+reads, whatever the installed Transformer Engine does with the flag around its warm-up.
 """
 
 from __future__ import annotations
@@ -257,10 +266,18 @@ def capture_blocks(
         make_graphed_callables: ``(modules, sample_args, **graph_kwargs) -> modules``, e.g.
             ``transformer_engine.pytorch.make_graphed_callables``.
         graph_kwargs: passed on (warm-up iterations, FP8 recipe, ...).
-    Raises whatever the capture raises; `TensorBlock`'s class is left as it was either way.
+
+    The captured blocks' TE linears are switched to quantize their weights to FP8 on every
+    forward first (`disable_fp8_weight_cache`), so the graphs record the cast and every replay
+    runs on the current weights. Raises whatever the capture raises; `TensorBlock`'s class is
+    left as it was either way.
     """
     check_graphable(model)
     tensor_blocks, sample_args, signatures = [], [], []
+    # A graph replays the FP8 weight quantization only if its capture ran it: make every captured
+    # linear quantize on every forward, so the capture records the cast (see the module docstring).
+    for key, _ in calls:
+        disable_fp8_weight_cache(model.blocks[key])
     for key, (img, txt, temb, rope, keys) in calls:
         device = rope[0].device
         # The sample tensors become the graph's static input buffers, which every replay
@@ -321,10 +338,13 @@ def disable_fp8_weight_cache(model: torch.nn.Module) -> int:
     on every forward; returns how many there are.
 
     megatron-core's TE linears pass ``is_first_microbatch=False`` to TE after their first call
-    (its pipeline schedules set it back to True at each step; this project's loop does not), and
-    TE then reuses the FP8 copy of the weight made by that first call. Setting their
-    ``disable_parameter_transpose_cache`` makes them pass None: no cached copy, a fresh cast
-    each forward, so each step runs on the weights its optimizer step produced.
+    (its pipeline schedules set it back to True at each step; the eager loop does so with
+    `consumers.precision.begin_weight_update_window`), and TE then reuses the FP8 copy of the
+    weight made by that first call. Setting their ``disable_parameter_transpose_cache`` makes
+    them pass None: no cached copy, a fresh cast each forward, so each step runs on the weights
+    its optimizer step produced. `capture_blocks` calls it on every block it captures: a graph
+    replays the cast only if its capture ran one. The flag stays set when the graphs are
+    released (the blocks then quantize on every eager forward: correct, slightly slower).
     """
     count = 0
     for module in model.modules():

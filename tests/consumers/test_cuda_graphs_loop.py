@@ -5,7 +5,9 @@ Engine's ``make_graphed_callables`` with its contract (warm-up backward passes t
 parameter's ``.grad``, static input buffers refilled per call, parameter gradients returned through
 autograd). The engine with graphs must train exactly as the eager engine: same losses, grad norms
 and parameters at every step, over a sequence of layouts that exercises warm-up, capture,
-replay, several layouts, the layout limit and evaluation. The GPU half (the real capture, FP8) is
+replay, several layouts, the layout limit and evaluation. Under FP8 (the stand-in's
+`FP8LinearStandIn`: Transformer Engine's FP8 weight cache), every replayed step must run on the FP8
+copy of the weights it trains. The GPU half (the real capture, FP8) is the skipped-here tests below,
 `tests/model/test_te_backend.py` and benchmarks/gpu/train_loop.py.
 """
 
@@ -26,7 +28,7 @@ from megatron_qwenimage.config import ConfigError, load_config
 from megatron_qwenimage.model.backends import transformer_engine_available
 from megatron_qwenimage.model.block import MMDiTBlock
 from tests.helpers.consumers import perturb_zero_init, spawn
-from tests.helpers.graphs import StaticBufferGrapher
+from tests.helpers.graphs import FP8LinearStandIn, StaticBufferGrapher, fp8_cast, install_fp8_linear_standins
 
 #: (latent h, latent w, text tokens, valid text tokens per sample or None for all valid)
 LAYOUT_A = (8, 8, 8, None)
@@ -73,22 +75,42 @@ def _params(engine) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in engine.chunks[0].named_parameters()}
 
 
-def _train_side_by_side(pstate, grapher, *, loss_rtol: float, norm_rtol: float, param_tol: float, **engine_kw):
+def _train_side_by_side(
+    pstate,
+    grapher,
+    *,
+    loss_rtol: float,
+    norm_rtol: float,
+    param_tol: float,
+    prepare=None,
+    check_step=None,
+    **engine_kw,
+):
     """The eager engine and one with graphs (warm-up 2, at most 2 layouts) over `SEQUENCE`, two
     micro-batches a step; asserts the same losses, grad norms and parameters at every step and
-    returns ``(eager, graphed, {layout: step captured before})``."""
+    returns ``(eager, graphed, {layout: step captured before})``.
+
+    ``prepare(engine)`` runs on both engines once built; ``check_step(step, before, replayed)``
+    after each step, before the comparisons (``before``: each engine's parameters at the start
+    of the step, by engine; ``replayed``: whether the graphed engine replayed the step)."""
     eager = _engine(pstate, **engine_kw)
     graphed = _engine(pstate, CudaGraphConfig(scope="blocks", warmup_passes=2, max_layouts=2), grapher, **engine_kw)
+    for engine in (eager, graphed) if prepare is not None else ():
+        prepare(engine)
     for a, b in zip(_params(eager).values(), _params(graphed).values()):
         assert torch.equal(a, b)
     captured_at = {}
     for step, layout in enumerate(SEQUENCE):
         before = len(graphed.graphs.layouts)
+        replays_before = graphed.graphs.stats.replayed_passes
+        params_before = {engine: _params(engine) for engine in (eager, graphed)} if check_step is not None else None
         mbs = [_batch(2 * step, layout), _batch(2 * step + 1, layout)]  # gradients accumulate over replays
         r_eager = eager.train_step(step, mbs)
         r_graphed = graphed.train_step(step, mbs)
         if len(graphed.graphs.layouts) > before:
             captured_at[layout] = step
+        if check_step is not None:
+            check_step(step, params_before, graphed.graphs.stats.replayed_passes > replays_before)
         assert r_graphed.loss == pytest.approx(r_eager.loss, rel=loss_rtol, abs=0), step
         assert r_graphed.grad_norm == pytest.approx(r_eager.grad_norm, rel=norm_rtol), step
         ours = _params(graphed)
@@ -136,6 +158,51 @@ def test_graphed_engine_trains_exactly_as_the_eager_one(pstate):
     assert graphed.graphs.stats.replayed_passes == replayed
 
 
+def _fp8_standins(engine) -> dict[str, FP8LinearStandIn]:
+    return {n: m for n, m in engine.chunks[0].named_modules() if isinstance(m, FP8LinearStandIn)}
+
+
+def test_graphed_fp8_weights_are_recast_from_the_current_weights(pstate):
+    """Under FP8 every replayed step multiplies with the FP8 copy of the weights it trains.
+
+    The blocks' TE linears are `FP8LinearStandIn`s (TE's weight cache: the FP8 copy is refreshed
+    when ``is_first_microbatch`` is True or None, reused when it is False; a replay repeats what
+    its capture did). After every replayed step, each linear's FP8 copy equals an eager re-cast
+    (`fp8_cast`) of the master weights the step started from, in the graphed engine as in the
+    eager one, and the two engines train alike. A capture that records no cast (the flag False,
+    as a training pass leaves it) would replay on the copy cast at the first step forever.
+    """
+    checked = []
+
+    def check(step, before, replayed):
+        if not replayed:
+            return
+        for engine, params in before.items():
+            kind = "graphed" if engine.graphs is not None else "eager"
+            for name, linear in _fp8_standins(engine).items():
+                want = fp8_cast(params[f"{name}.weight"])
+                stale = (linear.last_fp8_weight != want).float().mean().item()
+                assert stale == 0, f"{kind} step {step}: {name} ran on a stale FP8 weight ({stale:.0%} of it differs)"
+        checked.append(step)
+
+    _, graphed, captured_at = _train_side_by_side(
+        pstate,
+        StaticBufferGrapher(),
+        # a rounding-level difference between replayed and eager sums may move a weight across an
+        # FP8 step: the engines drift apart slowly (1.6e-5 by the last step), the FP8 check is exact
+        loss_rtol=1e-5,
+        norm_rtol=1e-5,
+        param_tol=1e-4,
+        prepare=lambda engine: install_fp8_linear_standins(engine.chunks[0]),
+        check_step=check,
+    )
+    _check_cache(graphed, captured_at, EXPECTED)
+    assert checked == EXPECTED["replayed_steps"]
+    linears = _fp8_standins(graphed)
+    assert {name.split(".")[1] for name in linears} == set(graphed.chunks[0].blocks.keys())  # every block
+    assert all(linear.disable_parameter_transpose_cache for linear in linears.values())
+
+
 @pytest.mark.skipif(
     not (torch.cuda.is_available() and transformer_engine_available()),
     reason="needs an NVIDIA GPU (CUDA graphs) with Transformer Engine installed",
@@ -155,6 +222,98 @@ def test_te_cuda_graphs_train_as_the_eager_engine_on_gpu(pstate, fp8):
         precision=precision,
     )
     _check_cache(graphed, captured_at, EXPECTED_FP8 if fp8 else EXPECTED)
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``||a - b|| / ||b||`` in fp32."""
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+
+
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and transformer_engine_available()),
+    reason="needs an NVIDIA GPU (CUDA graphs) with Transformer Engine installed",
+)
+def test_te_graphed_fp8_weights_are_recast_from_the_current_weights_on_gpu(pstate):
+    """The GPU half of `test_graphed_fp8_weights_are_recast_from_the_current_weights`, with
+    Transformer Engine's capture and FP8 current scaling (an FP8 weight copy is then a function of
+    the weight alone). After several replayed steps, each graphed block replayed on a new input
+    changes its streams as the eager block does on that input with its TE linears' weights
+    re-cast from the current master weights, and unlike the eager block with the FP8 copies of
+    the weights the capture saw (so the comparison can tell a stale copy).
+    """
+    steps = 6
+    precision = PrecisionConfig(autocast="bf16", fp8="current", fp8_exclude=())
+    engine = _engine(
+        pstate,
+        CudaGraphConfig(scope="blocks", warmup_passes=1, max_layouts=1),
+        model={"backend": "transformer_engine"},
+        precision=precision,
+    )
+    model = engine.chunks[0]
+    for step in range(steps):
+        engine.train_step(step, [_batch(2 * step, LAYOUT_A), _batch(2 * step + 1, LAYOUT_A)])
+        if step == 0:
+            captured_weights = _params(engine)  # what the capture before step 1 quantized, if it did
+    assert engine.graphs.stats.replayed_passes == 2 * (steps - 1)
+    (layout,) = engine.graphs.layouts.values()
+
+    # One more replayed pass (no optimizer step after it); each block's call and result kept.
+    calls = {}
+
+    def keep(key):
+        def hook(module, args, out):
+            img, txt, temb, rope, keys = args
+            streams = tuple(t.detach().clone() for t in (img, txt, temb))
+            calls[key] = ((*streams, rope, keys), tuple(None if o is None else o.detach().clone() for o in out))
+
+        return hook
+
+    handles = [g.register_forward_hook(keep(key)) for key, g in layout.blocks.items()]
+    (mb,) = engine._inputs(steps, [_batch(2 * steps, LAYOUT_A)], engine.sigma_sampler)
+    engine.stages[0].set_shapes(mb.img_shapes, mb.num_target_tokens)
+    try:
+        with engine.graphs.dispatching():
+            engine.stages[0](mb.hidden_states, mb.text, mb.sigma, text_mask=mb.text_mask)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert engine.graphs.stats.replayed_passes == 2 * (steps - 1) + 1 and set(calls) == set(layout.blocks)
+
+    def eager_updates() -> dict[str, list[torch.Tensor]]:
+        """Each block's change of its streams, eager, its TE linears quantizing their weights now."""
+        updates = {}
+        with torch.no_grad(), engine.precision.forward_context():
+            for key, (args, _) in calls.items():
+                out = model.blocks[key](*args)
+                updates[key] = [o - i for o, i in zip(out, args[:2]) if o is not None]
+        return updates
+
+    fresh = eager_updates()
+    te_weights = {
+        f"{name}.weight": module.weight
+        for name, module in model.named_modules()
+        if name.startswith("blocks.") and hasattr(module, "is_first_microbatch")
+    }
+    assert te_weights and all(
+        model.get_submodule(n.rpartition(".")[0]).disable_parameter_transpose_cache for n in te_weights
+    )
+    current = {n: w.detach().clone() for n, w in te_weights.items()}
+    with torch.no_grad():
+        for n, w in te_weights.items():
+            w.copy_(captured_weights[n])
+    try:
+        stale = eager_updates()
+    finally:
+        with torch.no_grad():
+            for n, w in te_weights.items():
+                w.copy_(current[n])
+    for key, (args, out) in calls.items():
+        replayed = [o - i for o, i in zip(out, args[:2]) if o is not None]
+        for r, f, s in zip(replayed, fresh[key], stale[key]):
+            off, stale_off = _relative(r, f), _relative(s, f)
+            assert off <= 1e-2, f"block {key}: the replay differs from a fresh FP8 cast by {off:.2e}"
+            assert stale_off > 5 * max(off, 1e-3), f"block {key}: a stale FP8 weight is not visible ({stale_off:.2e})"
+    engine.graphs.release()
 
 
 def test_capture_needs_the_optimizer_hooks_paused(pstate, monkeypatch):
