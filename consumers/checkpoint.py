@@ -211,6 +211,9 @@ def build_state(engine, pstate: ParallelState) -> tuple[dict[str, DTensor], list
     return state, pairs
 
 
+#: The optimizer-state key of the EMA weights (``optim/<name>/ema``; `DistributedOptimizer.state_tensors`).
+EMA_KEY = "ema"
+
 RNG_DIR = "rng"
 RNG_FORMAT = "qwenimage-rng-v1"
 
@@ -690,7 +693,14 @@ class CheckpointManager:
         refuse_pickled_rng_files(directory)  # before any collective: every rank raises alike
         meta = json.loads((directory / META).read_text())
         state, pairs = build_state(engine, self.pstate)
-        dcp.load(state, storage_reader=RestrictedFileSystemReader.checked(directory))  # .metadata: no pickle
+        reader = RestrictedFileSystemReader.checked(directory)  # .metadata: no pickle
+        ema_keys = {key for key in state if key.endswith(f"/{EMA_KEY}")}
+        ema_saved = any(key.endswith(f"/{EMA_KEY}") for key in reader.read_metadata().state_dict_metadata)
+        if ema_keys and not ema_saved:  # EMA switched on since this checkpoint: it starts from it
+            state = {key: dt for key, dt in state.items() if key not in ema_keys}
+            kept = {id(dt) for dt in state.values()}
+            pairs = [(live, dt) for live, dt in pairs if id(dt) in kept]
+        dcp.load(state, storage_reader=reader)
         with torch.no_grad():
             for live, dt in pairs:
                 local = dt.to_local()
@@ -698,6 +708,16 @@ class CheckpointManager:
                     live.copy_(local)
         engine.optimizer.set_num_steps(int(meta["optimizer_steps"]))
         engine.optimizer.load_master_into_params()
+        if ema_keys and not ema_saved:
+            engine.optimizer.start_ema_from_master()
+            if self.pstate.rank == 0:
+                log.info(
+                    "checkpoint %s holds no EMA weights (saved with optimizer.ema_decay=0): the EMA starts from "
+                    "its master weights",
+                    directory,
+                )
+        elif ema_saved and not ema_keys and self.pstate.rank == 0:
+            log.info("checkpoint %s holds EMA weights; optimizer.ema_decay=0 drops them from here on", directory)
         rng = rng_file(directory, self.pstate.rank)
         if (
             meta.get("world_size") == self.pstate.world_size
@@ -742,7 +762,7 @@ def export_checkpoint_to_diffusers(
     config = MMDiTConfig(**cfg_dict)
     shapes = native_shapes(config)
     keys = {
-        rule.ours: f"optim/{rule.ours}/ema" if (ema and not rule.carried) else f"model/{rule.ours}"
+        rule.ours: f"optim/{rule.ours}/{EMA_KEY}" if (ema and not rule.carried) else f"model/{rule.ours}"
         for rule in diffusers_rules(config)
     }
     state = {

@@ -559,6 +559,12 @@ class DistributedOptimizer:
         """After loading optimizer state: make the model parameters equal the master weights."""
         self._gather_params()
 
+    def start_ema_from_master(self) -> None:
+        """Set the EMA weights to the current fp32 master weights (EMA switched on at a resume from
+        a checkpoint saved without it). No-op when EMA is off."""
+        if self._ema_flat is not None:
+            self._ema_flat.copy_(self._master_flat)
+
     # ------------------------------------------------------------------ state for checkpoints
     def state_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
         """Per canonical name, this rank's chunks: ``master``, ``exp_avg``, ``exp_avg_sq`` (+ ``ema``).
