@@ -2,9 +2,10 @@
 
 * `Batch`: one micro-batch of one bucket (target latents, condition latents, padded text + mask).
 * `StepInputs` / `make_inputs`: pack latents, draw σ and noise per *sample* from a generator
-  seeded by ``(seed, step, global sample index)`` (`sample_generator`): the draws do not depend
-  on the parallel layout, the micro-batch split or the rank that holds the sample. The noisy
-  input and the velocity target are `megatron_qwenimage.flow_matching.flow_matching_inputs`.
+  seeded by ``(seed, step, global sample index)`` (`sample_generator`, `draw_sigma_and_noise`):
+  the draws do not depend on the parallel layout, the micro-batch split or the rank that holds
+  the sample. The noisy input and the velocity target are
+  `megatron_qwenimage.flow_matching.flow_matching_inputs`, computed on the training device.
 * `loss_sum_over_global`, `count_image_tokens`.
 
 Loss convention: each micro-batch contributes ``sum(per-sample loss) / global_batch_size`` and
@@ -39,7 +40,8 @@ class Batch:
         latents: ``[b, C, h, w]`` target latents (normalised VAE latents, any float dtype).
         text: ``[b, T, D_txt]`` text embeddings, zero-padded to the step's text length T.
         text_mask: ``[b, T]`` bool, True for real text tokens.
-        sample_index: ``[b]`` int64 index of each sample in the step's *global* batch (seeds σ/noise).
+        sample_index: ``[b]`` int64 index of each sample in the step's *global* batch (seeds σ/noise;
+            a CPU tensor, read on the host, wherever the other tensors live).
         condition_latents: per condition image, ``[b, C, hc, wc]`` clean latents (edit: the
             source image; i2i reconstruction: the target itself); empty for t2i.
         task: "t2i", "edit" or "i2i".
@@ -130,6 +132,34 @@ def sample_generator(seed: int, step: int, sample_index: int) -> torch.Generator
     return torch.Generator().manual_seed((seed * 1_000_003 + key) % 2**63)
 
 
+def draw_sigma_and_noise(
+    sample_index: torch.Tensor,
+    token_shape: tuple[int, int],
+    *,
+    step: int,
+    seed: int,
+    sigma_sampler: SigmaSampler,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """σ ``[b]`` and ε ``[b, N, 4C]`` (fp32, on `device`) of the samples numbered `sample_index`.
+
+    Each sample's σ and then its ε come from its own `sample_generator` (a CPU stream keyed by
+    ``(seed, step, global sample index)``), so a sample draws the same values whichever rank,
+    layout or micro-batch holds it, and whatever `device` is; the draws move to `device` in one
+    copy each, before anything mixes them with the latents.
+
+    Args:
+        sample_index: ``[b]`` int64, each sample's index in the step's global batch.
+        token_shape: ``(N, 4C)``, one sample's packed target tokens (`pack_latents`).
+    """
+    sigmas, noises = [], []
+    for i in sample_index.tolist():
+        gen = sample_generator(seed, step, int(i))
+        sigmas.append(sigma_sampler.sample(1, generator=gen, image_tokens=token_shape[0])[0].float())
+        noises.append(torch.randn(token_shape, generator=gen, dtype=torch.float32))
+    return torch.stack(sigmas).to(device), torch.stack(noises).to(device)
+
+
 def make_inputs(
     batch: Batch,
     *,
@@ -140,29 +170,28 @@ def make_inputs(
     dtype: torch.dtype,
     device: torch.device,
 ) -> StepInputs:
-    """Pack latents and draw σ and ε per sample (`sample_generator`); noise is fp32 then cast to `dtype`.
+    """The model inputs and loss target of `batch`, every tensor on `device` (the training device).
 
-    The noisy input ``(1 − σ)·x₀ + σ·ε`` and the target ``ε − x₀`` are
-    `megatron_qwenimage.flow_matching.flow_matching_inputs` (in fp32), followed by the clean
-    condition tokens.
+    The batch's latents are packed on `device` (training batches are already there:
+    `consumers.data.broadcast_micro_batches` puts them there; validation batches move here), σ
+    and ε are `draw_sigma_and_noise` (on `device`), and the noisy input ``(1 − σ)·x₀ + σ·ε`` and
+    the target ``ε − x₀`` are `megatron_qwenimage.flow_matching.flow_matching_inputs` in fp32
+    there, followed by the clean condition tokens; hidden states and text are then cast to `dtype`.
     """
-    x0 = pack_latents(batch.latents.float())  # [b, N, 4C]
-    n_tokens = x0.shape[1]
-    sigmas, noises = [], []
-    for i in batch.sample_index.tolist():
-        gen = sample_generator(seed, step, int(i))
-        sigmas.append(sigma_sampler.sample(1, generator=gen, image_tokens=n_tokens)[0].float())
-        noises.append(torch.randn(x0.shape[1:], generator=gen, dtype=torch.float32))
-    fm = flow_matching_inputs(x0, torch.stack(noises), torch.stack(sigmas))
-    cond = [pack_latents(c.float()) for c in batch.condition_latents]
+    x0 = pack_latents(batch.latents.to(device=device, dtype=torch.float32))  # [b, N, 4C]
+    sigma, noise = draw_sigma_and_noise(
+        batch.sample_index, tuple(x0.shape[1:]), step=step, seed=seed, sigma_sampler=sigma_sampler, device=device
+    )
+    fm = flow_matching_inputs(x0, noise, sigma)
+    cond = [pack_latents(c.to(device=device, dtype=torch.float32)) for c in batch.condition_latents]
     hidden = torch.cat([fm.noisy, *cond], dim=1)
     grids = batch.patch_grids(patch_size)
     return StepInputs(
-        hidden_states=hidden.to(device=device, dtype=dtype),
+        hidden_states=hidden.to(dtype=dtype),
         text=batch.text.to(device=device, dtype=dtype),
         text_mask=batch.text_mask.to(device),
-        sigma=fm.sigma.to(device),
-        target=fm.target.to(device),
+        sigma=fm.sigma,
+        target=fm.target,
         img_shapes=[list(grids)] * batch.size,
     )
 
