@@ -2,6 +2,8 @@
 
 * a single rank with bf16 params matches ``torch.optim.AdamW(foreach=False)`` on fp32 copies
   (weight decay, active clipping, EMA, two micro-batches accumulated in fp32), fused and foreach;
+* a grad norm under ``clip_grad`` is not scaled up: the update equals the unclipped one, fused
+  and foreach;
 * with ``dp == 1`` the hook-accumulated main grads are views of the one flat grad buffer;
 * ``state_tensors()`` chunks are live views of the flat state;
 * TP-replicated params leave the grad norm on TP rank != 0;
@@ -11,6 +13,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -156,6 +159,31 @@ def test_single_rank_bf16_matches_torch_adamw(fused):
         assert torch.equal(p.detach(), opt.master[n].bfloat16()), n
         torch.testing.assert_close(p.detach(), master[n].detach().bfloat16(), rtol=8e-3, atol=1e-6, msg=n)
         assert not torch.equal(p.detach(), initial[n]), n  # every parameter moved
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "foreach"])
+def test_a_norm_under_the_clip_leaves_the_gradients_unscaled(fused):
+    """The clip coefficient ``clip_grad / (norm + 1e-6)`` is clamped to at most 1: with the clip
+    far above the grad norm, 3 steps update exactly as with clipping off (fused: the kernel's
+    ``grad_scale`` is 1; foreach: the flat grad is multiplied by 1). AdamW's eps is large enough
+    that its update depends on the gradients' scale, so scaling small gradients up would show."""
+    cfg = dataclasses.replace(CFG, eps=1e-3)
+    clip_grad = 100.0
+    runs = {}
+    for clip in (0.0, clip_grad):
+        model = Tiny(torch.bfloat16)
+        opt = DistributedOptimizer(
+            _named(model), dataclasses.replace(cfg, clip_grad=clip), dp_group=None, tp_rank=0, fused=fused
+        )
+        assert opt.fused is fused
+        runs[clip] = (_train(opt, model, steps=3, micro=2), opt)
+    norms, unclipped = runs[0.0]
+    assert runs[clip_grad][0] == norms
+    assert max(norms) < clip_grad / 10, norms  # an unclamped coefficient would be over 10
+    clipped = runs[clip_grad][1]
+    assert torch.equal(clipped._master_flat, unclipped._master_flat)
+    assert torch.equal(clipped._exp_avg_flat, unclipped._exp_avg_flat)
+    assert torch.equal(clipped._exp_avg_sq_flat, unclipped._exp_avg_sq_flat)
 
 
 def test_dp1_main_grads_are_views_of_the_flat_buffer():

@@ -6,6 +6,9 @@ gets it twice: from the test and forwarded by torchrun). Every rank finishes the
 they agree on the stop, and a committed checkpoint of the step they stopped at exists afterwards
 (an async save in flight is committed too); rank 0 says ``stopped by SIGTERM``. Rerunning the
 same command resumes from that checkpoint and the per-step losses equal an uninterrupted run's.
+
+A signal that reaches one rank only (a node-local preemption, a worker signalled by hand) stops
+every rank: the agreement takes the stop if *any* rank has one, and both ranks save the step.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.helpers.consumers import (
@@ -87,3 +91,41 @@ def test_sigterm_saves_the_current_step_and_the_rerun_matches(cache, straight, t
     log2 = wait_success(_launch(config))
     assert f"resumed from {out / 'ckpt'}/step_{stopped_at:08d}" in log2, log2[-3000:]
     assert _losses(out) == straight and len(straight) == STEPS
+
+
+def _worker(proc: subprocess.Popen, rank: int) -> psutil.Process:
+    """The torchrun worker of `proc` whose environment says ``RANK=<rank>``."""
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            if child.environ().get("RANK") == str(rank) and "--config" in child.cmdline():
+                return child
+        except psutil.NoSuchProcess:
+            continue
+    raise AssertionError(f"no worker with RANK={rank} under torchrun {proc.pid}")
+
+
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(cache, tmp_path):
+    """Only rank 1 (not torchrun, not rank 0) gets SIGTERM: rank 0 stops with it, after the same
+    step, and the checkpoint of that step (a collective save by both ranks) is committed."""
+    out = tmp_path / "run"
+    proc = _launch(_config(cache, out, interval=100, async_save=False))
+    metrics = out / "logs" / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and any(r.get("step") == 2 for r in read_jsonl(metrics))):
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.monotonic() < deadline, "no step was logged"
+        time.sleep(0.05)
+    rank0, rank1 = _worker(proc, 0), _worker(proc, 1)
+    rank1.send_signal(signal.SIGTERM)
+    log, _ = proc.communicate(timeout=240)
+    assert not rank0.is_running() and not rank1.is_running()
+    assert proc.returncode != 0, log[-3000:]  # a stop, not a run to its end
+    # rank 0, never signalled, logs the agreed stop and reports it as its own SIGTERM
+    assert "SIGTERM: stopping after step" in log, log[-3000:]
+    assert "qwenimage train: stopped by SIGTERM; committed work is kept, rerun to resume" in log, log[-3000:]
+    stopped_at = max(_losses(out))
+    assert 2 <= stopped_at < STEPS, (stopped_at, log[-3000:])
+    assert _committed(out) == [stopped_at], (_committed(out), stopped_at)
+    saved = {p.name for p in (out / "ckpt" / f"step_{stopped_at:08d}").iterdir()}
+    assert {"__0_0.distcp", "__1_0.distcp"} <= saved, saved  # both ranks wrote their shards of that step
+    assert not list((out / "ckpt").glob(".tmp-step_*")), "a save was left half-written"
