@@ -63,7 +63,9 @@ def straight(cache, tmp_path_factory) -> dict[int, float]:
     return _losses(out)
 
 
-@pytest.mark.parametrize("interval,async_save", [(100, False), (2, True)], ids=["sync-no-interval", "async-every-2"])
+# A synchronous save on SIGTERM mid-step, resumed into another layout, is a cell of the layout x
+# feature matrix (test_layout_matrix.py); here the async save in flight when the signal lands.
+@pytest.mark.parametrize("interval,async_save", [(2, True)], ids=["async-every-2"])
 def test_sigterm_saves_the_current_step_and_the_rerun_matches(cache, straight, tmp_path, interval, async_save):
     out = tmp_path / "run"
     config = _config(cache, out, interval=interval, async_save=async_save)
@@ -85,8 +87,6 @@ def test_sigterm_saves_the_current_step_and_the_rerun_matches(cache, straight, t
     committed = _committed(out)
     assert committed[-1] == stopped_at, (committed, stopped_at)
     assert not list((out / "ckpt").glob(".tmp-step_*")), "a save was left half-written"
-    if interval == 100:  # no interval save: the one checkpoint is the SIGTERM save
-        assert committed == [stopped_at]
 
     log2 = wait_success(_launch(config))
     assert f"resumed from {out / 'ckpt'}/step_{stopped_at:08d}" in log2, log2[-3000:]
