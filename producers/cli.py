@@ -270,6 +270,79 @@ def config_from_args(args) -> ProducerConfig:
     )
 
 
+def embedded_ray(ray_address: str | None) -> bool:
+    """Whether the run starts an embedded local Ray on this machine (no ``--ray-address`` or
+    ``RAY_ADDRESS``, or ``local``): its encoder actors then run here."""
+    from producers.pipeline import _ray_address
+
+    return _ray_address(ray_address)[0] is None
+
+
+def check_embedded_ray(args, cfg: ProducerConfig) -> None:
+    """What the embedded local Ray needs of this machine, checked before anything starts: the
+    ``--device`` of its encoder actors exists here, and ``--local-num-cpus`` holds the actor
+    pools plus one read task and one writer (`producers.pipeline.check_resources`; Ray would
+    otherwise wait forever). Nothing to check when the run joins a cluster."""
+    if not embedded_ray(args.ray_address):
+        return
+    check_device(args.device)
+    if args.local_num_cpus is not None:
+        from producers.pipeline import check_resources
+
+        check_resources(cfg, args.local_num_cpus, None, f"--local-num-cpus {args.local_num_cpus:g}")
+
+
+def check_device(device: str | None) -> None:
+    """``--device`` names a torch device this machine has (the encoders run here)."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device {device}: expected a torch device such as cpu, cuda or cuda:1") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(
+                f"--device {device}: torch {torch.__version__} here sees no CUDA device "
+                "(torch.cuda.is_available() is False); the embedded Ray's encoders run on this machine: give "
+                "--device cpu, or leave it out to use a GPU when there is one"
+            )
+        if dev.index is not None and dev.index >= count:
+            raise ConfigError(f"--device {device}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
+
+
+def check_output_location(url: str) -> None:
+    """``--output`` can be created and written: its file system is known and installed, and a
+    local path's nearest existing directory accepts a new entry (tried with a temporary directory,
+    removed at once: permission bits alone say nothing for root, a read-only mount or /sys).
+    Creates nothing."""
+    import os
+    import tempfile
+
+    from fsspec.implementations.local import LocalFileSystem
+
+    from producers.sources import url_filesystem
+
+    fs, path = url_filesystem(url, "--output")
+    if not isinstance(fs, LocalFileSystem):
+        return
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return  # a file where a directory must be: `producers.pipeline.check_output` names it
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".qwenimage-write-check-", dir=existing))
+    except OSError as exc:
+        raise ConfigError(
+            f"--output {url}: cannot create it, {existing} is not writable here ({exc.strerror or exc}); "
+            "give a directory you can write to"
+        ) from None
+
+
 def _fault_from_env():
     """QWENIMAGE_FAULT='kill_writer_at=shard_written,kill_scope=worker,once_marker=/tmp/x' (tests)."""
     import os
@@ -306,6 +379,8 @@ def run_produce(args) -> int:
 
     configure_logging(logging.INFO, fmt="%(asctime)s %(name)s %(message)s")
     cfg = config_from_args(args)
+    check_embedded_ray(args, cfg)
+    check_output_location(args.output)
     req = ProduceRequest(
         args.input,
         args.output,

@@ -53,6 +53,46 @@ class SourceError(UserError, ValueError):
     """The input cannot be listed at all (not a per-sample problem); the message names it."""
 
 
+class UrlError(UserError, ValueError):
+    """A path or URL names no file system this machine can open (an unknown protocol, or one
+    whose package is not installed); the message names the flag, the URL and the fix."""
+
+
+def url_filesystem(url: str, flag: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """``fsspec.core.url_to_fs(url)``, with a `UrlError` naming `flag` when the protocol is unknown
+    or its package is missing (fsspec says ``Protocol not known`` / raises ImportError)."""
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError as exc:
+        package = _missing_package(url, exc)
+        raise UrlError(
+            f"{flag} {url}: the {_protocol(url)}:// file system needs the Python package {package}, which is not "
+            f"installed here; install it (pip install {package}) or give a local path"
+        ) from None
+    except ValueError as exc:
+        if "Protocol not known" not in str(exc):
+            raise
+        raise UrlError(
+            f"{flag} {url}: unknown protocol {_protocol(url)}://; expected a local path or a URL of a protocol "
+            "fsspec knows (s3://, gs://, hf://, http://, ...: fsspec.available_protocols())"
+        ) from None
+
+
+def _protocol(url: str) -> str:
+    return (fsspec.core.split_protocol(url)[0] or "file").split("::")[0]
+
+
+def _missing_package(url: str, exc: ImportError) -> str:
+    """The package a protocol needs: the module Python could not import, else the top module of
+    fsspec's registered class for the protocol."""
+    cause = exc.__cause__
+    if isinstance(cause, ModuleNotFoundError) and cause.name:
+        return cause.name.split(".")[0]
+    from fsspec.registry import known_implementations
+
+    return known_implementations.get(_protocol(url), {}).get("class", "?").split(".")[0]
+
+
 @dataclass
 class InputItem:
     """One input sample, before reading.
@@ -112,7 +152,7 @@ def open_source(spec: str) -> Iterator[InputItem]:
     """Items of the source named by `spec` (see the module docstring), in a stable order."""
     if spec.startswith("synthetic:"):
         return _synthetic_source(spec)
-    fs, path = fsspec.core.url_to_fs(spec)
+    fs, path = url_filesystem(spec, "--input")
     proto = spec.split("://")[0] + "://" if "://" in spec else ""
     if not fs.exists(path):
         raise SourceError(f"--input {spec}: does not exist")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import shutil
 import signal
 import socket
@@ -363,6 +364,75 @@ def test_upfront_error_is_one_line_and_writes_nothing(
         assert tree(target) == before, f"{target} changed"
     if output == "base":
         assert_verifies(target)
+
+
+# --- where the output goes and what the encoders run on: checked before the cache folder exists ------
+def _uninstalled_protocol() -> tuple[str, str]:
+    """(protocol, package) of an fsspec protocol whose package is not installed here."""
+    import importlib.util
+
+    from fsspec.registry import known_implementations
+
+    for protocol in ("s3", "gcs", "abfs", "oci", "adl", "oss"):
+        package = known_implementations[protocol]["class"].split(".")[0]
+        if importlib.util.find_spec(package) is None:
+            return protocol, package
+    pytest.skip("every cloud file system package is installed here")
+
+
+@pytest.fixture()
+def unwritable_dir(tmp_path):
+    """An empty directory this user cannot create entries in: chmod for a normal user; root ignores
+    permission bits, so the directory is made immutable (chattr +i) instead."""
+    d = tmp_path / "read-only"
+    d.mkdir()
+    if os.geteuid() != 0:
+        d.chmod(0o555)
+        yield d
+        d.chmod(0o755)
+        return
+    if subprocess.run(["chattr", "+i", str(d)], capture_output=True).returncode != 0:
+        pytest.skip("root, and chattr +i is not available on this file system")
+    try:
+        yield d
+    finally:
+        subprocess.run(["chattr", "-i", str(d)], check=True)
+
+
+def test_unknown_input_protocol_is_one_line(producer_env, tmp_path):
+    out = tmp_path / "cache"
+    proc = run_cli(produce_argv("--input", "foo://bucket/data", "--output", str(out), *BASE_FLAGS), producer_env)
+    assert_one_error_line(proc, 2, ["--input foo://bucket/data: unknown protocol foo://", "fsspec"], only_line=True)
+    assert not out.exists()
+
+
+def test_output_url_without_its_package_names_the_package(producer_env, tmp_path):
+    protocol, package = _uninstalled_protocol()
+    url = f"{protocol}://bucket/cache"
+    proc = run_cli(produce_argv("--input", BASE_INPUT, "--output", url, *BASE_FLAGS), producer_env)
+    assert_one_error_line(proc, 2, [f"--output {url}", f"pip install {package}"], only_line=True)
+    assert not (Path.cwd() / "bucket").exists()
+
+
+def test_cuda_device_on_a_machine_without_cuda_is_one_line_before_ray(producer_env, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    out = tmp_path / "cache"
+    t0 = time.monotonic()
+    proc = run_cli(
+        produce_argv("--input", BASE_INPUT, "--output", str(out), "--device", "cuda", *BASE_FLAGS), producer_env
+    )
+    assert_one_error_line(proc, 2, ["--device cuda", "torch.cuda.is_available() is False"], only_line=True)
+    assert not out.exists() and time.monotonic() - t0 < 60  # before Ray: no actor ever tried CUDA
+
+
+def test_output_under_an_unwritable_directory_is_one_line(producer_env, unwritable_dir):
+    out = unwritable_dir / "cache"
+    proc = run_cli(produce_argv("--input", BASE_INPUT, "--output", str(out), *BASE_FLAGS), producer_env)
+    assert_one_error_line(proc, 2, [f"--output {out}", f"{unwritable_dir} is not writable"], only_line=True)
+    assert list(unwritable_dir.iterdir()) == []
 
 
 def test_unreachable_ray_address_times_out_naming_it(producer_env, tmp_path):
