@@ -80,6 +80,10 @@ GPUS: dict[str, GpuSpec] = {
 
 #: The card every measured rate of this repository comes from.
 MEASURED_GPU = "h200"
+#: The most GPUs the planner plans for (2**20): more than any cluster holds, and far beyond what its
+#: network model (one intra-node and one inter-node bandwidth) and one global batch describe; a
+#: larger ``--gpus`` is a typo, not a plan.
+MAX_GPUS = 1 << 20
 
 
 # --------------------------------------------------------------------------------------------
@@ -560,6 +564,11 @@ def check_inputs(inputs: PlanInputs) -> None:
     ):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise PlanError(f"{flag} {value!r}: expected a positive integer")
+    if inputs.gpus > MAX_GPUS:
+        raise PlanError(
+            f"--gpus {inputs.gpus}: expected at most {MAX_GPUS:,} GPUs (2**20, more than any cluster; the planner's "
+            "network and batch model mean nothing beyond)"
+        )
     if inputs.caption_tokens is not None and inputs.caption_tokens < 1:
         raise PlanError(f"--caption-tokens {inputs.caption_tokens!r}: expected a positive integer")
     if inputs.images is not None and inputs.images < 1:

@@ -93,6 +93,19 @@ def test_no_layout_fits_is_one_line_error_naming_why(capsys):
     assert f"> budget {0.9 * 79.2:.1f} GiB" in line
 
 
+@pytest.mark.parametrize("gpus", [P.MAX_GPUS + 1, 10**12])
+def test_more_gpus_than_the_documented_bound_is_one_line(capsys, gpus):
+    """`--gpus` has an upper bound (`MAX_GPUS`, 2**20, docs/launch.md): a larger count is a typo, not
+    a cluster to plan for ("no layout fits ... add GPUs" would be nonsense advice)."""
+    rc, out, err = run_cli(capsys, "plan", "--gpus", str(gpus), "--resolution-mix", "256:1")
+    assert rc == 2 and out == ""
+    assert err == (
+        f"qwenimage plan: error: --gpus {gpus}: expected at most 1,048,576 GPUs (2**20, more than any cluster; "
+        "the planner's network and batch model mean nothing beyond)\n"
+    )
+    P.check_inputs(P.PlanInputs(gpus=P.MAX_GPUS, gpu="h200", mix=((256, 1.0),)))  # the bound itself is accepted
+
+
 def test_json_has_the_plan_keys(capsys):
     rc, out, err = run_cli(capsys, *ARGS, "--json")
     assert rc == 0, err
