@@ -1,4 +1,5 @@
-"""``qwenimage run RUN.yaml``: the main job on this machine (see `launch.local`)."""
+"""``qwenimage run RUN.yaml``: the main job on this machine, and ``qwenimage torchrun``, the torchrun
+that its consumer, the Slurm consumer job and the docs' commands run (see `launch.local`)."""
 
 from __future__ import annotations
 
@@ -43,6 +44,21 @@ def register(subparsers) -> None:
         help="seconds between status lines when the view is not live (default 5)",
     )
     p.set_defaults(func=run_from_args)
+
+    from launch.local import add_torchrun_arguments, run_torchrun
+
+    t = subparsers.add_parser(
+        "torchrun",
+        help="torchrun whose own log and failure report go to a file: the console ends with the training's own line",
+        description=(
+            "Run torchrun (same flags) with its own log and its failure report (ChildFailedError) in --torchrun-log "
+            "instead of the console, so that a failed run ends with the training processes' one-line error; the "
+            "exit status is the failed process's own. E.g. qwenimage torchrun --nproc-per-node 2 -m "
+            "megatron_qwenimage.cli train --config examples/train-tiny.yaml"
+        ),
+    )
+    add_torchrun_arguments(t)
+    t.set_defaults(func=run_torchrun)
 
 
 def run_from_args(args) -> int:

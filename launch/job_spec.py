@@ -1,8 +1,8 @@
 """The cluster job spec (``job.yaml``): both sides, their resources, the cache and the run config.
 
     name: exp1                            # the run label (Prometheus `run`, monitor, job names)
-    cache: /lustre/qwenimage/cache        # path or fsspec URL; must exist (`qwenimage cache init`-ed or
-                                          # written before) unless `create_cache: true`
+    cache: /lustre/qwenimage/cache        # path or fsspec URL; must exist (written by an earlier
+                                          # `qwenimage produce`, or an empty directory) unless `create_cache: true`
     run_dir: /lustre/qwenimage/runs/exp1  # metrics, checkpoints, export, logs, rendered scripts
     producer:
       nodes: 2
@@ -24,7 +24,8 @@
       master_port: 29500                  # optional: torchrun's rendezvous port on the first node
       partition: gpu
       time: "04:00:00"
-      signal_before_s: 120                # SIGTERM this long before the time limit: checkpoint, requeue
+      signal_before_s: 120                # SIGTERM this long before the hard kill (Slurm: the time limit;
+                                          # Kubernetes: the pods' termination grace): checkpoint, requeue
       max_restarts: 5                     # requeues before the job gives up
       gpu: h200                           # optional: the GPU model (`launch.plan.GPUS`) the capacity
                                           # planner predicts the step time for (default h200)
@@ -73,6 +74,11 @@ CONSUMER_KEYS = (
 )
 #: Ray's daemons of a producer job listen on ``ray_port`` and the next `RAY_PORTS` - 1 ports (`launch.slurm`).
 RAY_PORTS = 8
+#: Seconds of ``consumer.signal_before_s`` kept for what follows the training processes' exit
+#: before the hard kill: torchrun reaping them and exiting, the step ending, the Slurm batch
+#: script's requeue (``squeue``, ``scontrol requeue``) or the pod's end. The training processes
+#: get the rest, `ConsumerJob.shutdown_timeout_s`, to finish their step and save.
+EXIT_MARGIN_S = 20
 CONTAINER_KEYS = ("image", "mounts", "workdir")
 ENV_KEYS = ("activate", "vars")
 
@@ -204,6 +210,15 @@ class ConsumerJob:
     """The GPU model (a `launch.plan.GPUS` name) of the step time prediction; None: the planner's
     measured GPU (`launch.plan.MEASURED_GPU`)."""
 
+    @property
+    def shutdown_timeout_s(self) -> int:
+        """torchrun's ``--shutdown-timeout``: how long the training processes get from SIGTERM to
+        finish their step and commit a checkpoint before torchrun SIGKILLs them. The stop signal
+        comes `signal_before_s` before the hard kill (Slurm's time limit, Kubernetes' termination
+        grace), and `EXIT_MARGIN_S` of that is left for torchrun and the job to end in time, so
+        ``0 < shutdown_timeout_s < signal_before_s``."""
+        return self.signal_before_s - EXIT_MARGIN_S
+
 
 @dataclass(frozen=True)
 class JobSpec:
@@ -253,6 +268,8 @@ def job_spec_from_dict(d: Any, source: str = "<dict>", *, check_paths: bool = Tr
             "gpus_per_node is 0"
         )
     world = c_res.nodes * procs
+    per_node = "procs_per_node" if "procs_per_node" in c else "gpus_per_node"
+    world_keys = f"consumer.nodes={c_res.nodes} x consumer.{per_node}={procs} = {world} ranks"
     options = p.get("options") or {}
     if not isinstance(options, Mapping):
         raise ConfigError(f"producer.options: expected a mapping of qwenimage produce flags, got {options!r}")
@@ -270,16 +287,18 @@ def job_spec_from_dict(d: Any, source: str = "<dict>", *, check_paths: bool = Tr
             },
             source=source,
             replace_owned_paths=True,
+            world=world_keys,
+            local_producer=False,  # the job's producer runs on its cluster's Ray
         )
     except ConfigError as exc:
-        message = _job_key(str(exc))
-        if "world size" in message or "the world has" in message:
-            per_node = "procs_per_node" if "procs_per_node" in c else "gpus_per_node"
-            message += (
-                f" (the consumer world: consumer.nodes={c_res.nodes} x consumer.{per_node}={procs} = {world} ranks)"
-            )
-        raise ConfigError(message) from None
+        raise ConfigError(_job_key(str(exc))) from None
     signal_before = _positive_int(c, "signal_before_s", "consumer", 120)
+    if signal_before <= EXIT_MARGIN_S:
+        raise ConfigError(
+            f"consumer.signal_before_s={signal_before}: expected more than {EXIT_MARGIN_S} s, the part of it kept "
+            "for torchrun to stop and the job to requeue or end; the rest is the training's time to finish its "
+            "step and save"
+        )
     restarts = c.get("max_restarts", 5)
     if not isinstance(restarts, int) or isinstance(restarts, bool) or restarts < 0:
         raise ConfigError(f"consumer.max_restarts: expected a whole number >= 0, got {restarts!r}")
@@ -455,35 +474,49 @@ def _check_gpu(gpu: Any) -> None:
         raise ConfigError(f"consumer.gpu={gpu!r}: not a GPU the capacity planner knows; expected one of {sorted(GPUS)}")
 
 
-def _check_time_limit(spec: JobSpec) -> None:
-    """A consumer time limit must leave room for one checkpoint interval (else no progress survives).
+def _step_time(spec: JobSpec) -> tuple[float, str] | None:
+    """(seconds per step, how it is known): ``consumer.step_time_s`` when given; else, on GPUs,
+    `predict_step_time`'s; None for a CPU job without one."""
+    step_time = spec.consumer.step_time_s
+    if step_time is not None:
+        return step_time, f"consumer.step_time_s={step_time:g} s"
+    if spec.consumer.resources.gpus_per_node > 0:
+        predicted = predict_step_time(spec)
+        return predicted.seconds, (
+            f"predicted step time {predicted.seconds:.1f} s ({predicted.describe()}; set consumer.step_time_s to "
+            "your measured one)"
+        )
+    return None
 
-    The step time is ``consumer.step_time_s`` when given; else, on GPUs, `predict_step_time`'s;
-    a CPU job (``gpus_per_node: 0``) without one is not checked."""
+
+def _check_time_limit(spec: JobSpec) -> None:
+    """A consumer time limit must leave room for one checkpoint interval (else no progress survives),
+    and the stop signal's lead must leave the training time to finish the step it is in.
+
+    The step time is `_step_time`'s; a CPU job (``gpus_per_node: 0``) without one is not checked."""
     limit = spec.consumer.resources.time_s
     ckpt = spec.run.consumer.config.get("checkpoint") or {}
     interval = ckpt.get("interval")
-    if limit is None or not interval:
+    known = _step_time(spec)
+    if known is None:
         return
-    step_time = spec.consumer.step_time_s
-    if step_time is not None:
-        what = f"consumer.step_time_s={step_time:g} s"
-    elif spec.consumer.resources.gpus_per_node > 0:
-        predicted = predict_step_time(spec)
-        step_time = predicted.seconds
-        what = (
-            f"predicted step time {step_time:.1f} s ({predicted.describe()}; set consumer.step_time_s to your "
-            "measured one)"
-        )
-    else:
-        return
-    needed = interval * step_time + spec.consumer.signal_before_s
-    if limit < needed:
+    step_time, what = known
+    signal_before = spec.consumer.signal_before_s
+    if limit is not None and interval:
+        needed = interval * step_time + signal_before
+        if limit < needed:
+            raise ConfigError(
+                f"consumer.time={spec.consumer.resources.time!r} ({limit} s) is shorter than one checkpoint "
+                f"interval: checkpoint.interval={interval} steps x {what} + signal_before_s={signal_before} s = "
+                f"{needed:.0f} s; raise the time limit or lower consumer.config.checkpoint.interval"
+            )
+    budget = spec.consumer.shutdown_timeout_s
+    if budget < step_time:
         raise ConfigError(
-            f"consumer.time={spec.consumer.resources.time!r} ({limit} s) is shorter than one checkpoint interval: "
-            f"checkpoint.interval={interval} steps x {what} + signal_before_s="
-            f"{spec.consumer.signal_before_s} s = {needed:.0f} s; raise the time limit or lower "
-            "consumer.config.checkpoint.interval"
+            f"consumer.signal_before_s={signal_before} leaves the training {budget} s from SIGTERM to finish its "
+            f"step and save (signal_before_s less {EXIT_MARGIN_S} s for torchrun and the job to end), less than "
+            f"one step: {what}; raise consumer.signal_before_s to at least {EXIT_MARGIN_S + step_time:.0f} s "
+            "plus the time a checkpoint takes to save"
         )
 
 

@@ -12,12 +12,21 @@ Rendered from the same `launch.job_spec.JobSpec` as the Slurm and Ray backends; 
   away when the job ends) and ``activeDeadlineSeconds`` from ``producer.time``. With
   ``--max-producer-nodes N`` the worker group may grow to ``N - 1`` replicas and KubeRay's in-tree
   autoscaler is enabled (what `launch.autoscale.RayAutoscalerActuator` drives);
-* ``03-consumer-trainjob.yaml``, a Kubeflow Trainer v2 ``TrainJob``
-  (``trainer.kubeflow.org/v1alpha1``) on a torch runtime (``--runtime``, default the
-  ``torch-distributed`` ``ClusterTrainingRuntime``): ``numNodes`` = ``consumer.nodes``,
+* ``03-consumer-runtime.yaml``, the run's own Kubeflow Trainer ``TrainingRuntime`` (a torch
+  runtime like the stock ``torch-distributed``: ``mlPolicy.torch``, one replicated job ``node``)
+  whose pods have ``terminationGracePeriodSeconds`` = ``consumer.signal_before_s``. A deletion,
+  preemption or eviction sends SIGTERM to torchrun, which passes it to the training processes
+  and gives them ``--shutdown-timeout`` (`launch.job_spec.ConsumerJob.shutdown_timeout_s`) to finish
+  their step and save before the kubelet's SIGKILL; Kubernetes' default grace, 30 s, is too short
+  to checkpoint a real model. The TrainJob's own fields cannot set it (``podTemplateOverrides`` and
+  ``runtimePatches`` admit no termination grace), hence the runtime. With ``--runtime NAME`` the
+  TrainJob uses that runtime instead (its grace applies; a warning says so) and this file is left out;
+* ``04-consumer-trainjob.yaml``, a Kubeflow Trainer v2 ``TrainJob``
+  (``trainer.kubeflow.org/v1alpha1``) on that runtime: ``numNodes`` = ``consumer.nodes``,
   ``numProcPerNode`` and ``resourcesPerNode`` = ``consumer.gpus_per_node`` GPUs, the command
-  ``torchrun -m megatron_qwenimage.cli train --config /etc/qwenimage/train.yaml`` (the runtime's
-  torch plugin gives torchrun its ``PET_NNODES``, ``PET_NODE_RANK``, ``PET_MASTER_ADDR`` ...).
+  ``torchrun --shutdown-timeout=S -m megatron_qwenimage.cli train --config /etc/qwenimage/train.yaml``
+  (the runtime's torch plugin gives torchrun its ``PET_NNODES``, ``PET_NODE_RANK``,
+  ``PET_MASTER_ADDR`` ...).
 
 Why a TrainJob and not a hand-written JobSet: the TrainJob's runtime (installed once per cluster by
 its administrators) owns the rendezvous (headless service, master address, node ranks), the
@@ -53,8 +62,12 @@ PATCH_MANAGER = "qwenimage/launch-k8s"
 FILES = {
     "config": "01-train-config.yaml",
     "producer": "02-producer-rayjob.yaml",
-    "consumer": "03-consumer-trainjob.yaml",
+    "runtime": "03-consumer-runtime.yaml",
+    "consumer": "04-consumer-trainjob.yaml",
 }
+#: The Kubeflow Trainer label that makes a runtime's replicated job the one the TrainJob's
+#: ``trainer`` (image, command, resources, nodes) applies to.
+ANCESTOR_LABEL = "trainer.kubeflow.org/trainjob-ancestor-step"
 
 
 def add_k8s_arguments(parser) -> None:
@@ -68,15 +81,16 @@ def add_k8s_arguments(parser) -> None:
     parser.add_argument("--namespace", default=None, help="metadata.namespace of every object (default: none)")
     parser.add_argument(
         "--runtime",
-        default="torch-distributed",
+        default=None,
         metavar="NAME",
-        help="the TrainJob's torch runtime (runtimeRef.name; default torch-distributed)",
+        help="run the TrainJob on this existing torch runtime (runtimeRef.name, e.g. torch-distributed; its pods' "
+        "termination grace applies) instead of the run's own TrainingRuntime, whose grace is consumer.signal_before_s",
     )
     parser.add_argument(
         "--runtime-kind",
         choices=("ClusterTrainingRuntime", "TrainingRuntime"),
         default="ClusterTrainingRuntime",
-        help="runtimeRef.kind (default ClusterTrainingRuntime)",
+        help="runtimeRef.kind of --runtime (default ClusterTrainingRuntime)",
     )
     parser.add_argument(
         "--trainer-patches",
@@ -308,21 +322,60 @@ def render_config_map(spec, *, namespace: str | None = None) -> dict:
     }
 
 
-def train_command() -> list[str]:
-    return ["torchrun", "-m", "megatron_qwenimage.cli", "train", "--config", f"{CONFIG_MOUNT}/{CONFIG_KEY}"]
+def train_command(spec) -> list[str]:
+    """torchrun of ``qwenimage train``; the training processes get `shutdown_timeout_s` from a SIGTERM."""
+    return [
+        "torchrun",
+        f"--shutdown-timeout={spec.consumer.shutdown_timeout_s}",
+        "-m",
+        "megatron_qwenimage.cli",
+        "train",
+        "--config",
+        f"{CONFIG_MOUNT}/{CONFIG_KEY}",
+    ]
+
+
+def runtime_name(spec) -> str:
+    return k8s_name(spec.name, "runtime")
+
+
+def render_training_runtime(spec, *, namespace: str | None = None) -> dict:
+    """The run's own torch ``TrainingRuntime``: the stock ``torch-distributed`` runtime's shape, its
+    pods' termination grace = ``consumer.signal_before_s`` (see the module docstring)."""
+    container = {"name": "node", "image": _image(spec, "consumer")}
+    pod_spec = {"terminationGracePeriodSeconds": spec.consumer.signal_before_s, "containers": [container]}
+    node_job = {
+        "name": "node",
+        "template": {
+            "metadata": {"labels": {ANCESTOR_LABEL: "trainer"}},
+            "spec": {"template": {"metadata": {"labels": labels(spec, "consumer")}, "spec": pod_spec}},
+        },
+    }
+    return {
+        "apiVersion": f"{TRAINER_API}/v1alpha1",
+        "kind": "TrainingRuntime",
+        "metadata": _metadata(spec, runtime_name(spec), "consumer", namespace),
+        "spec": {
+            "mlPolicy": {"numNodes": spec.consumer.resources.nodes, "torch": {"numProcPerNode": "auto"}},
+            "template": {"spec": {"replicatedJobs": [node_job]}},
+        },
+    }
 
 
 def render_train_job(
     spec,
     *,
     namespace: str | None = None,
-    runtime: str = "torch-distributed",
+    runtime: str | None = None,
     runtime_kind: str = "ClusterTrainingRuntime",
     patches: str = "pod-template-overrides",
     pvcs: list[str] | None = None,
 ) -> dict:
-    """The consumers' Kubeflow Trainer ``TrainJob`` (its config from `render_config_map`)."""
+    """The consumers' Kubeflow Trainer ``TrainJob`` (its config from `render_config_map`) on `runtime`
+    (None: the run's own, `render_training_runtime`)."""
     res = spec.consumer.resources
+    if runtime is None:
+        runtime, runtime_kind = runtime_name(spec), "TrainingRuntime"
     for value, key in ((spec.run.cache, "cache"), (spec.run.run_dir, "run_dir")):
         _check_absolute(value, key)
     container, volumes = _container(spec, "consumer", "node", list(pvcs or []))
@@ -331,7 +384,7 @@ def render_train_job(
     mounts = [{"name": "train-config", "mountPath": CONFIG_MOUNT, "readOnly": True}, *container["volumeMounts"]]
     trainer: dict[str, Any] = {
         "image": container["image"],
-        "command": train_command(),
+        "command": train_command(spec),
         "numNodes": res.nodes,
         "numProcPerNode": max(1, res.gpus_per_node),
     }
@@ -379,23 +432,27 @@ def render_manifests(
     spec,
     *,
     namespace: str | None = None,
-    runtime: str = "torch-distributed",
+    runtime: str | None = None,
     runtime_kind: str = "ClusterTrainingRuntime",
     patches: str = "pod-template-overrides",
     ray_version: str | None = None,
     max_producer_nodes: int | None = None,
     pvcs: list[str] | None = None,
 ) -> dict[str, dict]:
-    """File name -> manifest, in the order to apply them (`FILES`)."""
-    return {
+    """File name -> manifest, in the order to apply them (`FILES`; the run's own runtime only
+    without `runtime`)."""
+    manifests = {
         FILES["config"]: render_config_map(spec, namespace=namespace),
         FILES["producer"]: render_ray_job(
             spec, namespace=namespace, ray_version=ray_version, max_producer_nodes=max_producer_nodes, pvcs=pvcs
         ),
-        FILES["consumer"]: render_train_job(
-            spec, namespace=namespace, runtime=runtime, runtime_kind=runtime_kind, patches=patches, pvcs=pvcs
-        ),
     }
+    if runtime is None:
+        manifests[FILES["runtime"]] = render_training_runtime(spec, namespace=namespace)
+    manifests[FILES["consumer"]] = render_train_job(
+        spec, namespace=namespace, runtime=runtime, runtime_kind=runtime_kind, patches=patches, pvcs=pvcs
+    )
+    return manifests
 
 
 class _Dumper(yaml.SafeDumper):
@@ -472,7 +529,14 @@ def run_k8s(args) -> int:
         max_producer_nodes=args.max_producer_nodes,
         pvcs=args.pvc,
     )
-    for warning in unmounted_paths(spec, args.pvc):
+    warnings = unmounted_paths(spec, args.pvc)
+    if args.runtime is not None:
+        warnings.append(
+            f"the TrainJob runs on the {args.runtime_kind} {args.runtime}: its pods' terminationGracePeriodSeconds "
+            "(Kubernetes' default 30 s) is the training's time from SIGTERM to save; give it consumer.signal_before_s="
+            f"{spec.consumer.signal_before_s} there, or leave out --runtime for the run's own runtime with that grace"
+        )
+    for warning in warnings:
         print(f"qwenimage launch k8s: warning: {warning}", file=sys.stderr)
     if args.output is None:
         sys.stdout.write("---\n".join(to_yaml(m) for m in manifests.values()))

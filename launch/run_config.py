@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_qwenimage.config import ConfigError, read_yaml
+from megatron_qwenimage.errors import UserError
 
 TOP_KEYS = ("name", "run_dir", "cache", "producer", "consumer", "report")
 
@@ -160,12 +161,23 @@ def load_run_spec(path: str | os.PathLike) -> RunSpec:
     return run_spec_from_dict(read_yaml(path, what="run config"), source=str(path))
 
 
-def run_spec_from_dict(d: Any, source: str = "<dict>", *, replace_owned_paths: bool = False) -> RunSpec:
+def run_spec_from_dict(
+    d: Any,
+    source: str = "<dict>",
+    *,
+    replace_owned_paths: bool = False,
+    world: str | None = None,
+    local_producer: bool = True,
+) -> RunSpec:
     """Validate a run config mapping: every key, both sides, and how they fit together.
 
     `replace_owned_paths`: the consumer config's output paths (logging dir, checkpoint dir,
     export, SD dir) are set to the run's instead of refused when they differ (a cluster job spec
-    naming an existing training config).
+    naming an existing training config). `world`: how a layout error names the keys that set the
+    consumer's world size (default ``consumer.nproc_per_node=N``). `local_producer`: the producer
+    runs here, on an embedded Ray unless ``producer.ray_address`` is set, so that Ray's resources
+    on this machine are checked too (`producers.cli.check_embedded_ray`); a cluster job spec's
+    producer runs elsewhere.
     """
     if not isinstance(d, Mapping):
         raise ConfigError(f"{source}: expected a mapping with keys {list(TOP_KEYS)}, got {d!r}")
@@ -180,7 +192,7 @@ def run_spec_from_dict(d: Any, source: str = "<dict>", *, replace_owned_paths: b
     report = d.get("report", True)
     if not isinstance(report, bool):
         raise ConfigError(f"report: expected true or false, got {report!r}")
-    producer = _producer_spec(_mapping(d["producer"], "producer"))
+    producer = _producer_spec(_mapping(d["producer"], "producer"), local=local_producer)
     spec = RunSpec(
         name=name,
         run_dir=run_dir,
@@ -190,13 +202,13 @@ def run_spec_from_dict(d: Any, source: str = "<dict>", *, replace_owned_paths: b
         report=report,
         source=source,
     )
-    consumer = _consumer_spec(_mapping(d["consumer"], "consumer"), spec, replace_owned_paths)
+    consumer = _consumer_spec(_mapping(d["consumer"], "consumer"), spec, replace_owned_paths, world)
     spec = RunSpec(**{**spec.__dict__, "consumer": consumer})
     _check_fit(spec)
     return spec
 
 
-def _producer_spec(p: dict) -> ProducerSpec:
+def _producer_spec(p: dict, *, local: bool = True) -> ProducerSpec:
     _unknown(p, (*PRODUCER_FLAGS, "bundled"), "producer")
     bundled = _mapping(p.pop("bundled", None), "producer.bundled")
     _unknown(bundled, BUNDLED_KEYS, "producer.bundled")
@@ -211,12 +223,14 @@ def _producer_spec(p: dict) -> ProducerSpec:
         raise ConfigError(f"producer.bundled: only used with `input: bundled`, but input is {p['input']!r}")
     # The produce command's own parser and checks, with its flags named as this file's keys.
     from megatron_qwenimage.cli import build_parser
-    from producers.cli import config_from_args
+    from producers.cli import check_embedded_ray, config_from_args
 
     argv = spec.argv(input_spec="bundled", cache="cache", run_label="check", sd_dir="sd")
     with _as_keys():
         args = _parse(build_parser(), argv)
-        config_from_args(args)
+        cfg = config_from_args(args)
+        if local:
+            check_embedded_ray(args, cfg)
     return spec
 
 
@@ -233,17 +247,17 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
 
 @contextlib.contextmanager
 def _as_keys():
-    """Re-word ``--flag`` in a ConfigError as the producer key that set it."""
+    """Re-word ``--flag`` in a user error of the produce command's checks as the producer key that set it."""
     try:
         yield
-    except ConfigError as exc:
+    except UserError as exc:
         message = str(exc)
         for key, flag in sorted(PRODUCER_FLAGS.items(), key=lambda kv: -len(kv[1])):
             message = message.replace(f"argument {flag}", f"producer.{key}").replace(flag, f"producer.{key}")
         raise ConfigError(message) from None
 
 
-def _consumer_spec(c: dict, spec: RunSpec, replace_owned_paths: bool = False) -> ConsumerSpec:
+def _consumer_spec(c: dict, spec: RunSpec, replace_owned_paths: bool = False, world: str | None = None) -> ConsumerSpec:
     _unknown(c, CONSUMER_KEYS, "consumer")
     nproc = c.get("nproc_per_node", 2)
     if not isinstance(nproc, int) or isinstance(nproc, bool) or nproc < 1:
@@ -260,15 +274,38 @@ def _consumer_spec(c: dict, spec: RunSpec, replace_owned_paths: bool = False) ->
     config = _owned_paths(config, spec, replace=replace_owned_paths)
     from consumers.train import RunConfig
 
-    try:
+    with _in_consumer_config():
         cfg = RunConfig.from_dict(config, source="consumer.config")
-        cfg.layout(nproc)
+    try:
+        layout = cfg.parallel.layout(nproc)  # TP x PP x DP on the world: what RunConfig.layout checks first
+    except ConfigError as exc:
+        world = world or f"consumer.nproc_per_node={nproc}"
+        raise ConfigError(f"{world} does not fit consumer.config.parallel: {exc}") from None
+    with _in_consumer_config():
+        layout.validate_for(cfg.model)  # heads, blocks, the model's own checks at this TP size
+    return ConsumerSpec(nproc_per_node=nproc, config=config, omp_num_threads=omp)
+
+
+@contextlib.contextmanager
+def _in_consumer_config():
+    """Name a key of the run config as the run YAML does: ``consumer.config.<key>``."""
+    try:
+        yield
     except ConfigError as exc:
         message = str(exc)
         if not message.startswith("consumer.config"):
             message = f"consumer.config.{message}"
         raise ConfigError(message) from None
-    return ConsumerSpec(nproc_per_node=nproc, config=config, omp_num_threads=omp)
+
+
+def same_location(a: Any, b: Any) -> bool:
+    """Whether two paths or URLs name the same place: local paths resolved from the working
+    directory (what a relative path means to every command here, and to the jobs, which run
+    there), URLs compared as written less a trailing ``/``."""
+    a, b = str(a), str(b)
+    if "://" in a or "://" in b:
+        return a.rstrip("/") == b.rstrip("/")
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 def _owned_paths(config: dict, spec: RunSpec, *, replace: bool = False) -> dict:
@@ -286,7 +323,7 @@ def _owned_paths(config: dict, spec: RunSpec, *, replace: bool = False) -> dict:
             raise ConfigError(f"consumer.config.{section}: expected a mapping of keys, got {sec!r}")
         sec = config[section] = dict(sec)
         given = sec.get(key)
-        if not replace and given is not None and os.path.normpath(str(given)) != os.path.normpath(str(value)):
+        if not replace and given is not None and not same_location(given, value):
             raise ConfigError(
                 f"consumer.config.{section}.{key}={given!r}: the run puts this at {value!r} (under run_dir, where "
                 "the monitor and the report look); remove the key"
@@ -302,8 +339,7 @@ def _owned_paths(config: dict, spec: RunSpec, *, replace: bool = False) -> dict:
     if caches is None:
         data["caches"] = [{"path": spec.cache, "mode": "tail"}]
     elif not isinstance(caches, list) or not any(
-        isinstance(c, Mapping) and os.path.normpath(str(c.get("path", ""))) == os.path.normpath(spec.cache)
-        for c in caches
+        isinstance(c, Mapping) and same_location(c.get("path", ""), spec.cache) for c in caches
     ):
         raise ConfigError(
             f"consumer.config.data.caches={caches!r}: must read the run's cache {spec.cache!r} (what its producers "

@@ -26,7 +26,12 @@ submitted with ``sbatch --parsable``:
   reached ``consumer.max_restarts``. The requeued job resumes from that checkpoint
   (``checkpoint.resume: auto``). (``srun`` itself must not get the SIGTERM: it would SIGKILL the
   tasks; ``torchrun`` does get it, forwards it to its workers and waits up to
-  ``--shutdown-timeout`` = ``signal_before_s`` for them.)
+  ``--shutdown-timeout`` = ``signal_before_s - EXIT_MARGIN_S`` for them
+  (`launch.job_spec.ConsumerJob.shutdown_timeout_s`): the training gets that long to finish its
+  step and save, and torchrun, the step and the requeue get the last `EXIT_MARGIN_S` seconds
+  before the time limit.) Each node's torchrun is ``qwenimage torchrun``: its own log and failure
+  report go to ``run_dir/logs/torchrun-<job id>-node<node id>.log``, so a failed job's output ends
+  with the training's one-line error.
 
 Both scripts run their steps in the side's environment: a container (pyxis: ``srun
 --container-image --container-mounts --container-workdir --container-name``) or the host with
@@ -64,7 +69,7 @@ from typing import Any
 
 import yaml
 
-from launch.job_spec import RAY_PORTS, JobSpec, Resources, job_spec_from_dict
+from launch.job_spec import EXIT_MARGIN_S, RAY_PORTS, JobSpec, Resources, job_spec_from_dict
 from megatron_qwenimage.config import ConfigError, read_yaml
 from megatron_qwenimage.errors import UserError
 
@@ -390,15 +395,19 @@ def render_producer_script(spec: JobSpec, *, cwd: str | None = None, argv: list[
 
 
 def torchrun_command(spec: JobSpec, config_path: str | os.PathLike) -> str:
-    """One node's ``torchrun`` (a ``bash -c`` script: ``$SLURM_NNODES`` / ``$SLURM_NODEID`` are the task's)."""
+    """One node's ``qwenimage torchrun`` (a ``bash -c`` script: ``$SLURM_NNODES`` / ``$SLURM_NODEID``
+    are the task's): torchrun with its own log and failure report in
+    ``run_dir/logs/torchrun-<job id>-node<node id>.log``, so that the job's output ends with the
+    training processes' own line (`launch.local.run_torchrun`)."""
     c = spec.consumer
     python = python_for(c.resources)
-    head = shlex.join([python, "-m", "torch.distributed.run"])
+    log = shlex.quote(str(Path(spec.run.logs_dir) / "torchrun-"))
+    head = shlex.join([python, "-m", "megatron_qwenimage.cli", "torchrun"])
     tail = shlex.join(
         [
             f"--nproc-per-node={c.procs_per_node}",
             f"--master-port={c.master_port}",
-            f"--shutdown-timeout={c.signal_before_s}",
+            f"--shutdown-timeout={c.shutdown_timeout_s}",
             "-m",
             "megatron_qwenimage.cli",
             "train",
@@ -407,8 +416,8 @@ def torchrun_command(spec: JobSpec, config_path: str | os.PathLike) -> str:
         ]
     )
     return (
-        f'exec {head} --nnodes="$SLURM_NNODES" --node-rank="$SLURM_NODEID" '
-        f'--master-addr="$QWENIMAGE_MASTER_ADDR" {tail}'
+        f'exec {head} --torchrun-log={log}"$SLURM_JOB_ID-node$SLURM_NODEID.log" --nnodes="$SLURM_NNODES" '
+        f'--node-rank="$SLURM_NODEID" --master-addr="$QWENIMAGE_MASTER_ADDR" {tail}'
     )
 
 
@@ -428,8 +437,9 @@ def render_consumer_script(spec: JobSpec, *, cwd: str | None = None) -> str:
         f"# One torchrun per node, {c.procs_per_node} process(es) each: tp={layout.tp} x pp={layout.pp} x "
         f"dp={layout.dp} = {layout.world_size} ranks.",
         f"# {c.signal_before_s} s before the time limit Slurm sends SIGTERM to this script: the training processes",
-        "# then save a checkpoint and exit, and the job requeues itself (at most consumer.max_restarts times);",
-        "# the requeued job resumes from that checkpoint.",
+        f"# then finish their step, save a checkpoint and exit (torchrun gives them {c.shutdown_timeout_s} s, the",
+        f"# last {EXIT_MARGIN_S} s are for the job to end), and the job requeues itself (at most",
+        "# consumer.max_restarts times); the requeued job resumes from that checkpoint.",
         "set -uo pipefail",
         "",
         *_environment(res, cwd),

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launch.job_spec import job_spec_from_dict
+from launch.job_spec import EXIT_MARGIN_S, job_spec_from_dict
 from launch.k8s import (
+    ANCESTOR_LABEL,
     CONFIG_MOUNT,
     FILES,
     add_k8s_arguments,
@@ -20,6 +21,7 @@ from launch.k8s import (
     render_manifests,
     render_ray_job,
     render_train_job,
+    render_training_runtime,
     run_k8s,
     unmounted_paths,
 )
@@ -48,21 +50,26 @@ def _pod_template_labels(obj) -> list[dict]:
         cluster = spec["rayClusterSpec"]
         groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
         return [g["template"]["metadata"]["labels"] for g in groups]
+    if obj["kind"] == "TrainingRuntime":
+        return [
+            j["template"]["spec"]["template"]["metadata"]["labels"] for j in spec["template"]["spec"]["replicatedJobs"]
+        ]
     return [o["metadata"]["labels"] for o in spec["podTemplateOverrides"]]
 
 
-def test_example_renders_three_valid_manifests(tmp_path, capsys):
+def test_example_renders_four_valid_manifests(tmp_path, capsys):
     assert run_k8s(_args("examples/job.yaml", "--output", str(tmp_path / "k8s"))) == 0
     written = capsys.readouterr()
     files = sorted((tmp_path / "k8s").iterdir())
     assert [f.name for f in files] == sorted(FILES.values())
     assert written.out.split() == [str(f) for f in files]
     docs = {f.name: yaml.safe_load(f.read_text()) for f in files}
-    config_map, ray_job, train_job = (docs[FILES[k]] for k in ("config", "producer", "consumer"))
+    config_map, ray_job, runtime, train_job = (docs[FILES[k]] for k in ("config", "producer", "runtime", "consumer"))
 
     for obj, api, kind in (
         (config_map, "v1", "ConfigMap"),
         (ray_job, "ray.io/v1", "RayJob"),
+        (runtime, "trainer.kubeflow.org/v1alpha1", "TrainingRuntime"),
         (train_job, "trainer.kubeflow.org/v1alpha1", "TrainJob"),
     ):
         assert obj["apiVersion"] == api and obj["kind"] == kind
@@ -99,9 +106,9 @@ def test_example_renders_three_valid_manifests(tmp_path, capsys):
     # The consumers: numNodes and GPUs from the spec, torchrun of `qwenimage train` on the mounted config.
     trainer = train_job["spec"]["trainer"]
     assert train_job["spec"]["runtimeRef"] == {
-        "name": "torch-distributed",
+        "name": runtime["metadata"]["name"],
         "apiGroup": "trainer.kubeflow.org",
-        "kind": "ClusterTrainingRuntime",
+        "kind": "TrainingRuntime",
     }
     assert trainer["numNodes"] == 4 and trainer["numProcPerNode"] == 8
     assert trainer["resourcesPerNode"]["limits"] == {"nvidia.com/gpu": 8}
@@ -123,7 +130,7 @@ def test_example_renders_three_valid_manifests(tmp_path, capsys):
     assert train_config["logging"]["dir"] == "/lustre/qwenimage/runs/exp1"
     assert train_config["checkpoint"]["dir"] == "/lustre/qwenimage/runs/exp1/checkpoints"
 
-    for obj in (ray_job, train_job):  # the pods carry the run's labels too
+    for obj in (ray_job, runtime, train_job):  # the pods carry the run's labels too
         for pod_labels in _pod_template_labels(obj):
             assert pod_labels["qwenimage/run"] == "exp1"
             assert pod_labels["qwenimage/side"] == obj["metadata"]["labels"]["qwenimage/side"]
@@ -144,8 +151,52 @@ def test_a_cache_on_no_mounted_volume_is_said_not_refused(tmp_path, capsys):
 def test_without_output_prints_the_same_documents(capsys):
     assert run_k8s(_args("examples/job.yaml", "--namespace", "ml")) == 0
     docs = list(yaml.safe_load_all(capsys.readouterr().out))
-    assert [d["kind"] for d in docs] == ["ConfigMap", "RayJob", "TrainJob"]
+    assert [d["kind"] for d in docs] == ["ConfigMap", "RayJob", "TrainingRuntime", "TrainJob"]
     assert {d["metadata"]["namespace"] for d in docs} == {"ml"}
+
+
+@pytest.mark.parametrize("signal_before_s", [180, 1200])
+def test_consumer_pods_get_signal_before_s_to_checkpoint_before_the_kill(signal_before_s, tmp_path, capsys):
+    """The run's own runtime gives the consumer pods a termination grace of consumer.signal_before_s
+    (Kubernetes' default 30 s is too short to save a 20B checkpoint), and torchrun gives the
+    training processes that less EXIT_MARGIN_S to finish their step and save."""
+    d = copy.deepcopy(JOB)
+    d["consumer"]["signal_before_s"] = signal_before_s
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(d))
+    assert run_k8s(_args(str(path), "--output", str(tmp_path / "out"))) == 0
+    runtime = yaml.safe_load((tmp_path / "out" / FILES["runtime"]).read_text())
+    train_job = yaml.safe_load((tmp_path / "out" / FILES["consumer"]).read_text())
+    [node] = runtime["spec"]["template"]["spec"]["replicatedJobs"]
+    assert node["name"] == "node" and node["template"]["metadata"]["labels"] == {ANCESTOR_LABEL: "trainer"}
+    pod = node["template"]["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == signal_before_s
+    assert [c["name"] for c in pod["containers"]] == ["node"]
+    assert "torch" in runtime["spec"]["mlPolicy"]
+    command = train_job["spec"]["trainer"]["command"]
+    timeout = int(next(a for a in command if a.startswith("--shutdown-timeout=")).split("=")[1])
+    assert timeout == signal_before_s - EXIT_MARGIN_S and 0 < timeout < pod["terminationGracePeriodSeconds"]
+    assert train_job["spec"]["runtimeRef"]["name"] == runtime["metadata"]["name"]
+    assert "terminationGracePeriodSeconds" not in capsys.readouterr().err  # no warning: the grace is set
+
+
+def test_an_existing_runtime_is_used_as_named_and_its_grace_is_warned_about(tmp_path, capsys):
+    assert run_k8s(_args("examples/job.yaml", "--runtime", "torch-distributed", "--output", str(tmp_path / "k8s"))) == 0
+    assert not (tmp_path / "k8s" / FILES["runtime"]).exists()
+    train_job = yaml.safe_load((tmp_path / "k8s" / FILES["consumer"]).read_text())
+    assert train_job["spec"]["runtimeRef"]["name"] == "torch-distributed"
+    assert train_job["spec"]["runtimeRef"]["kind"] == "ClusterTrainingRuntime"
+    err = capsys.readouterr().err
+    assert "terminationGracePeriodSeconds" in err and "consumer.signal_before_s=180" in err
+
+
+def test_the_runtime_renders_from_the_spec_alone():
+    spec = job_spec_from_dict(copy.deepcopy(JOB), source="job.yaml", check_paths=False, check_ray=False)
+    runtime = render_training_runtime(spec, namespace="ml")
+    assert runtime["metadata"]["namespace"] == "ml" and DNS_1035.match(runtime["metadata"]["name"])
+    [node] = runtime["spec"]["template"]["spec"]["replicatedJobs"]
+    [container] = node["template"]["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == "nvcr.io/acme/qwenimage:latest"
 
 
 @pytest.mark.parametrize("side", ["producer", "consumer"])
@@ -168,6 +219,7 @@ def test_autoscaling_pvcs_and_node_counts_follow_the_flags():
     d["consumer"]["config"] = yaml.safe_load((REPO / "examples" / "train-qwen-image-20b.yaml").read_text())
     d["consumer"]["config"]["parallel"] = {"tp": 8, "pp": 1, "sequence_parallel": True}
     d["consumer"]["config"]["checkpoint"]["interval"] = 10  # one node: ~10 min a step at 1328 px
+    d["consumer"]["signal_before_s"] = 900  # so the stop signal leaves time to finish such a step and save
     spec = job_spec_from_dict(d, source="job.yaml", check_paths=False, check_ray=False)
     ray_job = render_ray_job(spec, max_producer_nodes=6, pvcs=["datasets:/data"], ray_version="2.60.0")
     cluster = ray_job["spec"]["rayClusterSpec"]

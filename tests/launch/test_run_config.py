@@ -78,3 +78,61 @@ def test_cli_reports_one_line_and_starts_nothing(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["qwenimage run: error: producer.partition_size: invalid int value: 'eight'"], err
     assert not (tmp_path / "run").exists()  # validated before anything is written
+
+
+def _cli(tmp_path, capsys, d: dict) -> tuple[int, list[str]]:
+    """`qwenimage run` on `d` with its run_dir and cache under `tmp_path`: (status, stderr lines)."""
+    d = {**d, "run_dir": str(tmp_path / "run"), "cache": str(tmp_path / "cache")}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(d))
+    rc = main(["run", str(path)])
+    return rc, capsys.readouterr().err.strip().splitlines()
+
+
+def test_a_layout_error_names_nproc_per_node_and_reads_well(tmp_path, capsys):
+    rc, err = _cli(tmp_path, capsys, _with("consumer.nproc_per_node", 3))
+    assert rc == 2 and err == [
+        "qwenimage run: error: consumer.nproc_per_node=3 does not fit consumer.config.parallel: world size 3 is not "
+        "divisible by tp*pp = 2*1 = 2 (parallel.tp x parallel.pp); launch a multiple of 2 ranks (torchrun "
+        "--nproc-per-node) or change them"
+    ], err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_layout_the_model_refuses_still_names_the_config_key():
+    with pytest.raises(ConfigError) as info:
+        run_spec_from_dict(_with("consumer.config.parallel", {"tp": 2, "pp": 4}, _with("consumer.nproc_per_node", 8)))
+    assert str(info.value).startswith("consumer.config.num_layers="), str(info.value)
+
+
+def test_too_few_local_cpus_for_the_producer_is_refused_before_the_run_folder(tmp_path, capsys):
+    """`producer.local_num_cpus: 1` cannot hold the encoder pools plus a read task and a writer (the
+    embedded Ray would wait forever): refused with the run config, before anything is created."""
+    rc, err = _cli(tmp_path, capsys, _with("producer.local_num_cpus", 1))
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith("qwenimage run: error: producer.local_num_cpus 1: 1 CPUs, but the encoder actor pools")
+    assert "producer.cpus_per_actor" in err[0] and "1.5 CPUs in all" in err[0]
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+    run_spec_from_dict(_with("producer.local_num_cpus", 2))  # enough: 1 for the pools, 0.5 for a read and a write
+
+
+def test_a_cuda_device_this_machine_lacks_is_refused_with_the_run_config(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    rc, err = _cli(tmp_path, capsys, _with("producer.device", "cuda"))
+    assert rc == 2 and len(err) == 1 and err[0].startswith("qwenimage run: error: producer.device cuda: torch "), err
+    assert "sees no CUDA device" in err[0]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("written", ["REL", "./REL/", "ABS"])
+def test_the_runs_cache_is_recognised_however_its_path_is_written(tmp_path, monkeypatch, written):
+    monkeypatch.chdir(tmp_path)
+    d = _with("cache", "cache/local")
+    path = {"REL": "cache/local", "./REL/": "./cache/local/", "ABS": str(tmp_path / "cache" / "local")}[written]
+    spec = run_spec_from_dict(_with("consumer.config.data.caches", [{"path": path, "mode": "tail"}], d))
+    assert spec.consumer.config["data"]["caches"] == [{"path": path, "mode": "tail"}]
+    logging_dir = _with("consumer.config.logging", {"dir": str(tmp_path / "runs" / "local")}, d)
+    assert run_spec_from_dict(logging_dir).consumer.config["logging"]["dir"] == "runs/local"  # the same place

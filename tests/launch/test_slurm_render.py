@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -16,7 +17,8 @@ import pytest
 import yaml
 
 from launch import slurm
-from megatron_qwenimage.cli import build_parser
+from launch.job_spec import EXIT_MARGIN_S
+from megatron_qwenimage.cli import build_parser, main
 from megatron_qwenimage.config import ConfigError
 from megatron_qwenimage.errors import UserError
 
@@ -203,13 +205,13 @@ def test_example_consumer_script_requeues_on_sigterm_within_the_restart_budget(t
     train = next(ln for ln in text.splitlines() if "--job-name=train" in ln)
     assert train.startswith('    "${SRUN[@]}" --nodes="$SLURM_NNODES" --job-name=train bash -c ')
     for part in (
-        "exec python3 -m torch.distributed.run",
+        "exec python3 -m megatron_qwenimage.cli torchrun",
         '--nnodes="$SLURM_NNODES"',
         '--node-rank="$SLURM_NODEID"',
         '--master-addr="$QWENIMAGE_MASTER_ADDR"',
         "--nproc-per-node=8",
         "--master-port=29500",
-        "--shutdown-timeout=180",
+        f"--shutdown-timeout={180 - EXIT_MARGIN_S}",
         f"-m megatron_qwenimage.cli train --config {tmp_path}/exp1/slurm/train.yaml",
     ):
         assert part in train
@@ -235,9 +237,84 @@ def test_environment_activation_and_cpu_processes(tmp_path):
     assert "export RAY_AUTH_MODE=disabled" in producer
     assert "#SBATCH --gpus-per-node" not in consumer and "#SBATCH --cpus-per-task=4" in consumer
     assert "--nproc-per-node=4" in consumer and "--master-port=29999" in consumer and "MAX_RESTARTS=3" in consumer
-    assert "#SBATCH --signal=B:TERM@90" in consumer and "--shutdown-timeout=90" in consumer
-    assert "exec python3 -m torch.distributed.run" in consumer  # the activated environment's python
+    assert "#SBATCH --signal=B:TERM@90" in consumer and f"--shutdown-timeout={90 - EXIT_MARGIN_S}" in consumer
+    assert "exec python3 -m megatron_qwenimage.cli torchrun" in consumer  # the activated environment's python
     assert "--num-gpus" not in producer and "--port=7000" in producer and "--runtime-env-agent-port=7007" in producer
+
+
+@pytest.mark.parametrize("signal_before_s", [EXIT_MARGIN_S + 1, 90, 3600])
+def test_torchrun_stops_the_training_before_the_signal_lead_runs_out(tmp_path, signal_before_s):
+    """Slurm signals `signal_before_s` before the time limit; torchrun then gives the training that
+    less EXIT_MARGIN_S to finish its step and save (--shutdown-timeout), strictly less than the lead,
+    so that torchrun, the step and the requeue are done before the time limit kills the job."""
+    d = _tiny(tmp_path, **{"consumer.signal_before_s": signal_before_s, "consumer.time": "02:00:00"})
+    spec = slurm.prepare_spec(_write(tmp_path, d))
+    text = slurm.render_consumer_script(spec, cwd=str(tmp_path))
+    lead = int(re.search(r"^#SBATCH --signal=B:TERM@(\d+)$", text, re.M)[1])
+    [timeout] = [int(t) for t in re.findall(r"--shutdown-timeout=(\d+)", text)]
+    assert lead == signal_before_s
+    assert timeout == lead - EXIT_MARGIN_S and 0 < timeout < lead
+    assert f"(torchrun gives them {timeout} s, the\n# last {EXIT_MARGIN_S} s are for the job to end)" in text
+
+
+def test_each_node_runs_qwenimage_torchrun_with_its_own_log_under_the_run(tmp_path):
+    """The train step is `qwenimage torchrun` (its own report to a log file, so the job's output ends
+    with the training's one line): the rendered command, as bash expands it on node 1 of job 7,
+    is a valid `qwenimage torchrun` command line."""
+    spec = slurm.prepare_spec(_write(tmp_path, _tiny(tmp_path)))
+    command = slurm.torchrun_command(spec, slurm.train_config_path(spec))
+    assert command.startswith("exec ")
+    env = {**os.environ, "SLURM_JOB_ID": "7", "SLURM_NODEID": "1", "SLURM_NNODES": "2", "QWENIMAGE_MASTER_ADDR": "h0"}
+    printed = subprocess.run(
+        ["bash", "-c", "printf '%s\\n' " + command[len("exec ") :]], env=env, capture_output=True, text=True, check=True
+    )
+    argv = printed.stdout.splitlines()
+    assert argv[:4] == [slurm.python_for(spec.consumer.resources), "-m", "megatron_qwenimage.cli", "torchrun"]
+    args = build_parser().parse_args(argv[3:])
+    from launch.local import run_torchrun
+
+    assert args.func is run_torchrun
+    assert args.torchrun_log == str(Path(spec.run.logs_dir) / "torchrun-7-node1.log")
+    assert (args.nnodes, args.node_rank, args.master_addr, args.nproc_per_node) == ("2", 1, "h0", "4")
+    assert args.shutdown_timeout == 90 - EXIT_MARGIN_S
+    assert args.module and args.training_script == "megatron_qwenimage.cli"
+    assert args.training_script_args == ["train", "--config", str(slurm.train_config_path(spec))]
+
+
+@pytest.mark.parametrize(
+    "job_cache, config_cache",
+    [("cache", "cache"), ("cache", "./cache/"), ("./cache", "ABS"), ("ABS", "cache"), ("cache/../cache", "cache")],
+)
+def test_the_jobs_cache_named_by_a_relative_path_in_the_consumer_config_is_the_same_cache(
+    tmp_path, monkeypatch, capsys, job_cache, config_cache
+):
+    """Relative paths mean what they mean to every command here: relative to the working directory
+    (the jobs cd there). Both sides are resolved before they are compared, however written."""
+    monkeypatch.chdir(tmp_path)
+    absolute = str(tmp_path / "cache")
+    config = _tiny_config()
+    config["data"]["caches"] = [{"path": absolute if config_cache == "ABS" else config_cache, "mode": "tail"}]
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(config))
+    d = _tiny(tmp_path, **{"cache": absolute if job_cache == "ABS" else job_cache, "consumer.config": "train.yaml"})
+    path = _write(tmp_path, d)
+    assert _launch("slurm", str(path), "--dry-run") == 0
+    assert f"{absolute} 5 &" in capsys.readouterr().out  # the consumer job waits for that cache
+    # Another directory is still refused, in one line naming the key.
+    config["data"]["caches"] = [{"path": "other-cache", "mode": "tail"}]
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(ConfigError, match=r"^consumer.config.data.caches=.*must read the run's cache"):
+        _launch("slurm", str(path), "--dry-run")
+
+
+def test_a_layout_error_reads_well_and_names_the_keys_that_set_the_world(tmp_path, capsys):
+    path = _write(tmp_path, _tiny(tmp_path, **{"consumer.procs_per_node": 3}))
+    assert main(["launch", "slurm", str(path), "--dry-run"]) == 2
+    assert capsys.readouterr().err == (
+        "qwenimage launch slurm: error: consumer.nodes=1 x consumer.procs_per_node=3 = 3 ranks does not fit "
+        "consumer.config.parallel: world size 3 is not divisible by tp*pp = 2*1 = 2 (parallel.tp x parallel.pp); "
+        "launch a multiple of 2 ranks (torchrun --nproc-per-node) or change them\n"
+    )
+    assert not (tmp_path / "run").exists()
 
 
 def test_external_ray_address_runs_only_the_driver(tmp_path):
@@ -421,13 +498,22 @@ def test_status_and_cancel(tmp_path, fake_slurm, capsys):
         ),
         (
             {"consumer.config.parallel": {"tp": 2, "dp": 3}},
-            "consumer.config.parallel.dp=3 but world size 4 / (tp*pp=2) = 2 (the consumer world: consumer.nodes=1 x "
-            "consumer.procs_per_node=4 = 4 ranks)",
+            "consumer.nodes=1 x consumer.procs_per_node=4 = 4 ranks does not fit consumer.config.parallel: "
+            "parallel.dp=3 but world size 4 / (tp*pp=2) = 2",
         ),
         (
             {"consumer.gpus_per_node": 3, "consumer.procs_per_node": None},
-            "not divisible by tp*pp = 2*1 = 2 (parallel.tp x parallel.pp); launch a multiple of 2 ranks (torchrun "
-            "--nproc-per-node) or change them (the consumer world: consumer.nodes=1 x consumer.gpus_per_node=3 = 3 ranks)",
+            "consumer.nodes=1 x consumer.gpus_per_node=3 = 3 ranks does not fit consumer.config.parallel: world size "
+            "3 is not divisible by tp*pp = 2*1 = 2 (parallel.tp x parallel.pp); launch a multiple of 2 ranks "
+            "(torchrun --nproc-per-node) or change them",
+        ),
+        (
+            {"consumer.signal_before_s": EXIT_MARGIN_S},
+            f"consumer.signal_before_s={EXIT_MARGIN_S}: expected more than {EXIT_MARGIN_S} s",
+        ),
+        (
+            {"consumer.step_time_s": 100, "consumer.time": "02:00:00"},
+            "consumer.signal_before_s=90 leaves the training 70 s from SIGTERM to finish its step and save",
         ),
         ({"consumer.gpus_per_node": 8}, "consumer.procs_per_node=4: one training process per GPU"),
         ({"cache": "/nonexistent/qwenimage-cache"}, "cache='/nonexistent/qwenimage-cache' does not exist"),
