@@ -212,7 +212,7 @@ def test_a_fast_then_slow_consumer_resizes_the_running_producers_pools(ray_clust
         shutil.copy(SKIMAGE_DATA / name, src / name)
         (src / f"{name.rsplit('.', 1)[0]}.txt").write_text(f"photo {name}")
     cache = tmp_path / "cache"
-    init_cache(str(cache))  # a cache made beforehand (`qwenimage cache init`), so window 0 has a target too
+    init_cache(str(cache))  # a cache made beforehand, so window 0 has a target too
     cfg = ProducerConfig(
         buckets={"64": buckets_for_area(64)},
         partition_size=1,
