@@ -12,8 +12,6 @@ outside the directory) is refused too.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import pickle
 import shlex
@@ -25,9 +23,9 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
-from consumers.checkpoint import COMMITTED, export_checkpoint_to_diffusers
+from consumers.checkpoint import export_checkpoint_to_diffusers
 from megatron_qwenimage.checkpoint_metadata import CheckpointMetadataRefused, RestrictedFileSystemReader
-from tests.helpers.consumers import spawn
+from tests.helpers.consumers import spawn, vouch_for
 
 METADATA = ".metadata"
 
@@ -187,10 +185,7 @@ def _resume_and_export_worker(rank: int, world: int, root: str) -> dict:
     marker = Path(root).parent / "payload-ran"
     if rank == 0:
         _rewrite_metadata(step_dir, lambda md: setattr(md, "version", _payloads(marker)["exec"]))
-        record = json.loads((step_dir / COMMITTED).read_text())
-        data = (step_dir / METADATA).read_bytes()
-        record["files"][METADATA] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-        (step_dir / COMMITTED).write_text(json.dumps(record))
+        vouch_for(step_dir, METADATA)
     dist.barrier()
     try:
         mgr.load_latest(engine)

@@ -21,7 +21,6 @@ import pytest
 import torch
 
 from consumers.checkpoint import (
-    COMMITTED,
     CheckpointConfig,
     CheckpointCorrupt,
     CheckpointManager,
@@ -31,7 +30,7 @@ from consumers.checkpoint import (
     rng_file,
     save_rng_state,
 )
-from tests.helpers.consumers import spawn
+from tests.helpers.consumers import spawn, vouch_for
 
 
 class _Payload:
@@ -122,7 +121,6 @@ def test_old_pickle_rng_file_is_refused_naming_it(tmp_path, monkeypatch):
 
 def _world1_worker(rank: int, world: int, root: str) -> dict:
     """Save at step 2, draw; restore, draw again; then plant an old-format pickle RNG file."""
-    import hashlib
 
     import torch.distributed as dist
 
@@ -143,12 +141,7 @@ def _world1_worker(rank: int, world: int, root: str) -> dict:
     marker = Path(root).parent / "unpickled"
     old = step_dir / "rng" / "rank_00000.pt"
     _save_old_format_rng(old, marker)
-    record = json.loads((step_dir / COMMITTED).read_text())
-    record["files"]["rng/rank_00000.pt"] = {
-        "bytes": old.stat().st_size,
-        "sha256": hashlib.sha256(old.read_bytes()).hexdigest(),
-    }
-    (step_dir / COMMITTED).write_text(json.dumps(record))
+    vouch_for(step_dir, "rng/rank_00000.pt")
     dist.barrier()
     # The only checkpoint is refused: checkpoint.resume=auto stops (ResumeRefused) instead of
     # starting over.

@@ -33,6 +33,7 @@ from safetensors.torch import load_file
 from tests.helpers.consumers import (
     QWENIMAGE_TRAIN,
     JobOutput,
+    committed_steps,
     grow_cache,
     launch_train,
     read_jsonl,
@@ -107,10 +108,6 @@ def _records(out: Path) -> tuple[dict[int, tuple[float, float]], dict[int, float
         if "val_loss" in r:
             val[r["step"]] = r["val_loss"]
     return train, val
-
-
-def _committed(out: Path) -> list[int]:
-    return sorted(int(p.name[5:]) for p in (out / "ckpt").glob("step_*") if (p / "COMMITTED").is_file())
 
 
 def _weights(directory: Path) -> dict[str, torch.Tensor]:
@@ -192,7 +189,7 @@ def test_cell_equals_one_process(cell, data, reference, tmp_path):
     assert "qwenimage train: stopped by SIGTERM; committed work is kept, rerun to resume" in log1, log1[-3000:]
     train1, _ = _records(out)
     stopped_at = max(train1)
-    assert _committed(out)[-1] == stopped_at, (_committed(out), stopped_at, log1[-3000:])
+    assert committed_steps(out / "ckpt")[-1] == stopped_at, (committed_steps(out / "ckpt"), stopped_at, log1[-3000:])
     if stop_at == "waiting":
         assert "SIGTERM while waiting for data before step 4" in log1, log1[-3000:]
         assert stopped_at == 4  # every step of the first snapshot, none beyond it
@@ -220,7 +217,7 @@ def test_cell_equals_one_process(cell, data, reference, tmp_path):
     for step, loss in ref_val.items():
         assert val_loss[step] == pytest.approx(loss, abs=1e-5, rel=1e-5), (step, val_loss[step], loss)
 
-    assert _committed(out)[-1] == STEPS
+    assert committed_steps(out / "ckpt")[-1] == STEPS
     _assert_weights_equal(_weights(out / "export"), _weights(reference / "export"), "exported weights")
     ema = _ema_export(out, tmp_path / "ema")
     ref_ema = _ema_export(reference, tmp_path / "ref-ema")

@@ -15,17 +15,18 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from tests.helpers.consumers import (
     QWENIMAGE_TRAIN,
+    committed_steps,
     launch_train,
     read_jsonl,
     signal_job,
+    torchrun_worker,
+    wait_for_logged_step,
     wait_success,
     write_cache,
     write_tp2_checkpointing_config,
@@ -47,8 +48,7 @@ def _losses(out: Path) -> dict[int, float]:
 
 
 def _committed(out: Path) -> list[int]:
-    ckpt = out / "ckpt"
-    return sorted(int(p.name[5:]) for p in ckpt.glob("step_*") if (p / "COMMITTED").is_file())
+    return committed_steps(out / "ckpt")
 
 
 @pytest.fixture(scope="module")
@@ -70,12 +70,7 @@ def test_sigterm_saves_the_current_step_and_the_rerun_matches(cache, straight, t
     out = tmp_path / "run"
     config = _config(cache, out, interval=interval, async_save=async_save)
     proc = _launch(config)
-    metrics = out / "logs" / "metrics.jsonl"
-    deadline = time.monotonic() + 240
-    while not (metrics.exists() and any(r.get("step") == 2 for r in read_jsonl(metrics))):
-        assert proc.poll() is None, proc.communicate()[0][-3000:]
-        assert time.monotonic() < deadline, "no step was logged"
-        time.sleep(0.05)
+    wait_for_logged_step(proc, out / "logs" / "metrics.jsonl", 2)
     signal_job(proc, signal.SIGTERM)  # torchrun and both workers at once, as Slurm signals a job step
     log, _ = proc.communicate(timeout=240)
     assert proc.returncode != 0, log[-3000:]
@@ -93,29 +88,13 @@ def test_sigterm_saves_the_current_step_and_the_rerun_matches(cache, straight, t
     assert _losses(out) == straight and len(straight) == STEPS
 
 
-def _worker(proc: subprocess.Popen, rank: int) -> psutil.Process:
-    """The torchrun worker of `proc` whose environment says ``RANK=<rank>``."""
-    for child in psutil.Process(proc.pid).children(recursive=True):
-        try:
-            if child.environ().get("RANK") == str(rank) and "--config" in child.cmdline():
-                return child
-        except psutil.NoSuchProcess:
-            continue
-    raise AssertionError(f"no worker with RANK={rank} under torchrun {proc.pid}")
-
-
 def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(cache, tmp_path):
     """Only rank 1 (not torchrun, not rank 0) gets SIGTERM: rank 0 stops with it, after the same
     step, and the checkpoint of that step (a collective save by both ranks) is committed."""
     out = tmp_path / "run"
     proc = _launch(_config(cache, out, interval=100, async_save=False))
-    metrics = out / "logs" / "metrics.jsonl"
-    deadline = time.monotonic() + 240
-    while not (metrics.exists() and any(r.get("step") == 2 for r in read_jsonl(metrics))):
-        assert proc.poll() is None, proc.communicate()[0][-3000:]
-        assert time.monotonic() < deadline, "no step was logged"
-        time.sleep(0.05)
-    rank0, rank1 = _worker(proc, 0), _worker(proc, 1)
+    wait_for_logged_step(proc, out / "logs" / "metrics.jsonl", 2)
+    rank0, rank1 = torchrun_worker(proc, 0), torchrun_worker(proc, 1)
     rank1.send_signal(signal.SIGTERM)
     log, _ = proc.communicate(timeout=240)
     assert not rank0.is_running() and not rank1.is_running()

@@ -17,17 +17,18 @@ import subprocess
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from tests.helpers.consumers import (
     QWENIMAGE_TRAIN,
     JobOutput,
+    committed_steps,
     grow_cache,
     launch_train,
     read_jsonl,
     run_config,
     signal_job,
+    torchrun_worker,
     write_cache,
     write_run_config,
 )
@@ -41,18 +42,6 @@ def _config(cache: str, out: Path, *, tail_timeout_s: float) -> Path:
     cfg["data"]["caches"] = [{"path": cache, "mode": "tail"}]
     cfg["data"].update(tail_poll_s=0.2, tail_timeout_s=tail_timeout_s)
     return write_run_config(cfg, out / "run.yaml")
-
-
-def _committed(out: Path) -> list[int]:
-    return sorted(int(p.name[5:]) for p in (out / "ckpt").glob("step_*") if (p / "COMMITTED").is_file())
-
-
-def _worker(job: JobOutput, rank: int) -> psutil.Process:
-    """The torchrun worker process of global rank `rank`."""
-    for p in psutil.Process(job.proc.pid).children(recursive=True):
-        if p.environ().get("RANK") == str(rank) and "megatron_qwenimage.cli" in " ".join(p.cmdline()):
-            return p
-    raise AssertionError(f"no worker of rank {rank}")
 
 
 @pytest.fixture
@@ -71,7 +60,7 @@ def test_sigterm_to_one_rank_stops_every_rank_waiting_for_data(cache, tmp_path):
     job = JobOutput(launch_train(_config(cache, out, tail_timeout_s=TAIL_TIMEOUT_S), entry=QWENIMAGE_TRAIN, nproc=2))
     try:
         _wait_until_both_wait(job)
-        _worker(job, 1).send_signal(signal.SIGTERM)  # rank 0 is not signalled: it must learn it
+        torchrun_worker(job.proc, 1).send_signal(signal.SIGTERM)  # rank 0 is not signalled: it must learn it
         try:
             code = job.wait(timeout=90)
         except subprocess.TimeoutExpired:
@@ -82,7 +71,7 @@ def test_sigterm_to_one_rank_stops_every_rank_waiting_for_data(cache, tmp_path):
     assert code != 0
     assert "SIGTERM while waiting for data before step 2" in job.text, job.text[-3000:]
     assert "qwenimage train: stopped by SIGTERM; committed work is kept, rerun to resume" in job.text
-    assert _committed(out) == [2]
+    assert committed_steps(out / "ckpt") == [2]
 
 
 def test_tail_timeout_saves_the_trained_steps_then_fails_in_one_line(cache, tmp_path):
@@ -95,7 +84,7 @@ def test_tail_timeout_saves_the_trained_steps_then_fails_in_one_line(cache, tmp_
     assert "the data failed before step 2 (TailTimeoutError)" in log, log[-3000:]
     errors = [line for line in log.splitlines() if line.startswith("qwenimage train: ")]
     assert len(errors) == 1 and "within tail_timeout_s=3" in errors[0] and "'cache'" in errors[0], errors
-    assert _committed(out) == [2]
+    assert committed_steps(out / "ckpt") == [2]
 
     grow_cache(cache, "p1", samples_per_bucket=16)
     rerun = JobOutput(launch_train(config, entry=QWENIMAGE_TRAIN, nproc=2))

@@ -368,6 +368,44 @@ def wait_success(proc: subprocess.Popen, timeout: float = 300) -> str:
     return out
 
 
+def torchrun_worker(proc: subprocess.Popen, rank: int) -> psutil.Process:
+    """The training worker of the torchrun job `proc` whose environment says ``RANK=<rank>``."""
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            if child.environ().get("RANK") == str(rank) and "--config" in child.cmdline():
+                return child
+        except psutil.NoSuchProcess:
+            continue
+    raise AssertionError(f"no worker with RANK={rank} under torchrun {proc.pid}")
+
+
+def wait_for_logged_step(proc: subprocess.Popen, metrics: Path, step: int, timeout: float = 240) -> None:
+    """Wait until the job `proc` has logged `step` (steps completed) to its `metrics` JSONL."""
+    deadline = time.monotonic() + timeout
+    while not (metrics.exists() and any(r.get("step") == step for r in read_jsonl(metrics))):
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.monotonic() < deadline, f"step {step} was not logged within {timeout}s"
+        time.sleep(0.05)
+
+
+def vouch_for(step_dir: Path, rel: str) -> None:
+    """Make checkpoint `step_dir`'s COMMITTED record vouch for its file `rel` as it is now (size and
+    sha256), as a tamperer who rewrites the record too would: only the file's content is wrong."""
+    import hashlib
+
+    from consumers.checkpoint import COMMITTED
+
+    record = json.loads((step_dir / COMMITTED).read_text())
+    data = (step_dir / rel).read_bytes()
+    record["files"][rel] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (step_dir / COMMITTED).write_text(json.dumps(record))
+
+
+def committed_steps(ckpt_dir: Path) -> list[int]:
+    """The steps of the committed checkpoints (``step_N/COMMITTED``) under `ckpt_dir`, sorted."""
+    return sorted(int(p.name[5:]) for p in Path(ckpt_dir).glob("step_*") if (p / "COMMITTED").is_file())
+
+
 def signal_job(proc: subprocess.Popen, sig: int) -> list[psutil.Process]:
     """Send `sig` to torchrun (`proc`) and every process under it at once, as a scheduler signals
     a job step (torchrun's workers do not all stay in its process group); returns them."""
