@@ -45,7 +45,7 @@ def register(subparsers) -> None:
     )
     p.set_defaults(func=run_from_args)
 
-    from launch.local import add_torchrun_arguments, run_torchrun
+    from launch.torchrun import add_torchrun_arguments, run_torchrun
 
     t = subparsers.add_parser(
         "torchrun",

@@ -398,7 +398,7 @@ def torchrun_command(spec: JobSpec, config_path: str | os.PathLike) -> str:
     """One node's ``qwenimage torchrun`` (a ``bash -c`` script: ``$SLURM_NNODES`` / ``$SLURM_NODEID``
     are the task's): torchrun with its own log and failure report in
     ``run_dir/logs/torchrun-<job id>-node<node id>.log``, so that the job's output ends with the
-    training processes' own line (`launch.local.run_torchrun`)."""
+    training processes' own line (`launch.torchrun.run_torchrun`)."""
     c = spec.consumer
     python = python_for(c.resources)
     log = shlex.quote(str(Path(spec.run.logs_dir) / "torchrun-"))

@@ -271,7 +271,7 @@ def test_each_node_runs_qwenimage_torchrun_with_its_own_log_under_the_run(tmp_pa
     argv = printed.stdout.splitlines()
     assert argv[:4] == [slurm.python_for(spec.consumer.resources), "-m", "megatron_qwenimage.cli", "torchrun"]
     args = build_parser().parse_args(argv[3:])
-    from launch.local import run_torchrun
+    from launch.torchrun import run_torchrun
 
     assert args.func is run_torchrun
     assert args.torchrun_log == str(Path(spec.run.logs_dir) / "torchrun-7-node1.log")
