@@ -193,8 +193,8 @@ def test_cell_equals_one_process(cell, data, reference, tmp_path):
     if stop_at == "waiting":
         assert "SIGTERM while waiting for data before step 4" in log1, log1[-3000:]
         assert stopped_at == 4  # every step of the first snapshot, none beyond it
-    else:
-        assert 2 <= stopped_at < 4, stopped_at
+    else:  # in step 3 or 4 (or, on a slow machine, once step 4 waits for data: a stop all the same)
+        assert 2 <= stopped_at <= 4, stopped_at
 
     # Phase 2: the same command in another layout resumes, the cache grows, training ends.
     job = _launch(_config(root, cache, val, out, second, prefetch_steps=prefetch_steps), nproc=4)
