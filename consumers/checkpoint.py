@@ -188,6 +188,7 @@ def build_state(engine, pstate: ParallelState) -> tuple[dict[str, DTensor], list
     The DTensors wrap the live tensors (``detach()`` shares storage); the pairs let a load copy
     back explicitly should DCP replace a local tensor instead of filling it.
     """
+    engine.optimizer.finish_param_sync()  # the parameters equal the master weights
     mesh = pstate.model_mesh()
     state: dict[str, DTensor] = {}
     pairs: list[tuple[torch.Tensor, DTensor]] = []

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from consumers.batch import Batch, count_image_tokens, loss_sum_over_global, make_inputs
+from consumers.data_parallel import DataParallelConfig, dp_units
 from consumers.graphs import CudaGraphConfig, all_ranks_agree, build_block_graphs, check_cuda_graph_layout
 from consumers.optimizer import DistributedOptimizer, OptimizerConfig
 from consumers.parallel import ParallelState
@@ -92,6 +93,7 @@ class TrainEngine:
         pstate: this rank's `ParallelState`.
         optimizer: `OptimizerConfig`. precision: `PrecisionConfig`. recompute: `RecomputeConfig`.
         cuda_graphs: `CudaGraphConfig` (per-block CUDA graphs of training passes).
+        data_parallel: `DataParallelConfig` (the DP engine's overlap and reduction dtype).
         sigma_sampler: σ distribution for training. seed: seed of σ/noise draws.
         global_batch_size: samples per optimizer step over all DP ranks.
         init_seed: model initialisation seed (TP-invariant).
@@ -108,6 +110,7 @@ class TrainEngine:
         precision: PrecisionConfig = PrecisionConfig(),
         recompute: RecomputeConfig = RecomputeConfig(),
         cuda_graphs: CudaGraphConfig = CudaGraphConfig(),
+        data_parallel: DataParallelConfig = DataParallelConfig(),
         sigma_sampler: SigmaSampler | None = None,
         seed: int = 0,
         global_batch_size: int,
@@ -126,9 +129,23 @@ class TrainEngine:
             apply_recompute(chunk, recompute)
             self.precision.prepare_model(chunk)
         self.stages = [MMDiTStage(c, self.precision) for c in self.chunks]
+        #: DP communication units (one per block, the embedders, the head), in forward order.
+        self.dp_units = dp_units(self.chunks)
         self.optimizer = DistributedOptimizer(
-            named_trainable(self.chunks), optimizer, dp_group=pstate.dp_group, tp_rank=pstate.tp_rank
+            named_trainable(self.chunks),
+            optimizer,
+            dp_group=pstate.dp_group,
+            tp_rank=pstate.tp_rank,
+            units=[(u.name, u.param_names) for u in self.dp_units],
+            data_parallel=data_parallel,
         )
+        # Each unit's parameters are gathered right before its forward; the stage's own forward
+        # waits for its chunk's first unit (parameters held directly by the chunk have no module).
+        for unit in self.dp_units:
+            self.optimizer.wait_before_forward(unit.name, unit.modules)
+        for stage, chunk in zip(self.stages, self.chunks):
+            first = next(u for u in self.dp_units if u.param_names[0] in dict(chunk.named_parameters()))
+            self.optimizer.wait_before_forward(first.name, [stage])
         self.runner = PipelineRunner(self.stages, pstate, global_batch_size) if pstate.layout.pp > 1 else None
         #: Per-block CUDA graphs of training passes (None: eager), and the ranks' capture agreement.
         self.graphs = build_block_graphs(
@@ -189,6 +206,9 @@ class TrainEngine:
         begin_weight_update_window(self.chunks)  # FP8 weights are re-cast from this step's weights
         inputs = self._inputs(step, microbatches, self.sigma_sampler)
         self.optimizer.zero_grad()
+        self.optimizer.begin_accumulation(len(inputs))  # each unit's reduce-scatter starts with its last gradient
+        if self.graphs is not None:  # graphed blocks replay without their forward hooks
+            self.optimizer.finish_param_sync()
         if self.runner is None:
             with self.graphs.dispatching() if self.graphs is not None else contextlib.nullcontext():
                 local = run_local_microbatches(self.stages[0], inputs, gbs)
@@ -235,6 +255,7 @@ class TrainEngine:
         graph and add every replayed gradient to the buffer twice."""
         if self.graphs is None:
             return None
+        self.optimizer.finish_param_sync()
         with self.optimizer.grad_hooks_paused():
             return self.graphs.capture_pending(self._agree_capture)
 
@@ -251,6 +272,7 @@ class TrainEngine:
         """
         for chunk in self.chunks:
             chunk.eval()
+        self.optimizer.finish_param_sync()
         begin_weight_update_window(self.chunks)
         inputs = self._inputs(step_key, microbatches, _ConstantSigma(sigma))
         if self.runner is None:

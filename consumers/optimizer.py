@@ -1,4 +1,5 @@
-"""Distributed optimizer: ZeRO-1 over the data-parallel group, fp32 master weights, AdamW.
+"""Distributed optimizer: ZeRO-1 over the data-parallel group, fp32 master weights, AdamW,
+with its reduce-scatter and all-gather overlapped with the backward and the next forward.
 
 Why not FSDP2: our TP layers are megatron-core modules whose parameters are plain local shards
 (not DTensors), and the report's recipe is a *distributed optimizer* (params whole on each DP
@@ -13,33 +14,52 @@ chunk is the DTensor placement ``[Shard(tp_dim) | Replicate over tp, Shard(0) ov
 what the checkpoint writes, so a checkpoint reshards to any TP/DP layout.
 
 Flat buffers. Each parameter has a padded slot of ``chunk_rows * cols`` elements at ``offset`` in
-the per-rank flat shard of length ``S``; slots are ordered by (param dtype, TP-replicated,
-no-weight-decay), so each dtype, the grad-norm part and the two weight-decay groups are a few
-contiguous ranges. The fp32 master weights, ``exp_avg``, ``exp_avg_sq`` and EMA are one flat
+the per-rank flat shard of length ``S`` (their order: Units, below). The fp32 master weights, ``exp_avg``, ``exp_avg_sq`` and EMA are one flat
 ``[S]`` tensor each; ``master[name]`` (and the per-name chunks of `state_tensors`) are views of
 a parameter's owned rows, so checkpoint loads write straight into the flat state.
 
-Gradients live in ONE fp32 buffer laid out rank-major ``[dp, S]``: row ``r`` holds rank ``r``'s
-chunk of every parameter (the reduce-scatter input, no packing). With ``dp == 1`` a parameter's
-slot is its whole gradient, so ``main_grads[name]`` is a contiguous param-shaped view of the
-buffer and the reduce-scatter is a no-op (no copy at all). With ``dp > 1`` a parameter's rows are
-spread over the ``dp`` rows of the buffer (rows ``[r*chunk_rows, (r+1)*chunk_rows)`` at columns
-``[offset, offset+chunk_numel)`` of row ``r``), which no single param-shaped strided view can
-express, and a layout where each gradient is contiguous cannot also be rank-major for more than
-one parameter. We keep the rank-major buffer anyway and make the post-accumulate hooks add each
-micro-batch's gradient *directly* into the strided ``[q, chunk_rows, cols]`` view of its slot (q
-full chunks, plus one add for a partial last chunk): one or two kernels per hook, and no
-per-parameter main-grad buffer, packing copy or padded temporary at any ``dp`` (the alternative,
-a contiguous per-parameter ``main_grad`` copied into the packed buffer, costs a full fp32 copy of
-every gradient each step plus 4 bytes/param). At ``dp > 1`` ``main_grads[name]`` therefore
-returns an assembled param-shaped copy (a snapshot, not a live view). fp32 params use the same
-hook (their ``.grad`` is moved into the buffer and cleared); a ``.grad`` set by hand (no autograd
-hook) is folded in once at `step`.
+Units (buckets). The parameters are grouped into *units* (`consumers.data_parallel.dp_units`:
+one per MMDiT block, the embedders, the head), given in forward order. Slots are laid out unit by
+unit (forward order), and inside a unit ordered by (param dtype, TP-replicated, no-weight-decay),
+so each unit's slots are one contiguous range ``[start, end)`` of the flat shard and each dtype,
+the grad-norm part and the two weight-decay groups are a few contiguous ranges per unit.
+
+Gradients live in one buffer of ``dp * S`` elements in the reduction dtype
+(`DataParallelConfig.grad_reduce_dtype`, fp32 by default), one rank-major ``[dp, end - start]``
+region per unit: row ``r`` holds rank ``r``'s chunk of each of the unit's parameters, which is
+the unit's reduce-scatter input as it stands (no packing). With ``dp == 1`` a parameter's slot is
+its whole gradient, so ``main_grads[name]`` is a contiguous param-shaped view of the buffer and the
+reduce-scatter is a no-op. With ``dp > 1`` a parameter's rows are spread over the ``dp`` rows of
+its unit's region, which no single param-shaped strided view can express; the post-accumulate
+hooks add each micro-batch's gradient *directly* into the strided ``[q, chunk_rows, cols]`` view
+of its slot (q full chunks, plus one add for a partial last chunk): one or two kernels per hook,
+and no per-parameter main-grad buffer or packing copy at any ``dp``. At ``dp > 1``
+``main_grads[name]`` therefore returns an assembled param-shaped copy (a snapshot). fp32 params
+use the same hook (their ``.grad`` is moved into the buffer and cleared); a ``.grad`` set by hand
+(no autograd hook) is folded in once at `step`.
+
+Overlap (megatron-core's ``overlap_grad_reduce`` / ``overlap_param_gather``, rebuilt on these
+buffers, which are allocated once so CUDA graphs keep their addresses):
+
+* `begin_accumulation(n)` tells the optimizer that the step has ``n`` micro-batches. The hooks count
+  each parameter's gradients; when every parameter of a unit has its ``n``-th (the backward of
+  the last micro-batch has left the unit), the unit's reduce-scatter is launched asynchronously
+  into its range of the ``[S]`` reduced shard. Units finish in reverse forward order, so the
+  first reduce-scatter is in flight while the blocks before it still run their backward. Earlier
+  micro-batches only accumulate (deferred sync). Units not complete by `step` (no
+  `begin_accumulation`, a parameter without a gradient) are reduced there.
+* after the update, the units' parameters are all-gathered asynchronously in forward order, at
+  most ``param_gather_depth`` at once, through that many rotating send/receive buffers (one unit
+  each: no second full copy of the parameters); `wait_before_forward` hooks the units' modules so
+  that each unit's gather is waited (and copied into the parameters) right before its forward in
+  the next step, which launches the next unit's gather. `finish_param_sync` completes them all
+  (before anything reads the parameters outside a forward: checkpoints, CUDA-graph capture).
 
 One step (no host sync except ``float(grad_norm)``, read before the update to skip a step
 whose grad norm is not finite: see `DistributedOptimizer.step`):
-1. the ``[dp, S]`` fp32 grad buffer is **reduce-scattered in fp32** (summed: the loss is already
-   normalised by the global batch) into a preallocated ``[S]`` shard (``dp == 1``: the buffer);
+1. every unit's reduce-scatter (launched by the hooks, or now) is waited: the ``[S]`` shard holds
+   this DP rank's chunk of the DP-summed gradient (summed: the loss is already normalised by the
+   global batch), cast to fp32 when reduced in bf16 (``dp == 1``, fp32: the buffer itself);
 2. the global grad norm is one ``vector_norm`` (or one ``_foreach_norm`` over a few ranges) of the
    flat shard, TP-replicated parameters counted on TP rank 0 only, all-reduced over the world;
 3. clip (``max_norm / (norm + 1e-6)``, as ``torch.nn.utils.clip_grad_norm_``): AdamW runs as
@@ -47,23 +67,24 @@ whose grad norm is not finite: see `DistributedOptimizer.step`):
    gradient by ``grad_scale = max(1, (norm + 1e-6) / max_norm)`` as it reads it (no pass of its
    own over the gradients); where fused is unsupported, the flat grad is scaled once and AdamW
    runs as the foreach implementation; EMA is one ``lerp_`` over the flat tensors;
-4. updated chunks are **all-gathered in the parameter dtype** (bf16 when params are bf16): the
-   flat master of each dtype range cast once into a preallocated send buffer, all-gathered into a
-   preallocated ``[dp, range]`` buffer, then one strided copy per parameter back into the model.
+4. updated chunks are **all-gathered in the parameter dtype** per unit (above): each unit's flat
+   master range cast once into a send buffer, all-gathered into a ``[dp, n]`` receive buffer, then
+   one strided copy per parameter back into the model.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch.optim.adam import adam as _adam_functional
 from torch.optim.optimizer import _get_fused_kernels_supported_devices
 
+from consumers.data_parallel import DataParallelConfig
 from megatron_qwenimage.config import ConfigError
 from megatron_qwenimage.model.mappings import all_gather_single, reduce_scatter_single
 
@@ -240,6 +261,32 @@ class _MainGrads(Mapping):
         return len(self._opt._by_name)
 
 
+@dataclass
+class _Unit:
+    """One unit's (bucket's) place in the flat buffers and its communication this step.
+
+    Attributes:
+        name: the unit's name (`consumers.data_parallel.DPUnit.name`). shards: its parameters.
+        start, end: its range of the per-rank flat shard. grads: its ``[dp, end - start]``
+            region of the gradient buffer (reduction dtype). reduced: its range of the reduced
+            ``[S]`` shard. groups: ``(dtype, start, end, shards)`` per parameter dtype.
+        complete: parameters of the unit whose gradients of every micro-batch have arrived.
+        arrivals: per parameter name, gradients arrived this step (counted while overlapping).
+        reduce_work: the in-flight reduce-scatter (None: not launched this step).
+    """
+
+    name: str
+    shards: list[ParamShard]
+    start: int
+    end: int
+    grads: torch.Tensor | None = None
+    reduced: torch.Tensor | None = None
+    groups: list = field(default_factory=list)
+    complete: int = 0
+    arrivals: dict = field(default_factory=dict)
+    reduce_work: object | None = None
+
+
 class DistributedOptimizer:
     """ZeRO-1 AdamW over `params` (canonical name -> this rank's TP shard).
 
@@ -252,6 +299,9 @@ class DistributedOptimizer:
         norm_group: group over which the grad norm is summed: the whole world (TP x PP x DP).
         fused: run AdamW with torch's fused kernel (None: when the device supports it, else the
             multi-tensor foreach implementation).
+        units: ``(unit name, parameter names)`` in forward order, covering every parameter once
+            (`consumers.data_parallel.dp_units`); None: one unit of all parameters.
+        data_parallel: `DataParallelConfig` (overlap, reduction dtype, gather depth).
     """
 
     def __init__(
@@ -263,8 +313,11 @@ class DistributedOptimizer:
         tp_rank: int,
         norm_group: dist.ProcessGroup | None = None,
         fused: bool | None = None,
+        units: Sequence[tuple[str, Sequence[str]]] | None = None,
+        data_parallel: DataParallelConfig = DataParallelConfig(),
     ):
         self.config = config
+        self.dp_config = data_parallel
         self.schedule = LRSchedule(config)
         self.dp_group = dp_group
         self.dp = dist.get_world_size(dp_group) if dp_group is not None else 1
@@ -286,24 +339,32 @@ class DistributedOptimizer:
             raise ConfigError("DistributedOptimizer: no parameters on this rank")
         self.device = self.shards[0].param.device
         self._by_name = {s.name: s for s in self.shards}
+        self.units = self._make_units(units)
+        self._unit_of = {s.name: u for u in self.units for s in u.shards}
 
-        # Slots ordered by (dtype, TP-replicated, no weight decay): each is a few contiguous ranges.
+        # Slots: unit by unit (forward order); inside a unit by (dtype, TP-replicated, no weight decay).
         dtypes = list(dict.fromkeys(s.param.dtype for s in self.shards))
         key = lambda s: (dtypes.index(s.param.dtype), s.tp_dim is None, s.param.ndim < 2)  # noqa: E731
         offset = 0
-        for s in sorted(self.shards, key=key):
-            s.offset = offset
-            offset += s.chunk_numel
+        for u in self.units:
+            u.shards = sorted(u.shards, key=key)
+            u.start = offset
+            for s in u.shards:
+                s.offset = offset
+                offset += s.chunk_numel
+            u.end = offset
         self.shard_numel = S = offset
-        layout = sorted(self.shards, key=lambda s: s.offset)
+        layout = [s for u in self.units for s in u.shards]
         span = lambda s: (s.offset, s.offset + s.chunk_numel)  # noqa: E731
         self._decay_ranges = _ranges([span(s) for s in layout if s.param.ndim >= 2])
         self._no_decay_ranges = _ranges([span(s) for s in layout if s.param.ndim < 2])
-        self._norm_ranges = _ranges([span(s) for s in layout if s.tp_dim is not None or tp_rank == 0])
-        self._dtype_ranges = []  # (dtype, start, end, shards)
-        for dt in dtypes:
-            group = [s for s in layout if s.param.dtype == dt]
-            self._dtype_ranges.append((dt, group[0].offset, group[-1].offset + group[-1].chunk_numel, group))
+        # Slots counted in the grad norm: TP-replicated parameters on TP rank 0 only.
+        self._norm_slots = [span(s) for s in layout if s.tp_dim is not None or tp_rank == 0]
+        for u in self.units:
+            for dt in dtypes:
+                group = [s for s in u.shards if s.param.dtype == dt]
+                if group:
+                    u.groups.append((dt, group[0].offset, group[-1].offset + group[-1].chunk_numel, group))
 
         f32 = dict(dtype=torch.float32, device=self.device)
         # fp32 master weights and AdamW moments: one flat [S] tensor each, per-name views of owned rows.
@@ -349,28 +410,79 @@ class DistributedOptimizer:
                 )
             )
 
-        # Gradients: one rank-major [dp, S] fp32 buffer; the hooks add into per-parameter views.
-        self._grad_buf = torch.zeros(self.dp, S, **f32)
-        self._grad_shard = self._grad_buf[0] if self.dp == 1 else torch.empty(S, **f32)
-        self._grad_pieces = {s.name: _row_pieces(s, self._grad_buf, s.offset) for s in self.shards}
+        # Gradients: [dp, end - start] per unit in the reduction dtype; the hooks add into per-parameter views.
+        grad_dtype = data_parallel.grad_dtype
+        self._grad_storage = torch.zeros(self.dp * S, dtype=grad_dtype, device=self.device)
+        reduced_same = self.dp == 1  # dp == 1: the buffer is the reduced shard
+        self._reduced = (
+            self._grad_storage if reduced_same else torch.empty(S, dtype=grad_dtype, device=self.device)
+        )  # [S]: what each unit's reduce-scatter writes
+        self._grad_shard = self._reduced if grad_dtype == torch.float32 else torch.empty(S, **f32)  # [S] fp32
+        self._grad_pieces = {}
+        for u in self.units:
+            u.grads = self._grad_storage[self.dp * u.start : self.dp * u.end].view(self.dp, u.end - u.start)
+            u.reduced = self._reduced[u.start : u.end]
+            for s in u.shards:
+                self._grad_pieces[s.name] = _row_pieces(s, u.grads, s.offset - u.start)
         self.main_grads = _MainGrads(self)
+        self._microbatches: int | None = None  # set by begin_accumulation: overlap the reduce-scatter
+        self._next_reduce = len(self.units) - 1
         self._hooks = []
         for s in self.shards:
             if s.param.requires_grad:
                 self._hooks.append(s.param.register_post_accumulate_grad_hook(self._accumulate_hook(s)))
 
-        # All-gather buffers (dp > 1): per dtype range, a send [n] (fp32: the master itself) and a recv [dp, n].
-        self._gather = []  # (master range, send buffer or None, recv, [(param rows view, recv view)])
+        # All-gather (dp > 1): `param_gather_depth` rotating slots; unit i gathers through slot i % depth.
+        self._gather_plan: list[list[tuple]] = []  # per unit: (master range, send or None, recv, copies) per dtype
+        self._gather_work: list[list | None] = [None] * len(self.units)
+        self._next_to_wait: int | None = None  # first unit whose gather is not yet in its parameters
+        self.forward_waits: list[int] = []  # units waited by forward hooks since the last update (tests read it)
         if self.dp > 1:
-            for dt, a, b, group in self._dtype_ranges:
-                send = None if dt == torch.float32 else torch.empty(b - a, dtype=dt, device=self.device)
-                recv = torch.empty(self.dp, b - a, dtype=dt, device=self.device)
-                copies = []
-                for s in group:
-                    p_rows = s.param.detach().view(s.rows, s.cols)
-                    for view, lo, hi in _row_pieces(s, recv, s.offset - a):
-                        copies.append((p_rows[lo:hi].view(view.shape), view))
-                self._gather.append((self._master_flat[a:b], send, recv, copies))
+            depth = data_parallel.param_gather_depth
+            slots = {}  # (slot, dtype) -> (send, recv) flat buffers of the largest unit of that slot
+            for i, u in enumerate(self.units):
+                for dt, a, b, _ in u.groups:
+                    k = (i % depth, dt)
+                    slots[k] = max(slots.get(k, 0), b - a)
+            buffers = {
+                k: (
+                    None if k[1] == torch.float32 else torch.empty(n, dtype=k[1], device=self.device),
+                    torch.empty(self.dp * n, dtype=k[1], device=self.device),
+                )
+                for k, n in slots.items()
+            }
+            for i, u in enumerate(self.units):
+                plan = []
+                for dt, a, b, group in u.groups:
+                    send, recv = buffers[(i % depth, dt)]
+                    n = b - a
+                    recv2d = recv[: self.dp * n].view(self.dp, n)
+                    copies = []
+                    for s in group:
+                        p_rows = s.param.detach().view(s.rows, s.cols)
+                        for view, lo, hi in _row_pieces(s, recv2d, s.offset - a):
+                            copies.append((p_rows[lo:hi].view(view.shape), view))
+                    plan.append((self._master_flat[a:b], None if send is None else send[:n], recv2d, copies))
+                self._gather_plan.append(plan)
+
+    def _make_units(self, units: Sequence[tuple[str, Sequence[str]]] | None) -> list[_Unit]:
+        if units is None:
+            return [_Unit("all", list(self.shards), 0, 0)]
+        out, seen = [], set()
+        for name, names in units:
+            missing = [n for n in names if n not in self._by_name]
+            if missing:
+                raise ConfigError(f"DistributedOptimizer: unit {name} names unknown parameters {missing[:3]}")
+            dup = [n for n in names if n in seen]
+            if dup:
+                raise ConfigError(f"DistributedOptimizer: parameters {dup[:3]} are in more than one unit")
+            seen.update(names)
+            if names:
+                out.append(_Unit(name, [self._by_name[n] for n in names], 0, 0))
+        left = [s.name for s in self.shards if s.name not in seen]
+        if left:
+            raise ConfigError(f"DistributedOptimizer: parameters {left[:3]} belong to no unit")
+        return out
 
     # ------------------------------------------------------------------ gradients
     def _accumulate(self, s: ParamShard, grad: torch.Tensor) -> None:
@@ -388,8 +500,60 @@ class DistributedOptimizer:
                 return
             self._accumulate(s, p.grad)
             p.grad = None
+            if self._microbatches is not None:
+                self._count_arrival(s)
 
         return hook
+
+    def _count_arrival(self, s: ParamShard) -> None:
+        """One more gradient of `s` this step; the unit's reduce-scatter starts with its last one."""
+        u = self._unit_of[s.name]
+        n = u.arrivals.get(s.name, 0) + 1
+        if n > self._microbatches:
+            raise RuntimeError(
+                f"gradient of {s.name} arrived {n} times in a step announced with {self._microbatches} "
+                "micro-batches (begin_accumulation)"
+            )
+        u.arrivals[s.name] = n
+        if n == self._microbatches:
+            u.complete += 1
+            if u.complete == len(u.shards):
+                self._launch_ready_reduces()
+
+    def _launch_ready_reduces(self) -> None:
+        """Launch the complete units' reduce-scatters strictly in reverse forward order: a unit
+        waits for every unit after it, so every DP rank issues the same sequence of collectives
+        whatever order its gradients arrive in (a unit with a parameter that got no gradient is
+        reduced in `step`, and the units before it with it)."""
+        while self._next_reduce >= 0:
+            u = self.units[self._next_reduce]
+            if u.complete < len(u.shards):
+                return
+            self._launch_reduce(u)
+            self._next_reduce -= 1
+
+    def begin_accumulation(self, microbatches: int) -> None:
+        """This step's backward passes will bring `microbatches` gradients of each parameter: each
+        unit's reduce-scatter is launched (``overlap_grad_reduce``) once all its parameters have
+        their last one. Call after `zero_grad`, before the first backward."""
+        if microbatches < 1:
+            raise ValueError(f"begin_accumulation: microbatches={microbatches}, expected >= 1")
+        self._microbatches = microbatches if self.dp_config.overlap_grad_reduce and self.dp > 1 else None
+        self._next_reduce = len(self.units) - 1  # the next unit to reduce (they go in reverse order)
+
+    def _launch_reduce(self, u: _Unit) -> None:
+        """Start `u`'s reduce-scatter into its range of the reduced shard (``dp == 1``: nothing to do)."""
+        if self.dp == 1 or u.reduce_work is not None:
+            return
+        u.reduce_work = reduce_scatter_single(
+            u.reduced, u.grads.view(-1), op=dist.ReduceOp.SUM, group=self.dp_group, async_op=True
+        )
+
+    def _wait_reduces(self) -> None:
+        for u in self.units:
+            if u.reduce_work is not None:
+                u.reduce_work.wait()
+                u.reduce_work = None
 
     @contextlib.contextmanager
     def grad_hooks_paused(self):
@@ -404,42 +568,49 @@ class DistributedOptimizer:
             self._hooks_paused = False
 
     def main_grad(self, name: str) -> torch.Tensor:
-        """fp32 accumulated gradient of `name` in its shape: a live view of the flat buffer when
-        ``dp == 1``, else an assembled copy (see the module docstring)."""
+        """Accumulated gradient of `name` in its shape (reduction dtype): a live view of the flat
+        buffer when ``dp == 1``, else an assembled copy (see the module docstring)."""
         s = self._by_name[name]
         if self.dp == 1:
             return self._grad_pieces[name][0][0].view(s.param.shape)
-        out = torch.empty(s.rows, s.cols, dtype=torch.float32, device=self.device)
+        out = torch.empty(s.rows, s.cols, dtype=self._grad_storage.dtype, device=self.device)
         for view, lo, hi in self._grad_pieces[name]:
             out[lo:hi].view(view.shape).copy_(view)
         return out.view(s.param.shape)
 
     def zero_grad(self) -> None:
+        """Clear the gradients for a new step (an unfinished step's reduce-scatters are waited first)."""
+        self._wait_reduces()
         for s in self.shards:
             s.param.grad = None
-        self._grad_buf.zero_()
-
-    def _grad_fp32(self, s: ParamShard) -> torch.Tensor:
-        """fp32 gradient of `s` (param shape), after folding in a ``.grad`` no hook consumed."""
-        self._fold_param_grads()
-        return self.main_grad(s.name)
+        self._grad_storage.zero_()
+        self._microbatches = None
+        for u in self.units:
+            u.complete = 0
+            u.arrivals.clear()
 
     def _fold_param_grads(self) -> None:
         """Move gradients assigned to ``param.grad`` by hand (autograd's hook moves its own) into the buffer."""
         for s in self.shards:
             g = s.param.grad
             if g is not None:
+                if self._unit_of[s.name].reduce_work is not None:
+                    raise RuntimeError(f"{s.name}.grad was set after its unit's reduce-scatter started")
                 self._accumulate(s, g)
                 s.param.grad = None
 
     def _reduce_scatter_grads(self) -> torch.Tensor:
-        """``[S]`` fp32: this DP rank's chunk of the DP-summed gradient of every parameter.
+        """``[S]`` fp32: this DP rank's chunk of the DP-summed gradient of every parameter: the
+        units' reduce-scatters launched by the hooks are waited, the others run now.
 
-        ``dp == 1``: the gradient buffer itself (no copy).
+        ``dp == 1`` and fp32: the gradient buffer itself (no copy).
         """
         self._fold_param_grads()
-        if self.dp > 1:
-            reduce_scatter_single(self._grad_shard, self._grad_buf.view(-1), op=dist.ReduceOp.SUM, group=self.dp_group)
+        for u in reversed(self.units):  # the order the backward completes them
+            self._launch_reduce(u)
+        self._wait_reduces()
+        if self._grad_shard is not self._reduced:
+            self._grad_shard.copy_(self._reduced)
         return self._grad_shard
 
     def _owned(self, flat: torch.Tensor, s: ParamShard) -> torch.Tensor:
@@ -453,19 +624,18 @@ class DistributedOptimizer:
         for s in self.shards:
             if s.tp_dim is None and self.tp_rank != 0:
                 continue
-            sq += grads[s.name].square().sum()
+            sq += grads[s.name].float().square().sum()
         return self._finish_norm(sq)
 
     def _flat_grad_norm(self, flat: torch.Tensor) -> torch.Tensor:
-        ranges = self._norm_ranges
-        if len(ranges) == 1:
-            a, b = ranges[0]
-            sq = torch.linalg.vector_norm(flat[a:b]).square()
-        elif ranges:
-            sq = torch.stack(torch._foreach_norm([flat[a:b] for a, b in ranges])).square().sum()
-        else:
-            sq = torch.zeros((), dtype=torch.float32, device=self.device)
-        return self._finish_norm(sq)
+        """Global L2 norm of the reduced ``[S]`` shard: one multi-tensor ``_foreach_norm`` over the
+        counted parameters' slots (TP-replicated ones on TP rank 0 only), as
+        ``torch.nn.utils.clip_grad_norm_`` and Megatron's ``multi_tensor_l2norm`` take it per
+        tensor: a single fp32 reduction over a whole unit loses ~1e-5 on CPU."""
+        if not self._norm_slots:
+            return self._finish_norm(torch.zeros((), dtype=torch.float32, device=self.device))
+        norms = torch._foreach_norm([flat[a:b] for a, b in self._norm_slots])
+        return self._finish_norm(torch.stack(norms).square().sum())
 
     def _finish_norm(self, sq: torch.Tensor) -> torch.Tensor:
         if dist.is_initialized():
@@ -478,16 +648,19 @@ class DistributedOptimizer:
         """Reduce grads, clip, AdamW at ``lr = schedule(step_index)``, EMA, gather params.
 
         Returns ``{"grad_norm", "lr", "skipped"}`` (norm before clipping). The grad buffer is
-        left for `zero_grad` to clear (clipped in place only on the foreach path).
+        left for `zero_grad` to clear (clipped in place only on the foreach path). With
+        ``overlap_param_gather`` the parameters are gathered unit by unit as the next forward
+        reaches them (`wait_before_forward`), or by `finish_param_sync`.
 
         Non-finite gradients (Megatron's ``found_inf``): when the global grad norm is NaN or inf
         (it is all-reduced over the world, so every rank sees the same value and decides alike),
         or `skip` is set (the caller saw a non-finite loss; it must be set on every rank alike),
         the update is skipped: no AdamW (moments and the step counter stay), no EMA, no
         parameter gather (parameters and fp32 masters stay), and the accumulated gradients are
-        dropped. The reduce-scatter and norm all-reduce still run, so every rank issues the same
+        dropped. The reduce-scatters and norm all-reduce still run, so every rank issues the same
         collectives. The one host sync is ``float(norm)``, now before the update.
         """
+        self.finish_param_sync()  # the previous update's gathers read the master this update writes
         flat = self._reduce_scatter_grads()
         norm = self._flat_grad_norm(flat)
         norm_value = float(norm)
@@ -505,7 +678,9 @@ class DistributedOptimizer:
         self._adamw(flat, lr, grad_scale)
         if self._ema_flat is not None:
             self._ema_flat.lerp_(self._master_flat, 1.0 - self.config.ema_decay)
-        self._gather_params()
+        self._start_param_sync()
+        if not self.dp_config.overlap_param_gather:
+            self.finish_param_sync()
         self.num_steps += 1
         return {"grad_norm": norm_value, "lr": lr, "skipped": False}
 
@@ -538,26 +713,76 @@ class DistributedOptimizer:
                 maximize=False,
             )
 
+    # ------------------------------------------------------------------ parameter gather
     @torch.no_grad()
-    def _gather_params(self) -> None:
-        """All-gather the updated chunks, in the parameter dtype, into the model parameters."""
+    def _start_param_sync(self) -> None:
+        """Put the updated master weights on their way into the model parameters: ``dp == 1``
+        copies them (casting) at once; ``dp > 1`` launches the first `param_gather_depth` units'
+        all-gathers (the rest follow as earlier ones are waited)."""
         if self.dp == 1:  # the chunk is the whole parameter: one casting copy each
             for s in self.shards:
                 s.param.detach().copy_(self.master[s.name])
             return
-        for master, send, recv, copies in self._gather:
+        self.finish_param_sync()
+        self.forward_waits = []
+        self._next_to_wait = 0
+        for i in range(min(self.dp_config.param_gather_depth, len(self.units))):
+            self._launch_gather(i)
+
+    def _launch_gather(self, i: int) -> None:
+        works = []
+        for master, send, recv2d, _ in self._gather_plan[i]:
             if send is None:  # fp32 params: the master range is the send buffer
                 send = master
             else:
-                send.copy_(master)  # one cast of the whole range
-            all_gather_single(recv.view(-1), send, group=self.dp_group)
-            for dst, src in copies:
-                dst.copy_(src)
+                send.copy_(master)  # one cast of the unit's range
+            works.append(all_gather_single(recv2d.view(-1), send, group=self.dp_group, async_op=True))
+        self._gather_work[i] = works
+
+    @torch.no_grad()
+    def _sync_params_through(self, unit_index: int) -> None:
+        """Wait for the all-gathers of units ``<= unit_index`` (forward order), copy them into the
+        parameters, and launch the gathers that free their slots allow."""
+        depth = self.dp_config.param_gather_depth
+        while self._next_to_wait is not None and self._next_to_wait <= unit_index:
+            i = self._next_to_wait
+            if self._gather_work[i] is None:
+                self._launch_gather(i)
+            for work in self._gather_work[i]:
+                work.wait()
+            self._gather_work[i] = None
+            for _, _, _, copies in self._gather_plan[i]:
+                for dst, src in copies:
+                    dst.copy_(src)
+            if i + depth < len(self.units):
+                self._launch_gather(i + depth)
+            self._next_to_wait = i + 1 if i + 1 < len(self.units) else None
+
+    def finish_param_sync(self) -> None:
+        """Complete every pending parameter all-gather: the model parameters equal the master
+        weights on return. Call before reading the parameters outside a forward."""
+        if self._next_to_wait is not None:
+            self._sync_params_through(len(self.units) - 1)
+
+    def wait_before_forward(self, unit_name: str, modules: Iterable[torch.nn.Module]) -> list:
+        """Forward pre-hooks on `modules`: before each runs, the all-gathers of unit `unit_name`
+        and of every unit before it are complete. Returns the hook handles."""
+        index = next((i for i, u in enumerate(self.units) if u.name == unit_name), None)
+        if index is None:
+            raise KeyError(f"no unit named {unit_name!r}")
+
+        def hook(module, args):
+            if self._next_to_wait is not None and self._next_to_wait <= index:
+                self.forward_waits.append(index)
+                self._sync_params_through(index)
+
+        return [m.register_forward_pre_hook(hook) for m in modules]
 
     @torch.no_grad()
     def load_master_into_params(self) -> None:
         """After loading optimizer state: make the model parameters equal the master weights."""
-        self._gather_params()
+        self._start_param_sync()
+        self.finish_param_sync()
 
     def start_ema_from_master(self) -> None:
         """Set the EMA weights to the current fp32 master weights (EMA switched on at a resume from

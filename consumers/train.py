@@ -6,6 +6,7 @@ Run under torchrun (``torchrun --nproc-per-node N -m consumers.train --config ru
     model: tiny-16ch                 # a named config, or {name: qwen-image-20b, <MMDiTConfig overrides>}
     parallel: {tp: 2, pp: 2, vpp: 1, sequence_parallel: true}   # dp = world / (tp * pp)
     optimizer: {lr: 1.0e-4, warmup_steps: 1000, decay_steps: 100000, clip_grad: 1.0, ema_decay: 0.9999}
+    data_parallel: {overlap_grad_reduce: true, overlap_param_gather: true, grad_reduce_dtype: float32}
     precision: {autocast: bf16, fp8: null}
     recompute: {mode: none}
     cuda_graphs: {scope: none}       # blocks: per-block CUDA graphs (GPU, TP 1, PP 1)
@@ -36,6 +37,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from consumers.data_parallel import DataParallelConfig
 from consumers.graphs import CudaGraphConfig, check_cuda_graph_layout
 from consumers.parallel import ParallelConfig
 from consumers.validate import validate as validate  # re-exported: ``consumers.train.validate``
@@ -250,6 +252,10 @@ class RunConfig:
     optimizer: OptimizerConfig
     """AdamW with ZeRO-1 master weights, LR schedule, clipping, EMA (`consumers.optimizer`)."""
 
+    data_parallel: DataParallelConfig
+    """The DP engine's communication: overlap of the gradient reduce-scatter and the parameter
+    all-gather with compute, the gradient reduction dtype (`consumers.data_parallel`)."""
+
     precision: PrecisionConfig
     """Autocast dtype and FP8 settings."""
 
@@ -281,6 +287,7 @@ class RunConfig:
         "model",
         "parallel",
         "optimizer",
+        "data_parallel",
         "precision",
         "recompute",
         "cuda_graphs",
@@ -335,6 +342,7 @@ class RunConfig:
             model=_model_config(d["model"]),
             parallel=parallel,
             optimizer=_section(OptimizerConfig, d.get("optimizer"), "optimizer"),
+            data_parallel=_section(DataParallelConfig, d.get("data_parallel"), "data_parallel"),
             precision=_section(PrecisionConfig, d.get("precision"), "precision"),
             recompute=recompute,
             cuda_graphs=cuda_graphs,

@@ -150,6 +150,7 @@ class Trainer:
                 precision=cfg.precision,
                 recompute=cfg.recompute,
                 cuda_graphs=cfg.cuda_graphs,
+                data_parallel=cfg.data_parallel,
                 sigma_sampler=cfg.flow_matching.build_sampler(),
                 seed=cfg.schedule.seed,
                 global_batch_size=cfg.data.stages[0].global_batch,

@@ -88,6 +88,7 @@ def test_model_info_refuses_exactly_what_training_refuses(capsys, tp, pp, dp):
         model=load_config("qwen-image-20b"),
         parallel={"tp": tp, "pp": pp},
         optimizer=None,
+        data_parallel=None,
         precision=None,
         recompute=None,
         cuda_graphs=None,

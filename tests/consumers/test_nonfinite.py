@@ -57,7 +57,7 @@ def test_poisoned_step_is_skipped_and_the_next_good_step_updates_normally(pstate
     assert bad.skipped and bad.skipped_steps == 1 and bad.consecutive_skipped == 1
     assert math.isnan(bad.loss) and math.isnan(bad.grad_norm)
     _assert_same(_snapshot(engine), before)  # params, masters, moments, EMA, step counters
-    assert float(engine.optimizer._grad_buf.abs().sum()) == 0.0  # the NaN grads were dropped
+    assert float(engine.optimizer._grad_storage.abs().sum()) == 0.0  # the NaN grads were dropped
 
     good = engine.train_step(2, _batches(2))
     ref = reference.train_step(2, _batches(2))

@@ -193,16 +193,15 @@ def test_dp1_main_grads_are_views_of_the_flat_buffer():
     for mb in range(2):
         model(_inputs(0, mb, torch.bfloat16)).backward()
         ref_model(_inputs(0, mb, torch.bfloat16)).backward()
-    buf_ptr = opt._grad_buf.untyped_storage().data_ptr()
+    buf_ptr = opt._grad_storage.untyped_storage().data_ptr()
     for n, p in model.named_parameters():
         assert p.grad is None, n  # moved into the buffer by the hook, no second copy kept
         g = opt.main_grads[n]
         assert g.dtype == torch.float32 and g.shape == p.shape
         assert g.untyped_storage().data_ptr() == buf_ptr, n
-        assert opt._grad_fp32(opt._by_name[n]).untyped_storage().data_ptr() == buf_ptr, n
         torch.testing.assert_close(g, ref_model.get_parameter(n).grad.float(), rtol=2e-2, atol=1e-3, msg=n)
     total = sum(float(opt.main_grads[n].square().sum()) for n, _ in model.named_parameters())
-    assert float(opt._grad_buf.square().sum()) == pytest.approx(total, rel=1e-6)  # nothing else in the buffer
+    assert float(opt._grad_storage.square().sum()) == pytest.approx(total, rel=1e-6)  # nothing else in the buffer
     # The reduce-scatter at dp == 1 is the buffer itself (no copy).
     flat = opt._reduce_scatter_grads()
     assert flat.untyped_storage().data_ptr() == buf_ptr and flat.numel() == opt.shard_numel
@@ -213,7 +212,7 @@ def test_dp1_main_grads_are_views_of_the_flat_buffer():
     opt._reduce_scatter_grads()
     assert model.fc1.weight.grad is None
     torch.testing.assert_close(opt.main_grads["fc1.weight"], manual.float())
-    assert float(opt._grad_buf.abs().sum()) == pytest.approx(float(manual.float().abs().sum()))
+    assert float(opt._grad_storage.abs().sum()) == pytest.approx(float(manual.float().abs().sum()))
 
 
 def test_state_tensors_are_live_views_of_the_flat_state():
@@ -309,6 +308,7 @@ def _dp_worker(rank: int, world: int, steps: int) -> dict:
         )
         opt._grad_shard.zero_()
         out["norms"].append(opt.step(step)["grad_norm"])
+        opt.finish_param_sync()  # no forward hooks on this model: gather every unit now
         out["ref_norms"].append(ref.step(step)["grad_norm"])
     chunks = lambda o: {n: o.master[n].flatten().tolist() for n in o.master}  # noqa: E731
     out["master"] = chunks(opt)
@@ -366,7 +366,7 @@ def test_non_finite_grad_norm_skips_the_update_and_drops_the_grads(bad):
     assert out["skipped"] is True and out["lr"] == opt.schedule(1)
     assert math.isfinite(out["grad_norm"]) if bad is None else not math.isfinite(out["grad_norm"])
     assert opt.num_steps == 1 and opt.skipped_steps == 1
-    assert float(opt._grad_buf.abs().sum()) == 0.0
+    assert float(opt._grad_storage.abs().sum()) == 0.0
     for name, entry in opt.state_tensors().items():
         for kind, t in entry.items():
             assert torch.equal(t, state[name][kind]), (name, kind)  # master, moments, EMA
@@ -387,3 +387,62 @@ def test_max_skipped_steps_validation():
     for bad in (-1, 1.5, True):
         with pytest.raises(Exception, match="optimizer.max_skipped_steps"):
             OptimizerConfig(max_skipped_steps=bad)
+
+
+def _uneven_worker(rank: int, world: int) -> dict:
+    """Three same-shape units; on rank 1 the middle one gets no gradient (data-dependent use)."""
+    import consumers.optimizer as optimizer_module
+    from consumers.data_parallel import DataParallelConfig
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    issued = []
+    reduce = optimizer_module.reduce_scatter_single
+
+    def recording(output, input, *args, **kwargs):
+        issued.append(unit_of[output.data_ptr()])
+        return reduce(output, input, *args, **kwargs)
+
+    optimizer_module.reduce_scatter_single = recording
+    torch.manual_seed(0)
+    layers = torch.nn.ModuleList(torch.nn.Linear(4, 4, bias=False) for _ in range(3))
+    named = [(f"{i}.weight", layer.weight, None) for i, layer in enumerate(layers)]
+    opt = DistributedOptimizer(
+        named,
+        OptimizerConfig(lr=1e-2, clip_grad=0.0),
+        dp_group=dist.group.WORLD,
+        tp_rank=0,
+        units=[(f"l{i}", [f"{i}.weight"]) for i in range(3)],
+        data_parallel=DataParallelConfig(),
+    )
+    unit_of = {u.reduced.data_ptr(): u.name for u in opt.units}
+    opt.zero_grad()
+    opt.begin_accumulation(1)
+    x = torch.randn(2, 4, generator=torch.Generator().manual_seed(rank))
+    h = layers[0](x)
+    if rank == 0:
+        h = layers[1](h)
+    layers[2](h).square().sum().backward()
+    flat = opt._reduce_scatter_grads()
+    reduced = {s.name: opt._owned(flat, s).flatten().tolist() for s in opt.shards}
+    # What each rank contributed, to build the expected DP sums.
+    local = {s.name: opt.main_grads[s.name].flatten().tolist() for s in opt.shards}
+    dist.barrier()
+    return {
+        "issued": issued,
+        "reduced": reduced,
+        "local": local,
+        "rows": {s.name: [s.row_start, s.row_end] for s in opt.shards},
+    }
+
+
+def test_units_are_reduced_in_one_order_on_every_rank_whatever_gradients_arrive(tmp_path):
+    """A unit whose parameter got no gradient on one rank holds back the units before it until
+    `step`: both ranks issue l2, l1, l0, and every reduced chunk is the sum of the two ranks'
+    gradients (issued in another order, same-shape units would be summed with each other)."""
+    results = spawn(_uneven_worker, 2, tmp_path)
+    assert results[0]["issued"] == results[1]["issued"] == ["l2", "l1", "l0"]
+    for rank, res in results.items():
+        for name, (start, end) in res["rows"].items():
+            total = torch.tensor(results[0]["local"][name]) + torch.tensor(results[1]["local"][name])
+            expected = total.view(4, 4)[start:end].flatten()
+            torch.testing.assert_close(torch.tensor(res["reduced"][name]), expected, msg=(rank, name))

@@ -531,6 +531,7 @@ def gather_training_state(engine, dst: int = 0):
     from consumers.pipeline import named_trainable
 
     ps = engine.pstate
+    engine.optimizer.finish_param_sync()  # the last update's gathers may still be in flight
     opt_state = engine.optimizer.state_tensors()
     local = {}
     for name, p, tp_dim in named_trainable(engine.chunks):

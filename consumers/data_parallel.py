@@ -1,0 +1,114 @@
+"""How the data-parallel communication of a step is issued: config and the per-unit buckets.
+
+The distributed optimizer (`consumers.optimizer.DistributedOptimizer`) reduce-scatters gradients
+and all-gathers parameters over the DP group. It does so per *unit* (megatron-core's bucket,
+FSDP2's ``fully_shard`` unit): one per MMDiT block, one for the embedders of the first pipeline
+stage and one for the head of the last. `dp_units` lists this rank's units in forward order, with
+the modules whose forward needs the unit's parameters (so the optimizer can wait for that unit's
+all-gather right before it) and the canonical names of its parameters (so the optimizer can
+lay out its gradient buffer one contiguous ``[dp, n]`` region per unit).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from megatron_qwenimage.config import ConfigError
+
+GRAD_REDUCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class DataParallelConfig:
+    """The DP engine's communication (megatron-core's ``DistributedDataParallelConfig``).
+
+    Attributes:
+        overlap_grad_reduce: launch each unit's gradient reduce-scatter asynchronously during the
+            backward of a step's last micro-batch, as soon as that unit's gradients are
+            accumulated (reverse block order). False: every unit is reduced after the backward.
+        overlap_param_gather: after the update, all-gather the units' parameters asynchronously in
+            forward order, each waited right before its unit's forward in the next step (at most
+            `param_gather_depth` in flight). False: every unit is gathered right after the update.
+        grad_reduce_dtype: dtype of the gradient buffer and of its reduce-scatter: ``float32``
+            (the default; accumulation and reduction in fp32) or ``bfloat16`` (half the buffer
+            and the bytes on the wire; the reduced shard is cast to fp32 for AdamW).
+        param_gather_depth: units whose all-gather may be in flight at once (>= 1); each holds a
+            send buffer of one unit's DP shard and a receive buffer of one whole unit.
+    """
+
+    overlap_grad_reduce: bool = True
+    overlap_param_gather: bool = True
+    grad_reduce_dtype: str = "float32"
+    param_gather_depth: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("overlap_grad_reduce", "overlap_param_gather"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"data_parallel.{name}={getattr(self, name)!r}: expected true or false")
+        if self.grad_reduce_dtype not in GRAD_REDUCE_DTYPES:
+            raise ConfigError(
+                f"data_parallel.grad_reduce_dtype={self.grad_reduce_dtype!r}: expected one of {sorted(GRAD_REDUCE_DTYPES)}"
+            )
+        depth = self.param_gather_depth
+        if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
+            raise ConfigError(f"data_parallel.param_gather_depth={depth!r}: expected an integer >= 1")
+
+    @property
+    def grad_dtype(self) -> torch.dtype:
+        return GRAD_REDUCE_DTYPES[self.grad_reduce_dtype]
+
+
+@dataclass(frozen=True)
+class DPUnit:
+    """One bucket of DP communication.
+
+    Attributes:
+        name: ``embed``, ``blocks.<i>`` (global block index) or ``head``.
+        modules: the modules whose forward reads the unit's parameters (a forward pre-hook on
+            each waits for the unit's all-gather).
+        param_names: canonical names of the unit's parameters.
+    """
+
+    name: str
+    modules: tuple[torch.nn.Module, ...]
+    param_names: tuple[str, ...]
+
+
+def dp_units(chunks: Sequence[torch.nn.Module]) -> list[DPUnit]:
+    """This rank's units over its model chunks (`consumers.pipeline.build_model_chunks`), in the
+    order a micro-batch's forward runs them: per chunk the embedders (first stage), its blocks in
+    order, the head (last stage). Every parameter belongs to exactly one unit: parameters outside
+    the blocks and the head (the embedders, and any other) form the chunk's ``embed`` unit, whose
+    wait hooks sit on their modules."""
+    units: list[DPUnit] = []
+    for chunk in chunks:
+        block_keys = list(chunk.blocks.keys())
+        head_modules = [
+            m for m in (getattr(chunk, "norm_out", None), getattr(chunk, "proj_out", None)) if m is not None
+        ]
+        head_ids = {id(p) for m in head_modules for p in m.parameters()}
+        block_ids = {id(p) for b in chunk.blocks.values() for p in b.parameters()}
+        embed_names, embed_modules = [], []
+        for mod_name, module in chunk.named_children():
+            if mod_name == "blocks" or module in head_modules:
+                continue
+            if any(True for _ in module.parameters()):
+                embed_modules.append(module)
+        head_names = []
+        for name, p in chunk.named_parameters():
+            if id(p) in head_ids:
+                head_names.append(name)
+            elif id(p) not in block_ids:
+                embed_names.append(name)
+        if embed_names:
+            units.append(DPUnit("embed", tuple(embed_modules), tuple(embed_names)))
+        for key in block_keys:
+            block = chunk.blocks[key]
+            names = tuple(f"blocks.{key}.{n}" for n, _ in block.named_parameters())
+            units.append(DPUnit(f"blocks.{key}", (block,), names))
+        if head_names:
+            units.append(DPUnit("head", tuple(head_modules), tuple(head_names)))
+    return units
