@@ -1,10 +1,12 @@
 """Distributed optimizer: ZeRO-1 over the data-parallel group, fp32 master weights, AdamW,
 with its reduce-scatter and all-gather overlapped with the backward and the next forward.
 
-Why not FSDP2: our TP layers are megatron-core modules whose parameters are plain local shards
-(not DTensors), and the report's recipe is a *distributed optimizer* (params whole on each DP
-rank, optimizer state sharded). ZeRO-1 keeps the forward/backward untouched, so the exact same
-model runs under every layout, and it runs on gloo and NCCL alike (reduce-scatter + all-gather).
+Why not FSDP2 (docs/training.md, "The DP engine", has the spike): FSDP2 frees and re-allocates
+the unsharded parameters every step and hands the model DTensors, while our per-block CUDA graphs
+bake parameter addresses in and our TP layers are megatron-core modules holding plain local
+shards. This optimizer keeps the parameters whole and in place on each DP rank and shards only
+the optimizer state (the report's *distributed optimizer*), so the same model runs under every
+layout, on gloo and NCCL alike (reduce-scatter + all-gather).
 
 Layout of the shards. Every parameter (this rank's TP shard, viewed as ``[rows, cols]`` with
 ``rows = shape[0]``) is cut into ``dp`` row chunks with ``torch.chunk`` semantics (chunk size
