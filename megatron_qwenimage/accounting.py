@@ -701,6 +701,7 @@ def memory_per_gpu(
     implementation: str = "generic",
     recompute_every: int = 1,
     ema: bool = False,
+    gather_depth: int = 2,
 ) -> MemoryReport:
     """Estimate training memory of one GPU for every pipeline stage.
 
@@ -724,9 +725,12 @@ def memory_per_gpu(
       once per forward; ``full`` recompute applies to blocks whose global index is a multiple of
       `recompute_every` (`consumers.recompute.RecomputeConfig.every_n`);
     * `consumers.optimizer.DistributedOptimizer`: fp32 master (always), moments (and EMA when
-      `ema`) over the padded flat shard `zero1_shard_numel`; gradients are its ``[dp, S]`` fp32
-      buffer; ``buffers_bytes`` holds, with ``dp > 1``, the reduce-scatter output ``[S]`` fp32 and
-      the all-gather send ``[S]`` and receive ``[dp, S]`` buffers in `params_dtype`;
+      `ema`) over the padded flat shard `zero1_shard_numel`; gradients are its ``[dp, S]`` buffer in
+      `grad_dtype` (the reduction dtype); ``buffers_bytes`` holds the fp32 copy of the reduced
+      shard when `grad_dtype` is not fp32 and, with ``dp > 1``, the reduce-scatter output ``[S]``
+      in `grad_dtype` and `gather_depth` rotating all-gather slots, each a send buffer (not for
+      fp32 parameters) of the largest DP unit's shard (one block, the embedders, the head) and a
+      ``[dp, ·]`` receive buffer, in `params_dtype` (no second full copy of the parameters);
     * ``torch.distributed.pipelining``'s receive buffers (``buffers_bytes``): every non-first
       stage one per micro-batch of the step for its inputs (``img``, ``txt``, ``temb``), every
       non-last stage one per micro-batch for its outputs' gradients (`num_microbatches`; pp
@@ -740,6 +744,7 @@ def memory_per_gpu(
         _positive_int(name, value)
     _positive_int("image_tokens", image_tokens)
     _positive_int("recompute_every", recompute_every)
+    _positive_int("gather_depth", gather_depth)
     _check_tokens("text_tokens", text_tokens, 0)
     _check_tokens("condition_image_tokens", condition_image_tokens, 0)
     if num_microbatches is not None:
@@ -798,9 +803,16 @@ def memory_per_gpu(
             shard = nb * block_shard + (first_shard if is_first else 0) + (head_shard if is_last else 0)
             shard -= -(-unused // shard_dp) if is_last else 0
             optim = shard * opt_per_param
-            grads = shard * shard_dp * 4  # the [dp, S] fp32 buffer, whatever `grad_dtype`
-            if shard_dp > 1:  # reduce-scatter output; all-gather send (not for fp32) and receive
-                buffers += shard * 4 + (0 if p_bytes == 4 else shard * p_bytes) + shard_dp * shard * p_bytes
+            grads = shard * shard_dp * g_bytes  # the [dp, S] buffer in the reduction dtype
+            if g_bytes != 4:  # the reduced shard cast to fp32 for AdamW
+                buffers += shard * 4
+            if shard_dp > 1:  # reduce-scatter output [S]; per gather slot a send (not fp32) and a receive
+                buffers += shard * g_bytes
+                units = ([first_shard] if is_first else []) + [block_shard] * nb + ([head_shard] if is_last else [])
+                if is_last and unused:
+                    units[-2] -= -(-unused // shard_dp)  # the last block's unused text-side tensors
+                slots = [max(units[k::gather_depth]) for k in range(min(gather_depth, len(units)))]
+                buffers += sum(slots) * ((0 if p_bytes == 4 else p_bytes) + shard_dp * p_bytes)
             stream = (n + t) * d * p_bytes + d * p_bytes  # img, txt, temb of one sample
             buffers += micro_batch * m * stream * ((0 if is_first else 1) + (0 if is_last else 1))
         else:

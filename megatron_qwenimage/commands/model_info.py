@@ -99,6 +99,13 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         action="store_false",
         help="replicate optimizer state on every data-parallel rank instead of sharding it",
     )
+    p.add_argument(
+        "--grad-reduce-dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="dtype of the gradient buffer and its DP reduce-scatter, as the run config's "
+        "data_parallel.grad_reduce_dtype (default: %(default)s)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.set_defaults(func=run)
     return p
@@ -117,6 +124,7 @@ def model_info(
     recompute: str = "none",
     sequence_parallel: bool = False,
     zero1: bool = True,
+    grad_reduce_dtype: str = "float32",
 ) -> dict[str, Any]:
     """Everything ``model-info`` reports, as a JSON-serialisable dict (bytes and FLOPs as numbers).
 
@@ -142,7 +150,7 @@ def model_info(
         image_tokens,
         text_tokens,
         params_dtype="bfloat16",
-        grad_dtype="float32",
+        grad_dtype=grad_reduce_dtype,
         optimizer="adamw",
         zero1=zero1,
         recompute=recompute,
@@ -229,7 +237,7 @@ def render(info: dict[str, Any], console) -> None:
         caption=(
             f"tp={lay['tp']} pp={lay['pp']} dp={lay['dp']} micro-batch={lay['micro_batch']} "
             f"recompute={lay['recompute']}{' +SP' if lay['sequence_parallel'] else ''}; bf16 params, "
-            f"fp32 grads, AdamW{' ZeRO-1' if lay['zero1'] else ''}"
+            f"{'fp32' if lay['grad_dtype'] == 'float32' else 'bf16'} grads, AdamW{' ZeRO-1' if lay['zero1'] else ''}"
         ),
     )
     mem.add_column("what")
@@ -261,6 +269,7 @@ def run(args: argparse.Namespace) -> int:
         recompute=args.recompute,
         sequence_parallel=args.sequence_parallel,
         zero1=args.zero1,
+        grad_reduce_dtype=args.grad_reduce_dtype,
     )
     if args.json:
         print(json.dumps(info))

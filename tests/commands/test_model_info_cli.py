@@ -137,3 +137,16 @@ def test_console_script_json():
     info = json.loads(proc.stdout)
     assert info["params"] == 20430401088
     assert set(info["memory_per_gpu_bytes"]) >= {"params", "grads", "optimizer", "activations", "total"}
+
+
+def test_grad_reduce_dtype_halves_the_gradient_buffer_and_shrinks_no_parameter():
+    cfg = load_config("qwen-image-20b")
+    kw = dict(tp=8, pp=1, dp=256, micro_batch=1, height=1024, width=1024, text_tokens=256)
+    fp32 = model_info.model_info(cfg, **kw)
+    bf16 = model_info.model_info(cfg, **kw, grad_reduce_dtype="bfloat16")
+    assert bf16["memory_per_gpu_bytes"]["grads"] == fp32["memory_per_gpu_bytes"]["grads"] / 2
+    assert bf16["memory_per_gpu_bytes"]["params"] == fp32["memory_per_gpu_bytes"]["params"]
+    assert bf16["layout"]["grad_dtype"] == "bfloat16"
+    # The DP buffers are the gather slots of two units and the reduced shard: far below the
+    # parameters (a whole-model receive buffer would be as large as them).
+    assert fp32["memory_per_gpu_bytes"]["buffers"] < 0.1 * fp32["memory_per_gpu_bytes"]["params"]

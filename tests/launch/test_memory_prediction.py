@@ -50,9 +50,12 @@ LAYOUTS_2 = {
     "tp2": (2, 1, 1, False, "none", "float32"),
     "tp2_sp": (2, 1, 1, True, "none", "float32"),
     "dp2_bf16": (1, 1, 2, False, "none", "bfloat16"),
+    "dp2_bf16_grad_bf16": (1, 1, 2, False, "none", "bfloat16"),
     "pp2": (1, 2, 1, False, "none", "float32"),
     "pp2_full": (1, 2, 1, False, "full", "float32"),
 }
+#: Layouts whose gradients are reduced in another dtype than fp32 (``data_parallel.grad_reduce_dtype``).
+GRAD_REDUCE_DTYPE = {"dp2_bf16_grad_bf16": "bfloat16"}
 
 
 def _config(dtype: str):
@@ -95,12 +98,15 @@ def _optimizer_part(path: str) -> str:
         ("._exp_avg_flat", "optimizer"),
         ("._exp_avg_sq_flat", "optimizer"),
         ("._ema_flat", "optimizer"),
-        ("._grad_buf", "grads"),
+        ("._grad_storage", "grads"),
+        ("._reduced", "buffers"),
         ("._grad_shard", "buffers"),
-        ("._gather", "buffers"),
+        ("._gather_plan", "buffers"),
     ):
         if path.startswith("opt" + attr):
             return part
+    if path.startswith("opt.units"):  # per-unit views: the grad buffer and the reduced shard
+        return "grads" if path.endswith(".grads") else "buffers" if path.endswith(".reduced") else "other"
     return "other"
 
 
@@ -171,6 +177,7 @@ def _stage_forward(engine, pstate, *, with_loss: bool = True, per_block: dict | 
 def measure(name: str, layout_spec: tuple) -> dict:
     """Build the engine of `layout_spec` on this rank and measure its tensors (see the module doc)."""
     from consumers.batch import Batch
+    from consumers.data_parallel import DataParallelConfig
     from consumers.engine import TrainEngine
     from consumers.optimizer import OptimizerConfig
     from consumers.parallel import ParallelLayout, init_parallel
@@ -183,6 +190,7 @@ def measure(name: str, layout_spec: tuple) -> dict:
         pstate,
         optimizer=OptimizerConfig(lr=1e-3),
         recompute=RecomputeConfig(mode=recompute),
+        data_parallel=DataParallelConfig(grad_reduce_dtype=GRAD_REDUCE_DTYPE.get(name, "float32")),
         global_batch_size=GLOBAL_BATCH,
     )
     out: dict = {"stage": pstate.pp_rank, "parts": {}}
@@ -240,7 +248,7 @@ def worker(rank: int, world: int, names: list[str]) -> dict:
 
 
 # --------------------------------------------------------------------------------- predicting
-def predict(layout_spec: tuple, stage: int) -> dict:
+def predict(layout_spec: tuple, stage: int, grad_dtype: str = "float32") -> dict:
     tp, pp, dp, sp, recompute, dtype = layout_spec
     cfg = _config(dtype)
     n, t = (LATENT // 2) ** 2, TEXT
@@ -250,6 +258,7 @@ def predict(layout_spec: tuple, stage: int) -> dict:
         recompute=recompute,
         sequence_parallel=sp,
         implementation="ours",
+        grad_dtype=grad_dtype,
     )
     # One micro-batch in flight: the per-micro-batch activations (what one forward saves).
     st = accounting.memory_per_gpu(cfg, tp, pp, dp, MICRO_BATCH, n, t, num_microbatches=1, **kw).stages[stage]
@@ -267,9 +276,9 @@ def predict(layout_spec: tuple, stage: int) -> dict:
     }
 
 
-def _compare(name: str, spec: tuple, measured: dict) -> list[str]:
+def _compare(name: str, spec: tuple, measured: dict, grad_dtype: str = "float32") -> list[str]:
     """Rows of the comparison; asserts every bound."""
-    pred = predict(spec, measured["stage"])
+    pred = predict(spec, measured["stage"], grad_dtype)
     meas = dict(measured["parts"])
     meas["activations"] = measured["activations_saved"] + (measured["largest_block"] if spec[4] == "full" else 0)
     meas.setdefault("buffers", 0)
@@ -301,7 +310,7 @@ def test_engine_memory_matches_prediction(measured):
     rows = []
     for (name, rank), result in sorted(measured.items()):
         spec = {**LAYOUTS_1, **LAYOUTS_2}[name]
-        rows += _compare(f"{name} rank {rank}", spec, result)
+        rows += _compare(f"{name} rank {rank}", spec, result, GRAD_REDUCE_DTYPE.get(name, "float32"))
     report = os.environ.get("QWENIMAGE_MEMORY_REPORT")
     if report:  # the table docs/launch.md quotes
         with open(report, "w") as f:
@@ -319,3 +328,11 @@ def test_layouts_change_what_is_measured(measured):
     dp2 = measured[("dp2_bf16", 0)]
     assert dp2["parts"]["buffers"] > 0 and "buffers" not in tp1["parts"]
     assert measured[("pp2", 0)]["parts"]["pipeline_buffers"] > 0
+    # bf16 gradient reduction halves the gradient buffer (and adds the fp32 copy of the shard).
+    bf16_grads = measured[("dp2_bf16_grad_bf16", 0)]["parts"]
+    assert bf16_grads["grads"] == dp2["parts"]["grads"] // 2
+    # No second full copy of the parameters: besides the reduced fp32 shard ([S], half the [2, S]
+    # gradient buffer) the buffers are two units' gather slots, not the model (a whole-model
+    # receive buffer and its send buffer were 1.5x the parameters).
+    gather = dp2["parts"]["buffers"] - dp2["parts"]["grads"] / 2
+    assert 0 < gather < 0.75 * dp2["parts"]["params"], (gather, dp2["parts"])
