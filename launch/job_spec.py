@@ -399,7 +399,8 @@ def predict_step_time(spec: JobSpec, gpu: str | None = None) -> StepTimePredicti
 
     The run config's model, its layout on the consumer world (`RunConfig.layout`; the planner
     ignores vpp), recompute mode, precision (``fp8`` when ``precision.fp8`` is set, else ``bf16``),
-    ``data.text_length`` (else the planner's default text tokens) and, per stage and bucket, the
+    ``data.text_length`` (else the planner's default text tokens), the DP reduction dtype and gather
+    depth (``data_parallel``) and, per stage and bucket, the
     micro-batch and the micro-batches per step ``max(pp, ceil(global_batch / (dp x micro_batch)))``
     (as `launch.plan.plan_bucket` counts them), on `gpu` (default ``consumer.gpu``, else
     `launch.plan.MEASURED_GPU`, the card the planner's rates were measured on). The slowest bucket
@@ -447,6 +448,8 @@ def predict_step_time(spec: JobSpec, gpu: str | None = None) -> StepTimePredicti
                 rates,
                 inputs.spec,
                 inputs.gpus_per_node,
+                grad_reduce_bytes=plan.GRAD_REDUCE_BYTES[cfg.data_parallel.grad_reduce_dtype],
+                param_gather_depth=cfg.data_parallel.param_gather_depth,
             )
             if best is None or parts["total"] > best.seconds:
                 best = StepTimePrediction(

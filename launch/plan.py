@@ -10,8 +10,10 @@ command line. docs/launch.md ("Capacity planner") explains every number and wher
   minus a stated reserve (fragmentation, NCCL buffers, CUDA context).
 * Step time: measured fwd+bwd model TFLOP/s of our training step (the benchmark records in
   ``benchmarks/gpu/results``; for a GPU without records the H200 ones scaled by the peak-FLOPs
-  ratio) and the measured ZeRO-1 optimizer rate, plus TP / PP / DP communication at stated
-  bandwidths, the 1F1B pipeline bubble and the recompute's extra forward (`step_time`).
+  ratio; a TP shard's from its own records, else the whole block's times `tp_shard_efficiency`)
+  and the measured ZeRO-1 optimizer rate, plus TP / PP communication at stated bandwidths, the DP
+  communication that the engine's per-block overlap leaves exposed (`dp_overlap`), the 1F1B
+  pipeline bubble and the recompute's extra forward (`step_time`).
 * Producers: measured VAE and text-encoder rates per GPU (`ProducerRates`).
 * Storage: bytes per cached sample from the shard format (`sample_bytes`).
 """
@@ -113,24 +115,45 @@ ANCHOR_LAYERS = 4
 
 @dataclass(frozen=True)
 class RatePoint:
-    """One measured fwd+bwd rate: `block_flops` model FLOPs per block per micro-batch (one GPU,
-    fwd+bwd) ran at `tflops` model TFLOP/s; `source` names the record."""
+    """One measured fwd+bwd rate: `block_flops` model FLOPs per block per micro-batch on one GPU
+    (fwd+bwd; for a TP shard its 1/`tp` share of the whole block's) ran at `tflops` model TFLOP/s;
+    `tp`: 1 for the whole block, k for one rank's shard of a TP-k block (``benchmarks/gpu/run.py
+    --tp-shard``); `source` names the record."""
 
     resolution: int
     micro_batch: int
     block_flops: float
     tflops: float
     source: str
+    tp: int = 1
+
+
+def _interpolated_tflops(points: Sequence[RatePoint], block_flops: float) -> float:
+    """Model TFLOP/s at `block_flops` per block and micro-batch from `points` (sorted by
+    `block_flops`): linear in log(FLOPs) between points, the largest point's rate above them, and
+    below the smallest the time per micro-batch of that point (launch-bound: a smaller micro-batch
+    is no faster)."""
+    lo_pt, hi_pt = points[0], points[-1]
+    if block_flops <= lo_pt.block_flops:
+        return lo_pt.tflops * block_flops / lo_pt.block_flops
+    if block_flops >= hi_pt.block_flops:
+        return hi_pt.tflops
+    for lo, hi in zip(points, points[1:]):
+        if lo.block_flops <= block_flops <= hi.block_flops:
+            x = (math.log(block_flops) - math.log(lo.block_flops)) / (
+                math.log(hi.block_flops) - math.log(lo.block_flops)
+            )
+            return lo.tflops + x * (hi.tflops - lo.tflops)
+    raise AssertionError("unreachable")
 
 
 @dataclass(frozen=True)
 class StepRates:
     """Per-GPU compute rates of our training step for one precision on one GPU model.
 
-    `points` are sorted by `block_flops`. `rate(block_flops)` interpolates the TFLOP/s linearly in
-    log(FLOPs) between points, holds the largest point's rate above it, and below the smallest
-    point keeps the time per micro-batch of that point (launch-bound: a smaller micro-batch is no
-    faster). `scale` multiplies every rate (the peak-FLOPs ratio for a GPU without records).
+    `points` are sorted by (`tp`, `block_flops`); at least one is a whole block's (``tp == 1``).
+    `rate` interpolates them (`_interpolated_tflops`); `scale` multiplies every rate (the
+    peak-FLOPs ratio for a GPU without records).
     """
 
     precision: str
@@ -140,20 +163,24 @@ class StepRates:
     scale: float = 1.0
     notes: tuple[str, ...] = ()
 
-    def rate(self, block_flops: float) -> float:
-        """Model FLOP/s (not TFLOP/s) of one GPU on micro-batches of `block_flops` per block."""
-        pts = self.points
-        if block_flops <= pts[0].block_flops:
-            return pts[0].tflops * 1e12 * self.scale * block_flops / pts[0].block_flops
-        if block_flops >= pts[-1].block_flops:
-            return pts[-1].tflops * 1e12 * self.scale
-        for lo, hi in zip(pts, pts[1:]):
-            if lo.block_flops <= block_flops <= hi.block_flops:
-                x = (math.log(block_flops) - math.log(lo.block_flops)) / (
-                    math.log(hi.block_flops) - math.log(lo.block_flops)
-                )
-                return (lo.tflops + x * (hi.tflops - lo.tflops)) * 1e12 * self.scale
-        raise AssertionError("unreachable")
+    def measured_tps(self) -> tuple[int, ...]:
+        """The TP sizes with a measured shard record (besides the whole block, 1)."""
+        return tuple(sorted({p.tp for p in self.points if p.tp > 1}))
+
+    def rate(self, block_flops: float, tp: int = 1, shard_efficiency: float = 1.0) -> float:
+        """Model FLOP/s (not TFLOP/s) of one GPU on micro-batches of `block_flops` per block per GPU.
+
+        `tp` = 1: the whole block's measured rates. `tp` = k > 1 (`block_flops` is then one rank's
+        1/k share): the records measured on a TP-k shard when there are any (a measurement beats
+        the model); else the whole block's rate at the same tokens x micro-batch (``block_flops x
+        k`` per block) times `shard_efficiency`, the shard's relative efficiency
+        (`tp_shard_efficiency`: 1 for k = 1, below 1 as its GEMMs narrow).
+        """
+        shard = [p for p in self.points if p.tp == tp and tp > 1]
+        if shard:
+            return _interpolated_tflops(shard, block_flops) * 1e12 * self.scale
+        whole = [p for p in self.points if p.tp == 1]
+        return _interpolated_tflops(whole, block_flops * tp) * 1e12 * self.scale * shard_efficiency
 
     def to_dict(self) -> dict:
         return {
@@ -229,8 +256,10 @@ def measured_rates(results_dir: str | Path, gpu: str, precision: str) -> StepRat
     fwd+bwd time is a record's ``fwd_bwd_ms``; for a record without it, its ``step_ms`` less the
     median ``step_ms - fwd_bwd_ms`` (the benchmark's optimizer) of the same variant in the same
     file (else of the same precision; else nothing is subtracted, which is conservative). Model
-    FLOPs are recounted with `accounting.model_flops_per_sample` for the record's slice. Per
-    micro-batch size, the fastest qualifying record is kept.
+    FLOPs are recounted with `accounting.model_flops_per_sample` for the record's slice; a record
+    of one rank's TP-k shard (``"tp": k``, ``benchmarks/gpu/run.py --tp-shard``) counts 1/k of
+    them. Per (resolution, micro-batch, tp), the fastest qualifying record is kept. None also when
+    there is no whole-block (tp 1) record: the shards' rates alone do not make a rate table.
     """
     records = [(f, env, r) for f, env, r in read_records(results_dir) if _gpu_of(env) == gpu]
     steps = [(f, env, r) for f, env, r in records if r.get("what") == "step" and _precision_of(r) == precision]
@@ -252,12 +281,15 @@ def measured_rates(results_dir: str | Path, gpu: str, precision: str) -> StepRat
             extra = overhead.get((f, r["variant"])) or overhead.get((f, precision))
             sub = statistics.median(extra) if extra else 0.0
             ms, how = float(r["step_ms"]) - sub, f"step_ms - {sub:.1f} ms optimizer"
-        flops = _block_flops(cfg, int(r["res"]), int(r["batch"]), int(r.get("text_tokens", 256)))
+        tp = int(r.get("tp", 1))
+        flops = _block_flops(cfg, int(r["res"]), int(r["batch"]), int(r.get("text_tokens", 256))) / tp
         tflops = flops * layers / (ms * 1e-3) / 1e12
-        point = RatePoint(int(r["res"]), int(r["batch"]), flops, tflops, f"{f} {r['variant']} ({how})")
-        key = (point.resolution, point.micro_batch)
+        point = RatePoint(int(r["res"]), int(r["batch"]), flops, tflops, f"{f} {r['variant']} ({how})", tp)
+        key = (point.resolution, point.micro_batch, point.tp)
         if key not in best or point.tflops > best[key].tflops:
             best[key] = point
+    if not any(p.tp == 1 for p in best.values()):
+        return None
     opt_rates = [
         accounting.parameter_counts(_slice_config(int(env.get("layers", ANCHOR_LAYERS)))).trainable
         / (r["optimizer_ms"] * 1e-3)
@@ -267,7 +299,7 @@ def measured_rates(results_dir: str | Path, gpu: str, precision: str) -> StepRat
     files = sorted({f for f, _, _ in steps})
     return StepRates(
         precision=precision,
-        points=tuple(sorted(best.values(), key=lambda p: p.block_flops)),
+        points=tuple(sorted(best.values(), key=lambda p: (p.tp, p.block_flops))),
         optimizer_params_per_s=statistics.median(opt_rates) if opt_rates else H200_OPTIMIZER_PARAMS_PER_S,
         source=f"measured on {GPUS[gpu].label}: {Path(results_dir).name}/{{{', '.join(files)}}}",
     )
@@ -451,6 +483,12 @@ class PlanInputs:
     intra_node_gb_s: float | None = None
     inter_node_gb_s: float | None = None
     results_dir: str | None = str(DEFAULT_RESULTS_DIR)
+    grad_reduce_dtype: str = "float32"  # the engine's data_parallel.grad_reduce_dtype
+
+    @property
+    def grad_reduce_bytes(self) -> int:
+        """Bytes per gradient element of the DP reduce-scatter (4 fp32, 2 bf16)."""
+        return GRAD_REDUCE_BYTES[self.grad_reduce_dtype]
 
     @property
     def spec(self) -> GpuSpec:
@@ -582,6 +620,10 @@ def check_inputs(inputs: PlanInputs) -> None:
     ):
         if value is not None and not value > 0:
             raise PlanError(f"{flag} {value!r}: expected a positive number")
+    if inputs.grad_reduce_dtype not in GRAD_REDUCE_BYTES:
+        raise PlanError(
+            f"--grad-reduce-dtype {inputs.grad_reduce_dtype!r}: expected one of {', '.join(GRAD_REDUCE_BYTES)}"
+        )
     if inputs.precision not in ("bf16", "fp8"):
         raise PlanError(f"--precision {inputs.precision!r}: expected bf16 or fp8")
     for mode in inputs.recompute:
@@ -672,6 +714,209 @@ def _ring(size: int) -> float:
     return 2.0 * (size - 1) / size if size > 1 else 0.0
 
 
+# --------------------------------------------------------------------------------------------
+# Compute rate of a TP shard
+# --------------------------------------------------------------------------------------------
+
+#: Bytes of a GEMM's output element (bf16 under both precisions: TE's FP8 GEMMs write bf16).
+GEMM_OUTPUT_BYTES = 2
+
+
+def gemm_time_units(m: int, k: int, n: int, ridge_flop_per_byte: float, operand_bytes: int) -> float:
+    """Time of an ``[m, k] @ [k, n]`` GEMM in units of 1 / peak FLOP/s: its FLOPs (``2·m·k·n``) plus
+    the bytes it must move at least (both operands read, the output written once) times the GPU's
+    ridge point (peak FLOP/s / HBM bytes/s). That is the roofline with no overlap of memory traffic
+    and math, a pessimistic bound: the ``max`` of the two, the optimistic one, finds even a TP8
+    shard's image-stream GEMMs at 1024 px compute-bound on an H100 (``docs/launch.md``, "TP
+    shards"). The backward's two GEMMs of the same weight have the same three matrices, so the
+    same cost (bf16)."""
+    moved = operand_bytes * (m * k + k * n) + GEMM_OUTPUT_BYTES * m * n
+    return 2.0 * m * k * n + ridge_flop_per_byte * moved
+
+
+def _stream_gemms(config: MMDiTConfig) -> tuple[tuple[int, int, str], ...]:
+    """(K, N, TP split) of a block stream's four GEMMs: fused q/k/v and fc1 column-parallel (N
+    split), the attention output projection and fc2 row-parallel (K split)."""
+    d, f = config.hidden_size, config.ffn_hidden_size
+    return ((d, 3 * d, "column"), (d, d, "row"), (d, f, "column"), (f, d, "row"))
+
+
+def tp_shard_efficiency(
+    config: MMDiTConfig,
+    tp: int,
+    image_tokens: int,
+    text_tokens: int,
+    micro_batch: int,
+    ridge_flop_per_byte: float,
+    operand_bytes: int = 2,
+) -> float:
+    """Model FLOP/s of one rank's TP-`tp` block shard relative to the whole block at the same
+    tokens x micro-batch (1 for ``tp == 1``).
+
+    A shard keeps every GEMM's token dimension M (image ``image_tokens x micro_batch``, text
+    ``text_tokens x micro_batch``) and divides N (column-parallel) or K (row-parallel) by `tp`; its
+    GEMMs' efficiency relative to the whole block's is ``sum(t_whole) / (tp · sum(t_shard))`` with
+    `gemm_time_units` (the narrowest, the output projection's K = D/tp, moves the most bytes per
+    FLOP). Attention (heads split whole, each head unchanged) and the elementwise work (split by
+    heads, MLP width, or by sequence parallelism) are taken to scale as 1/tp. With ``g`` the
+    linears' share of the block's model FLOPs standing in for their share of its time (an upper
+    bound, so the loss is if anything overstated), the block's efficiency is
+    ``1 / (g / gemm_efficiency + 1 - g)``. `operand_bytes`: 2 for bf16, 1 for FP8 inputs.
+    """
+    if tp == 1:
+        return 1.0
+    whole = shard = 0.0
+    for m in (image_tokens * micro_batch, text_tokens * micro_batch):
+        if m == 0:
+            continue
+        for k, n, split in _stream_gemms(config):
+            whole += gemm_time_units(m, k, n, ridge_flop_per_byte, operand_bytes)
+            k_local, n_local = (k, n // tp) if split == "column" else (k // tp, n)
+            shard += gemm_time_units(m, k_local, n_local, ridge_flop_per_byte, operand_bytes)
+    gemm_efficiency = whole / (tp * shard)
+    fb = accounting.model_flops_breakdown(config, image_tokens, text_tokens, training=False)
+    linears = fb.image_linears + fb.text_linears
+    g = linears / (linears + fb.attention)
+    return 1.0 / (g / gemm_efficiency + 1.0 - g)
+
+
+def ridge_point(spec: GpuSpec, precision: str) -> float:
+    """The GPU's ops:byte ratio: dense peak FLOP/s at `precision` over HBM bytes/s (FLOP/byte)."""
+    return spec.peak_tflops(precision) / spec.hbm_tb_s
+
+
+# --------------------------------------------------------------------------------------------
+# Data-parallel communication and its overlap
+# --------------------------------------------------------------------------------------------
+
+#: Bytes per gradient element of the DP reduce-scatter, by ``data_parallel.grad_reduce_dtype``.
+GRAD_REDUCE_BYTES = {"float32": 4, "bfloat16": 2}
+#: Bytes per parameter element of the DP all-gather after the update (bf16 parameters).
+PARAM_GATHER_BYTES = 2
+#: Units whose all-gather may be in flight at once (``data_parallel.param_gather_depth``'s default).
+PARAM_GATHER_DEPTH = 2
+
+
+@functools.lru_cache(maxsize=256)
+def dp_bucket_params(config: MMDiTConfig, tp: int, pp: int) -> tuple[int, ...]:
+    """Trainable parameters one GPU holds per DP bucket of the pipeline stage with the most, in
+    forward order: one bucket per block (`consumers.data_parallel.dp_units`). The embedders (first
+    stage) are folded into the first block's bucket and the head (last stage) into the last one's:
+    the engine's own ``embed`` bucket is reduced right after block 0's (the embedders' backward
+    comes last and takes no time to speak of) and gathered right before it, the ``head`` bucket
+    the other way round, so on a serial channel folding them changes no finishing time. Sums to
+    `largest_stage_params`."""
+    blocks = accounting.block_tensors(config)
+    per_block = sum(t.numel_per_rank(tp) for t in blocks)
+    last_block_unused = sum(t.unused_per_rank(tp) for t in blocks if t.last_block_unused)
+    embed = sum(
+        t.numel_per_rank(tp) for t in accounting.first_stage_tensors(config) + accounting.time_embed_tensors(config)
+    )
+    head = sum(t.numel_per_rank(tp) for t in accounting.last_stage_tensors(config))
+    stages, first = [], 0
+    for index, count in enumerate(accounting.split_layers(config.num_layers, pp)):
+        buckets = [per_block] * count
+        if first + count == config.num_layers:
+            buckets[-1] -= last_block_unused
+        if index == 0:
+            buckets[0] += embed
+        if index == pp - 1:
+            buckets[-1] += head
+        stages.append(tuple(buckets))
+        first += count
+    return max(stages, key=sum)
+
+
+@dataclass(frozen=True)
+class DPOverlap:
+    """One step's DP communication on one rank's channel (seconds): `reduce_s` / `gather_s` the
+    reduce-scatters' and all-gathers' time on the wire, `*_exposed_s` what compute did not hide."""
+
+    reduce_s: float
+    gather_s: float
+    reduce_exposed_s: float
+    gather_exposed_s: float
+
+    @property
+    def comm_s(self) -> float:
+        return self.reduce_s + self.gather_s
+
+    @property
+    def exposed_s(self) -> float:
+        return self.reduce_exposed_s + self.gather_exposed_s
+
+
+def reduce_scatter_exposed(reduce_s: Sequence[float], backward_s: float) -> float:
+    """Seconds the gradient reduce-scatters run past the end of the step's backward.
+
+    Buckets in forward order, `reduce_s[k]` seconds each on one serial channel; `backward_s`: one
+    block's backward of the last micro-batch. Blocks run their backward last to first, so bucket
+    k is ready at ``(n - k) · backward_s``; it starts when it is ready and the channel is free.
+    Exposed: ``max(0, channel end - n · backward_s)``; earlier micro-batches only accumulate."""
+    n = len(reduce_s)
+    channel = 0.0
+    for k in reversed(range(n)):
+        channel = max(channel, (n - k) * backward_s) + reduce_s[k]
+    return max(0.0, channel - n * backward_s)
+
+
+def all_gather_exposed(gather_s: Sequence[float], forward_s: float, depth: int = PARAM_GATHER_DEPTH) -> float:
+    """Seconds the first micro-batch's forward waits for the parameter all-gathers.
+
+    Buckets in forward order, `gather_s[k]` seconds each on one serial channel; `forward_s`: one
+    block's forward. At the step's start (right after the update) the first `depth` gathers are
+    launched; block k's forward waits for its bucket's gather, and that wait launches bucket
+    k + depth's. Exposed: the forward's end less ``n · forward_s`` (the stalls added up)."""
+    n = len(gather_s)
+    done = [0.0] * n
+    channel = 0.0
+
+    def launch(k: int, at: float) -> None:
+        nonlocal channel
+        channel = max(channel, at) + gather_s[k]
+        done[k] = channel
+
+    for k in range(min(depth, n)):
+        launch(k, 0.0)
+    clock = 0.0
+    for k in range(n):
+        start = max(clock, done[k])
+        if k + depth < n:
+            launch(k + depth, start)
+        clock = start + forward_s
+    return clock - n * forward_s
+
+
+def dp_overlap(
+    bucket_params: Sequence[int],
+    dp: int,
+    bandwidth_gb_s: float,
+    forward_s: float,
+    backward_s: float,
+    *,
+    grad_reduce_bytes: int = GRAD_REDUCE_BYTES["float32"],
+    depth: int = PARAM_GATHER_DEPTH,
+) -> DPOverlap:
+    """DP communication of one step and the part of it compute does not hide (`DPOverlap`).
+
+    Per bucket (`dp_bucket_params`, per GPU), a ring reduce-scatter of its gradients
+    (`grad_reduce_bytes` each) and a ring all-gather of its bf16 parameters, each moving
+    ``(dp - 1) / dp`` of the bucket's bytes at `bandwidth_gb_s`; `reduce_scatter_exposed` during
+    the last micro-batch's backward (`backward_s` per block), `all_gather_exposed` during the first
+    one's forward (`forward_s` per block). Nothing at ``dp == 1``."""
+    if dp <= 1:
+        return DPOverlap(0.0, 0.0, 0.0, 0.0)
+    per_byte = (dp - 1) / dp / (bandwidth_gb_s * 1e9)
+    reduce_s = [p * grad_reduce_bytes * per_byte for p in bucket_params]
+    gather_s = [p * PARAM_GATHER_BYTES * per_byte for p in bucket_params]
+    return DPOverlap(
+        reduce_s=sum(reduce_s),
+        gather_s=sum(gather_s),
+        reduce_exposed_s=reduce_scatter_exposed(reduce_s, backward_s),
+        gather_exposed_s=all_gather_exposed(gather_s, forward_s, depth),
+    )
+
+
 def step_time(
     config: MMDiTConfig,
     layout: Layout,
@@ -682,28 +927,44 @@ def step_time(
     rates: StepRates,
     spec: GpuSpec,
     gpus_per_node: int = 8,
+    *,
+    grad_reduce_bytes: int = GRAD_REDUCE_BYTES["float32"],
+    param_gather_depth: int = PARAM_GATHER_DEPTH,
 ) -> dict[str, float]:
     """Seconds of one optimizer step, by part.
 
     * ``compute``: (m + pp - 1) micro-batch slots of the slowest stage (1F1B: m micro-batches
       plus the bubble), each ``fwd+bwd FLOPs / (tp · pp) / rate``, the rate measured for that
-      per-GPU work (`StepRates.rate`); full recompute adds one forward (1/3 of fwd+bwd), selective
-      the attention's forward;
+      per-GPU work (`StepRates.rate`; a TP shard's from records of that shard, else the whole
+      block's times `tp_shard_efficiency`); full recompute adds one forward (1/3 of fwd+bwd),
+      selective the attention's forward;
     * ``tp_comm``: per block and micro-batch four all-reduces (or all-gather + reduce-scatter
       pairs with SP) of both streams' ``tokens · D`` bf16 activations (attention output and MLP,
       forward and backward) at the intra-node bandwidth, not overlapped;
     * ``pp_comm``: per micro-batch slot the stage boundary's img + txt activations forward and
       their gradients backward (inter-node when a pipeline group leaves the node);
-    * ``dp_comm``: the optimizer's fp32 gradient reduce-scatter and bf16 parameter all-gather of
-      the stage's parameters over DP (inter-node when the DP group leaves the node), not overlapped;
+    * ``dp_comm``: the DP channel's busy time: per bucket (`dp_bucket_params`) the gradient
+      reduce-scatter (`grad_reduce_bytes` per element: 4 fp32, 2 bf16) and the bf16 parameter
+      all-gather of the stage's parameters over DP (inter-node when the DP group leaves the node);
+    * ``dp_exposed``: the part of ``dp_comm`` that compute does not hide (`dp_overlap`): the
+      reduce-scatters overlap the last micro-batch's backward of the stage's blocks (1/3 of a
+      block's fwd+bwd is forward, the rest and any recompute backward; half its TP communication
+      in each), the all-gathers the first micro-batch's forward, `param_gather_depth` ahead;
     * ``optimizer``: the ZeRO-1 shard's update at the measured parameters/s.
+
+    ``total`` = compute + tp_comm + pp_comm + dp_exposed + optimizer.
     """
     n_img = (resolution // PIXELS_PER_TOKEN_SIDE) ** 2
     tokens = n_img + text_tokens
     fb = accounting.model_flops_breakdown(config, n_img, text_tokens, training=True)
     per_gpu_mb = fb.total * micro_batch / (layout.tp * layout.pp)
     block_flops = per_gpu_mb * layout.pp / config.num_layers
-    compute_mb = per_gpu_mb / rates.rate(block_flops)
+    operand_bytes = 1 if rates.precision == "fp8" else 2
+    efficiency = tp_shard_efficiency(
+        config, layout.tp, n_img, text_tokens, micro_batch, ridge_point(spec, rates.precision), operand_bytes
+    )
+    plain_mb = per_gpu_mb / rates.rate(block_flops, layout.tp, efficiency)
+    compute_mb = plain_mb
     if layout.recompute == "full":
         compute_mb *= 4.0 / 3.0
     elif layout.recompute == "selective":
@@ -716,17 +977,30 @@ def step_time(
     slots = microbatches + layout.pp - 1
     stage_params = largest_stage_params(config, layout.tp, layout.pp)
     dp_bw = spec.inter_node_gb_s if layout.tp * layout.dp > gpus_per_node else spec.intra_node_gb_s
-    dp_comm = stage_params * 6 * (layout.dp - 1) / layout.dp / (dp_bw * 1e9) if layout.dp > 1 else 0.0
+    forward_block = (plain_mb / 3 + tp_comm / 2) / stage_blocks
+    backward_block = (compute_mb - plain_mb / 3 + tp_comm / 2) / stage_blocks
+    dp = dp_overlap(
+        dp_bucket_params(config, layout.tp, layout.pp),
+        layout.dp,
+        dp_bw,
+        forward_block,
+        backward_block,
+        grad_reduce_bytes=grad_reduce_bytes,
+        depth=param_gather_depth,
+    )
     optimizer = stage_params / layout.dp / rates.optimizer_params_per_s
     parts = {
         "compute": slots * compute_mb,
         "tp_comm": slots * tp_comm,
         "pp_comm": slots * pp_comm,
         "bubble_share": (layout.pp - 1) / slots,
-        "dp_comm": dp_comm,
+        "dp_comm": dp.comm_s,
+        "dp_exposed": dp.exposed_s,
+        "dp_reduce_exposed": dp.reduce_exposed_s,
+        "dp_gather_exposed": dp.gather_exposed_s,
         "optimizer": optimizer,
     }
-    parts["total"] = parts["compute"] + parts["tp_comm"] + parts["pp_comm"] + dp_comm + optimizer
+    parts["total"] = parts["compute"] + parts["tp_comm"] + parts["pp_comm"] + dp.exposed_s + optimizer
     return parts
 
 
@@ -743,7 +1017,16 @@ def plan_bucket(
     m = max(layout.pp, math.ceil(g / (layout.dp * micro_batch)))
     mem = predicted_memory(config, layout, resolution, micro_batch, m, inputs.text_tokens, inputs.precision)
     t = step_time(
-        config, layout, resolution, micro_batch, m, inputs.text_tokens, rates, inputs.spec, inputs.gpus_per_node
+        config,
+        layout,
+        resolution,
+        micro_batch,
+        m,
+        inputs.text_tokens,
+        rates,
+        inputs.spec,
+        inputs.gpus_per_node,
+        grad_reduce_bytes=inputs.grad_reduce_bytes,
     )
     eff = m * layout.dp * micro_batch
     return BucketPlan(
@@ -789,8 +1072,22 @@ class LayoutPlan:
     @property
     def step_s(self) -> float:
         """Mean seconds per optimizer step over the run (steps weighted by their image share)."""
+        return self.mean_step_part("total")
+
+    def mean_step_part(self, key: str) -> float:
+        """Mean over the run's optimizer steps of one `step_time` part (seconds), steps weighted as
+        in `step_s`."""
         steps = [frac / b.global_batch for (_, frac), b in zip(self.mix, self.buckets)]
-        return sum(s * b.step_s for s, b in zip(steps, self.buckets)) / sum(steps)
+        return sum(s * b.step_parts_s[key] for s, b in zip(steps, self.buckets)) / sum(steps)
+
+    def model_tflops_per_gpu(self, config: MMDiTConfig, text_tokens: int, gpus: int) -> float:
+        """Model TFLOP/s (fwd+bwd, `accounting.model_flops_per_sample`) per GPU at the predicted
+        images/s: the mix's mean FLOPs per image times images/s, over the GPUs."""
+        per_image = sum(
+            frac * accounting.model_flops_per_sample(config, (res // PIXELS_PER_TOKEN_SIDE) ** 2, text_tokens)
+            for res, frac in self.mix
+        )
+        return per_image * self.images_per_s / gpus / 1e12
 
     def summary(self) -> dict:
         lay = self.layout
@@ -868,10 +1165,12 @@ class Plan:
     producers: dict
     storage: dict
     notes: tuple[str, ...]
+    model_tflops_per_gpu: float = 0.0  # fwd+bwd model TFLOP/s per GPU at the predicted images/s
 
     def to_dict(self) -> dict:
         c = self.chosen
         spec = self.inputs.spec
+        peak = spec.peak_tflops(self.inputs.precision)
         out = {
             **c.summary(),
             "gpus": self.inputs.gpus,
@@ -883,6 +1182,12 @@ class Plan:
             "reserve": self.inputs.reserve,
             "budget_gib": self.inputs.budget_gib,
             "step_s": c.step_s,
+            "dp_comm_s": c.mean_step_part("dp_comm"),
+            "dp_exposed_s": c.mean_step_part("dp_exposed"),
+            "grad_reduce_dtype": self.inputs.grad_reduce_dtype,
+            "model_tflops_per_gpu": self.model_tflops_per_gpu,
+            "peak_tflops": peak,
+            "mfu": self.model_tflops_per_gpu / peak,
             "producer_gpus": self.producers["gpus"],
             "buckets": [b.to_dict() for b in c.buckets],
             "runners_up": [r.to_dict() for r in self.runners_up],
@@ -1017,9 +1322,12 @@ def make_plan(inputs: PlanInputs, config: MMDiTConfig | None = None, *, runners_
         "fragmentation, NCCL buffers and the CUDA context (--reserve)"
     )
     notes.append(
-        f"communication is not measured: TP at {inputs.spec.intra_node_gb_s:g} GB/s inside a node, DP/PP across nodes "
-        f"at {inputs.spec.inter_node_gb_s:g} GB/s per GPU (--intra-node-gbs, --inter-node-gbs), not overlapped"
+        f"communication is not measured: TP at {inputs.spec.intra_node_gb_s:g} GB/s inside a node (not overlapped), "
+        f"DP/PP across nodes at {inputs.spec.inter_node_gb_s:g} GB/s per GPU (--intra-node-gbs, --inter-node-gbs)"
     )
+    notes.append(dp_overlap_note(chosen, inputs))
+    if chosen.layout.tp > 1:
+        notes.append(tp_rate_note(config, chosen, inputs, rates))
     return Plan(
         inputs=inputs,
         chosen=chosen,
@@ -1030,6 +1338,43 @@ def make_plan(inputs: PlanInputs, config: MMDiTConfig | None = None, *, runners_
         producers=producers,
         storage=storage,
         notes=tuple(notes),
+        model_tflops_per_gpu=chosen.model_tflops_per_gpu(config, inputs.text_tokens, inputs.gpus),
+    )
+
+
+def dp_overlap_note(chosen: LayoutPlan, inputs: PlanInputs) -> str:
+    """The notes' line on the chosen layout's DP communication: busy and exposed seconds per step
+    (means over the run's steps) and how the overlap is modelled."""
+    comm, exposed = chosen.mean_step_part("dp_comm"), chosen.mean_step_part("dp_exposed")
+    if chosen.layout.dp == 1:
+        return "no DP communication (dp=1)"
+    reduce, gather = chosen.mean_step_part("dp_reduce_exposed"), chosen.mean_step_part("dp_gather_exposed")
+    hidden = 1 - exposed / comm if comm else 1.0
+    return (
+        f"DP communication {comm:.3f} s per step, {exposed:.3f} s exposed ({hidden:.0%} hidden; modelled overlap: "
+        f"a {inputs.grad_reduce_dtype} gradient reduce-scatter per block during the last micro-batch's backward, "
+        f"{reduce:.3f} s past its end; bf16 parameter all-gathers {PARAM_GATHER_DEPTH} blocks ahead of the first "
+        f"micro-batch's forward, {gather:.3f} s of stalls; --grad-reduce-dtype)"
+    )
+
+
+def tp_rate_note(config: MMDiTConfig, chosen: LayoutPlan, inputs: PlanInputs, rates: StepRates) -> str:
+    """The notes' line on where the chosen TP shard's compute rate comes from."""
+    tp = chosen.layout.tp
+    if tp in rates.measured_tps():
+        return f'compute at tp={tp}: the rates measured on a TP{tp} shard (records with "tp": {tp})'
+    ridge = ridge_point(inputs.spec, inputs.precision)
+    operand_bytes = 1 if inputs.precision == "fp8" else 2
+    efficiencies = []
+    for b in chosen.buckets:
+        n_img = (b.resolution // PIXELS_PER_TOKEN_SIDE) ** 2
+        eff = tp_shard_efficiency(config, tp, n_img, inputs.text_tokens, b.micro_batch, ridge, operand_bytes)
+        efficiencies.append(f"{b.resolution} px x {eff:.2f}")
+    per_res = ", ".join(efficiencies)
+    return (
+        f"compute at tp={tp}: no TP{tp}-shard record, so the whole block's rate at the same tokens x micro-batch times "
+        f"its shard's modelled efficiency ({per_res}: its GEMMs at 1/{tp} width on a no-overlap roofline, ridge "
+        f"{ridge:.0f} FLOP/byte); benchmarks/gpu/run.py --tp-shard {tp} measures it"
     )
 
 

@@ -28,7 +28,13 @@ the tail, never the head):
    pass (and two eager passes with each other, the noise floor), then the step is timed and the
    FP8 one profiled; last, the FP8 one again around compiled elementwise chains
    (``ours_te_fp8_delayed_graphs_fused``: ``fused_elementwise`` inside the captured blocks);
-6. the other buckets (256², 640², 1328² at micro-batches 32, 8, 2; ``--buckets``): diffusers
+6. with ``--tp-shard K,...``, one tensor-parallel rank's shard of every block of the slice for
+   each TP size K (`build_tp_shard`: 1/K of the heads, of the q/k/v and output projections and
+   of the MLP width; no communication, embedders and head whole) at the main shape's resolution
+   and ``--tp-shard-batches`` micro-batches: ours TE bf16 and FP8 (re-quantized), records
+   ``*_tpK`` with ``"tp": K`` and 1/K of the slice's model FLOPs, from which ``qwenimage plan``
+   takes the rate of a TP-K layout;
+7. the other buckets (256², 640², 1328² at micro-batches 32, 8, 2; ``--buckets``): diffusers
    eager and diffusers + compile (the anchors), ours TE FP8 (eager, ``_nocache``, ``_fused``),
    TE bf16 ``_fused`` and, last, ours TE FP8 with graphs.
 
@@ -53,6 +59,13 @@ Per-block CUDA graphs and the 640² / 1328² buckets, nothing a previous run alr
 
     python3 benchmarks/gpu/run.py --out $OUT/gpu.jsonl --budget-s 300 --buckets 640,1328 \
         --skip te_bf16_fused,te_fp8_fused,padded,local,dist_opt
+
+TP2/4/8 shards of the 20B block at 1024 px, micro-batches 2 and 4, next to the whole block's bf16
+``_fused`` record of the same run::
+
+    SKIP=te_bf16,te_fp8,te_fp8_nocache,te_fp8_dpa,te_fp8_fused,te_bf16_graphs,te_fp8_graphs
+    python3 benchmarks/gpu/run.py --out $OUT/gpu.jsonl --budget-s 420 --skip-buckets --tp-shard 2,4,8 \
+        --tp-shard-batches 2,4 --skip $SKIP,te_fp8_graphs_fused,padded,local,dist_opt,profile
 
 On CPU, ``--tiny`` runs every code path at toy shapes (TE, torchao and CUDA-graph variants record
 why they were skipped), which is what the test suite does.
@@ -171,6 +184,7 @@ class Shape:
     batch: int
     text: int
     padded_text: int = 0  # trailing text tokens padded in every other sample
+    tp: int = 1  # > 1: the blocks are one rank's shard of TP-tp blocks (`build_tp_shard`)
 
     @property
     def grid(self) -> int:
@@ -182,7 +196,8 @@ class Shape:
 
     def label(self) -> str:
         pad = f"+pad{self.padded_text}" if self.padded_text else ""
-        return f"{self.res}px_b{self.batch}_t{self.text}{pad}"
+        shard = f"_tp{self.tp}" if self.tp > 1 else ""
+        return f"{self.res}px_b{self.batch}_t{self.text}{pad}{shard}"
 
 
 def make_batch(config: MMDiTConfig, shape: Shape, device: torch.device, dtype: torch.dtype, seed: int = 0) -> dict:
@@ -227,6 +242,22 @@ def parse_skip(text: str | None) -> frozenset[str]:
     return frozenset(names)
 
 
+def parse_positive_ints(text: str, flag: str, minimum: int = 1) -> list[int]:
+    """``"2,4,8"`` -> ``[2, 4, 8]`` (empty for ""); SystemExit naming `flag` for anything else."""
+    out = []
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        try:
+            value = int(item)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise SystemExit(f"error: {flag} {item!r}: expected integers >= {minimum}, comma-separated")
+        out.append(value)
+    return out
+
+
 def parse_buckets(text: str) -> list[tuple[int, int]]:
     """``--buckets`` value ``RES[:BATCH],...`` -> ``[(res, batch)]`` (batch from `BUCKET_BATCH`)."""
     out = []
@@ -263,6 +294,70 @@ def build_ours(ref, backend: str, device: torch.device, dtype_name: str, **overr
     from megatron_qwenimage.convert import load_diffusers
 
     return load_diffusers(ref, device=str(device), params_dtype=dtype_name, backend=backend, **overrides)
+
+
+class ShardKernels:
+    """A kernel provider (`megatron_qwenimage.model.backends.KernelProvider`) building one TP rank's
+    layers of a TP-`tp` block as plain single-rank layers of the local shapes, so one GPU runs a
+    rank's GEMMs with no communication: column-parallel linears ``D -> N/tp``, row-parallel ones
+    ``K/tp -> D``, attention over the rank's heads. The AdaLN modulation linears (GEMMs with M =
+    batch, no time to speak of) stay whole: a rank gathers their full output anyway."""
+
+    def __init__(self, base, tp: int):
+        self.base = base
+        self.tp = tp
+
+    def column_parallel_linear(self, input_size: int, output_size: int, **kwargs):
+        return self.base.column_parallel_linear(input_size, output_size // self.tp, **kwargs)
+
+    def row_parallel_linear(self, input_size: int, output_size: int, **kwargs):
+        return self.base.row_parallel_linear(input_size // self.tp, output_size, **kwargs)
+
+    def modulation_linear(self, input_size: int, output_size: int):
+        return self.base.modulation_linear(input_size, output_size)
+
+    def core_attention(self, num_local_heads: int, head_dim: int):
+        return self.base.core_attention(num_local_heads, head_dim)
+
+
+def build_tp_shard(
+    config: MMDiTConfig, tp: int, backend: str, device: torch.device, dtype_name: str, *, fused: bool, seed: int = 0
+):
+    """Our model of `config`'s slice in which every block is one rank's shard of a TP-`tp` block
+    (`ShardKernels`: 1/tp of the heads, of the q/k/v and output projections and of the MLP width)
+    and nothing communicates; the embedders and the head are whole, as on every TP rank. The
+    streams keep their full sequence through the blocks (TP without sequence parallelism: with SP
+    a rank runs the LayerNorm/modulation/residual elementwise work on 1/tp of the tokens, so this
+    is slightly slow for it). `fused`: the blocks' elementwise chains compiled (``fused_elementwise``).
+    Random weights (`QwenImageMMDiT.init_weights`)."""
+    from megatron_qwenimage.model.backends import kernel_provider
+    from megatron_qwenimage.model.block import MMDiTBlock
+    from megatron_qwenimage.model.layers import TPContext, module_tensor_init_roles
+    from megatron_qwenimage.model.mmdit import QwenImageMMDiT
+
+    if config.num_attention_heads % tp:
+        raise ValueError(f"--tp-shard {tp} does not divide the {config.num_attention_heads} heads")
+    cfg = config.replace(
+        backend=backend,
+        params_dtype=dtype_name,
+        fused_elementwise=fused,
+        tensor_model_parallel_size=1,
+        sequence_parallel=False,
+    )
+    shard_tp = TPContext(None, sequence_parallel=False)
+    shard_tp.size = tp  # the blocks' local heads; its group stays a single rank (no communication)
+    with torch.device("meta"):
+        model = QwenImageMMDiT(cfg, tp_group=None)
+        kernels = ShardKernels(kernel_provider(cfg, model.tp.group), tp)
+        last = cfg.num_layers - 1
+        for key in list(model.blocks):
+            model.blocks[key] = MMDiTBlock(cfg, kernels, shard_tp, context_only=int(key) == last)
+        # Read from the tensors' attributes before `to_empty` replaces them (as the constructor does).
+        model.partition_dims = model._collect_partition_dims()
+        model.init_roles = module_tensor_init_roles(model)
+    model = model.to_empty(device=device)
+    model.init_weights(seed)
+    return model
 
 
 class StepRunner:
@@ -393,7 +488,8 @@ def pass_difference(a: tuple, b: tuple) -> dict:
 
 
 def flops_per_step(config: MMDiTConfig, shape: Shape) -> float:
-    return float(accounting.model_flops_per_sample(config, shape.image_tokens, shape.text)) * shape.batch
+    """Model FLOPs of one fwd + bwd on one GPU: a TP shard's 1/tp of the whole slice's."""
+    return float(accounting.model_flops_per_sample(config, shape.image_tokens, shape.text)) * shape.batch / shape.tp
 
 
 def perf_fields(config: MMDiTConfig, shape: Shape, seconds: list[float], peak: float | None) -> dict:
@@ -465,6 +561,7 @@ class GPURun:
             budget_s=self.args.budget_s,
             skip=sorted(self.skipped_parts),
             buckets=[f"{r}:{b}" for r, b in self.args.buckets],
+            tp_shard=self.args.tp_shard or None,
             **info,
         )
 
@@ -511,6 +608,7 @@ class GPURun:
             "batch": shape.batch,
             "text_tokens": shape.text,
             "padded_text": shape.padded_text,
+            "tp": shape.tp if shape.tp > 1 else None,
             **(extra or {}),
         }
         if self.cuda_broken:
@@ -1039,6 +1137,63 @@ class GPURun:
             model.zero_grad(set_to_none=True)
             reset_memory(self.device)
 
+    def tp_shards(self) -> None:
+        """One TP rank's shard of every block (``--tp-shard``, `build_tp_shard`) at the main shape's
+        resolution and each ``--tp-shard-batches`` micro-batch: ours TE bf16 and TE FP8 (weights
+        re-quantized every step, as training), fwd + bwd and step, with the elementwise chains
+        compiled (``_fused``, as the whole-block records the planner uses) unless ``--skip-compile``.
+        Records are named ``<variant>_tp<K>`` and carry ``"tp": K``; their model FLOPs are 1/K of the
+        slice's. The capacity planner takes a shard's rate from them (`launch.plan.measured_rates`)."""
+        fused = not self.args.skip_compile
+        suffix = "_fused" if fused else ""
+        for tp in self.args.tp_shard:
+            names = (f"ours_te_bf16{suffix}_tp{tp}", f"ours_te_fp8_delayed_nocache{suffix}_tp{tp}")
+            shapes = [Shape(self.args.res, b, self.args.text_tokens, tp=tp) for b in self.args.tp_shard_batches]
+            if not self.runs_te():
+                for name in names:
+                    for shape in shapes:
+                        self.skip(name, shape, self.te)
+                continue
+            est = (60 if fused else 15) if not self.args.tiny else 1
+            backend = "transformer_engine" if self.te is None else "local"
+            ours = None
+            try:
+                ours = build_tp_shard(self.config, tp, backend, self.device, self.dtype_name, fused=fused)
+            except Exception as exc:
+                why = f"{type(exc).__name__}: {exc}"[:500]
+                for shape in shapes:
+                    self.record(what="step", variant=names[0], shape=shape.label(), tp=tp, error=why)
+                continue
+            extra = {
+                "tp_shard": "1/tp of every block's heads and MLP width, no communication; model FLOPs 1/tp",
+                "fused_elementwise": fused,
+            }
+            batches = {shape.batch: make_batch(self.config, shape, self.device, self.dtype) for shape in shapes}
+            for shape in shapes:
+                batch = batches[shape.batch]
+                self.measure(names[0], shape, lambda: StepRunner(ours, batch, returns_sample=False), est, extra=extra)
+            if self.te is None:  # FP8 needs Transformer Engine itself
+                from megatron_qwenimage.model.cuda_graphs import disable_fp8_weight_cache
+
+                fp8 = self.fp8_context(ours)
+                count = disable_fp8_weight_cache(ours)
+                fp8_extra = dict(extra, fp8_weights="re-quantized every step", te_linears=count)
+                for shape in shapes:
+                    batch = batches[shape.batch]
+                    self.measure(
+                        names[1],
+                        shape,
+                        lambda: StepRunner(ours, batch, returns_sample=False, forward_context=fp8),
+                        est,
+                        extra=fp8_extra,
+                    )
+            else:
+                for shape in shapes:
+                    self.skip(names[1], shape, self.te)
+            ours = batches = None
+            reset_memory(self.device)
+            self.check_cuda(f"the TP{tp} shard")
+
     def buckets(self) -> None:
         """The curriculum's other buckets at their micro-batches (text 256, ``--buckets``): the
         anchors (diffusers eager and + compile), ours TE FP8 (eager, ``_nocache``, ``_fused``),
@@ -1113,6 +1268,7 @@ class GPURun:
         shape = Shape(self.args.res, self.args.batch, t)
         padded = Shape(self.args.res, self.args.batch, t, padded_text=self.args.padded_text)
         self.main_shape_variants(shape, padded)
+        self.tp_shards()
         if not self.args.skip_buckets and self.wants("buckets"):
             self.buckets()
         summary = summarize(self.record.records)
@@ -1304,6 +1460,20 @@ def build_parser() -> argparse.ArgumentParser:
         "64,96 with --tiny); micro-batches of known sides: " + ", ".join(f"{k}:{v}" for k, v in BUCKET_BATCH.items()),
     )
     p.add_argument(
+        "--tp-shard",
+        default="",
+        metavar="K,...",
+        help="also measure one tensor-parallel rank's shard of every block for each TP size K (1/K of the heads, "
+        "the q/k/v and output projections and the MLP width; no communication), records named <variant>_tpK "
+        'with "tp": K, which qwenimage plan reads (default: none)',
+    )
+    p.add_argument(
+        "--tp-shard-batches",
+        default=None,
+        metavar="B,...",
+        help="micro-batches of the --tp-shard measurements, at the main shape's --res (default: --batch)",
+    )
+    p.add_argument(
         "--with-local",
         action="store_true",
         help="also time our local (torch) backend (always done where TE cannot run)",
@@ -1348,6 +1518,16 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         args.buckets = "64,96" if tiny else "256,640,1328"
     if isinstance(args.buckets, str):
         args.buckets = parse_buckets(args.buckets)
+    heads = load_config(args.config).num_attention_heads
+    if isinstance(args.tp_shard, str):
+        args.tp_shard = parse_positive_ints(args.tp_shard, "--tp-shard", minimum=2)
+    bad = [k for k in args.tp_shard if heads % k]
+    if bad:
+        raise SystemExit(f"error: --tp-shard {bad}: a TP size must divide the {heads} heads of {args.config}")
+    if args.tp_shard_batches is None:
+        args.tp_shard_batches = [args.batch]
+    elif isinstance(args.tp_shard_batches, str):
+        args.tp_shard_batches = parse_positive_ints(args.tp_shard_batches, "--tp-shard-batches")
     return args
 
 

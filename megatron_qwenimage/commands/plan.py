@@ -97,6 +97,14 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         metavar="B",
         help="samples.parquet bytes per sample (caption, URIs, id; default: 1024)",
     )
+    p.add_argument(
+        "--grad-reduce-dtype",
+        default="float32",
+        metavar="DTYPE",
+        help="dtype of the DP gradient reduce-scatter, as the run config's data_parallel.grad_reduce_dtype: "
+        "float32 (4 bytes per gradient) or bfloat16 (2: half the bytes on the wire); changes the modelled DP "
+        "communication, not the predicted memory (default: float32)",
+    )
     p.add_argument("--intra-node-gbs", default=None, metavar="GB/S", help="NVLink bus bandwidth per GPU (assumed)")
     p.add_argument(
         "--inter-node-gbs", default=None, metavar="GB/S", help="network bus bandwidth per GPU between nodes (assumed)"
@@ -168,6 +176,7 @@ def inputs_from_args(args: argparse.Namespace):
         intra_node_gb_s=positive("--intra-node-gbs", args.intra_node_gbs),
         inter_node_gb_s=positive("--inter-node-gbs", args.inter_node_gbs),
         results_dir=args.results if args.results is not None else str(P.DEFAULT_RESULTS_DIR),
+        grad_reduce_dtype=args.grad_reduce_dtype,
     )
 
 
@@ -198,11 +207,17 @@ def render(d: dict) -> str:
     )
     per_gpu = d["images_per_s"] / d["gpus"]
     lines.append(f"  predicted {d['images_per_s']:.1f} images/s ({per_gpu:.3f} per GPU), mean step {d['step_s']:.2f} s")
+    lines.append(
+        f"  {d['model_tflops_per_gpu']:.0f} model TFLOP/s per GPU ({d['mfu']:.1%} MFU of the {d['precision']} data-sheet "
+        f"peak {d['peak_tflops']:.0f}); DP communication {d['dp_comm_s']:.3f} s per step, {d['dp_exposed_s']:.3f} s of "
+        "it exposed"
+    )
     if "train_days" in d:
         lines.append(f"  {d['images']:.3g} images take {d['train_days']:.1f} days")
     lines.append("  per resolution:")
     lines.append(
-        "    res px  mb  mb/step  global  memory GiB  step s  img/s   compute  bubble  tp comm  pp comm  dp comm  optim"
+        "    res px  mb  mb/step  global  memory GiB  step s  img/s   compute  bubble  tp comm  pp comm  dp comm  "
+        "dp exposed  optim"
     )
     for b in d["buckets"]:
         t = b["step_parts_s"]
@@ -210,7 +225,7 @@ def render(d: dict) -> str:
             f"    {b['resolution']:>6}  {b['micro_batch']:>2}  {b['microbatches']:>7}  {b['global_batch']:>6}  "
             f"{b['memory_gib']:>10.1f}  {b['step_s']:>6.2f}  {b['images_per_s']:>6.1f}  {t['compute']:>7.2f}  "
             f"{t['bubble_share']:>6.1%}  {t['tp_comm']:>7.3f}  {t['pp_comm']:>7.3f}  {t['dp_comm']:>7.3f}  "
-            f"{t['optimizer']:>5.3f}"
+            f"{t['dp_exposed']:>10.3f}  {t['optimizer']:>5.3f}"
         )
     worst = max(d["buckets"], key=lambda b: b["memory_gib"])
     parts = ", ".join(f"{k} {v:.1f}" for k, v in worst["memory_parts_gib"].items() if k not in ("total", "stage") and v)
@@ -228,9 +243,10 @@ def render(d: dict) -> str:
     rates = d["rates"]
     lines.append(f"step rates ({rates['precision']}): {rates['source']}")
     for pt in rates["points"]:
+        shard = f" (one rank of a TP{pt['tp']} block)" if pt.get("tp", 1) > 1 else ""
         lines.append(
-            f"  {pt['resolution']} px micro-batch {pt['micro_batch']}: {pt['tflops'] * rates['scale']:.0f} model TFLOP/s "
-            f"fwd+bwd per GPU ({pt['source']})"
+            f"  {pt['resolution']} px micro-batch {pt['micro_batch']}{shard}: {pt['tflops'] * rates['scale']:.0f} model "
+            f"TFLOP/s fwd+bwd per GPU ({pt['source']})"
         )
     lines.append(f"  ZeRO-1 optimizer: {rates['optimizer_params_per_s'] / 1e9:.1f} G parameters/s per GPU")
     pr = d["producers"]

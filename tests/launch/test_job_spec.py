@@ -206,3 +206,22 @@ def test_more_pipeline_stages_than_blocks_are_refused():
     d = _tiny_cpu()  # 2 blocks, 4 processes
     d["consumer"]["config"]["parallel"] = {"tp": 1, "pp": 4}
     assert "num_layers=2 is not divisible by pp*vpp = 4*1 = 4 pipeline stages" in _error(d)
+
+
+def test_the_predicted_step_time_follows_the_runs_dp_reduction_dtype(monkeypatch):
+    """``data_parallel.grad_reduce_dtype`` reaches the planner's DP model: bf16 reduce-scatters
+    move half the gradient bytes (seen in the arguments `step_time` gets, and in its result)."""
+    seen = []
+    step_time = plan.step_time
+
+    def recording(*args, **kwargs):
+        seen.append((kwargs["grad_reduce_bytes"], kwargs["param_gather_depth"]))
+        return step_time(*args, **kwargs)
+
+    monkeypatch.setattr(plan, "step_time", recording)
+    fp32 = predict_step_time(_load(_job_20b(time="2-00:00:00", gpu="h200")))
+    job = _job_20b(time="2-00:00:00", gpu="h200")
+    job["consumer"]["config"]["data_parallel"] = {"grad_reduce_dtype": "bfloat16", "param_gather_depth": 3}
+    bf16 = predict_step_time(_load(job))
+    assert {s for s in seen[: len(seen) // 2]} == {(4, 2)} and {s for s in seen[len(seen) // 2 :]} == {(2, 3)}
+    assert bf16.seconds <= fp32.seconds

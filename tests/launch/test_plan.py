@@ -1,11 +1,13 @@
-"""``qwenimage plan``: the chosen layout, the runners-up, errors, --json, and the storage formula
-checked against the bytes of real caches (tiny dims and the real 16 x 3584 dims)."""
+"""``qwenimage plan``: the chosen layout, the runners-up, errors, --json, the storage formula
+checked against the bytes of real caches (tiny dims and the real 16 x 3584 dims), the overlap
+model of the DP communication and the compute rate of TP shards."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -331,3 +333,254 @@ def test_storage_formula_at_real_dims(tmp_path, capsys):
     assert s["text_embeddings"] == 256 * 3584 * 2 + 16
     assert s["total"] == pytest.approx(881_792 + 16 + 1_835_008 + 16 + 8 + P.DEFAULT_METADATA_BYTES)
     assert s["text_embeddings"] > 2 * s["latents"]  # the text embeddings dominate
+
+
+# ------------------------------------------------------------------------------ DP overlap
+CFG20B = load_config("qwen-image-20b")
+
+
+def test_dp_buckets_are_the_stage_parameters_per_block():
+    """One bucket per block of the largest stage, the embedders and the head folded into its first
+    and last: together exactly the parameters the optimizer reduces (the accounting's)."""
+    for tp, pp in ((1, 1), (8, 1), (4, 2), (1, 4), (2, 3)):
+        buckets = P.dp_bucket_params(CFG20B, tp, pp)
+        assert len(buckets) == CFG20B.num_layers // pp
+        assert sum(buckets) == P.largest_stage_params(CFG20B, tp, pp), (tp, pp)
+    whole = P.dp_bucket_params(CFG20B, 1, 1)
+    block = accounting.parameter_counts(CFG20B).block_total
+    assert whole[1] == block and whole[0] > block > whole[-1]  # embedders in; the last block's unused text out
+
+
+def test_overlap_with_compute_far_above_comm_exposes_only_the_ends():
+    """One micro-batch, a block's compute 100x its bucket's communication: the reduce-scatter of
+    block 0 (launched when the backward ends) and the all-gather of block 0 (waited before the
+    first forward) are all that shows; every other bucket hides behind a block's compute."""
+    buckets = [3_000_000] + [1_000_000] * 18 + [2_000_000]
+    bw = 10.0  # GB/s
+    o = P.dp_overlap(buckets, 64, bw, forward_s=1.0, backward_s=2.0)
+    per_param = 63 / 64 / (bw * 1e9)
+    assert o.reduce_s == pytest.approx(sum(buckets) * 4 * per_param)
+    assert o.gather_s == pytest.approx(sum(buckets) * 2 * per_param)
+    assert o.reduce_exposed_s == pytest.approx(buckets[0] * 4 * per_param)
+    assert o.gather_exposed_s == pytest.approx(buckets[0] * 2 * per_param)
+    assert o.exposed_s == pytest.approx(o.comm_s * 3 / 23)
+
+
+def test_overlap_with_comm_far_above_compute_exposes_comm_less_compute():
+    """Each bucket's communication 100x a block's compute: the channel never idles after the
+    first bucket, so what shows is the communication less the compute it overlaps (all blocks but
+    one: the reduce-scatters start after the first block's backward, and the last forward runs
+    after the last gather)."""
+    reduce = [1.0, 2.0, 1.5, 3.0]
+    gather = [0.5, 1.0, 0.75, 1.5]
+    fwd, bwd = 0.01, 0.02
+    n = len(reduce)
+    assert P.reduce_scatter_exposed(reduce, bwd) == pytest.approx(sum(reduce) - (n - 1) * bwd)
+    assert P.all_gather_exposed(gather, fwd) == pytest.approx(sum(gather) - (n - 1) * fwd)
+    # Depth 1: bucket k + 1 is launched only when block k starts, the channel still never idles here.
+    assert P.all_gather_exposed(gather, fwd, depth=1) == pytest.approx(sum(gather) - (n - 1) * fwd)
+
+
+def test_all_gather_prefetch_depth_lets_a_large_bucket_start_early():
+    """Buckets of 1, 1, 3, 1 s against 1.5 s forwards. Depth 2: bucket 2's gather is launched when
+    block 0 starts (t = 1), runs 2..5, block 2 waits 1 s; block 0 waited 1 s for the first: 2 s.
+    Depth 1: it is launched only when block 1 starts (t = 2.5), block 2 waits 1.5 s: 2.5 s."""
+    gather = [1.0, 1.0, 3.0, 1.0]
+    assert P.all_gather_exposed(gather, 1.5, depth=2) == pytest.approx(2.0)
+    assert P.all_gather_exposed(gather, 1.5, depth=1) == pytest.approx(2.5)
+    assert P.all_gather_exposed(gather, 1.5, depth=4) == pytest.approx(2.0)  # the channel is the limit
+
+
+def _step(layout, microbatches=1, spec=P.GPUS["h100"], **kwargs):
+    rates = P.step_rates("h100", "bf16")
+    return P.step_time(CFG20B, layout, 1024, 4, microbatches, 256, rates, spec, **kwargs)
+
+
+TP8_DP256 = P.Layout(8, 1, 256, "none", True)
+
+
+def test_more_micro_batches_do_not_hide_more_dp_communication():
+    """Only the last micro-batch's backward and the first one's forward overlap DP communication:
+    four micro-batches quadruple the compute but leave the exposed seconds as they were. At 5 GB/s
+    between nodes a bucket takes longer than its block, so more overlapped compute would show."""
+    slow = replace(P.GPUS["h100"], inter_node_gb_s=5.0)
+    one, four = _step(TP8_DP256, 1, slow), _step(TP8_DP256, 4, slow)
+    assert four["compute"] == pytest.approx(4 * one["compute"])
+    assert four["dp_comm"] == pytest.approx(one["dp_comm"])
+    assert four["dp_exposed"] == pytest.approx(one["dp_exposed"])
+    assert one["compute"] < one["dp_exposed"] < one["dp_comm"]
+
+
+def test_step_total_counts_the_exposed_dp_time_not_the_busy_time():
+    t = _step(TP8_DP256)
+    assert t["dp_exposed"] == pytest.approx(t["dp_reduce_exposed"] + t["dp_gather_exposed"])
+    assert t["total"] == pytest.approx(t["compute"] + t["tp_comm"] + t["pp_comm"] + t["dp_exposed"] + t["optimizer"])
+    assert t["dp_exposed"] < 0.1 * t["dp_comm"]  # 2,048 H100: most of it hides behind the blocks
+
+
+def test_dp_comm_is_the_stage_bytes_and_bf16_gradients_halve_the_reduce():
+    """dp_comm is still the stage's fp32 reduce-scatter and bf16 all-gather (6 bytes per parameter)
+    over DP; bf16 gradients send 4 bytes per parameter, and expose no more."""
+    stage = P.largest_stage_params(CFG20B, 8, 1)
+    fp32 = _step(TP8_DP256)
+    assert fp32["dp_comm"] == pytest.approx(stage * 6 * 255 / 256 / 45e9)
+    bf16 = _step(TP8_DP256, grad_reduce_bytes=2)
+    assert bf16["dp_comm"] == pytest.approx(stage * 4 * 255 / 256 / 45e9)
+    assert bf16["dp_exposed"] <= fp32["dp_exposed"] and bf16["total"] <= fp32["total"]
+
+
+def test_no_dp_no_dp_communication():
+    t = _step(P.Layout(8, 1, 1, "none", True))
+    assert t["dp_comm"] == t["dp_exposed"] == 0.0
+    assert P.dp_overlap([10**9] * 4, 1, 45.0, 1.0, 2.0) == P.DPOverlap(0.0, 0.0, 0.0, 0.0)
+
+
+def test_exposed_dp_time_is_monotone_in_bandwidth_and_compute():
+    """Less bandwidth exposes more, more compute per block hides more; exposed never exceeds busy."""
+    buckets = P.dp_bucket_params(CFG20B, 8, 1)
+    last = None
+    for bw in (400.0, 100.0, 45.0, 12.0, 3.0):
+        o = P.dp_overlap(buckets, 256, bw, 0.002, 0.004)
+        assert 0 <= o.exposed_s <= o.comm_s
+        if last is not None:
+            assert o.exposed_s >= last - 1e-12
+        last = o.exposed_s
+    last = None
+    for fwd in (0.0, 0.001, 0.002, 0.004, 0.01):
+        o = P.dp_overlap(buckets, 256, 45.0, fwd, 2 * fwd)
+        if last is not None:
+            assert o.exposed_s <= last + 1e-12
+        last = o.exposed_s
+    # Under PP each stage overlaps its own blocks only: the same DP group, fewer blocks to hide behind.
+    assert _step(P.Layout(8, 2, 128, "none", True), 2)["dp_exposed"] > 0
+
+
+def test_grad_reduce_dtype_flag_reaches_the_plan(capsys):
+    argv = ["plan", "--gpus", "2048", "--gpu", "h100", "--resolution-mix", "1024:1", "--json"]
+    rc, out, _ = run_cli(capsys, *argv)
+    rc2, out2, _ = run_cli(capsys, *argv, "--grad-reduce-dtype", "bfloat16")
+    assert rc == rc2 == 0
+    fp32, bf16 = json.loads(out), json.loads(out2)
+    assert fp32["grad_reduce_dtype"] == "float32" and bf16["grad_reduce_dtype"] == "bfloat16"
+    assert bf16["dp_comm_s"] == pytest.approx(fp32["dp_comm_s"] * 4 / 6)
+    assert fp32["dp_comm_s"] == pytest.approx(fp32["buckets"][0]["step_parts_s"]["dp_comm"])
+    note = next(n for n in fp32["notes"] if n.startswith("DP communication"))
+    assert f"{fp32['dp_comm_s']:.3f} s per step, {fp32['dp_exposed_s']:.3f} s exposed" in note
+    assert "modelled overlap" in note and "not overlapped" not in note
+    assert any("TP at 360 GB/s inside a node (not overlapped)" in n for n in fp32["notes"])
+    rc, out, err = run_cli(capsys, *argv, "--grad-reduce-dtype", "fp16")
+    assert rc == 2 and err.startswith("qwenimage plan: error: --grad-reduce-dtype 'fp16': expected one of")
+
+
+# ------------------------------------------------------------------------------ TP shard rates
+def _per_gpu_block_flops(tp: int, micro_batch: int = 4, resolution: int = 1024) -> float:
+    n = (resolution // 16) ** 2
+    return accounting.model_flops_per_sample(CFG20B, n, 256) * micro_batch / (tp * CFG20B.num_layers)
+
+
+def _shard_efficiency(tp: int, gpu: str = "h100", micro_batch: int = 4) -> float:
+    ridge = P.ridge_point(P.GPUS[gpu], "bf16")
+    return P.tp_shard_efficiency(CFG20B, tp, 4096, 256, micro_batch, ridge)
+
+
+def test_a_tp8_shard_is_faster_than_the_whole_block_and_near_its_tflops():
+    """A TP8 shard of a 1024 px micro-batch of 4 keeps M = 17k tokens in every GEMM: it is
+    predicted ~8x faster per micro-batch than the whole block, at a model TFLOP/s close to the
+    whole block's at the same tokens x micro-batch (not the launch-bound ~1/8 of it)."""
+    rates = P.step_rates("h100", "bf16")
+    shard, whole = _per_gpu_block_flops(8), _per_gpu_block_flops(1)
+    shard_rate = rates.rate(shard, 8, _shard_efficiency(8))
+    whole_rate = rates.rate(whole)
+    assert shard / shard_rate < whole / whole_rate / 6  # per micro-batch
+    assert 0.8 * whole_rate < shard_rate < whole_rate
+    # The efficiency: 1 unsharded, falling with TP as the GEMMs narrow, and less on the card with
+    # less HBM bandwidth per FLOP (H100 3.35 TB/s against the H200's 4.8 at the same peak).
+    effs = [_shard_efficiency(tp) for tp in (1, 2, 4, 8)]
+    assert effs[0] == 1.0 and effs == sorted(effs, reverse=True) and effs[-1] > 0.8
+    assert _shard_efficiency(8, "h200") > _shard_efficiency(8, "h100")
+
+
+def test_the_2048_h100_plan_computes_at_most_of_the_whole_block_rate():
+    d = P.make_plan(P.PlanInputs(gpus=2048, gpu="h100", mix=((1024, 1.0),))).to_dict()
+    b = d["buckets"][0]
+    flops = accounting.model_flops_per_sample(CFG20B, 4096, 256) * b["micro_batch"] * b["microbatches"]
+    compute_tflops = flops / (d["tp"] * d["pp"]) / b["step_parts_s"]["compute"] / 1e12
+    assert compute_tflops > 300  # not the ~104 of a launch-bound shard
+    assert d["model_tflops_per_gpu"] == pytest.approx(flops / (d["tp"] * d["pp"]) / b["step_s"] / 1e12)
+    assert d["mfu"] == pytest.approx(d["model_tflops_per_gpu"] / 989)
+    if d["tp"] > 1:
+        assert any(n.startswith(f"compute at tp={d['tp']}: no TP{d['tp']}-shard record") for n in d["notes"])
+
+
+def _with_tp8_record(tmp_path, fwd_bwd_ms: float) -> Path:
+    """The H200 records plus one of benchmarks/gpu/run.py --tp-shard 8 (1024 px, micro-batch 4)."""
+    src = P.DEFAULT_RESULTS_DIR / "2026-11-29-h200-run.jsonl"
+    lines = src.read_text().splitlines()
+    shard = {"what": "step", "variant": "ours_te_bf16_fused_tp8", "shape": "1024px_b4_t256_tp8", "res": 1024,
+             "batch": 4, "text_tokens": 256, "padded_text": 0, "tp": 8, "step_ms": fwd_bwd_ms + 3.0,
+             "fwd_bwd_ms": fwd_bwd_ms}  # fmt: skip
+    (tmp_path / "run.jsonl").write_text("\n".join([*lines, json.dumps(shard)]) + "\n")
+    return tmp_path
+
+
+def test_a_measured_tp_record_wins_over_the_model(tmp_path):
+    """A TP8-shard record (1/8 of the slice's model FLOPs in fwd_bwd_ms) sets the TP8 rate,
+    whatever the modelled efficiency; other TP sizes and the whole block keep theirs."""
+    slice_cfg = load_config("qwen-image-20b", num_layers=4)
+    per_gpu = accounting.model_flops_per_sample(slice_cfg, 4096, 256) * 4 / 8  # the record's slice, one rank
+    rates = P.step_rates("h200", "bf16", _with_tp8_record(tmp_path, 20.0))
+    (pt,) = [p for p in rates.points if p.tp == 8]
+    assert pt.tflops == pytest.approx(per_gpu / 20e-3 / 1e12)
+    assert pt.block_flops == pytest.approx(per_gpu / 4)
+    for efficiency in (1.0, 0.5):
+        assert rates.rate(pt.block_flops, 8, efficiency) == pytest.approx(pt.tflops * 1e12)
+    base = P.step_rates("h200", "bf16")
+    assert rates.rate(1e13) == pytest.approx(base.rate(1e13))
+    assert rates.rate(1e12, 4, 0.9) == pytest.approx(base.rate(1e12, 4, 0.9))
+    assert rates.measured_tps() == (8,) and base.measured_tps() == ()
+    # It reaches the plan: a slow TP8 record makes the 2,048-GPU plan slower at tp=8, and says so.
+    inputs = P.PlanInputs(gpus=2048, gpu="h200", mix=((1024, 1.0),), recompute=("none",), micro_batch={1024: 4})
+    slow = P.step_rates("h200", "bf16", _with_tp8_record(tmp_path, 200.0))
+    tp8 = P.Layout(8, 1, 256, "none", True)
+    plan_slow = P.best_layout_plan(CFG20B, tp8, inputs, slow)
+    plan_model = P.best_layout_plan(CFG20B, tp8, inputs, base)
+    assert plan_slow.images_per_s < plan_model.images_per_s
+    d = P.make_plan(replace(inputs, results_dir=str(_with_tp8_record(tmp_path, 20.0)))).to_dict()
+    assert [p["tp"] for p in d["rates"]["points"]].count(8) == 1
+    if d["tp"] == 8:
+        assert any(n.startswith("compute at tp=8: the rates measured on a TP8 shard") for n in d["notes"])
+
+
+def test_benchmark_tp_shard_has_a_tp_ranks_local_shapes():
+    """benchmarks/gpu/run.py --tp-shard: every block of the slice holds one TP rank's shard of each
+    sharded weight (the accounting's per-rank shapes), the modulation linears whole (their output
+    is gathered on every rank), and it runs fwd + bwd with no process group."""
+    import importlib.util
+    import sys
+
+    name = "gpu_bench_run"
+    if name not in sys.modules:
+        root = Path(__file__).resolve().parents[2]
+        spec = importlib.util.spec_from_file_location(name, root / "benchmarks" / "gpu" / "run.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    run = sys.modules[name]
+    cfg = load_config("tiny")
+    model = run.build_tp_shard(cfg, 2, "local", torch.device("cpu"), "float32", fused=False)
+    block = model.blocks["0"]
+    d, f = cfg.hidden_size, cfg.ffn_hidden_size
+    assert block.num_local_heads == cfg.num_attention_heads // 2
+    assert tuple(block.img_qkv.weight.shape) == (3 * d // 2, d) and tuple(block.txt_out.weight.shape) == (d, d // 2)
+    assert tuple(block.img_mlp.fc1.weight.shape) == (f // 2, d) and tuple(block.img_mlp.fc2.weight.shape) == (d, f // 2)
+    assert tuple(block.img_mod.weight.shape) == (6 * d, d)
+    sharded = sum(t.numel_per_rank(2) for t in accounting.block_tensors(cfg) if "_mod" not in t.name)
+    mods = sum(t.numel for t in accounting.block_tensors(cfg) if "_mod" in t.name)
+    assert sum(p.numel() for p in block.parameters()) == sharded + mods
+    shape = run.Shape(64, 2, 16, tp=2)
+    assert shape.label() == "64px_b2_t16_tp2"
+    assert run.flops_per_step(cfg, shape) == pytest.approx(run.flops_per_step(cfg, run.Shape(64, 2, 16)) / 2)
+    batch = run.make_batch(cfg, shape, torch.device("cpu"), torch.float32)
+    loss = run.StepRunner(model, batch, returns_sample=False, optimizer=None).forward_backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None for p in block.parameters())
