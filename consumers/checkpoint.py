@@ -190,6 +190,10 @@ def build_state(engine, pstate: ParallelState) -> tuple[dict[str, DTensor], list
     """
     engine.optimizer.finish_param_sync()  # the parameters equal the master weights
     mesh = pstate.model_mesh()
+    # Over DP: parameters replicated; optimizer chunks sharded over the last DP dimension (the
+    # whole DP group, or HSDP's dp_shard, replicated over dp_replicate).
+    dp_model = [Replicate()] * (mesh.ndim - 1)
+    dp_optim = [Replicate()] * (mesh.ndim - 2) + [Shard(0)]
     state: dict[str, DTensor] = {}
     pairs: list[tuple[torch.Tensor, DTensor]] = []
     for chunk in engine.chunks:
@@ -197,7 +201,7 @@ def build_state(engine, pstate: ParallelState) -> tuple[dict[str, DTensor], list
             dim = chunk.partition_dims[name]
             tp_place = Shard(dim) if dim is not None else Replicate()
             local = tensor.detach()
-            dt = _dtensor(local, mesh, [tp_place, Replicate()], chunk.full_shape(name, tensor))
+            dt = _dtensor(local, mesh, [tp_place, *dp_model], chunk.full_shape(name, tensor))
             state[f"model/{name}"] = dt
             pairs.append((local, dt))
     opt = engine.optimizer
@@ -206,7 +210,7 @@ def build_state(engine, pstate: ParallelState) -> tuple[dict[str, DTensor], list
     for s in opt.shards:
         tp_place = Shard(s.tp_dim) if s.tp_dim is not None else Replicate()
         for key, local in opt_state[s.name].items():
-            dt = _dtensor(local, mesh, [tp_place, Shard(0)], full_shapes[s.name])
+            dt = _dtensor(local, mesh, [tp_place, *dp_optim], full_shapes[s.name])
             state[f"optim/{s.name}/{key}"] = dt
             pairs.append((local, dt))
     return state, pairs

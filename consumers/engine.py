@@ -134,7 +134,8 @@ class TrainEngine:
         self.optimizer = DistributedOptimizer(
             named_trainable(self.chunks),
             optimizer,
-            dp_group=pstate.dp_group,
+            dp_group=pstate.dp_shard_group if pstate.dp_shard_group is not None else pstate.dp_group,
+            replica_group=pstate.dp_replica_group,
             tp_rank=pstate.tp_rank,
             units=[(u.name, u.param_names) for u in self.dp_units],
             data_parallel=data_parallel,

@@ -303,6 +303,9 @@ class DistributedOptimizer:
             multi-tensor foreach implementation).
         units: ``(unit name, parameter names)`` in forward order, covering every parameter once
             (`consumers.data_parallel.dp_units`); None: one unit of all parameters.
+        replica_group: HSDP: the ranks holding the same shard as this one (`dp_group` is then
+            the shard group): the reduced shard is summed over it, and the grad norm counts one
+            copy. None: no replication.
         data_parallel: `DataParallelConfig` (overlap, reduction dtype, gather depth).
     """
 
@@ -317,6 +320,7 @@ class DistributedOptimizer:
         fused: bool | None = None,
         units: Sequence[tuple[str, Sequence[str]]] | None = None,
         data_parallel: DataParallelConfig = DataParallelConfig(),
+        replica_group: dist.ProcessGroup | None = None,
     ):
         self.config = config
         self.dp_config = data_parallel
@@ -326,6 +330,8 @@ class DistributedOptimizer:
         self.dp_rank = dist.get_rank(dp_group) if dp_group is not None else 0
         self.tp_rank = tp_rank
         self.norm_group = norm_group
+        self.replica_group = replica_group
+        self.replicas = dist.get_world_size(replica_group) if replica_group is not None else 1
         self._hooks_paused = False
         self.shards: list[ParamShard] = []
         for name, p, tp_dim in named_params:
@@ -611,6 +617,8 @@ class DistributedOptimizer:
         for u in reversed(self.units):  # the order the backward completes them
             self._launch_reduce(u)
         self._wait_reduces()
+        if self.replicas > 1:  # HSDP: the shards of the other replicas hold other samples' sums
+            dist.all_reduce(self._reduced, op=dist.ReduceOp.SUM, group=self.replica_group)
         if self._grad_shard is not self._reduced:
             self._grad_shard.copy_(self._reduced)
         return self._grad_shard
@@ -640,6 +648,10 @@ class DistributedOptimizer:
         return self._finish_norm(torch.stack(norms).square().sum())
 
     def _finish_norm(self, sq: torch.Tensor) -> torch.Tensor:
+        """sqrt of `sq` summed over `norm_group` (the world); under HSDP every shard is held by
+        ``replicas`` ranks, so each rank contributes ``sq / replicas``."""
+        if self.replicas > 1:
+            sq = sq / self.replicas
         if dist.is_initialized():
             dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=self.norm_group)
         return sq.sqrt()

@@ -34,9 +34,12 @@ class ParallelLayout:
     Attributes:
         tp: tensor-parallel size (heads and MLP columns are split over it).
         pp: pipeline-parallel size (contiguous block ranges per stage).
-        dp: data-parallel size (optimizer state sharded over it).
+        dp: data-parallel size (optimizer state sharded over it, or over `dp_shard` of it).
         vpp: virtual stages per pipeline rank (interleaved 1F1B when > 1; needs pp > 1).
         sequence_parallel: Megatron sequence parallelism inside the TP group.
+        dp_shard: HSDP: the optimizer state is sharded over groups of this many consecutive DP
+            ranks (a node's) and replicated across the ``dp / dp_shard`` groups, whose reduced
+            gradients are all-reduced; None: sharded over the whole DP group.
     """
 
     tp: int = 1
@@ -44,6 +47,7 @@ class ParallelLayout:
     dp: int = 1
     vpp: int = 1
     sequence_parallel: bool = False
+    dp_shard: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "dp", "vpp"):
@@ -52,6 +56,24 @@ class ParallelLayout:
                 raise ConfigError(f"parallel.{name}={value!r}: expected a positive integer")
         if self.vpp > 1 and self.pp == 1:
             raise ConfigError(f"parallel.vpp={self.vpp} needs pp > 1 (virtual stages interleave pipeline ranks)")
+        shard = self.dp_shard
+        if shard is not None and (
+            not isinstance(shard, int) or isinstance(shard, bool) or shard < 1 or self.dp % shard
+        ):
+            raise ConfigError(
+                f"parallel.dp_shard={shard!r}: expected a positive integer dividing dp={self.dp} "
+                "(HSDP shards the optimizer state over groups of dp_shard DP ranks)"
+            )
+
+    @property
+    def shard_size(self) -> int:
+        """DP ranks the optimizer state is sharded over (`dp_shard`, else the whole DP group)."""
+        return self.dp_shard or self.dp
+
+    @property
+    def replicas(self) -> int:
+        """Copies of the optimizer state over DP (HSDP's replicate dimension; 1 without HSDP)."""
+        return self.dp // self.shard_size
 
     @property
     def world_size(self) -> int:
@@ -72,6 +94,7 @@ class ParallelLayout:
         vpp: int = 1,
         sequence_parallel: bool = False,
         dp: int | None = None,
+        dp_shard: int | None = None,
     ) -> ParallelLayout:
         """The layout with DP filling the rest of `world_size` (or checking a given `dp`)."""
         for name, value in (("tp", tp), ("pp", pp)):
@@ -85,7 +108,7 @@ class ParallelLayout:
         inferred = world_size // (tp * pp)
         if dp is not None and dp != inferred:
             raise ConfigError(f"parallel.dp={dp} but world size {world_size} / (tp*pp={tp * pp}) = {inferred}")
-        return cls(tp=tp, pp=pp, dp=inferred, vpp=vpp, sequence_parallel=sequence_parallel)
+        return cls(tp=tp, pp=pp, dp=inferred, vpp=vpp, sequence_parallel=sequence_parallel, dp_shard=dp_shard)
 
     def validate_for(self, config: MMDiTConfig, world_size: int | None = None) -> None:
         """Raise `ConfigError` unless the layout fits `config` (and `world_size` if given).
@@ -149,6 +172,10 @@ class ParallelConfig:
     sequence_parallel: bool = False
     """Megatron sequence parallelism inside the TP group."""
 
+    dp_shard: int | None = None
+    """HSDP: shard the optimizer state over groups of this many consecutive DP ranks (a node's)
+    and replicate it across the groups; None (default): shard it over the whole DP group."""
+
     def __post_init__(self) -> None:
         # Numeric strings become numbers (PyYAML reads `2e0` as a string); errors name parallel.<key>.
         from megatron_qwenimage.config import coerce_fields
@@ -166,7 +193,13 @@ class ParallelConfig:
     def layout(self, world_size: int) -> ParallelLayout:
         """The `ParallelLayout` of this spec on `world_size` ranks (`ParallelLayout.for_world`)."""
         return ParallelLayout.for_world(
-            world_size, tp=self.tp, pp=self.pp, vpp=self.vpp, sequence_parallel=self.sequence_parallel, dp=self.dp
+            world_size,
+            tp=self.tp,
+            pp=self.pp,
+            vpp=self.vpp,
+            sequence_parallel=self.sequence_parallel,
+            dp=self.dp,
+            dp_shard=self.dp_shard,
         )
 
 
@@ -188,6 +221,10 @@ class ParallelState:
     #: The TP x PP ranks of this rank's data-parallel replica (megatron-core's model-parallel
     #: group): the ranks that train on the same samples, so one of them reads and the rest receive.
     model_parallel_group: dist.ProcessGroup | None = None
+    #: The DP ranks the optimizer state is sharded over (the DP group without HSDP) and, under
+    #: HSDP, the ranks holding the same shard (None without HSDP).
+    dp_shard_group: dist.ProcessGroup | None = None
+    dp_replica_group: dist.ProcessGroup | None = None
 
     @property
     def data_source_rank(self) -> int:
@@ -215,7 +252,10 @@ class ParallelState:
         return dist.get_process_group_ranks(self.pp_group)
 
     def model_mesh(self):
-        """The ``(tp, dp)`` sub-mesh of this pipeline rank (checkpoint placements)."""
+        """The ``(tp, dp)`` sub-mesh of this pipeline rank (checkpoint placements); under HSDP
+        ``(tp, dp_replicate, dp_shard)``."""
+        if self.layout.dp_shard is not None:
+            return self.mesh["tp", "dp_replicate", "dp_shard"]
         return self.mesh["tp", "dp"]
 
 
@@ -293,6 +333,8 @@ def init_parallel(layout: ParallelLayout, backend: str | None = None) -> Paralle
         mesh=mesh,
         device=device,
         model_parallel_group=ps.get_model_parallel_group(),
+        dp_shard_group=mesh["dp_shard"].get_group() if layout.dp_shard is not None else ps.get_data_parallel_group(),
+        dp_replica_group=mesh["dp_replicate"].get_group() if layout.dp_shard is not None else None,
     )
     _check_mesh_matches(state)
     return state
@@ -303,12 +345,19 @@ def checkpoint_mesh(device_type: str, layout: ParallelLayout) -> torch.distribut
 
     Rank ``r`` sits at ``(pp, dp, tp)`` with ``r = (pp * dp_size + dp) * tp_size + tp``; the mesh
     holds the same ranks with its last two dimensions swapped, so ``mesh["tp", "dp"]`` is a valid
-    (ascending) sub-mesh whose placements shard by TP first, then DP.
+    (ascending) sub-mesh whose placements shard by TP first, then DP. Under HSDP the DP dimension
+    is split into ``(dp_replicate, dp_shard)`` (shard groups of consecutive DP ranks), with ``dp``
+    kept as their flattened dimension.
     """
     from torch.distributed.device_mesh import DeviceMesh
 
     ranks = torch.arange(layout.world_size).reshape(layout.pp, layout.dp, layout.tp).permute(0, 2, 1)
-    return DeviceMesh(device_type, ranks, mesh_dim_names=("pp", "tp", "dp"))
+    if layout.dp_shard is None:
+        return DeviceMesh(device_type, ranks, mesh_dim_names=("pp", "tp", "dp"))
+    ranks = ranks.reshape(layout.pp, layout.tp, layout.replicas, layout.shard_size)
+    mesh = DeviceMesh(device_type, ranks, mesh_dim_names=("pp", "tp", "dp_replicate", "dp_shard"))
+    mesh["dp_replicate", "dp_shard"]._flatten("dp")
+    return mesh
 
 
 def _check_mesh_matches(state: ParallelState) -> None:

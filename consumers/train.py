@@ -4,7 +4,7 @@ Run under torchrun (``torchrun --nproc-per-node N -m consumers.train --config ru
 (one task per GPU, MASTER_ADDR/MASTER_PORT exported). The YAML has one section per concern::
 
     model: tiny-16ch                 # a named config, or {name: qwen-image-20b, <MMDiTConfig overrides>}
-    parallel: {tp: 2, pp: 2, vpp: 1, sequence_parallel: true}   # dp = world / (tp * pp)
+    parallel: {tp: 2, pp: 2, vpp: 1, sequence_parallel: true}   # dp = world / (tp * pp); dp_shard: K for HSDP
     optimizer: {lr: 1.0e-4, warmup_steps: 1000, decay_steps: 100000, clip_grad: 1.0, ema_decay: 0.9999}
     data_parallel: {overlap_grad_reduce: true, overlap_param_gather: true, grad_reduce_dtype: float32}
     precision: {autocast: bf16, fp8: null}

@@ -92,7 +92,8 @@ class _States:
 
 
 def reshard_worker(rank: int, world: int, root: str) -> dict:
-    """TP2·PP2 -> TP1·DP4 -> TP2·PP2 with EMA, from a perturbed (non adaLN-Zero) init.
+    """TP2·PP2 -> TP1·DP4 as HSDP (optimizer state sharded over 2, replicated twice) -> TP2·PP2
+    with EMA, from a perturbed (non adaLN-Zero) init.
 
     Rank 0 gathers every parameter, fp32 master, exp_avg, exp_avg_sq and EMA by canonical name:
     of the uninterrupted run after 2, 3 and 4 steps, and of each resumed run right after its load
@@ -100,7 +101,7 @@ def reshard_worker(rank: int, world: int, root: str) -> dict:
     remaining step (within tolerance of the uninterrupted one). Comparisons are in ``checks``.
     """
     a = ParallelLayout(tp=2, pp=2, dp=1, sequence_parallel=True)
-    b = ParallelLayout(tp=1, pp=1, dp=4)
+    b = ParallelLayout(tp=1, pp=1, dp=4, dp_shard=2)
     states = _States()
     # Uninterrupted run at TP2·PP2, checkpoint after 2 steps.
     pstate, engine = _engine(a, optimizer=OPT_EMA, perturb=True)

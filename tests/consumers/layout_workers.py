@@ -215,6 +215,8 @@ LAYOUTS = {
     "dp2_tp2": ParallelLayout(tp=2, pp=1, dp=2),
     "pp2_dp2": ParallelLayout(tp=1, pp=2, dp=2),
     "pp2_vpp2_dp2": ParallelLayout(tp=1, pp=2, dp=2, vpp=2),
+    # HSDP: optimizer state sharded over pairs of DP ranks, replicated across the two pairs.
+    "hsdp_dp4_shard2": ParallelLayout(dp=4, dp_shard=2),
 }
 
 #: Runs with a deliberately broken stage boundary (one step each: then exactly the parameters

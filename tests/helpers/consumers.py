@@ -544,7 +544,7 @@ def gather_training_state(engine, dst: int = 0):
     dist.gather_object(payload, gathered, dst=dst)
     if gathered is None:
         return None
-    tp, dp = ps.layout.tp, ps.layout.dp
+    tp, dp, shard = ps.layout.tp, ps.layout.dp, ps.layout.shard_size
     pieces: dict[str, dict[tuple[int, int], dict]] = {}
     for (_, tp_rank, dp_rank), entries in gathered:
         for name, entry in entries.items():
@@ -565,7 +565,11 @@ def gather_training_state(engine, dst: int = 0):
             tp_shards.setdefault("param", []).append(base)
             for kind in OPT_KINDS:
                 if kind in by_coord[(t, 0)]:
-                    tp_shards.setdefault(kind, []).append(torch.cat([by_coord[(t, d)][kind] for d in range(dp)]))
+                    # Chunks over the shard group (HSDP: the first replica's; the others must equal it).
+                    tp_shards.setdefault(kind, []).append(torch.cat([by_coord[(t, d)][kind] for d in range(shard)]))
+                    for d in range(shard, dp):
+                        got, first = by_coord[(t, d)][kind], by_coord[(t, d % shard)][kind]
+                        diff = max(diff, float((got - first).abs().max()) if got.numel() else 0.0)
         full = {}
         for kind, shards in tp_shards.items():
             if tp_dim is None:
