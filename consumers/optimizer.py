@@ -296,7 +296,8 @@ class DistributedOptimizer:
         named_params: ``(canonical name, parameter, tp partition dim)`` of every trainable
             parameter on this rank (all its pipeline chunks).
         config: `OptimizerConfig`.
-        dp_group: data-parallel group (optimizer state is sharded over it).
+        dp_group: data-parallel group (optimizer state is sharded over it; under HSDP the shard
+            group); None: no data parallelism (dp = 1), not the whole world.
         tp_rank: this rank's TP rank (TP-replicated params count in the grad norm on rank 0 only).
         norm_group: group over which the grad norm is summed: the whole world (TP x PP x DP).
         fused: run AdamW with torch's fused kernel (None: when the device supports it, else the

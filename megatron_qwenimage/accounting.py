@@ -702,6 +702,7 @@ def memory_per_gpu(
     recompute_every: int = 1,
     ema: bool = False,
     gather_depth: int = 2,
+    dp_shard: int | None = None,
 ) -> MemoryReport:
     """Estimate training memory of one GPU for every pipeline stage.
 
@@ -711,7 +712,8 @@ def memory_per_gpu(
     * gradients: trainable parameters at `grad_dtype` (Megatron's fp32 main-grad buffer; not
       sharded by ZeRO-1);
     * optimizer: ``adamw`` = fp32 master copy (only when `params_dtype` is not float32) + two fp32
-      moments; ``sgd`` = master + one fp32 momentum; divided over DP when `zero1`;
+      moments; ``sgd`` = master + one fp32 momentum; divided over DP when `zero1` (over
+      `dp_shard` under HSDP: sharded over groups of that many DP ranks, replicated across them);
     * activations: `block_activation_bytes` × blocks × micro-batch × micro-batches in flight (1F1B:
       stage i holds ``min(pp − i, num_microbatches)``; `num_microbatches` None means ≥ pp), plus
       the embedder inputs on the first stage and head inputs on the last. With
@@ -745,6 +747,10 @@ def memory_per_gpu(
     _positive_int("image_tokens", image_tokens)
     _positive_int("recompute_every", recompute_every)
     _positive_int("gather_depth", gather_depth)
+    if dp_shard is not None:
+        _positive_int("dp_shard", dp_shard)
+        if dp % dp_shard:
+            raise ValueError(f"dp_shard={dp_shard} does not divide dp={dp}")
     _check_tokens("text_tokens", text_tokens, 0)
     _check_tokens("condition_image_tokens", condition_image_tokens, 0)
     if num_microbatches is not None:
@@ -782,7 +788,7 @@ def memory_per_gpu(
     first = sum(x.numel_per_rank(tp) for x in first_stage_tensors(config))
     temb = sum(x.numel_per_rank(tp) for x in time_embed_tensors(config))
     head = sum(x.numel_per_rank(tp) for x in last_stage_tensors(config))
-    shard_dp = dp if zero1 else 1
+    shard_dp = (dp_shard or dp) if zero1 else 1  # HSDP: sharded over dp_shard, replicated across
     block_shard = zero1_shard_numel(blocks, tp, shard_dp)
     first_shard = zero1_shard_numel(first_stage_tensors(config) + time_embed_tensors(config), tp, shard_dp)
     head_shard = zero1_shard_numel(last_stage_tensors(config), tp, shard_dp)
@@ -819,7 +825,7 @@ def memory_per_gpu(
             grads = trainable * g_bytes
             optim = trainable * opt_per_param
             if zero1:
-                optim = math.ceil(optim / dp)
+                optim = math.ceil(optim / shard_dp)
 
         in_flight = pp - i if num_microbatches is None else min(pp - i, num_microbatches)
         n_full = nb - 1 if is_last else nb  # blocks that are not the trimmed last block
@@ -879,6 +885,7 @@ def memory_per_gpu(
         grad_dtype=grad_dtype,
         optimizer=optimizer,
         zero1=zero1,
+        dp_shard=dp_shard,
         recompute=recompute,
         sequence_parallel=sequence_parallel,
         num_microbatches=num_microbatches,

@@ -100,6 +100,14 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="replicate optimizer state on every data-parallel rank instead of sharding it",
     )
     p.add_argument(
+        "--dp-shard",
+        type=int,
+        default=None,
+        metavar="K",
+        help="HSDP: shard the optimizer state over groups of K data-parallel ranks and replicate it "
+        "across the groups, as the run config's parallel.dp_shard (default: over all --dp ranks)",
+    )
+    p.add_argument(
         "--grad-reduce-dtype",
         choices=("float32", "bfloat16"),
         default="float32",
@@ -125,13 +133,14 @@ def model_info(
     sequence_parallel: bool = False,
     zero1: bool = True,
     grad_reduce_dtype: str = "float32",
+    dp_shard: int | None = None,
 ) -> dict[str, Any]:
     """Everything ``model-info`` reports, as a JSON-serialisable dict (bytes and FLOPs as numbers).
 
     Raises `ConfigError` for a layout that training refuses, with training's own message
     (`consumers.parallel.ParallelLayout.validate_for`), and for a bad size or count.
     """
-    check_layout(config, tp=tp, pp=pp, dp=dp, sequence_parallel=sequence_parallel)
+    check_layout(config, tp=tp, pp=pp, dp=dp, sequence_parallel=sequence_parallel, dp_shard=dp_shard)
     validate_image_size(height, width)
     if not isinstance(micro_batch, int) or isinstance(micro_batch, bool) or micro_batch < 1:
         raise ConfigError(f"--micro-batch={micro_batch!r}: expected a positive integer")
@@ -153,6 +162,7 @@ def model_info(
         grad_dtype=grad_reduce_dtype,
         optimizer="adamw",
         zero1=zero1,
+        dp_shard=dp_shard,
         recompute=recompute,
         sequence_parallel=sequence_parallel,
         implementation="ours",
@@ -182,14 +192,16 @@ def model_info(
     }
 
 
-def check_layout(config: MMDiTConfig, *, tp: int, pp: int, dp: int, sequence_parallel: bool = False) -> None:
+def check_layout(
+    config: MMDiTConfig, *, tp: int, pp: int, dp: int, sequence_parallel: bool = False, dp_shard: int | None = None
+) -> None:
     """`ConfigError` for a TP/PP/DP layout that ``qwenimage train`` refuses for `config`: the same
     check (`ParallelLayout` and its `validate_for`) and message, prefixed by the flags."""
     from consumers.parallel import ParallelLayout
 
-    flags = f"--tp {tp} --pp {pp} --dp {dp}"
+    flags = f"--tp {tp} --pp {pp} --dp {dp}" + (f" --dp-shard {dp_shard}" if dp_shard is not None else "")
     try:
-        ParallelLayout(tp=tp, pp=pp, dp=dp, sequence_parallel=sequence_parallel).validate_for(config)
+        ParallelLayout(tp=tp, pp=pp, dp=dp, sequence_parallel=sequence_parallel, dp_shard=dp_shard).validate_for(config)
     except ConfigError as exc:
         raise ConfigError(f"{flags}: {exc} (qwenimage train refuses this layout)") from None
 
@@ -235,7 +247,8 @@ def render(info: dict[str, Any], console) -> None:
     mem = Table(
         title=f"Memory per GPU (worst pipeline stage: {info['memory_max_stage']})",
         caption=(
-            f"tp={lay['tp']} pp={lay['pp']} dp={lay['dp']} micro-batch={lay['micro_batch']} "
+            f"tp={lay['tp']} pp={lay['pp']} dp={lay['dp']}"
+            f"{'' if lay['dp_shard'] is None else ' (HSDP: shards of ' + str(lay['dp_shard']) + ')'} micro-batch={lay['micro_batch']} "
             f"recompute={lay['recompute']}{' +SP' if lay['sequence_parallel'] else ''}; bf16 params, "
             f"{'fp32' if lay['grad_dtype'] == 'float32' else 'bf16'} grads, AdamW{' ZeRO-1' if lay['zero1'] else ''}"
         ),
@@ -270,6 +283,7 @@ def run(args: argparse.Namespace) -> int:
         sequence_parallel=args.sequence_parallel,
         zero1=args.zero1,
         grad_reduce_dtype=args.grad_reduce_dtype,
+        dp_shard=args.dp_shard,
     )
     if args.json:
         print(json.dumps(info))

@@ -11,7 +11,7 @@ import pytest
 
 from megatron_qwenimage import accounting
 from megatron_qwenimage.commands import model_info
-from megatron_qwenimage.config import load_config
+from megatron_qwenimage.config import ConfigError, load_config
 
 
 def _parser():
@@ -150,3 +150,17 @@ def test_grad_reduce_dtype_halves_the_gradient_buffer_and_shrinks_no_parameter()
     # The DP buffers are the gather slots of two units and the reduced shard: far below the
     # parameters (a whole-model receive buffer would be as large as them).
     assert fp32["memory_per_gpu_bytes"]["buffers"] < 0.1 * fp32["memory_per_gpu_bytes"]["params"]
+
+
+def test_dp_shard_keeps_the_optimizer_state_of_its_shard_group_and_refuses_a_non_divisor():
+    cfg = load_config("qwen-image-20b")
+    kw = dict(tp=8, pp=1, dp=256, micro_batch=1, height=1024, width=1024, text_tokens=256)
+    full = model_info.model_info(cfg, **kw)
+    hsdp = model_info.model_info(cfg, **kw, dp_shard=8)  # one node's 8 DP ranks per shard group
+    ratio = hsdp["memory_per_gpu_bytes"]["optimizer"] / full["memory_per_gpu_bytes"]["optimizer"]
+    assert 28 < ratio <= 32  # sharded 8 ways instead of 256 (less row padding at 256)
+    assert hsdp["layout"]["dp_shard"] == 8
+    with pytest.raises(
+        ConfigError, match=r"--dp-shard 3: parallel.dp_shard=3: expected a positive integer dividing dp=256"
+    ):
+        model_info.model_info(cfg, **kw, dp_shard=3)
