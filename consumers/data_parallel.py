@@ -19,6 +19,7 @@ import torch
 from megatron_qwenimage.config import ConfigError
 
 GRAD_REDUCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+SHARDINGS = ("zero1", "zero2")
 
 
 @dataclass(frozen=True)
@@ -37,12 +38,20 @@ class DataParallelConfig:
             and the bytes on the wire; the reduced shard is cast to fp32 for AdamW).
         param_gather_depth: units whose all-gather may be in flight at once (>= 1); each holds a
             send buffer of one unit's DP shard and a receive buffer of one whole unit.
+        sharding: ``zero1`` (default): a whole-model gradient buffer, reduced once per step
+            after the last micro-batch; ``zero2``: gradients live in ``grad_slots`` rotating
+            one-unit buffers, reduce-scattered per unit and micro-batch into the sharded reduced
+            gradient (`consumers.grad_slots`): the gradient memory of a few units instead of the
+            model's, at one reduce-scatter per micro-batch instead of per step.
+        grad_slots: ZeRO-2's rotating gradient buffers (>= 2).
     """
 
     overlap_grad_reduce: bool = True
     overlap_param_gather: bool = True
     grad_reduce_dtype: str = "float32"
     param_gather_depth: int = 2
+    sharding: str = "zero1"
+    grad_slots: int = 2
 
     def __post_init__(self) -> None:
         for name in ("overlap_grad_reduce", "overlap_param_gather"):
@@ -55,6 +64,26 @@ class DataParallelConfig:
         depth = self.param_gather_depth
         if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
             raise ConfigError(f"data_parallel.param_gather_depth={depth!r}: expected an integer >= 1")
+        if self.sharding not in SHARDINGS:
+            raise ConfigError(f"data_parallel.sharding={self.sharding!r}: expected one of {list(SHARDINGS)}")
+        slots = self.grad_slots
+        if not isinstance(slots, int) or isinstance(slots, bool) or slots < 2:
+            raise ConfigError(f"data_parallel.grad_slots={slots!r}: expected an integer >= 2")
+        if self.sharding == "zero2" and not self.overlap_grad_reduce:
+            raise ConfigError(
+                "data_parallel.sharding=zero2 needs overlap_grad_reduce: true (its gradients live in one-unit "
+                "slots that are reduce-scattered during the backward, so they cannot wait for its end)"
+            )
+
+    def check_layout(self, *, vpp: int) -> None:
+        """`ConfigError` for a layout this config cannot train: ZeRO-2 under the interleaved
+        schedule (its micro-batches' backward passes interleave across model chunks, and a unit's
+        gradient slot must be reduced before the next micro-batch's gradients of that unit)."""
+        if self.sharding == "zero2" and vpp > 1:
+            raise ConfigError(
+                f"data_parallel.sharding=zero2 with parallel.vpp={vpp}: the interleaved schedule runs "
+                "micro-batches' backward passes across model chunks out of order; use sharding: zero1 or vpp: 1"
+            )
 
     @property
     def grad_dtype(self) -> torch.dtype:

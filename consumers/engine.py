@@ -123,6 +123,7 @@ class TrainEngine:
         self.global_batch_size = global_batch_size
         self.sigma_sampler = sigma_sampler or UniformSigmaSampler()
         check_cuda_graph_layout(cuda_graphs, tp=pstate.layout.tp, pp=pstate.layout.pp, recompute_mode=recompute.mode)
+        data_parallel.check_layout(vpp=pstate.layout.vpp)
         self.precision = Precision(precision, self.model_config, pstate.device, amax_group=amax_reduction_group())
         self.chunks = build_model_chunks(model_config, pstate, init_seed=init_seed)
         for chunk in self.chunks:

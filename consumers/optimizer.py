@@ -87,6 +87,7 @@ from torch.optim.adam import adam as _adam_functional
 from torch.optim.optimizer import _get_fused_kernels_supported_devices
 
 from consumers.data_parallel import DataParallelConfig
+from consumers.grad_slots import GradientSlots
 from megatron_qwenimage.config import ConfigError
 from megatron_qwenimage.model.mappings import all_gather_single, reduce_scatter_single
 
@@ -421,18 +422,33 @@ class DistributedOptimizer:
 
         # Gradients: [dp, end - start] per unit in the reduction dtype; the hooks add into per-parameter views.
         grad_dtype = data_parallel.grad_dtype
-        self._grad_storage = torch.zeros(self.dp * S, dtype=grad_dtype, device=self.device)
-        reduced_same = self.dp == 1  # dp == 1: the buffer is the reduced shard
-        self._reduced = (
-            self._grad_storage if reduced_same else torch.empty(S, dtype=grad_dtype, device=self.device)
-        )  # [S]: what each unit's reduce-scatter writes
+        #: ZeRO-2 (dp > 1): no whole-model gradient buffer; `consumers.grad_slots` rotates one-unit ones.
+        self.zero2 = data_parallel.sharding == "zero2" and self.dp > 1
+        self._grad_storage = None if self.zero2 else torch.zeros(self.dp * S, dtype=grad_dtype, device=self.device)
+        if self.dp == 1:  # the buffer is the reduced shard
+            self._reduced = self._grad_storage
+        else:  # [S]: what each unit's reduce-scatter writes (ZeRO-2: adds up over micro-batches)
+            self._reduced = torch.zeros(S, dtype=grad_dtype, device=self.device)
         self._grad_shard = self._reduced if grad_dtype == torch.float32 else torch.empty(S, **f32)  # [S] fp32
         self._grad_pieces = {}
         for u in self.units:
-            u.grads = self._grad_storage[self.dp * u.start : self.dp * u.end].view(self.dp, u.end - u.start)
             u.reduced = self._reduced[u.start : u.end]
-            for s in u.shards:
-                self._grad_pieces[s.name] = _row_pieces(s, u.grads, s.offset - u.start)
+            if self._grad_storage is not None:
+                u.grads = self._grad_storage[self.dp * u.start : self.dp * u.end].view(self.dp, u.end - u.start)
+                for s in u.shards:
+                    self._grad_pieces[s.name] = _row_pieces(s, u.grads, s.offset - u.start)
+        self._slots: GradientSlots | None = None
+        if self.zero2:
+            self._slots = GradientSlots(
+                self.units,
+                dp=self.dp,
+                dtype=grad_dtype,
+                device=self.device,
+                depth=data_parallel.grad_slots,
+                group=dp_group,
+                reduce_scatter=lambda *a, **k: reduce_scatter_single(*a, **k),  # looked up at call time
+                row_pieces=_row_pieces,
+            )
         self.main_grads = _MainGrads(self)
         self._microbatches: int | None = None  # set by begin_accumulation: overlap the reduce-scatter
         self._next_reduce = len(self.units) - 1
@@ -495,7 +511,11 @@ class DistributedOptimizer:
 
     # ------------------------------------------------------------------ gradients
     def _accumulate(self, s: ParamShard, grad: torch.Tensor) -> None:
-        """Add `grad` (any float dtype, the parameter's shape) into `s`'s slot of the grad buffer."""
+        """Add `grad` (any float dtype, the parameter's shape) into `s`'s slot of the grad buffer
+        (ZeRO-2: of its unit's gradient slot)."""
+        if self._slots is not None:
+            self._slots.add(s, grad)
+            return
         if self.dp == 1:
             self._grad_pieces[s.name][0][0].view(s.param.shape).add_(grad)
             return
@@ -509,7 +529,7 @@ class DistributedOptimizer:
                 return
             self._accumulate(s, p.grad)
             p.grad = None
-            if self._microbatches is not None:
+            if self._microbatches is not None and self._slots is None:
                 self._count_arrival(s)
 
         return hook
@@ -552,7 +572,7 @@ class DistributedOptimizer:
 
     def _launch_reduce(self, u: _Unit) -> None:
         """Start `u`'s reduce-scatter into its range of the reduced shard (``dp == 1``: nothing to do)."""
-        if self.dp == 1 or u.reduce_work is not None:
+        if self.dp == 1 or u.reduce_work is not None or self._slots is not None:
             return
         u.reduce_work = reduce_scatter_single(
             u.reduced, u.grads.view(-1), op=dist.ReduceOp.SUM, group=self.dp_group, async_op=True
@@ -580,6 +600,8 @@ class DistributedOptimizer:
         """Accumulated gradient of `name` in its shape (reduction dtype): a live view of the flat
         buffer when ``dp == 1``, else an assembled copy (see the module docstring)."""
         s = self._by_name[name]
+        if self._grad_storage is None:
+            raise RuntimeError(f"main_grad({name}): ZeRO-2 keeps no whole gradient (only the reduced shard)")
         if self.dp == 1:
             return self._grad_pieces[name][0][0].view(s.param.shape)
         out = torch.empty(s.rows, s.cols, dtype=self._grad_storage.dtype, device=self.device)
@@ -592,7 +614,11 @@ class DistributedOptimizer:
         self._wait_reduces()
         for s in self.shards:
             s.param.grad = None
-        self._grad_storage.zero_()
+        if self._slots is not None:
+            self._slots.discard()
+            self._reduced.zero_()
+        else:
+            self._grad_storage.zero_()
         self._microbatches = None
         for u in self.units:
             u.complete = 0
@@ -615,9 +641,12 @@ class DistributedOptimizer:
         ``dp == 1`` and fp32: the gradient buffer itself (no copy).
         """
         self._fold_param_grads()
-        for u in reversed(self.units):  # the order the backward completes them
-            self._launch_reduce(u)
-        self._wait_reduces()
+        if self._slots is not None:
+            self._slots.finish()  # the last micro-batch's units, then every slot into the shard
+        else:
+            for u in reversed(self.units):  # the order the backward completes them
+                self._launch_reduce(u)
+            self._wait_reduces()
         if self.replicas > 1:  # HSDP: the shards of the other replicas hold other samples' sums
             dist.all_reduce(self._reduced, op=dist.ReduceOp.SUM, group=self.replica_group)
         if self._grad_shard is not self._reduced:

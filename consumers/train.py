@@ -6,7 +6,7 @@ Run under torchrun (``torchrun --nproc-per-node N -m consumers.train --config ru
     model: tiny-16ch                 # a named config, or {name: qwen-image-20b, <MMDiTConfig overrides>}
     parallel: {tp: 2, pp: 2, vpp: 1, sequence_parallel: true}   # dp = world / (tp * pp); dp_shard: K for HSDP
     optimizer: {lr: 1.0e-4, warmup_steps: 1000, decay_steps: 100000, clip_grad: 1.0, ema_decay: 0.9999}
-    data_parallel: {overlap_grad_reduce: true, overlap_param_gather: true, grad_reduce_dtype: float32}
+    data_parallel: {overlap_grad_reduce: true, overlap_param_gather: true, grad_reduce_dtype: float32, sharding: zero1}
     precision: {autocast: bf16, fp8: null}
     recompute: {mode: none}
     cuda_graphs: {scope: none}       # blocks: per-block CUDA graphs (GPU, TP 1, PP 1)
@@ -338,11 +338,13 @@ class RunConfig:
         recompute = _section(RecomputeConfig, d.get("recompute"), "recompute")
         cuda_graphs = _section(CudaGraphConfig, d.get("cuda_graphs"), "cuda_graphs")
         check_cuda_graph_layout(cuda_graphs, tp=parallel.tp, pp=parallel.pp, recompute_mode=recompute.mode)
+        data_parallel = _section(DataParallelConfig, d.get("data_parallel"), "data_parallel")
+        data_parallel.check_layout(vpp=parallel.vpp)
         return cls(
             model=_model_config(d["model"]),
             parallel=parallel,
             optimizer=_section(OptimizerConfig, d.get("optimizer"), "optimizer"),
-            data_parallel=_section(DataParallelConfig, d.get("data_parallel"), "data_parallel"),
+            data_parallel=data_parallel,
             precision=_section(PrecisionConfig, d.get("precision"), "precision"),
             recompute=recompute,
             cuda_graphs=cuda_graphs,

@@ -703,6 +703,8 @@ def memory_per_gpu(
     ema: bool = False,
     gather_depth: int = 2,
     dp_shard: int | None = None,
+    sharding: str = "zero1",
+    grad_slots: int = 2,
 ) -> MemoryReport:
     """Estimate training memory of one GPU for every pipeline stage.
 
@@ -733,6 +735,8 @@ def memory_per_gpu(
       in `grad_dtype` and `gather_depth` rotating all-gather slots, each a send buffer (not for
       fp32 parameters) of the largest DP unit's shard (one block, the embedders, the head) and a
       ``[dp, ·]`` receive buffer, in `params_dtype` (no second full copy of the parameters);
+      with ``sharding="zero2"`` the gradients are `grad_slots` one-unit ``[dp, ·]`` slots of the
+      largest unit instead of the ``[dp, S]`` buffer, plus their reduce-scatter outputs;
     * ``torch.distributed.pipelining``'s receive buffers (``buffers_bytes``): every non-first
       stage one per micro-batch of the step for its inputs (``img``, ``txt``, ``temb``), every
       non-last stage one per micro-batch for its outputs' gradients (`num_microbatches`; pp
@@ -747,6 +751,9 @@ def memory_per_gpu(
     _positive_int("image_tokens", image_tokens)
     _positive_int("recompute_every", recompute_every)
     _positive_int("gather_depth", gather_depth)
+    if sharding not in ("zero1", "zero2"):
+        raise ValueError(f"sharding={sharding!r}: expected zero1 or zero2")
+    _positive_int("grad_slots", grad_slots)
     if dp_shard is not None:
         _positive_int("dp_shard", dp_shard)
         if dp % dp_shard:
@@ -819,6 +826,9 @@ def memory_per_gpu(
                     units[-2] -= -(-unused // shard_dp)  # the last block's unused text-side tensors
                 slots = [max(units[k::gather_depth]) for k in range(min(gather_depth, len(units)))]
                 buffers += sum(slots) * ((0 if p_bytes == 4 else p_bytes) + shard_dp * p_bytes)
+                if sharding == "zero2":  # `grad_slots` one-unit [dp, n] slots and their [n] outputs
+                    grads = grad_slots * max(units) * shard_dp * g_bytes
+                    buffers += grad_slots * max(units) * g_bytes
             stream = (n + t) * d * p_bytes + d * p_bytes  # img, txt, temb of one sample
             buffers += micro_batch * m * stream * ((0 if is_first else 1) + (0 if is_last else 1))
         else:
@@ -886,6 +896,7 @@ def memory_per_gpu(
         optimizer=optimizer,
         zero1=zero1,
         dp_shard=dp_shard,
+        sharding=sharding,
         recompute=recompute,
         sequence_parallel=sequence_parallel,
         num_microbatches=num_microbatches,

@@ -108,6 +108,13 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "across the groups, as the run config's parallel.dp_shard (default: over all --dp ranks)",
     )
     p.add_argument(
+        "--sharding",
+        choices=("zero1", "zero2"),
+        default="zero1",
+        help="zero1: a whole-model gradient buffer; zero2: two one-unit gradient slots reduced per "
+        "micro-batch, as the run config's data_parallel.sharding (default: %(default)s)",
+    )
+    p.add_argument(
         "--grad-reduce-dtype",
         choices=("float32", "bfloat16"),
         default="float32",
@@ -134,6 +141,7 @@ def model_info(
     zero1: bool = True,
     grad_reduce_dtype: str = "float32",
     dp_shard: int | None = None,
+    sharding: str = "zero1",
 ) -> dict[str, Any]:
     """Everything ``model-info`` reports, as a JSON-serialisable dict (bytes and FLOPs as numbers).
 
@@ -163,6 +171,7 @@ def model_info(
         optimizer="adamw",
         zero1=zero1,
         dp_shard=dp_shard,
+        sharding=sharding,
         recompute=recompute,
         sequence_parallel=sequence_parallel,
         implementation="ours",
@@ -250,7 +259,7 @@ def render(info: dict[str, Any], console) -> None:
             f"tp={lay['tp']} pp={lay['pp']} dp={lay['dp']}"
             f"{'' if lay['dp_shard'] is None else ' (HSDP: shards of ' + str(lay['dp_shard']) + ')'} micro-batch={lay['micro_batch']} "
             f"recompute={lay['recompute']}{' +SP' if lay['sequence_parallel'] else ''}; bf16 params, "
-            f"{'fp32' if lay['grad_dtype'] == 'float32' else 'bf16'} grads, AdamW{' ZeRO-1' if lay['zero1'] else ''}"
+            f"{'fp32' if lay['grad_dtype'] == 'float32' else 'bf16'} grads, AdamW{(' ZeRO-2' if lay['sharding'] == 'zero2' else ' ZeRO-1') if lay['zero1'] else ''}"
         ),
     )
     mem.add_column("what")
@@ -284,6 +293,7 @@ def run(args: argparse.Namespace) -> int:
         zero1=args.zero1,
         grad_reduce_dtype=args.grad_reduce_dtype,
         dp_shard=args.dp_shard,
+        sharding=args.sharding,
     )
     if args.json:
         print(json.dumps(info))

@@ -164,3 +164,13 @@ def test_dp_shard_keeps_the_optimizer_state_of_its_shard_group_and_refuses_a_non
         ConfigError, match=r"--dp-shard 3: parallel.dp_shard=3: expected a positive integer dividing dp=256"
     ):
         model_info.model_info(cfg, **kw, dp_shard=3)
+
+
+def test_zero2_keeps_two_units_of_gradients_instead_of_the_models():
+    cfg = load_config("qwen-image-20b")
+    kw = dict(tp=8, pp=1, dp=256, micro_batch=1, height=1024, width=1024, text_tokens=256)
+    zero1 = model_info.model_info(cfg, **kw)["memory_per_gpu_bytes"]
+    zero2 = model_info.model_info(cfg, **kw, sharding="zero2")["memory_per_gpu_bytes"]
+    # 60 blocks (and the embedders and head) of gradients down to the two largest units.
+    assert zero2["grads"] < zero1["grads"] / 20
+    assert zero2["params"] == zero1["params"] and zero2["optimizer"] == zero1["optimizer"]

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from consumers.batch import loss_sum_over_global, make_inputs
+from consumers.data_parallel import DataParallelConfig
 from consumers.engine import TrainEngine
 from consumers.optimizer import LRSchedule, OptimizerConfig
 from consumers.parallel import ParallelLayout, init_parallel
@@ -171,6 +172,7 @@ def run_layout(
     *,
     reference: dict | None = None,
     break_boundary: str | None = None,
+    data_parallel: DataParallelConfig = DataParallelConfig(),
 ) -> dict:
     """`steps` steps at `layout`; on global rank 0 (which holds `reference`, the reference state)
     also the comparison of every parameter and optimizer-state tensor."""
@@ -179,6 +181,7 @@ def run_layout(
         load_config("tiny-16ch", **MODEL),
         pstate,
         optimizer=OPT_EMA,
+        data_parallel=data_parallel,
         seed=SEED,
         global_batch_size=GLOBAL_BATCH,
         init_seed=0,
@@ -217,7 +220,11 @@ LAYOUTS = {
     "pp2_vpp2_dp2": ParallelLayout(tp=1, pp=2, dp=2, vpp=2),
     # HSDP: optimizer state sharded over pairs of DP ranks, replicated across the two pairs.
     "hsdp_dp4_shard2": ParallelLayout(dp=4, dp_shard=2),
+    # ZeRO-2: gradients in two rotating one-unit slots, reduced per micro-batch (two per rank here).
+    "pp2_dp2_zero2": ParallelLayout(tp=1, pp=2, dp=2),
 }
+#: Layouts trained with another DP engine config than the default.
+DATA_PARALLEL = {"pp2_dp2_zero2": DataParallelConfig(sharding="zero2")}
 
 #: Runs with a deliberately broken stage boundary (one step each: then exactly the parameters
 #: upstream of the broken stream differ): name -> (layout, stream whose gradient is dropped).
@@ -234,7 +241,8 @@ def layouts_worker(rank: int, world: int, steps: int, names: list[str], broken: 
     if rank == 0:
         out["reference"], states = reference_run(steps, snapshots=(BROKEN_STEPS,) if broken else ())
     for name in names:
-        out[name] = run_layout(LAYOUTS[name], steps, reference=states.get(steps))
+        dp_config = DATA_PARALLEL.get(name, DataParallelConfig())
+        out[name] = run_layout(LAYOUTS[name], steps, reference=states.get(steps), data_parallel=dp_config)
     for name in broken:
         layout, which = BROKEN[name]
         out[name] = run_layout(layout, BROKEN_STEPS, reference=states.get(BROKEN_STEPS), break_boundary=which)

@@ -30,7 +30,14 @@ GLOBAL_BATCH = 4
 
 
 def _order_worker(
-    rank: int, world: int, overlap: bool, micro_batch: int, steps: int, pp: int = 1, layers: int = NUM_LAYERS
+    rank: int,
+    world: int,
+    overlap: bool,
+    micro_batch: int,
+    steps: int,
+    pp: int = 1,
+    layers: int = NUM_LAYERS,
+    sharding: str = "zero1",
 ) -> dict:
     import consumers.optimizer as optimizer_module
     from consumers.data_parallel import DataParallelConfig
@@ -44,9 +51,11 @@ def _order_worker(
 
     def recording(kind, fn):
         def wrapped(output, input, *args, **kwargs):
-            # The unit a collective belongs to: the one whose buffer it reads or writes.
+            # The unit a collective belongs to: the one whose buffer it reads or writes (ZeRO-2's
+            # slots serve every unit: its launches are recorded where the slot names the unit).
             ptr = output.data_ptr() if kind == "rs" else input.data_ptr()
-            events.append([kind, unit_at.get(ptr, "?")])
+            if ptr in unit_at:
+                events.append([kind, unit_at[ptr]])
             return fn(output, input, *args, **kwargs)
 
         return wrapped
@@ -55,7 +64,7 @@ def _order_worker(
     optimizer_module.all_gather_single = recording("ag", optimizer_module.all_gather_single)
 
     pstate = init_parallel(ParallelLayout(pp=pp, dp=world // pp))
-    dp_config = DataParallelConfig(overlap_grad_reduce=overlap, overlap_param_gather=overlap)
+    dp_config = DataParallelConfig(overlap_grad_reduce=overlap, overlap_param_gather=overlap, sharding=sharding)
     engine = TrainEngine(
         load_config("tiny-16ch", num_layers=layers),
         pstate,
@@ -66,9 +75,12 @@ def _order_worker(
     )
     opt = engine.optimizer
     units = [u.name for u in opt.units]
+    if opt._slots is not None:
+        launch = opt._slots._launch
+        opt._slots._launch = lambda ui: (events.append(["rs", units[ui]]), launch(ui))[1]
     unit_at = {}
     for i, u in enumerate(opt.units):
-        unit_at[u.reduced.data_ptr()] = u.name  # reduce-scatter output
+        unit_at[u.reduced.data_ptr()] = u.name  # reduce-scatter output (ZeRO-1)
         for master, send, _, _ in opt._gather_plan[i]:
             unit_at[(master if send is None else send).data_ptr()] = u.name  # all-gather input
     for key, block in engine.chunks[0].blocks.items():
@@ -130,6 +142,7 @@ def runs(tmp_path_factory):
         for overlap, micro in ((True, 2), (False, 2), (True, 1))
     }
     out["pp2_dp2"] = spawn(_order_worker, 4, root / "pp2_dp2", True, 1, 2, 2, 4)  # blocks 0-1 | 2-3
+    out["zero2"] = spawn(_order_worker, 2, root / "zero2", True, 1, 2, 1, 4, "zero2")  # two micro-batches
     return out
 
 
@@ -208,3 +221,47 @@ def test_under_pp_each_stage_overlaps_its_last_backward(runs):
         assert len(units) == 3, units  # embed, blocks.0, blocks.1 | blocks.2, blocks.3, head
     first_stage, last_stage = runs["pp2_dp2"][0], runs["pp2_dp2"][2]
     assert first_stage["loss"] == last_stage["loss"]  # the last stage's loss, on every rank
+
+
+def test_zero2_reduces_each_micro_batch_during_its_backward(runs):
+    """ZeRO-2 (two micro-batches per rank, 4 blocks): every unit is reduce-scattered once per
+    micro-batch, in reverse order, the first micro-batch's before its backward has left block 0."""
+    for rank, res in runs["zero2"].items():
+        units = res["units"]
+        assert len({n for n in units}) == len(units) == 6
+        for step in range(2):
+            ev = _step_events(res["events"], step)
+            rs = [n for k, n in ev if k == "rs"]
+            assert rs == units[::-1] * 2, (rank, step, rs)
+            first_bwd_end_block0 = _first(ev, "bwd_end", "blocks.0")
+            assert _first(ev, "rs", "blocks.1") < first_bwd_end_block0, (rank, step)
+            second_forward = [i for i, (k, n) in enumerate(ev) if k == "fwd" and n == "blocks.0"][1]
+            assert sum(1 for k, _ in ev[:second_forward] if k == "rs") == len(units), (rank, step)
+    assert runs["zero2"][0]["loss"] == runs["zero2"][1]["loss"]
+
+
+def test_combinations_that_cannot_work_are_one_line_refusals():
+    from consumers.data_parallel import DataParallelConfig
+    from consumers.train import RunConfig
+    from megatron_qwenimage.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^data_parallel.sharding=zero2 needs overlap_grad_reduce: true \("):
+        DataParallelConfig(sharding="zero2", overlap_grad_reduce=False)
+    with pytest.raises(ConfigError, match=r"^data_parallel.sharding='zero3': expected one of \['zero1', 'zero2'\]$"):
+        DataParallelConfig(sharding="zero3")
+    with pytest.raises(ConfigError, match=r"^data_parallel.grad_reduce_dtype='float16': expected one of"):
+        DataParallelConfig(grad_reduce_dtype="float16")
+    run = {
+        "model": "tiny-16ch",
+        "parallel": {"pp": 2, "vpp": 2},
+        "data_parallel": {"sharding": "zero2"},
+        "data": {
+            "caches": [{"path": "unused"}],
+            "stages": [{"name": "s", "buckets": ["32x32"], "micro_batch": 1, "global_batch": 4}],
+        },
+        "schedule": {"train_steps": 1},
+    }
+    with pytest.raises(ConfigError) as info:
+        RunConfig.from_dict(run)
+    assert str(info.value).startswith("data_parallel.sharding=zero2 with parallel.vpp=2: the interleaved schedule")
+    assert "\n" not in str(info.value)

@@ -52,6 +52,7 @@ LAYOUTS_2 = {
     "dp2_bf16": (1, 1, 2, False, "none", "bfloat16"),
     "dp2_bf16_grad_bf16": (1, 1, 2, False, "none", "bfloat16"),
     "hsdp_dp2_shard1": (1, 1, 2, False, "none", "bfloat16"),
+    "dp2_bf16_zero2": (1, 1, 2, False, "none", "bfloat16"),
     "pp2": (1, 2, 1, False, "none", "float32"),
     "pp2_full": (1, 2, 1, False, "full", "float32"),
 }
@@ -59,6 +60,8 @@ LAYOUTS_2 = {
 GRAD_REDUCE_DTYPE = {"dp2_bf16_grad_bf16": "bfloat16"}
 #: HSDP layouts: DP ranks per optimizer-state shard (``parallel.dp_shard``); 1: every rank holds it all.
 DP_SHARD = {"hsdp_dp2_shard1": 1}
+#: ZeRO-2 layouts (``data_parallel.sharding``).
+ZERO2 = {"dp2_bf16_zero2"}
 
 
 def _config(dtype: str):
@@ -105,6 +108,8 @@ def _optimizer_part(path: str) -> str:
         ("._reduced", "buffers"),
         ("._grad_shard", "buffers"),
         ("._gather_plan", "buffers"),
+        ("._slots.buffers", "grads"),  # ZeRO-2's one-unit gradient slots
+        ("._slots.outputs", "buffers"),
     ):
         if path.startswith("opt" + attr):
             return part
@@ -193,7 +198,9 @@ def measure(name: str, layout_spec: tuple) -> dict:
         pstate,
         optimizer=OptimizerConfig(lr=1e-3),
         recompute=RecomputeConfig(mode=recompute),
-        data_parallel=DataParallelConfig(grad_reduce_dtype=GRAD_REDUCE_DTYPE.get(name, "float32")),
+        data_parallel=DataParallelConfig(
+            grad_reduce_dtype=GRAD_REDUCE_DTYPE.get(name, "float32"), sharding="zero2" if name in ZERO2 else "zero1"
+        ),
         global_batch_size=GLOBAL_BATCH,
     )
     out: dict = {"stage": pstate.pp_rank, "parts": {}}
@@ -251,7 +258,9 @@ def worker(rank: int, world: int, names: list[str]) -> dict:
 
 
 # --------------------------------------------------------------------------------- predicting
-def predict(layout_spec: tuple, stage: int, grad_dtype: str = "float32", dp_shard: int | None = None) -> dict:
+def predict(
+    layout_spec: tuple, stage: int, grad_dtype: str = "float32", dp_shard: int | None = None, sharding: str = "zero1"
+) -> dict:
     tp, pp, dp, sp, recompute, dtype = layout_spec
     cfg = _config(dtype)
     n, t = (LATENT // 2) ** 2, TEXT
@@ -263,6 +272,7 @@ def predict(layout_spec: tuple, stage: int, grad_dtype: str = "float32", dp_shar
         implementation="ours",
         grad_dtype=grad_dtype,
         dp_shard=dp_shard,
+        sharding=sharding,
     )
     # One micro-batch in flight: the per-micro-batch activations (what one forward saves).
     st = accounting.memory_per_gpu(cfg, tp, pp, dp, MICRO_BATCH, n, t, num_microbatches=1, **kw).stages[stage]
@@ -283,7 +293,8 @@ def predict(layout_spec: tuple, stage: int, grad_dtype: str = "float32", dp_shar
 def _compare(name: str, spec: tuple, measured: dict) -> list[str]:
     """Rows of the comparison; asserts every bound."""
     label = name.split(" ")[0]
-    pred = predict(spec, measured["stage"], GRAD_REDUCE_DTYPE.get(label, "float32"), DP_SHARD.get(label))
+    sharding = "zero2" if label in ZERO2 else "zero1"
+    pred = predict(spec, measured["stage"], GRAD_REDUCE_DTYPE.get(label, "float32"), DP_SHARD.get(label), sharding)
     meas = dict(measured["parts"])
     meas["activations"] = measured["activations_saved"] + (measured["largest_block"] if spec[4] == "full" else 0)
     meas.setdefault("buffers", 0)
@@ -344,3 +355,6 @@ def test_layouts_change_what_is_measured(measured):
     # HSDP with shards of one rank: the whole optimizer state on each (twice DP2's), no gather slots.
     hsdp = measured[("hsdp_dp2_shard1", 0)]["parts"]
     assert hsdp["optimizer"] >= 1.9 * dp2["parts"]["optimizer"] and hsdp.get("buffers", 0) == 0, hsdp
+    # ZeRO-2: two units' gradient slots instead of the whole [2, S] buffer.
+    zero2 = measured[("dp2_bf16_zero2", 0)]["parts"]
+    assert zero2["grads"] < 0.6 * dp2["parts"]["grads"], (zero2, dp2["parts"])
