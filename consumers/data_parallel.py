@@ -64,6 +64,12 @@ class DataParallelConfig:
         depth = self.param_gather_depth
         if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
             raise ConfigError(f"data_parallel.param_gather_depth={depth!r}: expected an integer >= 1")
+        if self.sharding == "zero3":
+            raise ConfigError(
+                "data_parallel.sharding='zero3' is not built: it frees and re-gathers the parameters inside the "
+                "step, which per-block CUDA graphs (fixed addresses) forbid; expected one of "
+                f"{list(SHARDINGS)} (docs/training.md, The DP engine)"
+            )
         if self.sharding not in SHARDINGS:
             raise ConfigError(f"data_parallel.sharding={self.sharding!r}: expected one of {list(SHARDINGS)}")
         slots = self.grad_slots
