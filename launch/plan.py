@@ -681,6 +681,7 @@ def predicted_memory(
     microbatches: int,
     text_tokens: int,
     precision: str = "bf16",
+    grad_reduce_dtype: str = "float32",
 ) -> dict[str, float]:
     """Predicted peak bytes per GPU (worst pipeline stage), by part, of a ``resolution``² bucket:
     `accounting.peak_memory_per_gpu` (parameters, the ZeRO-1 optimizer's flat buffers,
@@ -698,6 +699,7 @@ def predicted_memory(
         sequence_parallel=layout.sequence_parallel and layout.tp > 1,
         num_microbatches=microbatches,
         fp8=precision == "fp8",
+        grad_dtype=grad_reduce_dtype,
     )
 
 
@@ -1015,7 +1017,9 @@ def plan_bucket(
     g = inputs.global_batch_for(resolution)
     # 1F1B needs at least pp micro-batches per step (consumers.pipeline.PipelineRunner).
     m = max(layout.pp, math.ceil(g / (layout.dp * micro_batch)))
-    mem = predicted_memory(config, layout, resolution, micro_batch, m, inputs.text_tokens, inputs.precision)
+    mem = predicted_memory(
+        config, layout, resolution, micro_batch, m, inputs.text_tokens, inputs.precision, inputs.grad_reduce_dtype
+    )
     t = step_time(
         config,
         layout,

@@ -926,6 +926,7 @@ def peak_memory_per_gpu(
     num_microbatches: int | None = None,
     zero1: bool = True,
     fp8: bool = False,
+    grad_dtype: str = "float32",
 ) -> dict[str, float]:
     """Predicted peak bytes per GPU of our training step, by part, for the worst pipeline stage
     (``qwenimage plan`` and ``qwenimage model-info``; within a few % of measured tensors,
@@ -947,6 +948,7 @@ def peak_memory_per_gpu(
         image_tokens,
         text_tokens,
         params_dtype="bfloat16",
+        grad_dtype=grad_dtype,
         zero1=zero1,
         recompute=recompute,
         sequence_parallel=sequence_parallel,

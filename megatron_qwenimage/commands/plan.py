@@ -102,8 +102,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         default="float32",
         metavar="DTYPE",
         help="dtype of the DP gradient reduce-scatter, as the run config's data_parallel.grad_reduce_dtype: "
-        "float32 (4 bytes per gradient) or bfloat16 (2: half the bytes on the wire); changes the modelled DP "
-        "communication, not the predicted memory (default: float32)",
+        "float32 (4 bytes per gradient) or bfloat16 (2: half the bytes on the wire and half the gradient "
+        "buffer); changes the modelled DP communication and the predicted memory (default: float32)",
     )
     p.add_argument("--intra-node-gbs", default=None, metavar="GB/S", help="NVLink bus bandwidth per GPU (assumed)")
     p.add_argument(

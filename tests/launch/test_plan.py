@@ -463,6 +463,9 @@ def test_grad_reduce_dtype_flag_reaches_the_plan(capsys):
     fp32, bf16 = json.loads(out), json.loads(out2)
     assert fp32["grad_reduce_dtype"] == "float32" and bf16["grad_reduce_dtype"] == "bfloat16"
     assert bf16["dp_comm_s"] == pytest.approx(fp32["dp_comm_s"] * 4 / 6)
+    # The gradient buffer halves too (the chosen layout's prediction, same micro-batches).
+    grads = [p["buckets"][0]["memory_parts_gib"]["grads"] for p in (fp32, bf16)]
+    assert grads[1] == pytest.approx(grads[0] / 2), grads
     assert fp32["dp_comm_s"] == pytest.approx(fp32["buckets"][0]["step_parts_s"]["dp_comm"])
     note = next(n for n in fp32["notes"] if n.startswith("DP communication"))
     assert f"{fp32['dp_comm_s']:.3f} s per step, {fp32['dp_exposed_s']:.3f} s exposed" in note
