@@ -184,13 +184,16 @@ class Trainer:
         self.last_record: dict | None = None
         if pstate.rank == 0:
             log.info(
-                "training %s on tp=%d pp=%d vpp=%d dp=%d (sp=%s), steps %d..%d",
+                "training %s on tp=%d pp=%d vpp=%d dp=%d (sp=%s; optimizer state sharded %s over %d DP ranks x %d replicas), steps %d..%d",
                 cfg.model.name,
                 layout.tp,
                 layout.pp,
                 layout.vpp,
                 layout.dp,
                 layout.sequence_parallel,
+                cfg.data_parallel.sharding,
+                layout.shard_size,
+                layout.replicas,
                 self.step,
                 cfg.schedule.train_steps,
             )

@@ -12,6 +12,7 @@ bounds of test_layouts.py).
 | tp2sp_dp2     | TP2 + SP x DP2   | while the ranks wait for the cache  | PP2 x DP2    |
 | pp2_dp2       | PP2 x DP2        | during a step                       | TP2 x PP2    |
 | tp2_pp2       | TP2 x PP2        | during a step                       | TP2 + SP x DP2 |
+| hsdp_zero2    | HSDP DP4 (shards of 2), ZeRO-2 | during a step         | TP2 x PP2 (ZeRO-1) |
 
 The cache holds 4 steps of samples (snapshot v1) when a run starts; the run trains them and
 waits; the test then commits 4 more steps' worth (snapshot v2), so the data order is the same
@@ -51,19 +52,33 @@ WAITING = "waiting for a newer snapshot"
 TP2_SP_DP2 = {"tp": 2, "sequence_parallel": True}
 PP2_DP2 = {"pp": 2}
 TP2_PP2 = {"tp": 2, "pp": 2}
-#: cell -> (first layout, resume layout, where the SIGTERM lands)
+#: HSDP: the optimizer state sharded over pairs of DP ranks, replicated across the two pairs.
+HSDP_DP4 = {"dp_shard": 2}
+ZERO2 = {"sharding": "zero2"}
+#: cell -> (first layout, resume layout, where the SIGTERM lands[, first run's data_parallel section])
 CELLS = {
     "tp2sp_dp2": (TP2_SP_DP2, PP2_DP2, "waiting"),
     "pp2_dp2": (PP2_DP2, TP2_PP2, "step"),
     "tp2_pp2": (TP2_PP2, TP2_SP_DP2, "step"),
+    "hsdp_zero2": (HSDP_DP4, TP2_PP2, "step", ZERO2),
 }
 
 
-def _config(root: Path, cache: str, val: str, out: Path, parallel: dict, *, prefetch_steps: int = 2) -> Path:
+def _config(
+    root: Path,
+    cache: str,
+    val: str,
+    out: Path,
+    parallel: dict,
+    *,
+    prefetch_steps: int = 2,
+    data_parallel: dict | None = None,
+) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     cfg = {
         "model": {"name": "tiny-16ch", "num_layers": 2},
         "parallel": parallel,
+        "data_parallel": data_parallel or {},
         "optimizer": {"lr": 1e-3, "warmup_steps": 2, "clip_grad": 1.0, "ema_decay": 0.9},
         "flow_matching": {"kind": "uniform"},
         "data": {
@@ -170,7 +185,7 @@ def reference(data, tmp_path_factory) -> Path:
 @pytest.mark.parametrize("cell", list(CELLS))
 def test_cell_equals_one_process(cell, data, reference, tmp_path):
     root, cache, val = data
-    first, second, stop_at = CELLS[cell]
+    first, second, stop_at, *first_dp = CELLS[cell]
     cache = _copy_cache(cache, tmp_path / "cache")
     out = tmp_path / "run"
     # Loading inline, the wait's log line says the training loop itself waits (the prefetch thread
@@ -178,7 +193,10 @@ def test_cell_equals_one_process(cell, data, reference, tmp_path):
     prefetch_steps = 0 if stop_at == "waiting" else 2
 
     # Phase 1: the first layout, stopped by SIGTERM (the whole job at once, as Slurm signals a step).
-    job = _launch(_config(root, cache, val, out, first, prefetch_steps=prefetch_steps), nproc=4)
+    first_config = _config(
+        root, cache, val, out, first, prefetch_steps=prefetch_steps, data_parallel=first_dp[0] if first_dp else None
+    )
+    job = _launch(first_config, nproc=4)
     if stop_at == "waiting":
         job.wait_for(WAITING)
     else:
@@ -186,6 +204,8 @@ def test_cell_equals_one_process(cell, data, reference, tmp_path):
     signal_job(job.proc, signal.SIGTERM)
     assert job.wait() != 0, job.text[-3000:]
     log1 = job.text
+    if cell == "hsdp_zero2":  # the first run really trained HSDP + ZeRO-2
+        assert "optimizer state sharded zero2 over 2 DP ranks x 2 replicas" in log1, log1[-3000:]
     assert "qwenimage train: stopped by SIGTERM; committed work is kept, rerun to resume" in log1, log1[-3000:]
     train1, _ = _records(out)
     stopped_at = max(train1)
