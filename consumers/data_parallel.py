@@ -19,7 +19,7 @@ import torch
 from megatron_qwenimage.config import ConfigError
 
 GRAD_REDUCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-SHARDINGS = ("zero1", "zero2")
+SHARDINGS = ("zero1", "zero2", "zero3")
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,11 @@ class DataParallelConfig:
             after the last micro-batch; ``zero2``: gradients live in ``grad_slots`` rotating
             one-unit buffers, reduce-scattered per unit and micro-batch into the sharded reduced
             gradient (`consumers.grad_slots`): the gradient memory of a few units instead of the
-            model's, at one reduce-scatter per micro-batch instead of per step.
+            model's, at one reduce-scatter per micro-batch instead of per step; ``zero3``: zero2's
+            gradients, and each unit's parameters are freed after its forward and after its
+            backward and all-gathered again before each (`consumers.param_resharding`): the
+            parameter memory of a few units instead of the model's, at two all-gathers per unit
+            and micro-batch instead of one per step. Not with per-block CUDA graphs.
         grad_slots: ZeRO-2's rotating gradient buffers (>= 2).
     """
 
@@ -64,31 +68,33 @@ class DataParallelConfig:
         depth = self.param_gather_depth
         if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
             raise ConfigError(f"data_parallel.param_gather_depth={depth!r}: expected an integer >= 1")
-        if self.sharding == "zero3":
-            raise ConfigError(
-                "data_parallel.sharding='zero3' is not built: it frees and re-gathers the parameters inside the "
-                "step, which per-block CUDA graphs (fixed addresses) forbid; expected one of "
-                f"{list(SHARDINGS)} (docs/training.md, The DP engine)"
-            )
         if self.sharding not in SHARDINGS:
             raise ConfigError(f"data_parallel.sharding={self.sharding!r}: expected one of {list(SHARDINGS)}")
         slots = self.grad_slots
         if not isinstance(slots, int) or isinstance(slots, bool) or slots < 2:
             raise ConfigError(f"data_parallel.grad_slots={slots!r}: expected an integer >= 2")
-        if self.sharding == "zero2" and not self.overlap_grad_reduce:
+        if self.sharding in ("zero2", "zero3") and not self.overlap_grad_reduce:
             raise ConfigError(
-                "data_parallel.sharding=zero2 needs overlap_grad_reduce: true (its gradients live in one-unit "
-                "slots that are reduce-scattered during the backward, so they cannot wait for its end)"
+                f"data_parallel.sharding={self.sharding} needs overlap_grad_reduce: true (its gradients live in "
+                "one-unit slots that are reduce-scattered during the backward, so they cannot wait for its end)"
             )
 
-    def check_layout(self, *, vpp: int) -> None:
-        """`ConfigError` for a layout this config cannot train: ZeRO-2 under the interleaved
+    def check_layout(self, *, vpp: int, cuda_graphs: bool = False) -> None:
+        """`ConfigError` for a layout this config cannot train: ZeRO-2/3 under the interleaved
         schedule (its micro-batches' backward passes interleave across model chunks, and a unit's
-        gradient slot must be reduced before the next micro-batch's gradients of that unit)."""
-        if self.sharding == "zero2" and vpp > 1:
+        gradient slot must be reduced before the next micro-batch's gradients of that unit); ZeRO-3
+        with per-block CUDA graphs (`cuda_graphs`: a graph replays fixed parameter addresses, and
+        ZeRO-3 re-allocates the parameters at every gather)."""
+        if self.sharding in ("zero2", "zero3") and vpp > 1:
             raise ConfigError(
-                f"data_parallel.sharding=zero2 with parallel.vpp={vpp}: the interleaved schedule runs "
+                f"data_parallel.sharding={self.sharding} with parallel.vpp={vpp}: the interleaved schedule runs "
                 "micro-batches' backward passes across model chunks out of order; use sharding: zero1 or vpp: 1"
+            )
+        if self.sharding == "zero3" and cuda_graphs:
+            raise ConfigError(
+                "data_parallel.sharding=zero3 with cuda_graphs.scope=blocks: graphed blocks replay fixed parameter "
+                "addresses, and zero3 re-allocates each unit's parameters at every gather; use sharding: zero2 "
+                "or cuda_graphs.scope: none"
             )
 
     @property

@@ -123,7 +123,7 @@ class TrainEngine:
         self.global_batch_size = global_batch_size
         self.sigma_sampler = sigma_sampler or UniformSigmaSampler()
         check_cuda_graph_layout(cuda_graphs, tp=pstate.layout.tp, pp=pstate.layout.pp, recompute_mode=recompute.mode)
-        data_parallel.check_layout(vpp=pstate.layout.vpp)
+        data_parallel.check_layout(vpp=pstate.layout.vpp, cuda_graphs=cuda_graphs.enabled)
         self.precision = Precision(precision, self.model_config, pstate.device, amax_group=amax_reduction_group())
         self.chunks = build_model_chunks(model_config, pstate, init_seed=init_seed)
         for chunk in self.chunks:
@@ -143,11 +143,19 @@ class TrainEngine:
         )
         # Each unit's parameters are gathered right before its forward; the stage's own forward
         # waits for its chunk's first unit (parameters held directly by the chunk have no module).
+        # ZeRO-3: gathered before their forward and backward instead, and blocks freed after each.
+        zero3 = self.optimizer.resharding is not None
         for unit in self.dp_units:
-            self.optimizer.wait_before_forward(unit.name, unit.modules)
+            if zero3:
+                self.optimizer.reshard_hooks(unit.name, unit.modules, reshard=unit.name.startswith("blocks."))
+            else:
+                self.optimizer.wait_before_forward(unit.name, unit.modules)
         for stage, chunk in zip(self.stages, self.chunks):
             first = next(u for u in self.dp_units if u.param_names[0] in dict(chunk.named_parameters()))
-            self.optimizer.wait_before_forward(first.name, [stage])
+            if zero3:
+                self.optimizer.reshard_hooks(first.name, [stage], reshard=False)
+            else:
+                self.optimizer.wait_before_forward(first.name, [stage])
         self.runner = PipelineRunner(self.stages, pstate, global_batch_size) if pstate.layout.pp > 1 else None
         #: Per-block CUDA graphs of training passes (None: eager), and the ranks' capture agreement.
         self.graphs = build_block_graphs(
@@ -283,6 +291,7 @@ class TrainEngine:
                 self.stages[0].set_shapes(mb.img_shapes, mb.num_target_tokens)
                 pred = self.stages[0](mb.hidden_states, mb.text, mb.sigma, text_mask=mb.text_mask)
                 total += loss_sum_over_global(pred, mb.target, num_samples).cpu()
+            self.optimizer.release_params()  # ZeRO-3: the units a forward leaves gathered
             return float(total)
         groups = shape_groups(microbatches)
         if not groups:  # the same on every rank of the pipeline: nothing to run or broadcast
@@ -292,6 +301,7 @@ class TrainEngine:
             loss = self.runner.evaluate([inputs[i] for i in idx], num_samples)
             if loss is not None:  # last stage
                 total = loss if total is None else total + loss
+        self.optimizer.release_params()
         return float(broadcast_loss_from_last_stage(total, self.pstate))
 
 

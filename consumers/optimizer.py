@@ -57,6 +57,11 @@ buffers, which are allocated once so CUDA graphs keep their addresses):
   the next step, which launches the next unit's gather. `finish_param_sync` completes them all
   (before anything reads the parameters outside a forward: checkpoints, CUDA-graph capture).
 
+ZeRO-2 and ZeRO-3 (`DataParallelConfig.sharding`): the gradients live in a few rotating one-unit
+slots (`consumers.grad_slots`) instead of the ``[dp, S]`` buffer; under ZeRO-3 the parameters are
+also freed between uses and gathered per unit before each forward and backward
+(`consumers.param_resharding`), through the same per-unit all-gather plan.
+
 One step (no host sync except ``float(grad_norm)``, read before the update to skip a step
 whose grad norm is not finite: see `DistributedOptimizer.step`):
 1. every unit's reduce-scatter (launched by the hooks, or now) is waited: the ``[S]`` shard holds
@@ -88,6 +93,7 @@ from torch.optim.optimizer import _get_fused_kernels_supported_devices
 
 from consumers.data_parallel import DataParallelConfig
 from consumers.grad_slots import GradientSlots
+from consumers.param_resharding import ParameterResharding
 from megatron_qwenimage.config import ConfigError
 from megatron_qwenimage.model.mappings import all_gather_single, reduce_scatter_single
 
@@ -422,9 +428,14 @@ class DistributedOptimizer:
 
         # Gradients: [dp, end - start] per unit in the reduction dtype; the hooks add into per-parameter views.
         grad_dtype = data_parallel.grad_dtype
-        #: ZeRO-2 (dp > 1): no whole-model gradient buffer; `consumers.grad_slots` rotates one-unit ones.
-        self.zero2 = data_parallel.sharding == "zero2" and self.dp > 1
-        self._grad_storage = None if self.zero2 else torch.zeros(self.dp * S, dtype=grad_dtype, device=self.device)
+        #: ZeRO-2 and ZeRO-3 (dp > 1): no whole-model gradient buffer; `consumers.grad_slots` rotates one-unit ones.
+        self.sharded_grads = data_parallel.sharding in ("zero2", "zero3") and self.dp > 1
+        #: ZeRO-3 (dp > 1): ZeRO-2's gradients, and each unit's parameters freed between uses
+        #: (`consumers.param_resharding`): the fp32 master shard is the only persistent copy.
+        self.zero3 = data_parallel.sharding == "zero3" and self.dp > 1
+        self._grad_storage = (
+            None if self.sharded_grads else torch.zeros(self.dp * S, dtype=grad_dtype, device=self.device)
+        )
         if self.dp == 1:  # the buffer is the reduced shard
             self._reduced = self._grad_storage
         else:  # [S]: what each unit's reduce-scatter writes (ZeRO-2: adds up over micro-batches)
@@ -438,7 +449,7 @@ class DistributedOptimizer:
                 for s in u.shards:
                     self._grad_pieces[s.name] = _row_pieces(s, u.grads, s.offset - u.start)
         self._slots: GradientSlots | None = None
-        if self.zero2:
+        if self.sharded_grads:
             self._slots = GradientSlots(
                 self.units,
                 dp=self.dp,
@@ -462,6 +473,16 @@ class DistributedOptimizer:
         self._gather_work: list[list | None] = [None] * len(self.units)
         self._next_to_wait: int | None = None  # first unit whose gather is not yet in its parameters
         self.forward_waits: list[int] = []  # units waited by forward hooks since the last update (tests read it)
+        if self.zero3:  # each parameter owns its storage, so a unit can free it (resize to 0) and re-allocate it
+            with torch.no_grad():
+                for s in self.shards:
+                    p = s.param
+                    if (
+                        p.storage_offset() != 0
+                        or not p.is_contiguous()
+                        or p.untyped_storage().nbytes() != p.numel() * p.element_size()
+                    ):
+                        p.data = p.detach().clone(memory_format=torch.contiguous_format)
         if self.dp > 1:
             depth = data_parallel.param_gather_depth
             slots = {}  # (slot, dtype) -> (send, recv) flat buffers of the largest unit of that slot
@@ -484,11 +505,26 @@ class DistributedOptimizer:
                     recv2d = recv[: self.dp * n].view(self.dp, n)
                     copies = []
                     for s in group:
-                        p_rows = s.param.detach().view(s.rows, s.cols)
+                        # ZeRO-3 writes into parameters that autograd saved for the backward: through
+                        # `.data`, an alias with its own version counter (FSDP's way), the write is
+                        # not an in-place change autograd must refuse.
+                        p_rows = (s.param.data if self.zero3 else s.param.detach()).view(s.rows, s.cols)
                         for view, lo, hi in _row_pieces(s, recv2d, s.offset - a):
                             copies.append((p_rows[lo:hi].view(view.shape), view))
                     plan.append((self._master_flat[a:b], None if send is None else send[:n], recv2d, copies))
                 self._gather_plan.append(plan)
+        #: ZeRO-3: which units' parameters are gathered; None unless `zero3`.
+        self.resharding: ParameterResharding | None = None
+        if self.zero3:
+            self.resharding = ParameterResharding(
+                [[s.param for s in u.shards] for u in self.units],
+                launch_gather=self._launch_gather,
+                land_gather=self._land_gather,
+                depth=data_parallel.param_gather_depth,
+                prefetch=data_parallel.overlap_param_gather,
+                names=[u.name for u in self.units],
+            )
+            self.resharding.free_all()
 
     def _make_units(self, units: Sequence[tuple[str, Sequence[str]]] | None) -> list[_Unit]:
         if units is None:
@@ -767,6 +803,9 @@ class DistributedOptimizer:
             for s in self.shards:
                 s.param.detach().copy_(self.master[s.name])
             return
+        if self.resharding is not None:  # ZeRO-3: stale gathered units are freed; forwards gather them
+            self.resharding.free_all()
+            return
         self.finish_param_sync()
         self.forward_waits = []
         self._next_to_wait = 0
@@ -784,6 +823,16 @@ class DistributedOptimizer:
         self._gather_work[i] = works
 
     @torch.no_grad()
+    def _land_gather(self, i: int) -> None:
+        """Wait for unit `i`'s all-gather and copy its receive buffer into the parameters."""
+        for work in self._gather_work[i]:
+            work.wait()
+        self._gather_work[i] = None
+        for _, _, _, copies in self._gather_plan[i]:
+            for dst, src in copies:
+                dst.copy_(src)
+
+    @torch.no_grad()
     def _sync_params_through(self, unit_index: int) -> None:
         """Wait for the all-gathers of units ``<= unit_index`` (forward order), copy them into the
         parameters, and launch the gathers that free their slots allow."""
@@ -792,12 +841,7 @@ class DistributedOptimizer:
             i = self._next_to_wait
             if self._gather_work[i] is None:
                 self._launch_gather(i)
-            for work in self._gather_work[i]:
-                work.wait()
-            self._gather_work[i] = None
-            for _, _, _, copies in self._gather_plan[i]:
-                for dst, src in copies:
-                    dst.copy_(src)
+            self._land_gather(i)
             if i + depth < len(self.units):
                 self._launch_gather(i + depth)
             self._next_to_wait = i + 1 if i + 1 < len(self.units) else None
@@ -807,6 +851,36 @@ class DistributedOptimizer:
         weights on return. Call before reading the parameters outside a forward."""
         if self._next_to_wait is not None:
             self._sync_params_through(len(self.units) - 1)
+
+    def reshard_hooks(self, unit_name: str, modules: Sequence[torch.nn.Module], *, reshard: bool) -> list:
+        """ZeRO-3: hooks on `modules` that gather unit `unit_name` before their forward and
+        backward and (`reshard`: a block) free it after each (`ParameterResharding.register`).
+        Returns the hook handles."""
+        if self.resharding is None:
+            raise RuntimeError("reshard_hooks: data_parallel.sharding is not zero3 (or dp == 1)")
+        index = next((i for i, u in enumerate(self.units) if u.name == unit_name), None)
+        if index is None:
+            raise KeyError(f"no unit named {unit_name!r}")
+        return self.resharding.register(index, modules, reshard=reshard)
+
+    def release_params(self) -> None:
+        """ZeRO-3: free every gathered unit (after a forward without backward: validation). No-op otherwise."""
+        if self.resharding is not None:
+            self.resharding.free_all()
+
+    @contextlib.contextmanager
+    def gathered_params(self):
+        """Within: every model parameter equals its master weights (ZeRO-3: every unit gathered,
+        and freed again on exit; otherwise the pending all-gathers are completed)."""
+        if self.resharding is None:
+            self.finish_param_sync()
+            yield
+            return
+        self.resharding.gather_all()
+        try:
+            yield
+        finally:
+            self.resharding.free_all()
 
     def wait_before_forward(self, unit_name: str, modules: Iterable[torch.nn.Module]) -> list:
         """Forward pre-hooks on `modules`: before each runs, the all-gathers of unit `unit_name`

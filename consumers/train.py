@@ -339,7 +339,7 @@ class RunConfig:
         cuda_graphs = _section(CudaGraphConfig, d.get("cuda_graphs"), "cuda_graphs")
         check_cuda_graph_layout(cuda_graphs, tp=parallel.tp, pp=parallel.pp, recompute_mode=recompute.mode)
         data_parallel = _section(DataParallelConfig, d.get("data_parallel"), "data_parallel")
-        data_parallel.check_layout(vpp=parallel.vpp)
+        data_parallel.check_layout(vpp=parallel.vpp, cuda_graphs=cuda_graphs.enabled)
         return cls(
             model=_model_config(d["model"]),
             parallel=parallel,

@@ -222,9 +222,16 @@ LAYOUTS = {
     "hsdp_dp4_shard2": ParallelLayout(dp=4, dp_shard=2),
     # ZeRO-2: gradients in two rotating one-unit slots, reduced per micro-batch (two per rank here).
     "pp2_dp2_zero2": ParallelLayout(tp=1, pp=2, dp=2),
+    # ZeRO-3: ZeRO-2's gradients, each block's parameters freed after its forward and backward.
+    "dp2_tp2_zero3": ParallelLayout(tp=2, pp=1, dp=2),
+    "pp2_dp2_zero3": ParallelLayout(tp=1, pp=2, dp=2),
 }
 #: Layouts trained with another DP engine config than the default.
-DATA_PARALLEL = {"pp2_dp2_zero2": DataParallelConfig(sharding="zero2")}
+DATA_PARALLEL = {
+    "pp2_dp2_zero2": DataParallelConfig(sharding="zero2"),
+    "dp2_tp2_zero3": DataParallelConfig(sharding="zero3"),
+    "pp2_dp2_zero3": DataParallelConfig(sharding="zero3"),
+}
 
 #: Runs with a deliberately broken stage boundary (one step each: then exactly the parameters
 #: upstream of the broken stream differ): name -> (layout, stream whose gradient is dropped).

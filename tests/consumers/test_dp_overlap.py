@@ -247,9 +247,11 @@ def test_combinations_that_cannot_work_are_one_line_refusals():
 
     with pytest.raises(ConfigError, match=r"^data_parallel.sharding=zero2 needs overlap_grad_reduce: true \("):
         DataParallelConfig(sharding="zero2", overlap_grad_reduce=False)
-    with pytest.raises(ConfigError, match=r"^data_parallel.sharding='zero3' is not built: .* expected one of"):
-        DataParallelConfig(sharding="zero3")
-    with pytest.raises(ConfigError, match=r"^data_parallel.sharding='zero4': expected one of \['zero1', 'zero2'\]$"):
+    with pytest.raises(ConfigError, match=r"^data_parallel.sharding=zero3 needs overlap_grad_reduce: true \("):
+        DataParallelConfig(sharding="zero3", overlap_grad_reduce=False)
+    with pytest.raises(
+        ConfigError, match=r"^data_parallel.sharding='zero4': expected one of \['zero1', 'zero2', 'zero3'\]$"
+    ):
         DataParallelConfig(sharding="zero4")
     with pytest.raises(ConfigError, match=r"^data_parallel.grad_reduce_dtype='float16': expected one of"):
         DataParallelConfig(grad_reduce_dtype="float16")
@@ -267,3 +269,9 @@ def test_combinations_that_cannot_work_are_one_line_refusals():
         RunConfig.from_dict(run)
     assert str(info.value).startswith("data_parallel.sharding=zero2 with parallel.vpp=2: the interleaved schedule")
     assert "\n" not in str(info.value)
+    graphed = {**run, "parallel": {}, "data_parallel": {"sharding": "zero3"}, "cuda_graphs": {"scope": "blocks"}}
+    with pytest.raises(ConfigError) as info:
+        RunConfig.from_dict(graphed)
+    assert str(info.value).startswith("data_parallel.sharding=zero3 with cuda_graphs.scope=blocks: graphed blocks")
+    assert "\n" not in str(info.value)
+    RunConfig.from_dict({**graphed, "cuda_graphs": {"scope": "none"}})  # zero3 itself is accepted

@@ -459,15 +459,18 @@ def perturb_zero_init(chunks, optimizer=None, *, seed: int = 0, std: float = PER
     """
     perturbed: dict[str, torch.Tensor] = {}
     params: dict[str, torch.Tensor] = {}
-    for chunk in chunks:
-        for name, t in chunk.named_model_tensors():
-            if isinstance(t, torch.nn.Parameter):
-                params[name] = t
-            if t.any():
-                continue
-            shard = chunk.shard_of(name, perturbation(name, chunk.full_shape(name, t), seed=seed, std=std))
-            t.copy_(shard)
-            perturbed[name] = shard
+    # ZeRO-3 frees the parameters between uses: gather them to read and perturb them.
+    with optimizer.gathered_params() if optimizer is not None else contextlib.nullcontext():
+        for chunk in chunks:
+            for name, t in chunk.named_model_tensors():
+                if isinstance(t, torch.nn.Parameter):
+                    params[name] = t
+                if t.any():
+                    continue
+                shard = chunk.shard_of(name, perturbation(name, chunk.full_shape(name, t), seed=seed, std=std))
+                t.copy_(shard)
+                perturbed[name] = shard
+        before = {n: p.detach().clone() for n, p in params.items()}
     if optimizer is not None:
         state = optimizer.state_tensors()
         for name, shard in perturbed.items():
@@ -479,11 +482,11 @@ def perturb_zero_init(chunks, optimizer=None, *, seed: int = 0, std: float = PER
                     dst = state[name][kind]
                     assert tuple(dst.shape) == tuple(shard[start:end].shape), (name, kind, dst.shape, shard.shape)
                     dst.copy_(shard[start:end])
-        before = {n: p.detach().clone() for n, p in params.items()}
         optimizer.load_master_into_params()
-        for n, p in params.items():
-            if not torch.equal(p.detach(), before[n]):
-                raise AssertionError(f"perturb_zero_init: master weights of {n} disagree with the model")
+        with optimizer.gathered_params():
+            for n, p in params.items():
+                if not torch.equal(p.detach(), before[n]):
+                    raise AssertionError(f"perturb_zero_init: master weights of {n} disagree with the model")
     return sorted(perturbed)
 
 
@@ -531,14 +534,15 @@ def gather_training_state(engine, dst: int = 0):
     from consumers.pipeline import named_trainable
 
     ps = engine.pstate
-    engine.optimizer.finish_param_sync()  # the last update's gathers may still be in flight
     opt_state = engine.optimizer.state_tensors()
     local = {}
-    for name, p, tp_dim in named_trainable(engine.chunks):
-        entry = {"param": p.detach().float().cpu().clone(), "tp_dim": tp_dim}
-        for kind, t in opt_state[name].items():
-            entry[kind] = t.detach().float().cpu().clone()
-        local[name] = entry
+    # The last update's gathers may still be in flight (ZeRO-3: the parameters are freed).
+    with engine.optimizer.gathered_params():
+        for name, p, tp_dim in named_trainable(engine.chunks):
+            entry = {"param": p.detach().float().cpu().clone(), "tp_dim": tp_dim}
+            for kind, t in opt_state[name].items():
+                entry[kind] = t.detach().float().cpu().clone()
+            local[name] = entry
     payload = ((ps.pp_rank, ps.tp_rank, ps.dp_rank), local)
     gathered = [None] * dist.get_world_size() if dist.get_rank() == dst else None
     dist.gather_object(payload, gathered, dst=dst)
