@@ -4,7 +4,8 @@ What a checkpoint holds (directory ``<root>/step_00001234``):
 
 * DCP tensors, keyed by canonical names (independent of TP/PP/DP):
   - ``model/<name>``: every parameter and carried buffer, a DTensor on the ``(tp, dp)`` mesh of its
-    pipeline rank with placements ``[Shard(tp_dim) | Replicate, Replicate]``;
+    pipeline rank with placements ``[Shard(tp_dim) | Replicate, Replicate]`` (ZeRO-3: parameters
+    ``[Shard(tp_dim) | Replicate, Shard(0)]``, from the master chunks; the same global tensors);
   - ``optim/<name>/{master,exp_avg,exp_avg_sq[,ema]}``: the ZeRO-1 chunks, placements
     ``[Shard(tp_dim) | Replicate, Shard(0)]`` (see `consumers.optimizer`).
   DCP stores each chunk with its global offsets, so any other TP/PP/DP layout reads exactly its
@@ -196,15 +197,24 @@ def build_state(engine, pstate: ParallelState) -> tuple[dict[str, DTensor], list
     dp_optim = [Replicate()] * (mesh.ndim - 2) + [Shard(0)]
     state: dict[str, DTensor] = {}
     pairs: list[tuple[torch.Tensor, DTensor]] = []
+    opt = engine.optimizer
+    # ZeRO-3 holds no whole parameters between forwards: a parameter is written from this rank's
+    # master chunk in the parameter dtype, sharded over DP like the optimizer state (the same
+    # global tensor; a load fills a temporary, the master weights then set the parameters).
+    zero3 = opt.resharding is not None
     for chunk in engine.chunks:
+        param_names = {name for name, _ in chunk.named_parameters()}
         for name, tensor in chunk.named_model_tensors():
             dim = chunk.partition_dims[name]
             tp_place = Shard(dim) if dim is not None else Replicate()
-            local = tensor.detach()
-            dt = _dtensor(local, mesh, [tp_place, *dp_model], chunk.full_shape(name, tensor))
+            if zero3 and name in param_names:
+                local = opt.master[name].to(tensor.dtype)
+                dt = _dtensor(local, mesh, [tp_place, *dp_optim], chunk.full_shape(name, tensor))
+            else:
+                local = tensor.detach()
+                dt = _dtensor(local, mesh, [tp_place, *dp_model], chunk.full_shape(name, tensor))
             state[f"model/{name}"] = dt
             pairs.append((local, dt))
-    opt = engine.optimizer
     full_shapes = {name: chunk.full_shape(name, p) for chunk in engine.chunks for name, p in chunk.named_parameters()}
     opt_state = opt.state_tensors()
     for s in opt.shards:

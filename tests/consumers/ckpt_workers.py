@@ -8,6 +8,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from consumers.checkpoint import CheckpointConfig, CheckpointManager
+from consumers.data_parallel import DataParallelConfig
 from consumers.engine import TrainEngine
 from consumers.parallel import ParallelLayout, init_parallel
 from megatron_qwenimage.config import load_config
@@ -31,7 +32,9 @@ from tests.helpers.consumers import (
 )
 
 
-def _engine(layout: ParallelLayout, *, optimizer=OPT, perturb: bool = False):
+def _engine(
+    layout: ParallelLayout, *, optimizer=OPT, perturb: bool = False, data_parallel: DataParallelConfig | None = None
+):
     """A `TrainEngine` at `layout`; `perturb`: leave the adaLN-Zero init (`perturb_zero_init`,
     model and fp32 master / EMA alike) right after building it, so every tensor gets gradients."""
     pstate = init_parallel(layout)
@@ -39,6 +42,7 @@ def _engine(layout: ParallelLayout, *, optimizer=OPT, perturb: bool = False):
         load_config("tiny-16ch", **MODEL),
         pstate,
         optimizer=optimizer,
+        data_parallel=data_parallel or DataParallelConfig(),
         seed=SEED,
         global_batch_size=GLOBAL_BATCH,
         init_seed=0,
@@ -92,8 +96,9 @@ class _States:
 
 
 def reshard_worker(rank: int, world: int, root: str) -> dict:
-    """TP2·PP2 -> TP1·DP4 as HSDP (optimizer state sharded over 2, replicated twice) -> TP2·PP2
-    with EMA, from a perturbed (non adaLN-Zero) init.
+    """TP2·PP2 -> TP1·DP4 as HSDP (optimizer state sharded over 2, replicated twice) with ZeRO-3
+    (parameters freed between uses, written from the master shards) -> TP2·PP2 with EMA, from a
+    perturbed (non adaLN-Zero) init.
 
     Rank 0 gathers every parameter, fp32 master, exp_avg, exp_avg_sq and EMA by canonical name:
     of the uninterrupted run after 2, 3 and 4 steps, and of each resumed run right after its load
@@ -102,6 +107,7 @@ def reshard_worker(rank: int, world: int, root: str) -> dict:
     """
     a = ParallelLayout(tp=2, pp=2, dp=1, sequence_parallel=True)
     b = ParallelLayout(tp=1, pp=1, dp=4, dp_shard=2)
+    ZERO3 = DataParallelConfig(sharding="zero3")
     states = _States()
     # Uninterrupted run at TP2·PP2, checkpoint after 2 steps.
     pstate, engine = _engine(a, optimizer=OPT_EMA, perturb=True)
@@ -114,7 +120,7 @@ def reshard_worker(rank: int, world: int, root: str) -> dict:
     uninterrupted += _run(engine, pstate, [3])
     ref[4] = states.gather(engine)
     # Resume at TP1·DP4 from the TP2·PP2 checkpoint; checkpoint again after step 2.
-    pstate, engine = _engine(b, optimizer=OPT_EMA, perturb=True)
+    pstate, engine = _engine(b, optimizer=OPT_EMA, perturb=True, data_parallel=ZERO3)
     meta = CheckpointManager(CheckpointConfig(dir=f"{root}/a"), pstate).load_latest(engine)
     assert meta is not None and meta["step"] == 2 and meta["reader"] == {"step": 2}
     states.check("b_loaded", engine, ref[2], exact=True)

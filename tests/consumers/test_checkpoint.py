@@ -1,4 +1,4 @@
-"""Must show: save at TP2·PP2, resume at TP1·DP4 as HSDP (two shard pairs; and the reverse): the resumed run's full training
+"""Must show: save at TP2·PP2, resume at TP1·DP4 as HSDP (two shard pairs) with ZeRO-3 (and the reverse): the resumed run's full training
 state equals the uninterrupted run's; a corrupted or partial checkpoint is refused and the previous
 one is used.
 

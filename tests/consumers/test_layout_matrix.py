@@ -12,7 +12,10 @@ bounds of test_layouts.py).
 | tp2sp_dp2     | TP2 + SP x DP2   | while the ranks wait for the cache  | PP2 x DP2    |
 | pp2_dp2       | PP2 x DP2        | during a step                       | TP2 x PP2    |
 | tp2_pp2       | TP2 x PP2        | during a step                       | TP2 + SP x DP2 |
-| hsdp_zero2    | HSDP DP4 (shards of 2), ZeRO-2 | during a step         | TP2 x PP2 (ZeRO-1) |
+| hsdp_zero2_zero3 | HSDP DP4 (shards of 2), ZeRO-2 | during a step      | TP2 + SP x DP2, ZeRO-3 |
+
+The last cell's second run holds no whole parameters between uses (ZeRO-3): its checkpoints write
+the parameters from the master shards, and the final export reads those.
 
 The cache holds 4 steps of samples (snapshot v1) when a run starts; the run trains them and
 waits; the test then commits 4 more steps' worth (snapshot v2), so the data order is the same
@@ -55,12 +58,13 @@ TP2_PP2 = {"tp": 2, "pp": 2}
 #: HSDP: the optimizer state sharded over pairs of DP ranks, replicated across the two pairs.
 HSDP_DP4 = {"dp_shard": 2}
 ZERO2 = {"sharding": "zero2"}
-#: cell -> (first layout, resume layout, where the SIGTERM lands[, first run's data_parallel section])
+ZERO3 = {"sharding": "zero3"}
+#: cell -> (first layout, resume layout, where the SIGTERM lands, the two runs' data_parallel sections)
 CELLS = {
-    "tp2sp_dp2": (TP2_SP_DP2, PP2_DP2, "waiting"),
-    "pp2_dp2": (PP2_DP2, TP2_PP2, "step"),
-    "tp2_pp2": (TP2_PP2, TP2_SP_DP2, "step"),
-    "hsdp_zero2": (HSDP_DP4, TP2_PP2, "step", ZERO2),
+    "tp2sp_dp2": (TP2_SP_DP2, PP2_DP2, "waiting", {}, {}),
+    "pp2_dp2": (PP2_DP2, TP2_PP2, "step", {}, {}),
+    "tp2_pp2": (TP2_PP2, TP2_SP_DP2, "step", {}, {}),
+    "hsdp_zero2_zero3": (HSDP_DP4, TP2_SP_DP2, "step", ZERO2, ZERO3),
 }
 
 
@@ -185,7 +189,7 @@ def reference(data, tmp_path_factory) -> Path:
 @pytest.mark.parametrize("cell", list(CELLS))
 def test_cell_equals_one_process(cell, data, reference, tmp_path):
     root, cache, val = data
-    first, second, stop_at, *first_dp = CELLS[cell]
+    first, second, stop_at, first_dp, second_dp = CELLS[cell]
     cache = _copy_cache(cache, tmp_path / "cache")
     out = tmp_path / "run"
     # Loading inline, the wait's log line says the training loop itself waits (the prefetch thread
@@ -193,10 +197,7 @@ def test_cell_equals_one_process(cell, data, reference, tmp_path):
     prefetch_steps = 0 if stop_at == "waiting" else 2
 
     # Phase 1: the first layout, stopped by SIGTERM (the whole job at once, as Slurm signals a step).
-    first_config = _config(
-        root, cache, val, out, first, prefetch_steps=prefetch_steps, data_parallel=first_dp[0] if first_dp else None
-    )
-    job = _launch(first_config, nproc=4)
+    job = _launch(_config(root, cache, val, out, first, prefetch_steps=prefetch_steps, data_parallel=first_dp), nproc=4)
     if stop_at == "waiting":
         job.wait_for(WAITING)
     else:
@@ -204,7 +205,7 @@ def test_cell_equals_one_process(cell, data, reference, tmp_path):
     signal_job(job.proc, signal.SIGTERM)
     assert job.wait() != 0, job.text[-3000:]
     log1 = job.text
-    if cell == "hsdp_zero2":  # the first run really trained HSDP + ZeRO-2
+    if cell == "hsdp_zero2_zero3":  # the first run really trained HSDP + ZeRO-2
         assert "optimizer state sharded zero2 over 2 DP ranks x 2 replicas" in log1, log1[-3000:]
     assert "qwenimage train: stopped by SIGTERM; committed work is kept, rerun to resume" in log1, log1[-3000:]
     train1, _ = _records(out)
@@ -217,7 +218,9 @@ def test_cell_equals_one_process(cell, data, reference, tmp_path):
         assert 2 <= stopped_at <= 4, stopped_at
 
     # Phase 2: the same command in another layout resumes, the cache grows, training ends.
-    job = _launch(_config(root, cache, val, out, second, prefetch_steps=prefetch_steps), nproc=4)
+    job = _launch(
+        _config(root, cache, val, out, second, prefetch_steps=prefetch_steps, data_parallel=second_dp), nproc=4
+    )
     if stop_at == "waiting":
         job.wait_for(f"resumed from {out / 'ckpt'}/step_{stopped_at:08d}")
         grow_cache(cache, "p1", samples_per_bucket=SAMPLES_PER_SNAPSHOT, seed=1)
@@ -225,6 +228,8 @@ def test_cell_equals_one_process(cell, data, reference, tmp_path):
         _grow_when_waiting(job, cache)
     assert job.wait() == 0, job.text[-3000:]
     assert f"resumed from {out / 'ckpt'}/step_{stopped_at:08d}" in job.text, job.text[-3000:]
+    if cell == "hsdp_zero2_zero3":
+        assert "optimizer state sharded zero3 over 2 DP ranks x 1 replicas" in job.text, job.text[-3000:]
 
     train, val_loss = _records(out)
     ref_train, ref_val = _records(reference)
