@@ -681,6 +681,14 @@ def _positive_int(name: str, value) -> None:
 IMPLEMENTATIONS = ("generic", "ours")
 
 
+#: DP engine modes (`consumers.data_parallel.DataParallelConfig.sharding`).
+SHARDINGS = ("zero1", "zero2", "zero3")
+#: ZeRO-3: blocks whose whole parameters are allocated at once on a rank at the peak: the block
+#: that runs (a block is freed after its forward, and after its backward before the gradients
+#: reach the block before it; tests/consumers/test_zero3.py and test_memory_prediction.py show it).
+ZERO3_LIVE_BLOCKS = 1
+
+
 def memory_per_gpu(
     config: MMDiTConfig,
     tp: int,
@@ -737,6 +745,8 @@ def memory_per_gpu(
       ``[dp, ·]`` receive buffer, in `params_dtype` (no second full copy of the parameters);
       with ``sharding="zero2"`` the gradients are `grad_slots` one-unit ``[dp, ·]`` slots of the
       largest unit instead of the ``[dp, S]`` buffer, plus their reduce-scatter outputs;
+      ``sharding="zero3"`` has zero2's gradients, and its parameters are the peak of what is
+      gathered at once: the embedders, the head and `ZERO3_LIVE_BLOCKS` block(s);
     * ``torch.distributed.pipelining``'s receive buffers (``buffers_bytes``): every non-first
       stage one per micro-batch of the step for its inputs (``img``, ``txt``, ``temb``), every
       non-last stage one per micro-batch for its outputs' gradients (`num_microbatches`; pp
@@ -751,8 +761,8 @@ def memory_per_gpu(
     _positive_int("image_tokens", image_tokens)
     _positive_int("recompute_every", recompute_every)
     _positive_int("gather_depth", gather_depth)
-    if sharding not in ("zero1", "zero2"):
-        raise ValueError(f"sharding={sharding!r}: expected zero1 or zero2")
+    if sharding not in SHARDINGS:
+        raise ValueError(f"sharding={sharding!r}: expected one of {SHARDINGS}")
     _positive_int("grad_slots", grad_slots)
     if dp_shard is not None:
         _positive_int("dp_shard", dp_shard)
@@ -826,7 +836,7 @@ def memory_per_gpu(
                     units[-2] -= -(-unused // shard_dp)  # the last block's unused text-side tensors
                 slots = [max(units[k::gather_depth]) for k in range(min(gather_depth, len(units)))]
                 buffers += sum(slots) * ((0 if p_bytes == 4 else p_bytes) + shard_dp * p_bytes)
-                if sharding == "zero2":  # `grad_slots` one-unit [dp, n] slots and their [n] outputs
+                if sharding in ("zero2", "zero3"):  # `grad_slots` one-unit [dp, n] slots and their [n] outputs
                     grads = grad_slots * max(units) * shard_dp * g_bytes
                     buffers += grad_slots * max(units) * g_bytes
             stream = (n + t) * d * p_bytes + d * p_bytes  # img, txt, temb of one sample
@@ -871,6 +881,12 @@ def memory_per_gpu(
                 per_mb += nt * _LN_STATS_BYTES + 2 * d * p_bytes
         activations = per_mb * micro_batch * in_flight + live
 
+        if ours and sharding == "zero3" and shard_dp > 1:
+            # Whole parameters only where they are used: the embedders and the head (gathered for
+            # a micro-batch's forward and backward) and ZERO3_LIVE_BLOCKS block(s) at once.
+            held = min(nb, ZERO3_LIVE_BLOCKS) * block_params + (first + temb if is_first else 0)
+            held += head if is_last else 0
+            held += unused if nb > ZERO3_LIVE_BLOCKS else 0  # the last block's carried buffers stay
         stages.append(
             StageMemory(
                 stage=i,

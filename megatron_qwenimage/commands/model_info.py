@@ -109,10 +109,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--sharding",
-        choices=("zero1", "zero2"),
+        choices=accounting.SHARDINGS,
         default="zero1",
         help="zero1: a whole-model gradient buffer; zero2: two one-unit gradient slots reduced per "
-        "micro-batch, as the run config's data_parallel.sharding (default: %(default)s)",
+        "micro-batch; zero3: zero2, and each block's parameters freed between its forward and "
+        "backward (one block whole at a time), as the run config's data_parallel.sharding "
+        "(default: %(default)s)",
     )
     p.add_argument(
         "--grad-reduce-dtype",
@@ -259,7 +261,7 @@ def render(info: dict[str, Any], console) -> None:
             f"tp={lay['tp']} pp={lay['pp']} dp={lay['dp']}"
             f"{'' if lay['dp_shard'] is None else ' (HSDP: shards of ' + str(lay['dp_shard']) + ')'} micro-batch={lay['micro_batch']} "
             f"recompute={lay['recompute']}{' +SP' if lay['sequence_parallel'] else ''}; bf16 params, "
-            f"{'fp32' if lay['grad_dtype'] == 'float32' else 'bf16'} grads, AdamW{(' ZeRO-2' if lay['sharding'] == 'zero2' else ' ZeRO-1') if lay['zero1'] else ''}"
+            f"{'fp32' if lay['grad_dtype'] == 'float32' else 'bf16'} grads, AdamW{(' ZeRO-' + lay['sharding'][-1]) if lay['zero1'] else ''}"
         ),
     )
     mem.add_column("what")

@@ -174,3 +174,13 @@ def test_zero2_keeps_two_units_of_gradients_instead_of_the_models():
     # 60 blocks (and the embedders and head) of gradients down to the two largest units.
     assert zero2["grads"] < zero1["grads"] / 20
     assert zero2["params"] == zero1["params"] and zero2["optimizer"] == zero1["optimizer"]
+
+
+def test_zero3_holds_one_block_of_whole_parameters_instead_of_the_models():
+    cfg = load_config("qwen-image-20b")
+    kw = dict(tp=2, pp=1, dp=64, micro_batch=1, height=1024, width=1024, text_tokens=256)
+    zero2 = model_info.model_info(cfg, **kw, sharding="zero2")["memory_per_gpu_bytes"]
+    zero3 = model_info.model_info(cfg, **kw, sharding="zero3")["memory_per_gpu_bytes"]
+    # 60 blocks of bf16 parameters down to one block, the embedders and the head.
+    assert zero3["params"] < zero2["params"] / 30
+    assert zero3["grads"] == zero2["grads"] and zero3["optimizer"] == zero2["optimizer"]

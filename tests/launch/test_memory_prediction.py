@@ -1,9 +1,10 @@
 """The planner's memory prediction against the real tensors of a real engine (tiny model, CPU).
 
-What is measured, per rank of each layout (TP1 with each recompute mode; TP2, TP2 + SP, ZeRO-1
-over DP2 with bf16 parameters, PP2 and PP2 with full recompute on two gloo ranks):
+What is measured, per rank of each layout (TP1 with each recompute mode; TP2, TP2 + SP, ZeRO-1,
+-2 and -3 over DP2 with bf16 parameters, PP2 and PP2 with full recompute on two gloo ranks):
 
-* parameters, gradients, optimizer state and the optimizer's communication buffers: the bytes of
+* parameters (ZeRO-3: the peak of the parameter storage allocated during one step), gradients,
+  optimizer state and the optimizer's communication buffers: the bytes of
   the unique storages of the engine's tensors (the model chunks' parameters and carried buffers;
   every tensor reachable from its `DistributedOptimizer`, by attribute);
 * PP receive buffers: every tensor `torch.distributed.pipelining` holds after one real step;
@@ -53,6 +54,7 @@ LAYOUTS_2 = {
     "dp2_bf16_grad_bf16": (1, 1, 2, False, "none", "bfloat16"),
     "hsdp_dp2_shard1": (1, 1, 2, False, "none", "bfloat16"),
     "dp2_bf16_zero2": (1, 1, 2, False, "none", "bfloat16"),
+    "dp2_bf16_zero3": (1, 1, 2, False, "none", "bfloat16"),
     "pp2": (1, 2, 1, False, "none", "float32"),
     "pp2_full": (1, 2, 1, False, "full", "float32"),
 }
@@ -60,8 +62,8 @@ LAYOUTS_2 = {
 GRAD_REDUCE_DTYPE = {"dp2_bf16_grad_bf16": "bfloat16"}
 #: HSDP layouts: DP ranks per optimizer-state shard (``parallel.dp_shard``); 1: every rank holds it all.
 DP_SHARD = {"hsdp_dp2_shard1": 1}
-#: ZeRO-2 layouts (``data_parallel.sharding``).
-ZERO2 = {"dp2_bf16_zero2"}
+#: ``data_parallel.sharding`` of the layouts not on ZeRO-1.
+SHARDING = {"dp2_bf16_zero2": "zero2", "dp2_bf16_zero3": "zero3"}
 
 
 def _config(dtype: str):
@@ -120,13 +122,14 @@ def _optimizer_part(path: str) -> str:
 
 def _saved_bytes(fn, exclude: set[int], per_module: dict | None = None):
     """Run `fn` under saved-tensor hooks; bytes of the unique storages autograd saves (not in
-    `exclude`), and `fn`'s result. `per_module`: filled with bytes per current ``["block"]``."""
+    `exclude`, storage identities: ``untyped_storage()._cdata``, which ZeRO-3's re-allocation keeps),
+    and `fn`'s result. `per_module`: filled with bytes per current ``["block"]``."""
     seen: dict[int, int] = {}
 
     def pack(t):
         st = t.untyped_storage()
         ptr = st.data_ptr()
-        if ptr and ptr not in exclude and ptr not in seen:
+        if ptr and st._cdata not in exclude and ptr not in seen:
             seen[ptr] = st.nbytes()
             if per_module is not None and per_module.get("current") is not None:
                 key = per_module["current"]
@@ -163,7 +166,7 @@ def _stage_forward(engine, pstate, *, with_loss: bool = True, per_block: dict | 
             for shape in ((n, b, d), (TEXT, b, d), (b, d))
         )
     target = torch.randn(b, n, cfg.in_channels, generator=gen)
-    exclude = {t.untyped_storage().data_ptr() for _, t in model.named_model_tensors()}
+    exclude = {t.untyped_storage()._cdata for _, t in model.named_model_tensors()}
     hooks = []
     if per_block is not None:
         for name, block in model.blocks.items():
@@ -182,9 +185,26 @@ def _stage_forward(engine, pstate, *, with_loss: bool = True, per_block: dict | 
     return nbytes
 
 
+def _microbatches(dp: int) -> list:
+    """This DP rank's micro-batches of one step (random latents and text)."""
+    from consumers.batch import Batch
+
+    gen = torch.Generator().manual_seed(7)
+    return [
+        Batch(
+            latents=torch.randn(MICRO_BATCH, 16, LATENT, LATENT, generator=gen),
+            text=torch.randn(MICRO_BATCH, TEXT, 32, generator=gen),
+            text_mask=torch.ones(MICRO_BATCH, TEXT, dtype=torch.bool),
+            sample_index=torch.arange(i * MICRO_BATCH, (i + 1) * MICRO_BATCH),
+            condition_latents=[],
+            task="t2i",
+        )
+        for i in range(GLOBAL_BATCH // (MICRO_BATCH * dp))
+    ]
+
+
 def measure(name: str, layout_spec: tuple) -> dict:
     """Build the engine of `layout_spec` on this rank and measure its tensors (see the module doc)."""
-    from consumers.batch import Batch
     from consumers.data_parallel import DataParallelConfig
     from consumers.engine import TrainEngine
     from consumers.optimizer import OptimizerConfig
@@ -199,7 +219,7 @@ def measure(name: str, layout_spec: tuple) -> dict:
         optimizer=OptimizerConfig(lr=1e-3),
         recompute=RecomputeConfig(mode=recompute),
         data_parallel=DataParallelConfig(
-            grad_reduce_dtype=GRAD_REDUCE_DTYPE.get(name, "float32"), sharding="zero2" if name in ZERO2 else "zero1"
+            grad_reduce_dtype=GRAD_REDUCE_DTYPE.get(name, "float32"), sharding=SHARDING.get(name, "zero1")
         ),
         global_batch_size=GLOBAL_BATCH,
     )
@@ -209,10 +229,23 @@ def measure(name: str, layout_spec: tuple) -> dict:
         for _, t in chunk.named_model_tensors():
             params[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     out["parts"]["params"] = sum(params.values())
+    resharding = engine.optimizer.resharding
+    if resharding is not None:  # ZeRO-3: the peak of the parameter storage allocated during a step
+        tensors = [t for chunk in engine.chunks for _, t in chunk.named_model_tensors()]
+        peak = [0]
+        land = resharding._land
+
+        def counting_land(i):
+            land(i)
+            peak[0] = max(peak[0], sum(t.untyped_storage().nbytes() for t in tensors))
+
+        resharding._land = counting_land
+        engine.train_step(0, _microbatches(dp))
+        out["parts"]["params"] = peak[0]
     found: dict = {}
     _walk_tensors(engine.optimizer, "opt", found, set())
     for ptr, (nbytes, path) in found.items():
-        if ptr in params:
+        if ptr in params or ptr == 0:
             continue
         part = _optimizer_part(path)
         out["parts"][part] = out["parts"].get(part, 0) + nbytes
@@ -230,20 +263,7 @@ def measure(name: str, layout_spec: tuple) -> dict:
     if pp > 1:  # one real step builds the schedule and its receive buffers
         for chunk in engine.chunks:
             chunk.configure_recompute(recompute)
-        gen = torch.Generator().manual_seed(7)
-        mbs = []
-        for i in range(GLOBAL_BATCH // (MICRO_BATCH * dp)):
-            mbs.append(
-                Batch(
-                    latents=torch.randn(MICRO_BATCH, 16, LATENT, LATENT, generator=gen),
-                    text=torch.randn(MICRO_BATCH, TEXT, 32, generator=gen),
-                    text_mask=torch.ones(MICRO_BATCH, TEXT, dtype=torch.bool),
-                    sample_index=torch.arange(i * MICRO_BATCH, (i + 1) * MICRO_BATCH),
-                    condition_latents=[],
-                    task="t2i",
-                )
-            )
-        engine.train_step(0, mbs)
+        engine.train_step(0, _microbatches(dp))
         found = {}
         _walk_tensors(engine.runner, "runner", found, set())
         out["parts"]["pipeline_buffers"] = sum(
@@ -293,7 +313,7 @@ def predict(
 def _compare(name: str, spec: tuple, measured: dict) -> list[str]:
     """Rows of the comparison; asserts every bound."""
     label = name.split(" ")[0]
-    sharding = "zero2" if label in ZERO2 else "zero1"
+    sharding = SHARDING.get(label, "zero1")
     pred = predict(spec, measured["stage"], GRAD_REDUCE_DTYPE.get(label, "float32"), DP_SHARD.get(label), sharding)
     meas = dict(measured["parts"])
     meas["activations"] = measured["activations_saved"] + (measured["largest_block"] if spec[4] == "full" else 0)
@@ -358,3 +378,6 @@ def test_layouts_change_what_is_measured(measured):
     # ZeRO-2: two units' gradient slots instead of the whole [2, S] buffer.
     zero2 = measured[("dp2_bf16_zero2", 0)]["parts"]
     assert zero2["grads"] < 0.6 * dp2["parts"]["grads"], (zero2, dp2["parts"])
+    # ZeRO-3: at its peak a step holds the embedders, the head and one of the four blocks.
+    zero3 = measured[("dp2_bf16_zero3", 0)]["parts"]
+    assert zero3["params"] < 0.5 * dp2["parts"]["params"] and zero3["grads"] == zero2["grads"], (zero3, zero2)
