@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from consumers.train import RunConfig, preflight
+from consumers.run_config import RunConfig, preflight
 from megatron_qwenimage.config import ConfigError
 from megatron_qwenimage.errors import UserError, collective, mark_collective
 
