@@ -162,7 +162,7 @@ def run_snapshot(args) -> int:
 
 def run_sweep(args) -> int:
     from megatron_qwenimage.cache import open_cache
-    from megatron_qwenimage.cache.commit import sweep_orphans
+    from megatron_qwenimage.cache.sweep import sweep_orphans
 
     grace = _grace_flag(args.grace)
     with _warnings_as_lines("sweep"):

@@ -32,8 +32,9 @@ from dataclasses import dataclass, field
 import fsspec
 import psutil
 
-from megatron_qwenimage.cache.commit import commit_record_names, read_commit, sweep_orphans
+from megatron_qwenimage.cache.commit import commit_record_names, read_commit
 from megatron_qwenimage.cache.manifest import CACHE_INFO_FILE, init_cache, open_cache
+from megatron_qwenimage.cache.sweep import sweep_orphans
 from megatron_qwenimage.errors import UserError
 from megatron_qwenimage.monitor.file_sd import check_run_label, default_run_label
 from megatron_qwenimage.processes import descendants, terminate

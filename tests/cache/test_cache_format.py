@@ -12,9 +12,10 @@ import torch
 import zarr
 
 from megatron_qwenimage.cache import Bucket, SampleMeta, ShardChecksumError, ShardTensors, init_cache, open_cache
-from megatron_qwenimage.cache.commit import CommitError, CommitRecord, PartitionAttempt, list_commits, sweep_orphans
+from megatron_qwenimage.cache.commit import CommitError, CommitRecord, PartitionAttempt, list_commits
 from megatron_qwenimage.cache.manifest import CacheError
 from megatron_qwenimage.cache.shard_format import offsets_from_lengths
+from megatron_qwenimage.cache.sweep import sweep_orphans
 from megatron_qwenimage.cache.verify import verify_cache
 from megatron_qwenimage.cache.writer import QuarantineRow, ShardPayload, publish_partition, read_quarantine
 from megatron_qwenimage.config import ConfigError

@@ -6,8 +6,9 @@ import json
 import os
 import time
 
-from megatron_qwenimage.cache.commit import PartitionAttempt, sweep_orphans
+from megatron_qwenimage.cache.commit import PartitionAttempt
 from megatron_qwenimage.cache.manifest import init_cache
+from megatron_qwenimage.cache.sweep import sweep_orphans
 
 DAY_S = 86400.0
 

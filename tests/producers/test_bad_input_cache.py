@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 
 from megatron_qwenimage.cache import open_cache, verify_cache
-from megatron_qwenimage.cache.commit import PartitionAttempt, read_commit, sweep_orphans
+from megatron_qwenimage.cache.commit import PartitionAttempt, read_commit
 from megatron_qwenimage.cache.storage import CacheStorage
+from megatron_qwenimage.cache.sweep import sweep_orphans
 from megatron_qwenimage.cache.writer import publish_partition
 from megatron_qwenimage.cli import main
 from tests.helpers.producers import run_cli
