@@ -27,7 +27,7 @@ from pathlib import Path
 
 from PIL import Image, ImageFilter, ImageOps
 
-from producers.sources import SourceError
+from producers.items import SourceError
 
 MANIFEST = "manifest.jsonl"
 

@@ -19,7 +19,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from producers.sources import InputItem, SourceError
+from producers.items import InputItem, SourceError
 
 URI_PREFIX = "synthetic:text/"
 #: Kinds of ``synthetic:KIND?...`` inputs.
