@@ -27,7 +27,7 @@
       signal_before_s: 120                # SIGTERM this long before the hard kill (Slurm: the time limit;
                                           # Kubernetes: the pods' termination grace): checkpoint, requeue
       max_restarts: 5                     # requeues before the job gives up
-      gpu: h200                           # optional: the GPU model (`launch.plan.GPUS`) the capacity
+      gpu: h200                           # optional: the GPU model (`megatron_qwenimage.planner.GPUS`) the capacity
                                           # planner predicts the step time for (default h200)
       step_time_s: null                   # optional: your measured seconds per step (overrides the prediction)
       config: {...}                       # or a path: the run config `qwenimage train` takes
@@ -41,7 +41,7 @@ not equal to the consumer GPUs, heads not divisible by TP, more stages than bloc
 does not exist, an unreachable Ray address, a time limit shorter than one checkpoint interval.
 
 The time limit check takes ``consumer.step_time_s`` when given, else (on GPUs) the capacity planner's
-prediction for ``consumer.gpu`` (`predict_step_time`: `launch.plan.step_time` for the run config's
+prediction for ``consumer.gpu`` (`predict_step_time`: `megatron_qwenimage.planner.step_time` for the run config's
 model, layout, recompute, precision and the slowest bucket of its stages); CPU jobs
 (``gpus_per_node: 0``) without a step time are not checked.
 """
@@ -207,8 +207,8 @@ class ConsumerJob:
     """torchrun processes per node: ``procs_per_node``, else ``gpus_per_node`` (one per GPU), else 1."""
     master_port: int = 29500
     gpu: str | None = None
-    """The GPU model (a `launch.plan.GPUS` name) of the step time prediction; None: the planner's
-    measured GPU (`launch.plan.MEASURED_GPU`)."""
+    """The GPU model (a `megatron_qwenimage.planner.GPUS` name) of the step time prediction; None: the planner's
+    measured GPU (`megatron_qwenimage.planner.MEASURED_GPU`)."""
 
     @property
     def shutdown_timeout_s(self) -> int:
@@ -328,7 +328,7 @@ def job_spec_from_dict(d: Any, source: str = "<dict>", *, check_paths: bool = Tr
         )
     autoscale = None
     if p.get("autoscale") is not None:
-        from launch.autoscale_cli import check_section
+        from launch.autoscale_settings import check_section
 
         autoscale = check_section(p["autoscale"])
     spec = JobSpec(
@@ -343,7 +343,7 @@ def job_spec_from_dict(d: Any, source: str = "<dict>", *, check_paths: bool = Tr
     )
     _check_time_limit(spec)
     if autoscale is not None:
-        from launch.autoscale_cli import resolve
+        from launch.autoscale_settings import resolve
 
         resolve(None, spec)  # the band, the bounds, the pools: checked before anything is submitted
     _check_data_parallel(spec)
@@ -379,9 +379,9 @@ class StepTimePrediction:
     text_tokens: int
     precision: str
     layout: Any
-    """The `launch.plan.Layout` of the consumer world."""
+    """The `megatron_qwenimage.planner.Layout` of the consumer world."""
     parts: dict[str, float] = field(default_factory=dict)
-    """`launch.plan.step_time`'s parts of the slowest bucket."""
+    """`megatron_qwenimage.planner.step_time`'s parts of the slowest bucket."""
 
     def describe(self) -> str:
         gpu = f"{self.gpu}, the planner's measured GPU (set consumer.gpu)" if self.gpu_assumed else self.gpu
@@ -395,21 +395,21 @@ class StepTimePrediction:
 
 
 def predict_step_time(spec: JobSpec, gpu: str | None = None) -> StepTimePrediction:
-    """Seconds per optimizer step of the consumer by the capacity planner's model (`launch.plan`).
+    """Seconds per optimizer step of the consumer by the capacity planner's model (`megatron_qwenimage.planner`).
 
     The run config's model, its layout on the consumer world (`RunConfig.layout`; the planner
     ignores vpp), recompute mode, precision (``fp8`` when ``precision.fp8`` is set, else ``bf16``),
     ``data.text_length`` (else the planner's default text tokens), the DP reduction dtype and gather
     depth (``data_parallel``) and, per stage and bucket, the
     micro-batch and the micro-batches per step ``max(pp, ceil(global_batch / (dp x micro_batch)))``
-    (as `launch.plan.plan_bucket` counts them), on `gpu` (default ``consumer.gpu``, else
-    `launch.plan.MEASURED_GPU`, the card the planner's rates were measured on). The slowest bucket
+    (as `megatron_qwenimage.planner.plan_bucket` counts them), on `gpu` (default ``consumer.gpu``, else
+    `megatron_qwenimage.planner.MEASURED_GPU`, the card the planner's rates were measured on). The slowest bucket
     of all stages is returned (the conservative choice for a time limit).
     """
     import math
 
     from consumers.train import RunConfig
-    from launch import plan
+    from megatron_qwenimage import planner as plan
     from megatron_qwenimage.cache.shard_format import Bucket
     from megatron_qwenimage.config import PIXELS_PER_TOKEN_SIDE
 
@@ -471,7 +471,7 @@ def predict_step_time(spec: JobSpec, gpu: str | None = None) -> StepTimePredicti
 
 
 def _check_gpu(gpu: Any) -> None:
-    from launch.plan import GPUS
+    from megatron_qwenimage.planner import GPUS
 
     if not isinstance(gpu, str) or gpu not in GPUS:
         raise ConfigError(f"consumer.gpu={gpu!r}: not a GPU the capacity planner knows; expected one of {sorted(GPUS)}")

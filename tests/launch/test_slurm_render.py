@@ -403,7 +403,7 @@ def test_an_autoscale_section_runs_the_controller_in_the_producer_job(tmp_path, 
     # after the cluster is up (the controller may name its head), before the producers start
     assert text.index("Ray cluster up at") < text.index("--job-name=autoscale") < text.index("--job-name=produce")
     # what the step reads: the same job, paths absolute, the run config inline with the run's paths
-    from launch.autoscale_cli import resolve
+    from launch.autoscale_settings import resolve
     from launch.job_spec import load_job_spec
 
     spec = load_job_spec(run / "slurm" / "job.yaml")
