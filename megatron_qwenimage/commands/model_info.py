@@ -148,7 +148,7 @@ def model_info(
     """Everything ``model-info`` reports, as a JSON-serialisable dict (bytes and FLOPs as numbers).
 
     Raises `ConfigError` for a layout that training refuses, with training's own message
-    (`consumers.parallel.ParallelLayout.validate_for`), and for a bad size or count.
+    (`megatron_qwenimage.layout.ParallelLayout.validate_for`), and for a bad size or count.
     """
     check_layout(config, tp=tp, pp=pp, dp=dp, sequence_parallel=sequence_parallel, dp_shard=dp_shard)
     validate_image_size(height, width)
@@ -208,7 +208,7 @@ def check_layout(
 ) -> None:
     """`ConfigError` for a TP/PP/DP layout that ``qwenimage train`` refuses for `config`: the same
     check (`ParallelLayout` and its `validate_for`) and message, prefixed by the flags."""
-    from consumers.parallel import ParallelLayout
+    from megatron_qwenimage.layout import ParallelLayout
 
     flags = f"--tp {tp} --pp {pp} --dp {dp}" + (f" --dp-shard {dp_shard}" if dp_shard is not None else "")
     try:
