@@ -51,8 +51,13 @@ EXTRAS_REQUIRE = {
         # (scikit-image's sample photos come with the install requirements).
         "dashscope>=1.20",
         "webdataset>=0.2",
-        # Style checks (`make lint`, run by .ci/run before the tests; rules in pyproject.toml).
+        # Style checks (`make lint`, run by .ci/run before the tests; rules in pyproject.toml):
+        # ruff, and import-linter's contracts on the import graph (layers, no circles).
         "ruff>=0.6",
+        "import-linter>=2.1",
+        # tests/test_installed_wheel.py builds a wheel without build isolation (bdist_wheel is
+        # built into setuptools from 70.1).
+        "setuptools>=70.1",
     ],
 }
 
@@ -62,7 +67,7 @@ setup(
     description="Producer/consumer pretraining system for the Qwen-Image 20B MMDiT on megatron-core",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_qwenimage*", "producers*", "consumers*", "launch*"]),
-    package_data={"megatron_qwenimage": ["configs/*.yaml"]},
+    package_data={"megatron_qwenimage": ["configs/*.yaml", "gpu_results/*.jsonl"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
     entry_points={"console_scripts": ["qwenimage=megatron_qwenimage.cli:main"]},

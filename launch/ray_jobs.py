@@ -45,7 +45,6 @@ WORKING_DIR_EXCLUDES = [
     "*.egg-info",
     "cache",
     "runs",
-    "benchmarks/gpu/results",
     "**/*.safetensors",
     "**/*.pt",
 ]

@@ -731,7 +731,7 @@ def memory_per_gpu(
       activations are live during its recompute. Activations are in `params_dtype`.
 
     ``implementation="ours"`` counts instead the tensors this repository's training engine
-    allocates (what `launch.plan` uses; tests/launch/test_memory_prediction.py measures them):
+    allocates (what `megatron_qwenimage.planner` uses; tests/launch/test_memory_prediction.py measures them):
 
     * activations: `eager_block_activation_bytes` (the model's real saved set), the RoPE tables
       once per forward; ``full`` recompute applies to blocks whose global index is a multiple of

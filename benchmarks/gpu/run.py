@@ -1143,7 +1143,7 @@ class GPURun:
         re-quantized every step, as training), fwd + bwd and step, with the elementwise chains
         compiled (``_fused``, as the whole-block records the planner uses) unless ``--skip-compile``.
         Records are named ``<variant>_tp<K>`` and carry ``"tp": K``; their model FLOPs are 1/K of the
-        slice's. The capacity planner takes a shard's rate from them (`launch.plan.measured_rates`)."""
+        slice's. The capacity planner takes a shard's rate from them (`megatron_qwenimage.planner.measured_rates`)."""
         fused = not self.args.skip_compile
         suffix = "_fused" if fused else ""
         for tp in self.args.tp_shard:

@@ -1,4 +1,4 @@
-"""``qwenimage plan``: choose TP, PP, DP, recompute and micro-batches for N GPUs (`launch.plan`).
+"""``qwenimage plan``: choose TP, PP, DP, recompute and micro-batches for N GPUs (`megatron_qwenimage.planner`).
 
 Nothing is allocated; the answer comes from the memory accounting and the measured rates of our
 training step, VAE and text encoder (docs/launch.md, "Capacity planner")::
@@ -113,7 +113,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--results",
         default=None,
         metavar="DIR",
-        help="benchmark records to take the measured rates from (default: benchmarks/gpu/results)",
+        help="benchmark records to take the measured rates from (default: megatron_qwenimage/gpu_results)",
     )
     p.add_argument("--runners-up", default="8", metavar="N", help="runner-up layouts to list (default: 8)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -122,8 +122,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def inputs_from_args(args: argparse.Namespace):
-    """`launch.plan.PlanInputs` from the parsed flags; `PlanError` names a bad flag."""
-    from launch import plan as P
+    """`megatron_qwenimage.planner.PlanInputs` from the parsed flags; `PlanError` names a bad flag."""
+    from megatron_qwenimage import planner as P
 
     def integer(flag: str, text) -> int | None:
         if text is None:
@@ -284,8 +284,8 @@ def render(d: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``qwenimage plan``; a bad flag or an impossible GPU count raises
-    `launch.plan.PlanError` (a `UserError`: one line, exit 2)."""
-    from launch import plan as P
+    `megatron_qwenimage.planner.PlanError` (a `UserError`: one line, exit 2)."""
+    from megatron_qwenimage import planner as P
 
     inputs = inputs_from_args(args)
     runners = P._number("--runners-up", args.runners_up, int)

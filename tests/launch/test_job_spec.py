@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launch import plan
 from launch.job_spec import job_spec_from_dict, predict_step_time
+from megatron_qwenimage import planner as plan
 from megatron_qwenimage.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[2]

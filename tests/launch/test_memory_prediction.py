@@ -13,7 +13,7 @@ What is measured, per rank of each layout (TP1 with each recompute mode; TP2, TP
   with full recompute, plus the largest block's saved set (what is live while it is recomputed),
   taken from a forward without recompute.
 
-`accounting.memory_per_gpu(..., implementation="ours")` (the planner's core, `launch.plan.
+`accounting.memory_per_gpu(..., implementation="ours")` (the planner's core, `megatron_qwenimage.planner.
 predicted_memory` without its backward working set and FP8 terms, which a CPU forward does not
 have) must match each within 15 %, the bar of the brief; the parts also carry tighter bounds that
 today's numbers meet, so a drift in any one term shows. Activations are compared per micro-batch

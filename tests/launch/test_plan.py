@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch import plan as P
 from megatron_qwenimage import accounting
+from megatron_qwenimage import planner as P
 from megatron_qwenimage.cli import main
 from megatron_qwenimage.config import load_config
 
@@ -173,7 +173,7 @@ def test_bad_flags_are_one_line_errors_naming_the_flag(capsys, argv, flag):
 # ------------------------------------------------------------------------------ rates
 def test_step_time_reproduces_the_measured_training_loop():
     """The planner's step time for the benchmarked 4-block slice (1 GPU, 1024 px, micro-batch 2)
-    against the real loop's measured step (benchmarks/gpu/results/2026-11-30-h200-train-loop-b:
+    against the real loop's measured step (megatron_qwenimage/gpu_results/2026-11-30-h200-train-loop-b:
     bf16 92.9 ms, FP8 without fused kernels 88.4 ms): within 10 %. And its memory against the
     measured peak of the same slice with the training optimizer (32.23 GiB, FP8): within 15 %."""
     records = [r for _, _, r in P.read_records(P.DEFAULT_RESULTS_DIR) if r.get("what") == "train_loop"]

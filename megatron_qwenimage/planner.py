@@ -9,7 +9,7 @@ command line. docs/launch.md ("Capacity planner") explains every number and wher
   backward pass's working set (`predicted_memory`). A layout fits when that is at most the HBM
   minus a stated reserve (fragmentation, NCCL buffers, CUDA context).
 * Step time: measured fwd+bwd model TFLOP/s of our training step (the benchmark records in
-  ``benchmarks/gpu/results``; for a GPU without records the H200 ones scaled by the peak-FLOPs
+  ``megatron_qwenimage/gpu_results``; for a GPU without records the H200 ones scaled by the peak-FLOPs
   ratio; a TP shard's from its own records, else the whole block's times `tp_shard_efficiency`)
   and the measured ZeRO-1 optimizer rate, plus TP / PP communication at stated bandwidths, the DP
   communication that the engine's per-block overlap leaves exposed (`dp_overlap`), the 1F1B
@@ -34,8 +34,9 @@ from megatron_qwenimage.errors import UserError
 
 GIB = accounting.GIB
 
-#: Where ``benchmarks/gpu/run.py`` and ``train_loop.py`` write their JSON lines records.
-DEFAULT_RESULTS_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu" / "results"
+#: The JSON lines records of ``benchmarks/gpu/run.py`` and ``train_loop.py`` the planner reads:
+#: package data, so an installed wheel plans with the measured rates, not only a checkout.
+DEFAULT_RESULTS_DIR = Path(__file__).resolve().parent / "gpu_results"
 
 
 class PlanError(UserError, ValueError):
@@ -93,7 +94,7 @@ MAX_GPUS = 1 << 20
 # --------------------------------------------------------------------------------------------
 
 #: Fallback when no benchmark record is readable: our training step on one H200, fwd+bwd only,
-#: 4-block full-width slice, 256 text tokens (benchmarks/gpu/results/2026-11-29-h200-run.jsonl and
+#: 4-block full-width slice, 256 text tokens (megatron_qwenimage/gpu_results/2026-11-29-h200-run.jsonl and
 #: 2026-11-30-h200-run.jsonl; docs/launch.md copies them): (precision, resolution px, micro-batch,
 #: fwd+bwd ms of the 4-block slice, the record).
 H200_STEP_ANCHORS: tuple[tuple[str, int, int, float, str], ...] = (
