@@ -5,10 +5,12 @@ PYTEST_ARGS ?=
 install:
 	$(PYTHON) -m pip install -q -e '.[dev]'
 
-# The team's style checks (rules in pyproject.toml).
+# The team's style checks (rules in pyproject.toml): ruff, and the import contracts (library at
+# the bottom, applications over it, launchers on top, no import circle).
 lint: install
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
+	lint-imports
 
 # Installs the package with its test extras, then runs the whole suite on CPU.
 test: install
