@@ -33,6 +33,9 @@ class DataParallelConfig:
         overlap_param_gather: after the update, all-gather the units' parameters asynchronously in
             forward order, each waited right before its unit's forward in the next step (at most
             `param_gather_depth` in flight). False: every unit is gathered right after the update.
+            Under ``zero3`` (gathers before every forward and backward): prefetch the next
+            ``param_gather_depth - 1`` units' gathers in the direction of the pass; False: each
+            unit is gathered when it is reached.
         grad_reduce_dtype: dtype of the gradient buffer and of its reduce-scatter: ``float32``
             (the default; accumulation and reduction in fp32) or ``bfloat16`` (half the buffer
             and the bytes on the wire; the reduced shard is cast to fp32 for AdamW).

@@ -93,7 +93,7 @@ from torch.optim.optimizer import _get_fused_kernels_supported_devices
 
 from consumers.data_parallel import DataParallelConfig
 from consumers.grad_slots import GradientSlots
-from consumers.param_resharding import ParameterResharding
+from consumers.param_resharding import ParameterResharding, owns_whole_storage
 from megatron_qwenimage.config import ConfigError
 from megatron_qwenimage.model.mappings import all_gather_single, reduce_scatter_single
 
@@ -476,13 +476,8 @@ class DistributedOptimizer:
         if self.zero3:  # each parameter owns its storage, so a unit can free it (resize to 0) and re-allocate it
             with torch.no_grad():
                 for s in self.shards:
-                    p = s.param
-                    if (
-                        p.storage_offset() != 0
-                        or not p.is_contiguous()
-                        or p.untyped_storage().nbytes() != p.numel() * p.element_size()
-                    ):
-                        p.data = p.detach().clone(memory_format=torch.contiguous_format)
+                    if not owns_whole_storage(s.param):
+                        s.param.data = s.param.detach().clone(memory_format=torch.contiguous_format)
         if self.dp > 1:
             depth = data_parallel.param_gather_depth
             slots = {}  # (slot, dtype) -> (send, recv) flat buffers of the largest unit of that slot

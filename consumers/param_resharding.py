@@ -55,8 +55,15 @@ class _PostBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        ctx.owner.after_backward(ctx.index)
+        ctx.owner.free(ctx.index)  # the block's backward is done with its parameters
         return (None, None, *grads)
+
+
+def owns_whole_storage(p: torch.Tensor) -> bool:
+    """`p` is its storage's only, whole, contiguous tenant: resizing the storage frees exactly `p`."""
+    return (
+        p.storage_offset() == 0 and p.is_contiguous() and p.untyped_storage().nbytes() == p.numel() * p.element_size()
+    )
 
 
 def _in_backward() -> bool:
@@ -98,15 +105,10 @@ class ParameterResharding:
         seen = set()
         for name, params in zip(self.names, self._params):
             for p in params:
-                storage = p.untyped_storage()
-                if (
-                    p.storage_offset() != 0
-                    or not p.is_contiguous()
-                    or storage.nbytes() != p.numel() * p.element_size()
-                    or storage.data_ptr() in seen
-                ):
+                ptr = p.untyped_storage().data_ptr()
+                if not owns_whole_storage(p) or ptr in seen:
                     raise ValueError(f"ParameterResharding: a parameter of unit {name} does not own its whole storage")
-                seen.add(storage.data_ptr())
+                seen.add(ptr)
         self._nbytes = [[p.numel() * p.element_size() for p in params] for params in self._params]
         self.gathered = [True] * len(self._params)  # the parameters start allocated
         self._in_flight: set[int] = set()
@@ -176,10 +178,6 @@ class ParameterResharding:
             self.ensure(i, +1, prefetch=False)
 
     # ------------------------------------------------------------------ hooks
-    def after_backward(self, i: int) -> None:
-        """Unit `i`'s backward has produced its input gradients: its parameters are not read again."""
-        self.free(i)
-
     def _before_backward(self, i: int) -> None:
         if not self._callback_queued:
             self._callback_queued = True
