@@ -40,11 +40,12 @@ from megatron_qwenimage.monitor.file_sd import check_run_label, default_run_labe
 from megatron_qwenimage.processes import descendants, terminate
 from producers.config import FaultConfig, ProducerConfig
 from producers.encoders import encoder_version, resolve_encoders_dir
+from producers.items import InputItem
 from producers.metrics import STAGES, Heartbeat, ProducerCounts, ProducerMetrics, StatusFile
 from producers.partition_writer import PartitionOutcome, outcome_from_record, write_partition
 from producers.pool_control import PoolControl, WindowPools
 from producers.settings import check_settings, record_settings, sample_settings
-from producers.sources import InputItem, list_inputs
+from producers.sources import list_inputs
 from producers.stages import TextStage, VaeStage, prepare_partition
 
 log = logging.getLogger(__name__)

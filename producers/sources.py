@@ -38,8 +38,7 @@ from urllib.parse import parse_qs
 import fsspec
 
 from megatron_qwenimage.errors import UserError
-from producers.items import InputItem as InputItem
-from producers.items import SourceError as SourceError
+from producers.items import InputItem, SourceError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif")
 #: Manifest columns naming the (target) image, in order of preference; the first present is used.

@@ -27,8 +27,9 @@ from megatron_qwenimage.cache.storage import CacheStorage
 from producers.config import ProducerConfig
 from producers.dedup import CLAIMS_DIR, CommittedContent, claim_content  # noqa: F401 (CLAIMS_DIR: re-export)
 from producers.images import Rejected, decode_caption, decode_image, nearest_bucket, resize_center_crop
+from producers.items import InputItem
 from producers.row import ProducerRow, empty_row
-from producers.sources import InputItem, printable, read_uri_bytes
+from producers.sources import printable, read_uri_bytes
 from producers.synthetic import URI_PREFIX, read_synthetic
 
 

@@ -22,8 +22,8 @@ from megatron_qwenimage.cache.shard_format import read_samples
 from megatron_qwenimage.cache.storage import CacheStorage
 from megatron_qwenimage.cache.writer import read_duplicates, read_quarantine
 from producers.config import FaultConfig, ProducerConfig, buckets_for_area
+from producers.items import InputItem
 from producers.partition_writer import write_partition
-from producers.sources import InputItem
 from producers.stages import prepare_partition
 
 ENC = "test-encoders"
